@@ -1,0 +1,1 @@
+"""The `mlcloud` command line: thin Typer commands over the engine in mlcloud/."""

@@ -1,0 +1,174 @@
+"""`up`, `down`, `status`: the cluster's lifecycle."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from mlcloud.cli import options, output
+
+
+def load(file: Path | None, **overrides):
+    """The spec from -f (if any) with command-line flags laid over it."""
+    from mlcloud.spec import TaskSpec, load_spec
+
+    spec = load_spec(file) if file else TaskSpec()
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "nodes" in changes and changes["nodes"] < 1:
+        from mlcloud.errors import UsageError
+
+        raise UsageError(f"--nodes: must be 1 or more, got {changes['nodes']}")
+    return replace(spec, **changes)
+
+
+def cluster_name(name: str | None, spec_name: str | None) -> str:
+    from mlcloud.errors import UsageError
+    from mlcloud.names import check_cluster_name
+
+    chosen = name or spec_name
+    if not chosen:
+        raise UsageError("name the cluster: `mlcloud up NAME` or `name:` in the spec file")
+    return check_cluster_name(chosen)
+
+
+def up(
+    name: str | None = typer.Argument(None, help="Cluster name (default: the spec's name)."),
+    file: Path | None = options.SPEC_FILE,
+    provider: str | None = typer.Option(
+        None, "--provider", "-p", help="Where the nodes run (default: local)."
+    ),
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Number of nodes."),
+    yes: bool = options.YES,
+    json: bool = options.JSON,
+) -> None:
+    """Create a cluster, or finish creating one that an earlier `up` left half made."""
+    from mlcloud import cluster, state, views
+
+    spec = load(file, provider=provider, nodes=nodes)
+    name = cluster_name(name, spec.name)
+    rep = output.reporter(quiet=json)
+    store = state.open_store()
+    try:
+        rec = cluster.up(store, name, spec, rep)
+    finally:
+        output.close(rep)
+    if json:
+        output.print_json(views.cluster_json(rec, store.jobs(name)))
+    else:
+        _show_nodes(rec)
+        print(
+            f"cluster {name} is up: `mlcloud train {name} SCRIPT.py` to run a job, "
+            f"`mlcloud down {name}` when done"
+        )
+
+
+def _show_nodes(rec) -> None:
+    output.table(
+        ["node", "id", "ip", "gpus", "status"],
+        [
+            [
+                f"node{n.idx}",
+                n.node_id,
+                n.ip,
+                f"{n.gpus} x {n.gpu_type}" if n.gpus else "-",
+                n.status,
+            ]
+            for n in rec.nodes
+        ],
+        title=f"{rec.name} ({rec.provider}, {rec.status})",
+    )
+
+
+def down(
+    names: list[str] | None = typer.Argument(None, help="Clusters to tear down."),
+    all_: bool = typer.Option(False, "--all", help="Tear down every cluster in state."),
+    yes: bool = options.YES,
+) -> None:
+    """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat."""
+    from mlcloud import cluster, state
+    from mlcloud.errors import UsageError
+    from mlcloud.names import check_cluster_name
+
+    if bool(names) == all_:
+        raise UsageError("name the clusters to tear down, or pass --all (not both)")
+    store = state.open_store()
+    targets = [c.name for c in store.list_clusters()] if all_ else names or []
+    for n in targets:
+        check_cluster_name(n)
+    if not targets:
+        print("no clusters to tear down")
+        return
+    output.confirm(f"tear down {', '.join(targets)} and delete everything on their nodes?", yes)
+    rep = output.reporter()
+    try:
+        for n in targets:
+            if cluster.down(store, n, rep):
+                rep.info(f"cluster {n} is down: no node left")
+            else:
+                rep.info(f"no cluster named {n!r} in state; nothing to do")
+    finally:
+        output.close(rep)
+
+
+def status(
+    name: str | None = typer.Argument(None, help="Show one cluster in detail."),
+    json: bool = options.JSON,
+) -> None:
+    """List clusters with their nodes and jobs, from local state (no cloud calls)."""
+    from mlcloud import state, views
+    from mlcloud.errors import NotFoundError
+
+    store = state.open_store()
+    if name:
+        rec = store.get_cluster(name)
+        if rec is None:
+            raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
+        clusters, jobs = [rec], store.jobs(name)
+    else:
+        clusters, jobs = store.list_clusters(), store.jobs()
+    if json:
+        output.print_json(views.status_json(clusters, jobs))
+        return
+    if not clusters:
+        print("no clusters; create one with `mlcloud up NAME`")
+        return
+    now = time.time()
+    last = {j.cluster: j for j in jobs}
+    if not name:
+        output.table(
+            ["name", "provider", "status", "nodes", "gpus", "last job", "age"],
+            [
+                [
+                    c.name,
+                    c.provider,
+                    c.status,
+                    len(c.nodes),
+                    sum(n.gpus for n in c.nodes) or "-",
+                    f"{last[c.name].job_id} {last[c.name].status}" if c.name in last else "-",
+                    output.age(now - c.created),
+                ]
+                for c in clusters
+            ],
+        )
+        return
+    rec = clusters[0]
+    _show_nodes(rec)
+    if jobs:
+        print()
+        output.table(
+            ["job", "status", "exit", "command", "started", "duration"],
+            [
+                [
+                    j.job_id,
+                    j.status,
+                    "" if j.exit_code is None else j.exit_code,
+                    j.command,
+                    output.age(now - j.submitted) + " ago",
+                    output.age((j.ended or now) - j.submitted),
+                ]
+                for j in jobs
+            ],
+            title="jobs",
+        )

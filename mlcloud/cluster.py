@@ -1,0 +1,241 @@
+"""Cluster lifecycle: up (intent row, create, bootstrap) and down (terminate, confirm, drop)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlcloud import providers, state
+from mlcloud.errors import MlcloudError, NotFoundError, UsageError
+from mlcloud.locks import cluster_lock
+from mlcloud.names import check_cluster_name
+from mlcloud.parallel import fan_out
+from mlcloud.providers.base import ClusterRef, Node, Provider, ProvisionRequest
+from mlcloud.remote.transport import Transport, check
+from mlcloud.report import Reporter
+from mlcloud.spec import TaskSpec
+
+CTL = "bin/node_ctl.py"  # relative to a node's root
+
+
+@dataclass
+class Handle:
+    """A cluster from state with its provider and a transport per node, ready to use."""
+
+    record: state.ClusterRecord
+    provider: Provider
+    ref: ClusterRef
+    transports: list[Transport]
+
+    @property
+    def nodes(self) -> tuple[state.NodeRecord, ...]:
+        return self.record.nodes
+
+    def ctl(self, i: int) -> str:
+        """The shell prefix that runs node_ctl.py on node i."""
+        import shlex
+
+        t = self.transports[i]
+        return f"{shlex.quote(t.python)} {shlex.quote(self.nodes[i].root + '/' + CTL)}"
+
+    def close(self) -> None:
+        for t in self.transports:
+            t.close()
+
+
+def _ref(rec: state.ClusterRecord) -> ClusterRef:
+    return ClusterRef(rec.name, rec.uid, rec.owner)
+
+
+def _node(n: state.NodeRecord) -> Node:
+    return Node(n.node_id, n.ip, n.private_ip, n.root, n.status)
+
+
+def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
+    check_cluster_name(name)
+    rec = store.get_cluster(name)
+    if rec is None:
+        raise NotFoundError(
+            f"no cluster named {name!r}; see `mlcloud status` or create it with `mlcloud up {name}`"
+        )
+    if need_up and rec.status != state.UP:
+        raise MlcloudError(
+            f"cluster {name!r} is {rec.status}, not UP; run `mlcloud up {name}` "
+            f"to finish provisioning or `mlcloud down {name}`"
+        )
+    provider = providers.get(rec.provider)
+    ref = _ref(rec)
+    transports = [provider.transport(ref, _node(n), f"node{n.idx}") for n in rec.nodes]
+    return Handle(rec, provider, ref, transports)
+
+
+def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
+    return ProvisionRequest(
+        count=count,
+        gpus=str(spec.resources.gpus) if spec.resources.gpus else None,
+        instance_type=spec.resources.instance_type,
+        cpus=spec.resources.cpus,
+        region=spec.region,
+        zone=spec.zone,
+        spot=spec.spot,
+    )
+
+
+def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state.ClusterRecord:
+    """Bring a cluster to UP; re-running after a crash reuses what the provider already has."""
+    check_cluster_name(name)
+    provider = providers.get(spec.provider)
+    with cluster_lock(name):
+        existing = store.get_cluster(name)
+        if existing is not None:
+            if existing.provider != provider.name:
+                raise UsageError(
+                    f"cluster {name!r} already exists on provider {existing.provider!r}; "
+                    f"pick another name or `mlcloud down {name}` first"
+                )
+            if existing.status == state.UP:
+                if len(existing.nodes) != spec.nodes:
+                    raise UsageError(
+                        f"cluster {name!r} is up with {len(existing.nodes)} node(s), not "
+                        f"{spec.nodes}; `mlcloud down {name}` first to change its size"
+                    )
+                report.info(f"cluster {name} is already up ({len(existing.nodes)} nodes)")
+                return existing
+            if existing.status == state.STOPPING:
+                raise MlcloudError(
+                    f"cluster {name!r} is being torn down; run "
+                    f"`mlcloud down {name}` to finish, then `up` again"
+                )
+            ref = _ref(existing)
+            report.info(f"resuming the provisioning of {name} (found in state as INIT)")
+        else:
+            ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", _owner())
+            store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
+        try:
+            return _provision(store, provider, ref, spec, report)
+        except BaseException as e:
+            if existing is None:
+                _rollback(store, provider, ref, report, e)
+            raise
+
+
+def _provision(
+    store: state.Store, provider: Provider, ref: ClusterRef, spec: TaskSpec, report: Reporter
+) -> state.ClusterRecord:
+    request = request_for(spec, spec.nodes)
+    report.step(f"preparing {provider.name} resources for {ref.name}")
+    provider.prepare(ref, request)
+    nodes = provider.list(ref)
+    if len(nodes) < spec.nodes:
+        missing = spec.nodes - len(nodes)
+        report.step(f"creating {missing} node(s)")
+        nodes = nodes + provider.create(ref, request, missing)
+    if len(nodes) > spec.nodes:
+        provider.terminate(ref, nodes[spec.nodes :])
+        nodes = nodes[: spec.nodes]
+    report.step(f"bootstrapping {len(nodes)} node(s)")
+    records = bootstrap(provider, ref, nodes)
+    store.set_nodes(ref.name, records)
+    store.set_status(ref.name, state.UP)
+    store.event(ref.name, "up", f"{len(records)} node(s) up on {provider.name}")
+    rec = store.get_cluster(ref.name)
+    assert rec is not None
+    return rec
+
+
+def bootstrap(provider: Provider, ref: ClusterRef, nodes: list[Node]) -> list[state.NodeRecord]:
+    """Make each node's directories, install the node controller, and detect its GPUs."""
+    from mlcloud import templates
+
+    ctl_source = templates.path("node_ctl.py").read_bytes()
+
+    def one(i: int) -> state.NodeRecord:
+        node = nodes[i]
+        t = provider.transport(ref, node, f"node{i}")
+        try:
+            import shlex
+
+            root = shlex.quote(node.root)
+            check(
+                t.run(f"mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root}"),
+                t,
+                "creating the node's directories",
+            )
+            t.put(ctl_source, f"{node.root}/{CTL}", mode=0o700)
+            out = check(t.run(f"{shlex.quote(t.python)} {root}/{CTL} gpus"), t, "detecting GPUs")
+            gpus = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            t.close()
+        return state.NodeRecord(
+            i,
+            node.node_id,
+            node.ip,
+            node.private_ip,
+            node.root,
+            gpus["count"],
+            gpus["model"],
+            node.status,
+        )
+
+    return fan_out(one, list(range(len(nodes))))
+
+
+def _rollback(
+    store: state.Store, provider: Provider, ref: ClusterRef, report: Reporter, cause: BaseException
+) -> None:
+    """A failed first `up` leaves nothing running and nothing billing."""
+    what = "interrupted" if isinstance(cause, KeyboardInterrupt) else "failed"
+    report.warn(f"up {what}; removing what was created for {ref.name}")
+    try:
+        _teardown(store, provider, ref)
+    except Exception as e:  # the original error matters more; state keeps the row for `down`
+        store.set_status(ref.name, state.STOPPING)
+        report.warn(
+            f"cleanup after the failure did not finish ({e}); "
+            f"run `mlcloud down {ref.name}` to retry it"
+        )
+
+
+def down(store: state.Store, name: str, report: Reporter) -> bool:
+    """Terminate everything of the cluster, confirm, then drop its state. False if unknown."""
+    check_cluster_name(name)
+    with cluster_lock(name):
+        rec = store.get_cluster(name)
+        if rec is None:
+            return False
+        store.set_status(name, state.STOPPING)
+        provider = providers.get(rec.provider)
+        report.step(f"tearing down {name} ({len(rec.nodes)} node(s) on {rec.provider})")
+        _teardown(store, provider, _ref(rec))
+        return True
+
+
+def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
+    live = provider.list(ref)
+    if live:
+        provider.terminate(ref, live)
+    left = provider.list(ref)
+    if left:
+        raise MlcloudError(
+            f"{len(left)} node(s) of {ref.name} are still not terminated "
+            f"({', '.join(n.node_id for n in left)}); run `mlcloud down {ref.name}` again"
+        )
+    provider.cleanup(ref)
+    for job in store.jobs(ref.name):
+        if job.status not in state.JOB_DONE:
+            store.update_job(ref.name, job.job_id, status=state.JOB_CANCELLED)
+    store.delete_cluster(ref.name)
+
+
+def _owner() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def workdir_of(spec: TaskSpec) -> Path:
+    return Path(spec.workdir) if spec.workdir else Path.cwd()

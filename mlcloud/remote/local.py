@@ -1,0 +1,63 @@
+"""Transport for nodes that are directories on this machine (the local provider)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from mlcloud.remote.sync import local_sync
+from mlcloud.remote.transport import RemoteError, RunResult, SyncStats
+
+
+class LocalTransport:
+    def __init__(self, label: str):
+        self.label = label
+        self.python = sys.executable
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> RunResult:
+        argv = ["bash", "-c", command]
+        if on_line is None:
+            try:
+                p = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                )
+            except subprocess.TimeoutExpired:
+                raise RemoteError(f"{self.label}: command timed out after {timeout}s") from None
+            return RunResult(p.returncode, p.stdout, p.stderr)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        for raw in proc.stdout:
+            on_line(raw.decode(errors="replace").rstrip("\n"))
+        err = proc.stderr.read().decode(errors="replace")
+        return RunResult(proc.wait(), "", err)
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".put-")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
+        return local_sync(local_dir, Path(remote_dir))
+
+    def close(self) -> None:
+        pass

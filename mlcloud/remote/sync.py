@@ -1,0 +1,124 @@
+"""Workdir sync by manifest: (path, size, mtime, content hash) per file, so a re-sync sends only
+what changed and deletes what was deleted. Ignore rules: .gitignore and .mlcloudignore at the
+workdir's root, plus a few directories nobody wants shipped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlcloud.errors import UsageError
+from mlcloud.remote.transport import SyncStats
+
+MANIFEST = ".mlcloud-manifest.json"
+ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", ".mlcloud/", MANIFEST]
+
+
+@dataclass(frozen=True)
+class Entry:
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+Manifest = dict[str, Entry]
+
+
+def _ignore_spec(root: Path):
+    import pathspec
+
+    lines = list(ALWAYS_IGNORED)
+    for name in (".gitignore", ".mlcloudignore"):
+        f = root / name
+        if f.is_file():
+            lines += f.read_text(errors="replace").splitlines()
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scan(root: Path, previous: Manifest | None = None) -> Manifest:
+    """Manifest of the files to ship; hashes are reused from `previous` when size and mtime match.
+
+    Symlinks are shipped as the files they point to when those lie inside root, and refused
+    otherwise: a link out of the workdir would copy (or expose) files the user never meant to send.
+    """
+    if not root.is_dir():
+        raise UsageError(f"workdir {root} is not a directory")
+    spec = _ignore_spec(root)
+    previous = previous or {}
+    out: Manifest = {}
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not spec.match_file(rel_dir + d + "/"))
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if spec.match_file(rel):
+                continue
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(real_root):
+                    raise UsageError(
+                        f"workdir {root}: {rel} is a symlink to {target}, outside the workdir; "
+                        "remove it or add it to .mlcloudignore"
+                    )
+            st = path.stat()
+            if not os.path.isfile(path):
+                continue
+            old = previous.get(rel)
+            if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                out[rel] = old
+            else:
+                out[rel] = Entry(st.st_size, st.st_mtime_ns, _digest(path))
+    return out
+
+
+def diff(local: Manifest, remote: Manifest) -> tuple[list[str], list[str]]:
+    """(paths to send, paths to delete) to turn remote into local."""
+    send = [p for p, e in local.items() if remote.get(p) is None or remote[p].digest != e.digest]
+    delete = [p for p in remote if p not in local]
+    return send, delete
+
+
+def dump(manifest: Manifest) -> bytes:
+    return json.dumps({p: [e.size, e.mtime_ns, e.digest] for p, e in manifest.items()}).encode()
+
+
+def load(data: bytes) -> Manifest:
+    try:
+        raw = json.loads(data)
+        return {p: Entry(*v) for p, v in raw.items()}
+    except (ValueError, TypeError):
+        return {}
+
+
+def local_sync(src: Path, dest: Path) -> SyncStats:
+    """Mirror src into dest on this machine, copying only what changed since the last sync."""
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest_path = dest / MANIFEST
+    remote = load(manifest_path.read_bytes()) if manifest_path.exists() else {}
+    local = scan(src)
+    send, delete = diff(local, remote)
+    sent_bytes = 0
+    for rel in send:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, target)
+        sent_bytes += local[rel].size
+    for rel in delete:
+        (dest / rel).unlink(missing_ok=True)
+    manifest_path.write_bytes(dump(local))
+    return SyncStats(len(send), sent_bytes, len(delete))

@@ -1,0 +1,60 @@
+"""The Transport interface every provider hands the engine, and its shared types."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mlcloud.errors import MlcloudError
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    files_sent: int
+    bytes_sent: int
+    files_deleted: int
+
+
+class RemoteError(MlcloudError):
+    """A node could not be reached or a command on it failed; the message names the node."""
+
+
+class Transport(Protocol):
+    label: str  # how messages and log prefixes name the node, e.g. "node1"
+    python: str  # the node's python interpreter (runs node_ctl.py and torchrun)
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> RunResult:
+        """Run a shell command; with on_line, stdout is streamed line by line instead of kept."""
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        """Write a file on the node atomically with the given mode (secrets: 0600)."""
+
+    def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
+        """Make remote_dir mirror local_dir (ignore rules applied), sending only what changed."""
+
+    def close(self) -> None: ...
+
+
+def check(result: RunResult, transport: Transport, what: str) -> RunResult:
+    if result.exit_code != 0:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise RemoteError(
+            f"{transport.label}: {what} failed with exit code {result.exit_code}"
+            + (f": {detail[-1]}" if detail else "")
+        )
+    return result

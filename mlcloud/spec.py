@@ -1,0 +1,326 @@
+"""The task spec: `mlcloud.yaml` plus command-line flags, validated into typed dataclasses.
+
+Every refusal is one line naming the file, line and field, so a person can fix it at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mlcloud.errors import UsageError
+from mlcloud.names import check_cluster_name
+
+_GPU_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    model: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.count}"
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: GpuSpec | None = None
+    cpus: int | None = None
+    instance_type: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    script: str | None = None
+    args: tuple[str, ...] = ()
+    nproc_per_node: int | None = None
+
+
+@dataclass(frozen=True)
+class AutoscaleSpec:
+    idle_minutes: float | None = None
+    max_cost: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str | None = None
+    provider: str | None = None
+    nodes: int = 1
+    resources: Resources = field(default_factory=Resources)
+    region: str | None = None
+    zone: str | None = None
+    spot: bool = False
+    workdir: str | None = None
+    setup: str | None = None
+    train: TrainSpec = field(default_factory=TrainSpec)
+    envs: dict[str, str] = field(default_factory=dict)
+    checkpoint_dir: str | None = None
+    autoscale: AutoscaleSpec = field(default_factory=AutoscaleSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["resources"]["gpus"] = str(self.resources.gpus) if self.resources.gpus else None
+        d["train"]["args"] = list(self.train.args)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
+        """Rebuild a spec stored in state (already validated when it was written)."""
+        return _build(d, _Where("state", {}))
+
+
+def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
+    """`A100:8`, `H100`, `A100-80GB:8` -> GpuSpec; anything else is refused with the form."""
+    model, sep, count = str(text).partition(":")
+    hint = "use MODEL[:COUNT], e.g. A100:8 or H100"
+    if not _GPU_RE.fullmatch(model):
+        raise UsageError(f"{where}: {text!r} has no valid GPU model; {hint}")
+    if not sep:
+        return GpuSpec(model, 1)
+    if not count.isdigit():
+        raise UsageError(f"{where}: {text!r} has a GPU count that is not a whole number; {hint}")
+    if int(count) < 1:
+        raise UsageError(f"{where}: {text!r} asks for {count} GPUs; the count must be 1 or more")
+    return GpuSpec(model, int(count))
+
+
+def parse_env(pairs: list[str], where: str = "--env") -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not _ENV_RE.fullmatch(key):
+            raise UsageError(f"{where}: {pair!r} is not KEY=VALUE with KEY like MY_VAR")
+        out[key] = value
+    return out
+
+
+def load_spec(path: Path) -> TaskSpec:
+    """Read and validate a spec file; relative paths in it are relative to the file."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"spec file {path} not found") from None
+    except OSError as e:
+        raise UsageError(f"cannot read spec file {path}: {e.strerror}") from None
+    try:
+        data, lines = _compose(text, str(path))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}{line}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    where = _Where(str(path), lines)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: the top level must be a mapping of fields (name:, nodes:, ...)")
+    spec = _build(data, where)
+    base = path.parent
+    if spec.workdir is not None:
+        spec = replace(spec, workdir=str((base / spec.workdir).resolve()))
+    return spec
+
+
+class _Where:
+    """Turns a field path into `file:line: field` for messages."""
+
+    def __init__(self, source: str, lines: dict[str, int]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Safe-load YAML, recording the line of every mapping key and refusing duplicate keys."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        lines: dict[str, int] = {}
+
+        def walk(node: yaml.Node, prefix: str) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                out: dict[Any, Any] = {}
+                for k, v in node.value:
+                    key = loader.construct_object(k, deep=True)
+                    dotted = f"{prefix}{key}"
+                    if key in out:
+                        raise UsageError(
+                            f"{source}:{k.start_mark.line + 1}: {dotted}: duplicate key"
+                        )
+                    lines[dotted] = k.start_mark.line + 1
+                    out[key] = walk(v, dotted + ".")
+                return out
+            if isinstance(node, yaml.SequenceNode):
+                return [walk(v, prefix) for v in node.value]
+            return loader.construct_object(node, deep=True)
+
+        return (walk(root, "") if root is not None else None), lines
+    finally:
+        loader.dispose()
+
+
+_FIELDS = {
+    "": {
+        "name",
+        "provider",
+        "nodes",
+        "resources",
+        "region",
+        "zone",
+        "spot",
+        "workdir",
+        "setup",
+        "train",
+        "envs",
+        "checkpoint_dir",
+        "autoscale",
+    },
+    "resources": {"gpus", "cpus", "instance_type"},
+    "train": {"script", "args", "nproc_per_node"},
+    "autoscale": {"idle_minutes", "max_cost"},
+}
+
+
+def _check_keys(d: dict, section: str, where: _Where) -> None:
+    allowed = _FIELDS[section]
+    prefix = f"{section}." if section else ""
+    for key in d:
+        if key not in allowed:
+            raise UsageError(
+                f"{where(prefix + str(key))}: unknown field; "
+                f"{'in ' + section + ' ' if section else ''}expected one of "
+                f"{', '.join(sorted(allowed))}"
+            )
+
+
+def _section(d: dict, key: str, where: _Where) -> dict:
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where(key)}: must be a mapping, got {_kind(value)}")
+    _check_keys(value, key, where)
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        str: "text",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _str(d: dict, key: str, where: _Where, path: str | None = None) -> str | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{where(path or key)}: must be non-empty text, got {_kind(value)}")
+    return value
+
+
+def _int(d: dict, key: str, where: _Where, path: str | None = None) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(
+            f"{where(path or key)}: must be a whole number of 1 or more, got {value!r}"
+        )
+    return value
+
+
+def _positive(d: dict, key: str, where: _Where, path: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise UsageError(f"{where(path)}: must be a number above 0, got {value!r}")
+    return float(value)
+
+
+def _build(d: dict, where: _Where) -> TaskSpec:
+    _check_keys(d, "", where)
+    name = _str(d, "name", where)
+    if name is not None:
+        try:
+            check_cluster_name(name)
+        except UsageError as e:
+            raise UsageError(f"{where('name')}: {e}") from None
+    res = _section(d, "resources", where)
+    gpus = res.get("gpus")
+    if gpus is not None:
+        if isinstance(gpus, bool) or not isinstance(gpus, str | int):
+            raise UsageError(f"{where('resources.gpus')}: must be MODEL[:COUNT], e.g. A100:8")
+        gpu_spec = parse_gpus(str(gpus), where("resources.gpus"))
+    else:
+        gpu_spec = None
+    train = _section(d, "train", where)
+    args = train.get("args", [])
+    if isinstance(args, str):
+        import shlex
+
+        args = shlex.split(args)
+    if not isinstance(args, list) or any(isinstance(a, dict | list) for a in args):
+        raise UsageError(
+            f"{where('train.args')}: must be a list of arguments, e.g. ['--lr', '0.1']"
+        )
+    envs = d.get("envs") or {}
+    if not isinstance(envs, dict):
+        raise UsageError(f"{where('envs')}: must be a mapping of NAME: value")
+    for k, v in envs.items():
+        if not isinstance(k, str) or not _ENV_RE.fullmatch(k):
+            raise UsageError(f"{where('envs.' + str(k))}: not a valid variable name (like MY_VAR)")
+        if isinstance(v, dict | list) or v is None:
+            raise UsageError(f"{where('envs.' + k)}: must be a single value, got {_kind(v)}")
+    spot = d.get("spot", False)
+    if not isinstance(spot, bool):
+        raise UsageError(f"{where('spot')}: must be true or false, got {spot!r}")
+    auto = _section(d, "autoscale", where)
+    return TaskSpec(
+        name=name,
+        provider=_str(d, "provider", where),
+        nodes=_int(d, "nodes", where) or 1,
+        resources=Resources(
+            gpus=gpu_spec,
+            cpus=_int(res, "cpus", where, "resources.cpus"),
+            instance_type=_str(res, "instance_type", where, "resources.instance_type"),
+        ),
+        region=_str(d, "region", where),
+        zone=_str(d, "zone", where),
+        spot=spot,
+        workdir=_str(d, "workdir", where),
+        setup=_str(d, "setup", where),
+        train=TrainSpec(
+            script=_str(train, "script", where, "train.script"),
+            args=tuple(_scalar(a) for a in args),
+            nproc_per_node=_int(train, "nproc_per_node", where, "train.nproc_per_node"),
+        ),
+        envs={k: _scalar(v) for k, v in envs.items()},
+        checkpoint_dir=_str(d, "checkpoint_dir", where),
+        autoscale=AutoscaleSpec(
+            idle_minutes=_positive(auto, "idle_minutes", where, "autoscale.idle_minutes"),
+            max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
+        ),
+    )
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

@@ -1,0 +1,343 @@
+"""Local state: SQLite in $MLCLOUD_HOME, WAL, BEGIN IMMEDIATE for every read-modify-write.
+
+The cloud is the source of truth for what exists; this database records intent (a cluster row
+is written before any cloud call and dropped only after termination is confirmed), the nodes
+last seen, jobs, and an event log.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlcloud.errors import BusyError, MlcloudError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clusters (
+    name TEXT PRIMARY KEY,
+    uid TEXT NOT NULL UNIQUE,
+    provider TEXT NOT NULL,
+    status TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    cluster TEXT NOT NULL REFERENCES clusters(name) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    private_ip TEXT NOT NULL,
+    root TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    gpu_type TEXT,
+    status TEXT NOT NULL,
+    PRIMARY KEY (cluster, idx)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    cluster TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    command TEXT NOT NULL,
+    num_nodes INTEGER NOT NULL,
+    nproc_per_node INTEGER NOT NULL,
+    submitted REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    log_path TEXT NOT NULL,
+    driver_pid INTEGER,
+    PRIMARY KEY (cluster, job_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+# Cluster lifecycle: INIT (intent written, nodes may be half made) -> UP -> STOPPING -> row dropped.
+INIT, UP, STOPPING = "INIT", "UP", "STOPPING"
+# Job lifecycle.
+JOB_STARTING, JOB_RUNNING = "STARTING", "RUNNING"
+JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
+JOB_DONE = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    idx: int
+    node_id: str
+    ip: str
+    private_ip: str
+    root: str
+    gpus: int
+    gpu_type: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    name: str
+    uid: str
+    provider: str
+    status: str
+    spec: dict
+    owner: str
+    created: float
+    updated: float
+    nodes: tuple[NodeRecord, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    cluster: str
+    job_id: int
+    status: str
+    command: str
+    num_nodes: int
+    nproc_per_node: int
+    submitted: float
+    ended: float | None
+    exit_code: int | None
+    log_path: str
+    driver_pid: int | None
+
+
+class ClusterExists(MlcloudError):
+    pass
+
+
+class Store:
+    """One connection to the state database; cheap to open, safe across processes."""
+
+    def __init__(self, path: Path, busy_timeout: float = 10.0):
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='clusters'").fetchone():
+                self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        except sqlite3.OperationalError as e:
+            raise self._translate(e) from e
+        if path.exists() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _translate(self, e: sqlite3.OperationalError) -> MlcloudError:
+        if "locked" in str(e) or "busy" in str(e):
+            return BusyError(
+                f"state database {self.path} stayed busy for {self._busy_timeout:.0f}s "
+                "(another mlcloud command is writing); retry when it finishes"
+            )
+        return MlcloudError(f"state database {self.path}: {e}")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE), so read-modify-write is atomic."""
+        try:
+            if self.db.in_transaction:
+                yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            raise self._translate(e) from e
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:
+            raise self._translate(e) from e
+
+    # clusters
+
+    def create_cluster(self, name: str, uid: str, provider: str, spec: dict, owner: str) -> None:
+        now = time.time()
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM clusters WHERE name=?", (name,)).fetchone():
+                raise ClusterExists(f"cluster {name!r} already exists")
+            db.execute(
+                "INSERT INTO clusters VALUES (?,?,?,?,?,?,?,?)",
+                (name, uid, provider, INIT, json.dumps(spec), owner, now, now),
+            )
+            self._event(db, name, uid, "intent", f"cluster {name} recorded before provisioning")
+
+    def get_cluster(self, name: str) -> ClusterRecord | None:
+        rows = self._read("SELECT * FROM clusters WHERE name=?", (name,))
+        if not rows:
+            return None
+        nodes = self._read("SELECT * FROM nodes WHERE cluster=? ORDER BY idx", (name,))
+        return _cluster(rows[0], tuple(_node(n) for n in nodes))
+
+    def list_clusters(self) -> list[ClusterRecord]:
+        by_cluster: dict[str, list[NodeRecord]] = {}
+        for n in self._read("SELECT * FROM nodes ORDER BY cluster, idx"):
+            by_cluster.setdefault(n["cluster"], []).append(_node(n))
+        return [
+            _cluster(r, tuple(by_cluster.get(r["name"], ())))
+            for r in self._read("SELECT * FROM clusters ORDER BY name")
+        ]
+
+    def set_status(self, name: str, status: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "UPDATE clusters SET status=?, updated=? WHERE name=?", (status, time.time(), name)
+            )
+
+    def set_nodes(self, name: str, nodes: list[NodeRecord]) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM nodes WHERE cluster=?", (name,))
+            db.executemany(
+                "INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        name,
+                        n.idx,
+                        n.node_id,
+                        n.ip,
+                        n.private_ip,
+                        n.root,
+                        n.gpus,
+                        n.gpu_type,
+                        n.status,
+                    )
+                    for n in nodes
+                ],
+            )
+
+    def delete_cluster(self, name: str) -> None:
+        with self.tx() as db:
+            row = db.execute("SELECT uid FROM clusters WHERE name=?", (name,)).fetchone()
+            if row:
+                db.execute("DELETE FROM clusters WHERE name=?", (name,))
+                self._event(db, name, row["uid"], "deleted", "termination confirmed; state dropped")
+
+    # jobs
+
+    def new_job(
+        self, cluster: str, command: str, num_nodes: int, nproc: int, log_dir: Path
+    ) -> JobRecord:
+        with self.tx() as db:
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(job_id), 0) FROM jobs WHERE cluster=?", (cluster,)
+            ).fetchone()
+            job_id = last + 1
+            log_path = str(log_dir / f"job-{job_id}.log")
+            db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    cluster,
+                    job_id,
+                    JOB_STARTING,
+                    command,
+                    num_nodes,
+                    nproc,
+                    time.time(),
+                    None,
+                    None,
+                    log_path,
+                    None,
+                ),
+            )
+        job = self.get_job(cluster, job_id)
+        assert job is not None
+        return job
+
+    def update_job(self, cluster: str, job_id: int, **fields: object) -> None:
+        allowed = {"status", "ended", "exit_code", "driver_pid"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            db.execute(
+                f"UPDATE jobs SET {sets} WHERE cluster=? AND job_id=?",  # noqa: S608 (keys fixed)
+                (*fields.values(), cluster, job_id),
+            )
+
+    def get_job(self, cluster: str, job_id: int | None = None) -> JobRecord | None:
+        if job_id is None:
+            rows = self._read(
+                "SELECT * FROM jobs WHERE cluster=? ORDER BY job_id DESC LIMIT 1", (cluster,)
+            )
+        else:
+            rows = self._read("SELECT * FROM jobs WHERE cluster=? AND job_id=?", (cluster, job_id))
+        return JobRecord(**dict(rows[0])) if rows else None
+
+    def jobs(self, cluster: str | None = None) -> list[JobRecord]:
+        if cluster is None:
+            rows = self._read("SELECT * FROM jobs ORDER BY cluster, job_id")
+        else:
+            rows = self._read("SELECT * FROM jobs WHERE cluster=? ORDER BY job_id", (cluster,))
+        return [JobRecord(**dict(r)) for r in rows]
+
+    # events
+
+    def event(self, cluster: str, kind: str, message: str) -> None:
+        with self.tx() as db:
+            row = db.execute("SELECT uid FROM clusters WHERE name=?", (cluster,)).fetchone()
+            self._event(db, cluster, row["uid"] if row else "", kind, message)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, cluster: str, uid: str, kind: str, message: str) -> None:
+        db.execute(
+            "INSERT INTO events (cluster, uid, time, kind, message) VALUES (?,?,?,?,?)",
+            (cluster, uid, time.time(), kind, message),
+        )
+
+    def events(self, cluster: str) -> list[tuple[float, str, str]]:
+        rows = self._read(
+            "SELECT time, kind, message FROM events WHERE cluster=? ORDER BY id", (cluster,)
+        )
+        return [(r["time"], r["kind"], r["message"]) for r in rows]
+
+
+def _node(r: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        idx=r["idx"],
+        node_id=r["node_id"],
+        ip=r["ip"],
+        private_ip=r["private_ip"],
+        root=r["root"],
+        gpus=r["gpus"],
+        gpu_type=r["gpu_type"],
+        status=r["status"],
+    )
+
+
+def _cluster(r: sqlite3.Row, nodes: tuple[NodeRecord, ...]) -> ClusterRecord:
+    return ClusterRecord(
+        name=r["name"],
+        uid=r["uid"],
+        provider=r["provider"],
+        status=r["status"],
+        spec=json.loads(r["spec"]),
+        owner=r["owner"],
+        created=r["created"],
+        updated=r["updated"],
+        nodes=nodes,
+    )
+
+
+def open_store() -> Store:
+    from mlcloud import paths
+
+    return Store(paths.home() / "state.db")

@@ -1,0 +1,65 @@
+"""The stable JSON shapes of `status --json` and `up --json` (schema 1, documented in README)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from mlcloud import state
+
+SCHEMA = 1
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def job_json(j: state.JobRecord) -> dict:
+    return {
+        "id": j.job_id,
+        "status": j.status,
+        "command": j.command,
+        "num_nodes": j.num_nodes,
+        "nproc_per_node": j.nproc_per_node,
+        "submitted": iso(j.submitted),
+        "ended": iso(j.ended),
+        "exit_code": j.exit_code,
+        "log": j.log_path,
+    }
+
+
+def cluster_json(c: state.ClusterRecord, jobs: list[state.JobRecord]) -> dict:
+    return {
+        "name": c.name,
+        "uid": c.uid,
+        "provider": c.provider,
+        "status": c.status,
+        "owner": c.owner,
+        "created": iso(c.created),
+        "num_nodes": len(c.nodes),
+        "nodes": [
+            {
+                "index": n.idx,
+                "id": n.node_id,
+                "ip": n.ip,
+                "private_ip": n.private_ip,
+                "status": n.status,
+                "gpus": n.gpus,
+                "gpu_type": n.gpu_type,
+            }
+            for n in c.nodes
+        ],
+        "jobs": [job_json(j) for j in jobs],
+    }
+
+
+def status_json(clusters: list[state.ClusterRecord], jobs: list[state.JobRecord]) -> dict:
+    by_cluster: dict[str, list[state.JobRecord]] = {}
+    # jobs outlive their cluster (for `logs`); status shows those of clusters that exist
+    for j in jobs:
+        by_cluster.setdefault(j.cluster, []).append(j)
+    return {
+        "schema": SCHEMA,
+        "clusters": [cluster_json(c, by_cluster.get(c.name, [])) for c in clusters],
+    }

@@ -1,0 +1,97 @@
+"""The provider contract: a small typed Protocol over dataclasses.
+
+A provider creates, lists (by tag: the cloud is the source of truth) and terminates a cluster's
+nodes, and says how to reach each node. Retries, failover and state live in the engine, which
+reads only the typed errors below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from mlcloud.errors import MlcloudError
+
+if TYPE_CHECKING:
+    from mlcloud.remote.transport import Transport
+
+
+@dataclass(frozen=True)
+class ClusterRef:
+    """Who a resource belongs to: every cloud resource carries these as tags/labels."""
+
+    name: str
+    uid: str
+    owner: str
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"mlcloud-cluster": self.uid, "mlcloud-name": self.name, "mlcloud-owner": self.owner}
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    """What the engine asks of a provider, resolved from the spec and flags."""
+
+    count: int
+    gpus: str | None = None
+    instance_type: str | None = None
+    cpus: int | None = None
+    region: str | None = None
+    zone: str | None = None
+    spot: bool = False
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of a cluster as the provider sees it."""
+
+    node_id: str
+    ip: str  # where mlcloud reaches the node
+    private_ip: str  # where the other nodes reach it (rendezvous, NCCL/gloo)
+    root: str  # the node's mlcloud directory: code, jobs, checkpoints
+    status: str = "running"
+
+
+class ProviderError(MlcloudError):
+    """The provider failed in a way no retry elsewhere will fix."""
+
+
+class CapacityError(ProviderError):
+    """No capacity in this zone: the engine may try the next zone or region."""
+
+    def __init__(self, zone: str, message: str):
+        super().__init__(message)
+        self.zone = zone
+
+
+class QuotaError(ProviderError):
+    def __init__(self, scope: str, message: str):
+        super().__init__(message)
+        self.scope = scope
+
+
+class AuthError(ProviderError):
+    pass
+
+
+class Provider(Protocol):
+    name: ClassVar[str]
+
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+        """Create cluster-wide resources (network rules, keys); idempotent."""
+
+    def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
+        """Create `count` more nodes, all or nothing, tagged with the cluster."""
+
+    def list(self, cluster: ClusterRef) -> list[Node]:
+        """The cluster's live nodes, found by tag, in a stable order."""
+
+    def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
+        """Terminate nodes and return once the provider confirms they are gone."""
+
+    def cleanup(self, cluster: ClusterRef) -> None:
+        """Delete cluster-wide resources once no node remains; idempotent."""
+
+    def transport(self, cluster: ClusterRef, node: Node, label: str) -> Transport:
+        """How to run commands on and copy files to the node; label names it in messages."""

@@ -1,0 +1,76 @@
+"""The local provider: N nodes on this machine, each a directory of its own.
+
+Nodes share this machine's CPUs and GPUs but nothing else: each has its own code, job and
+checkpoint directories, and its processes are found by tag, so `down` leaves none behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+from mlcloud.providers.base import ClusterRef, Node, ProviderError, ProvisionRequest
+
+from mlcloud.remote.local import LocalTransport
+
+
+class LocalProvider:
+    name: ClassVar[str] = "local"
+
+    @staticmethod
+    def _base(cluster: ClusterRef) -> Path:
+        from mlcloud import paths
+
+        return paths.home() / "local" / cluster.uid
+
+    def _node(self, cluster: ClusterRef, index: int) -> Node:
+        return Node(
+            f"local-{index}", "127.0.0.1", "127.0.0.1", str(self._base(cluster) / f"node-{index}")
+        )
+
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+        if request.gpus or request.instance_type:
+            raise ProviderError(
+                "the local provider uses this machine as it is: drop resources.gpus and "
+                "resources.instance_type, or pick a cloud provider (--provider aws|gce)"
+            )
+
+    def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
+        have = len(self.list(cluster))
+        nodes = [self._node(cluster, have + i) for i in range(count)]
+        for n in nodes:
+            Path(n.root).mkdir(parents=True, mode=0o700)
+        return nodes
+
+    def list(self, cluster: ClusterRef) -> list[Node]:
+        base = self._base(cluster)
+        if not base.is_dir():
+            return []
+        indexes = sorted(int(p.name.split("-")[1]) for p in base.glob("node-*"))
+        return [self._node(cluster, i) for i in indexes]
+
+    def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
+        from mlcloud import templates
+
+        ctl = templates.path("node_ctl.py")
+        for n in nodes:
+            index = n.node_id.split("-")[1]
+            t = self.transport(cluster, n, n.node_id)
+            # The tag prefix selects this node's processes only: all nodes share this machine.
+            import shlex
+
+            t.run(
+                f"{shlex.quote(t.python)} {shlex.quote(str(ctl))} cleanup "
+                f"{shlex.quote(n.root)} {shlex.quote(f'{cluster.uid}.{index}.')}"
+            )
+            shutil.rmtree(n.root, ignore_errors=True)
+
+    def cleanup(self, cluster: ClusterRef) -> None:
+        base = self._base(cluster)
+        if base.is_dir() and not any(base.iterdir()):
+            os.rmdir(base)
+
+    def transport(self, cluster: ClusterRef, node: Node, label: str) -> LocalTransport:
+        return LocalTransport(label)
