@@ -1,0 +1,53 @@
+"""Shared fixtures: every test gets its own MLCLOUD_HOME, so none touches real state."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MLCLOUD = str(Path(sys.executable).parent / "mlcloud")
+
+
+@pytest.fixture(autouse=True)
+def mlcloud_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "mlcloud-home"
+    monkeypatch.setenv("MLCLOUD_HOME", str(home))
+    monkeypatch.setenv("NO_COLOR", "1")
+    return home
+
+
+def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """The real `mlcloud` process, no terminal, environment of the test (MLCLOUD_HOME)."""
+    return subprocess.run(
+        [MLCLOUD, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ),
+        **kw,
+    )
+
+
+def tagged_pids(prefix: str) -> list[int]:
+    """Live processes whose MLCLOUD_PROC_TAG starts with prefix (how node_ctl finds them)."""
+    want = f"MLCLOUD_PROC_TAG={prefix}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if any(e.startswith(want) for e in env):
+            found.append(int(entry))
+    return found

@@ -1,0 +1,85 @@
+"""State: intent rows, jobs, events; races between processes; busy database messages."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from mlcloud import state
+from mlcloud.errors import BusyError
+
+
+def _store(home):
+    home.mkdir(parents=True, exist_ok=True)
+    return state.Store(home / "state.db")
+
+
+def test_cluster_lifecycle(mlcloud_home):
+    s = _store(mlcloud_home)
+    s.create_cluster("a", "a-1", "local", {"nodes": 2}, "me")
+    rec = s.get_cluster("a")
+    assert rec and rec.status == state.INIT and rec.spec == {"nodes": 2}
+    s.set_nodes("a", [state.NodeRecord(0, "n0", "1.2.3.4", "10.0.0.1", "/r", 1, "A100", "running")])
+    s.set_status("a", state.UP)
+    rec = s.get_cluster("a")
+    assert rec.status == state.UP and rec.nodes[0].gpu_type == "A100"
+    with pytest.raises(state.ClusterExists):
+        s.create_cluster("a", "a-2", "local", {}, "me")
+    s.delete_cluster("a")
+    assert s.get_cluster("a") is None
+    kinds = [k for _, k, _ in s.events("a")]
+    assert kinds == ["intent", "deleted"]
+    assert (mlcloud_home / "state.db").stat().st_mode & 0o077 == 0
+
+
+def test_jobs_number_per_cluster_and_outlive_it(mlcloud_home):
+    s = _store(mlcloud_home)
+    s.create_cluster("a", "a-1", "local", {}, "me")
+    j1 = s.new_job("a", "train.py", 2, 2, mlcloud_home)
+    j2 = s.new_job("a", "train.py", 2, 2, mlcloud_home)
+    assert (j1.job_id, j2.job_id) == (1, 2)
+    s.update_job("a", 2, status=state.JOB_FAILED, exit_code=3)
+    assert s.get_job("a").exit_code == 3
+    s.delete_cluster("a")
+    assert [j.job_id for j in s.jobs("a")] == [1, 2]  # logs stay readable after down
+
+
+def _create(home, name, uid, results):
+    s = state.Store(home / "state.db")
+    try:
+        s.create_cluster(name, uid, "local", {}, "me")
+        results.put("created")
+    except state.ClusterExists:
+        results.put("exists")
+
+
+def test_racing_creates_leave_one_row(mlcloud_home):
+    _store(mlcloud_home)
+    results = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(target=_create, args=(mlcloud_home, "race", f"race-{i}", results))
+        for i in range(6)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    assert outcomes.count("created") == 1 and outcomes.count("exists") == 5
+    assert len(_store(mlcloud_home).list_clusters()) == 1
+
+
+def test_busy_database_is_a_clear_error(mlcloud_home):
+    s = _store(mlcloud_home)
+    holder = sqlite3.connect(mlcloud_home / "state.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        quick = state.Store(mlcloud_home / "state.db", busy_timeout=0.2)
+        with pytest.raises(BusyError, match="busy") as e:
+            quick.create_cluster("b", "b-1", "local", {}, "me")
+        assert "database is locked" not in str(e.value)
+    finally:
+        holder.execute("ROLLBACK")
+    s.create_cluster("b", "b-1", "local", {}, "me")
