@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -52,11 +53,19 @@ def _register() -> None:
 _register()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit non-zero, bugs keep their traceback."""
     from mlcloud.errors import MlcloudError
 
     debug = "--debug" in sys.argv[1:] or os.environ.get("MLCLOUD_DEBUG") == "1"
+    # CI runners and shells stop us with SIGTERM/SIGHUP: unwind like Ctrl-C, so `train --down`
+    # and a half-made `up` still clean up and nothing is left billing.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         app()
     except MlcloudError as e:

@@ -172,3 +172,35 @@ def test_exec_on_every_node(mlcloud_home):
     r = run_cli("exec", "ex", "--", "test", "-e", "nothing-here")
     assert r.returncode == 1 and "node0 (exit 1)" in r.stderr
     assert run_cli("down", "ex", "--yes").returncode == 0
+
+
+def test_sigterm_on_train_with_down_stops_job_and_cluster(project, mlcloud_home):
+    assert run_cli("up", "stopme", "--nodes", "2").returncode == 0
+    uid = status()["clusters"][0]["uid"]
+    proc = subprocess.Popen(
+        [
+            MLCLOUD,
+            "train",
+            "stopme",
+            "-w",
+            str(project),
+            "--down",
+            "train.py",
+            "--",
+            "--steps",
+            "1000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    deadline = time.time() + 60
+    while newest_checkpoint(mlcloud_home, uid) < 50 and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a CI runner sends when a pipeline is cancelled
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "stopping the job on every node" in out
+    assert status()["clusters"] == []
+    assert tagged_pids(f"{uid}.") == []
