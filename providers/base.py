@@ -30,6 +30,17 @@ class ClusterRef:
 
 
 @dataclass(frozen=True)
+class SshOptions:
+    """The user's SSH settings (spec `ssh:` and flags); each provider fills in what is unset."""
+
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    proxy_command: str | None = None
+    python: str | None = None
+
+
+@dataclass(frozen=True)
 class ProvisionRequest:
     """What the engine asks of a provider, resolved from the spec and flags."""
 
@@ -40,6 +51,8 @@ class ProvisionRequest:
     region: str | None = None
     zone: str | None = None
     spot: bool = False
+    hosts: tuple[str, ...] = ()  # the ssh provider: machines the user already has
+    ssh: SshOptions = SshOptions()
 
 
 @dataclass(frozen=True)
@@ -93,5 +106,5 @@ class Provider(Protocol):
     def cleanup(self, cluster: ClusterRef) -> None:
         """Delete cluster-wide resources once no node remains; idempotent."""
 
-    def transport(self, cluster: ClusterRef, node: Node, label: str) -> Transport:
+    def transport(self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions) -> Transport:
         """How to run commands on and copy files to the node; label names it in messages."""

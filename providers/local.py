@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import ClassVar
 
-from mlcloud.providers.base import ClusterRef, Node, ProviderError, ProvisionRequest
+from mlcloud.providers.base import ClusterRef, Node, ProviderError, ProvisionRequest, SshOptions
 
 from mlcloud.remote.local import LocalTransport
 
@@ -72,5 +72,7 @@ class LocalProvider:
         if base.is_dir() and not any(base.iterdir()):
             os.rmdir(base)
 
-    def transport(self, cluster: ClusterRef, node: Node, label: str) -> LocalTransport:
+    def transport(
+        self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions | None = None
+    ) -> LocalTransport:
         return LocalTransport(label)

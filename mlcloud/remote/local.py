@@ -24,16 +24,18 @@ class LocalTransport:
         *,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
+        stdin: bytes | None = None,
     ) -> RunResult:
         argv = ["bash", "-c", command]
         if on_line is None:
             try:
-                p = subprocess.run(
-                    argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-                )
+                p = subprocess.run(argv, capture_output=True, timeout=timeout, input=stdin or b"")
             except subprocess.TimeoutExpired:
                 raise RemoteError(f"{self.label}: command timed out after {timeout}s") from None
-            return RunResult(p.returncode, p.stdout, p.stderr)
+            return RunResult(
+                p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+            )
+        assert stdin is None, "streaming runs take no input"
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
@@ -55,6 +57,12 @@ class LocalTransport:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def get(self, path: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
         return local_sync(local_dir, Path(remote_dir))

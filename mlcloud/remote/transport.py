@@ -38,11 +38,15 @@ class Transport(Protocol):
         *,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
+        stdin: bytes | None = None,
     ) -> RunResult:
         """Run a shell command; with on_line, stdout is streamed line by line instead of kept."""
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Write a file on the node atomically with the given mode (secrets: 0600)."""
+
+    def get(self, path: str) -> bytes | None:
+        """A file's content, or None if it does not exist."""
 
     def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
         """Make remote_dir mirror local_dir (ignore rules applied), sending only what changed."""

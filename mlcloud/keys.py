@@ -1,0 +1,116 @@
+"""SSH keys: one ed25519 key per cluster, and mlcloud's own pinned host keys.
+
+Host keys are pinned on first contact under the node's identity (an instance id, or
+[host]:port for machines the user already has) and a changed key is refused, never re-added.
+The file is OpenSSH's known_hosts format, so `mlcloud ssh` can hand it to OpenSSH as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from mlcloud import paths
+from mlcloud.errors import MlcloudError
+
+_pin_lock = threading.Lock()
+
+
+def known_hosts_path() -> Path:
+    return paths.home() / "known_hosts"
+
+
+def cluster_key_path(uid: str) -> Path:
+    return paths.private_dir(paths.home() / "keys") / f"{uid}.ed25519"
+
+
+def ensure_cluster_key(uid: str) -> tuple[Path, str]:
+    """(private key path, OpenSSH public key line); generated once, private file 0600."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = cluster_key_path(uid)
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    else:
+        private = Ed25519PrivateKey.generate()
+        data = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    public = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+    return path, f"{public} mlcloud-{uid}"
+
+
+def delete_cluster_key(uid: str) -> None:
+    cluster_key_path(uid).unlink(missing_ok=True)
+
+
+def fingerprint(key) -> str:
+    """OpenSSH-style SHA256 fingerprint of a paramiko key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class HostKeyChanged(MlcloudError):
+    pass
+
+
+def check_or_pin(identity: str, key, label: str) -> bool:
+    """Accept the key if it matches the pin, pin it if the identity is new (True), refuse a change.
+
+    Thread- and process-safe: the file is re-read under a lock before it is written."""
+    import paramiko
+    from filelock import FileLock
+
+    path = known_hosts_path()
+    with _pin_lock, FileLock(str(path) + ".lock", mode=0o600):
+        hosts = paramiko.HostKeys()
+        if path.exists():
+            hosts.load(str(path))
+        known = hosts.lookup(identity)
+        if known:
+            pinned = known.get(key.get_name())
+            if pinned is not None and pinned == key:
+                return False
+            old = pinned or next(iter(known.values()))
+            raise HostKeyChanged(
+                f"{label}: host key for {identity} changed (pinned {old.get_name()} "
+                f"{fingerprint(old)}, now {key.get_name()} {fingerprint(key)}); refusing to "
+                f"connect. If the machine was really rebuilt, forget the old key with: "
+                f"ssh-keygen -R '{identity}' -f {path}"
+            )
+        hosts.add(identity, key.get_name(), key)
+        hosts.save(str(path))
+        path.chmod(0o600)
+        return True
+
+
+def forget(identities: list[str]) -> None:
+    """Drop pins (when a cluster's instances are terminated, their ids never come back)."""
+    import paramiko
+    from filelock import FileLock
+
+    path = known_hosts_path()
+    if not path.exists():
+        return
+    with _pin_lock, FileLock(str(path) + ".lock", mode=0o600):
+        hosts = paramiko.HostKeys()
+        hosts.load(str(path))
+        for identity in identities:
+            if identity in hosts:
+                del hosts[identity]
+        hosts.save(str(path))

@@ -1,0 +1,250 @@
+"""Transport over SSH (paramiko): one connection per node, reused for every operation.
+
+Host keys are checked against mlcloud's pins before authenticating (keys.check_or_pin), so a
+changed key is refused before any credential is offered.
+"""
+
+from __future__ import annotations
+
+import io
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlcloud.errors import UsageError
+from mlcloud.remote.transport import RemoteError, RunResult, SyncStats
+
+CONNECT_TIMEOUT = 15.0
+KEEPALIVE = 15
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How to reach one node over SSH."""
+
+    host: str
+    port: int = 22
+    user: str = "root"
+    identity_file: str | None = None  # None: ssh-agent, then ~/.ssh/id_{ed25519,ecdsa,rsa}
+    proxy_command: str | None = None  # OpenSSH style; %h and %p are substituted
+    host_key_id: str = ""  # the identity the host key is pinned under
+    python: str = "python3"
+
+    @property
+    def pin_id(self) -> str:
+        return self.host_key_id or (self.host if self.port == 22 else f"[{self.host}]:{self.port}")
+
+
+def load_identity(path: str):
+    import paramiko
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"identity file {p} not found")
+    try:
+        return paramiko.PKey.from_path(p)
+    except paramiko.PasswordRequiredException:
+        raise UsageError(
+            f"identity file {p} is passphrase-protected; load it into ssh-agent "
+            "and leave --identity out"
+        ) from None
+    except (paramiko.SSHException, ValueError) as e:
+        raise UsageError(f"identity file {p} is not a usable private key: {e}") from None
+
+
+def default_identities() -> list:
+    """What OpenSSH would offer with no -i: the agent's keys, then the default key files."""
+    import paramiko
+
+    keys = list(paramiko.Agent().get_keys())
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        p = Path.home() / ".ssh" / name
+        if p.is_file():
+            try:
+                keys.append(paramiko.PKey.from_path(p))
+            except (paramiko.SSHException, ValueError):
+                continue
+    return keys
+
+
+class SshTransport:
+    def __init__(self, target: SshTarget, label: str):
+        self.target = target
+        self.label = label
+        self.python = target.python
+        self._lock = threading.Lock()
+        self._transport = None
+        self._sftp = None
+
+    # connection
+
+    def _where(self) -> str:
+        t = self.target
+        return f"{self.label} ({t.user}@{t.host}:{t.port})"
+
+    def _connect(self):
+        import paramiko
+
+        from mlcloud import keys
+
+        t = self.target
+        with self._lock:
+            if self._transport is not None and self._transport.is_active():
+                return self._transport
+            try:
+                if t.proxy_command:
+                    cmd = t.proxy_command.replace("%h", t.host).replace("%p", str(t.port))
+                    sock = paramiko.ProxyCommand(cmd)
+                else:
+                    sock = socket.create_connection((t.host, t.port), timeout=CONNECT_TIMEOUT)
+                transport = paramiko.Transport(sock)
+                transport.banner_timeout = CONNECT_TIMEOUT
+                transport.start_client(timeout=CONNECT_TIMEOUT)
+            except (OSError, paramiko.SSHException, EOFError) as e:
+                raise RemoteError(
+                    f"{self._where()}: unreachable: {e or type(e).__name__}"
+                ) from None
+            try:
+                keys.check_or_pin(t.pin_id, transport.get_remote_server_key(), self.label)
+                self._authenticate(transport)
+            except BaseException:
+                transport.close()
+                raise
+            transport.set_keepalive(KEEPALIVE)
+            self._transport = transport
+            return transport
+
+    def _authenticate(self, transport) -> None:
+        import paramiko
+
+        t = self.target
+        candidates = [load_identity(t.identity_file)] if t.identity_file else default_identities()
+        if not candidates:
+            raise RemoteError(
+                f"{self._where()}: no SSH key to offer: pass --identity FILE, set "
+                "ssh.identity_file, or load a key into ssh-agent"
+            )
+        for key in candidates:
+            try:
+                transport.auth_publickey(t.user, key)
+                if transport.is_authenticated():
+                    return
+            except paramiko.AuthenticationException:
+                continue
+            except (paramiko.SSHException, OSError) as e:
+                raise RemoteError(
+                    f"{self._where()}: connection lost during authentication: {e}"
+                ) from None
+        which = t.identity_file or "the agent's and default keys"
+        raise RemoteError(
+            f"{self._where()}: authentication refused for user {t.user!r} with "
+            f"{which}; check the user and that the key is in authorized_keys"
+        )
+
+    def _sftp_client(self):
+        import paramiko
+
+        transport = self._connect()
+        with self._lock:
+            if self._sftp is None:
+                self._sftp = paramiko.SFTPClient.from_transport(transport)
+            return self._sftp
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sftp is not None:
+                self._sftp.close()
+            if self._transport is not None:
+                self._transport.close()
+            self._sftp = self._transport = None
+
+    # operations
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        on_line: Callable[[str], None] | None = None,
+        stdin: bytes | None = None,
+    ) -> RunResult:
+        transport = self._connect()
+        try:
+            chan = transport.open_session(timeout=CONNECT_TIMEOUT)
+            chan.exec_command(command)
+            if stdin is not None:
+                chan.sendall(stdin)
+                chan.shutdown_write()
+            out, err = io.BytesIO(), io.BytesIO()
+            pending = b""
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if chan.recv_ready():
+                    data = chan.recv(1 << 16)
+                    if on_line is None:
+                        out.write(data)
+                    else:
+                        pending += data
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            on_line(line.decode(errors="replace"))
+                    continue
+                if chan.recv_stderr_ready():
+                    err.write(chan.recv_stderr(1 << 16))
+                    continue
+                if chan.exit_status_ready() and chan.eof_received:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    chan.close()
+                    raise RemoteError(f"{self._where()}: command timed out after {timeout}s")
+                select.select([chan], [], [], 0.2)
+            if pending and on_line is not None:
+                on_line(pending.decode(errors="replace"))
+            code = chan.recv_exit_status()
+            chan.close()
+        except (OSError, EOFError) as e:
+            raise RemoteError(
+                f"{self._where()}: connection lost: {e or type(e).__name__}"
+            ) from None
+        except Exception as e:
+            import paramiko
+
+            if isinstance(e, paramiko.SSHException):
+                raise RemoteError(f"{self._where()}: {e}") from None
+            raise
+        return RunResult(
+            code, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace")
+        )
+
+    def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
+        """Atomic write: the temp file gets its mode before any byte is written."""
+        sftp = self._sftp_client()
+        tmp = f"{path}.mlcloud-tmp"
+        try:
+            with sftp.open(tmp, "wb") as f:
+                sftp.chmod(tmp, mode)
+                f.set_pipelined(True)
+                f.write(data)
+            sftp.posix_rename(tmp, path)
+        except OSError as e:
+            raise RemoteError(f"{self._where()}: cannot write {path}: {e}") from None
+
+    def get(self, path: str) -> bytes | None:
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(path, "rb") as f:
+                f.prefetch()
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RemoteError(f"{self._where()}: cannot read {path}: {e}") from None
+
+    def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
+        from mlcloud.remote import sync
+
+        return sync.push(self, local_dir, remote_dir)

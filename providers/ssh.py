@@ -1,0 +1,160 @@
+"""The ssh provider: machines the user already has (a lab box, an on-prem rack).
+
+Nothing is created or powered off: `up` claims the hosts for the cluster, `down` stops the
+cluster's processes on them and removes its directories. Which hosts a cluster holds is kept
+in a small file of this provider's own, since no cloud API can be asked.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from mlcloud.providers.base import ClusterRef, Node, ProvisionRequest, SshOptions
+
+from mlcloud.errors import UsageError
+from mlcloud.parallel import fan_out
+from mlcloud.remote.ssh import SshTarget, SshTransport
+
+_HOST_RE = re.compile(
+    r"(?:(?P<user>[A-Za-z0-9._-]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
+    r"(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d{1,5}))?"
+)
+
+
+@dataclass(frozen=True)
+class Host:
+    user: str | None
+    host: str
+    port: int | None
+
+    def target(self, ssh: SshOptions) -> SshTarget:
+        return SshTarget(
+            host=self.host,
+            port=self.port or ssh.port or 22,
+            user=self.user or ssh.user or getpass.getuser(),
+            identity_file=ssh.identity_file,
+            proxy_command=ssh.proxy_command,
+            python=ssh.python or "python3",
+        )
+
+
+def parse_host(text: str) -> Host:
+    """`user@host:port`, `host`, `user@[::1]:22`; anything else is refused with the form."""
+    m = _HOST_RE.fullmatch(text.strip())
+    port = int(m["port"]) if m and m["port"] else None
+    if not m or (port is not None and not 0 < port < 65536):
+        raise UsageError(f"--hosts: {text!r} is not [user@]host[:port] (e.g. alice@10.0.0.5:22)")
+    return Host(m["user"], m["v6"] or m["host"], port)
+
+
+def shell_path(path: str) -> str:
+    """Quote a node path for the shell, keeping a leading ~/ expandable."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+class SshProvider:
+    name: ClassVar[str] = "ssh"
+
+    @staticmethod
+    def _registry(cluster: ClusterRef) -> Path:
+        from mlcloud import paths
+
+        return paths.private_dir(paths.home() / "ssh") / f"{cluster.uid}.json"
+
+    def _read(self, cluster: ClusterRef) -> dict:
+        f = self._registry(cluster)
+        return json.loads(f.read_text()) if f.exists() else {"hosts": [], "claimed": 0}
+
+    def _write(self, cluster: ClusterRef, data: dict) -> None:
+        self._registry(cluster).write_text(json.dumps(data))
+
+    def _node(self, cluster: ClusterRef, index: int, host: str) -> Node:
+        h = parse_host(host)
+        port = f":{h.port}" if h.port else ""
+        return Node(
+            f"{h.user + '@' if h.user else ''}{h.host}{port}",
+            h.host,
+            h.host,
+            f"~/.mlcloud/{cluster.uid}/node-{index}",
+        )
+
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+        if not request.hosts:
+            raise UsageError(
+                "the ssh provider needs the machines to use: --hosts "
+                "user@h1,user@h2 or `hosts:` in the spec"
+            )
+        for h in request.hosts:
+            parse_host(h)
+        if request.count != len(request.hosts):
+            raise UsageError(
+                f"--nodes {request.count} but {len(request.hosts)} host(s) given; "
+                "the ssh provider runs one node per host"
+            )
+        if request.gpus or request.instance_type or request.spot:
+            raise UsageError(
+                "the ssh provider uses the hosts as they are: drop resources.gpus, "
+                "resources.instance_type and spot"
+            )
+        data = self._read(cluster)
+        data["hosts"] = list(request.hosts)
+        data["ssh"] = asdict(request.ssh)
+        self._write(cluster, data)
+
+    def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
+        data = self._read(cluster)
+        start = data["claimed"]
+        nodes = [self._node(cluster, i, data["hosts"][i]) for i in range(start, start + count)]
+        data["claimed"] = start + count
+        self._write(cluster, data)
+        return nodes
+
+    def list(self, cluster: ClusterRef) -> list[Node]:
+        data = self._read(cluster)
+        return [self._node(cluster, i, h) for i, h in enumerate(data["hosts"][: data["claimed"]])]
+
+    def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
+        """Stop the cluster's processes and remove its directory on each host; hosts stay on."""
+        data = self._read(cluster)
+        ssh = SshOptions(**data.get("ssh", {}))
+
+        def one(node: Node) -> None:
+            index = int(node.root.rsplit("-", 1)[1])
+            t = self.transport(cluster, node, f"node{index}", ssh)
+            root = shell_path(node.root)
+            ctl = f"{root}/bin/node_ctl.py"
+            prefix = shlex.quote(f"{cluster.uid}.{index}.")
+            try:
+                t.run(
+                    f"if [ -f {ctl} ]; then {shlex.quote(t.python)} {ctl} cleanup {root} "
+                    f"{prefix}; fi; rm -rf {root}; rmdir {shell_path(node.root.rsplit('/', 1)[0])}"
+                    " 2>/dev/null; true",
+                    timeout=120,
+                )
+            finally:
+                t.close()
+
+        fan_out(one, nodes)
+        gone = {n.node_id for n in nodes}
+        kept = [
+            h
+            for i, h in enumerate(data["hosts"][: data["claimed"]])
+            if self._node(cluster, i, h).node_id not in gone
+        ]
+        self._write(cluster, {**data, "hosts": kept, "claimed": len(kept)})
+
+    def cleanup(self, cluster: ClusterRef) -> None:
+        self._registry(cluster).unlink(missing_ok=True)
+
+    def transport(
+        self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
+    ) -> SshTransport:
+        return SshTransport(parse_host(node.node_id).target(ssh), label)
