@@ -5,6 +5,8 @@ Every refusal is one line naming the file, line and field, so a person can fix i
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,6 +17,8 @@ from mlcloud.names import check_cluster_name
 
 _GPU_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# ASCII digits only: str.isdigit() also takes '²', which int() refuses
+_COUNT_RE = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
         raise UsageError(f"{where}: {text!r} has no valid GPU model; {hint}")
     if not sep:
         return GpuSpec(model, 1)
-    if not count.isdigit():
+    if not _COUNT_RE.fullmatch(count):
         raise UsageError(f"{where}: {text!r} has a GPU count that is not a whole number; {hint}")
     if int(count) < 1:
         raise UsageError(f"{where}: {text!r} asks for {count} GPUs; the count must be 1 or more")
@@ -107,6 +111,10 @@ def load_spec(path: Path) -> TaskSpec:
         text = path.read_text()
     except FileNotFoundError:
         raise UsageError(f"spec file {path} not found") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
+        ) from None
     except OSError as e:
         raise UsageError(f"cannot read spec file {path}: {e.strerror}") from None
     try:
@@ -115,6 +123,9 @@ def load_spec(path: Path) -> TaskSpec:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        if context and getattr(e, "problem", None):
+            problem = f"{context}, {problem}"
         raise UsageError(f"{path}{line}: not valid YAML: {problem}") from None
     if data is None:
         data = {}
@@ -124,7 +135,11 @@ def load_spec(path: Path) -> TaskSpec:
     spec = _build(data, where)
     base = path.parent
     if spec.workdir is not None:
-        spec = replace(spec, workdir=str((base / spec.workdir).resolve()))
+        try:
+            workdir = (base / os.path.expanduser(spec.workdir)).resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise UsageError(f"{where('workdir')}: cannot resolve {spec.workdir!r}: {e}") from None
+        spec = replace(spec, workdir=str(workdir))
     return spec
 
 
@@ -136,34 +151,72 @@ class _Where:
 
     def __call__(self, key: str) -> str:
         line = self.lines.get(key)
-        return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
+        shown = key if key.isprintable() else repr(key)  # keep the message on one line
+        return f"{self.source}:{line}: {shown}" if line else f"{self.source}: {shown}"
+
+
+_YAML_MAP = "tag:yaml.org,2002:map"
+_YAML_SEQ = "tag:yaml.org,2002:seq"
 
 
 def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    """Safe-load YAML, recording the line of every mapping key and refusing duplicate keys."""
+    """Safe-load YAML, recording the line of every mapping key and refusing duplicate keys.
+
+    Each node is built once (aliases share the result), so alias bombs stay linear and a
+    self-referencing alias cannot recurse forever.
+    """
     import yaml
 
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
         lines: dict[str, int] = {}
+        built: dict[int, Any] = {}
+
+        def scalar(node: yaml.Node) -> Any:
+            try:
+                return loader.construct_object(node, deep=True)
+            except ValueError as e:  # e.g. a timestamp like 2024-13-45
+                raise UsageError(
+                    f"{source}:{node.start_mark.line + 1}: not valid YAML: "
+                    f"{node.value!r}: {str(e).splitlines()[0]}"
+                ) from None
 
         def walk(node: yaml.Node, prefix: str) -> Any:
+            if id(node) in built:
+                return built[id(node)]
+            plain = {yaml.MappingNode: _YAML_MAP, yaml.SequenceNode: _YAML_SEQ}.get(type(node))
+            if plain and node.tag != plain:  # e.g. !!python/object, !!set: refused, not ignored
+                raise UsageError(
+                    f"{source}:{node.start_mark.line + 1}: not valid YAML: "
+                    f"tag {node.tag!r} is not allowed in a spec"
+                )
             if isinstance(node, yaml.MappingNode):
                 out: dict[Any, Any] = {}
+                built[id(node)] = out
                 for k, v in node.value:
-                    key = loader.construct_object(k, deep=True)
+                    line = k.start_mark.line + 1
+                    if not isinstance(k, yaml.ScalarNode):
+                        raise UsageError(
+                            f"{source}:{line}: {prefix.rstrip('.') or 'top level'}: "
+                            "keys must be plain text"
+                        )
+                    key = scalar(k)
                     dotted = f"{prefix}{key}"
                     if key in out:
-                        raise UsageError(
-                            f"{source}:{k.start_mark.line + 1}: {dotted}: duplicate key"
-                        )
-                    lines[dotted] = k.start_mark.line + 1
+                        shown = dotted if dotted.isprintable() else repr(dotted)
+                        raise UsageError(f"{source}:{line}: {shown}: duplicate key")
+                    lines.setdefault(dotted, line)
                     out[key] = walk(v, dotted + ".")
                 return out
             if isinstance(node, yaml.SequenceNode):
-                return [walk(v, prefix) for v in node.value]
-            return loader.construct_object(node, deep=True)
+                items: list[Any] = []
+                built[id(node)] = items
+                items.extend(walk(v, prefix) for v in node.value)
+                return items
+            value = scalar(node)
+            built[id(node)] = value
+            return value
 
         return (walk(root, "") if root is not None else None), lines
     finally:
@@ -229,8 +282,10 @@ def _str(d: dict, key: str, where: _Where, path: str | None = None) -> str | Non
     value = d.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         raise UsageError(f"{where(path or key)}: must be non-empty text, got {_kind(value)}")
+    if not value.strip():
+        raise UsageError(f"{where(path or key)}: must be non-empty text, got empty text")
     return value
 
 
@@ -249,7 +304,12 @@ def _positive(d: dict, key: str, where: _Where, path: str) -> float | None:
     value = d.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise UsageError(f"{where(path)}: must be a number above 0, got {value!r}")
     return float(value)
 
@@ -271,16 +331,26 @@ def _build(d: dict, where: _Where) -> TaskSpec:
     else:
         gpu_spec = None
     train = _section(d, "train", where)
-    args = train.get("args", [])
+    args = train.get("args")
+    if args is None:
+        args = []
     if isinstance(args, str):
         import shlex
 
-        args = shlex.split(args)
-    if not isinstance(args, list) or any(isinstance(a, dict | list) for a in args):
+        try:
+            args = shlex.split(args)
+        except ValueError as e:  # an unclosed quote
+            raise UsageError(
+                f"{where('train.args')}: cannot split into arguments: {e}; "
+                "close the quote or write a list"
+            ) from None
+    if not isinstance(args, list) or any(isinstance(a, dict | list) or a is None for a in args):
         raise UsageError(
             f"{where('train.args')}: must be a list of arguments, e.g. ['--lr', '0.1']"
         )
-    envs = d.get("envs") or {}
+    envs = d.get("envs")
+    if envs is None:
+        envs = {}
     if not isinstance(envs, dict):
         raise UsageError(f"{where('envs')}: must be a mapping of NAME: value")
     for k, v in envs.items():
@@ -288,7 +358,9 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             raise UsageError(f"{where('envs.' + str(k))}: not a valid variable name (like MY_VAR)")
         if isinstance(v, dict | list) or v is None:
             raise UsageError(f"{where('envs.' + k)}: must be a single value, got {_kind(v)}")
-    spot = d.get("spot", False)
+    spot = d.get("spot")
+    if spot is None:
+        spot = False
     if not isinstance(spot, bool):
         raise UsageError(f"{where('spot')}: must be true or false, got {spot!r}")
     auto = _section(d, "autoscale", where)
