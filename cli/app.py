@@ -47,6 +47,7 @@ def _register() -> None:
     app.command("train")(jobs.train)
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)
+    app.command("ssh")(cluster.ssh)
     app.command("init")(project.init)
 
 
@@ -61,7 +62,6 @@ def main() -> None:
     """Run the CLI; user errors print one line and exit non-zero, bugs keep their traceback."""
     from mlcloud.errors import MlcloudError
 
-    debug = "--debug" in sys.argv[1:] or os.environ.get("MLCLOUD_DEBUG") == "1"
     # CI runners and shells stop us with SIGTERM/SIGHUP: unwind like Ctrl-C, so `train --down`
     # and a half-made `up` still clean up and nothing is left billing.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -69,7 +69,7 @@ def main() -> None:
     try:
         app()
     except MlcloudError as e:
-        if debug:
+        if os.environ.get("MLCLOUD_DEBUG") == "1":  # set by --debug (or by the user)
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -10,16 +10,20 @@ import typer
 from mlcloud.cli import options, output
 
 
-def load(file: Path | None, **overrides):
+def load(file: Path | None, ssh: dict | None = None, **overrides):
     """The spec from -f (if any) with command-line flags laid over it."""
+    from mlcloud.errors import UsageError
     from mlcloud.spec import TaskSpec, load_spec
 
     spec = load_spec(file) if file else TaskSpec()
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "nodes" in changes and changes["nodes"] < 1:
-        from mlcloud.errors import UsageError
-
         raise UsageError(f"--nodes: must be 1 or more, got {changes['nodes']}")
+    ssh_changes = {k: v for k, v in (ssh or {}).items() if v is not None}
+    if ssh_changes.get("port") is not None and not 0 < ssh_changes["port"] < 65536:
+        raise UsageError(f"--ssh-port: {ssh_changes['port']} is not a TCP port (1-65535)")
+    if ssh_changes:
+        changes["ssh"] = replace(spec.ssh, **ssh_changes)
     return replace(spec, **changes)
 
 
@@ -40,13 +44,32 @@ def up(
         None, "--provider", "-p", help="Where the nodes run (default: local)."
     ),
     nodes: int | None = typer.Option(None, "--nodes", "-n", help="Number of nodes."),
+    hosts: str | None = typer.Option(
+        None, "--hosts", help="ssh provider: user@h1[:port],user@h2 (one node per host)."
+    ),
+    identity: Path | None = options.IDENTITY,
+    ssh_user: str | None = options.SSH_USER,
+    ssh_port: int | None = options.SSH_PORT,
+    proxy_command: str | None = options.PROXY_COMMAND,
     yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
     """Create a cluster, or finish creating one that an earlier `up` left half made."""
     from mlcloud import cluster, state, views
 
-    spec = load(file, provider=provider, nodes=nodes)
+    host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
+    spec = load(
+        file,
+        ssh={
+            "identity_file": str(identity.expanduser().resolve()) if identity else None,
+            "user": ssh_user,
+            "port": ssh_port,
+            "proxy_command": proxy_command,
+        },
+        provider=provider or ("ssh" if host_list else None),
+        nodes=nodes,
+        hosts=host_list,
+    )
     name = cluster_name(name, spec.name)
     rep = output.reporter(quiet=json)
     store = state.open_store()
@@ -119,9 +142,11 @@ def status(
     """List clusters with their nodes and jobs, from local state (no cloud calls)."""
     from mlcloud import state, views
     from mlcloud.errors import NotFoundError
+    from mlcloud.names import check_cluster_name
 
     store = state.open_store()
     if name:
+        check_cluster_name(name)
         rec = store.get_cluster(name)
         if rec is None:
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
@@ -172,3 +197,24 @@ def status(
             ],
             title="jobs",
         )
+
+
+def ssh(
+    name: str = typer.Argument(..., help="Cluster."),
+    node: int = typer.Option(0, "--node", min=0, help="Node index (0 is the head)."),
+) -> None:
+    """Open an interactive shell on a node, in the job's working directory."""
+    import os
+
+    from mlcloud import cluster, state
+    from mlcloud.errors import UsageError
+
+    h = cluster.open_cluster(state.open_store(), name)
+    if node >= len(h.nodes):
+        raise UsageError(f"--node {node}: cluster {name} has nodes 0 to {len(h.nodes) - 1}")
+    argv = h.transports[node].interactive(f"{h.nodes[node].root}/workdir")
+    h.close()
+    try:
+        os.execvp(argv[0], argv)
+    except FileNotFoundError:
+        raise UsageError(f"{argv[0]} not found on PATH; install the OpenSSH client") from None

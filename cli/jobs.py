@@ -148,10 +148,14 @@ def logs(
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code."""
     from mlcloud import state
     from mlcloud.errors import NotFoundError
+    from mlcloud.names import check_cluster_name
 
+    check_cluster_name(name)
     store = state.open_store()
     j = store.get_job(name, job)
     if j is None:
+        if store.get_cluster(name) is None and not store.jobs(name):
+            raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
         raise NotFoundError(
             f"no job {job} on cluster {name!r}" if job else f"no jobs on cluster {name!r} yet"
         )

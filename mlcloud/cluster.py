@@ -13,7 +13,8 @@ from mlcloud.errors import MlcloudError, NotFoundError, UsageError
 from mlcloud.locks import cluster_lock
 from mlcloud.names import check_cluster_name
 from mlcloud.parallel import fan_out
-from mlcloud.providers.base import ClusterRef, Node, Provider, ProvisionRequest
+from mlcloud.providers.base import ClusterRef, Node, Provider, ProvisionRequest, SshOptions
+from mlcloud.remote.shell import path_arg, quote
 from mlcloud.remote.transport import Transport, check
 from mlcloud.report import Reporter
 from mlcloud.spec import TaskSpec
@@ -68,12 +69,21 @@ def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
         )
     provider = providers.get(rec.provider)
     ref = _ref(rec)
-    transports = [provider.transport(ref, _node(n), f"node{n.idx}") for n in rec.nodes]
+    ssh = ssh_options(rec.spec)
+    transports = [provider.transport(ref, _node(n), f"node{n.idx}", ssh) for n in rec.nodes]
     return Handle(rec, provider, ref, transports)
+
+
+def ssh_options(spec: dict) -> SshOptions:
+    """SSH settings from a spec as stored in state."""
+    d = spec.get("ssh") or {}
+    return SshOptions(**{k: d.get(k) for k in SshOptions.__dataclass_fields__})
 
 
 def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
     return ProvisionRequest(
+        hosts=tuple(spec.hosts),
+        ssh=ssh_options(spec.to_dict()),
         count=count,
         gpus=str(spec.resources.gpus) if spec.resources.gpus else None,
         instance_type=spec.resources.instance_type,
@@ -97,10 +107,10 @@ def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state
                     f"pick another name or `mlcloud down {name}` first"
                 )
             if existing.status == state.UP:
-                if len(existing.nodes) != spec.nodes:
+                if len(existing.nodes) != spec.node_count:
                     raise UsageError(
                         f"cluster {name!r} is up with {len(existing.nodes)} node(s), not "
-                        f"{spec.nodes}; `mlcloud down {name}` first to change its size"
+                        f"{spec.node_count}; `mlcloud down {name}` first to change its size"
                     )
                 report.info(f"cluster {name} is already up ({len(existing.nodes)} nodes)")
                 return existing
@@ -125,19 +135,19 @@ def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state
 def _provision(
     store: state.Store, provider: Provider, ref: ClusterRef, spec: TaskSpec, report: Reporter
 ) -> state.ClusterRecord:
-    request = request_for(spec, spec.nodes)
+    request = request_for(spec, spec.node_count)
     report.step(f"preparing {provider.name} resources for {ref.name}")
     provider.prepare(ref, request)
     nodes = provider.list(ref)
-    if len(nodes) < spec.nodes:
-        missing = spec.nodes - len(nodes)
+    if len(nodes) < spec.node_count:
+        missing = spec.node_count - len(nodes)
         report.step(f"creating {missing} node(s)")
         nodes = nodes + provider.create(ref, request, missing)
-    if len(nodes) > spec.nodes:
-        provider.terminate(ref, nodes[spec.nodes :])
-        nodes = nodes[: spec.nodes]
+    if len(nodes) > spec.node_count:
+        provider.terminate(ref, nodes[spec.node_count :])
+        nodes = nodes[: spec.node_count]
     report.step(f"bootstrapping {len(nodes)} node(s)")
-    records = bootstrap(provider, ref, nodes)
+    records = bootstrap(provider, ref, nodes, request.ssh)
     store.set_nodes(ref.name, records)
     store.set_status(ref.name, state.UP)
     store.event(ref.name, "up", f"{len(records)} node(s) up on {provider.name}")
@@ -146,35 +156,35 @@ def _provision(
     return rec
 
 
-def bootstrap(provider: Provider, ref: ClusterRef, nodes: list[Node]) -> list[state.NodeRecord]:
-    """Make each node's directories, install the node controller, and detect its GPUs."""
+def bootstrap(
+    provider: Provider, ref: ClusterRef, nodes: list[Node], ssh: SshOptions
+) -> list[state.NodeRecord]:
+    """Make each node's directories, install the node controller and detect the GPUs, in one
+    round trip per node; a root under ~/ is resolved to the node's real path."""
     from mlcloud import templates
 
     ctl_source = templates.path("node_ctl.py").read_bytes()
 
     def one(i: int) -> state.NodeRecord:
         node = nodes[i]
-        t = provider.transport(ref, node, f"node{i}")
+        t = provider.transport(ref, node, f"node{i}", ssh)
+        root = path_arg(node.root)
+        cmd = (
+            f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root} "
+            f"&& cat > {root}/{CTL} && cd {root} && pwd -P && {quote(t.python)} {CTL} gpus"
+        )
         try:
-            import shlex
-
-            root = shlex.quote(node.root)
-            check(
-                t.run(f"mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root}"),
-                t,
-                "creating the node's directories",
-            )
-            t.put(ctl_source, f"{node.root}/{CTL}", mode=0o700)
-            out = check(t.run(f"{shlex.quote(t.python)} {root}/{CTL} gpus"), t, "detecting GPUs")
-            gpus = json.loads(out.stdout.strip().splitlines()[-1])
+            out = check(t.run(cmd, stdin=ctl_source, timeout=120), t, "bootstrapping the node")
         finally:
             t.close()
+        lines = out.stdout.strip().splitlines()
+        real_root, gpus = lines[-2], json.loads(lines[-1])
         return state.NodeRecord(
             i,
             node.node_id,
             node.ip,
             node.private_ip,
-            node.root,
+            real_root,
             gpus["count"],
             gpus["model"],
             node.status,

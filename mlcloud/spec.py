@@ -51,10 +51,19 @@ class AutoscaleSpec:
 
 
 @dataclass(frozen=True)
+class SshSpec:
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    proxy_command: str | None = None  # OpenSSH style: %h and %p are substituted
+    python: str | None = None  # the nodes' python (default: python3 on the remote PATH)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str | None = None
     provider: str | None = None
-    nodes: int = 1
+    nodes: int | None = None  # default: one per host for the ssh provider, else 1
     resources: Resources = field(default_factory=Resources)
     region: str | None = None
     zone: str | None = None
@@ -65,9 +74,16 @@ class TaskSpec:
     envs: dict[str, str] = field(default_factory=dict)
     checkpoint_dir: str | None = None
     autoscale: AutoscaleSpec = field(default_factory=AutoscaleSpec)
+    hosts: tuple[str, ...] = ()
+    ssh: SshSpec = field(default_factory=SshSpec)
+
+    @property
+    def node_count(self) -> int:
+        return self.nodes or len(self.hosts) or 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["hosts"] = list(self.hosts)
         d["resources"]["gpus"] = str(self.resources.gpus) if self.resources.gpus else None
         d["train"]["args"] = list(self.train.args)
         return d
@@ -140,6 +156,9 @@ def load_spec(path: Path) -> TaskSpec:
         except (OSError, RuntimeError) as e:  # a symlink loop
             raise UsageError(f"{where('workdir')}: cannot resolve {spec.workdir!r}: {e}") from None
         spec = replace(spec, workdir=str(workdir))
+    if spec.ssh.identity_file is not None:
+        identity = (base / os.path.expanduser(spec.ssh.identity_file)).resolve()
+        spec = replace(spec, ssh=replace(spec.ssh, identity_file=str(identity)))
     return spec
 
 
@@ -238,7 +257,10 @@ _FIELDS = {
         "envs",
         "checkpoint_dir",
         "autoscale",
+        "hosts",
+        "ssh",
     },
+    "ssh": {"user", "port", "identity_file", "proxy_command", "python"},
     "resources": {"gpus", "cpus", "instance_type"},
     "train": {"script", "args", "nproc_per_node"},
     "autoscale": {"idle_minutes", "max_cost"},
@@ -364,10 +386,22 @@ def _build(d: dict, where: _Where) -> TaskSpec:
     if not isinstance(spot, bool):
         raise UsageError(f"{where('spot')}: must be true or false, got {spot!r}")
     auto = _section(d, "autoscale", where)
+    hosts = d.get("hosts")
+    if hosts is None:
+        hosts = []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise UsageError(
+            f"{where('hosts')}: must be a list of [user@]host[:port], e.g. "
+            "['alice@10.0.0.5', 'alice@10.0.0.6']"
+        )
+    ssh = _section(d, "ssh", where)
+    port = _int(ssh, "port", where, "ssh.port")
+    if port is not None and port > 65535:
+        raise UsageError(f"{where('ssh.port')}: {port} is not a TCP port (1-65535)")
     return TaskSpec(
         name=name,
         provider=_str(d, "provider", where),
-        nodes=_int(d, "nodes", where) or 1,
+        nodes=_int(d, "nodes", where),
         resources=Resources(
             gpus=gpu_spec,
             cpus=_int(res, "cpus", where, "resources.cpus"),
@@ -388,6 +422,14 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         autoscale=AutoscaleSpec(
             idle_minutes=_positive(auto, "idle_minutes", where, "autoscale.idle_minutes"),
             max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
+        ),
+        hosts=tuple(h.strip() for h in hosts),
+        ssh=SshSpec(
+            user=_str(ssh, "user", where, "ssh.user"),
+            port=port,
+            identity_file=_str(ssh, "identity_file", where, "ssh.identity_file"),
+            proxy_command=_str(ssh, "proxy_command", where, "ssh.proxy_command"),
+            python=_str(ssh, "python", where, "ssh.python"),
         ),
     )
 

@@ -11,7 +11,10 @@ if TYPE_CHECKING:
     from mlcloud.providers.base import Provider
 
 DEFAULT = "local"
-_BUILTIN = {"local": "mlcloud.providers.local:LocalProvider"}
+_BUILTIN = {
+    "local": "mlcloud.providers.local:LocalProvider",
+    "ssh": "mlcloud.providers.ssh:SshProvider",
+}
 
 
 def names() -> list[str]:

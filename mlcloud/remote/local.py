@@ -64,6 +64,11 @@ class LocalTransport:
         except FileNotFoundError:
             return None
 
+    def interactive(self, cwd: str) -> list[str]:
+        """A shell in the node's directory (the node is this machine)."""
+        shell = os.environ.get("SHELL", "bash")
+        return ["bash", "-c", 'cd "$1" && exec "$2" -i', "mlcloud-ssh", cwd, shell]
+
     def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
         return local_sync(local_dir, Path(remote_dir))
 

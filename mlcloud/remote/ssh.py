@@ -244,6 +244,35 @@ class SshTransport:
         except OSError as e:
             raise RemoteError(f"{self._where()}: cannot read {path}: {e}") from None
 
+    def interactive(self, cwd: str) -> list[str]:
+        """OpenSSH argv for a login shell in cwd, held to mlcloud's pinned host key."""
+        from mlcloud import keys
+        from mlcloud.remote.shell import path_arg
+
+        self.run("true")  # connect once with paramiko: pins the key if this is first contact
+        t = self.target
+        argv = [
+            "ssh",
+            "-t",
+            "-p",
+            str(t.port),
+            "-l",
+            t.user,
+            "-o",
+            f"UserKnownHostsFile={keys.known_hosts_path()}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"HostKeyAlias={t.pin_id}",
+        ]
+        if t.identity_file:
+            argv += ["-i", str(Path(t.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
+        if t.proxy_command:
+            argv += ["-o", f"ProxyCommand={t.proxy_command}"]
+        return [*argv, t.host, f'cd {path_arg(cwd)} && exec "${{SHELL:-bash}}" -l']
+
     def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
         from mlcloud.remote import sync
 

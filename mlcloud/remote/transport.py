@@ -51,6 +51,9 @@ class Transport(Protocol):
     def sync(self, local_dir: Path, remote_dir: str) -> SyncStats:
         """Make remote_dir mirror local_dir (ignore rules applied), sending only what changed."""
 
+    def interactive(self, cwd: str) -> list[str]:
+        """The argv of an interactive shell on the node, starting in cwd (`mlcloud ssh`)."""
+
     def close(self) -> None: ...
 
 
