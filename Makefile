@@ -6,7 +6,7 @@ MLCLOUD := $(VENV)/bin/mlcloud
 STAMP   := $(VENV)/.installed
 DEMO    := mlcloud-demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[torch,test]"
 	touch $(STAMP)
+
+# The SSH tests run real OpenSSH daemons as nodes (and the benches compare with rsync):
+# install them when missing and we may (root); otherwise say what to install.
+sysdeps:
+	@missing=""; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	command -v rsync >/dev/null || missing="$$missing rsync"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing system packages:$$missing (install them, e.g. sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	fi
 
 demo: $(STAMP)
 	@set -e; dir=$$(mktemp -d); \
@@ -27,11 +40,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: $(STAMP) lint
+test: $(STAMP) sysdeps lint
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(PY) bench/cli_latency.py
+	$(PY) bench/ssh_exec.py
+	$(PY) bench/sync.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

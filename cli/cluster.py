@@ -107,11 +107,14 @@ def _show_nodes(rec) -> None:
 def down(
     names: list[str] | None = typer.Argument(None, help="Clusters to tear down."),
     all_: bool = typer.Option(False, "--all", help="Tear down every cluster in state."),
+    purge: bool = typer.Option(
+        False, "--purge", help="Forget the cluster even if teardown cannot be confirmed."
+    ),
     yes: bool = options.YES,
 ) -> None:
     """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat."""
     from mlcloud import cluster, state
-    from mlcloud.errors import UsageError
+    from mlcloud.errors import MlcloudError, UsageError
     from mlcloud.names import check_cluster_name
 
     if bool(names) == all_:
@@ -125,14 +128,23 @@ def down(
         return
     output.confirm(f"tear down {', '.join(targets)} and delete everything on their nodes?", yes)
     rep = output.reporter()
+    failed: list[MlcloudError] = []
     try:
-        for n in targets:
-            if cluster.down(store, n, rep):
-                rep.info(f"cluster {n} is down: no node left")
-            else:
-                rep.info(f"no cluster named {n!r} in state; nothing to do")
+        for n in targets:  # one cluster failing must not leave the others running
+            try:
+                if cluster.down(store, n, rep, purge=purge):
+                    rep.info(f"cluster {n} is down: no node left")
+                else:
+                    rep.info(f"no cluster named {n!r} in state; nothing to do")
+            except MlcloudError as e:
+                if len(targets) == 1:
+                    raise
+                rep.warn(str(e))
+                failed.append(e)
     finally:
         output.close(rep)
+    if failed:
+        raise MlcloudError(f"{len(failed)} of {len(targets)} cluster(s) not torn down (see above)")
 
 
 def status(

@@ -49,6 +49,8 @@ def train(
     from mlcloud.spec import parse_env
 
     spec = load(file, workdir=str(workdir.resolve()) if workdir else None)
+    if script and script.startswith("-"):  # `train NAME -f spec -- --steps 5`: args only
+        script_args, script = [script, *(script_args or [])], None
     script = script or spec.train.script
     if not script:
         raise UsageError(

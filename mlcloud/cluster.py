@@ -98,6 +98,7 @@ def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state
     """Bring a cluster to UP; re-running after a crash reuses what the provider already has."""
     check_cluster_name(name)
     provider = providers.get(spec.provider)
+    provider.check(request_for(spec, spec.node_count))
     with cluster_lock(name):
         existing = store.get_cluster(name)
         if existing is not None:
@@ -209,8 +210,11 @@ def _rollback(
         )
 
 
-def down(store: state.Store, name: str, report: Reporter) -> bool:
-    """Terminate everything of the cluster, confirm, then drop its state. False if unknown."""
+def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -> bool:
+    """Terminate everything of the cluster, confirm, then drop its state. False if unknown.
+
+    With purge, a teardown the provider cannot confirm (a host gone for good) still drops the
+    cluster from state, after saying what may be left behind."""
     check_cluster_name(name)
     with cluster_lock(name):
         rec = store.get_cluster(name)
@@ -219,7 +223,17 @@ def down(store: state.Store, name: str, report: Reporter) -> bool:
         store.set_status(name, state.STOPPING)
         provider = providers.get(rec.provider)
         report.step(f"tearing down {name} ({len(rec.nodes)} node(s) on {rec.provider})")
-        _teardown(store, provider, _ref(rec))
+        try:
+            _teardown(store, provider, _ref(rec))
+        except MlcloudError as e:
+            if not purge:
+                raise
+            report.warn(f"{e}; --purge: forgetting {name} anyway, check what is left by hand")
+            try:
+                provider.cleanup(_ref(rec))
+            except MlcloudError as cleanup_error:
+                report.warn(f"cleanup: {cleanup_error}")
+            store.delete_cluster(name)
         return True
 
 

@@ -21,12 +21,15 @@ from mlcloud.cluster import Handle
 FAIL_GRACE = 15.0
 # After one node succeeds, the others get this long to finish.
 DONE_GRACE = 60.0
-KILLED = launch and 137
+KILLED = 137  # node_ctl's code for "the job's processes were killed"
+LOST = 255  # the driver's code for "the connection to the node dropped"
 
 Sink = Callable[[str], None]
 
 
 def describe(code: int) -> str:
+    if code == LOST:
+        return "lost contact (the node or its connection went away)"
     if code == KILLED:
         return "its processes were killed (exit 137)"
     if code > 128:
@@ -67,7 +70,7 @@ class Driver:
                 self.emit(i, result.stderr.strip().splitlines()[-1])
         except Exception as e:  # an unreachable node is a failed node, not a crashed driver
             self.emit(i, f"lost contact: {e}")
-            code = 255
+            code = LOST
         with self.cond:
             self.codes[i] = code
             self.order.append(i)

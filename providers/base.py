@@ -91,6 +91,9 @@ class AuthError(ProviderError):
 class Provider(Protocol):
     name: ClassVar[str]
 
+    def check(self, request: ProvisionRequest) -> None:
+        """Refuse a request this provider cannot serve, before anything is recorded or made."""
+
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
         """Create cluster-wide resources (network rules, keys); idempotent."""
 

@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 from typing import ClassVar
 
-from mlcloud.providers.base import ClusterRef, Node, ProviderError, ProvisionRequest, SshOptions
+from mlcloud.providers.base import ClusterRef, Node, ProvisionRequest, SshOptions
 
+from mlcloud.errors import UsageError
 from mlcloud.remote.local import LocalTransport
 
 
@@ -30,12 +31,17 @@ class LocalProvider:
             f"local-{index}", "127.0.0.1", "127.0.0.1", str(self._base(cluster) / f"node-{index}")
         )
 
-    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+    def check(self, request: ProvisionRequest) -> None:
+        if request.hosts:
+            raise UsageError("hosts are for the ssh provider; drop them or use --provider ssh")
         if request.gpus or request.instance_type:
-            raise ProviderError(
+            raise UsageError(
                 "the local provider uses this machine as it is: drop resources.gpus and "
                 "resources.instance_type, or pick a cloud provider (--provider aws|gce)"
             )
+
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+        pass
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         have = len(self.list(cluster))

@@ -11,15 +11,24 @@ import getpass
 import json
 import re
 import shlex
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from mlcloud.providers.base import ClusterRef, Node, ProvisionRequest, SshOptions
+from mlcloud.providers.base import (
+    ClusterRef,
+    Node,
+    ProviderError,
+    ProvisionRequest,
+    SshOptions,
+)
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
+from mlcloud.remote.shell import path_arg
 from mlcloud.remote.ssh import SshTarget, SshTransport
+from mlcloud.remote.transport import RemoteError
 
 _HOST_RE = re.compile(
     r"(?:(?P<user>[A-Za-z0-9._-]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
@@ -53,15 +62,11 @@ def parse_host(text: str) -> Host:
     return Host(m["user"], m["v6"] or m["host"], port)
 
 
-def shell_path(path: str) -> str:
-    """Quote a node path for the shell, keeping a leading ~/ expandable."""
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
 class SshProvider:
     name: ClassVar[str] = "ssh"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
 
     @staticmethod
     def _registry(cluster: ClusterRef) -> Path:
@@ -71,7 +76,7 @@ class SshProvider:
 
     def _read(self, cluster: ClusterRef) -> dict:
         f = self._registry(cluster)
-        return json.loads(f.read_text()) if f.exists() else {"hosts": [], "claimed": 0}
+        return json.loads(f.read_text()) if f.exists() else {"hosts": [], "claimed": []}
 
     def _write(self, cluster: ClusterRef, data: dict) -> None:
         self._registry(cluster).write_text(json.dumps(data))
@@ -86,7 +91,7 @@ class SshProvider:
             f"~/.mlcloud/{cluster.uid}/node-{index}",
         )
 
-    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+    def check(self, request: ProvisionRequest) -> None:
         if not request.hosts:
             raise UsageError(
                 "the ssh provider needs the machines to use: --hosts "
@@ -104,6 +109,8 @@ class SshProvider:
                 "the ssh provider uses the hosts as they are: drop resources.gpus, "
                 "resources.instance_type and spot"
             )
+
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
         data = self._read(cluster)
         data["hosts"] = list(request.hosts)
         data["ssh"] = asdict(request.ssh)
@@ -111,45 +118,53 @@ class SshProvider:
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         data = self._read(cluster)
-        start = data["claimed"]
-        nodes = [self._node(cluster, i, data["hosts"][i]) for i in range(start, start + count)]
-        data["claimed"] = start + count
+        free = [i for i in range(len(data["hosts"])) if i not in data["claimed"]][:count]
+        data["claimed"] = sorted(data["claimed"] + free)
         self._write(cluster, data)
-        return nodes
+        return [self._node(cluster, i, data["hosts"][i]) for i in free]
 
     def list(self, cluster: ClusterRef) -> list[Node]:
         data = self._read(cluster)
-        return [self._node(cluster, i, h) for i, h in enumerate(data["hosts"][: data["claimed"]])]
+        return [self._node(cluster, i, data["hosts"][i]) for i in data["claimed"]]
 
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
-        """Stop the cluster's processes and remove its directory on each host; hosts stay on."""
+        """Stop the cluster's processes and remove its directory on each host; hosts stay on.
+
+        A host that cannot be reached stays claimed (its processes may still run) and is named
+        in the error, so `down` can be run again once it is back."""
         data = self._read(cluster)
         ssh = SshOptions(**data.get("ssh", {}))
 
-        def one(node: Node) -> None:
+        def one(node: Node) -> str | None:
             index = int(node.root.rsplit("-", 1)[1])
             t = self.transport(cluster, node, f"node{index}", ssh)
-            root = shell_path(node.root)
+            root = path_arg(node.root)
             ctl = f"{root}/bin/node_ctl.py"
             prefix = shlex.quote(f"{cluster.uid}.{index}.")
             try:
                 t.run(
                     f"if [ -f {ctl} ]; then {shlex.quote(t.python)} {ctl} cleanup {root} "
-                    f"{prefix}; fi; rm -rf {root}; rmdir {shell_path(node.root.rsplit('/', 1)[0])}"
+                    f"{prefix}; fi; rm -rf {root}; rmdir {path_arg(node.root.rsplit('/', 1)[0])}"
                     " 2>/dev/null; true",
                     timeout=120,
                 )
+            except RemoteError as e:
+                return str(e)
             finally:
                 t.close()
+            with self._lock:
+                fresh = self._read(cluster)
+                fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
+                self._write(cluster, fresh)
+            return None
 
-        fan_out(one, nodes)
-        gone = {n.node_id for n in nodes}
-        kept = [
-            h
-            for i, h in enumerate(data["hosts"][: data["claimed"]])
-            if self._node(cluster, i, h).node_id not in gone
-        ]
-        self._write(cluster, {**data, "hosts": kept, "claimed": len(kept)})
+        errors = [e for e in fan_out(one, nodes) if e]
+        if errors:
+            raise ProviderError(
+                f"{errors[0]}"
+                + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                + "; its processes may still run: run `mlcloud down` again once it is reachable"
+            )
 
     def cleanup(self, cluster: ClusterRef) -> None:
         self._registry(cluster).unlink(missing_ok=True)

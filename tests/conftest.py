@@ -51,3 +51,34 @@ def tagged_pids(prefix: str) -> list[int]:
         if any(e.startswith(want) for e in env):
             found.append(int(entry))
     return found
+
+
+@pytest.fixture
+def make_ssh_nodes(tmp_path):
+    """Start K real OpenSSH daemons on 127.0.0.2.. as nodes; all stopped (by PID) after the test."""
+    from sshnodes import SshNodes
+
+    started: list[SshNodes] = []
+
+    def make(count: int) -> SshNodes:
+        nodes = SshNodes(count, tmp_path / f"sshd{len(started)}")
+        nodes.start()
+        started.append(nodes)
+        return nodes
+
+    yield make
+    # whatever a failed test left on the nodes (they live in this user's real home) goes now
+    run_cli("down", "--all", "--yes", "--purge")
+    for nodes in started:
+        nodes.stop()
+
+
+def ssh_up_args(nodes, name: str) -> list[str]:
+    return [
+        "up",
+        name,
+        "--hosts",
+        ",".join(n.target for n in nodes.nodes),
+        "--identity",
+        str(nodes.client_key),
+    ]

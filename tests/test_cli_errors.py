@@ -326,3 +326,8 @@ def test_debug_after_double_dash_belongs_to_the_command(cli):
 @pytest.mark.parametrize("command", ["status", "logs"])
 def test_invalid_name_is_a_usage_error_everywhere(cli, command):
     assert_one_error_line(cli(command, "Bad_Name"), 2, "invalid cluster name")
+
+
+@pytest.mark.parametrize("hosts", ["a@@h", "h:99999", "h:port", "a b"])
+def test_bad_hosts_refused(cli, hosts):
+    assert_one_error_line(cli("up", "lab", "--hosts", hosts), 2, "--hosts")

@@ -553,3 +553,33 @@ def test_load_spec_never_crashes(text):
         else:
             assert isinstance(spec, TaskSpec)
             assert TaskSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+@pytest.mark.parametrize(
+    "text, field, words",
+    [
+        ("hosts: alice@h1\n", "hosts", "list of [user@]host[:port]"),
+        ("hosts: [1, 2]\n", "hosts", "list of"),
+        ("ssh: {port: 70000}\n", "ssh.port", "not a TCP port"),
+        ("ssh: {port: 0}\n", "ssh.port", "1 or more"),
+        ("ssh: {key: x}\n", "ssh.key", "unknown field"),
+        ("ssh: [a]\n", "ssh", "mapping"),
+    ],
+)
+def test_bad_ssh_fields(tmp_path, text, field, words):
+    with pytest.raises(UsageError) as e:
+        load_spec(write(tmp_path, text))
+    assert f": {field}:" in str(e.value) and words in str(e.value)
+
+
+def test_ssh_fields_and_node_count(tmp_path):
+    spec = load_spec(
+        write(
+            tmp_path,
+            "hosts: [a@h1, 'b@h2:2222']\nssh:\n  identity_file: k\n"
+            "  proxy_command: ssh -W %h:%p bastion\n  python: /opt/py\n",
+        )
+    )
+    assert spec.hosts == ("a@h1", "b@h2:2222") and spec.node_count == 2
+    assert spec.ssh.identity_file == str(tmp_path / "k")
+    assert spec.ssh.proxy_command == "ssh -W %h:%p bastion" and spec.ssh.python == "/opt/py"

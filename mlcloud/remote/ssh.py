@@ -95,6 +95,8 @@ class SshTransport:
         with self._lock:
             if self._transport is not None and self._transport.is_active():
                 return self._transport
+            # a bad key file is the user's to fix, whatever the state of the network
+            candidates = [load_identity(t.identity_file)] if t.identity_file else None
             try:
                 if t.proxy_command:
                     cmd = t.proxy_command.replace("%h", t.host).replace("%p", str(t.port))
@@ -110,7 +112,7 @@ class SshTransport:
                 ) from None
             try:
                 keys.check_or_pin(t.pin_id, transport.get_remote_server_key(), self.label)
-                self._authenticate(transport)
+                self._authenticate(transport, candidates)
             except BaseException:
                 transport.close()
                 raise
@@ -118,11 +120,12 @@ class SshTransport:
             self._transport = transport
             return transport
 
-    def _authenticate(self, transport) -> None:
+    def _authenticate(self, transport, candidates: list | None) -> None:
         import paramiko
 
         t = self.target
-        candidates = [load_identity(t.identity_file)] if t.identity_file else default_identities()
+        if candidates is None:
+            candidates = default_identities()
         if not candidates:
             raise RemoteError(
                 f"{self._where()}: no SSH key to offer: pass --identity FILE, set "
@@ -181,9 +184,10 @@ class SshTransport:
                 chan.shutdown_write()
             out, err = io.BytesIO(), io.BytesIO()
             pending = b""
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                if chan.recv_ready():
+
+            def drain() -> None:
+                nonlocal pending
+                while chan.recv_ready():
                     data = chan.recv(1 << 16)
                     if on_line is None:
                         out.write(data)
@@ -192,11 +196,15 @@ class SshTransport:
                         *lines, pending = pending.split(b"\n")
                         for line in lines:
                             on_line(line.decode(errors="replace"))
-                    continue
-                if chan.recv_stderr_ready():
+                while chan.recv_stderr_ready():
                     err.write(chan.recv_stderr(1 << 16))
-                    continue
-                if chan.exit_status_ready() and chan.eof_received:
+
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                drain()
+                # EOF is fed after the last data, so once it is seen one more drain gets all
+                if (chan.exit_status_ready() and chan.eof_received) or chan.closed:
+                    drain()
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     chan.close()
@@ -205,6 +213,8 @@ class SshTransport:
             if pending and on_line is not None:
                 on_line(pending.decode(errors="replace"))
             code = chan.recv_exit_status()
+            if code == -1:  # paramiko's "closed without an exit status": the connection died
+                raise RemoteError(f"{self._where()}: connection lost while running a command")
             chan.close()
         except (OSError, EOFError) as e:
             raise RemoteError(
