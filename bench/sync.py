@@ -17,10 +17,14 @@ round) so machine noise hits all cases alike:
                    transports, as a new `mlcloud train` does) against `rsync -az` of the same
                    tree into its synced copy on one node; target <= 1.0x.
 
-mlcloud builds a sync stream once per process; the bench drops that cache before every timed
-mlcloud sync, so each is timed as a new process would run it. Every first sync lands in a new
+mlcloud caches a sync stream (and whatever else it keeps in mlcloud.remote.sync) per process;
+the bench reloads that module before every timed case, so each mlcloud sync is timed as a new
+process would run it. Every first sync lands in a new
 directory, removed after it is checked. After every sync the remote trees are checked against
 the source (file list, sizes, and the content hash of a sample of files plus the changed one).
+
+The workdir and the nodes' directories live in /dev/shm when it has room (--tmp to choose):
+the nodes share one disk here, which real nodes do not.
 
 Prints median wall times and ratios; exits 1 if a target is missed. The sshd nodes are stopped
 on every exit path (error, Ctrl-C, SIGTERM). Standard library only, plus mlcloud and
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import random
 import shlex
@@ -155,6 +160,24 @@ def verify(src: Path, src_tree: dict[str, int], dest: Path, sample: list[str]) -
             raise RuntimeError(f"{dest}/{rel}: content differs from the source")
 
 
+def machine_cpu() -> float:
+    """CPU seconds used by the whole machine so far (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / os.sysconf("SC_CLK_TCK")
+
+
+def default_tmp(need: float) -> str | None:
+    """/dev/shm if it can hold everything: the N nodes share this machine's one disk, and its
+    writeback of every node's copy (plus discards after each round) would otherwise add noise
+    that a real node with its own disk does not have."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if st.f_bavail * st.f_frsize > need else None
+
+
 # ---- the bench -------------------------------------------------------------------------------
 
 
@@ -165,10 +188,22 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=100, help="workdir size, MB (10^6 bytes)")
     parser.add_argument("--files", type=int, default=2000, help="files in the workdir")
     parser.add_argument("--seed", type=int, default=0, help="workdir content seed")
+    parser.add_argument(
+        "--no-single",
+        dest="single",
+        action="store_false",
+        help="skip the info case: a first sync by mlcloud to one node",
+    )
+    parser.add_argument(
+        "--tmp",
+        help="where the workdir and the nodes' directories go (default: /dev/shm when it has "
+        "room, else the system temp dir)",
+    )
     opts = parser.parse_args()
     signal.signal(signal.SIGTERM, _sigterm)
+    where = opts.tmp or default_tmp(opts.mb * 1e6 * (opts.nodes + 3) * 1.2)
 
-    with tempfile.TemporaryDirectory(prefix="mlcloud-bench-sync-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="mlcloud-bench-sync-", dir=where) as tmp_name:
         tmp = Path(tmp_name)
         os.environ["MLCLOUD_HOME"] = str(tmp / "home")  # before mlcloud pins any host key
         os.environ.pop("MLCLOUD_DEBUG", None)
@@ -186,7 +221,7 @@ def main() -> int:
         print(
             f"workdir: {len(src_tree)} files, {total / 1e6:.1f} MB (half text, gzip -1 "
             f"ratio {info['text_gzip1_ratio']:.1f}x; half random binary), built in "
-            f"{time.perf_counter() - t0:.1f} s"
+            f"{time.perf_counter() - t0:.1f} s; in {tmp}"
         )
         rng = random.Random(opts.seed + 1)
         remote = tmp / "remote"  # what the nodes write to (same filesystem, own directories)
@@ -202,13 +237,9 @@ def main() -> int:
             rsync_e = shlex.join(["ssh", *nodes.ssh_options()])
 
             def mlcloud_sync(dests: list[Path]) -> None:
-                # A new process has no stream cached: drop the one an earlier call built.
-                packs = getattr(mlsync, "_packs", None)
-                if packs is not None:
-                    packs.clear()
-                ts = [SshTransport(t, label=f"node{i}") for i, t in enumerate(targets)]
+                ts = [SshTransport(targets[i], label=f"node{i}") for i in range(len(dests))]
                 try:
-                    fan_out(lambda i: ts[i].sync(src, str(dests[i])), list(range(n)))
+                    fan_out(lambda i: ts[i].sync(src, str(dests[i])), list(range(len(dests))))
                 finally:
                     for t in ts:
                         t.close()
@@ -238,16 +269,25 @@ def main() -> int:
             for d in [*re_ml, re_rs]:
                 verify(src, src_tree, d, sample([]))
 
-            times: dict[str, list[float]] = {
-                "(a) first sync, rsync -az to 1 node": [],
-                f"(a) first sync, mlcloud to {n} nodes": [],
-                "(b) re-sync, rsync -az to 1 node": [],
-                f"(b) re-sync, mlcloud to {n} nodes": [],
-            }
-            names = list(times)
-            short = dict(
-                zip(names, ["first rsync", "first mlcloud", "re rsync", "re mlcloud"], strict=True)
+            first_rs_k, first_ml_k = (
+                "(a) first sync, rsync -az to 1 node",
+                f"(a) first sync, mlcloud to {n} nodes",
             )
+            re_rs_k, re_ml_k = (
+                "(b) re-sync, rsync -az to 1 node",
+                f"(b) re-sync, mlcloud to {n} nodes",
+            )
+            one_k = "info: first sync, mlcloud to 1 node"
+            names = [first_rs_k, first_ml_k, re_rs_k, re_ml_k] + ([one_k] if opts.single else [])
+            short = {
+                first_rs_k: "first rsync",
+                first_ml_k: "first mlcloud",
+                re_rs_k: "re rsync",
+                re_ml_k: "re mlcloud",
+                one_k: "first mlcloud 1 node",
+            }
+            times: dict[str, list[float]] = {k: [] for k in names}
+            cpu: dict[str, list[float]] = {k: [] for k in names}
             for r in range(opts.runs):
                 # One changed file per round: new content, new size, new mtime.
                 changed = rng.choice(info["text_paths"])
@@ -256,22 +296,28 @@ def main() -> int:
                 src_tree = tree(src)
                 first_ml = [remote / f"n{i}" / f"first-{r}" for i in range(n)]
                 first_rs = remote / "rsync" / f"first-{r}"
+                one = remote / "one" / f"first-{r}"
                 cases = {
-                    names[0]: (rsync, first_rs, [first_rs]),
-                    names[1]: (mlcloud_sync, first_ml, first_ml),
-                    names[2]: (rsync, re_rs, [re_rs]),
-                    names[3]: (mlcloud_sync, re_ml, re_ml),
+                    first_rs_k: (rsync, first_rs, [first_rs]),
+                    first_ml_k: (mlcloud_sync, first_ml, first_ml),
+                    re_rs_k: (rsync, re_rs, [re_rs]),
+                    re_ml_k: (mlcloud_sync, re_ml, re_ml),
+                    one_k: (mlcloud_sync, [one], [one]),
                 }
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     fn, arg, dests = cases[name]
-                    t0 = time.perf_counter()
+                    # Time each mlcloud sync as a new process runs it: no stream or scan that
+                    # an earlier call cached in mlcloud.remote.sync's module state.
+                    importlib.reload(mlsync)
+                    c0, t0 = machine_cpu(), time.perf_counter()
                     fn(arg)
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(machine_cpu() - c0)
                     for d in dests:
                         verify(src, src_tree, d, sample([changed]))
-                for d in [*first_ml, first_rs]:
-                    shutil.rmtree(d)  # every first sync is really first
+                for d in [*first_ml, first_rs, one]:
+                    shutil.rmtree(d, ignore_errors=True)  # every first sync is really first
                 print(
                     f"round {r + 1}/{opts.runs}: "
                     + ", ".join(f"{short[k]} {times[k][-1]:.2f}s" for k in names),
@@ -279,24 +325,31 @@ def main() -> int:
                 )
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     width = max(len(k) for k in med)
     print(
         f"\nsync of {len(src_tree)} files / {total / 1e6:.0f} MB over real sshd "
         f"({opts.runs} rounds, round-robin)"
     )
-    print(f"{'case':<{width}}  {'median s':>8}  {'min s':>6}  {'max s':>6}  {'vs rsync':>8}")
+    print(
+        f"{'case':<{width}}  {'median s':>8}  {'min s':>6}  {'max s':>6}  {'vs rsync':>8}"
+        f"  {'cpu s':>6}"
+    )
     for k in names:
-        base = med[names[0]] if k.startswith("(a)") else med[names[2]]
+        base = med[re_rs_k] if k.startswith("(b)") else med[first_rs_k]
         print(
             f"{k:<{width}}  {med[k]:8.2f}  {min(times[k]):6.2f}  {max(times[k]):6.2f}  "
-            f"{med[k] / base:7.2f}x"
+            f"{med[k] / base:7.2f}x  {cpu_med[k]:6.2f}"
         )
-    print(f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")
+    print(
+        f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs; cpu s = CPU time of the whole"
+        " machine during the case: client, sshd and receivers; the nodes share these CPUs)"
+    )
 
     failures = []
     for k, base, target in (
-        (names[1], names[0], FIRST_TARGET),
-        (names[3], names[2], RESYNC_TARGET),
+        (first_ml_k, first_rs_k, FIRST_TARGET),
+        (re_ml_k, re_rs_k, RESYNC_TARGET),
     ):
         ratio = med[k] / med[base]
         verdict = "ok" if ratio <= target else "MISSED"

@@ -48,6 +48,7 @@ def _register() -> None:
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)
     app.command("ssh")(cluster.ssh)
+    app.command("gc")(cluster.gc)
     app.command("init")(project.init)
 
 

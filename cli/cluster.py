@@ -51,11 +51,22 @@ def up(
     ssh_user: str | None = options.SSH_USER,
     ssh_port: int | None = options.SSH_PORT,
     proxy_command: str | None = options.PROXY_COMMAND,
+    allow_ssh_from: list[str] | None = typer.Option(
+        None,
+        "--allow-ssh-from",
+        help="Clouds: CIDR allowed to reach SSH (repeatable; default: this machine's address).",
+    ),
+    instance_type: str | None = typer.Option(None, "--instance-type", help="e.g. g5.xlarge"),
+    region: str | None = typer.Option(None, "--region", help="Cloud region."),
+    zone: str | None = typer.Option(None, "--zone", help="Zone (default: any with capacity)."),
+    spot: bool | None = typer.Option(None, "--spot/--on-demand", help="Spot instances."),
+    image: str | None = typer.Option(None, "--image", help="Machine image (default: DLAMI)."),
     yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
     """Create a cluster, or finish creating one that an earlier `up` left half made."""
     from mlcloud import cluster, state, views
+    from mlcloud.spec import check_cidr
 
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
     spec = load(
@@ -65,11 +76,20 @@ def up(
             "user": ssh_user,
             "port": ssh_port,
             "proxy_command": proxy_command,
+            "allowed_cidrs": tuple(check_cidr(c) for c in allow_ssh_from)
+            if allow_ssh_from
+            else None,
         },
         provider=provider or ("ssh" if host_list else None),
         nodes=nodes,
         hosts=host_list,
+        region=region,
+        zone=zone,
+        spot=spot,
+        image=image,
     )
+    if instance_type:
+        spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
     name = cluster_name(name, spec.name)
     rep = output.reporter(quiet=json)
     store = state.open_store()
@@ -230,3 +250,45 @@ def ssh(
         os.execvp(argv[0], argv)
     except FileNotFoundError:
         raise UsageError(f"{argv[0]} not found on PATH; install the OpenSSH client") from None
+
+
+def gc(
+    provider: str | None = typer.Option(None, "--provider", "-p", help="Only this cloud."),
+    region: list[str] | None = typer.Option(
+        None, "--region", help="Regions to search (repeatable; default: the configured one)."
+    ),
+    all_owners: bool = typer.Option(
+        False, "--all-owners", help="Also clusters launched by other users (default: yours)."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found."),
+    json: bool = options.JSON,
+) -> None:
+    """Find cloud resources tagged by mlcloud whose cluster is not in local state; delete them
+    only with --yes. Resources without mlcloud's tags are never touched."""
+    from dataclasses import asdict
+
+    from mlcloud import gc as collector
+    from mlcloud import state
+
+    store = state.open_store()
+    from mlcloud.cluster import owner
+
+    found = collector.orphans(store, provider, region or [], None if all_owners else owner())
+    if json:
+        output.print_json({"orphans": [asdict(r) for r in found], "deleted": yes and bool(found)})
+    elif not found:
+        print("no orphaned resources")
+    else:
+        output.table(
+            ["provider", "region", "kind", "id", "cluster"],
+            [
+                [r.provider, r.region, r.kind, r.id, f"{r.cluster_name} ({r.cluster_uid})"]
+                for r in found
+            ],
+        )
+    if found and yes:
+        collector.delete(found)
+        if not json:
+            print(f"deleted {len(found)} resource(s)")
+    elif found and not json:
+        print("rerun with --yes to delete them")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import getpass
 import json
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlcloud import providers, state
@@ -13,9 +14,16 @@ from mlcloud.errors import MlcloudError, NotFoundError, UsageError
 from mlcloud.locks import cluster_lock
 from mlcloud.names import check_cluster_name
 from mlcloud.parallel import fan_out
-from mlcloud.providers.base import ClusterRef, Node, Provider, ProvisionRequest, SshOptions
+from mlcloud.providers.base import (
+    CapacityError,
+    ClusterRef,
+    Node,
+    Provider,
+    ProvisionRequest,
+    SshOptions,
+)
 from mlcloud.remote.shell import path_arg, quote
-from mlcloud.remote.transport import Transport, check
+from mlcloud.remote.transport import Transport, UnreachableError, check
 from mlcloud.report import Reporter
 from mlcloud.spec import TaskSpec
 
@@ -48,7 +56,7 @@ class Handle:
 
 
 def _ref(rec: state.ClusterRecord) -> ClusterRef:
-    return ClusterRef(rec.name, rec.uid, rec.owner)
+    return ClusterRef(rec.name, rec.uid, rec.owner, rec.spec.get("region"))
 
 
 def _node(n: state.NodeRecord) -> Node:
@@ -76,7 +84,8 @@ def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
 
 def ssh_options(spec: dict) -> SshOptions:
     """SSH settings from a spec as stored in state."""
-    d = spec.get("ssh") or {}
+    d = dict(spec.get("ssh") or {})
+    d["allowed_cidrs"] = tuple(d.get("allowed_cidrs") or ())
     return SshOptions(**{k: d.get(k) for k in SshOptions.__dataclass_fields__})
 
 
@@ -91,6 +100,9 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
         region=spec.region,
         zone=spec.zone,
         spot=spec.spot,
+        max_price=spec.spot_max_price,
+        image=spec.image,
+        disk_gb=spec.resources.disk_gb,
     )
 
 
@@ -123,35 +135,70 @@ def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state
             ref = _ref(existing)
             report.info(f"resuming the provisioning of {name} (found in state as INIT)")
         else:
-            ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", _owner())
+            ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner())
             store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
         try:
             return _provision(store, provider, ref, spec, report)
         except BaseException as e:
             if existing is None:
-                _rollback(store, provider, ref, report, e)
+                rec = store.get_cluster(name)
+                _rollback(store, provider, _ref(rec) if rec else ref, report, e)
             raise
 
 
 def _provision(
     store: state.Store, provider: Provider, ref: ClusterRef, spec: TaskSpec, report: Reporter
 ) -> state.ClusterRecord:
-    request = request_for(spec, spec.node_count)
-    report.step(f"preparing {provider.name} resources for {ref.name}")
-    provider.prepare(ref, request)
-    nodes = provider.list(ref)
-    if len(nodes) < spec.node_count:
-        missing = spec.node_count - len(nodes)
-        report.step(f"creating {missing} node(s)")
-        nodes = nodes + provider.create(ref, request, missing)
-    if len(nodes) > spec.node_count:
-        provider.terminate(ref, nodes[spec.node_count :])
-        nodes = nodes[: spec.node_count]
-    report.step(f"bootstrapping {len(nodes)} node(s)")
-    records = bootstrap(provider, ref, nodes, request.ssh)
+    """Create what is missing, failing over zone by zone then region by region on capacity."""
+    want = spec.node_count
+    request = request_for(spec, want)
+    if ref.region is not None:  # resuming: the place was chosen before the crash
+        places = [(ref.region, spec.zone)]
+    else:
+        places = provider.placements(request)
+    refused: list[str] = []
+    for n, (region, zone) in enumerate(places):
+        here = replace(ref, region=region)
+        req = replace(request, region=region, zone=zone)
+        # recorded before anything is made there, so `down` and a re-run find it
+        store.set_spec(ref.name, {**spec.to_dict(), "region": region, "zone": zone})
+        report.step(
+            f"preparing {provider.name} resources for {ref.name}"
+            + (f" in {zone or region}" if region else "")
+        )
+        provider.prepare(here, req)
+        nodes = provider.list(here)
+        try:
+            if len(nodes) < want:
+                report.step(f"creating {want - len(nodes)} node(s)")
+                nodes = nodes + provider.create(here, req, want - len(nodes))
+        except CapacityError as e:
+            refused.append(e.zone)
+            report.warn(f"{e}; trying elsewhere")
+            next_region = places[n + 1][0] if n + 1 < len(places) else None
+            if next_region != region and not provider.list(here):
+                provider.cleanup(here)
+            continue
+        break
+    else:
+        raise CapacityError(
+            refused[-1] if refused else "",
+            f"no capacity for {want} x {request.instance_type or 'node'} in "
+            f"{', '.join(refused) or 'any place tried'}; try another instance type or region",
+        )
+    if len(nodes) > want:
+        provider.terminate(here, nodes[want:])
+        nodes = nodes[:want]
+    report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
+    records = bootstrap(provider, here, nodes, request.ssh)
     store.set_nodes(ref.name, records)
     store.set_status(ref.name, state.UP)
-    store.event(ref.name, "up", f"{len(records)} node(s) up on {provider.name}")
+    store.event(
+        ref.name,
+        "up",
+        f"{len(records)} node(s) up on {provider.name}"
+        + (f" in {zone or region}" if region else ""),
+    )
     rec = store.get_cluster(ref.name)
     assert rec is not None
     return rec
@@ -161,7 +208,7 @@ def bootstrap(
     provider: Provider, ref: ClusterRef, nodes: list[Node], ssh: SshOptions
 ) -> list[state.NodeRecord]:
     """Make each node's directories, install the node controller and detect the GPUs, in one
-    round trip per node; a root under ~/ is resolved to the node's real path."""
+    round trip per node, waiting for a new machine's sshd; a root under ~/ is resolved."""
     from mlcloud import templates
 
     ctl_source = templates.path("node_ctl.py").read_bytes()
@@ -172,19 +219,31 @@ def bootstrap(
         root = path_arg(node.root)
         cmd = (
             f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root} "
-            f"&& cat > {root}/{CTL} && cd {root} && pwd -P && {quote(t.python)} {CTL} gpus"
+            f'&& cat > {root}/{CTL} && cd {root} && echo "ssh=${{SSH_CONNECTION:-}}" '
+            f"&& pwd -P && {quote(t.python)} {CTL} gpus"
         )
+        deadline = time.monotonic() + provider.boot_timeout
         try:
-            out = check(t.run(cmd, stdin=ctl_source, timeout=120), t, "bootstrapping the node")
+            while True:
+                try:
+                    result = t.run(cmd, stdin=ctl_source, timeout=120)
+                    break
+                except UnreachableError:  # a new instance: its sshd is not up yet
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(2)
         finally:
             t.close()
-        lines = out.stdout.strip().splitlines()
-        real_root, gpus = lines[-2], json.loads(lines[-1])
+        lines = check(result, t, "bootstrapping the node").stdout.strip().splitlines()
+        seen_as, real_root, gpus = lines[-3][4:].split(), lines[-2], json.loads(lines[-1])
+        # The address the node itself holds (the server side of SSH_CONNECTION) is the one its
+        # peers reach for rendezvous; the provider's view can differ (NAT, proxies).
+        private_ip = seen_as[2] if len(seen_as) == 4 else node.private_ip
         return state.NodeRecord(
             i,
             node.node_id,
             node.ip,
-            node.private_ip,
+            private_ip,
             real_root,
             gpus["count"],
             gpus["model"],
@@ -254,7 +313,7 @@ def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
     store.delete_cluster(ref.name)
 
 
-def _owner() -> str:
+def owner() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):

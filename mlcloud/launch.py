@@ -77,7 +77,9 @@ def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: 
     ckpt = req.checkpoint_dir or "checkpoints"
     if not ckpt.startswith("/"):
         ckpt = f"{node.root}/{ckpt}"
-    # torchrun would set this anyway (with a banner) when running several processes per node
+    # torchrun would set this anyway (with a banner) when running several processes per node.
+    # No PYTHONUNBUFFERED: unbuffered, print() writes text and newline in two calls, and the
+    # ranks sharing a node's log then splice their lines; buffered, a flush is one whole write.
     env = {"OMP_NUM_THREADS": "1", **req.envs}
     env.update(
         {
@@ -90,7 +92,6 @@ def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: 
             "MLCLOUD_NODE_IP": node.private_ip,
             "MLCLOUD_GPUS_PER_NODE": str(node.gpus),
             "MLCLOUD_CHECKPOINT_DIR": ckpt,
-            "PYTHONUNBUFFERED": "1",
         }
     )
     argv = [

@@ -35,6 +35,7 @@ class Resources:
     gpus: GpuSpec | None = None
     cpus: int | None = None
     instance_type: str | None = None
+    disk_gb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class SshSpec:
     identity_file: str | None = None
     proxy_command: str | None = None  # OpenSSH style: %h and %p are substituted
     python: str | None = None  # the nodes' python (default: python3 on the remote PATH)
+    allowed_cidrs: tuple[str, ...] = ()  # clouds: who may reach port 22 (default: the caller)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class TaskSpec:
     region: str | None = None
     zone: str | None = None
     spot: bool = False
+    spot_max_price: float | None = None
+    image: str | None = None
     workdir: str | None = None
     setup: str | None = None
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -84,6 +88,7 @@ class TaskSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hosts"] = list(self.hosts)
+        d["ssh"]["allowed_cidrs"] = list(self.ssh.allowed_cidrs)
         d["resources"]["gpus"] = str(self.resources.gpus) if self.resources.gpus else None
         d["train"]["args"] = list(self.train.args)
         return d
@@ -259,9 +264,11 @@ _FIELDS = {
         "autoscale",
         "hosts",
         "ssh",
+        "spot_max_price",
+        "image",
     },
-    "ssh": {"user", "port", "identity_file", "proxy_command", "python"},
-    "resources": {"gpus", "cpus", "instance_type"},
+    "ssh": {"user", "port", "identity_file", "proxy_command", "python", "allowed_cidrs"},
+    "resources": {"gpus", "cpus", "instance_type", "disk_gb"},
     "train": {"script", "args", "nproc_per_node"},
     "autoscale": {"idle_minutes", "max_cost"},
 }
@@ -406,10 +413,13 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             gpus=gpu_spec,
             cpus=_int(res, "cpus", where, "resources.cpus"),
             instance_type=_str(res, "instance_type", where, "resources.instance_type"),
+            disk_gb=_int(res, "disk_gb", where, "resources.disk_gb"),
         ),
         region=_str(d, "region", where),
         zone=_str(d, "zone", where),
         spot=spot,
+        spot_max_price=_positive(d, "spot_max_price", where, "spot_max_price"),
+        image=_str(d, "image", where),
         workdir=_str(d, "workdir", where),
         setup=_str(d, "setup", where),
         train=TrainSpec(
@@ -430,8 +440,31 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             identity_file=_str(ssh, "identity_file", where, "ssh.identity_file"),
             proxy_command=_str(ssh, "proxy_command", where, "ssh.proxy_command"),
             python=_str(ssh, "python", where, "ssh.python"),
+            allowed_cidrs=_cidrs(ssh, where),
         ),
     )
+
+
+def _cidrs(ssh: dict, where: _Where) -> tuple[str, ...]:
+    value = ssh.get("allowed_cidrs")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise UsageError(f"{where('ssh.allowed_cidrs')}: must be a list like ['203.0.113.4/32']")
+    return tuple(check_cidr(str(v), where("ssh.allowed_cidrs")) for v in value)
+
+
+def check_cidr(text: str, where: str = "--allow-ssh-from") -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise UsageError(
+            f"{where}: {text!r} is not an address or CIDR like 203.0.113.4/32"
+        ) from None
 
 
 def _scalar(v: Any) -> str:

@@ -204,6 +204,13 @@ class Store:
                 "UPDATE clusters SET status=?, updated=? WHERE name=?", (status, time.time(), name)
             )
 
+    def set_spec(self, name: str, spec: dict) -> None:
+        with self.tx() as db:
+            db.execute(
+                "UPDATE clusters SET spec=?, updated=? WHERE name=?",
+                (json.dumps(spec), time.time(), name),
+            )
+
     def set_nodes(self, name: str, nodes: list[NodeRecord]) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM nodes WHERE cluster=?", (name,))

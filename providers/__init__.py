@@ -14,6 +14,7 @@ DEFAULT = "local"
 _BUILTIN = {
     "local": "mlcloud.providers.local:LocalProvider",
     "ssh": "mlcloud.providers.ssh:SshProvider",
+    "aws": "mlcloud.providers.aws:AwsProvider",
 }
 
 

@@ -23,6 +23,7 @@ class ClusterRef:
     name: str
     uid: str
     owner: str
+    region: str | None = None  # where the cluster lives, once the engine has chosen
 
     @property
     def tags(self) -> dict[str, str]:
@@ -38,6 +39,7 @@ class SshOptions:
     identity_file: str | None = None
     proxy_command: str | None = None
     python: str | None = None
+    allowed_cidrs: tuple[str, ...] = ()  # who may reach port 22 (default: the caller)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class ProvisionRequest:
     region: str | None = None
     zone: str | None = None
     spot: bool = False
+    max_price: float | None = None  # spot: the most to pay per node-hour
+    image: str | None = None
+    disk_gb: int | None = None
     hosts: tuple[str, ...] = ()  # the ssh provider: machines the user already has
     ssh: SshOptions = SshOptions()
 
@@ -64,6 +69,19 @@ class Node:
     private_ip: str  # where the other nodes reach it (rendezvous, NCCL/gloo)
     root: str  # the node's mlcloud directory: code, jobs, checkpoints
     status: str = "running"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Something a provider holds for a cluster, found by tag (for `mlcloud gc`)."""
+
+    provider: str
+    kind: str  # instance, security-group, key-pair, ...
+    id: str
+    cluster_uid: str
+    cluster_name: str
+    owner: str
+    region: str
 
 
 class ProviderError(MlcloudError):
@@ -90,6 +108,10 @@ class AuthError(ProviderError):
 
 class Provider(Protocol):
     name: ClassVar[str]
+    boot_timeout: ClassVar[float]  # how long a new node may take to answer SSH
+
+    def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
+        """(region, zone) pairs to try in order; the engine moves on when one has no capacity."""
 
     def check(self, request: ProvisionRequest) -> None:
         """Refuse a request this provider cannot serve, before anything is recorded or made."""

@@ -19,6 +19,10 @@ from mlcloud.remote.local import LocalTransport
 
 class LocalProvider:
     name: ClassVar[str] = "local"
+    boot_timeout: ClassVar[float] = 0.0  # the machines are already up
+
+    def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
+        return [(None, None)]
 
     @staticmethod
     def _base(cluster: ClusterRef) -> Path:

@@ -215,6 +215,28 @@ def cleanup(root, prefix):
 
 
 def freeport():
+    """A free port outside the ephemeral range: a port the kernel hands out for bind(0) may
+    be taken as the source port of an outgoing connection before torchrun listens on it."""
+    import random
+
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = list(range(20000, max(20001, min(low, 30000))))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        s = socket.socket()
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        print(port)
+        return
     s = socket.socket()
     s.bind(("", 0))
     print(s.getsockname()[1])

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 MLCLOUD = str(Path(sys.executable).parent / "mlcloud")
+# moto reads its AMI list when first imported: ours has Deep Learning AMIs to find.
+os.environ["MOTO_AMIS_PATH"] = str(Path(__file__).parent / "data" / "amis.json")
+# never ask an instance metadata service (169.254.169.254) for credentials
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +86,49 @@ def ssh_up_args(nodes, name: str) -> list[str]:
         "--identity",
         str(nodes.client_key),
     ]
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    import moto_extras
+
+    moto_extras.install()
+    """Fake credentials and region, no profile or config from this machine."""
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+@pytest.fixture
+def moto_server(aws_env, monkeypatch):
+    """A real moto server on loopback; the CLI reaches it through AWS_ENDPOINT_URL."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    yield url
+    server.stop()
+
+
+def relay_pool(tmp_path, hosts: list[str]) -> tuple[Path, str]:
+    """(pool file, proxy command) routing cloud addresses to loopback sshd nodes."""
+    import json
+
+    pool = tmp_path / "routes.json"
+    pool.write_text(json.dumps({"pool": hosts, "routes": {}}))
+    relay = Path(__file__).parent / "tcp_relay.py"
+    return pool, f"{sys.executable} {relay} --pool {pool} %h %p"

@@ -225,6 +225,8 @@ def test_to_dict_shape(tmp_path):
         "autoscale",
         "hosts",
         "ssh",
+        "spot_max_price",
+        "image",
     }
 
 

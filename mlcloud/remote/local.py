@@ -27,9 +27,13 @@ class LocalTransport:
         stdin: bytes | None = None,
     ) -> RunResult:
         argv = ["bash", "-c", command]
+        # the user's own SSH session says nothing about the node: keep it out
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")}
         if on_line is None:
             try:
-                p = subprocess.run(argv, capture_output=True, timeout=timeout, input=stdin or b"")
+                p = subprocess.run(
+                    argv, capture_output=True, timeout=timeout, input=stdin or b"", env=env
+                )
             except subprocess.TimeoutExpired:
                 raise RemoteError(f"{self.label}: command timed out after {timeout}s") from None
             return RunResult(
@@ -37,7 +41,7 @@ class LocalTransport:
             )
         assert stdin is None, "streaming runs take no input"
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
         )
         assert proc.stdout is not None and proc.stderr is not None
         for raw in proc.stdout:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud.errors import UsageError
-from mlcloud.remote.transport import RemoteError, RunResult, SyncStats
+from mlcloud.remote.transport import RemoteError, RunResult, SyncStats, UnreachableError
 
 CONNECT_TIMEOUT = 15.0
 KEEPALIVE = 15
@@ -107,7 +107,7 @@ class SshTransport:
                 transport.banner_timeout = CONNECT_TIMEOUT
                 transport.start_client(timeout=CONNECT_TIMEOUT)
             except (OSError, paramiko.SSHException, EOFError) as e:
-                raise RemoteError(
+                raise UnreachableError(
                     f"{self._where()}: unreachable: {e or type(e).__name__}"
                 ) from None
             try:

@@ -28,6 +28,10 @@ class RemoteError(MlcloudError):
     """A node could not be reached or a command on it failed; the message names the node."""
 
 
+class UnreachableError(RemoteError):
+    """No connection could be made (a new machine may still be booting)."""
+
+
 class Transport(Protocol):
     label: str  # how messages and log prefixes name the node, e.g. "node1"
     python: str  # the node's python interpreter (runs node_ctl.py and torchrun)

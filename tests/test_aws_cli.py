@@ -1,0 +1,201 @@
+"""The real `mlcloud` process against a moto EC2 server (AWS_ENDPOINT_URL), with instances
+reached through a proxy command that routes their addresses to loopback sshd nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import boto3
+import pytest
+from conftest import MLCLOUD, relay_pool, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def ec2():
+    return boto3.client("ec2", region_name="us-east-1")
+
+
+def live_instances() -> list[dict]:
+    out = ec2().describe_instances(
+        Filters=[
+            {"Name": "tag-key", "Values": ["mlcloud-cluster"]},
+            {
+                "Name": "instance-state-name",
+                "Values": ["pending", "running", "stopping", "stopped"],
+            },
+        ]
+    )
+    return [i for r in out["Reservations"] for i in r["Instances"]]
+
+
+def mlcloud_resources() -> dict[str, int]:
+    c = ec2()
+    tag = [{"Name": "tag-key", "Values": ["mlcloud-cluster"]}]
+    return {
+        "instances": len(live_instances()),
+        "security_groups": len(c.describe_security_groups(Filters=tag)["SecurityGroups"]),
+        "key_pairs": len(c.describe_key_pairs(Filters=tag)["KeyPairs"]),
+        "placement_groups": len(c.describe_placement_groups(Filters=tag)["PlacementGroups"]),
+    }
+
+
+def up_args(name, nodes, proxy, count) -> list[str]:
+    return [
+        "up",
+        name,
+        "--provider",
+        "aws",
+        "--nodes",
+        str(count),
+        "--instance-type",
+        "g5.xlarge",
+        "--identity",
+        str(nodes.client_key),
+        "--ssh-user",
+        nodes.user,
+        "--ssh-port",
+        str(nodes.port),
+        "--proxy-command",
+        proxy,
+        "--allow-ssh-from",
+        "127.0.0.1/32",
+        "--yes",
+    ]
+
+
+def test_up_4_status_down_leaves_nothing(moto_server, make_ssh_nodes, tmp_path):
+    nodes = make_ssh_nodes(4)
+    _, proxy = relay_pool(tmp_path, [n.host for n in nodes.nodes])
+    r = run_cli(*up_args("gpu4", nodes, proxy, 4))
+    assert r.returncode == 0, r.stderr
+    st = json.loads(run_cli("status", "--json").stdout)["clusters"][0]
+    assert st["provider"] == "aws" and st["num_nodes"] == 4
+    assert all(n["id"].startswith("i-") for n in st["nodes"])
+    # each node knows the address it really has (here: its loopback sshd), for rendezvous
+    assert sorted(n["private_ip"] for n in st["nodes"]) == sorted(n.host for n in nodes.nodes)
+    assert mlcloud_resources() == {
+        "instances": 4,
+        "security_groups": 1,
+        "key_pairs": 1,
+        "placement_groups": 1,
+    }
+    tags = {t["Key"]: t["Value"] for t in live_instances()[0]["Tags"]}
+    assert tags["mlcloud-cluster"] == st["uid"] and tags["Name"] == "mlcloud-gpu4"
+    r = run_cli("down", "gpu4", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert mlcloud_resources() == {
+        "instances": 0,
+        "security_groups": 0,
+        "key_pairs": 0,
+        "placement_groups": 0,
+    }
+    assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
+    assert run_cli("down", "gpu4", "--yes").returncode == 0  # harmless the second time
+
+
+def test_killed_up_rerun_never_duplicates(moto_server, make_ssh_nodes, tmp_path):
+    nodes = make_ssh_nodes(2)
+    pool, proxy = relay_pool(tmp_path, [])  # nothing routed yet: the nodes "boot" slowly
+    proc = subprocess.Popen(
+        [MLCLOUD, *up_args("crash", nodes, proxy, 2)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    deadline = time.time() + 60
+    while len(live_instances()) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # right after RunInstances, mid-bootstrap
+    proc.wait(10)
+    assert len(live_instances()) == 2
+    pool.write_text(json.dumps({"pool": [n.host for n in nodes.nodes], "routes": {}}))
+    r = run_cli(*up_args("crash", nodes, proxy, 2))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert len(live_instances()) == 2  # the same two, no duplicate
+    assert run_cli("down", "crash", "--yes").returncode == 0
+    assert mlcloud_resources() == {
+        "instances": 0,
+        "security_groups": 0,
+        "key_pairs": 0,
+        "placement_groups": 0,
+    }
+
+
+def test_train_ddp_across_two_instances(moto_server, make_ssh_nodes, tmp_path):
+    nodes = make_ssh_nodes(2)
+    _, proxy = relay_pool(tmp_path, [n.host for n in nodes.nodes])
+    assert run_cli("init", str(tmp_path / "proj")).returncode == 0
+    r = run_cli(*up_args("ddp", nodes, proxy, 2))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(
+        "train",
+        "ddp",
+        "-w",
+        str(tmp_path / "proj"),
+        "--nproc-per-node",
+        "2",
+        "--down",
+        "train.py",
+        "--",
+        "--steps",
+        "30",
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    assert sorted(int(m) for m in re.findall(r"\] rank (\d)/4 ", r.stdout)) == [0, 1, 2, 3]
+    assert "done steps=30 world_size=4" in r.stdout
+    assert mlcloud_resources()["instances"] == 0  # --down
+
+
+def test_missing_credentials_is_one_line(moto_server, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    r = run_cli(
+        "up",
+        "nocreds",
+        "--provider",
+        "aws",
+        "--instance-type",
+        "g5.xlarge",
+        "--allow-ssh-from",
+        "127.0.0.1/32",
+        "--yes",
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: no usable AWS credentials")
+    assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
+
+
+def test_gc_finds_and_deletes_only_tagged_orphans(
+    moto_server, make_ssh_nodes, tmp_path, mlcloud_home
+):
+    nodes = make_ssh_nodes(1)
+    _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
+    assert run_cli(*up_args("lost", nodes, proxy, 1)).returncode == 0
+    untagged = ec2().run_instances(
+        ImageId="ami-0ubuntu", MinCount=1, MaxCount=1, InstanceType="t3.micro"
+    )["Instances"][0]["InstanceId"]
+    (mlcloud_home / "state.db").unlink()  # the laptop lost its state
+    for suffix in ("-wal", "-shm"):
+        (mlcloud_home / f"state.db{suffix}").unlink(missing_ok=True)
+    r = run_cli("gc", "--json")
+    assert r.returncode == 0, r.stderr
+    kinds = sorted(o["kind"] for o in json.loads(r.stdout)["orphans"])
+    assert kinds == ["instance", "key-pair", "security-group"]
+    assert mlcloud_resources()["instances"] == 1  # listed, not deleted
+    r = run_cli("gc", "--yes")
+    assert r.returncode == 0 and "deleted 3" in r.stdout
+    assert mlcloud_resources() == {
+        "instances": 0,
+        "security_groups": 0,
+        "key_pairs": 0,
+        "placement_groups": 0,
+    }
+    state = ec2().describe_instances(InstanceIds=[untagged])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] == "running"  # never touched
