@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import cluster, jobs, project
+    from mlcloud.cli import cluster, jobs, money, project
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
@@ -49,6 +49,10 @@ def _register() -> None:
     app.command("exec")(jobs.exec_)
     app.command("ssh")(cluster.ssh)
     app.command("gc")(cluster.gc)
+    app.command("gpus")(money.gpus)
+    app.command("offers")(money.offers)
+    app.command("cost")(money.cost)
+    app.add_typer(money.catalog_app, name="catalog")
     app.command("init")(project.init)
 
 

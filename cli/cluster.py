@@ -61,11 +61,18 @@ def up(
     zone: str | None = typer.Option(None, "--zone", help="Zone (default: any with capacity)."),
     spot: bool | None = typer.Option(None, "--spot/--on-demand", help="Spot instances."),
     image: str | None = typer.Option(None, "--image", help="Machine image (default: DLAMI)."),
+    gpus: str | None = typer.Option(
+        None, "--gpus", help="GPUs per node, e.g. A100:8: the cheapest matching offer is picked."
+    ),
+    max_hours: float | None = typer.Option(
+        None, "--max-hours", min=0.0, help="Show the plan's cost for this many hours."
+    ),
     yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
     """Create a cluster, or finish creating one that an earlier `up` left half made."""
     from mlcloud import cluster, state, views
+    from mlcloud import plan as planner
     from mlcloud.spec import check_cidr
 
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
@@ -90,21 +97,59 @@ def up(
     )
     if instance_type:
         spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
+    if gpus:
+        from mlcloud.spec import parse_gpus
+
+        spec = replace(spec, resources=replace(spec.resources, gpus=parse_gpus(gpus)))
     name = cluster_name(name, spec.name)
-    rep = output.reporter(quiet=json)
     store = state.open_store()
+    existing = store.get_cluster(name)
+    spec, plan = planner.make(spec, _default_region, max_hours)
+    if not json and existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
+        _show_plan(plan)
+    if existing is None and plan.per_hour != 0:
+        what = "an unpriced" if plan.per_hour is None else f"${plan.per_hour:.2f}/h"
+        output.confirm(f"launch {plan.nodes} x {plan.instance_type} ({what})?", yes)
+    rep = output.reporter(quiet=json)
     try:
-        rec = cluster.up(store, name, spec, rep)
+        rec = cluster.up(store, name, spec, rep, price=plan.price_per_node or 0.0)
     finally:
         output.close(rep)
     if json:
-        output.print_json(views.cluster_json(rec, store.jobs(name)))
+        output.print_json({**views.cluster_json(rec, store.jobs(name)), "plan": plan.to_dict()})
     else:
         _show_nodes(rec)
         print(
             f"cluster {name} is up: `mlcloud train {name} SCRIPT.py` to run a job, "
             f"`mlcloud down {name}` when done"
         )
+
+
+def _default_region(provider: str) -> str | None:
+    from mlcloud import providers
+
+    p = providers.get(provider)
+    return p.region() if hasattr(p, "region") else None
+
+
+def _show_plan(plan) -> None:
+    def money(v):
+        return "-" if v is None else f"${v:,.2f}"
+
+    columns = ["provider", "region", "type", "gpus", "nodes", "$/h per node", "$/h total"]
+    row = [
+        plan.provider,
+        plan.region or "-",
+        plan.instance_type or "-",
+        plan.gpus or "-",
+        plan.nodes,
+        money(plan.price_per_node),
+        money(plan.per_hour),
+    ]
+    if plan.max_hours is not None:
+        columns.append(f"total for {plan.max_hours:g} h")
+        row.append(money(plan.for_max_hours))
+    output.table(columns, [row], title="plan" + (" (spot)" if plan.spot else ""))
 
 
 def _show_nodes(rec) -> None:
@@ -185,17 +230,19 @@ def status(
         clusters, jobs = [rec], store.jobs(name)
     else:
         clusters, jobs = store.list_clusters(), store.jobs()
+    now = time.time()
+    billing = store.billing(name)
     if json:
-        output.print_json(views.status_json(clusters, jobs))
+        output.print_json(views.status_json(clusters, jobs, billing, now))
         return
     if not clusters:
         print("no clusters; create one with `mlcloud up NAME`")
         return
-    now = time.time()
     last = {j.cluster: j for j in jobs}
+    money = views.money_by_cluster(clusters, billing, now)
     if not name:
         output.table(
-            ["name", "provider", "status", "nodes", "gpus", "last job", "age"],
+            ["name", "provider", "status", "nodes", "gpus", "$/h", "cost", "last job", "age"],
             [
                 [
                     c.name,
@@ -203,6 +250,8 @@ def status(
                     c.status,
                     len(c.nodes),
                     sum(n.gpus for n in c.nodes) or "-",
+                    f"{money[c.name][0]:.2f}",
+                    f"{money[c.name][1]:.2f}",
                     f"{last[c.name].job_id} {last[c.name].status}" if c.name in last else "-",
                     output.age(now - c.created),
                 ]
@@ -212,6 +261,8 @@ def status(
         return
     rec = clusters[0]
     _show_nodes(rec)
+    rate, spent = money[rec.name]
+    print(f"cost: ${rate:.2f}/h now, ${spent:.2f} so far")
     if jobs:
         print()
         output.table(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlcloud import providers, state
+from mlcloud.cost import Interval
 from mlcloud.errors import MlcloudError, NotFoundError, UsageError
 from mlcloud.locks import cluster_lock
 from mlcloud.names import check_cluster_name
@@ -106,7 +107,9 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
     )
 
 
-def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state.ClusterRecord:
+def up(
+    store: state.Store, name: str, spec: TaskSpec, report: Reporter, price: float = 0.0
+) -> state.ClusterRecord:
     """Bring a cluster to UP; re-running after a crash reuses what the provider already has."""
     check_cluster_name(name)
     provider = providers.get(spec.provider)
@@ -138,7 +141,7 @@ def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state
             ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner())
             store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
         try:
-            return _provision(store, provider, ref, spec, report)
+            return _provision(store, provider, ref, spec, report, price)
         except BaseException as e:
             if existing is None:
                 rec = store.get_cluster(name)
@@ -147,7 +150,12 @@ def up(store: state.Store, name: str, spec: TaskSpec, report: Reporter) -> state
 
 
 def _provision(
-    store: state.Store, provider: Provider, ref: ClusterRef, spec: TaskSpec, report: Reporter
+    store: state.Store,
+    provider: Provider,
+    ref: ClusterRef,
+    spec: TaskSpec,
+    report: Reporter,
+    price: float,
 ) -> state.ClusterRecord:
     """Create what is missing, failing over zone by zone then region by region on capacity."""
     want = spec.node_count
@@ -192,6 +200,25 @@ def _provision(
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
     records = bootstrap(provider, here, nodes, request.ssh)
     store.set_nodes(ref.name, records)
+    now = time.time()
+    billed = {i.node_id for i in store.billing(ref.name) if i.uid == ref.uid and i.end is None}
+    store.open_billing(
+        [
+            Interval(
+                ref.name,
+                ref.uid,
+                provider.name,
+                r.node_id,
+                request.instance_type or "",
+                region or "",
+                price,
+                now,
+                None,
+            )
+            for r in records
+            if r.node_id not in billed
+        ]
+    )
     store.set_status(ref.name, state.UP)
     store.event(
         ref.name,
@@ -292,6 +319,7 @@ def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -
                 provider.cleanup(_ref(rec))
             except MlcloudError as cleanup_error:
                 report.warn(f"cleanup: {cleanup_error}")
+            store.close_billing(rec.uid, time.time())
             store.delete_cluster(name)
         return True
 
@@ -307,6 +335,7 @@ def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
             f"({', '.join(n.node_id for n in left)}); run `mlcloud down {ref.name}` again"
         )
     provider.cleanup(ref)
+    store.close_billing(ref.uid, time.time())
     for job in store.jobs(ref.name):
         if job.status not in state.JOB_DONE:
             store.update_job(ref.name, job.job_id, status=state.JOB_CANCELLED)

@@ -54,6 +54,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     driver_pid INTEGER,
     PRIMARY KEY (cluster, job_id)
 );
+CREATE TABLE IF NOT EXISTS billing (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    region TEXT NOT NULL,
+    price REAL NOT NULL,
+    start REAL NOT NULL,
+    end REAL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
@@ -63,6 +75,8 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 """
+
+SCHEMA_VERSION = 2  # 2: billing
 
 # Cluster lifecycle: INIT (intent written, nodes may be half made) -> UP -> STOPPING -> row dropped.
 INIT, UP, STOPPING = "INIT", "UP", "STOPPING"
@@ -128,8 +142,11 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='clusters'").fetchone():
-                self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            (version,) = self.db.execute("PRAGMA user_version").fetchone()
+            if version < SCHEMA_VERSION:  # every statement is IF NOT EXISTS: safe to rerun
+                self.db.executescript(
+                    f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+                )
         except sqlite3.OperationalError as e:
             raise self._translate(e) from e
         if path.exists() and path.stat().st_mode & 0o077:
@@ -295,6 +312,61 @@ class Store:
         else:
             rows = self._read("SELECT * FROM jobs WHERE cluster=? ORDER BY job_id", (cluster,))
         return [JobRecord(**dict(r)) for r in rows]
+
+    # billing: kept after teardown, so `mlcloud cost` can report torn-down clusters
+
+    def open_billing(self, intervals: list) -> None:
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO billing (cluster, uid, provider, node_id, instance_type, region, "
+                "price, start, end) VALUES (?,?,?,?,?,?,?,?,NULL)",
+                [
+                    (
+                        i.cluster,
+                        i.uid,
+                        i.provider,
+                        i.node_id,
+                        i.instance_type,
+                        i.region,
+                        i.price,
+                        i.start,
+                    )
+                    for i in intervals
+                ],
+            )
+
+    def close_billing(self, uid: str, end: float, node_ids: list[str] | None = None) -> None:
+        with self.tx() as db:
+            if node_ids is None:
+                db.execute("UPDATE billing SET end=? WHERE uid=? AND end IS NULL", (end, uid))
+            else:
+                db.executemany(
+                    "UPDATE billing SET end=? WHERE uid=? AND node_id=? AND end IS NULL",
+                    [(end, uid, n) for n in node_ids],
+                )
+
+    def billing(self, cluster: str | None = None) -> list:
+        from mlcloud.cost import Interval
+
+        rows = (
+            self._read("SELECT * FROM billing ORDER BY id")
+            if cluster is None
+            else self._read("SELECT * FROM billing WHERE cluster=? ORDER BY id", (cluster,))
+        )
+        return [
+            Interval(
+                r["cluster"],
+                r["uid"],
+                r["provider"],
+                r["node_id"],
+                r["instance_type"],
+                r["region"],
+                r["price"],
+                r["start"],
+                r["end"],
+            )
+            for r in rows
+        ]
 
     # events
 

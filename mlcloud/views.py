@@ -54,12 +54,35 @@ def cluster_json(c: state.ClusterRecord, jobs: list[state.JobRecord]) -> dict:
     }
 
 
-def status_json(clusters: list[state.ClusterRecord], jobs: list[state.JobRecord]) -> dict:
+def money_by_cluster(
+    clusters: list[state.ClusterRecord], billing: list, now: float
+) -> dict[str, tuple[float, float]]:
+    """name -> ($/h now, $ so far) for the clusters' current incarnations."""
+    from mlcloud.cost import accrued, hourly
+
+    out = {}
+    for c in clusters:
+        mine = [i for i in billing if i.uid == c.uid]
+        out[c.name] = (hourly(mine), accrued(mine, now))
+    return out
+
+
+def status_json(
+    clusters: list[state.ClusterRecord], jobs: list[state.JobRecord], billing: list, now: float
+) -> dict:
+    money = money_by_cluster(clusters, billing, now)
     by_cluster: dict[str, list[state.JobRecord]] = {}
     # jobs outlive their cluster (for `logs`); status shows those of clusters that exist
     for j in jobs:
         by_cluster.setdefault(j.cluster, []).append(j)
     return {
         "schema": SCHEMA,
-        "clusters": [cluster_json(c, by_cluster.get(c.name, [])) for c in clusters],
+        "clusters": [
+            {
+                **cluster_json(c, by_cluster.get(c.name, [])),
+                "usd_per_hour": round(money[c.name][0], 4),
+                "usd_so_far": round(money[c.name][1], 4),
+            }
+            for c in clusters
+        ],
     }

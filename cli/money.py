@@ -1,0 +1,204 @@
+"""`gpus`, `offers`, `cost`, `catalog`: what GPUs cost before launch, and what clusters cost."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from mlcloud.cli import options, output
+
+catalog_app = typer.Typer(help="The GPU price catalog shipped with mlcloud.", no_args_is_help=True)
+
+
+def gpus(
+    model: str | None = typer.Argument(None, help="Only this GPU model, e.g. A100."),
+    json: bool = options.JSON,
+) -> None:
+    """GPU models in the catalog with the counts per machine and price ranges per GPU."""
+    from mlcloud import catalog
+    from mlcloud.spec import GpuSpec
+
+    offers = catalog.load()
+    names = catalog.models(offers)
+    if model:
+        names = [m for m in names if m.lower() == model.lower()]
+        if not names:
+            catalog.find(offers, GpuSpec(model, 1))  # raises: unknown, with the closest names
+    rows = []
+    for m in names:
+        mine = [o for o in offers if o.gpu_model == m]
+        per_gpu = [o.on_demand / o.gpu_count for o in mine]
+        spot = [o.spot / o.gpu_count for o in mine if o.spot is not None]
+        rows.append(
+            {
+                "gpu": m,
+                "memory_gib": mine[0].gpu_memory_gib,
+                "counts": sorted({o.gpu_count for o in mine}),
+                "providers": sorted({o.provider for o in mine}),
+                "on_demand_usd_per_gpu_hour": [round(min(per_gpu), 4), round(max(per_gpu), 4)],
+                "spot_usd_per_gpu_hour": [round(min(spot), 4), round(max(spot), 4)]
+                if spot
+                else None,
+            }
+        )
+    if json:
+        output.print_json({"gpus": rows})
+        return
+    output.table(
+        ["gpu", "memory", "per machine", "providers", "$/GPU-h on-demand", "$/GPU-h spot"],
+        [
+            [
+                r["gpu"],
+                f"{r['memory_gib']:g} GiB",
+                ",".join(map(str, r["counts"])),
+                ",".join(r["providers"]),
+                "{:.2f}-{:.2f}".format(*r["on_demand_usd_per_gpu_hour"]),
+                "{:.2f}-{:.2f}".format(*r["spot_usd_per_gpu_hour"])
+                if r["spot_usd_per_gpu_hour"]
+                else "-",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def offers(
+    spec: str = typer.Argument(..., help="GPUs per machine: A100:8, H100, L4:1, A100-80GB:8."),
+    spot: bool = typer.Option(False, "--spot", help="Spot prices."),
+    provider: str | None = typer.Option(None, "--provider", "-p", help="Only this cloud."),
+    region: str | None = typer.Option(None, "--region", help="Only this region."),
+    max_price: float | None = typer.Option(None, "--max-price", help="At most this $/h."),
+    json: bool = options.JSON,
+) -> None:
+    """Machines that carry the GPUs asked for, cheapest first."""
+    from mlcloud import catalog
+    from mlcloud.spec import parse_gpus
+
+    found = catalog.find(
+        catalog.load(),
+        parse_gpus(spec, "SPEC"),
+        provider=provider,
+        region=region,
+        spot=spot,
+        max_price=max_price,
+    )
+    if json:
+        output.print_json(
+            {
+                "offers": [
+                    {
+                        "provider": o.provider,
+                        "instance_type": o.instance_type,
+                        "gpu": o.gpu_model,
+                        "gpu_count": o.gpu_count,
+                        "region": o.region,
+                        "zones": list(o.zones),
+                        "vcpus": o.vcpus,
+                        "ram_gib": o.ram_gib,
+                        "usd_per_hour": o.price(spot),
+                        "on_demand_usd_per_hour": o.on_demand,
+                        "spot_usd_per_hour": o.spot,
+                        "note": o.note,
+                    }
+                    for o in found
+                ]
+            }
+        )
+        return
+    output.table(
+        [
+            "provider",
+            "region",
+            "type",
+            "gpus",
+            "vcpus",
+            "ram",
+            "$/h" + (" spot" if spot else ""),
+            "note",
+        ],
+        [
+            [
+                o.provider,
+                o.region,
+                o.instance_type,
+                f"{o.gpu_model}:{o.gpu_count}",
+                f"{o.vcpus:g}",
+                f"{o.ram_gib:g} GiB",
+                f"{o.price(spot):.2f}",
+                o.note,
+            ]
+            for o in found
+        ],
+    )
+
+
+def cost(json: bool = options.JSON) -> None:
+    """What each cluster has cost, torn-down ones included, with totals by provider and month."""
+    from mlcloud import cost as money
+    from mlcloud import state
+
+    store = state.open_store()
+    intervals = store.billing()
+    now = time.time()
+    live = {c.uid for c in store.list_clusters()}
+    by_uid: dict[str, list] = {}
+    for i in intervals:
+        by_uid.setdefault(i.uid, []).append(i)
+    clusters = [
+        {
+            "name": items[0].cluster,
+            "uid": uid,
+            "provider": items[0].provider,
+            "status": "UP" if uid in live else "DOWN",
+            "usd_per_hour": round(money.hourly(items), 4),
+            "usd": round(money.accrued(items, now), 4),
+            "first_billed": min(i.start for i in items),
+        }
+        for uid, items in by_uid.items()
+    ]
+    months = [
+        {"provider": p, "month": m, "usd": round(v, 4)}
+        for (p, m), v in sorted(money.by_month(intervals, now).items())
+    ]
+    providers_total: dict[str, float] = {}
+    for row in months:
+        providers_total[row["provider"]] = providers_total.get(row["provider"], 0.0) + row["usd"]
+    if json:
+        output.print_json(
+            {
+                "clusters": clusters,
+                "by_month": months,
+                "by_provider": {k: round(v, 4) for k, v in providers_total.items()},
+                "total_usd": round(sum(c["usd"] for c in clusters), 4),
+            }
+        )
+        return
+    if not clusters:
+        print("nothing billed yet")
+        return
+    output.table(
+        ["cluster", "provider", "status", "$/h now", "cost"],
+        [
+            [c["name"], c["provider"], c["status"], f"{c['usd_per_hour']:.2f}", f"{c['usd']:.2f}"]
+            for c in clusters
+        ],
+    )
+    print()
+    output.table(
+        ["provider", "month", "cost"],
+        [[m["provider"], m["month"], f"{m['usd']:.2f}"] for m in months],
+    )
+    print(f"\ntotal: ${sum(c['usd'] for c in clusters):.2f}")
+
+
+@catalog_app.command("show")
+def catalog_show() -> None:
+    """Where the catalog's figures come from and how old they are."""
+    from mlcloud import catalog
+
+    for line in catalog.header():
+        print(line)
+    for provider in ("aws", "gcp"):
+        fresh = catalog.refreshed_path(provider)
+        if fresh.exists():
+            print(f"{provider}: refreshed copy in use: {fresh}")

@@ -1,0 +1,107 @@
+"""The plan shown before `up`: which provider, region and type, and what it costs per hour.
+
+A GPU ask (`--gpus A100:8`) without an instance type is resolved here to the cheapest offer
+that meets the constraints, among the clouds mlcloud can provision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from mlcloud import catalog
+from mlcloud.spec import TaskSpec
+
+LOCAL_PROVIDERS = ("local", "ssh")  # machines already paid for: nothing to price
+
+
+@dataclass(frozen=True)
+class Plan:
+    provider: str
+    region: str | None
+    instance_type: str | None
+    gpus: str | None
+    nodes: int
+    spot: bool
+    price_per_node: float | None  # USD/h; None when the catalog does not know the type
+    max_hours: float | None = None
+
+    @property
+    def per_hour(self) -> float | None:
+        return None if self.price_per_node is None else self.price_per_node * self.nodes
+
+    @property
+    def for_max_hours(self) -> float | None:
+        if self.per_hour is None or self.max_hours is None:
+            return None
+        return self.per_hour * self.max_hours
+
+    def to_dict(self) -> dict:
+        return {
+            "provider": self.provider,
+            "region": self.region,
+            "instance_type": self.instance_type,
+            "gpus": self.gpus,
+            "nodes": self.nodes,
+            "spot": self.spot,
+            "usd_per_hour_per_node": self.price_per_node,
+            "usd_per_hour": self.per_hour,
+            "max_hours": self.max_hours,
+            "usd_for_max_hours": self.for_max_hours,
+        }
+
+
+def clouds() -> list[str]:
+    """Providers that can take a GPU ask: in the catalog and installed."""
+    from mlcloud import providers
+
+    in_catalog = {o.provider for o in catalog.load()}
+    return sorted(in_catalog & set(providers.names()))
+
+
+def make(spec: TaskSpec, default_region, max_hours: float | None = None) -> tuple[TaskSpec, Plan]:
+    """(the spec with provider, region and type filled in, the plan); default_region(provider)
+    gives the provider's configured region when the spec names none."""
+    provider = spec.provider or ("cloud" if spec.resources.gpus else "local")
+    gpus = str(spec.resources.gpus) if spec.resources.gpus else None
+    if provider in LOCAL_PROVIDERS:
+        return spec, Plan(provider, None, None, gpus, spec.node_count, False, 0.0, max_hours)
+    offers = catalog.load()
+    if spec.resources.gpus is not None and not spec.resources.instance_type:
+        allowed = clouds() if provider == "cloud" else [provider]
+        candidates = catalog.find(
+            [o for o in offers if o.provider in allowed],
+            spec.resources.gpus,
+            region=spec.region,
+            spot=spec.spot,
+            max_price=spec.spot_max_price if spec.spot else None,
+        )
+        best = candidates[0]
+        spec = replace(
+            spec,
+            provider=best.provider,
+            region=best.region,
+            resources=replace(spec.resources, instance_type=best.instance_type),
+        )
+        return spec, Plan(
+            best.provider,
+            best.region,
+            best.instance_type,
+            gpus,
+            spec.node_count,
+            spec.spot,
+            best.price(spec.spot),
+            max_hours,
+        )
+    region = spec.region or default_region(provider)
+    offer = catalog.lookup(offers, provider, spec.resources.instance_type or "", region or "")
+    price = offer.price(spec.spot) if offer else None
+    gpus = gpus or (f"{offer.gpu_model}:{offer.gpu_count}" if offer else None)
+    return spec, Plan(
+        provider,
+        region,
+        spec.resources.instance_type,
+        gpus,
+        spec.node_count,
+        spec.spot,
+        price,
+        max_hours,
+    )
