@@ -79,6 +79,7 @@ class AwsProvider:
     def __init__(self) -> None:
         self._session: Any = None
         self._clients: dict[str, Any] = {}
+        self._sg_ids: dict[tuple[str, str], str] = {}  # (region, cluster uid) -> group id
 
     # boto3, lazily
 
@@ -184,11 +185,11 @@ class AwsProvider:
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         region = self.region(request.region)
-        image = request.image or self.newest_dlami(region)
-        root_device = self._root_device(region, image)
-        sg = self._find_security_group(cluster, region)
+        image, root_device = self._image(region, request.image)
+        sg = self._sg_ids.get((region, cluster.uid)) or self._find_security_group(cluster, region)
         tags = self._tags(cluster, f"mlcloud-{cluster.name}")
-        attempt = f"{request.zone or region}:{count}:{len(self.list(cluster))}"
+        # the engine asks for what is missing, so (place, count, already there) names the try
+        attempt = f"{request.zone or region}:{count}:{request.count - count}"
         token = f"{cluster.uid}-{hashlib.sha256(attempt.encode()).hexdigest()[:16]}"
         placement: dict[str, str] = {}
         if request.zone:
@@ -262,6 +263,9 @@ class AwsProvider:
             "KeyPairs", []
         ):
             self._call(region, "delete_key_pair", KeyName=kp["KeyName"])
+        from mlcloud import keys
+
+        keys.delete_cluster_key(cluster.uid)  # the private half goes with the public one
         for pg in self._call(
             region, "describe_placement_groups", Filters=self._filter(cluster)
         ).get("PlacementGroups", []):
@@ -387,7 +391,14 @@ class AwsProvider:
                 f"{waiter.removeprefix('instance_')}: {e}"
             ) from None
 
-    def newest_dlami(self, region: str) -> str:
+    def _image(self, region: str, image: str | None) -> tuple[str, str]:
+        """(image id, root device name): the one asked for, else the newest DLAMI."""
+        if image:
+            return image, self._root_device(region, image)
+        newest = self.newest_dlami(region)
+        return newest["ImageId"], newest.get("RootDeviceName") or "/dev/sda1"
+
+    def newest_dlami(self, region: str) -> dict:
         images = self._call(
             region,
             "describe_images",
@@ -403,7 +414,7 @@ class AwsProvider:
                 f"no AWS Deep Learning AMI with PyTorch found in {region}; "
                 "set image: in the spec to an AMI id"
             )
-        return max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
+        return max(images, key=lambda i: i.get("CreationDate", ""))
 
     def _root_device(self, region: str, image: str) -> str:
         images = self._call(region, "describe_images", ImageIds=[image])["Images"]
@@ -440,7 +451,9 @@ class AwsProvider:
         return groups[0]["GroupId"] if groups else None
 
     def _security_group(self, cluster: ClusterRef, region: str, ssh: SshOptions) -> None:
-        if self._find_security_group(cluster, region, must=False):
+        found = self._find_security_group(cluster, region, must=False)
+        if found:
+            self._sg_ids[(region, cluster.uid)] = found
             return
         name = f"mlcloud-{cluster.uid}"
         vpcs = self._call(
@@ -462,6 +475,7 @@ class AwsProvider:
                 {"ResourceType": "security-group", "Tags": self._tags(cluster, name)}
             ],
         )["GroupId"]
+        self._sg_ids[(region, cluster.uid)] = sg
         cidrs = list(ssh.allowed_cidrs) if ssh.allowed_cidrs else [self.caller_cidr(region)]
         self._call(
             region,

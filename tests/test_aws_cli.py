@@ -199,3 +199,44 @@ def test_gc_finds_and_deletes_only_tagged_orphans(
     }
     state = ec2().describe_instances(InstanceIds=[untagged])["Reservations"][0]["Instances"][0]
     assert state["State"]["Name"] == "running"  # never touched
+
+
+def test_gpu_ask_picks_cheapest_region_and_type_and_money_shows(
+    moto_server, make_ssh_nodes, tmp_path
+):
+    nodes = make_ssh_nodes(1)
+    _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
+    args = [
+        a for a in up_args("money", nodes, proxy, 1) if a not in ("--instance-type", "g5.xlarge")
+    ]
+    r = run_cli(*args, "--gpus", "A100:8", "--max-hours", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["plan"]["instance_type"] == "p4d.24xlarge" and out["plan"]["region"] == "us-east-1"
+    assert out["plan"]["usd_per_hour"] == pytest.approx(21.96)
+    assert out["plan"]["usd_for_max_hours"] == pytest.approx(219.6)
+    assert live_instances()[0]["InstanceType"] == "p4d.24xlarge"
+    st = json.loads(run_cli("status", "--json").stdout)["clusters"][0]
+    assert st["usd_per_hour"] == pytest.approx(21.96)
+    assert run_cli("down", "money", "--yes").returncode == 0
+    cost = json.loads(run_cli("cost", "--json").stdout)
+    (c,) = cost["clusters"]
+    assert c["name"] == "money" and c["status"] == "DOWN" and c["usd_per_hour"] == 0
+    assert c["usd"] > 0 and cost["by_provider"]["aws"] == pytest.approx(c["usd"], abs=1e-3)
+
+
+def test_plan_is_confirmed_or_refused_without_a_terminal(moto_server):
+    r = run_cli(
+        "up",
+        "ask",
+        "--provider",
+        "aws",
+        "--instance-type",
+        "g5.xlarge",
+        "--allow-ssh-from",
+        "127.0.0.1/32",
+    )
+    assert r.returncode == 2 and "--yes" in r.stderr
+    assert "g5.xlarge" in r.stdout  # the plan was shown first
+    assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
+    assert live_instances() == []

@@ -427,6 +427,9 @@ def build(prices_dir: Path) -> str:
         *(f"  {c}" for c in gcp_comments),
         "  a median spot sample above on-demand is capped at on-demand (noted per row)"
         + (f": {', '.join(capped)}." if capped else "."),
+        "Caveat: the source's GCP H100 and H100-MEGA GPU rows vary widely between regions "
+        "(per H100: 4.20076 in us-central1, 9.79655 in us-east4); they are copied as published, "
+        "so GCP a3 prices deserve a refresh before they are relied on.",
         "Left out:",
         *(f"  {c}" for c in left_out),
         "  gcp V100 x 8 GPU rows: n1 offers are shipped with 1, 2 and 4 GPUs only.",
