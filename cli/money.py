@@ -202,3 +202,28 @@ def catalog_show() -> None:
         fresh = catalog.refreshed_path(provider)
         if fresh.exists():
             print(f"{provider}: refreshed copy in use: {fresh}")
+
+
+@catalog_app.command("refresh")
+def catalog_refresh(
+    provider: str = typer.Option("aws", "--provider", "-p", help="Whose prices to refresh."),
+) -> None:
+    """Fetch current prices (AWS: Price List API and spot price history) into $MLCLOUD_HOME;
+    they then take the place of the shipped figures for that provider."""
+    from mlcloud import catalog, providers
+    from mlcloud.catalog.refresh import refresh_aws
+    from mlcloud.errors import MlcloudError, UsageError
+
+    if provider != "aws":
+        raise UsageError(f"refresh is available for aws; {provider!r} uses the shipped figures")
+    shipped = catalog.header()[1] if len(catalog.header()) > 1 else "the shipped catalog"
+    try:
+        refreshed, kept = refresh_aws(providers.get("aws"))
+    except MlcloudError as e:
+        raise MlcloudError(
+            f"could not refresh aws prices ({e}); still using the shipped catalog: {shipped}"
+        ) from None
+    print(
+        f"refreshed {refreshed} aws offer(s), {kept} kept as shipped: "
+        f"{catalog.refreshed_path('aws')}"
+    )

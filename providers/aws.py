@@ -290,6 +290,90 @@ class AwsProvider:
             label,
         )
 
+    # prices, for `mlcloud catalog refresh`
+
+    def prices(
+        self, items: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[float | None, float | None]]:
+        """(instance type, region) -> (on-demand $/h from the Price List API, median of the
+        latest spot price per zone from DescribeSpotPriceHistory); None where AWS has none."""
+        import json
+        import statistics
+        from datetime import datetime, timezone
+
+        from botocore.config import Config
+
+        wanted = set(items)
+        pricing = self.session.client(
+            "pricing",
+            region_name="us-east-1",  # the Price List API lives in us-east-1
+            config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5),
+        )
+        on_demand: dict[tuple[str, str], float] = {}
+        for itype in sorted({t for t, _ in wanted}):
+            token = None
+            while True:
+                page = self._call_client(
+                    pricing,
+                    "get_products",
+                    ServiceCode="AmazonEC2",
+                    Filters=[
+                        _term(k, v)
+                        for k, v in (
+                            ("instanceType", itype),
+                            ("operatingSystem", "Linux"),
+                            ("tenancy", "Shared"),
+                            ("preInstalledSw", "NA"),
+                            ("capacitystatus", "Used"),
+                        )
+                    ],
+                    **({"NextToken": token} if token else {}),
+                )
+                for raw in page.get("PriceList", []):
+                    item = json.loads(raw)
+                    region = item["product"]["attributes"].get("regionCode", "")
+                    for term in item.get("terms", {}).get("OnDemand", {}).values():
+                        for dim in term.get("priceDimensions", {}).values():
+                            usd = float(dim.get("pricePerUnit", {}).get("USD", 0) or 0)
+                            if usd > 0 and (itype, region) in wanted:
+                                on_demand[(itype, region)] = usd
+                token = page.get("NextToken")
+                if not token:
+                    break
+        spot: dict[tuple[str, str], float] = {}
+        for region in sorted({r for _, r in wanted}):
+            types = sorted({t for t, r in wanted if r == region})
+            latest: dict[tuple[str, str], tuple[datetime, float]] = {}
+            for h in self._paged(
+                region,
+                "describe_spot_price_history",
+                "SpotPriceHistory",
+                InstanceTypes=types,
+                ProductDescriptions=["Linux/UNIX"],
+                StartTime=datetime.now(timezone.utc),
+            ):
+                key = (h["InstanceType"], h["AvailabilityZone"])
+                if key not in latest or h["Timestamp"] > latest[key][0]:
+                    latest[key] = (h["Timestamp"], float(h["SpotPrice"]))
+            for itype in types:
+                samples = [p for (t, _), (_, p) in latest.items() if t == itype]
+                if samples:
+                    spot[(itype, region)] = statistics.median(samples)
+        return {k: (on_demand.get(k), spot.get(k)) for k in wanted}
+
+    def _call_client(self, client, op: str, **kwargs) -> dict:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            return getattr(client, op)(**kwargs)
+        except NoCredentialsError:
+            raise AuthError(f"no usable AWS credentials: {HOW_TO_CONFIGURE}") from None
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            raise ProviderError(f"AWS {op}: {err.get('Code')}: {err.get('Message')}") from None
+        except BotoCoreError as e:
+            raise ProviderError(f"AWS {op}: {e}") from None
+
     # garbage collection
 
     def discover(self, region: str | None) -> list[Resource]:
@@ -568,6 +652,10 @@ def _public_address_lookup() -> str | None:
         return str(ipaddress.ip_address(text))
     except (OSError, ValueError):
         return None
+
+
+def _term(field: str, value: str) -> dict:
+    return {"Type": "TERM_MATCH", "Field": field, "Value": value}
 
 
 def _public_key_of(identity_file: str) -> str:

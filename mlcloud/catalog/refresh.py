@@ -1,0 +1,67 @@
+"""`mlcloud catalog refresh`: fresh prices from the provider's own APIs, written beside the
+shipped catalog (in $MLCLOUD_HOME), where they then win for that provider."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from mlcloud.catalog import COLUMNS, SHIPPED, Offer, header, read, refreshed_path
+
+
+def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
+    """(rows refreshed, rows kept as shipped); writes the refreshed AWS catalog."""
+    now = now or datetime.now(timezone.utc)
+    rows = [o for o in read(SHIPPED) if o.provider == "aws"]
+    prices = provider.prices(sorted({(o.instance_type, o.region) for o in rows}))
+    fresh: list[Offer] = []
+    refreshed = 0
+    for o in rows:
+        on_demand, spot = prices.get((o.instance_type, o.region), (None, None))
+        if on_demand is None:
+            fresh.append(replace(o, note=(o.note + "; " if o.note else "") + "not refreshed"))
+            continue
+        refreshed += 1
+        fresh.append(
+            replace(
+                o,
+                on_demand=on_demand,
+                spot=min(spot, on_demand) if spot is not None else o.spot,
+                note=f"refreshed {now:%Y-%m-%d}",
+            )
+        )
+    out = io.StringIO()
+    out.write(
+        f"# AWS rows refreshed on {now:%Y-%m-%d %H:%M} UTC from the AWS Price List API "
+        "(on-demand, Linux, shared tenancy) and DescribeSpotPriceHistory (median of the "
+        "latest price per zone).\n"
+    )
+    out.write("# Rows the APIs did not price keep the shipped figures, noted 'not refreshed'.\n")
+    out.write(f"# Shipped catalog: {header()[1] if len(header()) > 1 else SHIPPED.name}\n")
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for o in sorted(fresh, key=lambda o: (o.instance_type, o.region)):
+        w.writerow(
+            [
+                o.provider,
+                o.instance_type,
+                o.gpu_model,
+                o.gpu_count,
+                f"{o.gpu_memory_gib:g}",
+                f"{o.vcpus:g}",
+                f"{o.ram_gib:g}",
+                o.region,
+                ";".join(o.zones),
+                f"{o.on_demand:.6f}",
+                "" if o.spot is None else f"{o.spot:.6f}",
+                o.note,
+            ]
+        )
+    path = refreshed_path("aws")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(out.getvalue())
+    tmp.replace(path)
+    return refreshed, len(rows) - refreshed
