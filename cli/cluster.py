@@ -67,12 +67,19 @@ def up(
     max_hours: float | None = typer.Option(
         None, "--max-hours", min=0.0, help="Show the plan's cost for this many hours."
     ),
+    near: str | None = typer.Option(
+        None,
+        "--near",
+        help="Where the data is (REGION, s3://bucket, gs://bucket): compute goes there when "
+        "it can, else the egress estimate is shown.",
+    ),
     yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
     """Create a cluster, or finish creating one that an earlier `up` left half made."""
     from mlcloud import cluster, state, views
     from mlcloud import plan as planner
+    from mlcloud.locality import locate
     from mlcloud.spec import check_cidr
 
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
@@ -104,7 +111,8 @@ def up(
     name = cluster_name(name, spec.name)
     store = state.open_store()
     existing = store.get_cluster(name)
-    spec, plan = planner.make(spec, _default_region, max_hours)
+    data = locate(near) if near else None
+    spec, plan = planner.make(spec, _default_region, max_hours, data)
     if not json and existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
         _show_plan(plan)
     if existing is None and plan.per_hour != 0:
@@ -150,6 +158,14 @@ def _show_plan(plan) -> None:
         columns.append(f"total for {plan.max_hours:g} h")
         row.append(money(plan.for_max_hours))
     output.table(columns, [row], title="plan" + (" (spot)" if plan.spot else ""))
+    if plan.data_region is not None:
+        if plan.egress_usd_per_gb:
+            print(
+                f"data in {plan.data_region}: no offer there meets the ask; reading it from "
+                f"{plan.region} costs about ${plan.egress_usd_per_gb:.2f}/GB in egress"
+            )
+        else:
+            print(f"data in {plan.data_region}: compute goes there (no egress)")
 
 
 def _show_nodes(rec) -> None:

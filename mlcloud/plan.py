@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mlcloud import catalog
+from mlcloud.locality import DataPlace, egress_per_gb
 from mlcloud.spec import TaskSpec
 
 LOCAL_PROVIDERS = ("local", "ssh")  # machines already paid for: nothing to price
@@ -23,6 +24,8 @@ class Plan:
     spot: bool
     price_per_node: float | None  # USD/h; None when the catalog does not know the type
     max_hours: float | None = None
+    data_region: str | None = None  # --near: where the data is
+    egress_usd_per_gb: float | None = None  # reading it from the chosen region
 
     @property
     def per_hour(self) -> float | None:
@@ -46,6 +49,8 @@ class Plan:
             "usd_per_hour": self.per_hour,
             "max_hours": self.max_hours,
             "usd_for_max_hours": self.for_max_hours,
+            "data_region": self.data_region,
+            "egress_usd_per_gb": self.egress_usd_per_gb,
         }
 
 
@@ -57,13 +62,20 @@ def clouds() -> list[str]:
     return sorted(in_catalog & set(providers.names()))
 
 
-def make(spec: TaskSpec, default_region, max_hours: float | None = None) -> tuple[TaskSpec, Plan]:
+def make(
+    spec: TaskSpec,
+    default_region,
+    max_hours: float | None = None,
+    near: DataPlace | None = None,
+) -> tuple[TaskSpec, Plan]:
     """(the spec with provider, region and type filled in, the plan); default_region(provider)
-    gives the provider's configured region when the spec names none."""
+    gives the provider's configured region when the spec names none; near is where the data is.
+    """
     provider = spec.provider or ("cloud" if spec.resources.gpus else "local")
     gpus = str(spec.resources.gpus) if spec.resources.gpus else None
+    n = spec.node_count
     if provider in LOCAL_PROVIDERS:
-        return spec, Plan(provider, None, None, gpus, spec.node_count, False, 0.0, max_hours)
+        return spec, Plan(provider, None, None, gpus, n, False, 0.0, max_hours)
     offers = catalog.load()
     if spec.resources.gpus is not None and not spec.resources.instance_type:
         allowed = clouds() if provider == "cloud" else [provider]
@@ -75,6 +87,13 @@ def make(spec: TaskSpec, default_region, max_hours: float | None = None) -> tupl
             max_price=spec.spot_max_price if spec.spot else None,
         )
         best = candidates[0]
+        if near is not None:  # compute goes to the data when the data's region has an offer
+            there = [
+                o
+                for o in candidates
+                if o.region == near.region and near.provider in (None, o.provider)
+            ]
+            best = there[0] if there else best
         spec = replace(
             spec,
             provider=best.provider,
@@ -86,10 +105,11 @@ def make(spec: TaskSpec, default_region, max_hours: float | None = None) -> tupl
             best.region,
             best.instance_type,
             gpus,
-            spec.node_count,
+            n,
             spec.spot,
             best.price(spec.spot),
             max_hours,
+            *_data(near, best.provider, best.region),
         )
     region = spec.region or default_region(provider)
     offer = catalog.lookup(offers, provider, spec.resources.instance_type or "", region or "")
@@ -100,8 +120,15 @@ def make(spec: TaskSpec, default_region, max_hours: float | None = None) -> tupl
         region,
         spec.resources.instance_type,
         gpus,
-        spec.node_count,
+        n,
         spec.spot,
         price,
         max_hours,
+        *_data(near, provider, region or ""),
     )
+
+
+def _data(near: DataPlace | None, provider: str, region: str) -> tuple:
+    if near is None:
+        return None, None
+    return near.region, egress_per_gb(near, provider, region)

@@ -102,3 +102,36 @@ def test_refreshed_rows_replace_a_providers_shipped_rows(mlcloud_home):
     offers = catalog.load()
     assert [o.on_demand for o in offers if o.provider == "aws"] == [20.0]
     assert any(o.provider == "gcp" for o in offers)
+
+
+def test_compute_goes_to_the_data_region_when_it_can():
+    from mlcloud.locality import DataPlace
+
+    ask = TaskSpec(resources=Resources(gpus=GpuSpec("A100", 8)))
+    _, anywhere = plan.make(ask, default_region=lambda p: None)
+    _, near = plan.make(ask, default_region=lambda p: None, near=DataPlace("aws", "eu-west-1"))
+    assert (near.provider, near.region) == ("aws", "eu-west-1") and near.egress_usd_per_gb == 0
+    assert near.per_hour >= anywhere.per_hour  # the data's region may cost more per hour
+    _, far = plan.make(ask, default_region=lambda p: None, near=DataPlace("aws", "mars-1"))
+    assert far.region == anywhere.region and far.egress_usd_per_gb == 0.02  # inter-region
+
+
+def test_near_accepts_regions_and_buckets(aws_env):
+    from moto import mock_aws
+
+    from mlcloud.errors import UsageError
+    from mlcloud.locality import DataPlace, locate
+
+    assert locate("us-west-2") == DataPlace(None, "us-west-2")
+    with mock_aws():
+        import boto3
+
+        s3 = boto3.client("s3", region_name="eu-central-1")
+        s3.create_bucket(
+            Bucket="corpus", CreateBucketConfiguration={"LocationConstraint": "eu-central-1"}
+        )
+        assert locate("s3://corpus/shards/") == DataPlace("aws", "eu-central-1")
+        with pytest.raises(UsageError, match="s3://missing: NoSuchBucket"):
+            locate("s3://missing")
+    with pytest.raises(UsageError, match="not a region"):
+        locate("ftp://x")
