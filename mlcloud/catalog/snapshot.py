@@ -21,6 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlcloud.catalog import COLUMNS
+
 BUILD_DATE = "2026-11-27"
 AWS_SOURCE = (
     "skypilot-org/skypilot-catalog catalogs/v7/aws/vms.csv "
@@ -33,20 +35,6 @@ GCP_SOURCE = (
 AWS_FILE = "aws-gpu-vms.csv"
 GCP_FILE = "gcp-gpu-vms.csv"
 
-COLUMNS = (
-    "provider",
-    "instance_type",
-    "gpu_model",
-    "gpu_count",
-    "gpu_memory_gib",
-    "vcpus",
-    "ram_gib",
-    "region",
-    "zones",
-    "on_demand_usd_h",
-    "spot_usd_h",
-    "note",
-)
 PRICE_DECIMALS = 6
 
 # --- AWS ---------------------------------------------------------------------------------------
