@@ -85,4 +85,35 @@ class LocalProvider:
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions | None = None
     ) -> LocalTransport:
-        return LocalTransport(label)
+        """Nodes share this machine's GPUs: each sees a disjoint slice of them (none when
+        there are fewer GPUs than nodes), so no two ranks land on one device."""
+        total = _machine_gpus()
+        if not total:
+            return LocalTransport(label)
+        nodes = max(len(self.list(cluster)), 1)
+        index = int(node.node_id.split("-")[1])
+        share = total // nodes
+        visible = ",".join(str(g) for g in range(index * share, (index + 1) * share))
+        return LocalTransport(label, env={"CUDA_VISIBLE_DEVICES": visible})
+
+
+_gpu_count: int | None = None
+
+
+def _machine_gpus() -> int:
+    """How many GPUs nvidia-smi lists on this machine (0 without a driver), asked once."""
+    global _gpu_count
+    if _gpu_count is None:
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            _gpu_count = len(out.stdout.split()) if out.returncode == 0 else 0
+        except (OSError, subprocess.SubprocessError):
+            _gpu_count = 0
+    return _gpu_count

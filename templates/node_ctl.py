@@ -243,20 +243,38 @@ def freeport():
     s.close()
 
 
+GPU_QUERY = (
+    "--query-gpu=index,name,uuid,utilization.gpu,utilization.memory,memory.used,"
+    "memory.total,power.draw,temperature.gpu"
+)
+
+
 def gpus():
-    """Print {"count": N, "model": NAME} from nvidia-smi; no GPUs (or no driver) is count 0."""
+    """Print {"count": N, "model": NAME} for the GPUs this node's processes may use: those
+    nvidia-smi lists, narrowed by CUDA_VISIBLE_DEVICES when it is set. None: count 0."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            ["nvidia-smi", GPU_QUERY, "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
         )
-        names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-        if out.returncode != 0:
-            names = []
+        rows = (
+            [
+                [c.strip() for c in line.split(",")]
+                for line in out.stdout.splitlines()
+                if line.strip()
+            ]
+            if out.returncode == 0
+            else []
+        )
     except (OSError, subprocess.SubprocessError):
-        names = []
+        rows = []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        allowed = {v.strip() for v in visible.split(",") if v.strip()}
+        rows = [r for r in rows if len(r) > 2 and (r[0] in allowed or r[2] in allowed)]
+    names = [r[1] for r in rows if len(r) > 1]
     print(json.dumps({"count": len(names), "model": names[0] if names else None}))
 
 

@@ -14,9 +14,10 @@ from mlcloud.remote.transport import RemoteError, RunResult, SyncStats
 
 
 class LocalTransport:
-    def __init__(self, label: str):
+    def __init__(self, label: str, env: dict[str, str] | None = None):
         self.label = label
         self.python = sys.executable
+        self.env = env or {}  # what sets this node apart on a shared machine (its GPUs)
 
     def run(
         self,
@@ -28,7 +29,7 @@ class LocalTransport:
     ) -> RunResult:
         argv = ["bash", "-c", command]
         # the user's own SSH session says nothing about the node: keep it out
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")} | self.env
         if on_line is None:
             try:
                 p = subprocess.run(

@@ -153,7 +153,9 @@ def main():
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    if torch.cuda.is_available():
+    # NCCL needs a GPU per process on this node; with fewer, train on the CPU with gloo
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         backend, device = "nccl", torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
