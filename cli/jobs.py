@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def train(
                 + (" (the cluster goes down when it ends)" if down else "")
             )
             return
-        store.update_job(name, job.job_id, driver_pid=__import__("os").getpid())
+        store.update_job(name, job.job_id, driver_pid=os.getpid())
         try:
             code = driver.run()
         except KeyboardInterrupt:
@@ -149,7 +150,7 @@ def logs(
 ) -> None:
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code."""
     from mlcloud import state
-    from mlcloud.errors import NotFoundError
+    from mlcloud.errors import MlcloudError, NotFoundError
     from mlcloud.names import check_cluster_name
 
     check_cluster_name(name)
@@ -180,6 +181,12 @@ def logs(
             if path.exists() and path.stat().st_size > pos:
                 continue
             raise typer.Exit(current.exit_code or 0 if current else 0)
+        if current.driver_pid and not state.pid_alive(current.driver_pid):
+            raise MlcloudError(
+                f"job {j.job_id} is no longer followed (its mlcloud process {current.driver_pid}"
+                f" is gone); it may still run on the nodes: `mlcloud exec {name} -- ps -ef` to "
+                f"look, `mlcloud down {name}` to stop everything"
+            )
         time.sleep(0.2)
 
 

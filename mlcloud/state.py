@@ -416,6 +416,19 @@ def _cluster(r: sqlite3.Row, nodes: tuple[NodeRecord, ...]) -> ClusterRecord:
     )
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine (a job's driver) still runs."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def open_store() -> Store:
     from mlcloud import paths
 

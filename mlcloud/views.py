@@ -26,6 +26,9 @@ def job_json(j: state.JobRecord) -> dict:
         "ended": iso(j.ended),
         "exit_code": j.exit_code,
         "log": j.log_path,
+        # a running job nobody follows any more (its mlcloud process died): say so
+        "followed": j.status in state.JOB_DONE
+        or (j.driver_pid is not None and state.pid_alive(j.driver_pid)),
     }
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -203,4 +204,26 @@ def test_sigterm_on_train_with_down_stops_job_and_cluster(project, mlcloud_home)
     assert proc.returncode == 130, err
     assert "stopping the job on every node" in out
     assert status()["clusters"] == []
+    assert tagged_pids(f"{uid}.") == []
+
+
+def test_a_job_nobody_follows_any_more_is_reported(project, mlcloud_home):
+    assert run_cli("up", "orphan", "--nodes", "1").returncode == 0
+    r = run_cli(
+        "train", "orphan", "-w", str(project), "--detach", "train.py", "--", "--steps", "1000000"
+    )
+    assert r.returncode == 0, r.stderr
+    job = status()["clusters"][0]["jobs"][0]
+    assert job["followed"] is True
+    with sqlite3.connect(mlcloud_home / "state.db") as db:
+        (driver,) = db.execute("SELECT driver_pid FROM jobs").fetchone()
+    os.kill(driver, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline and status()["clusters"][0]["jobs"][0]["followed"]:
+        time.sleep(0.1)
+    assert status()["clusters"][0]["jobs"][0]["followed"] is False
+    r = run_cli("logs", "orphan", "--follow", timeout=30)
+    assert r.returncode == 1 and "no longer followed" in r.stderr
+    uid = status()["clusters"][0]["uid"]
+    assert run_cli("down", "orphan", "--yes").returncode == 0
     assert tagged_pids(f"{uid}.") == []
