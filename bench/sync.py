@@ -17,11 +17,15 @@ round) so machine noise hits all cases alike:
                    transports, as a new `mlcloud train` does) against `rsync -az` of the same
                    tree into its synced copy on one node; target <= 1.0x.
 
+  info             a first sync by mlcloud to ONE node (--no-single skips it): mlcloud's cost
+                   per node, since here the N nodes share this machine's CPUs with the client.
+
 mlcloud caches a sync stream (and whatever else it keeps in mlcloud.remote.sync) per process;
 the bench reloads that module before every timed case, so each mlcloud sync is timed as a new
-process would run it. Every first sync lands in a new
-directory, removed after it is checked. After every sync the remote trees are checked against
-the source (file list, sizes, and the content hash of a sample of files plus the changed one).
+process would run it. Every first sync lands in a new directory, removed after it is checked.
+After every sync the remote trees are checked against the source (file list, sizes, and the
+content hash of a sample of files plus the changed one). The "cpu s" column is the CPU time
+the whole machine used during the case (client, sshd, receivers).
 
 The workdir and the nodes' directories live in /dev/shm when it has room (--tmp to choose):
 the nodes share one disk here, which real nodes do not.

@@ -1,15 +1,17 @@
-"""Node side of a workdir sync: apply one compressed stream from stdin into DEST.
+"""Node side of a workdir sync: apply one stream from stdin into DEST.
 
-Run as `python3 -c <this file> DEST`; standard library only. The stream is one JSON line
-({"delete": [...], "manifest": {...}}) followed by a tar.gz of the changed files. Only regular
-files are accepted; absolute paths, `..` and anything that would land outside DEST (through a
-symlinked directory, say) are refused before a byte is written there.
+Run as `python3 -I -S -c <this file> DEST`; standard library only. The stream (built by
+mlcloud/remote/sync.py `pack`) is a JSON header line ({"delete": [...], "manifest": {...}}),
+then per file a JSON line ({"p": path, "n": size, "z": zlib?, "x": executable?}) and its
+bytes, then {"end": count}. Only regular files can be expressed; absolute paths, `..`, and
+anything that would land outside DEST (through a symlinked directory, say) are refused before
+a byte is written there, as is a truncated stream.
 """
 
 import json
 import os
 import sys
-import tarfile
+import zlib
 
 MANIFEST = ".mlcloud-manifest.json"
 
@@ -19,14 +21,17 @@ def _refuse(why):
     sys.exit(3)
 
 
-def _target(dest_real, name):
-    parts = name.split("/")
+def _target(dest_real, name, checked):
+    parts = name.split("/") if isinstance(name, str) else [""]
     if not name or name.startswith("/") or ".." in parts or "" in parts or "\0" in name:
         _refuse(f"unsafe path {name!r}")
     path = os.path.join(dest_real, *parts)
-    parent = os.path.realpath(os.path.dirname(path))
-    if parent != dest_real and not parent.startswith(dest_real + os.sep):
-        _refuse(f"{name!r} would be written outside the workdir")
+    parent = os.path.dirname(path)
+    if parent not in checked:  # resolved once per directory
+        real = os.path.realpath(parent)
+        if real != dest_real and not real.startswith(dest_real + os.sep):
+            _refuse(f"{name!r} would be written outside the workdir")
+        checked.add(parent)
     if os.path.islink(path):
         os.unlink(path)
     return path
@@ -36,34 +41,40 @@ def main(dest):
     os.makedirs(dest, exist_ok=True)
     dest_real = os.path.realpath(dest)
     stdin = sys.stdin.buffer
-    header = json.loads(stdin.readline())
+    header = json.loads(stdin.readline() or "{}")
+    if "manifest" not in header:
+        _refuse("no stream header")
+    manifest, checked = header["manifest"], set()
     for name in header["delete"]:
-        path = _target(dest_real, name)
+        path = _target(dest_real, name, checked)
         if os.path.lexists(path) and not os.path.isdir(path):
             os.unlink(path)
     count = 0
-    with tarfile.open(fileobj=stdin, mode="r|gz") as tar:
-        for member in tar:
-            if not member.isreg():
-                _refuse(f"{member.name!r} is not a regular file")
-            path = _target(dest_real, member.name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.mlcloud-tmp"
-            src = tar.extractfile(member)
-            with open(tmp, "wb") as f:
-                while True:
-                    block = src.read(1 << 20)
-                    if not block:
-                        break
-                    f.write(block)
-            os.chmod(tmp, 0o755 if member.mode & 0o111 else 0o644)
-            mtime_ns = header["manifest"][member.name][1]
-            os.utime(tmp, ns=(mtime_ns, mtime_ns))
-            os.replace(tmp, path)
-            count += 1
+    while True:
+        meta = json.loads(stdin.readline() or "{}")
+        if "end" in meta:
+            break
+        if "p" not in meta or "n" not in meta:
+            _refuse("truncated stream")
+        name, size = meta["p"], meta["n"]
+        path = _target(dest_real, name, checked)
+        data = stdin.read(size)
+        if len(data) != size or name not in manifest:
+            _refuse("truncated stream" if len(data) != size else f"{name!r} not in the manifest")
+        if meta.get("z"):
+            data = zlib.decompress(data)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.mlcloud-tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o755 if meta.get("x") else 0o644)
+        mtime_ns = manifest[name][1]
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, path)
+        count += 1
     tmp = os.path.join(dest_real, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(header["manifest"], f)
+        json.dump(manifest, f)
     os.replace(tmp, os.path.join(dest_real, MANIFEST))
     print(count)
 
