@@ -120,7 +120,14 @@ def up(
         output.confirm(f"launch {plan.nodes} x {plan.instance_type} ({what})?", yes)
     rep = output.reporter(quiet=json)
     try:
-        rec = cluster.up(store, name, spec, rep, price=plan.price_per_node or 0.0)
+        rec = cluster.up(
+            store,
+            name,
+            spec,
+            rep,
+            price=plan.price_per_node or 0.0,
+            fallback_regions=plan.fallback_regions,
+        )
     finally:
         output.close(rep)
     if json:

@@ -108,7 +108,12 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
 
 
 def up(
-    store: state.Store, name: str, spec: TaskSpec, report: Reporter, price: float = 0.0
+    store: state.Store,
+    name: str,
+    spec: TaskSpec,
+    report: Reporter,
+    price: float = 0.0,
+    fallback_regions: tuple[str, ...] = (),
 ) -> state.ClusterRecord:
     """Bring a cluster to UP; re-running after a crash reuses what the provider already has."""
     check_cluster_name(name)
@@ -141,7 +146,7 @@ def up(
             ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner())
             store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
         try:
-            return _provision(store, provider, ref, spec, report, price)
+            return _provision(store, provider, ref, spec, report, price, fallback_regions)
         except BaseException as e:
             if existing is None:
                 rec = store.get_cluster(name)
@@ -156,10 +161,11 @@ def _provision(
     spec: TaskSpec,
     report: Reporter,
     price: float,
+    fallback_regions: tuple[str, ...] = (),
 ) -> state.ClusterRecord:
     """Create what is missing, failing over zone by zone then region by region on capacity."""
     want = spec.node_count
-    request = request_for(spec, want)
+    request = replace(request_for(spec, want), fallback_regions=fallback_regions)
     if ref.region is not None:  # resuming: the place was chosen before the crash
         places = [(ref.region, spec.zone)]
     else:

@@ -12,6 +12,7 @@ from mlcloud.locality import DataPlace, egress_per_gb
 from mlcloud.spec import TaskSpec
 
 LOCAL_PROVIDERS = ("local", "ssh")  # machines already paid for: nothing to price
+MAX_FALLBACK_REGIONS = 3  # regions tried after the cheapest one has no capacity
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Plan:
     max_hours: float | None = None
     data_region: str | None = None  # --near: where the data is
     egress_usd_per_gb: float | None = None  # reading it from the chosen region
+    fallback_regions: tuple[str, ...] = ()  # the same type, next cheapest first
 
     @property
     def per_hour(self) -> float | None:
@@ -100,6 +102,15 @@ def make(
             region=best.region,
             resources=replace(spec.resources, instance_type=best.instance_type),
         )
+        fallbacks = tuple(
+            dict.fromkeys(
+                o.region
+                for o in candidates
+                if o.provider == best.provider
+                and o.instance_type == best.instance_type
+                and o.region != best.region
+            )
+        )[:MAX_FALLBACK_REGIONS]
         return spec, Plan(
             best.provider,
             best.region,
@@ -110,6 +121,7 @@ def make(
             best.price(spec.spot),
             max_hours,
             *_data(near, best.provider, best.region),
+            fallbacks,
         )
     region = spec.region or default_region(provider)
     offer = catalog.lookup(offers, provider, spec.resources.instance_type or "", region or "")

@@ -165,16 +165,20 @@ class AwsProvider:
             )
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
-        """The asked zone; else every available zone of the region, in order."""
+        """The asked zone; else every available zone of the region, then of each fallback
+        region (the catalog's next cheapest), in order."""
         region = self.region(request.region)
         if request.zone:
             return [(region, request.zone)]
-        out = self._call(
-            region,
-            "describe_availability_zones",
-            Filters=[{"Name": "state", "Values": ["available"]}],
-        )
-        return [(region, z) for z in sorted(z["ZoneName"] for z in out["AvailabilityZones"])]
+        places: list[tuple[str | None, str | None]] = []
+        for r in [region, *(f for f in request.fallback_regions if f != region)]:
+            out = self._call(
+                r,
+                "describe_availability_zones",
+                Filters=[{"Name": "state", "Values": ["available"]}],
+            )
+            places += [(r, z) for z in sorted(z["ZoneName"] for z in out["AvailabilityZones"])]
+        return places
 
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
         region = self.region(request.region)

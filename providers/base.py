@@ -56,6 +56,7 @@ class ProvisionRequest:
     max_price: float | None = None  # spot: the most to pay per node-hour
     image: str | None = None
     disk_gb: int | None = None
+    fallback_regions: tuple[str, ...] = ()  # where else to look when `region` has no capacity
     hosts: tuple[str, ...] = ()  # the ssh provider: machines the user already has
     ssh: SshOptions = SshOptions()
 

@@ -203,3 +203,29 @@ def test_reuse_by_tag_after_a_crash(aws):
     aws.cleanup(REF)
     aws.cleanup(REF)  # idempotent
     assert aws.discover("us-east-1") == []
+
+
+def test_no_capacity_in_the_region_moves_to_the_next_and_cleans_up(aws, mlcloud_home, monkeypatch):
+    hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
+    monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
+    monkeypatch.setattr(
+        "mlcloud.cluster.bootstrap",
+        lambda p, ref, nodes, ssh: [
+            state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
+            for i, n in enumerate(nodes)
+        ],
+    )
+    spec = TaskSpec(
+        provider="aws",
+        nodes=2,
+        region="us-east-1",
+        resources=Resources(instance_type="p4d.24xlarge"),
+        ssh=SshSpec(allowed_cidrs=("203.0.113.4/32",)),
+    )
+    rec = cluster.up(
+        state.open_store(), "c4", spec, PlainReporter(quiet=True), fallback_regions=("us-west-2",)
+    )
+    assert rec.spec["region"] == "us-west-2" and len(rec.nodes) == 2
+    assert aws.discover("us-east-1") == []  # the first region's group and key pair are gone
+    kinds = sorted(r.kind for r in aws.discover("us-west-2"))
+    assert kinds == ["instance", "instance", "key-pair", "placement-group", "security-group"]

@@ -76,6 +76,7 @@ def test_plan_resolves_a_gpu_ask_to_the_cheapest_installed_cloud():
     resolved, p = plan.make(spec, default_region=lambda provider: "us-west-2", max_hours=10)
     assert (p.provider, p.instance_type, p.region) == ("aws", "p4d.24xlarge", "us-east-1")
     assert resolved.resources.instance_type == "p4d.24xlarge" and resolved.region == "us-east-1"
+    assert p.fallback_regions[:2] == ("us-east-2", "us-west-2")  # same type, next cheapest
     assert p.per_hour == pytest.approx(2 * 21.96) and p.for_max_hours == pytest.approx(439.2)
     d = p.to_dict()
     assert d["usd_per_hour"] == pytest.approx(43.92) and d["nodes"] == 2
