@@ -96,8 +96,8 @@ class Driver:
         if failures:
             first = failures[0]
             self.note(
-                f"job {self.job.job_id} failed: node{first} {describe(code)}"
-                + "".join(f"; node{i} {describe(self.codes[i])}" for i in failures[1:])
+                f"job {self.job.job_id} failed: node{first}: {describe(code)}"
+                + "".join(f"; node{i}: {describe(self.codes[i])}" for i in failures[1:])
             )
         else:
             self.note(f"job {self.job.job_id} succeeded on {n} node(s)")

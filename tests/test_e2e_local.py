@@ -97,7 +97,7 @@ def test_up_train_kill_resume_down(project, mlcloud_home):
         os.kill(pid, signal.SIGKILL)
     r = run_cli("logs", "e2e", "--follow", timeout=120)
     assert r.returncode != 0
-    assert re.search(r"job 2 failed: node1 its processes were killed", r.stdout), r.stdout[-2000:]
+    assert re.search(r"job 2 failed: node1: its processes were killed", r.stdout), r.stdout[-2000:]
     job = status()["clusters"][0]["jobs"][-1]
     assert job["status"] == "FAILED" and job["exit_code"] != 0
     assert tagged_pids(f"{uid}.") == []  # the surviving node was stopped too

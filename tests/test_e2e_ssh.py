@@ -63,7 +63,7 @@ def test_ssh_cluster_train_lose_node_down(make_ssh_nodes, project, tmp_path):
     nodes.kill(1)
     r = run_cli("logs", "lab", "--follow", timeout=120)
     assert r.returncode != 0
-    assert re.search(r"job 3 failed: node1 .*(lost contact|killed)", r.stdout), r.stdout[-2000:]
+    assert re.search(r"job 3 failed: node1: .*(lost contact|killed)", r.stdout), r.stdout[-2000:]
     assert tagged_pids(f"{uid}.0.") == []  # node0's part was stopped
 
     # down while node1 is unreachable: a clear error, the cluster is kept for a retry
