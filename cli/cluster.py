@@ -286,6 +286,14 @@ def status(
     _show_nodes(rec)
     rate, spent = money[rec.name]
     print(f"cost: ${rate:.2f}/h now, ${spent:.2f} so far")
+    events = [e for e in store.events(rec.name) if e[0] >= rec.created][-10:]
+    if events:
+        print()
+        output.table(
+            ["when", "event", "detail"],
+            [[output.age(now - t) + " ago", kind, message] for t, kind, message in events],
+            title="events",
+        )
     if jobs:
         print()
         output.table(

@@ -189,6 +189,7 @@ def _provision(
         except CapacityError as e:
             refused.append(e.zone)
             report.warn(f"{e}; trying elsewhere")
+            store.event(ref.name, "capacity", str(e))
             next_region = places[n + 1][0] if n + 1 < len(places) else None
             if next_region != region and not provider.list(here):
                 provider.cleanup(here)

@@ -139,6 +139,7 @@ class Driver:
         self.store.update_job(
             self.h.record.name, self.job.job_id, status=status, exit_code=code, ended=time.time()
         )
+        self.store.event(self.h.record.name, "job", f"job {self.job.job_id} {status} ({code})")
         self.log.close()
 
 
