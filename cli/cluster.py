@@ -356,21 +356,19 @@ def gc(
     from mlcloud.cluster import owner
 
     found = collector.orphans(store, provider, region or [], None if all_owners else owner())
+    if found and yes:
+        collector.delete(found)  # before anything says they are gone
     if json:
         output.print_json({"orphans": [asdict(r) for r in found], "deleted": yes and bool(found)})
-    elif not found:
+        return
+    if not found:
         print("no orphaned resources")
-    else:
-        output.table(
-            ["provider", "region", "kind", "id", "cluster"],
-            [
-                [r.provider, r.region, r.kind, r.id, f"{r.cluster_name} ({r.cluster_uid})"]
-                for r in found
-            ],
-        )
-    if found and yes:
-        collector.delete(found)
-        if not json:
-            print(f"deleted {len(found)} resource(s)")
-    elif found and not json:
-        print("rerun with --yes to delete them")
+        return
+    output.table(
+        ["provider", "region", "kind", "id", "cluster"],
+        [
+            [r.provider, r.region, r.kind, r.id, f"{r.cluster_name} ({r.cluster_uid})"]
+            for r in found
+        ],
+    )
+    print(f"deleted {len(found)} resource(s)" if yes else "rerun with --yes to delete them")

@@ -88,8 +88,8 @@ def train(
                 launch.start(store, h, req, job, rep, driver.emit)
             except BaseException:
                 store.update_job(name, job.job_id, status=state.JOB_FAILED, ended=time.time())
-                for i in range(len(h.nodes)):  # whatever did start must not keep running
-                    launch.kill(h, i, job.job_id, grace=5.0)
+                driver.log.close()
+                _stop_quietly(h, job.job_id)  # whatever did start must not keep running
                 raise
         output.close(rep)
         if detach:
@@ -117,6 +117,21 @@ def train(
             finally:
                 output.close(rep)
     raise typer.Exit(code)
+
+
+def _stop_quietly(h, job_id: int) -> None:
+    """Stop a job that failed to start on every node, without hiding why it failed."""
+    from mlcloud import launch
+    from mlcloud.errors import MlcloudError
+    from mlcloud.parallel import fan_out
+
+    def one(i: int) -> None:
+        try:
+            launch.kill(h, i, job_id, grace=5.0)
+        except MlcloudError as e:
+            print(f"warning: {e}", file=sys.stderr)
+
+    fan_out(one, list(range(len(h.nodes))))
 
 
 def _printer():

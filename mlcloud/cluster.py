@@ -23,12 +23,11 @@ from mlcloud.providers.base import (
     ProvisionRequest,
     SshOptions,
 )
+from mlcloud.remote.layout import CTL
 from mlcloud.remote.shell import path_arg, quote
-from mlcloud.remote.transport import Transport, UnreachableError, check
+from mlcloud.remote.transport import RemoteError, Transport, UnreachableError, check
 from mlcloud.report import Reporter
 from mlcloud.spec import TaskSpec
-
-CTL = "bin/node_ctl.py"  # relative to a node's root
 
 
 @dataclass
@@ -262,8 +261,10 @@ def bootstrap(
                 try:
                     result = t.run(cmd, stdin=ctl_source, timeout=120)
                     break
-                except UnreachableError:  # a new instance: its sshd is not up yet
-                    if time.monotonic() > deadline:
+                except RemoteError as e:
+                    # a new instance: sshd not up yet, or up before cloud-init installed the key
+                    booting = isinstance(e, UnreachableError) or "authentication refused" in str(e)
+                    if not booting or time.monotonic() > deadline:
                         raise
                     time.sleep(2)
         finally:

@@ -15,12 +15,15 @@ from collections.abc import Callable
 
 from mlcloud import launch, state
 from mlcloud.cluster import Handle
+from mlcloud.errors import MlcloudError
 
 # After one node fails, the others get this long to fail on their own before being killed;
 # torchrun can otherwise sit 300 s in its exit barrier (FACTS.md).
 FAIL_GRACE = 15.0
 # After one node succeeds, the others get this long to finish.
 DONE_GRACE = 60.0
+# After stopping the rest, how long to wait for them to report before calling them lost.
+STOP_WAIT = 30.0
 KILLED = 137  # node_ctl's code for "the job's processes were killed"
 LOST = 255  # the driver's code for "the connection to the node dropped"
 
@@ -105,32 +108,48 @@ class Driver:
         return code
 
     def _wait_all(self, n: int) -> None:
+        """Wait for every node; once one has ended, the others get a grace period, then are
+        stopped, then get a last short wait: a node that neither ends nor answers is LOST."""
         deadline = None
-        killed = False
+        stopped_at = None
         with self.cond:
             while len(self.codes) < n:
+                now = time.monotonic()
                 if self.codes and deadline is None:
                     grace = FAIL_GRACE if any(self.codes.values()) else DONE_GRACE
-                    deadline = time.monotonic() + grace
-                if deadline is not None and time.monotonic() >= deadline and not killed:
-                    pending = [i for i in range(n) if i not in self.codes]
+                    deadline = now + grace
+                pending = [i for i in range(n) if i not in self.codes]
+                if stopped_at is not None and now >= stopped_at + STOP_WAIT:
+                    for i in pending:
+                        self.emit(i, "did not end after being stopped; giving up on this node")
+                        self.codes[i] = LOST
+                        self.order.append(i)
+                    return
+                if deadline is not None and now >= deadline and stopped_at is None:
                     self.note(
                         f"node(s) {', '.join(f'node{i}' for i in pending)} still running "
                         f"after node{self.order[0]} ended; stopping them"
                     )
-                    killed = True
                     self.cond.release()
                     try:
                         self._stop(pending, grace=5.0)
                     finally:
                         self.cond.acquire()
+                    stopped_at = time.monotonic()
                     continue
                 self.cond.wait(timeout=0.5)
 
     def _stop(self, nodes: list[int], grace: float) -> None:
+        """Stop the job on these nodes; one that cannot be reached is reported, not raised."""
         from mlcloud.parallel import fan_out
 
-        fan_out(lambda i: launch.kill(self.h, i, self.job.job_id, grace), nodes)
+        def one(i: int) -> None:
+            try:
+                launch.kill(self.h, i, self.job.job_id, grace)
+            except MlcloudError as e:
+                self.emit(i, f"could not stop the job there: {e}")
+
+        fan_out(one, nodes)
 
     def _stop_all(self, grace: float) -> None:
         self._stop([i for i in range(len(self.h.nodes)) if i not in self.codes], grace)
@@ -141,10 +160,6 @@ class Driver:
         )
         self.store.event(self.h.record.name, "job", f"job {self.job.job_id} {status} ({code})")
         self.log.close()
-
-
-def stdout_sink(line: str) -> None:
-    print(line, flush=True)
 
 
 def main(argv: list[str]) -> int:

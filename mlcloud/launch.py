@@ -17,6 +17,7 @@ from mlcloud import state
 from mlcloud.cluster import Handle
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
+from mlcloud.remote.layout import tag
 from mlcloud.remote.transport import check
 from mlcloud.report import Reporter
 
@@ -32,11 +33,6 @@ class JobRequest:
     envs: dict[str, str]
     setup: str | None
     checkpoint_dir: str | None
-
-
-def tag(uid: str, node: int, job_id: int | None = None) -> str:
-    """The MLCLOUD_PROC_TAG value (or prefix) that marks a node's processes."""
-    return f"{uid}.{node}." + ("" if job_id is None else f"{job_id}.")
 
 
 def job_dir(root: str, job_id: int) -> str:
@@ -190,4 +186,6 @@ def _setup(h: Handle, i: int, setup: str, digest: str, emit) -> None:
 def kill(h: Handle, i: int, job_id: int, grace: float) -> None:
     """Stop node i's part of a job: SIGTERM (the template checkpoints), SIGKILL after grace."""
     t = h.transports[i]
-    t.run(f"{h.ctl(i)} kill {shlex.quote(tag(h.record.uid, i, job_id))} {grace}")
+    t.run(
+        f"{h.ctl(i)} kill {shlex.quote(tag(h.record.uid, i, job_id))} {grace}", timeout=grace + 30
+    )  # a node that stopped answering must not hold the caller

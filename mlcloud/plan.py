@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mlcloud import catalog
+from mlcloud.errors import UsageError
 from mlcloud.locality import DataPlace, egress_per_gb
 from mlcloud.spec import TaskSpec
 
@@ -56,11 +57,11 @@ class Plan:
         }
 
 
-def clouds() -> list[str]:
+def clouds(offers: list[catalog.Offer]) -> list[str]:
     """Providers that can take a GPU ask: in the catalog and installed."""
     from mlcloud import providers
 
-    in_catalog = {o.provider for o in catalog.load()}
+    in_catalog = {o.provider for o in offers}
     return sorted(in_catalog & set(providers.names()))
 
 
@@ -78,9 +79,14 @@ def make(
     n = spec.node_count
     if provider in LOCAL_PROVIDERS:
         return spec, Plan(provider, None, None, gpus, n, False, 0.0, max_hours)
+    if provider == "cloud" and spec.resources.instance_type:
+        raise UsageError(
+            f"instance type {spec.resources.instance_type} needs a provider: "
+            "add --provider aws (or leave the type out and let --gpus choose)"
+        )
     offers = catalog.load()
     if spec.resources.gpus is not None and not spec.resources.instance_type:
-        allowed = clouds() if provider == "cloud" else [provider]
+        allowed = clouds(offers) if provider == "cloud" else [provider]
         candidates = catalog.find(
             [o for o in offers if o.provider in allowed],
             spec.resources.gpus,

@@ -335,15 +335,9 @@ class Store:
                 ],
             )
 
-    def close_billing(self, uid: str, end: float, node_ids: list[str] | None = None) -> None:
+    def close_billing(self, uid: str, end: float) -> None:
         with self.tx() as db:
-            if node_ids is None:
-                db.execute("UPDATE billing SET end=? WHERE uid=? AND end IS NULL", (end, uid))
-            else:
-                db.executemany(
-                    "UPDATE billing SET end=? WHERE uid=? AND node_id=? AND end IS NULL",
-                    [(end, uid, n) for n in node_ids],
-                )
+            db.execute("UPDATE billing SET end=? WHERE uid=? AND end IS NULL", (end, uid))
 
     def billing(self, cluster: str | None = None) -> list:
         from mlcloud.cost import Interval

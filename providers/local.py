@@ -14,6 +14,7 @@ from typing import ClassVar
 from mlcloud.providers.base import ClusterRef, Node, ProvisionRequest, SshOptions
 
 from mlcloud.errors import UsageError
+from mlcloud.remote.layout import tag
 from mlcloud.remote.local import LocalTransport
 
 
@@ -41,7 +42,7 @@ class LocalProvider:
         if request.gpus or request.instance_type:
             raise UsageError(
                 "the local provider uses this machine as it is: drop resources.gpus and "
-                "resources.instance_type, or pick a cloud provider (--provider aws|gce)"
+                "resources.instance_type, or pick a cloud provider (--provider aws)"
             )
 
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
@@ -73,7 +74,7 @@ class LocalProvider:
 
             t.run(
                 f"{shlex.quote(t.python)} {shlex.quote(str(ctl))} cleanup "
-                f"{shlex.quote(n.root)} {shlex.quote(f'{cluster.uid}.{index}.')}"
+                f"{shlex.quote(n.root)} {shlex.quote(tag(cluster.uid, int(index)))}"
             )
             shutil.rmtree(n.root, ignore_errors=True)
 

@@ -26,6 +26,7 @@ from mlcloud.providers.base import (
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
+from mlcloud.remote.layout import CTL, tag
 from mlcloud.remote.shell import path_arg
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError
@@ -88,8 +89,9 @@ class SshProvider:
     def _node(self, cluster: ClusterRef, index: int, host: str) -> Node:
         h = parse_host(host)
         port = f":{h.port}" if h.port else ""
+        address = f"[{h.host}]" if ":" in h.host else h.host  # IPv6, as parse_host reads it
         return Node(
-            f"{h.user + '@' if h.user else ''}{h.host}{port}",
+            f"{h.user + '@' if h.user else ''}{address}{port}",
             h.host,
             h.host,
             f"~/.mlcloud/{cluster.uid}/node-{index}",
@@ -143,8 +145,8 @@ class SshProvider:
             index = int(node.root.rsplit("-", 1)[1])
             t = self.transport(cluster, node, f"node{index}", ssh)
             root = path_arg(node.root)
-            ctl = f"{root}/bin/node_ctl.py"
-            prefix = shlex.quote(f"{cluster.uid}.{index}.")
+            ctl = f"{root}/{CTL}"
+            prefix = shlex.quote(tag(cluster.uid, index))
             try:
                 t.run(
                     f"if [ -f {ctl} ]; then {shlex.quote(t.python)} {ctl} cleanup {root} "

@@ -116,13 +116,13 @@ def _alive(pid):
         return True
 
 
-def follow(jobdir, offset=0):
+def follow(jobdir):
     """Copy the job's output to stdout until it ends; exit with the job's exit code."""
     log_path = os.path.join(jobdir, "output.log")
     code_path = os.path.join(jobdir, "exit_code")
     pid_path = os.path.join(jobdir, "waiter.pid")
     out = sys.stdout.buffer
-    pos = offset
+    pos = 0
     started = time.time()
     while True:
         done = os.path.exists(code_path)
@@ -285,7 +285,7 @@ def main(argv):
     elif cmd == "_wait":
         _wait(args[0])
     elif cmd == "follow":
-        follow(args[0], int(args[1]) if len(args) > 1 else 0)
+        follow(args[0])
     elif cmd == "kill":
         kill(args[0], float(args[1]) if len(args) > 1 else 10.0)
     elif cmd == "cleanup":

@@ -3,9 +3,10 @@
 Run as `python3 -I -S -c <this file> DEST`; standard library only. The stream (built by
 mlcloud/remote/sync.py `pack`) is a JSON header line ({"delete": [...], "manifest": {...}}),
 then per file a JSON line ({"p": path, "n": size, "z": zlib?, "x": executable?}) and its
-bytes, then {"end": count}. Only regular files can be expressed; absolute paths, `..`, and
-anything that would land outside DEST (through a symlinked directory, say) are refused before
-a byte is written there, as is a truncated stream.
+bytes, then {"end": count}. Only regular files can be expressed; a path that is absolute,
+has `..`, or would land outside DEST (through a symlinked directory, say) is refused before it
+is written or deleted. A truncated stream is refused where it breaks off; the manifest is
+written only at the end, so the next sync sends again whatever did not arrive.
 """
 
 import json

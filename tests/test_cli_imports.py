@@ -28,13 +28,30 @@ PROBE = (
     "print('MODULES=' + json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
 )
 
-COMMANDS = ["up", "down", "status", "train", "logs", "exec", "init"]
+COMMANDS = [
+    "up",
+    "down",
+    "status",
+    "train",
+    "logs",
+    "exec",
+    "init",
+    "ssh",
+    "gc",
+    "gpus",
+    "offers",
+    "cost",
+    "catalog",
+]
 
 CASES = [
     ["--help"],
     ["--version"],
     ["status"],
     ["status", "--json"],
+    ["gpus"],
+    ["offers", "A100:8"],
+    ["cost"],
     *([command, "--help"] for command in COMMANDS),
 ]
 

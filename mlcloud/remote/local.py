@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,10 +46,23 @@ class LocalTransport:
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
         )
         assert proc.stdout is not None and proc.stderr is not None
-        for raw in proc.stdout:
-            on_line(raw.decode(errors="replace").rstrip("\n"))
-        err = proc.stderr.read().decode(errors="replace")
-        return RunResult(proc.wait(), "", err)
+        err: list[bytes] = []  # drained aside, so a chatty stderr cannot block stdout
+        drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+        drain.start()
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            for raw in proc.stdout:
+                on_line(raw.decode(errors="replace").rstrip("\n"))
+            code = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+        drain.join()
+        if timer and code == -9:
+            raise RemoteError(f"{self.label}: command timed out after {timeout}s")
+        return RunResult(code, "", b"".join(err).decode(errors="replace"))
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         target = Path(path)
