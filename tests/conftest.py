@@ -63,6 +63,9 @@ def make_ssh_nodes(tmp_path):
     from sshnodes import SshNodes
 
     started: list[SshNodes] = []
+    # the nodes' files land in this user's real home: whatever a test adds there goes with it
+    node_home = Path.home() / ".mlcloud"
+    before = set(node_home.iterdir()) if node_home.is_dir() else set()
 
     def make(count: int) -> SshNodes:
         nodes = SshNodes(count, tmp_path / f"sshd{len(started)}")
@@ -75,6 +78,11 @@ def make_ssh_nodes(tmp_path):
     run_cli("down", "--all", "--yes", "--purge")
     for nodes in started:
         nodes.stop()
+    if node_home.is_dir():
+        import shutil
+
+        for leftover in set(node_home.iterdir()) - before:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def ssh_up_args(nodes, name: str) -> list[str]:
