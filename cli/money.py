@@ -216,7 +216,7 @@ def catalog_refresh(
 
     if provider != "aws":
         raise UsageError(f"refresh is available for aws; {provider!r} uses the shipped figures")
-    shipped = catalog.header()[1] if len(catalog.header()) > 1 else "the shipped catalog"
+    shipped = catalog.built()
     try:
         refreshed, kept = refresh_aws(providers.get("aws"))
     except MlcloudError as e:

@@ -628,9 +628,9 @@ class AwsProvider:
         try:
             port = 443
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((socket.gethostbyname(endpoint), port))  # UDP: sends nothing
+                target = ipaddress.ip_address(socket.gethostbyname(endpoint))
+                s.connect((str(target), port))  # UDP: sends nothing
                 source = ipaddress.ip_address(s.getsockname()[0])
-            target = ipaddress.ip_address(socket.gethostbyname(endpoint))
         except OSError:
             source = target = None
         if source is not None and (source.is_global or target.is_loopback):

@@ -73,6 +73,29 @@ def request(**kw) -> ProvisionRequest:
     return ProvisionRequest(**{**base, **kw})
 
 
+def engine_uses(aws: AwsProvider, monkeypatch) -> None:
+    """Run the real engine (cluster.up) on this provider; bootstrap, which needs SSH to the
+    nodes, is the one step left out: these tests are about what reaches EC2."""
+    monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
+    monkeypatch.setattr(
+        "mlcloud.cluster.bootstrap",
+        lambda p, ref, nodes, ssh: [
+            state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
+            for i, n in enumerate(nodes)
+        ],
+    )
+
+
+def two_nodes(instance_type: str) -> TaskSpec:
+    return TaskSpec(
+        provider="aws",
+        nodes=2,
+        region="us-east-1",
+        resources=Resources(instance_type=instance_type),
+        ssh=SshSpec(allowed_cidrs=("203.0.113.4/32",)),
+    )
+
+
 def test_secure_defaults_in_the_actual_request(aws):
     aws.prepare(REF, request())
     nodes = aws.create(REF, request(zone="us-east-1b"), 2)
@@ -124,21 +147,8 @@ def test_capacity_in_zone_a_granted_in_b_nothing_left_behind(aws, mlcloud_home, 
         return None
 
     hook(aws, "before-call.ec2.RunInstances", refuse_zone_a)
-    monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
-    monkeypatch.setattr(
-        "mlcloud.cluster.bootstrap",
-        lambda p, ref, nodes, ssh: [
-            state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
-            for i, n in enumerate(nodes)
-        ],
-    )
-    spec = TaskSpec(
-        provider="aws",
-        nodes=2,
-        region="us-east-1",
-        resources=Resources(instance_type="g5.xlarge"),
-        ssh=SshSpec(allowed_cidrs=("203.0.113.4/32",)),
-    )
+    engine_uses(aws, monkeypatch)
+    spec = two_nodes("g5.xlarge")
     store = state.open_store()
     rec = cluster.up(store, "c2", spec, PlainReporter(quiet=True))
     zones = [p["Placement"]["AvailabilityZone"] for p in aws.sent]
@@ -151,14 +161,8 @@ def test_capacity_in_zone_a_granted_in_b_nothing_left_behind(aws, mlcloud_home, 
 
 def test_no_capacity_anywhere_is_one_clear_error_and_nothing_left(aws, mlcloud_home, monkeypatch):
     hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
-    monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
-    spec = TaskSpec(
-        provider="aws",
-        nodes=2,
-        region="us-east-1",
-        resources=Resources(instance_type="p4d.24xlarge"),
-        ssh=SshSpec(allowed_cidrs=("203.0.113.4/32",)),
-    )
+    engine_uses(aws, monkeypatch)
+    spec = two_nodes("p4d.24xlarge")
     store = state.open_store()
     with pytest.raises(CapacityError, match="no capacity for 2 x p4d.24xlarge in us-east-1a"):
         cluster.up(store, "c3", spec, PlainReporter(quiet=True))
@@ -207,21 +211,8 @@ def test_reuse_by_tag_after_a_crash(aws):
 
 def test_no_capacity_in_the_region_moves_to_the_next_and_cleans_up(aws, mlcloud_home, monkeypatch):
     hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
-    monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
-    monkeypatch.setattr(
-        "mlcloud.cluster.bootstrap",
-        lambda p, ref, nodes, ssh: [
-            state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
-            for i, n in enumerate(nodes)
-        ],
-    )
-    spec = TaskSpec(
-        provider="aws",
-        nodes=2,
-        region="us-east-1",
-        resources=Resources(instance_type="p4d.24xlarge"),
-        ssh=SshSpec(allowed_cidrs=("203.0.113.4/32",)),
-    )
+    engine_uses(aws, monkeypatch)
+    spec = two_nodes("p4d.24xlarge")
     rec = cluster.up(
         state.open_store(), "c4", spec, PlainReporter(quiet=True), fallback_regions=("us-west-2",)
     )

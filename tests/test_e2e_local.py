@@ -33,6 +33,11 @@ def newest_checkpoint(home: Path, uid: str) -> int:
     return max(steps, default=0)
 
 
+def train_2x2(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`mlcloud train e2e` on the project with 2 processes per node."""
+    return run_cli("train", "e2e", "-w", str(project), "--nproc-per-node", "2", *args)
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     r = run_cli("init", str(tmp_path / "proj"))
@@ -46,21 +51,8 @@ def test_up_train_kill_resume_down(project, mlcloud_home):
     uid = status()["clusters"][0]["uid"]
 
     # 1. a full job: every rank of 2 nodes x 2 processes reports, loss falls
-    r = run_cli(
-        "train",
-        "e2e",
-        "-w",
-        str(project),
-        "--nproc-per-node",
-        "2",
-        "train.py",
-        "--",
-        "--steps",
-        "40",
-        "--ckpt-every",
-        "10",
-        "--log-every",
-        "10",
+    r = train_2x2(
+        project, "train.py", "--", "--steps", "40", "--ckpt-every", "10", "--log-every", "10"
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     ranks = sorted(int(m) for m in re.findall(r"\] rank (\d)/4 ", r.stdout))
@@ -71,21 +63,7 @@ def test_up_train_kill_resume_down(project, mlcloud_home):
     assert "done steps=40 world_size=4" in r.stdout
 
     # 2. a long job, detached; kill -9 every process of node1 once checkpoints exist
-    r = run_cli(
-        "train",
-        "e2e",
-        "-w",
-        str(project),
-        "--nproc-per-node",
-        "2",
-        "--detach",
-        "train.py",
-        "--",
-        "--steps",
-        "1000000",
-        "--ckpt-every",
-        "20",
-    )
+    r = train_2x2(project, "--detach", "train.py", "--", "--steps", "1000000", "--ckpt-every", "20")
     assert r.returncode == 0, r.stderr
     deadline = time.time() + 90
     while newest_checkpoint(mlcloud_home, uid) < 100 and time.time() < deadline:
@@ -104,20 +82,7 @@ def test_up_train_kill_resume_down(project, mlcloud_home):
 
     # 3. train again: resumes from the newest checkpoint any node holds, not from 0
     last = newest_checkpoint(mlcloud_home, uid)
-    r = run_cli(
-        "train",
-        "e2e",
-        "-w",
-        str(project),
-        "--nproc-per-node",
-        "2",
-        "train.py",
-        "--",
-        "--steps",
-        str(last + 20),
-        "--ckpt-every",
-        "10",
-    )
+    r = train_2x2(project, "train.py", "--", "--steps", str(last + 20), "--ckpt-every", "10")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     assert f"resumed from step {last}" in r.stdout
     assert f"done steps={last + 20} world_size=4" in r.stdout

@@ -85,6 +85,12 @@ def header(path: Path = SHIPPED) -> list[str]:
         return [line[1:].strip() for line in f if line.startswith("#")]
 
 
+def built() -> str:
+    """The header line that says when and from what the shipped catalog was built."""
+    lines = header()
+    return next((line for line in lines if line.startswith("Built on")), SHIPPED.name)
+
+
 def load() -> list[Offer]:
     """Shipped offers, with any provider's refreshed rows in place of its shipped ones."""
     offers = read(SHIPPED)

@@ -8,7 +8,7 @@ import io
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from mlcloud.catalog import COLUMNS, SHIPPED, Offer, header, read, refreshed_path
+from mlcloud.catalog import COLUMNS, SHIPPED, Offer, built, read, refreshed_path
 
 
 def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
@@ -39,7 +39,7 @@ def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
         "latest price per zone).\n"
     )
     out.write("# Rows the APIs did not price keep the shipped figures, noted 'not refreshed'.\n")
-    out.write(f"# Shipped catalog: {header()[1] if len(header()) > 1 else SHIPPED.name}\n")
+    out.write(f"# Shipped catalog: {built()}\n")
     w = csv.writer(out, lineterminator="\n")
     w.writerow(COLUMNS)
     for o in sorted(fresh, key=lambda o: (o.instance_type, o.region)):
