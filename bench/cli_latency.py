@@ -61,7 +61,7 @@ def fill_state(home: Path, clusters: int) -> None:
         store.set_nodes(name, nodes)
         store.set_status(name, "UP")
         for _ in range(1 + i % 2):  # one or two jobs per cluster
-            store.new_job(name, "train.py", 2, 2, home)
+            store.new_job(name, "uid", "train.py", 2, 2, home)
 
 
 def heavy_imports(python: str, args: list[str], env: dict[str, str]) -> list[str]:

@@ -131,7 +131,9 @@ def up(
     finally:
         output.close(rep)
     if json:
-        output.print_json({**views.cluster_json(rec, store.jobs(name)), "plan": plan.to_dict()})
+        output.print_json(
+            {**views.cluster_json(rec, store.jobs(name, rec.uid)), "plan": plan.to_dict()}
+        )
     else:
         _show_nodes(rec)
         print(
@@ -250,9 +252,11 @@ def status(
         rec = store.get_cluster(name)
         if rec is None:
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
-        clusters, jobs = [rec], store.jobs(name)
+        clusters, jobs = [rec], store.jobs(name, rec.uid)
     else:
-        clusters, jobs = store.list_clusters(), store.jobs()
+        clusters = store.list_clusters()
+        current = {c.uid for c in clusters}  # an old incarnation's jobs are not this cluster's
+        jobs = [j for j in store.jobs() if j.uid in current]
     now = time.time()
     billing = store.billing(name)
     if json:

@@ -81,13 +81,20 @@ def train(
         with cluster_lock(name):
             nproc = launch.nproc_for(h, req.nproc_per_node)
             job = store.new_job(
-                name, shlex.join([script, *args]), len(h.nodes), nproc, paths.logs_dir(name)
+                name,
+                h.record.uid,
+                shlex.join([script, *args]),
+                len(h.nodes),
+                nproc,
+                paths.logs_dir(name),
             )
             driver = Driver(store, h, job, _printer())
             try:
                 launch.start(store, h, req, job, rep, driver.emit)
             except BaseException:
-                store.update_job(name, job.job_id, status=state.JOB_FAILED, ended=time.time())
+                store.update_job(
+                    name, job.uid, job.job_id, status=state.JOB_FAILED, ended=time.time()
+                )
                 driver.log.close()
                 _stop_quietly(h, job.job_id)  # whatever did start must not keep running
                 raise
@@ -95,13 +102,13 @@ def train(
         if detach:
             driver.log.close()
             pid = _spawn_driver(name, job, down)
-            store.update_job(name, job.job_id, driver_pid=pid)
+            store.update_job(name, job.uid, job.job_id, driver_pid=pid)
             print(
                 f"job {job.job_id} started on {name}: `mlcloud logs {name} --follow` to watch"
                 + (" (the cluster goes down when it ends)" if down else "")
             )
             return
-        store.update_job(name, job.job_id, driver_pid=os.getpid())
+        store.update_job(name, job.uid, job.job_id, driver_pid=os.getpid())
         try:
             code = driver.run()
         except KeyboardInterrupt:
@@ -170,7 +177,9 @@ def logs(
 
     check_cluster_name(name)
     store = state.open_store()
-    j = store.get_job(name, job)
+    rec = store.get_cluster(name)
+    uid = rec.uid if rec else None  # a live cluster shows its own jobs; a gone one, its last
+    j = store.get_job(name, job, uid)
     if j is None:
         if store.get_cluster(name) is None and not store.jobs(name):
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
@@ -191,7 +200,7 @@ def logs(
                 continue
         if not follow:
             return
-        current = store.get_job(name, j.job_id)
+        current = store.get_job(name, j.job_id, j.uid)
         if current is None or current.status in state.JOB_DONE:
             if path.exists() and path.stat().st_size > pos:
                 continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import secrets
 import time
@@ -344,17 +343,18 @@ def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
         )
     provider.cleanup(ref)
     store.close_billing(ref.uid, time.time())
-    for job in store.jobs(ref.name):
+    for job in store.jobs(ref.name, ref.uid):
         if job.status not in state.JOB_DONE:
-            store.update_job(ref.name, job.job_id, status=state.JOB_CANCELLED)
+            store.update_job(ref.name, ref.uid, job.job_id, status=state.JOB_CANCELLED)
     store.delete_cluster(ref.name)
 
 
 def owner() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+    """Who made a cluster: this home's id, so `gc` never takes another home's clusters for
+    orphans, even those of another CI runner under the same OS user."""
+    from mlcloud import paths
+
+    return paths.home_id()
 
 
 def workdir_of(spec: TaskSpec) -> Path:

@@ -156,7 +156,12 @@ class Driver:
 
     def _finish(self, status: str, code: int) -> None:
         self.store.update_job(
-            self.h.record.name, self.job.job_id, status=status, exit_code=code, ended=time.time()
+            self.h.record.name,
+            self.job.uid,
+            self.job.job_id,
+            status=status,
+            exit_code=code,
+            ended=time.time(),
         )
         self.store.event(self.h.record.name, "job", f"job {self.job.job_id} {status} ({code})")
         self.log.close()
@@ -170,7 +175,7 @@ def main(argv: list[str]) -> int:
     name, job_id, down_after = argv[0], int(argv[1]), "--down" in argv
     store = state.open_store()
     h = cluster.open_cluster(store, name)
-    job = store.get_job(name, job_id)
+    job = store.get_job(name, job_id, h.record.uid)
     assert job is not None
     try:
         return Driver(store, h, job, lambda line: None).run()

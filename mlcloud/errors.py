@@ -1,19 +1,30 @@
 """Errors meant for a person: one line saying what, where, and how to fix it.
 
 The CLI prints these without a traceback; anything else is a bug and keeps its traceback.
+Every command exits with the same codes (README, "Exit codes"): 0 ok, 1 the job or the
+command failed, 2 bad input, 3 no capacity anywhere tried, 4 quota, 5 credentials or auth,
+130 interrupted. `train` and `logs --follow` exit with the job's own code.
 """
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CAPACITY = 3
+EXIT_QUOTA = 4
+EXIT_AUTH = 5
+EXIT_INTERRUPTED = 130
 
 
 class MlcloudError(Exception):
     """A failure the user can act on; exits 1."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class UsageError(MlcloudError):
     """Bad input on the command line or in a spec file; exits 2 like click's usage errors."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class NotFoundError(MlcloudError):
@@ -22,5 +33,3 @@ class NotFoundError(MlcloudError):
 
 class BusyError(MlcloudError):
     """Another mlcloud command holds the cluster (or the state database) for too long."""
-
-    exit_code = 3

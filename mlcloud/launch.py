@@ -166,7 +166,7 @@ def start(
 
     report.step(f"starting job {job.job_id}: {n} node(s) x {nproc} process(es)")
     fan_out(launch, list(range(n)))
-    store.update_job(h.record.name, job.job_id, status=state.JOB_RUNNING)
+    store.update_job(h.record.name, job.uid, job.job_id, status=state.JOB_RUNNING)
     store.event(h.record.name, "job", f"job {job.job_id} started: {n} x {nproc} {req.script}")
     return nproc
 

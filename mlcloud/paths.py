@@ -1,11 +1,14 @@
 """Where mlcloud keeps its state: $MLCLOUD_HOME, else the platform's user data dir."""
 
 import os
+import secrets
 from pathlib import Path
 
 
 def home() -> Path:
-    """The state directory, created 0700 (it holds keys and logs)."""
+    """The state directory. Created 0700 when missing; an existing directory the user named
+    (~, /tmp) is used as it is, never chmodded: what is secret in it (keys, ssh, locks, logs,
+    state.db) lives in private subdirectories and 0600 files of its own."""
     env = os.environ.get("MLCLOUD_HOME")
     if env:
         path = Path(env).expanduser()
@@ -13,7 +16,8 @@ def home() -> Path:
         from platformdirs import user_data_dir
 
         path = Path(user_data_dir("mlcloud", appauthor=False))
-    private_dir(path)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
 
@@ -23,6 +27,32 @@ def private_dir(path: Path) -> Path:
     if path.stat().st_mode & 0o077:
         path.chmod(0o700)
     return path
+
+
+def home_id() -> str:
+    """This home's random id, made with the home and kept in `home/id`. Clusters are tagged
+    with it (mlcloud-owner), so `gc` tells this home's orphans from other people's: two CI
+    runners as the same OS user still have different homes."""
+    f = home() / "id"
+    try:
+        text = f.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    new = secrets.token_hex(8)
+    tmp = f.with_name(f"id.{os.getpid()}.tmp")
+    with open(tmp, "w") as out:
+        out.write(new + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        os.link(tmp, f)  # first writer wins, atomically, even between processes
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return f.read_text().strip()
 
 
 def logs_dir(cluster: str) -> Path:

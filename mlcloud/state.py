@@ -38,10 +38,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     gpus INTEGER NOT NULL,
     gpu_type TEXT,
     status TEXT NOT NULL,
+    python TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (cluster, idx)
 );
 CREATE TABLE IF NOT EXISTS jobs (
     cluster TEXT NOT NULL,
+    uid TEXT NOT NULL,
     job_id INTEGER NOT NULL,
     status TEXT NOT NULL,
     command TEXT NOT NULL,
@@ -52,7 +54,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     log_path TEXT NOT NULL,
     driver_pid INTEGER,
-    PRIMARY KEY (cluster, job_id)
+    PRIMARY KEY (cluster, uid, job_id)
 );
 CREATE TABLE IF NOT EXISTS billing (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,7 +78,32 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-SCHEMA_VERSION = 2  # 2: billing
+SCHEMA_VERSION = 3  # 2: billing; 3: jobs belong to a cluster's incarnation, node interpreter
+
+# From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
+# interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
+_MIGRATE_3 = """
+ALTER TABLE nodes ADD COLUMN python TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs RENAME TO jobs_v2;
+CREATE TABLE jobs (
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    command TEXT NOT NULL,
+    num_nodes INTEGER NOT NULL,
+    nproc_per_node INTEGER NOT NULL,
+    submitted REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    log_path TEXT NOT NULL,
+    driver_pid INTEGER,
+    PRIMARY KEY (cluster, uid, job_id)
+);
+INSERT INTO jobs SELECT cluster, '', job_id, status, command, num_nodes, nproc_per_node,
+    submitted, ended, exit_code, log_path, driver_pid FROM jobs_v2;
+DROP TABLE jobs_v2;
+"""
 
 # Cluster lifecycle: INIT (intent written, nodes may be half made) -> UP -> STOPPING -> row dropped.
 INIT, UP, STOPPING = "INIT", "UP", "STOPPING"
@@ -96,6 +123,7 @@ class NodeRecord:
     gpus: int
     gpu_type: str | None
     status: str
+    python: str = ""  # the interpreter that imports torch there, found at bootstrap
 
 
 @dataclass(frozen=True)
@@ -114,6 +142,7 @@ class ClusterRecord:
 @dataclass(frozen=True)
 class JobRecord:
     cluster: str
+    uid: str  # the cluster's incarnation: a cluster made again under a name starts at job 1
     job_id: int
     status: str
     command: str
@@ -139,18 +168,51 @@ class Store:
         self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._wal()
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a committed intent row survives a power cut (NORMAL may lose the last
+            # transactions in WAL mode), and the writes are few
+            self.db.execute("PRAGMA synchronous=FULL")
             (version,) = self.db.execute("PRAGMA user_version").fetchone()
-            if version < SCHEMA_VERSION:  # every statement is IF NOT EXISTS: safe to rerun
-                self.db.executescript(
-                    f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
-                )
+            if version < SCHEMA_VERSION:
+                self._migrate(version)
         except sqlite3.OperationalError as e:
             raise self._translate(e) from e
         if path.exists() and path.stat().st_mode & 0o077:
             path.chmod(0o600)
+
+    def _wal(self) -> None:
+        """Switch to WAL. On a new file, processes racing here get "locked" at once (the busy
+        handler is not called for a journal-mode change), so retry until the busy timeout."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _migrate(self, version: int) -> None:
+        """Bring the schema to SCHEMA_VERSION in one transaction (a second process racing
+        here waits on BEGIN IMMEDIATE, then finds the work done)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = self.db.execute("PRAGMA user_version").fetchone()
+            if 0 < version < 3:
+                for statement in _MIGRATE_3.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+            if version < SCHEMA_VERSION:
+                for statement in SCHEMA.split(";"):  # every one IF NOT EXISTS: safe to rerun
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -232,7 +294,7 @@ class Store:
         with self.tx() as db:
             db.execute("DELETE FROM nodes WHERE cluster=?", (name,))
             db.executemany(
-                "INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         name,
@@ -244,6 +306,7 @@ class Store:
                         n.gpus,
                         n.gpu_type,
                         n.status,
+                        n.python,
                     )
                     for n in nodes
                 ],
@@ -259,18 +322,21 @@ class Store:
     # jobs
 
     def new_job(
-        self, cluster: str, command: str, num_nodes: int, nproc: int, log_dir: Path
+        self, cluster: str, uid: str, command: str, num_nodes: int, nproc: int, log_dir: Path
     ) -> JobRecord:
+        """The next job of this incarnation of the cluster (the first is 1)."""
         with self.tx() as db:
             (last,) = db.execute(
-                "SELECT COALESCE(MAX(job_id), 0) FROM jobs WHERE cluster=?", (cluster,)
+                "SELECT COALESCE(MAX(job_id), 0) FROM jobs WHERE cluster=? AND uid=?",
+                (cluster, uid),
             ).fetchone()
             job_id = last + 1
-            log_path = str(log_dir / f"job-{job_id}.log")
+            log_path = str(log_dir / f"{uid}.job-{job_id}.log")
             db.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     cluster,
+                    uid,
                     job_id,
                     JOB_STARTING,
                     command,
@@ -283,34 +349,44 @@ class Store:
                     None,
                 ),
             )
-        job = self.get_job(cluster, job_id)
+        job = self.get_job(cluster, job_id, uid)
         assert job is not None
         return job
 
-    def update_job(self, cluster: str, job_id: int, **fields: object) -> None:
+    def update_job(self, cluster: str, uid: str, job_id: int, **fields: object) -> None:
         allowed = {"status", "ended", "exit_code", "driver_pid"}
         assert set(fields) <= allowed, fields
         sets = ", ".join(f"{k}=?" for k in fields)
         with self.tx() as db:
             db.execute(
-                f"UPDATE jobs SET {sets} WHERE cluster=? AND job_id=?",  # noqa: S608 (keys fixed)
-                (*fields.values(), cluster, job_id),
+                f"UPDATE jobs SET {sets} WHERE cluster=? AND uid=? AND job_id=?",  # noqa: S608
+                (*fields.values(), cluster, uid, job_id),
             )
 
-    def get_job(self, cluster: str, job_id: int | None = None) -> JobRecord | None:
-        if job_id is None:
-            rows = self._read(
-                "SELECT * FROM jobs WHERE cluster=? ORDER BY job_id DESC LIMIT 1", (cluster,)
-            )
-        else:
-            rows = self._read("SELECT * FROM jobs WHERE cluster=? AND job_id=?", (cluster, job_id))
-        return JobRecord(**dict(rows[0])) if rows else None
+    def get_job(
+        self, cluster: str, job_id: int | None = None, uid: str | None = None
+    ) -> JobRecord | None:
+        """A job by id (default: the newest), of incarnation `uid` (default: the newest one
+        that has jobs, so the jobs of a torn-down cluster can still be read)."""
+        jobs = self.jobs(cluster, uid)
+        if uid is None and jobs:
+            newest = max(jobs, key=lambda j: j.submitted).uid
+            jobs = [j for j in jobs if j.uid == newest]
+        if job_id is not None:
+            jobs = [j for j in jobs if j.job_id == job_id]
+        return jobs[-1] if jobs else None
 
-    def jobs(self, cluster: str | None = None) -> list[JobRecord]:
+    def jobs(self, cluster: str | None = None, uid: str | None = None) -> list[JobRecord]:
         if cluster is None:
-            rows = self._read("SELECT * FROM jobs ORDER BY cluster, job_id")
+            rows = self._read("SELECT * FROM jobs ORDER BY cluster, submitted, job_id")
+        elif uid is None:
+            rows = self._read(
+                "SELECT * FROM jobs WHERE cluster=? ORDER BY submitted, job_id", (cluster,)
+            )
         else:
-            rows = self._read("SELECT * FROM jobs WHERE cluster=? ORDER BY job_id", (cluster,))
+            rows = self._read(
+                "SELECT * FROM jobs WHERE cluster=? AND uid=? ORDER BY job_id", (cluster, uid)
+            )
         return [JobRecord(**dict(r)) for r in rows]
 
     # billing: kept after teardown, so `mlcloud cost` can report torn-down clusters
@@ -393,6 +469,7 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         gpus=r["gpus"],
         gpu_type=r["gpu_type"],
         status=r["status"],
+        python=r["python"],
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from mlcloud.errors import MlcloudError
+from mlcloud.errors import EXIT_AUTH, EXIT_CAPACITY, EXIT_QUOTA, MlcloudError
 
 if TYPE_CHECKING:
     from mlcloud.remote.transport import Transport
@@ -92,19 +92,27 @@ class ProviderError(MlcloudError):
 class CapacityError(ProviderError):
     """No capacity in this zone: the engine may try the next zone or region."""
 
+    exit_code = EXIT_CAPACITY
+
     def __init__(self, zone: str, message: str):
         super().__init__(message)
         self.zone = zone
 
 
 class QuotaError(ProviderError):
+    """A quota (regional on every cloud) refused the request: the engine tries the next region."""
+
+    exit_code = EXIT_QUOTA
+
     def __init__(self, scope: str, message: str):
         super().__init__(message)
         self.scope = scope
 
 
 class AuthError(ProviderError):
-    pass
+    """No credentials, or the cloud refused them."""
+
+    exit_code = EXIT_AUTH
 
 
 class Provider(Protocol):

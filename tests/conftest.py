@@ -10,6 +10,16 @@ from pathlib import Path
 import pytest
 
 MLCLOUD = str(Path(sys.executable).parent / "mlcloud")
+# The network guard (netguard/sitecustomize.py): this process and every Python process the
+# tests start refuse to leave loopback or ask a resolver, and the test that tried fails.
+_GUARD = Path(__file__).parent / "netguard"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(_GUARD), os.environ.get("PYTHONPATH", "")) if p
+)
+sys.path.insert(0, str(_GUARD))
+import sitecustomize as _netguard  # noqa: E402  (ours: the first on the path)
+
+_netguard.install()
 # moto reads its AMI list when first imported: ours has Deep Learning AMIs to find.
 os.environ["MOTO_AMIS_PATH"] = str(Path(__file__).parent / "data" / "amis.json")
 # never ask an instance metadata service (169.254.169.254) for credentials
@@ -17,10 +27,23 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
 @pytest.fixture(autouse=True)
+def network_guard(tmp_path, monkeypatch):
+    """Fail any test whose processes tried to reach beyond loopback or resolve a name."""
+    log = tmp_path / "netguard.log"
+    monkeypatch.setenv("MLCLOUD_NETGUARD_LOG", str(log))
+    yield
+    if log.exists() and log.read_text().strip():
+        pytest.fail("network guard: tried to leave loopback:\n" + log.read_text())
+
+
+@pytest.fixture(autouse=True)
 def mlcloud_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "mlcloud-home"
     monkeypatch.setenv("MLCLOUD_HOME", str(home))
     monkeypatch.setenv("NO_COLOR", "1")
+    # The tests' own environment, not this machine's: PYTHONUNBUFFERED makes print() write
+    # text and newline apart, which no user's job should depend on either way.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     return home
 
 
@@ -57,15 +80,27 @@ def tagged_pids(prefix: str) -> list[int]:
     return found
 
 
+def _cluster_uids(home: Path) -> set[str]:
+    """The uids of the clusters a test's home knows (state, and the ssh provider's files)."""
+    import sqlite3
+
+    uids = {p.stem for p in (home / "ssh").glob("*.json")}
+    if (home / "state.db").exists():
+        try:
+            db = sqlite3.connect(home / "state.db")
+            uids |= {r[0] for r in db.execute("SELECT uid FROM clusters")}
+            db.close()
+        except sqlite3.Error:
+            pass
+    return uids
+
+
 @pytest.fixture
-def make_ssh_nodes(tmp_path):
+def make_ssh_nodes(tmp_path, mlcloud_home):
     """Start K real OpenSSH daemons on 127.0.0.2.. as nodes; all stopped (by PID) after the test."""
     from sshnodes import SshNodes
 
     started: list[SshNodes] = []
-    # the nodes' files land in this user's real home: whatever a test adds there goes with it
-    node_home = Path.home() / ".mlcloud"
-    before = set(node_home.iterdir()) if node_home.is_dir() else set()
 
     def make(count: int) -> SshNodes:
         nodes = SshNodes(count, tmp_path / f"sshd{len(started)}")
@@ -74,15 +109,16 @@ def make_ssh_nodes(tmp_path):
         return nodes
 
     yield make
-    # whatever a failed test left on the nodes (they live in this user's real home) goes now
+    # whatever a failed test left on the nodes goes now. They live in this user's real home
+    # (~/.mlcloud/UID), shared with other test runs: only this test's clusters' are removed.
+    uids = _cluster_uids(mlcloud_home)
     run_cli("down", "--all", "--yes", "--purge")
     for nodes in started:
         nodes.stop()
-    if node_home.is_dir():
-        import shutil
+    import shutil
 
-        for leftover in set(node_home.iterdir()) - before:
-            shutil.rmtree(leftover, ignore_errors=True)
+    for uid in uids:
+        shutil.rmtree(Path.home() / ".mlcloud" / uid, ignore_errors=True)
 
 
 def ssh_up_args(nodes, name: str) -> list[str]:

@@ -167,7 +167,7 @@ def test_missing_credentials_is_one_line(moto_server, monkeypatch):
         "127.0.0.1/32",
         "--yes",
     )
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 5 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: no usable AWS credentials")
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
 

@@ -37,10 +37,10 @@ def test_cluster_lifecycle(mlcloud_home):
 def test_jobs_number_per_cluster_and_outlive_it(mlcloud_home):
     s = _store(mlcloud_home)
     s.create_cluster("a", "a-1", "local", {}, "me")
-    j1 = s.new_job("a", "train.py", 2, 2, mlcloud_home)
-    j2 = s.new_job("a", "train.py", 2, 2, mlcloud_home)
+    j1 = s.new_job("a", "u1", "train.py", 2, 2, mlcloud_home)
+    j2 = s.new_job("a", "u1", "train.py", 2, 2, mlcloud_home)
     assert (j1.job_id, j2.job_id) == (1, 2)
-    s.update_job("a", 2, status=state.JOB_FAILED, exit_code=3)
+    s.update_job("a", "u1", 2, status=state.JOB_FAILED, exit_code=3)
     assert s.get_job("a").exit_code == 3
     s.delete_cluster("a")
     assert [j.job_id for j in s.jobs("a")] == [1, 2]  # logs stay readable after down
@@ -83,3 +83,40 @@ def test_busy_database_is_a_clear_error(mlcloud_home):
     finally:
         holder.execute("ROLLBACK")
     s.create_cluster("b", "b-1", "local", {}, "me")
+
+
+def test_a_cluster_made_again_starts_its_own_jobs(mlcloud_home):
+    s = _store(mlcloud_home)
+    s.create_cluster("a", "a-1", "local", {}, "me")
+    s.new_job("a", "a-1", "train.py", 1, 1, mlcloud_home)
+    s.new_job("a", "a-1", "train.py", 1, 1, mlcloud_home)
+    s.delete_cluster("a")
+    s.create_cluster("a", "a-2", "local", {}, "me")
+    j = s.new_job("a", "a-2", "train.py", 1, 1, mlcloud_home)
+    assert j.job_id == 1 and j.log_path != s.jobs("a", "a-1")[0].log_path
+    assert [x.job_id for x in s.jobs("a", "a-2")] == [1]
+    assert s.get_job("a", 2, "a-2") is None
+    assert s.get_job("a").uid == "a-2"  # the newest incarnation by default
+
+
+def test_version_2_database_is_migrated(mlcloud_home):
+    import sqlite3
+
+    path = mlcloud_home / "state.db"
+    mlcloud_home.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE nodes (cluster TEXT, idx INTEGER, node_id TEXT, ip TEXT,
+        private_ip TEXT, root TEXT, gpus INTEGER, gpu_type TEXT, status TEXT);
+        CREATE TABLE jobs (cluster TEXT NOT NULL, job_id INTEGER NOT NULL, status TEXT NOT NULL,
+        command TEXT NOT NULL, num_nodes INTEGER NOT NULL, nproc_per_node INTEGER NOT NULL,
+        submitted REAL NOT NULL, ended REAL, exit_code INTEGER, log_path TEXT NOT NULL,
+        driver_pid INTEGER, PRIMARY KEY (cluster, job_id));
+        INSERT INTO jobs VALUES ('a', 1, 'SUCCEEDED', 'x.py', 1, 1, 1.0, 2.0, 0, '/l', NULL);
+        PRAGMA user_version=2;"""
+    )
+    db.close()
+    s = state.Store(path)
+    (old,) = s.jobs("a")
+    assert (old.uid, old.job_id, old.exit_code) == ("", 1, 0)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == state.SCHEMA_VERSION
