@@ -237,3 +237,37 @@ def test_a_full_node_disk_fails_in_one_line_and_keeps_nothing_partial(small_disk
     (src / "weights.bin").unlink()
     s = sync.push(LocalTransport("node0"), src, str(dst))
     assert s.files_sent == 1 and (dst / sync.MANIFEST).exists()
+
+
+def test_over_ssh_a_planted_symlink_is_replaced_and_a_full_disk_named(
+    make_ssh_nodes, small_disk, tmp_path
+):
+    """The same receiver behind a real sshd: what the job planted in the workdir is replaced,
+    and a node whose disk fills says so in one line, with nothing partial left there."""
+    from mlcloud.remote.ssh import SshTarget, SshTransport
+
+    nodes = make_ssh_nodes(1)
+    n = nodes.nodes[0]
+    t = SshTransport(
+        SshTarget(n.host, n.port, n.user, str(nodes.client_key), python=nodes.python), "node0"
+    )
+    src, dst, victim = tmp_path / "src", tmp_path / "dst", tmp_path / "victim"
+    tree(src, {"train.py": "t", "pkg/mod.py": "m"})
+    victim.write_text("keep")
+    dst.mkdir()
+    (dst / "train.py").symlink_to(victim)
+    (dst / "pkg").mkdir()
+    (dst / "pkg/mod.py.mlcloud-tmp").symlink_to(victim)
+    try:
+        assert sync.push(t, src, str(dst)).files_sent == 2
+        assert victim.read_text() == "keep"
+        assert (dst / "train.py").read_text() == "t" and (dst / "pkg/mod.py").read_text() == "m"
+        assert partial_files(dst) == []
+        (src / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        with pytest.raises(RemoteError) as e:
+            sync.push(t, src, str(small_disk / "workdir"))
+        assert "\n" not in str(e.value) and str(e.value).startswith("node0: syncing the workdir")
+        assert "'weights.bin': No space left on device" in str(e.value)
+        assert partial_files(small_disk) == []
+    finally:
+        t.close()
