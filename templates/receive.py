@@ -177,8 +177,9 @@ class Tree:
 
 
 class Stream:
-    """stdin read with os.read: one system call per read, so a signal that arrives while the
-    sender stalls interrupts it (a BufferedReader's fill loop would block on, signal pending)."""
+    """stdin read with os.read, one system call per read, so a signal that arrives while the
+    sender stalls interrupts the read (a BufferedReader goes on filling its buffer and stays
+    blocked with the signal pending)."""
 
     def __init__(self, fd):
         self.fd, self.buf, self.pos = fd, b"", 0

@@ -143,7 +143,7 @@ def check_workdir(root: Path, limits: Limits) -> None:
     by_top: dict[str, list[int]] = {}
     for rel, path, st in _files(root):
         if not os.access(path, os.R_OK):
-            raise _unreadable(root, rel, PermissionError(13, "Permission denied"))
+            raise _unreadable(root, rel, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
         files += 1
         size += st.st_size
         top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
