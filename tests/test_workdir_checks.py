@@ -77,3 +77,29 @@ def test_a_symlink_loop_in_the_workdir_is_one_line(cluster, tmp_path):
     r = run_cli("train", "wd", "train.py", "-w", str(src))
     refused(r, "a is a symlink loop", ".mlcloudignore")
     no_job_and_nothing_sent(cluster)
+
+
+def test_a_node_disk_that_fills_during_sync_keeps_nothing_partial(cluster, tmp_path):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    src = project(tmp_path / "proj")
+    (src / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    cluster.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(cluster)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = run_cli("train", "wd", "train.py", "-w", str(src))
+        assert r.returncode == 1, r.stdout + r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in r.stderr
+        assert "'weights.bin': No space left on device" in errors[0]
+        assert not [p for p in cluster.rglob("*") if p.name.endswith(".mlcloud-tmp")]
+        assert not (cluster / "weights.bin").exists()
+        job = json.loads(run_cli("status", "--json").stdout)["clusters"][0]["jobs"][-1]
+        assert job["status"] == "FAILED"
+    finally:
+        subprocess.run(["umount", "-l", str(cluster)], check=True)
