@@ -73,7 +73,7 @@ class TaskSpec:
     spot_max_price: float | None = None
     image: str | None = None
     workdir: str | None = None
-    max_workdir_files: int | None = None  # a sync refuses more (default: sync.Limits)
+    max_workdir_files: int | None = None  # train refuses a larger workdir (remote/sync.py)
     max_workdir_size: int | None = None  # bytes; written 5GiB, 500MB in the spec
     setup: str | None = None
     train: TrainSpec = field(default_factory=TrainSpec)

@@ -263,7 +263,8 @@ def test_over_ssh_a_planted_symlink_is_replaced_and_a_full_disk_named(
         assert victim.read_text() == "keep"
         assert (dst / "train.py").read_text() == "t" and (dst / "pkg/mod.py").read_text() == "m"
         assert partial_files(dst) == []
-        (src / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        # more than SSH's window: the sender is still writing when the node gives up
+        (src / "weights.bin").write_bytes(os.urandom(16 * 1024 * 1024))
         with pytest.raises(RemoteError) as e:
             sync.push(t, src, str(small_disk / "workdir"))
         assert "\n" not in str(e.value) and str(e.value).startswith("node0: syncing the workdir")
@@ -271,3 +272,13 @@ def test_over_ssh_a_planted_symlink_is_replaced_and_a_full_disk_named(
         assert partial_files(small_disk) == []
     finally:
         t.close()
+
+
+def test_a_file_the_job_left_where_a_directory_goes_is_named(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "pkg").write_text("made by the job")
+    name = "pkg/mod.py"
+    r = receive(dest, {"delete": [], "manifest": {name: [1, 0, "d"]}}, [frame(name)])
+    assert r.returncode == 3 and b"'pkg' on the node is not a directory" in r.stderr
+    assert (dest / "pkg").read_text() == "made by the job"
