@@ -51,6 +51,11 @@ def up(
     ssh_user: str | None = options.SSH_USER,
     ssh_port: int | None = options.SSH_PORT,
     proxy_command: str | None = options.PROXY_COMMAND,
+    allow_proxy_command: bool = typer.Option(
+        False,
+        "--allow-proxy-command",
+        help="Run the spec file's ssh.proxy_command without asking (for runs with no terminal).",
+    ),
     allow_ssh_from: list[str] | None = typer.Option(
         None,
         "--allow-ssh-from",
@@ -102,6 +107,8 @@ def up(
         spot=spot,
         image=image,
     )
+    if file and spec.ssh.proxy_command and not proxy_command:
+        _trust_proxy_command(file, spec.ssh.proxy_command, allow_proxy_command)
     if instance_type:
         spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
     if gpus:
@@ -140,6 +147,18 @@ def up(
             f"cluster {name} is up: `mlcloud train {name} SCRIPT.py` to run a job, "
             f"`mlcloud down {name}` when done"
         )
+
+
+def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
+    """A spec file's proxy command runs on this machine: a person confirms it once."""
+    import sys
+
+    from mlcloud import trust
+
+    def ask(question: str) -> bool:
+        return typer.confirm(question, default=False, err=True)
+
+    trust.check_proxy_command(file, command, allowed, ask if sys.stdin.isatty() else None)
 
 
 def _default_region(provider: str) -> str | None:

@@ -47,6 +47,7 @@ def train(
     from mlcloud.driver import Driver
     from mlcloud.errors import UsageError
     from mlcloud.locks import cluster_lock
+    from mlcloud.remote.sync import Limits
     from mlcloud.spec import parse_env
 
     spec = load(file, workdir=str(workdir.resolve()) if workdir else None)
@@ -70,6 +71,7 @@ def train(
         envs={**spec.envs, **parse_env(env or [])},
         setup=spec.setup,
         checkpoint_dir=spec.checkpoint_dir,
+        limits=Limits.of(spec.max_workdir_files, spec.max_workdir_size),
     )
     launch.validate(req)
     store = state.open_store()

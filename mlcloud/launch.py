@@ -18,6 +18,7 @@ from mlcloud.cluster import Handle
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
 from mlcloud.remote.layout import tag
+from mlcloud.remote.sync import Limits, check_workdir
 from mlcloud.remote.transport import check
 from mlcloud.report import Reporter
 
@@ -33,6 +34,7 @@ class JobRequest:
     envs: dict[str, str]
     setup: str | None
     checkpoint_dir: str | None
+    limits: Limits = Limits()
 
 
 def job_dir(root: str, job_id: int) -> str:
@@ -52,6 +54,7 @@ def validate(req: JobRequest) -> None:
             f"script {req.script!r} not found in workdir {req.workdir} "
             "(set --workdir or train.script)"
         )
+    check_workdir(req.workdir, req.limits)  # before a job exists or a byte travels
 
 
 def nproc_for(h: Handle, requested: int | None) -> int:

@@ -73,6 +73,8 @@ class TaskSpec:
     spot_max_price: float | None = None
     image: str | None = None
     workdir: str | None = None
+    max_workdir_files: int | None = None  # train refuses a larger workdir (remote/sync.py)
+    max_workdir_size: int | None = None  # bytes; written 5GiB, 500MB in the spec
     setup: str | None = None
     train: TrainSpec = field(default_factory=TrainSpec)
     envs: dict[str, str] = field(default_factory=dict)
@@ -257,6 +259,8 @@ _FIELDS = {
         "zone",
         "spot",
         "workdir",
+        "max_workdir_files",
+        "max_workdir_size",
         "setup",
         "train",
         "envs",
@@ -401,6 +405,11 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             f"{where('hosts')}: must be a list of [user@]host[:port], e.g. "
             "['alice@10.0.0.5', 'alice@10.0.0.6']"
         )
+    max_size = d.get("max_workdir_size")
+    if max_size is not None:
+        from mlcloud.remote.sync import parse_size
+
+        max_size = parse_size(max_size, where("max_workdir_size"))
     ssh = _section(d, "ssh", where)
     port = _int(ssh, "port", where, "ssh.port")
     if port is not None and port > 65535:
@@ -421,6 +430,8 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         spot_max_price=_positive(d, "spot_max_price", where, "spot_max_price"),
         image=_str(d, "image", where),
         workdir=_str(d, "workdir", where),
+        max_workdir_files=_int(d, "max_workdir_files", where),
+        max_workdir_size=max_size,
         setup=_str(d, "setup", where),
         train=TrainSpec(
             script=_str(train, "script", where, "train.script"),

@@ -3,80 +3,296 @@
 Run as `python3 -I -S -c <this file> DEST`; standard library only. The stream (built by
 mlcloud/remote/sync.py `pack`) is a JSON header line ({"delete": [...], "manifest": {...}}),
 then per file a JSON line ({"p": path, "n": size, "z": zlib?, "x": executable?}) and its
-bytes, then {"end": count}. Only regular files can be expressed; a path that is absolute,
-has `..`, or would land outside DEST (through a symlinked directory, say) is refused before it
-is written or deleted. A truncated stream is refused where it breaks off; the manifest is
-written only at the end, so the next sync sends again whatever did not arrive.
+bytes, then {"end": count}. Only regular files can be expressed; a path that is absolute or
+has `..` is refused before anything is written or deleted.
+
+Whatever the job left in DEST is distrusted: everything below DEST is reached through
+directory descriptors opened with O_NOFOLLOW, so a symlinked directory is refused rather
+than followed, and each file is written to a fresh temporary (O_CREAT|O_EXCL|O_NOFOLLOW)
+renamed over its target, so a planted symlink is replaced, never written through. A sync
+that fails (a truncated stream, a full disk, a signal) removes the file it was writing; the
+manifest is written only at the end, so the next sync sends again whatever did not arrive.
+
+The local provider's sync (mlcloud/remote/sync.py `local_sync`) imports `Tree` from here, so
+both write the same way.
 """
 
+import errno
 import json
 import os
+import signal
 import sys
 import zlib
 
 MANIFEST = ".mlcloud-manifest.json"
+TMP_SUFFIX = ".mlcloud-tmp"
+CHUNK = 1 << 20
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _refuse(why):
-    sys.stderr.write(f"mlcloud sync: refused: {why}\n")
-    sys.exit(3)
+class Refused(Exception):
+    """The stream or the destination is not something a sync may write."""
 
 
-def _target(dest_real, name, checked):
-    parts = name.split("/") if isinstance(name, str) else [""]
-    if not name or name.startswith("/") or ".." in parts or "" in parts or "\0" in name:
-        _refuse(f"unsafe path {name!r}")
-    path = os.path.join(dest_real, *parts)
-    parent = os.path.dirname(path)
-    if parent not in checked:  # resolved once per directory
-        real = os.path.realpath(parent)
-        if real != dest_real and not real.startswith(dest_real + os.sep):
-            _refuse(f"{name!r} would be written outside the workdir")
-        checked.add(parent)
-    if os.path.islink(path):
-        os.unlink(path)
-    return path
+class Failed(Exception):
+    """The node could not take a file (a full disk, a read-only file system, a quota)."""
 
 
-def main(dest):
-    os.makedirs(dest, exist_ok=True)
-    dest_real = os.path.realpath(dest)
-    stdin = sys.stdin.buffer
-    header = json.loads(stdin.readline() or "{}")
-    if "manifest" not in header:
-        _refuse("no stream header")
-    manifest, checked = header["manifest"], set()
+class Tree:
+    """DEST and the files below it, reached only through directory descriptors."""
+
+    def __init__(self, dest):
+        self.dest = dest
+        os.makedirs(dest, exist_ok=True)
+        try:
+            self.fd = os.open(dest, _DIR)
+        except OSError as e:  # ELOOP: the workdir itself was swapped for a symlink
+            raise Refused(f"{dest} is not a plain directory ({e.strerror})") from None
+        self._parent = ("", self.fd)  # the last directory used: files arrive sorted by path
+
+    def close(self):
+        self._drop_parent()
+        os.close(self.fd)
+
+    def _drop_parent(self):
+        if self._parent[1] != self.fd:
+            os.close(self._parent[1])
+        self._parent = ("", self.fd)
+
+    def _split(self, name):
+        parts = name.split("/") if isinstance(name, str) else [""]
+        if not name or name.startswith("/") or "\0" in name or {"", ".", ".."} & set(parts):
+            raise Refused(f"unsafe path {name!r}")
+        return parts[:-1], parts[-1]
+
+    def _dir(self, name, create):
+        """(fd of name's directory, base name); None when it does not exist and not create."""
+        dirs, base = self._split(name)
+        rel = "/".join(dirs)
+        if self._parent[0] == rel:
+            return self._parent[1], base
+        self._drop_parent()
+        fd = self.fd
+        try:
+            for i, part in enumerate(dirs):
+                try:
+                    nxt = os.open(part, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        if fd != self.fd:
+                            os.close(fd)
+                        return None
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nxt = os.open(part, _DIR, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):  # a symlink, a file
+                        raise
+                    where = "/".join(dirs[: i + 1])
+                    kind = "a symlink" if os.path.islink(os.path.join(self.dest, where)) else ""
+                    raise Refused(
+                        f"{name!r}: {where!r} on the node is {kind or 'not a directory'} "
+                        f"({e.strerror}); remove it there"
+                    ) from None
+                if fd != self.fd:
+                    os.close(fd)
+                fd = nxt
+        except BaseException:
+            if fd != self.fd:
+                os.close(fd)
+            raise
+        self._parent = (rel, fd)
+        return fd, base
+
+    def read(self, name):
+        """A file's bytes, or None; a symlink counts as missing."""
+        found = self._dir(name, create=False)
+        if found is None:
+            return None
+        try:
+            fd = os.open(found[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=found[0])
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def delete(self, name):
+        """Remove a file (or the symlink in its place); a directory there is left alone."""
+        try:
+            found = self._dir(name, create=False)
+            if found is not None:
+                os.unlink(found[1], dir_fd=found[0])
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+        except OSError as e:
+            raise Failed(f"deleting {name!r}: {e.strerror}") from None
+
+    def write(self, name, chunks, mode, mtime_ns=None):
+        """Write chunks (an iterable of bytes) to name atomically: a fresh temporary, renamed.
+
+        On any failure, the temporary is removed before the error goes on."""
+        try:
+            self._write(name, chunks, mode, mtime_ns)
+        except OSError as e:
+            raise Failed(f"writing {name!r}: {e.strerror}") from None
+
+    def _write(self, name, chunks, mode, mtime_ns):
+        dirfd, base = self._dir(name, create=True)
+        tmp = base + TMP_SUFFIX
+        try:
+            os.unlink(tmp, dir_fd=dirfd)  # what a killed sync left behind
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise Refused(f"{name + TMP_SUFFIX!r} is in the way ({e.strerror})") from None
+        try:
+            fd = os.open(tmp, _NEW, 0o600, dir_fd=dirfd)
+        except FileExistsError:
+            raise Refused(f"{name + TMP_SUFFIX!r} reappeared on the node while syncing") from None
+        try:
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, base, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except IsADirectoryError:  # a directory where the file now goes: empty it may go
+                try:
+                    os.rmdir(base, dir_fd=dirfd)
+                except OSError:
+                    raise Refused(f"{name!r} is a directory on the node; remove it there") from None
+                os.replace(tmp, base, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dirfd)
+            except OSError:
+                pass
+            raise
+
+
+class Stream:
+    """stdin read with os.read, one system call per read, so a signal that arrives while the
+    sender stalls interrupts the read (a BufferedReader goes on filling its buffer and stays
+    blocked with the signal pending)."""
+
+    def __init__(self, fd):
+        self.fd, self.buf, self.pos = fd, b"", 0
+
+    def readline(self):
+        while True:
+            end = self.buf.find(b"\n", self.pos)
+            if end >= 0:
+                line, self.pos = self.buf[self.pos : end + 1], end + 1
+                return line
+            data = os.read(self.fd, CHUNK)
+            if not data:
+                line, self.buf, self.pos = self.buf[self.pos :], b"", 0
+                return line
+            self.buf, self.pos = self.buf[self.pos :] + data, 0
+
+    def read(self, n):
+        """Up to n bytes, fewer when fewer have arrived; b"" at the end of the stream."""
+        if self.pos == len(self.buf):
+            if n >= CHUNK:
+                return os.read(self.fd, n)
+            self.buf, self.pos = os.read(self.fd, CHUNK), 0
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+def _frame_chunks(stdin, size, compressed):
+    """A file's bytes from the stream, a chunk at a time; Refused if the stream breaks off."""
+    inflate = zlib.decompressobj() if compressed else None
+    left = size
+    while left:
+        block = stdin.read(min(CHUNK, left))
+        if not block:
+            raise Refused("truncated stream")
+        left -= len(block)
+        if inflate is not None:
+            try:
+                block = inflate.decompress(block)
+            except zlib.error:
+                raise Refused("corrupt compressed data") from None
+        yield block
+    if inflate is not None:
+        yield inflate.flush()
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)  # unwind, so the file being written is removed
+
+
+def _line(stdin):
+    try:
+        value = json.loads(stdin.readline() or "{}")
+    except ValueError:
+        raise Refused("not a sync stream") from None
+    if not isinstance(value, dict):
+        raise Refused("not a sync stream")
+    return value
+
+
+def receive(tree, stdin):
+    """Apply one stream to tree; returns the number of files written."""
+    header = _line(stdin)
+    manifest = header.get("manifest")
+    if not isinstance(manifest, dict) or not isinstance(header.get("delete"), list):
+        raise Refused("no stream header")
     for name in header["delete"]:
-        path = _target(dest_real, name, checked)
-        if os.path.lexists(path) and not os.path.isdir(path):
-            os.unlink(path)
+        tree._split(name)  # check every path before touching anything
+    for name in header["delete"]:
+        tree.delete(name)
     count = 0
     while True:
-        meta = json.loads(stdin.readline() or "{}")
+        meta = _line(stdin)
         if "end" in meta:
             break
         if "p" not in meta or "n" not in meta:
-            _refuse("truncated stream")
+            raise Refused("truncated stream")
         name, size = meta["p"], meta["n"]
-        path = _target(dest_real, name, checked)
-        data = stdin.read(size)
-        if len(data) != size or name not in manifest:
-            _refuse("truncated stream" if len(data) != size else f"{name!r} not in the manifest")
-        if meta.get("z"):
-            data = zlib.decompress(data)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.mlcloud-tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            os.fchmod(f.fileno(), 0o755 if meta.get("x") else 0o644)
-        mtime_ns = manifest[name][1]
-        os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        os.replace(tmp, path)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise Refused(f"bad size {size!r}")
+        if not isinstance(name, str) or name not in manifest:
+            raise Refused(f"{name!r} not in the manifest")
+        mtime = manifest[name][1] if isinstance(manifest[name], list) else None
+        tree.write(
+            name,
+            _frame_chunks(stdin, size, meta.get("z")),
+            0o755 if meta.get("x") else 0o644,
+            mtime if isinstance(mtime, int) and not isinstance(mtime, bool) else None,
+        )
         count += 1
-    tmp = os.path.join(dest_real, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f)
-    os.replace(tmp, os.path.join(dest_real, MANIFEST))
+    tree.write(MANIFEST, [json.dumps(manifest).encode()], 0o644)
+    return count
+
+
+def main(dest):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _stop)
+    tree = None
+    try:
+        tree = Tree(dest)
+        count = receive(tree, Stream(sys.stdin.fileno()))
+    except Refused as e:
+        sys.stderr.write(f"mlcloud sync: refused: {e}\n")
+        sys.exit(3)
+    except Failed as e:
+        sys.stderr.write(f"mlcloud sync: failed in {dest}: {e}; the partial file was removed\n")
+        sys.exit(4)
+    except OSError as e:  # DEST itself cannot be made
+        sys.stderr.write(f"mlcloud sync: failed: {dest}: {e.strerror}\n")
+        sys.exit(4)
+    finally:
+        if tree is not None:
+            tree.close()
     print(count)
 
 

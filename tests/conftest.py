@@ -176,3 +176,21 @@ def relay_pool(tmp_path, hosts: list[str]) -> tuple[Path, str]:
     pool.write_text(json.dumps({"pool": hosts, "routes": {}}))
     relay = Path(__file__).parent / "tcp_relay.py"
     return pool, f"{sys.executable} {relay} --pool {pool} %h %p"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system that fills up: a 1 MiB tmpfs for this test (root only, else skipped)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

@@ -218,6 +218,8 @@ def test_to_dict_shape(tmp_path):
         "zone",
         "spot",
         "workdir",
+        "max_workdir_files",
+        "max_workdir_size",
         "setup",
         "train",
         "envs",

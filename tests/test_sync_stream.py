@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from mlcloud import templates
 from mlcloud.remote import sync
 from mlcloud.remote.local import LocalTransport
+from mlcloud.remote.transport import RemoteError
 
 
 def tree(root, files):
@@ -120,3 +123,162 @@ def test_compressible_files_travel_compressed_others_as_they_are(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "d/weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
     assert (tmp_path / "d/code.py").read_text() == (src / "code.py").read_text()
+
+
+# --- what the job left in the workdir is never written through ------------------------------
+
+
+def test_a_planted_symlink_is_replaced_never_written_through(tmp_path):
+    dest, victim = tmp_path / "dest", tmp_path / "victim"
+    dest.mkdir()
+    victim.write_text("keep")
+    (dest / "a.py.mlcloud-tmp").symlink_to(victim)  # where the receiver writes first
+    (dest / "b.py").symlink_to(victim)  # the target itself
+    manifest = {"a.py": [1, 0, "d"], "b.py": [1, 0, "d"]}
+    r = receive(dest, {"delete": [], "manifest": manifest}, [frame("a.py"), frame("b.py")])
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "keep"
+    assert (dest / "a.py").read_text() == "x" and not (dest / "a.py").is_symlink()
+    assert (dest / "b.py").read_text() == "x" and not (dest / "b.py").is_symlink()
+    assert not os.path.lexists(dest / "a.py.mlcloud-tmp")
+
+
+def test_a_symlinked_parent_is_refused_not_followed(tmp_path):
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    (dest / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    (dest / "pkg" / "sub").symlink_to(outside)  # deeper than the top level
+    name = "pkg/sub/f.py"
+    r = receive(dest, {"delete": [], "manifest": {name: [1, 0, "d"]}}, [frame(name)])
+    assert r.returncode == 3 and b"'pkg/sub'" in r.stderr and b"symlink" in r.stderr
+    assert list(outside.iterdir()) == []
+    r = receive(dest, {"delete": [name], "manifest": {}}, [])
+    assert r.returncode == 3 and list(outside.iterdir()) == []
+
+
+def test_a_workdir_swapped_for_a_symlink_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "dest").symlink_to(outside)
+    r = receive(tmp_path / "dest", {"delete": [], "manifest": {"f": [1, 0, "d"]}}, [frame("f")])
+    assert r.returncode == 3 and b"not a plain directory" in r.stderr
+    assert list(outside.iterdir()) == []
+
+
+def test_a_file_replaced_by_a_directory_and_back(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, {"x/y.py": "y"})
+    t = LocalTransport("node0")
+    sync.push(t, src, str(dst))
+    (src / "x/y.py").unlink()
+    (src / "x").rmdir()
+    (src / "x").write_text("now a file")
+    s = sync.push(t, src, str(dst))
+    assert (s.files_sent, s.files_deleted) == (1, 1)
+    assert (dst / "x").read_text() == "now a file"
+
+
+# --- a sync that fails leaves nothing partial ------------------------------------------------
+
+
+def partial_files(root) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.name.endswith(".mlcloud-tmp")]
+
+
+def test_a_stream_cut_mid_file_leaves_no_partial_file(tmp_path):
+    dest = tmp_path / "dest"
+    meta, _ = frame("big.bin", b"0" * 3_000_000)
+    r = receive(
+        dest,
+        {"delete": [], "manifest": {"big.bin": [3_000_000, 0, "d"]}},
+        [(meta, b"0" * 2_500_000)],  # more than one chunk written before the break
+        end=False,
+    )
+    assert r.returncode == 3 and b"truncated" in r.stderr
+    assert partial_files(dest) == [] and not (dest / "big.bin").exists()
+
+
+def test_a_receiver_stopped_mid_file_removes_it(tmp_path):
+    dest = tmp_path / "dest"
+    header = {"delete": [], "manifest": {"big.bin": [10_000_000, 0, "d"]}}
+    p = subprocess.Popen(
+        [sys.executable, str(templates.path("receive.py")), str(dest)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdin is not None
+    p.stdin.write(json.dumps(header).encode() + b"\n")
+    p.stdin.write(json.dumps(frame("big.bin")[0] | {"n": 10_000_000}).encode() + b"\n")
+    p.stdin.write(b"0" * 2_000_000)  # then the sender stalls, as a dying connection does
+    p.stdin.flush()
+    tmp = dest / "big.bin.mlcloud-tmp"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not tmp.exists() or tmp.stat().st_size < 2_000_000):
+        time.sleep(0.02)
+    assert tmp.stat().st_size == 2_000_000  # all it was sent is written: it waits for more
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=10) == 128 + signal.SIGTERM
+    p.stdin.close()
+    assert partial_files(dest) == [] and not (dest / "big.bin").exists()
+
+
+def test_a_full_node_disk_fails_in_one_line_and_keeps_nothing_partial(small_disk, tmp_path):
+    src = tmp_path / "src"
+    tree(src, {"a.py": "a"})
+    (src / "weights.bin").write_bytes(os.urandom(3 * 1024 * 1024))  # the disk holds 1 MiB
+    dst = small_disk / "workdir"
+    with pytest.raises(RemoteError) as e:
+        sync.push(LocalTransport("node0"), src, str(dst))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "node0" in message and "'weights.bin'" in message and "No space left" in message
+    assert partial_files(small_disk) == [] and not (dst / "weights.bin").exists()
+    assert not (dst / sync.MANIFEST).exists()  # the next sync sends everything again
+    (src / "weights.bin").unlink()
+    s = sync.push(LocalTransport("node0"), src, str(dst))
+    assert s.files_sent == 1 and (dst / sync.MANIFEST).exists()
+
+
+def test_over_ssh_a_planted_symlink_is_replaced_and_a_full_disk_named(
+    make_ssh_nodes, small_disk, tmp_path
+):
+    """The same receiver behind a real sshd: what the job planted in the workdir is replaced,
+    and a node whose disk fills says so in one line, with nothing partial left there."""
+    from mlcloud.remote.ssh import SshTarget, SshTransport
+
+    nodes = make_ssh_nodes(1)
+    n = nodes.nodes[0]
+    t = SshTransport(
+        SshTarget(n.host, n.port, n.user, str(nodes.client_key), python=nodes.python), "node0"
+    )
+    src, dst, victim = tmp_path / "src", tmp_path / "dst", tmp_path / "victim"
+    tree(src, {"train.py": "t", "pkg/mod.py": "m"})
+    victim.write_text("keep")
+    dst.mkdir()
+    (dst / "train.py").symlink_to(victim)
+    (dst / "pkg").mkdir()
+    (dst / "pkg/mod.py.mlcloud-tmp").symlink_to(victim)
+    try:
+        assert sync.push(t, src, str(dst)).files_sent == 2
+        assert victim.read_text() == "keep"
+        assert (dst / "train.py").read_text() == "t" and (dst / "pkg/mod.py").read_text() == "m"
+        assert partial_files(dst) == []
+        # more than SSH's window: the sender is still writing when the node gives up
+        (src / "weights.bin").write_bytes(os.urandom(16 * 1024 * 1024))
+        with pytest.raises(RemoteError) as e:
+            sync.push(t, src, str(small_disk / "workdir"))
+        assert "\n" not in str(e.value) and str(e.value).startswith("node0: syncing the workdir")
+        assert "'weights.bin': No space left on device" in str(e.value)
+        assert partial_files(small_disk) == []
+    finally:
+        t.close()
+
+
+def test_a_file_the_job_left_where_a_directory_goes_is_named(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "pkg").write_text("made by the job")
+    name = "pkg/mod.py"
+    r = receive(dest, {"delete": [], "manifest": {name: [1, 0, "d"]}}, [frame(name)])
+    assert r.returncode == 3 and b"'pkg' on the node is not a directory" in r.stderr
+    assert (dest / "pkg").read_text() == "made by the job"

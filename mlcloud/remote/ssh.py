@@ -190,8 +190,14 @@ class SshTransport:
             if stdin is not None:
                 # a memoryview: paramiko's sendall slices what is left after every packet,
                 # which on bytes copies the rest each time (quadratic in the payload)
-                chan.sendall(memoryview(stdin))
-                chan.shutdown_write()
+                try:
+                    chan.sendall(memoryview(stdin))
+                    chan.shutdown_write()
+                except OSError:
+                    if not chan.exit_status_ready():
+                        raise
+                    # the command ended before reading it all (a sync refused or out of
+                    # disk): its exit code and stderr, read below, say why
             out, err = io.BytesIO(), io.BytesIO()
             pending = b""
 

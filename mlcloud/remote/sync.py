@@ -4,20 +4,31 @@ workdir's root, plus a few directories nobody wants shipped."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import shutil
+import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlcloud.errors import UsageError
+from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.remote.transport import SyncStats
 
 MANIFEST = ".mlcloud-manifest.json"
-ALWAYS_IGNORED = [".git/", "__pycache__/", "*.pyc", ".venv/", ".mlcloud/", MANIFEST]
+ALWAYS_IGNORED = [
+    ".git/",
+    "__pycache__/",
+    "*.pyc",
+    ".venv/",
+    ".mlcloud/",
+    MANIFEST,
+    "*.mlcloud-tmp",
+]
+IGNORE_HINT = "add it to .mlcloudignore"
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,56 @@ class Entry:
 Manifest = dict[str, Entry]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The most a workdir may hold: past it a sync is a mistake (a dataset, a virtualenv,
+    checkpoints) to catch before anything travels. Spec keys max_workdir_files and
+    max_workdir_size raise them."""
+
+    files: int = 100_000
+    size: int = 2 * 1024**3
+
+    @classmethod
+    def of(cls, files: int | None, size: int | None) -> Limits:
+        """The spec's values where given, the defaults elsewhere."""
+        return cls(files or cls.files, size or cls.size)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from `2GiB`, `500MB`, `1.5G` or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
+    if m and (m.group(2) or not m.group(3)):
+        unit = m.group(2).lower()
+        scale = 1024 ** "bkmgt".index(unit) if m.group(3) and unit else _UNITS[unit]
+        size = int(float(m.group(1)) * scale)
+        if size > 0:
+            return size
+    raise UsageError(
+        f"{where}: {value!r} is not a size; write it like 5GiB, 500MB or a number of bytes"
+    )
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _unreadable(root: Path | str, rel: str, e: OSError) -> UsageError:
+    return UsageError(
+        f"workdir {root}: cannot read {rel or '.'} ({e.strerror}); fix its permissions or "
+        f"{IGNORE_HINT}"
+    )
+
+
 def _ignore_spec(root: Path):
     import pathspec
 
@@ -37,11 +98,14 @@ def _ignore_spec(root: Path):
     for name in (".gitignore", ".mlcloudignore"):
         f = root / name
         if f.is_file():
-            lines += f.read_text(errors="replace").splitlines()
+            try:
+                lines += f.read_text(errors="replace").splitlines()
+            except OSError as e:
+                raise _unreadable(root, name, e) from None
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
-def _digest(path: Path) -> str:
+def _digest(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -54,47 +118,111 @@ def scan(root: Path, previous: Manifest | None = None) -> Manifest:
 
     Symlinks are shipped as the files they point to when those lie inside root, and refused
     otherwise: a link out of the workdir would copy (or expose) files the user never meant to send.
+    A file that cannot be read is refused in one line that names it.
     """
-    if not root.is_dir():
-        raise UsageError(f"workdir {root} is not a directory")
+    previous = previous or {}
     out: Manifest = {}
-    _walk(str(root), "", _ignore_spec(root), previous or {}, out, root.resolve())
-    return out
-
-
-def _walk(
-    root: str, rel_dir: str, spec, previous: Manifest, out: Manifest, real_root: Path
-) -> None:
-    """Depth first in name order with os.scandir: one stat per file, reused from the entry."""
-    with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for e in entries:
-        rel = rel_dir + e.name
-        if e.is_dir(follow_symlinks=False):
-            if not spec.match_file(rel + "/"):
-                _walk(root, rel + "/", spec, previous, out, real_root)
-            continue
-        if spec.match_file(rel):
-            continue
-        if e.is_symlink():
-            target = Path(e.path).resolve()
-            if not target.is_relative_to(real_root):
-                raise UsageError(
-                    f"workdir {root}: {rel} is a symlink to {target}, outside the workdir; "
-                    "remove it or add it to .mlcloudignore"
-                )
-            if not target.is_file():
-                continue
-            st = os.stat(e.path)
-        elif e.is_file(follow_symlinks=False):
-            st = e.stat(follow_symlinks=False)
-        else:
-            continue
+    for rel, path, st in _files(root):
         old = previous.get(rel)
         if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
             out[rel] = old
-        else:
-            out[rel] = Entry(st.st_size, st.st_mtime_ns, _digest(Path(e.path)))
+            continue
+        try:
+            out[rel] = Entry(st.st_size, st.st_mtime_ns, _digest(path))
+        except FileNotFoundError:
+            continue  # deleted since the walk saw it: as if it had never been there
+        except OSError as e:
+            raise _unreadable(root, rel, e) from None
+    return out
+
+
+def check_workdir(root: Path, limits: Limits) -> None:
+    """Refuse, before anything is sent, a workdir that holds more than limits allow or a file
+    that cannot be read; one line naming what to .mlcloudignore. One stat per file, no reads."""
+    files = size = 0
+    by_top: dict[str, list[int]] = {}
+    for rel, path, st in _files(root):
+        if not os.access(path, os.R_OK):
+            raise _unreadable(root, rel, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        files += 1
+        size += st.st_size
+        top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
+        tally = by_top.setdefault(top, [0, 0])
+        tally[0] += 1
+        tally[1] += st.st_size
+        if files > limits.files:
+            most = max(by_top.items(), key=lambda kv: kv[1][0])
+            raise UsageError(
+                f"workdir {root} holds more than {limits.files:,} files ({most[0]} alone has "
+                f"{most[1][0]:,}); add what the job does not need to .mlcloudignore, or raise "
+                "max_workdir_files in the spec"
+            )
+        if size > limits.size:
+            most = max(by_top.items(), key=lambda kv: kv[1][1])
+            raise UsageError(
+                f"workdir {root} holds more than {human(limits.size)} ({files:,} files so far; "
+                f"{most[0]} alone is {human(most[1][1])}); add what the job does not need to "
+                ".mlcloudignore, or raise max_workdir_size in the spec"
+            )
+
+
+def _files(root: Path):
+    """(relative path, path, stat) of each file to ship, depth first in name order."""
+    if not root.is_dir():
+        raise UsageError(f"workdir {root} is not a directory")
+    yield from _walk(str(root), "", _ignore_spec(root), str(root.resolve()))
+
+
+def _walk(root: str, rel_dir: str, spec, real_root: str):
+    """os.scandir: one stat per file, reused from the entry."""
+    try:
+        with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise _unreadable(root, rel_dir.rstrip("/"), e) from None
+    for e in entries:
+        rel = rel_dir + e.name
+        try:
+            if e.is_dir(follow_symlinks=False):
+                if not spec.match_file(rel + "/"):
+                    yield from _walk(root, rel + "/", spec, real_root)
+                continue
+            if spec.match_file(rel):
+                continue
+            if e.is_symlink():
+                st = _link_target(root, rel, e.path, real_root)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    continue  # dangling, or a directory: nothing to ship
+            elif e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+            else:
+                continue  # a FIFO, socket or device has no content to ship
+        except FileNotFoundError:
+            continue  # deleted while we walked
+        except OSError as err:
+            raise _unreadable(root, rel, err) from None
+        yield rel, e.path, st
+
+
+def _link_target(root: str, rel: str, path: str, real_root: str) -> os.stat_result | None:
+    """What a symlink in the workdir points to (None if nothing), refused if outside it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(
+                f"workdir {root}: {rel} is a symlink loop; remove it or {IGNORE_HINT}"
+            ) from None
+        raise
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, real_root]) != real_root:
+        raise UsageError(
+            f"workdir {root}: {rel} is a symlink to {target}, outside the workdir; "
+            f"remove it or {IGNORE_HINT}"
+        )
+    return st
 
 
 def diff(local: Manifest, remote: Manifest) -> tuple[list[str], list[str]]:
@@ -117,22 +245,47 @@ def load(data: bytes) -> Manifest:
 
 
 def local_sync(src: Path, dest: Path) -> SyncStats:
-    """Mirror src into dest on this machine, copying only what changed since the last sync."""
-    dest.mkdir(parents=True, exist_ok=True)
-    manifest_path = dest / MANIFEST
-    remote = load(manifest_path.read_bytes()) if manifest_path.exists() else {}
-    local = scan(src)
-    send, delete = diff(local, remote)
-    sent_bytes = 0
-    for rel in send:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, target)
-        sent_bytes += local[rel].size
-    for rel in delete:
-        (dest / rel).unlink(missing_ok=True)
-    manifest_path.write_bytes(dump(local))
-    return SyncStats(len(send), sent_bytes, len(delete))
+    """Mirror src into dest on this machine, copying only what changed since the last sync.
+
+    Written the way a node's receiver writes (templates/receive.py): nothing below dest is
+    reached through a symlink, and a sync that fails removes the file it was writing."""
+    from mlcloud.templates.receive import Failed, Refused, Tree
+
+    try:
+        tree = Tree(str(dest))
+    except Refused as e:
+        raise UsageError(f"syncing the workdir: refused: {e}") from None
+    except OSError as e:
+        raise MlcloudError(f"syncing the workdir: cannot create {dest}: {e.strerror}") from None
+    try:
+        remote = load(tree.read(MANIFEST) or b"{}")
+        local = scan(src, previous=remote)
+        send, delete = diff(local, remote)
+        for rel in delete:
+            tree.delete(rel)
+        for rel in send:
+            with _open_source(src, rel) as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                tree.write(rel, iter(lambda f=f: f.read(1 << 20), b""), mode, local[rel].mtime_ns)
+        tree.write(MANIFEST, [dump(local)], 0o644)
+    except Refused as e:
+        raise UsageError(f"syncing the workdir to {dest}: refused: {e}") from None
+    except Failed as e:
+        raise MlcloudError(
+            f"syncing the workdir to {dest} failed: {e}; the partial file was removed"
+        ) from None
+    finally:
+        tree.close()
+    return SyncStats(len(send), sum(local[p].size for p in send), len(delete))
+
+
+def _open_source(src: Path, rel: str):
+    try:
+        return open(src / rel, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"workdir {src}: {rel} was deleted while syncing; run again") from None
+    except OSError as e:
+        raise _unreadable(src, rel, e) from None
 
 
 def pack(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> bytes:
@@ -147,13 +300,14 @@ def pack(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> b
     from concurrent.futures import ThreadPoolExecutor
 
     def frame(rel: str) -> bytes:
-        path = src / rel
-        data = path.read_bytes()
+        with _open_source(src, rel) as f:
+            data = f.read()
+            executable = bool(os.fstat(f.fileno()).st_mode & 0o111)
         sample = data[:65536]
         z = len(data) > 256 and len(zlib.compress(sample, 1)) < 0.9 * len(sample)
         if z:
             data = zlib.compress(data, 1)
-        meta = {"p": rel, "n": len(data), "z": z, "x": bool(path.stat().st_mode & 0o111)}
+        meta = {"p": rel, "n": len(data), "z": z, "x": executable}
         return json.dumps(meta).encode() + b"\n" + data
 
     header = {
