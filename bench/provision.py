@@ -239,7 +239,6 @@ def main() -> int:
         import logging
 
         import boto3
-
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)

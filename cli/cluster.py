@@ -113,6 +113,16 @@ def up(
     existing = store.get_cluster(name)
     data = locate(near) if near else None
     spec, plan = planner.make(spec, _default_region, max_hours, data)
+    if existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
+        # a cloud refuses what it cannot serve (credentials, instance type, region) before
+        # the plan is shown and confirmed
+        from mlcloud import providers
+
+        providers.get(plan.provider).check(
+            replace(
+                cluster.request_for(spec, spec.node_count), fallback_regions=plan.fallback_regions
+            )
+        )
     if not json and existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
         _show_plan(plan)
     if existing is None and plan.per_hour != 0:

@@ -8,6 +8,7 @@ become the typed ones the engine's failover reads. boto3 is imported only here.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import ipaddress
 import os
@@ -849,6 +850,7 @@ def _catalog_aws() -> list:
     return [o for o in catalog.load() if o.provider == "aws"]
 
 
+@functools.cache
 def _known_regions() -> set[str]:
     """Every partition's EC2 regions from botocore's bundled endpoint data (no network)."""
     import botocore.session
@@ -862,8 +864,10 @@ def _known_regions() -> set[str]:
     return regions | {o.region for o in _catalog_aws()}
 
 
+@functools.cache
 def _known_instance_types() -> set[str]:
-    """The InstanceType enum of botocore's bundled EC2 model (no network)."""
+    """The InstanceType enum of botocore's bundled EC2 model (no network; read once, as
+    reading the model is most of the cost of making an EC2 client)."""
     import botocore.session
 
     shape = botocore.session.get_session().get_service_model("ec2").shape_for("InstanceType")
@@ -896,7 +900,8 @@ def _sdk_errors(operation: str, where: str | None) -> Iterator[None]:
         ) from e
     except ResponseParserError as e:
         raise Unsupported(
-            f"aws: {operation}{place} failed: the answer is not AWS's ({_short(str(e))}); {debug}"
+            f"aws: {operation}{place} failed: the endpoint's answer is not an AWS response "
+            f"(an error page?); {debug}"
         ) from e
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
