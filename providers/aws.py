@@ -233,18 +233,8 @@ class AwsProvider:
         tags = self._tags(cluster, f"mlcloud-{cluster.name}")
         # The engine asks for what is missing, so (place, count, already there) names the try;
         # a resumed `up` retries the recorded place with the same token, so EC2 launches once.
-        attempt = ":".join(
-            map(
-                str,
-                (
-                    request.zone or region,
-                    count,
-                    request.count - count,
-                    request.instance_type,
-                    request.spot,
-                ),
-            )
-        )
+        place = request.zone or region
+        attempt = f"{place}:{count}:{request.count - count}:{request.instance_type}:{request.spot}"
         token = f"{cluster.uid}-{hashlib.sha256(attempt.encode()).hexdigest()[:16]}"
         placement: dict[str, str] = {}
         if request.zone:
@@ -358,11 +348,12 @@ class AwsProvider:
         from botocore.config import Config
 
         wanted = set(items)
-        pricing = self.session.client(
-            "pricing",
-            region_name="us-east-1",  # the Price List API lives in us-east-1
-            config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5),
-        )
+        with _sdk_errors("client", "us-east-1"):
+            pricing = self.session.client(
+                "pricing",
+                region_name="us-east-1",  # the Price List API lives in us-east-1
+                config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5),
+            )
         on_demand: dict[tuple[str, str], float] = {}
         for itype in sorted({t for t, _ in wanted}):
             token = None
@@ -421,12 +412,15 @@ class AwsProvider:
             return getattr(client, op)(**kwargs)
 
     def identity(self, region: str) -> str:
-        """The caller's ARN (STS GetCallerIdentity, once): clusters are tagged with it, so
-        `gc` can say whose an orphan was."""
+        """The caller's ARN (STS GetCallerIdentity, once; "" where STS cannot tell): clusters
+        are tagged with it, so `gc` can say whose an orphan was."""
         if self._identity is None:
-            with _sdk_errors("client", region):
-                sts = self.session.client("sts", region_name=region, config=self._config())
-            self._identity = self._call_client(sts, "get_caller_identity").get("Arn", "")
+            try:
+                with _sdk_errors("client", region):
+                    sts = self.session.client("sts", region_name=region, config=self._config())
+                self._identity = self._call_client(sts, "get_caller_identity").get("Arn", "")
+            except ProviderError:  # an endpoint without STS: the owner tag still tells homes apart
+                self._identity = ""
         return self._identity
 
     # garbage collection
