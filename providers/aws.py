@@ -878,6 +878,7 @@ def _sdk_errors(operation: str, where: str | None) -> Iterator[None]:
         EndpointConnectionError,
         NoCredentialsError,
         PartialCredentialsError,
+        ProfileNotFound,
     )
     from botocore.parsers import ResponseParserError
 
@@ -887,6 +888,8 @@ def _sdk_errors(operation: str, where: str | None) -> Iterator[None]:
         yield
     except (NoCredentialsError, PartialCredentialsError) as e:
         raise AuthError(f"no usable AWS credentials: {HOW_TO_CONFIGURE}") from e
+    except ProfileNotFound as e:
+        raise AuthError(f"{e}: {HOW_TO_CONFIGURE}") from e
     except EndpointConnectionError as e:
         raise ProviderError(
             f"aws: {operation}{place}: cannot reach {e.kwargs.get('endpoint_url', 'AWS')}; "

@@ -526,3 +526,14 @@ def test_instance_type_and_region_checked_before_anything(aws):
     with pytest.raises(UsageError, match="did you mean .*us-east-1"):
         aws.check(request(region="us-east-l"))
     aws.check(request(instance_type="t3.micro", region="eu-west-1"))  # not GPUs, still known
+
+
+def test_a_missing_profile_is_a_credentials_error(aws_env, monkeypatch):
+    from mlcloud.providers.base import AuthError
+
+    from mlcloud.errors import EXIT_AUTH
+
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    with pytest.raises(AuthError) as e:
+        AwsProvider().check(request(count=1))
+    assert e.value.exit_code == EXIT_AUTH and "(nosuch) could not be found" in str(e.value)
