@@ -674,7 +674,12 @@ class AwsProvider:
                         {"ResourceType": "placement-group", "Tags": self._tags(cluster, name)}
                     ],
                 )
-        except ProviderError as e:
+        except Unsupported:
+            return (
+                f"no cluster placement group in {region}: the endpoint does not implement "
+                "them; the nodes go without one"
+            )
+        except ProviderError as e:  # not allowed to, or a limit: still worth the nodes
             return f"no cluster placement group in {region} ({e}); the nodes go without one"
         self._pgs[(region, cluster.uid)] = name
         return None

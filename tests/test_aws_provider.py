@@ -537,3 +537,15 @@ def test_a_missing_profile_is_a_credentials_error(aws_env, monkeypatch):
     with pytest.raises(AuthError) as e:
         AwsProvider().check(request(count=1))
     assert e.value.exit_code == EXIT_AUTH and "(nosuch) could not be found" in str(e.value)
+
+
+def test_placement_group_refused_is_a_warning_not_a_failure(aws):
+    """Describing works but making one is refused (an IAM policy without the permission)."""
+    hook(aws, "before-call.ec2.CreatePlacementGroup", lambda **_: refusal("UnauthorizedOperation"))
+    with_placement_groups(aws)  # its handlers come after the refusal
+    prepared = aws.prepare(REF, request())
+    (warning,) = prepared.warnings
+    assert "UnauthorizedOperation" in warning and warning.endswith("the nodes go without one")
+    aws.create(REF, replace(prepared.request, zone="us-east-1a"), 2)
+    assert "GroupName" not in aws.sent[-1]["Placement"]
+    assert aws.prepare(REF, request()).warnings == ()  # said once
