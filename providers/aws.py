@@ -39,7 +39,7 @@ from mlcloud.remote.ssh import SshTarget, SshTransport
 if TYPE_CHECKING:
     from mlcloud.providers.base import Resource
 
-DEFAULT_USER = "ubuntu"  # clusters recorded before the login user was pinned used the DLAMI's
+DEFAULT_USER = "ubuntu"  # the Ubuntu DLAMI's, and so of clusters recorded before it was pinned
 DISK_GB = 200
 # The Ubuntu builds only: the Amazon Linux 2023 ones share the prefix and log in as ec2-user.
 # Newest first by CreationDate; the OSS-driver PyTorch DLAMI is the one AWS maintains today.
@@ -559,9 +559,14 @@ class AwsProvider:
         return replace(request, ssh=replace(request.ssh, user=user))
 
     def _describe_image(self, region: str, image: str) -> dict:
-        images = self._call(region, "describe_images", ImageIds=[image])["Images"]
+        try:
+            images = self._call(region, "describe_images", ImageIds=[image])["Images"]
+        except ProviderError as e:
+            if "InvalidAMIID" not in str(e):
+                raise
+            images = []
         if not images:
-            raise UsageError(f"image {image} not found in {region}")
+            raise UsageError(f"image {image} not found in {region}; check image: (or --image)")
         self._roots[(region, image)] = images[0].get("RootDeviceName") or "/dev/sda1"
         return images[0]
 

@@ -319,6 +319,8 @@ def test_login_user_follows_an_asked_image(aws):
     with pytest.raises(UsageError, match="ami-0mystery.*set ssh.user") as e:
         user("ami-0mystery")
     assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="image ami-12345678 not found in us-east-1"):
+        user("ami-12345678")
 
 
 def test_login_user_table():
