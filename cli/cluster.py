@@ -120,6 +120,16 @@ def up(
     existing = store.get_cluster(name)
     data = locate(near) if near else None
     spec, plan = planner.make(spec, _default_region, max_hours, data)
+    if existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
+        # a cloud refuses what it cannot serve (credentials, instance type, region) before
+        # the plan is shown and confirmed
+        from mlcloud import providers
+
+        providers.get(plan.provider).check(
+            replace(
+                cluster.request_for(spec, spec.node_count), fallback_regions=plan.fallback_regions
+            )
+        )
     if not json and existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
         _show_plan(plan)
     if existing is None and plan.per_hour != 0:
@@ -358,40 +368,75 @@ def ssh(
 
 
 def gc(
-    provider: str | None = typer.Option(None, "--provider", "-p", help="Only this cloud."),
+    provider: str | None = typer.Option(
+        None, "--provider", "-p", help="Only this provider (local or aws)."
+    ),
     region: list[str] | None = typer.Option(
         None, "--region", help="Regions to search (repeatable; default: the configured one)."
     ),
     all_owners: bool = typer.Option(
-        False, "--all-owners", help="Also clusters launched by other users (default: yours)."
+        False, "--all-owners", help="Also delete clusters made by other homes (other owners)."
+    ),
+    owner: list[str] | None = typer.Option(
+        None, "--owner", help="Also delete the clusters of this owner id (repeatable)."
+    ),
+    min_age: float = typer.Option(
+        10.0, "--min-age", min=0.0, help="Keep clusters younger than this many minutes."
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found."),
     json: bool = options.JSON,
 ) -> None:
-    """Find cloud resources tagged by mlcloud whose cluster is not in local state; delete them
-    only with --yes. Resources without mlcloud's tags are never touched."""
+    """Find resources tagged by mlcloud whose cluster is not in local state; delete them only
+    with --yes, and only this home's (other owners' need --all-owners or --owner) and none
+    younger than --min-age. Resources without mlcloud's tags are never touched."""
     from dataclasses import asdict
 
     from mlcloud import gc as collector
     from mlcloud import state
+    from mlcloud.cluster import owner as this_home
 
     store = state.open_store()
-    from mlcloud.cluster import owner
-
-    found = collector.orphans(store, provider, region or [], None if all_owners else owner())
-    if found and yes:
-        collector.delete(found)  # before anything says they are gone
+    me = this_home()
+    found = collector.find(store, provider, region or [])
+    owners = None if all_owners else set(owner or ())
+    orphans = collector.decide(found, me, owners, min_age * 60, time.time())
+    deleted = collector.delete(orphans) if yes else []  # before anything says they are gone
     if json:
-        output.print_json({"orphans": [asdict(r) for r in found], "deleted": yes and bool(found)})
+        output.print_json(
+            {
+                "owner": me,
+                "orphans": [
+                    {**asdict(o.resource), "this_home": o.mine, "action": o.action} for o in orphans
+                ],
+                "deleted": len(deleted),
+            }
+        )
         return
-    if not found:
+    if not orphans:
         print("no orphaned resources")
         return
+    now = time.time()
     output.table(
-        ["provider", "region", "kind", "id", "cluster"],
+        ["provider", "region", "kind", "id", "cluster", "owner", "age", "action"],
         [
-            [r.provider, r.region, r.kind, r.id, f"{r.cluster_name} ({r.cluster_uid})"]
-            for r in found
+            [
+                r.provider,
+                r.region or "-",
+                r.kind,
+                r.id,
+                f"{r.cluster_name} ({r.cluster_uid})",
+                "this home" if o.mine else f"other owner {r.owner or '?'}",
+                output.age(now - r.created) if r.created is not None else "-",
+                o.action,
+            ]
+            for o in orphans
+            for r in [o.resource]
         ],
     )
-    print(f"deleted {len(found)} resource(s)" if yes else "rerun with --yes to delete them")
+    ready = sum(o.action == collector.DELETE for o in orphans)
+    if yes:
+        print(f"deleted {len(deleted)} resource(s), kept {len(orphans) - len(deleted)}")
+    elif ready:
+        print(f"rerun with --yes to delete the {ready} marked delete")
+    else:
+        print("nothing to delete (see action)")

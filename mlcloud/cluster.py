@@ -19,7 +19,9 @@ from mlcloud.providers.base import (
     ClusterRef,
     Node,
     Provider,
+    ProviderError,
     ProvisionRequest,
+    QuotaError,
     SshOptions,
 )
 from mlcloud.remote.layout import CTL
@@ -161,49 +163,54 @@ def _provision(
     price: float,
     fallback_regions: tuple[str, ...] = (),
 ) -> state.ClusterRecord:
-    """Create what is missing, failing over zone by zone then region by region on capacity."""
+    """Create what is missing, failing over zone by zone on capacity, and region by region on
+    capacity or quota (quotas are regional: a region over quota is left at once)."""
     want = spec.node_count
     request = replace(request_for(spec, want), fallback_regions=fallback_regions)
-    if ref.region is not None:  # resuming: the place was chosen before the crash
-        places = [(ref.region, spec.zone)]
-    else:
-        places = provider.placements(request)
-    refused: list[str] = []
+    places, resumed_image = _places(store, provider, ref, request)
+    refusals: list[CapacityError | QuotaError] = []
+    over_quota: set[str | None] = set()
     for n, (region, zone) in enumerate(places):
+        if region in over_quota:
+            continue
         here = replace(ref, region=region)
-        req = replace(request, region=region, zone=zone)
+        image = request.image or (resumed_image if region == ref.region else None)
+        req = replace(request, region=region, zone=zone, image=image)
         # recorded before anything is made there, so `down` and a re-run find it
         store.set_spec(ref.name, {**spec.to_dict(), "region": region, "zone": zone})
         report.step(
             f"preparing {provider.name} resources for {ref.name}"
             + (f" in {zone or region}" if region else "")
         )
-        provider.prepare(here, req)
+        prepared = provider.prepare(here, req)
+        for warning in prepared.warnings:
+            report.warn(warning)
+        req = prepared.request
+        store.set_spec(ref.name, _recorded(spec, req))  # the provider's choices, for later
         nodes = provider.list(here)
         try:
             if len(nodes) < want:
                 report.step(f"creating {want - len(nodes)} node(s)")
                 nodes = nodes + provider.create(here, req, want - len(nodes))
-        except CapacityError as e:
-            refused.append(e.zone)
+        except (CapacityError, QuotaError) as e:
+            refusals.append(e)
+            quota = isinstance(e, QuotaError)
+            if quota:
+                over_quota.add(region)
             report.warn(f"{e}; trying elsewhere")
-            store.event(ref.name, "capacity", str(e))
-            next_region = places[n + 1][0] if n + 1 < len(places) else None
-            if next_region != region and not provider.list(here):
+            store.event(ref.name, "quota" if quota else "capacity", str(e))
+            rest = [p for p in places[n + 1 :] if p[0] not in over_quota]
+            if (not rest or rest[0][0] != region) and not provider.list(here):
                 provider.cleanup(here)
             continue
         break
     else:
-        raise CapacityError(
-            refused[-1] if refused else "",
-            f"no capacity for {want} x {request.instance_type or 'node'} in "
-            f"{', '.join(refused) or 'any place tried'}; try another instance type or region",
-        )
+        raise _refused(refusals, f"{want} x {request.instance_type or 'node'}")
     if len(nodes) > want:
         provider.terminate(here, nodes[want:])
         nodes = nodes[:want]
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
-    records = bootstrap(provider, here, nodes, request.ssh)
+    records = bootstrap(provider, here, nodes, req.ssh)
     store.set_nodes(ref.name, records)
     now = time.time()
     billed = {i.node_id for i in store.billing(ref.name) if i.uid == ref.uid and i.end is None}
@@ -234,6 +241,49 @@ def _provision(
     rec = store.get_cluster(ref.name)
     assert rec is not None
     return rec
+
+
+def _places(
+    store: state.Store, provider: Provider, ref: ClusterRef, request: ProvisionRequest
+) -> tuple[list[tuple[str | None, str | None]], str | None]:
+    """(where to try, in order; the image a resumed `up` launched with). A resumed `up` tries
+    the recorded region and zone first with the recorded image, so a launch the crash cut off
+    is asked again with the same parameters, hence the same ClientToken, and made once."""
+    if ref.region is None:  # nothing was placed yet
+        return provider.placements(request), None
+    rec = store.get_cluster(ref.name)
+    recorded = rec.spec if rec else {}
+    places = provider.placements(replace(request, region=ref.region))
+    zone = recorded.get("zone")
+    if zone:
+        places = [(ref.region, zone)] + [p for p in places if p != (ref.region, zone)]
+    return places, recorded.get("image")
+
+
+def _recorded(spec: TaskSpec, req: ProvisionRequest) -> dict:
+    """The spec as state keeps it: with the place, and the image and login user the provider
+    chose, which later commands (and a resumed `up`) must use."""
+    d = spec.to_dict()
+    d.update(region=req.region, zone=req.zone, image=req.image)
+    d["ssh"] = {**d["ssh"], "user": req.ssh.user}
+    return d
+
+
+def _refused(refusals: list[CapacityError | QuotaError], what: str) -> ProviderError:
+    """Every place refused: exit 4 when quota was all that stood in the way, else 3."""
+    full = [e.zone for e in refusals if isinstance(e, CapacityError)]
+    quota = [e for e in refusals if isinstance(e, QuotaError)]
+    if quota and not full:
+        return QuotaError(
+            quota[-1].scope,
+            f"over quota for {what} in {', '.join(e.scope for e in quota)}: {quota[-1]}",
+        )
+    also = f"; over quota in {', '.join(e.scope for e in quota)}" if quota else ""
+    return CapacityError(
+        full[-1] if full else "",
+        f"no capacity for {what} in {', '.join(full) or 'any place tried'}{also}; "
+        "try another instance type or region",
+    )
 
 
 def bootstrap(

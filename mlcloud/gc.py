@@ -1,39 +1,83 @@
-"""Orphan discovery: cloud resources that carry mlcloud's tags but whose cluster local state
-no longer knows (a lost laptop, a wiped $MLCLOUD_HOME, a crash between create and record)."""
+"""Orphan collection: resources that carry mlcloud's tags (or, for the local provider, sit in
+this home's node directories) but whose cluster local state no longer knows (a lost laptop, a
+wiped $MLCLOUD_HOME, a crash between create and record).
+
+Other homes' clusters are never this home's orphans: another CI runner's live cluster is absent
+from this state too. So an orphan is deleted only when this home made it (its owner tag is this
+home's id) or the caller names its owner, and never while its cluster is younger than the
+minimum age (it may still be coming up)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import cast
+
 from mlcloud import providers, state
 from mlcloud.errors import UsageError
-from mlcloud.providers.base import Resource
+from mlcloud.providers.base import Collector, Resource
 
-CLOUDS = ("aws",)  # the providers that can list what they hold by tag
+CLOUDS = ("local", "aws")  # the providers that find what they hold without local state
+MIN_AGE_MINUTES = 10.0
+DELETE = "delete"
 
 
-def orphans(
-    store: state.Store, provider: str | None, regions: list[str], owner: str | None
-) -> list[Resource]:
-    """Tagged resources of clusters not in state; only `owner`'s unless owner is None, so
-    a teammate's clusters, which this machine's state never knew, are left alone."""
+@dataclass(frozen=True)
+class Orphan:
+    resource: Resource
+    mine: bool  # made by this home
+    action: str  # DELETE, or why it is kept
+
+
+def find(store: state.Store, provider: str | None, regions: list[str]) -> list[Resource]:
+    """Every discoverable resource whose cluster this home's state does not know."""
     names = [provider] if provider else list(CLOUDS)
+    for name in names:
+        if name not in CLOUDS:
+            raise UsageError(
+                f"--provider {name}: it holds nothing gc can find; gc knows {', '.join(CLOUDS)}"
+            )
     known = {c.uid for c in store.list_clusters()}
     found: list[Resource] = []
     for name in names:
-        p = providers.get(name)
-        if not hasattr(p, "discover"):
-            raise UsageError(f"provider {name!r} holds no cloud resources to collect")
-        for region in regions or [None]:
-            found += [
-                r
-                for r in p.discover(region)
-                if r.cluster_uid not in known and (owner is None or r.owner == owner)
-            ]
+        p = cast(Collector, providers.get(name))
+        for region in (regions or [None]) if name != "local" else [None]:
+            found += [r for r in p.discover(region) if r.cluster_uid not in known]
     return found
 
 
-def delete(resources: list[Resource]) -> None:
+def decide(
+    found: list[Resource],
+    me: str,
+    owners: set[str] | None,
+    min_age_s: float,
+    now: float,
+) -> list[Orphan]:
+    """Which orphans may go: this home's, plus `owners`' (everyone's when owners is None),
+    and only clusters none of whose resources is younger than min_age_s. Pure."""
+    newest: dict[str, float] = {}
+    for r in found:
+        if r.created is not None:
+            newest[r.cluster_uid] = max(newest.get(r.cluster_uid, 0.0), r.created)
+    out = []
+    for r in found:
+        mine = r.owner == me
+        age = now - newest.get(r.cluster_uid, float("-inf"))
+        if not mine and owners is not None and r.owner not in owners:
+            action = "kept: other owner (--all-owners or --owner ID to delete)"
+        elif age < min_age_s:
+            action = f"kept: made {int(age // 60)} min ago (--min-age to delete)"
+        else:
+            action = DELETE
+        out.append(Orphan(r, mine, action))
+    return out
+
+
+def delete(orphans: list[Orphan]) -> list[Resource]:
+    """Delete the orphans marked for it, grouped by provider; returns what was deleted."""
     by_provider: dict[str, list[Resource]] = {}
-    for r in resources:
-        by_provider.setdefault(r.provider, []).append(r)
+    for o in orphans:
+        if o.action == DELETE:
+            by_provider.setdefault(o.resource.provider, []).append(o.resource)
     for name, items in by_provider.items():
-        providers.get(name).delete(items)
+        cast(Collector, providers.get(name)).delete(items)
+    return [r for items in by_provider.values() for r in items]

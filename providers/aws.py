@@ -7,11 +7,17 @@ become the typed ones the engine's failover reads. boto3 is imported only here.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import ipaddress
 import os
+import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
@@ -20,6 +26,7 @@ from mlcloud.providers.base import (
     CapacityError,
     ClusterRef,
     Node,
+    Prepared,
     ProviderError,
     ProvisionRequest,
     QuotaError,
@@ -32,12 +39,24 @@ from mlcloud.remote.ssh import SshTarget, SshTransport
 if TYPE_CHECKING:
     from mlcloud.providers.base import Resource
 
-DEFAULT_USER = "ubuntu"  # the Deep Learning AMIs are Ubuntu
+DEFAULT_USER = "ubuntu"  # the Ubuntu DLAMI's, and so of clusters recorded before it was pinned
 DISK_GB = 200
+# The Ubuntu builds only: the Amazon Linux 2023 ones share the prefix and log in as ec2-user.
 # Newest first by CreationDate; the OSS-driver PyTorch DLAMI is the one AWS maintains today.
 DLAMI_NAMES = [
-    "Deep Learning OSS Nvidia Driver AMI GPU PyTorch *",
-    "Deep Learning AMI GPU PyTorch *",
+    "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu *",
+    "Deep Learning AMI GPU PyTorch * (Ubuntu *",
+]
+_DLAMI_UBUNTU = re.compile(r"\(Ubuntu \d+\.\d+\)")
+# The login user of an image family, told by its name or description: first match wins.
+LOGIN_USERS = [
+    (re.compile(r"ubuntu", re.I), "ubuntu"),
+    (re.compile(r"amazon linux|amzn|\bal2(023)?\b", re.I), "ec2-user"),
+    (re.compile(r"debian", re.I), "admin"),
+    (re.compile(r"\brhel\b|red hat|suse|\bsles\b|almalinux", re.I), "ec2-user"),
+    (re.compile(r"centos", re.I), "centos"),
+    (re.compile(r"rocky", re.I), "rocky"),
+    (re.compile(r"fedora", re.I), "fedora"),
 ]
 CAPACITY_CODES = {
     "InsufficientInstanceCapacity",
@@ -65,11 +84,22 @@ AUTH_CODES = {
     "RequestExpired",
     "OptInRequired",
 }
+# What an endpoint without an operation answers (EC2 itself, or an emulator such as moto).
+UNSUPPORTED_CODES = {"InvalidAction", "UnsupportedOperation", "NotImplemented"}
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 HOW_TO_CONFIGURE = (
     "configure AWS credentials (`aws configure`, AWS_PROFILE, or "
     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and a region (AWS_REGION)"
 )
+# A few seconds against an endpoint that only fails, yet throttling (RequestLimitExceeded)
+# still gets three retries with jittered backoff; a ClientToken makes a retried launch safe.
+RETRIES = {"mode": "standard", "max_attempts": 4}
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30
+
+
+class Unsupported(ProviderError):
+    """The endpoint does not implement the operation (or answers it with something not EC2's)."""
 
 
 class AwsProvider:
@@ -80,6 +110,10 @@ class AwsProvider:
         self._session: Any = None
         self._clients: dict[str, Any] = {}
         self._sg_ids: dict[tuple[str, str], str] = {}  # (region, cluster uid) -> group id
+        self._pgs: dict[tuple[str, str], str] = {}  # (region, cluster uid) -> placement group
+        self._identity: str | None = None  # the caller's ARN, asked once
+        self._roots: dict[tuple[str, str], str] = {}  # (region, image) -> root device name
+        self._pg_warned = False
 
     # boto3, lazily
 
@@ -88,74 +122,69 @@ class AwsProvider:
         if self._session is None:
             import boto3
 
-            self._session = boto3.session.Session()
+            with _sdk_errors("session", None):
+                self._session = boto3.session.Session()
         return self._session
 
     def region(self, request_region: str | None = None) -> str:
-        region = request_region or self.session.region_name
+        with _sdk_errors("configuration", None):
+            region = request_region or self.session.region_name
         if not region:
             raise UsageError(
                 f"no AWS region: pass --region, set region: in the spec, or {HOW_TO_CONFIGURE}"
             )
         return region
 
+    @staticmethod
+    def _config():
+        from botocore.config import Config
+
+        return Config(
+            retries=dict(RETRIES), connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S
+        )
+
     def client(self, region: str):
         if region not in self._clients:
-            from botocore.config import Config
-
-            self._clients[region] = self.session.client(
-                "ec2",
-                region_name=region,
-                config=Config(
-                    retries={"mode": "standard", "max_attempts": 6},
-                    connect_timeout=10,
-                    read_timeout=60,
-                ),
-            )
+            with _sdk_errors("client", region):
+                self._clients[region] = self.session.client(
+                    "ec2", region_name=region, config=self._config()
+                )
         return self._clients[region]
 
     def _call(self, region: str, op: str, zone: str | None = None, **kwargs) -> dict:
-        """One EC2 call; botocore's standard mode retries throttling with jittered backoff."""
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
+        """One EC2 call; botocore's standard mode retries throttling with jittered backoff.
+        Every failure leaves as one of the typed errors, in one line."""
+        from botocore.exceptions import ClientError
 
-        try:
-            return getattr(self.client(region), op)(**kwargs)
-        except (NoCredentialsError, PartialCredentialsError):
-            raise AuthError(f"no usable AWS credentials: {HOW_TO_CONFIGURE}") from None
-        except EndpointConnectionError as e:
-            raise ProviderError(f"cannot reach EC2 in {region}: {e}") from None
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            message = e.response.get("Error", {}).get("Message", "")
-            where = f"{zone or region}"
-            if code in CAPACITY_CODES:
-                raise CapacityError(where, f"EC2 {where}: {code}: {message}") from None
-            if code in QUOTA_CODES:
-                raise QuotaError(
-                    where,
-                    f"EC2 quota in {where}: {code}: {message}; ask AWS "
-                    "for a higher limit or pick another region",
-                ) from None
-            if code in AUTH_CODES:
-                raise AuthError(
-                    f"AWS refused the credentials ({code}: {message}); {HOW_TO_CONFIGURE}"
-                ) from None
-            raise ProviderError(f"EC2 {op} in {where} failed: {code}: {message}") from None
-        except BotoCoreError as e:
-            raise ProviderError(f"EC2 {op} in {region} failed: {e}") from None
+        where = zone or region
+        with _sdk_errors(_api_name(op), where):
+            try:
+                return getattr(self.client(region), op)(**kwargs)
+            except NotImplementedError as e:  # moto in-process, for what it lacks
+                raise Unsupported(f"aws: EC2 {_api_name(op)} is not implemented here") from e
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                message = e.response.get("Error", {}).get("Message", "")
+                if code in CAPACITY_CODES:
+                    raise CapacityError(where, f"EC2 {where}: {code}: {message}") from e
+                if code in QUOTA_CODES:  # quotas are regional
+                    raise QuotaError(
+                        region,
+                        f"EC2 quota in {region}: {code}: {message}; ask AWS "
+                        "for a higher limit or pick another region",
+                    ) from e
+                raise
 
     # the contract
 
     def check(self, request: ProvisionRequest) -> None:
-        if self.session.get_credentials() is None:  # local lookup: env, files, SSO cache
+        with _sdk_errors("credentials", None):
+            credentials = self.session.get_credentials()  # local: env, files, SSO cache
+        if credentials is None:
             raise AuthError(f"no usable AWS credentials: {HOW_TO_CONFIGURE}")
-        self.region(request.region)
+        check_region(self.region(request.region))
+        for r in request.fallback_regions:
+            check_region(r)
         if request.hosts:
             raise UsageError("hosts are for the ssh provider; drop them or use --provider ssh")
         if not request.instance_type:
@@ -163,6 +192,7 @@ class AwsProvider:
                 "aws needs an instance type: --instance-type g5.xlarge, "
                 "resources.instance_type, or --gpus A100:8 to let the catalog pick"
             )
+        check_instance_type(request.instance_type)
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """The asked zone; else every available zone of the region, then of each fallback
@@ -180,26 +210,38 @@ class AwsProvider:
             places += [(r, z) for z in sorted(z["ZoneName"] for z in out["AvailabilityZones"])]
         return places
 
-    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
+        """Key pair, security group (repaired if a crash left it without its rules) and, for
+        several nodes, a placement group; the image and its login user pinned."""
         region = self.region(request.region)
+        request = self._pin_image(region, request)
+        self.identity(region)
         self._key_pair(cluster, region, request.ssh)
         self._security_group(cluster, region, request.ssh)
+        warnings: tuple[str, ...] = ()
         if request.count > 1:
-            self._placement_group(cluster, region)
+            warning = self._placement_group(cluster, region)
+            if warning and not self._pg_warned:
+                self._pg_warned = True
+                warnings = (warning,)
+        return Prepared(request, warnings)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         region = self.region(request.region)
         image, root_device = self._image(region, request.image)
         sg = self._sg_ids.get((region, cluster.uid)) or self._find_security_group(cluster, region)
         tags = self._tags(cluster, f"mlcloud-{cluster.name}")
-        # the engine asks for what is missing, so (place, count, already there) names the try
-        attempt = f"{request.zone or region}:{count}:{request.count - count}"
+        # The engine asks for what is missing, so (place, count, already there) names the try;
+        # a resumed `up` retries the recorded place with the same token, so EC2 launches once.
+        place = request.zone or region
+        attempt = f"{place}:{count}:{request.count - count}:{request.instance_type}:{request.spot}"
         token = f"{cluster.uid}-{hashlib.sha256(attempt.encode()).hexdigest()[:16]}"
         placement: dict[str, str] = {}
         if request.zone:
             placement["AvailabilityZone"] = request.zone
-        if request.count > 1:
-            placement["GroupName"] = f"mlcloud-{cluster.uid}"
+        group = self._pgs.get((region, cluster.uid)) if request.count > 1 else None
+        if group:
+            placement["GroupName"] = group
         params: dict[str, Any] = dict(
             ImageId=image,
             InstanceType=request.instance_type,
@@ -270,9 +312,7 @@ class AwsProvider:
         from mlcloud import keys
 
         keys.delete_cluster_key(cluster.uid)  # the private half goes with the public one
-        for pg in self._call(
-            region, "describe_placement_groups", Filters=self._filter(cluster)
-        ).get("PlacementGroups", []):
+        for pg in self._placement_groups(region, self._filter(cluster)):
             self._call(region, "delete_placement_group", GroupName=pg["GroupName"])
 
     def transport(
@@ -308,11 +348,12 @@ class AwsProvider:
         from botocore.config import Config
 
         wanted = set(items)
-        pricing = self.session.client(
-            "pricing",
-            region_name="us-east-1",  # the Price List API lives in us-east-1
-            config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5),
-        )
+        with _sdk_errors("client", "us-east-1"):
+            pricing = self.session.client(
+                "pricing",
+                region_name="us-east-1",  # the Price List API lives in us-east-1
+                config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5),
+            )
         on_demand: dict[tuple[str, str], float] = {}
         for itype in sorted({t for t, _ in wanted}):
             token = None
@@ -365,18 +406,22 @@ class AwsProvider:
                     spot[(itype, region)] = statistics.median(samples)
         return {k: (on_demand.get(k), spot.get(k)) for k in wanted}
 
-    def _call_client(self, client, op: str, **kwargs) -> dict:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        try:
+    @staticmethod
+    def _call_client(client, op: str, **kwargs) -> dict:
+        with _sdk_errors(f"{client.meta.service_model.service_name} {_api_name(op)}", None):
             return getattr(client, op)(**kwargs)
-        except NoCredentialsError:
-            raise AuthError(f"no usable AWS credentials: {HOW_TO_CONFIGURE}") from None
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            raise ProviderError(f"AWS {op}: {err.get('Code')}: {err.get('Message')}") from None
-        except BotoCoreError as e:
-            raise ProviderError(f"AWS {op}: {e}") from None
+
+    def identity(self, region: str) -> str:
+        """The caller's ARN (STS GetCallerIdentity, once; "" where STS cannot tell): clusters
+        are tagged with it, so `gc` can say whose an orphan was."""
+        if self._identity is None:
+            try:
+                with _sdk_errors("client", region):
+                    sts = self.session.client("sts", region_name=region, config=self._config())
+                self._identity = self._call_client(sts, "get_caller_identity").get("Arn", "")
+            except ProviderError:  # an endpoint without STS: the owner tag still tells homes apart
+                self._identity = ""
+        return self._identity
 
     # garbage collection
 
@@ -393,14 +438,18 @@ class AwsProvider:
             Filters=f + [{"Name": "instance-state-name", "Values": LIVE_STATES}],
         ):
             for i in r["Instances"]:
-                found.append(_resource("instance", i["InstanceId"], i.get("Tags"), region))
+                found.append(
+                    _resource(
+                        "instance", i["InstanceId"], i.get("Tags"), region, i.get("LaunchTime")
+                    )
+                )
         for g in self._call(region, "describe_security_groups", Filters=f)["SecurityGroups"]:
             found.append(_resource("security-group", g["GroupId"], g.get("Tags"), region))
         for k in self._call(region, "describe_key_pairs", Filters=f).get("KeyPairs", []):
-            found.append(_resource("key-pair", k["KeyName"], k.get("Tags"), region))
-        for p in self._call(region, "describe_placement_groups", Filters=f).get(
-            "PlacementGroups", []
-        ):
+            found.append(
+                _resource("key-pair", k["KeyName"], k.get("Tags"), region, k.get("CreateTime"))
+            )
+        for p in self._placement_groups(region, f):
             found.append(_resource("placement-group", p["GroupName"], p.get("Tags"), region))
         return found
 
@@ -424,9 +473,10 @@ class AwsProvider:
 
     # helpers
 
-    @staticmethod
-    def _tags(cluster: ClusterRef, name: str) -> list[dict[str, str]]:
+    def _tags(self, cluster: ClusterRef, name: str) -> list[dict[str, str]]:
         tags = {**cluster.tags, "Name": name}
+        if self._identity:
+            tags["mlcloud-identity"] = self._identity
         return [{"Key": k, "Value": v} for k, v in tags.items()]
 
     @staticmethod
@@ -469,22 +519,56 @@ class AwsProvider:
     def _wait(self, region: str, ids: list[str], waiter: str) -> None:
         from botocore.exceptions import WaiterError
 
-        try:
-            self.client(region).get_waiter(waiter).wait(
-                InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120}
-            )
-        except WaiterError as e:
-            raise ProviderError(
-                f"EC2 instances {', '.join(ids)} did not reach "
-                f"{waiter.removeprefix('instance_')}: {e}"
-            ) from None
+        with _sdk_errors(f"EC2 wait for {waiter.removeprefix('instance_')}", region):
+            try:
+                self.client(region).get_waiter(waiter).wait(
+                    InstanceIds=ids, WaiterConfig={"Delay": 5, "MaxAttempts": 120}
+                )
+            except WaiterError as e:
+                raise ProviderError(
+                    f"EC2 instances {', '.join(ids)} did not reach "
+                    f"{waiter.removeprefix('instance_')}: {_short(str(e))}"
+                ) from e
 
     def _image(self, region: str, image: str | None) -> tuple[str, str]:
-        """(image id, root device name): the one asked for, else the newest DLAMI."""
-        if image:
-            return image, self._root_device(region, image)
-        newest = self.newest_dlami(region)
-        return newest["ImageId"], newest.get("RootDeviceName") or "/dev/sda1"
+        """(image id, root device name): the one asked for (or pinned), else the newest DLAMI."""
+        if not image:
+            image = self._pin_image(region, ProvisionRequest(count=1)).image
+        assert image is not None
+        if (region, image) not in self._roots:
+            self._describe_image(region, image)
+        return image, self._roots[(region, image)]
+
+    def _pin_image(self, region: str, request: ProvisionRequest) -> ProvisionRequest:
+        """The request with its image and login user decided: the newest Ubuntu DLAMI (user
+        ubuntu), or the asked image with ssh.user, else the user its name implies."""
+        if not request.image:
+            newest = self.newest_dlami(region)
+            self._roots[(region, newest["ImageId"])] = newest.get("RootDeviceName") or "/dev/sda1"
+            user = request.ssh.user or DEFAULT_USER
+            return replace(request, image=newest["ImageId"], ssh=replace(request.ssh, user=user))
+        if request.ssh.user:
+            return request
+        found = self._describe_image(region, request.image)
+        user = login_user(found.get("Name", ""), found.get("Description", ""))
+        if user is None:
+            raise UsageError(
+                f"image {request.image} ({found.get('Name') or 'no name'}): cannot tell its login "
+                "user; set ssh.user in the spec or pass --ssh-user"
+            )
+        return replace(request, ssh=replace(request.ssh, user=user))
+
+    def _describe_image(self, region: str, image: str) -> dict:
+        try:
+            images = self._call(region, "describe_images", ImageIds=[image])["Images"]
+        except ProviderError as e:
+            if "InvalidAMIID" not in str(e):
+                raise
+            images = []
+        if not images:
+            raise UsageError(f"image {image} not found in {region}; check image: (or --image)")
+        self._roots[(region, image)] = images[0].get("RootDeviceName") or "/dev/sda1"
+        return images[0]
 
     def newest_dlami(self, region: str) -> dict:
         images = self._call(
@@ -497,18 +581,13 @@ class AwsProvider:
                 {"Name": "architecture", "Values": ["x86_64"]},
             ],
         )["Images"]
+        images = [i for i in images if _DLAMI_UBUNTU.search(i.get("Name", ""))]
         if not images:
             raise ProviderError(
-                f"no AWS Deep Learning AMI with PyTorch found in {region}; "
+                f"no AWS Deep Learning AMI with PyTorch on Ubuntu found in {region}; "
                 "set image: in the spec to an AMI id"
             )
         return max(images, key=lambda i: i.get("CreationDate", ""))
-
-    def _root_device(self, region: str, image: str) -> str:
-        images = self._call(region, "describe_images", ImageIds=[image])["Images"]
-        if not images:
-            raise UsageError(f"image {image} not found in {region}")
-        return images[0].get("RootDeviceName") or "/dev/sda1"
 
     def _key_pair(self, cluster: ClusterRef, region: str, ssh: SshOptions) -> None:
         from mlcloud import keys
@@ -539,10 +618,31 @@ class AwsProvider:
         return groups[0]["GroupId"] if groups else None
 
     def _security_group(self, cluster: ClusterRef, region: str, ssh: SshOptions) -> None:
-        found = self._find_security_group(cluster, region, must=False)
-        if found:
-            self._sg_ids[(region, cluster.uid)] = found
+        """The cluster's group with SSH from the allowed addresses and everything within the
+        group. Creating a group and adding its rules are two calls, so a group found again
+        (a resumed `up`) gets whatever rule it lacks: one a crash left out, or the caller's
+        new address. Rules are only ever added, never removed: some may be the user's own."""
+        groups = self._call(region, "describe_security_groups", Filters=self._filter(cluster))[
+            "SecurityGroups"
+        ]
+        if groups:
+            sg, permissions = groups[0]["GroupId"], groups[0].get("IpPermissions", [])
+        else:
+            sg, permissions = self._create_security_group(cluster, region), []
+        self._sg_ids[(region, cluster.uid)] = sg
+        cidrs = list(ssh.allowed_cidrs) if ssh.allowed_cidrs else [self.caller_cidr(region)]
+        missing = missing_rules(sg, permissions, cidrs)
+        if not missing:
             return
+        try:
+            self._call(
+                region, "authorize_security_group_ingress", GroupId=sg, IpPermissions=missing
+            )
+        except ProviderError as e:
+            if "InvalidPermission.Duplicate" not in str(e):  # another `up` added it first
+                raise
+
+    def _create_security_group(self, cluster: ClusterRef, region: str) -> str:
         name = f"mlcloud-{cluster.uid}"
         vpcs = self._call(
             region, "describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}]
@@ -552,7 +652,7 @@ class AwsProvider:
                 f"no default VPC in {region}; create one "
                 "(`aws ec2 create-default-vpc`) or pick another region"
             )
-        sg = self._call(
+        return self._call(
             region,
             "create_security_group",
             GroupName=name,
@@ -563,48 +663,42 @@ class AwsProvider:
                 {"ResourceType": "security-group", "Tags": self._tags(cluster, name)}
             ],
         )["GroupId"]
-        self._sg_ids[(region, cluster.uid)] = sg
-        cidrs = list(ssh.allowed_cidrs) if ssh.allowed_cidrs else [self.caller_cidr(region)]
-        self._call(
-            region,
-            "authorize_security_group_ingress",
-            GroupId=sg,
-            IpPermissions=[
-                {
-                    "IpProtocol": "tcp",
-                    "FromPort": 22,
-                    "ToPort": 22,
-                    "IpRanges": [
-                        {"CidrIp": c, "Description": "mlcloud: SSH from the caller"} for c in cidrs
-                    ],
-                },
-                {
-                    "IpProtocol": "-1",
-                    "UserIdGroupPairs": [
-                        {
-                            "GroupId": sg,
-                            "Description": "mlcloud: within the cluster (NCCL, rendezvous)",
-                        }
-                    ],
-                },
-            ],
-        )
 
-    def _placement_group(self, cluster: ClusterRef, region: str) -> None:
-        if self._call(region, "describe_placement_groups", Filters=self._filter(cluster)).get(
-            "PlacementGroups"
-        ):
-            return
+    def _placement_group(self, cluster: ClusterRef, region: str) -> str | None:
+        """Make the cluster's placement group (nodes close together, for NCCL); where the
+        endpoint has none or refuses to make one, the nodes go without: the warning says so."""
         name = f"mlcloud-{cluster.uid}"
-        self._call(
-            region,
-            "create_placement_group",
-            GroupName=name,
-            Strategy="cluster",
-            TagSpecifications=[
-                {"ResourceType": "placement-group", "Tags": self._tags(cluster, name)}
-            ],
-        )
+        try:
+            if not self._placement_groups(region, self._filter(cluster), strict=True):
+                self._call(
+                    region,
+                    "create_placement_group",
+                    GroupName=name,
+                    Strategy="cluster",
+                    TagSpecifications=[
+                        {"ResourceType": "placement-group", "Tags": self._tags(cluster, name)}
+                    ],
+                )
+        except Unsupported:
+            return (
+                f"no cluster placement group in {region}: the endpoint does not implement "
+                "them; the nodes go without one"
+            )
+        except ProviderError as e:  # not allowed to, or a limit: still worth the nodes
+            return f"no cluster placement group in {region} ({e}); the nodes go without one"
+        self._pgs[(region, cluster.uid)] = name
+        return None
+
+    def _placement_groups(self, region: str, filters: list[dict], strict: bool = False) -> list:
+        """Tagged placement groups; none where the endpoint lacks them (unless strict)."""
+        try:
+            return self._call(region, "describe_placement_groups", Filters=filters).get(
+                "PlacementGroups", []
+            )
+        except Unsupported:
+            if strict:
+                raise
+            return []
 
     def _delete_with_retry(self, region: str, op: str, **kwargs) -> None:
         """A group still referenced by terminating instances answers DependencyViolation."""
@@ -658,6 +752,186 @@ def _public_address_lookup() -> str | None:
         return None
 
 
+def missing_rules(group_id: str, permissions: list[dict], cidrs: list[str]) -> list[dict]:
+    """The ingress rules to add so SSH is open to `cidrs` and all traffic within the group,
+    given the group's present rules (a CIDR inside a wider rule already is covered)."""
+
+    def covers(p: dict, port: int | None) -> bool:
+        if p.get("IpProtocol") == "-1":
+            return True
+        return (
+            port is not None
+            and p.get("IpProtocol") == "tcp"
+            and p.get("FromPort", -1) <= port <= p.get("ToPort", -1)
+        )
+
+    present = [
+        ipaddress.ip_network(r[key], strict=False)
+        for p in permissions
+        if covers(p, 22)
+        for ranges, key in (("IpRanges", "CidrIp"), ("Ipv6Ranges", "CidrIpv6"))
+        for r in p.get(ranges, [])
+    ]
+    need = []
+    for c in cidrs:
+        net = ipaddress.ip_network(c, strict=False)
+        if not any(net.version == have.version and net.subnet_of(have) for have in present):
+            need.append(net)
+    rules = []
+    v4 = [str(n) for n in need if n.version == 4]
+    v6 = [str(n) for n in need if n.version == 6]
+    if v4 or v6:
+        what = "mlcloud: SSH from the caller"
+        rules.append(
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                **({"IpRanges": [{"CidrIp": c, "Description": what} for c in v4]} if v4 else {}),
+                **(
+                    {"Ipv6Ranges": [{"CidrIpv6": c, "Description": what} for c in v6]} if v6 else {}
+                ),
+            }
+        )
+    within = any(
+        p.get("IpProtocol") == "-1"
+        and any(g.get("GroupId") == group_id for g in p.get("UserIdGroupPairs", []))
+        for p in permissions
+    )
+    if not within:
+        rules.append(
+            {
+                "IpProtocol": "-1",
+                "UserIdGroupPairs": [
+                    {
+                        "GroupId": group_id,
+                        "Description": "mlcloud: within the cluster (NCCL, rendezvous)",
+                    }
+                ],
+            }
+        )
+    return rules
+
+
+def login_user(name: str, description: str = "") -> str | None:
+    """The user an image logs in as, told by its name (then description); None if unknown."""
+    for text in (name, description):
+        for pattern, user in LOGIN_USERS:
+            if pattern.search(text or ""):
+                return user
+    return None
+
+
+def check_region(region: str) -> None:
+    """A region botocore or the catalog knows, else one line with the closest names."""
+    known = _known_regions()
+    if region not in known:
+        raise UsageError(
+            f"--region {region}: not an AWS region{_close(region, known)} "
+            "(if it is new, upgrade boto3)"
+        )
+
+
+def check_instance_type(instance_type: str) -> None:
+    """An EC2 instance type botocore or the catalog knows, else one line with close names."""
+    known = _known_instance_types()
+    if instance_type not in known:
+        raise UsageError(
+            f"--instance-type {instance_type}: not an EC2 instance type"
+            f"{_close(instance_type, known)} (`mlcloud offers` lists GPU types; "
+            "if it is new, upgrade boto3)"
+        )
+
+
+def _close(word: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _catalog_aws() -> list:
+    from mlcloud import catalog
+
+    return [o for o in catalog.load() if o.provider == "aws"]
+
+
+@functools.cache
+def _known_regions() -> set[str]:
+    """Every partition's EC2 regions from botocore's bundled endpoint data (no network)."""
+    import botocore.session
+
+    s = botocore.session.get_session()
+    regions = {
+        r
+        for partition in s.get_available_partitions()
+        for r in s.get_available_regions("ec2", partition_name=partition)
+    }
+    return regions | {o.region for o in _catalog_aws()}
+
+
+@functools.cache
+def _known_instance_types() -> set[str]:
+    """The InstanceType enum of botocore's bundled EC2 model (no network; read once, as
+    reading the model is most of the cost of making an EC2 client)."""
+    import botocore.session
+
+    shape = botocore.session.get_session().get_service_model("ec2").shape_for("InstanceType")
+    return set(shape.enum) | {o.instance_type for o in _catalog_aws()}
+
+
+@contextmanager
+def _sdk_errors(operation: str, where: str | None) -> Iterator[None]:
+    """botocore's errors as mlcloud's typed ones, each one line; an unclassified one reads
+    "aws: OPERATION in WHERE failed: short message; --debug for details" (the traceback)."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+    from botocore.parsers import ResponseParserError
+
+    place = f" in {where}" if where else ""
+    debug = "--debug for details"
+    try:
+        yield
+    except (NoCredentialsError, PartialCredentialsError) as e:
+        raise AuthError(f"no usable AWS credentials: {HOW_TO_CONFIGURE}") from e
+    except ProfileNotFound as e:
+        raise AuthError(f"{e}: {HOW_TO_CONFIGURE}") from e
+    except EndpointConnectionError as e:
+        raise ProviderError(
+            f"aws: {operation}{place}: cannot reach {e.kwargs.get('endpoint_url', 'AWS')}; "
+            f"check the network (or AWS_ENDPOINT_URL); {debug}"
+        ) from e
+    except ResponseParserError as e:
+        raise Unsupported(
+            f"aws: {operation}{place} failed: the endpoint's answer is not an AWS response "
+            f"(an error page?); {debug}"
+        ) from e
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        message = _short(f"{code}: {e.response.get('Error', {}).get('Message', '')}")
+        if code in AUTH_CODES:
+            raise AuthError(f"AWS refused the credentials ({message}); {HOW_TO_CONFIGURE}") from e
+        kind = Unsupported if code in UNSUPPORTED_CODES else ProviderError
+        raise kind(f"aws: {operation}{place} failed: {message}; {debug}") from e
+    except BotoCoreError as e:
+        raise ProviderError(f"aws: {operation}{place} failed: {_short(str(e))}; {debug}") from e
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """The first line of an SDK message, cut to a readable length."""
+    line = " ".join(text.strip().splitlines()[0].split()) if text.strip() else "no message"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _api_name(op: str) -> str:
+    """describe_instances -> DescribeInstances, as AWS names the operation."""
+    return "".join(w.capitalize() for w in op.split("_"))
+
+
 def _term(field: str, value: str) -> dict:
     return {"Type": "TERM_MATCH", "Field": field, "Value": value}
 
@@ -669,7 +943,7 @@ def _public_key_of(identity_file: str) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
-def _resource(kind: str, rid: str, tags: list | None, region: str) -> Resource:
+def _resource(kind: str, rid: str, tags: list | None, region: str, created: Any = None) -> Resource:
     from mlcloud.providers.base import Resource
 
     t = {x["Key"]: x["Value"] for x in tags or []}
@@ -681,4 +955,6 @@ def _resource(kind: str, rid: str, tags: list | None, region: str) -> Resource:
         t.get("mlcloud-name", ""),
         t.get("mlcloud-owner", ""),
         region,
+        t.get("mlcloud-identity", ""),
+        created.timestamp() if created is not None else None,
     )

@@ -62,6 +62,16 @@ class ProvisionRequest:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What prepare() settled: the request as the provider will serve it, with its own choices
+    pinned (machine image, login user) for the engine to record, and what it goes without
+    (a placement group the endpoint lacks), for the engine to tell the user once."""
+
+    request: ProvisionRequest
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Node:
     """One machine of a cluster as the provider sees it."""
 
@@ -81,8 +91,10 @@ class Resource:
     id: str
     cluster_uid: str
     cluster_name: str
-    owner: str
+    owner: str  # the home id that made it (mlcloud-owner)
     region: str
+    identity: str = ""  # the cloud identity that made it (AWS: the caller's ARN)
+    created: float | None = None  # epoch seconds: launch or creation time, when known
 
 
 class ProviderError(MlcloudError):
@@ -125,8 +137,9 @@ class Provider(Protocol):
     def check(self, request: ProvisionRequest) -> None:
         """Refuse a request this provider cannot serve, before anything is recorded or made."""
 
-    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
-        """Create cluster-wide resources (network rules, keys); idempotent."""
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
+        """Create cluster-wide resources (network rules, keys); idempotent. The engine creates
+        and bootstraps with the returned request and records its choices."""
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         """Create `count` more nodes, all or nothing, tagged with the cluster."""
@@ -142,3 +155,13 @@ class Provider(Protocol):
 
     def transport(self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions) -> Transport:
         """How to run commands on and copy files to the node; label names it in messages."""
+
+
+class Collector(Protocol):
+    """A provider whose resources `mlcloud gc` finds again without local state (by tag)."""
+
+    def discover(self, region: str | None) -> list[Resource]:
+        """Everything it holds for any cluster in the region, with owner and age if known."""
+
+    def delete(self, resources: list[Resource]) -> None:
+        """Delete what discover() found, dependents first; return once they are gone."""

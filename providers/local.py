@@ -11,7 +11,14 @@ import shutil
 from pathlib import Path
 from typing import ClassVar
 
-from mlcloud.providers.base import ClusterRef, Node, ProvisionRequest, SshOptions
+from mlcloud.providers.base import (
+    ClusterRef,
+    Node,
+    Prepared,
+    ProvisionRequest,
+    Resource,
+    SshOptions,
+)
 
 from mlcloud.errors import UsageError
 from mlcloud.remote.layout import tag
@@ -45,8 +52,8 @@ class LocalProvider:
                 "resources.instance_type, or pick a cloud provider (--provider aws)"
             )
 
-    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
-        pass
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
+        return Prepared(request)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         have = len(self.list(cluster))
@@ -82,6 +89,46 @@ class LocalProvider:
         base = self._base(cluster)
         if base.is_dir() and not any(base.iterdir()):
             os.rmdir(base)
+
+    # garbage collection: the node directories are the source of truth, state or not
+
+    def discover(self, region: str | None = None) -> list[Resource]:
+        """Every node directory under this home's local/<uid>/, whatever state says."""
+        from mlcloud import paths
+
+        base = paths.home() / "local"
+        if not base.is_dir():
+            return []
+        owner = paths.home_id()
+        found = []
+        for cluster_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            uid = cluster_dir.name
+            for node in sorted(cluster_dir.glob("node-*"), key=lambda p: p.name):
+                found.append(
+                    Resource(
+                        self.name,
+                        "node",
+                        f"{uid}/{node.name}",
+                        uid,
+                        uid.rsplit("-", 1)[0],  # the uid is NAME-RANDOM
+                        owner,
+                        "",
+                        created=node.stat().st_mtime,
+                    )
+                )
+        return found
+
+    def delete(self, resources: list[Resource]) -> None:
+        """Stop each node's processes (found by tag) and remove its directory."""
+        clusters = {}
+        for r in resources:
+            ref = clusters.setdefault(
+                r.cluster_uid, ClusterRef(r.cluster_name, r.cluster_uid, r.owner)
+            )
+            index = int(r.id.rpartition("/node-")[2])
+            self.terminate(ref, [self._node(ref, index)])
+        for ref in clusters.values():
+            self.cleanup(ref)
 
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions | None = None

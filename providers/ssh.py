@@ -19,6 +19,7 @@ from typing import ClassVar
 from mlcloud.providers.base import (
     ClusterRef,
     Node,
+    Prepared,
     ProviderError,
     ProvisionRequest,
     SshOptions,
@@ -116,11 +117,12 @@ class SshProvider:
                 "resources.instance_type and spot"
             )
 
-    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> None:
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
         data = self._read(cluster)
         data["hosts"] = list(request.hosts)
         data["ssh"] = asdict(request.ssh)
         self._write(cluster, data)
+        return Prepared(request)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         data = self._read(cluster)

@@ -1,13 +1,16 @@
-"""The real `mlcloud` process against a moto EC2 server (AWS_ENDPOINT_URL), with instances
-reached through a proxy command that routes their addresses to loopback sshd nodes."""
+"""The real `mlcloud` process against a plain moto EC2 server (AWS_ENDPOINT_URL), as users' CI
+runs it, with instances reached through a proxy command that routes their addresses to
+loopback sshd nodes."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import boto3
@@ -41,8 +44,7 @@ def mlcloud_resources() -> dict[str, int]:
         "instances": len(live_instances()),
         "security_groups": len(c.describe_security_groups(Filters=tag)["SecurityGroups"]),
         "key_pairs": len(c.describe_key_pairs(Filters=tag)["KeyPairs"]),
-        "placement_groups": len(c.describe_placement_groups(Filters=tag)["PlacementGroups"]),
-    }
+    }  # a plain moto server has no placement groups: mlcloud goes without
 
 
 def up_args(name, nodes, proxy, count) -> list[str]:
@@ -83,8 +85,10 @@ def test_up_4_status_down_leaves_nothing(moto_server, make_ssh_nodes, tmp_path):
         "instances": 4,
         "security_groups": 1,
         "key_pairs": 1,
-        "placement_groups": 1,
     }
+    # the endpoint lacks placement groups: said once, in one line, and the nodes go without
+    warned = [line for line in r.stderr.splitlines() if "placement group" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: no cluster placement group")
     tags = {t["Key"]: t["Value"] for t in live_instances()[0]["Tags"]}
     assert tags["mlcloud-cluster"] == st["uid"] and tags["Name"] == "mlcloud-gpu4"
     r = run_cli("down", "gpu4", "--yes")
@@ -93,7 +97,6 @@ def test_up_4_status_down_leaves_nothing(moto_server, make_ssh_nodes, tmp_path):
         "instances": 0,
         "security_groups": 0,
         "key_pairs": 0,
-        "placement_groups": 0,
     }
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
     assert run_cli("down", "gpu4", "--yes").returncode == 0  # harmless the second time
@@ -124,7 +127,6 @@ def test_killed_up_rerun_never_duplicates(moto_server, make_ssh_nodes, tmp_path)
         "instances": 0,
         "security_groups": 0,
         "key_pairs": 0,
-        "placement_groups": 0,
     }
 
 
@@ -184,18 +186,20 @@ def test_gc_finds_and_deletes_only_tagged_orphans(
     (mlcloud_home / "state.db").unlink()  # the laptop lost its state
     for suffix in ("-wal", "-shm"):
         (mlcloud_home / f"state.db{suffix}").unlink(missing_ok=True)
-    r = run_cli("gc", "--json")
+    r = run_cli("gc", "--provider", "aws", "--json")
     assert r.returncode == 0, r.stderr
-    kinds = sorted(o["kind"] for o in json.loads(r.stdout)["orphans"])
-    assert kinds == ["instance", "key-pair", "security-group"]
+    orphans = json.loads(r.stdout)["orphans"]
+    assert sorted(o["kind"] for o in orphans) == ["instance", "key-pair", "security-group"]
+    assert all(o["this_home"] and o["action"].startswith("kept: made 0 min ago") for o in orphans)
+    r = run_cli("gc", "--provider", "aws", "--yes")  # launched just now: never deleted
+    assert r.returncode == 0 and "deleted 0 resource(s), kept 3" in r.stdout, r.stdout
     assert mlcloud_resources()["instances"] == 1  # listed, not deleted
-    r = run_cli("gc", "--yes")
-    assert r.returncode == 0 and "deleted 3" in r.stdout
+    r = run_cli("gc", "--provider", "aws", "--yes", "--min-age", "0")
+    assert r.returncode == 0 and "deleted 3" in r.stdout, r.stdout
     assert mlcloud_resources() == {
         "instances": 0,
         "security_groups": 0,
         "key_pairs": 0,
-        "placement_groups": 0,
     }
     state = ec2().describe_instances(InstanceIds=[untagged])["Reservations"][0]["Instances"][0]
     assert state["State"]["Name"] == "running"  # never touched
@@ -238,5 +242,112 @@ def test_plan_is_confirmed_or_refused_without_a_terminal(moto_server):
     )
     assert r.returncode == 2 and "--yes" in r.stderr
     assert "g5.xlarge" in r.stdout  # the plan was shown first
+    assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
+    assert live_instances() == []
+
+
+def wipe_state(home) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        (home / f"state.db{suffix}").unlink(missing_ok=True)
+
+
+def test_gc_leaves_other_homes_clusters_unless_told(
+    moto_server, make_ssh_nodes, tmp_path, mlcloud_home, monkeypatch
+):
+    """A second CI runner (same OS user, its own empty home) must not take a live cluster
+    for an orphan."""
+    nodes = make_ssh_nodes(1)
+    _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
+    assert run_cli(*up_args("live", nodes, proxy, 1)).returncode == 0
+    first_home = (mlcloud_home / "id").read_text().strip()
+    tags = {t["Key"]: t["Value"] for t in live_instances()[0]["Tags"]}
+    assert tags["mlcloud-owner"] == first_home
+    assert tags["mlcloud-identity"] == "arn:aws:sts::123456789012:user/moto"
+    monkeypatch.setenv("MLCLOUD_HOME", str(tmp_path / "runner-2"))
+    r = run_cli("gc", "--provider", "aws", "--yes", "--min-age", "0")
+    assert r.returncode == 0, r.stderr
+    assert "other owner " + first_home in r.stdout and "deleted 0" in r.stdout
+    assert len(live_instances()) == 1  # untouched
+    out = json.loads(run_cli("gc", "--provider", "aws", "--json").stdout)
+    assert {o["owner"] for o in out["orphans"]} == {first_home}
+    assert not any(o["this_home"] for o in out["orphans"])
+    assert out["orphans"][0]["identity"] == "arn:aws:sts::123456789012:user/moto"
+    r = run_cli("gc", "--provider", "aws", "--owner", first_home, "--min-age", "0", "--yes")
+    assert r.returncode == 0 and "deleted 3" in r.stdout, r.stdout
+    assert mlcloud_resources() == {"instances": 0, "security_groups": 0, "key_pairs": 0}
+    monkeypatch.setenv("MLCLOUD_HOME", str(mlcloud_home))
+    assert run_cli("down", "live", "--yes").returncode == 0  # the first home forgets it
+
+
+def test_gc_all_owners_still_needs_yes_and_age(moto_server, make_ssh_nodes, tmp_path, monkeypatch):
+    nodes = make_ssh_nodes(1)
+    _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
+    assert run_cli(*up_args("theirs", nodes, proxy, 1)).returncode == 0
+    monkeypatch.setenv("MLCLOUD_HOME", str(tmp_path / "runner-2"))
+    r = run_cli("gc", "--provider", "aws", "--all-owners", "--min-age", "0")
+    assert r.returncode == 0 and "rerun with --yes to delete the 3" in r.stdout, r.stdout
+    r = run_cli("gc", "--provider", "aws", "--all-owners", "--yes")  # too young
+    assert "deleted 0" in r.stdout and len(live_instances()) == 1
+    r = run_cli("gc", "--provider", "aws", "--all-owners", "--yes", "--min-age", "0")
+    assert "deleted 3" in r.stdout and live_instances() == []
+
+
+class _Html500(http.server.BaseHTTPRequestHandler):
+    """An endpoint that answers every request with a web server's HTML error page."""
+
+    def _fail(self):
+        body = b"<!doctype html><html><title>500 Internal Server Error</title></html>\n"
+        self.send_response(500)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+def test_html_500_endpoint_fails_in_one_line_within_seconds(aws_env, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Html500)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+    try:
+        t0 = time.monotonic()
+        r = run_cli(
+            "up",
+            "html",
+            "--provider",
+            "aws",
+            "--instance-type",
+            "g5.xlarge",
+            "--allow-ssh-from",
+            "127.0.0.1/32",
+            "--yes",
+        )
+        took = time.monotonic() - t0
+    finally:
+        server.shutdown()
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "<" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: aws: DescribeAvailabilityZones in us-east-1 failed: ")
+    assert last.endswith("; --debug for details")
+    assert took < 15, took
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--instance-type", "nosuch.huge"], "--instance-type nosuch.huge: not an EC2 instance"),
+        (["--instance-type", "p4d.24xlarg"], "did you mean p4d.24xlarge"),
+        (["--instance-type", "g5.xlarge", "--region", "mars-1"], "--region mars-1: not an AWS"),
+    ],
+)
+def test_unknown_instance_type_or_region_refused_before_ec2(moto_server, flags, says):
+    r = run_cli("up", "typo", "--provider", "aws", *flags, "--allow-ssh-from", "127.0.0.1/32")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]  # one line
+    assert says in r.stderr and r.stdout == ""  # before the plan
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
     assert live_instances() == []

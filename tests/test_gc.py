@@ -1,0 +1,83 @@
+"""`mlcloud gc`: the ownership and age rule (pure), and the local provider's node directories
+found again, with their processes, once the state database is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import run_cli, tagged_pids
+from mlcloud.providers.base import Resource
+
+from mlcloud.gc import DELETE, decide
+
+ME, OTHER, NOW = "home-me", "home-other", 10_000.0
+
+
+def res(kind: str, uid: str, owner: str, created: float | None) -> Resource:
+    return Resource("aws", kind, f"{kind}-{uid}", uid, uid, owner, "us-east-1", "", created)
+
+
+def actions(found, owners=frozenset(), min_age_s=600.0) -> dict[str, str]:
+    return {o.resource.id: o.action for o in decide(found, ME, owners, min_age_s, NOW)}
+
+
+def test_only_this_homes_orphans_by_default():
+    found = [res("instance", "a", ME, NOW - 3600), res("instance", "b", OTHER, NOW - 3600)]
+    got = actions(found, set())
+    assert got["instance-a"] == DELETE
+    assert got["instance-b"].startswith("kept: other owner")
+    assert actions(found, {OTHER})["instance-b"] == DELETE  # --owner
+    assert actions(found, None)["instance-b"] == DELETE  # --all-owners
+
+
+def test_a_young_cluster_is_kept_whole():
+    """Its security group and key pair go with its instances, not before them."""
+    found = [
+        res("instance", "a", ME, NOW - 120),
+        res("security-group", "a", ME, None),
+        res("key-pair", "a", ME, NOW - 3600),
+        res("security-group", "old", ME, None),  # age unknown, nothing young: may go
+    ]
+    got = actions(found)
+    assert got["instance-a"] == got["security-group-a"] == got["key-pair-a"]
+    assert got["instance-a"] == "kept: made 2 min ago (--min-age to delete)"
+    assert got["security-group-old"] == DELETE
+    assert actions(found, min_age_s=60)["security-group-a"] == DELETE
+
+
+def test_local_nodes_found_and_removed_after_state_is_lost(mlcloud_home):
+    r = run_cli("up", "lost", "--nodes", "2")
+    assert r.returncode == 0, r.stderr
+    uid = json.loads(run_cli("status", "--json").stdout)["clusters"][0]["uid"]
+    # a job's process on node 1, tagged as node_ctl tags them
+    job = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"],
+        env={**os.environ, "MLCLOUD_PROC_TAG": f"{uid}.1.1."},
+    )
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            (mlcloud_home / f"state.db{suffix}").unlink(missing_ok=True)
+        r = run_cli("gc", "--provider", "local", "--json")
+        assert r.returncode == 0, r.stderr
+        orphans = json.loads(r.stdout)["orphans"]
+        assert sorted(o["id"] for o in orphans) == [f"{uid}/node-0", f"{uid}/node-1"]
+        assert all(o["this_home"] and o["action"].startswith("kept: made") for o in orphans)
+        r = run_cli("gc", "--provider", "local", "--yes", "--min-age", "0")
+        assert r.returncode == 0 and "deleted 2" in r.stdout, r.stdout + r.stderr
+        assert job.wait(timeout=15) is not None  # stopped by tag
+        assert not (mlcloud_home / "local" / uid).exists()
+        assert tagged_pids(uid) == []
+        assert "no orphaned resources" in run_cli("gc", "--provider", "local").stdout
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+
+
+def test_gc_of_a_provider_that_holds_nothing_is_one_line():
+    r = run_cli("gc", "--provider", "ssh")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "gc knows local, aws" in r.stderr
