@@ -29,7 +29,7 @@ from mlcloud.parallel import fan_out
 from mlcloud.remote.layout import CTL, tag
 from mlcloud.remote.shell import path_arg
 from mlcloud.remote.ssh import SshTarget, SshTransport
-from mlcloud.remote.transport import RemoteError
+from mlcloud.remote.transport import RemoteError, UnreachableError
 
 _HOST_RE = re.compile(
     r"(?:(?P<user>[A-Za-z0-9._-]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
@@ -81,10 +81,32 @@ class SshProvider:
 
     def _read(self, cluster: ClusterRef) -> dict:
         f = self._registry(cluster)
-        return json.loads(f.read_text()) if f.exists() else {"hosts": [], "claimed": []}
+        if not f.exists():
+            return {"hosts": [], "claimed": [], "reached": []}
+        try:
+            data = json.loads(f.read_text())
+            if not isinstance(data.get("hosts"), list) or not isinstance(data.get("claimed"), list):
+                raise ValueError("no host list")
+        except (ValueError, AttributeError, OSError) as e:
+            raise ProviderError(
+                f"the ssh provider's host list for {cluster.name} ({f}) is unreadable ({e}); "
+                f"`mlcloud down {cluster.name} --purge` forgets the cluster"
+            ) from None
+        data.setdefault("reached", list(data["claimed"]))  # older files: assume reached
+        return data
 
     def _write(self, cluster: ClusterRef, data: dict) -> None:
-        self._registry(cluster).write_text(json.dumps(data))
+        from mlcloud import atomic
+
+        atomic.write(self._registry(cluster), json.dumps(data).encode())
+
+    def _reached(self, cluster: ClusterRef, index: int) -> None:
+        """Record that a host answered once: from then on, `down` must reach it to clean up."""
+        with self._lock:
+            data = self._read(cluster)
+            if index not in data["reached"]:
+                data["reached"] = sorted(data["reached"] + [index])
+                self._write(cluster, data)
 
     def _node(self, cluster: ClusterRef, index: int, host: str) -> Node:
         h = parse_host(host)
@@ -137,7 +159,8 @@ class SshProvider:
         """Stop the cluster's processes and remove its directory on each host; hosts stay on.
 
         A host that cannot be reached stays claimed (its processes may still run) and is named
-        in the error, so `down` can be run again once it is back."""
+        in the error, so `down` can be run again once it is back; one that never answered has
+        nothing of the cluster's and is let go."""
         data = self._read(cluster)
         ssh = SshOptions(**data.get("ssh", {}))
 
@@ -154,6 +177,9 @@ class SshProvider:
                     " 2>/dev/null; true",
                     timeout=120,
                 )
+            except UnreachableError as e:
+                if index in self._read(cluster)["reached"]:
+                    return str(e)
             except RemoteError as e:
                 return str(e)
             finally:
@@ -161,6 +187,7 @@ class SshProvider:
             with self._lock:
                 fresh = self._read(cluster)
                 fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
+                fresh["reached"] = [i for i in fresh["reached"] if i != index]
                 self._write(cluster, fresh)
             return None
 
@@ -178,4 +205,9 @@ class SshProvider:
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
     ) -> SshTransport:
-        return SshTransport(parse_host(node.node_id).target(ssh), label)
+        index = int(node.root.rsplit("-", 1)[1])
+        return SshTransport(
+            parse_host(node.node_id).target(ssh),
+            label,
+            on_connect=lambda: self._reached(cluster, index),
+        )
