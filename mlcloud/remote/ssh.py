@@ -309,6 +309,8 @@ class SshTransport:
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Atomic write: the temp file gets its mode before any byte is written."""
+        import paramiko
+
         sftp = self._sftp_client()
         tmp = f"{path}.mlcloud-tmp"
         try:
@@ -317,12 +319,14 @@ class SshTransport:
                 f.set_pipelined(True)
                 f.write(data)
             sftp.posix_rename(tmp, path)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, paramiko.SSHException) as e:
             if self._gone():
                 raise self._lost_error(e) from None
             raise RemoteError(f"{self._where()}: cannot write {path}: {e}") from None
 
     def get(self, path: str) -> bytes | None:
+        import paramiko
+
         sftp = self._sftp_client()
         try:
             with sftp.open(path, "rb") as f:
@@ -330,7 +334,7 @@ class SshTransport:
                 return f.read()
         except FileNotFoundError:
             return None
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, paramiko.SSHException) as e:
             if self._gone():
                 raise self._lost_error(e) from None
             raise RemoteError(f"{self._where()}: cannot read {path}: {e}") from None
