@@ -120,5 +120,11 @@ def _save(hosts, path: Path) -> None:
     it, then rename over it."""
     from mlcloud import atomic
 
-    with atomic.replacing(path) as tmp:
-        hosts.save(str(tmp))
+    try:
+        with atomic.replacing(path) as tmp:
+            hosts.save(str(tmp))
+    except OSError as e:
+        raise MlcloudError(
+            f"cannot save pinned host keys to {path}: {e.strerror or e}; "
+            "free some space or fix the permissions there"
+        ) from None

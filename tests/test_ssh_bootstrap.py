@@ -182,3 +182,44 @@ def test_a_failing_proxy_command_is_one_line_without_paramiko_logs(make_ssh_node
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "Exception (client)" not in r.stderr, r.stderr
     assert status()["clusters"] == []
+
+
+BOOTING = """
+import sys, time
+from mlcloud import cluster
+from mlcloud.providers.base import ClusterRef, SshOptions
+from mlcloud.providers.ssh import SshProvider
+
+class Booting(SshProvider):
+    boot_timeout = 600.0  # as a cloud's: wait for sshd to come up
+
+provider, ref = Booting(), ClusterRef("b", "b-1", "me")
+nodes = [provider._node(ref, i, f"127.0.0.248:{port}") for i, port in enumerate(sys.argv[2:])]
+print("waiting", flush=True)
+t0 = time.monotonic()
+try:
+    cluster.bootstrap(provider, ref, nodes, SshOptions(identity_file=sys.argv[1]))
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - t0:.2f}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_ctrl_c_while_waiting_for_ssh_returns_within_2s(count, tmp_path):
+    """A cloud node that never answers: the 600 s wait for its sshd ends at Ctrl-C."""
+    import signal
+
+    from mlcloud import keys
+
+    key, _ = keys.ensure_cluster_key("booting")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOOTING, str(key), *["1"] * count],  # port 1: refused
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "waiting\n"
+    time.sleep(3)  # well into the retries
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    took = float(out.split("interrupted after ")[1].split()[0])
+    assert took < 3 + 2

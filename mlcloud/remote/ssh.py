@@ -137,7 +137,12 @@ class SshTransport:
                     f"{self._where()}: unreachable: {e or type(e).__name__}"
                 ) from None
             try:
-                keys.check_or_pin(t.pin_id, transport.get_remote_server_key(), self.label)
+                server_key = transport.get_remote_server_key()
+            except paramiko.SSHException:
+                server_key = None  # dropped right after the key exchange: said below
+            try:
+                if server_key is not None:  # a local check: its errors are its own
+                    keys.check_or_pin(t.pin_id, server_key, self.label)
                 self._authenticate(transport, candidates)
             except (paramiko.SSHException, OSError, EOFError) as e:
                 # the server dropped us mid-handshake ("No existing session"): a machine still
