@@ -330,6 +330,8 @@ def bootstrap(
 def _bootstrap_script(root_path: str, pythons: tuple[str, ...]) -> str:
     """The one command bootstrap runs (node_ctl.py on stdin); it reports in MARK lines."""
     root = path_arg(root_path)
+    # torch is looked up, not imported: an import takes seconds, and on a fresh cloud volume
+    # (blocks fetched lazily from a snapshot) tens of seconds per interpreter tried
     has_torch = quote("import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)")
     return (
         f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root} "

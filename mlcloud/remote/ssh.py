@@ -138,29 +138,21 @@ class SshTransport:
                 ) from None
             try:
                 server_key = transport.get_remote_server_key()
-            except paramiko.SSHException:
-                server_key = None  # dropped right after the key exchange: said below
-            try:
-                if server_key is not None:  # a local check: its errors are its own
-                    keys.check_or_pin(t.pin_id, server_key, self.label)
-                self._authenticate(transport, candidates)
-            except (paramiko.SSHException, OSError, EOFError) as e:
-                # the server dropped us mid-handshake ("No existing session"): a machine still
-                # booting, or sshd throttling new connections
+            except paramiko.SSHException as e:
+                # "No existing session": the server dropped us right after the key exchange,
+                # as a machine still booting or an sshd throttling new connections does
                 transport.close()
                 raise UnreachableError(
-                    f"{self._where()}: connection dropped during the SSH handshake: "
-                    f"{e or type(e).__name__}"
+                    f"{self._where()}: connection dropped during the SSH handshake: {e}"
                 ) from None
+            try:
+                keys.check_or_pin(t.pin_id, server_key, self.label)
+                self._authenticate(transport, candidates)
+                if self._on_connect is not None:
+                    self._on_connect()
             except BaseException:
                 transport.close()
                 raise
-            if self._on_connect is not None:
-                try:
-                    self._on_connect()
-                except BaseException:
-                    transport.close()
-                    raise
             self._transport = transport
             threading.Thread(
                 target=self._heartbeat,
