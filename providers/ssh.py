@@ -29,7 +29,7 @@ from mlcloud.parallel import fan_out
 from mlcloud.remote.layout import CTL, tag
 from mlcloud.remote.shell import path_arg
 from mlcloud.remote.ssh import SshTarget, SshTransport
-from mlcloud.remote.transport import RemoteError, UnreachableError
+from mlcloud.remote.transport import RemoteError
 
 _HOST_RE = re.compile(
     r"(?:(?P<user>[A-Za-z0-9._-]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
@@ -101,7 +101,8 @@ class SshProvider:
         atomic.write(self._registry(cluster), json.dumps(data).encode())
 
     def _reached(self, cluster: ClusterRef, index: int) -> None:
-        """Record that a host answered once: from then on, `down` must reach it to clean up."""
+        """Record a login on a host, before any command runs there: from then on, `down`
+        must reach it to clean up."""
         with self._lock:
             data = self._read(cluster)
             if index not in data["reached"]:
@@ -159,13 +160,23 @@ class SshProvider:
         """Stop the cluster's processes and remove its directory on each host; hosts stay on.
 
         A host that cannot be reached stays claimed (its processes may still run) and is named
-        in the error, so `down` can be run again once it is back; one that never answered has
-        nothing of the cluster's and is let go."""
+        in the error, so `down` can be run again once it is back; one mlcloud never logged in
+        to has nothing of the cluster's and is let go."""
         data = self._read(cluster)
         ssh = SshOptions(**data.get("ssh", {}))
 
+        def release(index: int) -> None:
+            with self._lock:
+                fresh = self._read(cluster)
+                fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
+                fresh["reached"] = [i for i in fresh["reached"] if i != index]
+                self._write(cluster, fresh)
+
         def one(node: Node) -> str | None:
             index = int(node.root.rsplit("-", 1)[1])
+            if index not in data["reached"]:
+                release(index)  # never logged in there: nothing of the cluster's to remove
+                return None
             t = self.transport(cluster, node, f"node{index}", ssh)
             root = path_arg(node.root)
             ctl = f"{root}/{CTL}"
@@ -177,18 +188,11 @@ class SshProvider:
                     " 2>/dev/null; true",
                     timeout=120,
                 )
-            except UnreachableError as e:
-                if index in self._read(cluster)["reached"]:
-                    return str(e)
             except RemoteError as e:
                 return str(e)
             finally:
                 t.close()
-            with self._lock:
-                fresh = self._read(cluster)
-                fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
-                fresh["reached"] = [i for i in fresh["reached"] if i != index]
-                self._write(cluster, fresh)
+            release(index)
             return None
 
         errors = [e for e in fan_out(one, nodes) if e]

@@ -111,6 +111,18 @@ def test_a_first_up_on_an_unreachable_host_leaves_nothing(make_ssh_nodes):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_first_up_refused_by_the_host_leaves_nothing(make_ssh_nodes):
+    """Reachable, but the key is not accepted: nothing of the cluster's was ever put there."""
+    from mlcloud import keys
+
+    nodes = make_ssh_nodes(1)
+    wrong, _ = keys.ensure_cluster_key("not-authorized")
+    r = run_cli("up", "nope", "--hosts", nodes.nodes[0].target, "--identity", str(wrong))
+    assert r.returncode != 0 and "authentication refused" in r.stderr.splitlines()[-1]
+    assert "Traceback" not in r.stderr
+    assert status()["clusters"] == []
+
+
 def test_a_corrupt_host_list_is_one_line_and_purge_forgets(make_ssh_nodes, mlcloud_home):
     nodes = make_ssh_nodes(1)
     assert run_cli(*ssh_up_args(nodes, "lab")).returncode == 0
