@@ -104,6 +104,8 @@ class SshProvider:
         """Record a login on a host, before any command runs there: from then on, `down`
         must reach it to clean up."""
         with self._lock:
+            if not self._registry(cluster).exists():  # torn down already: nothing to claim
+                return
             data = self._read(cluster)
             if index not in data["reached"]:
                 data["reached"] = sorted(data["reached"] + [index])
