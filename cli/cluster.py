@@ -208,13 +208,14 @@ def _show_plan(plan) -> None:
 
 def _show_nodes(rec) -> None:
     output.table(
-        ["node", "id", "ip", "gpus", "status"],
+        ["node", "id", "ip", "gpus", "python", "status"],
         [
             [
                 f"node{n.idx}",
                 n.node_id,
                 n.ip,
                 f"{n.gpus} x {n.gpu_type}" if n.gpus else "-",
+                n.python or "-",
                 n.status,
             ]
             for n in rec.nodes
@@ -230,6 +231,7 @@ def down(
         False, "--purge", help="Forget the cluster even if teardown cannot be confirmed."
     ),
     yes: bool = options.YES,
+    json: bool = options.JSON,
 ) -> None:
     """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat."""
     from mlcloud import cluster, state
@@ -243,26 +245,48 @@ def down(
     for n in targets:
         check_cluster_name(n)
     if not targets:
-        print("no clusters to tear down")
+        if json:
+            output.print_json({"clusters": []})
+        else:
+            print("no clusters to tear down")
         return
     output.confirm(f"tear down {', '.join(targets)} and delete everything on their nodes?", yes)
-    rep = output.reporter()
+    rep = output.reporter(quiet=json)
     failed: list[MlcloudError] = []
+    done: list[dict] = []
     try:
         for n in targets:  # one cluster failing must not leave the others running
             try:
-                if cluster.down(store, n, rep, purge=purge):
-                    rep.info(f"cluster {n} is down: no node left")
-                else:
-                    rep.info(f"no cluster named {n!r} in state; nothing to do")
+                gone = cluster.down(store, n, rep, purge=purge)
             except MlcloudError as e:
-                if len(targets) == 1:
+                done.append({"name": n, "status": "failed", "error": str(e)})
+                if len(targets) == 1 and not json:
                     raise
                 rep.warn(str(e))
                 failed.append(e)
+                continue
+            if gone is None:
+                rep.info(f"no cluster named {n!r} in state; nothing to do")
+                done.append({"name": n, "status": "unknown"})
+                continue
+            rep.info(f"cluster {n} is down: no node left")
+            done.append(
+                {
+                    "name": n,
+                    "status": "purged" if gone.unconfirmed else "down",
+                    "uid": gone.uid,
+                    "provider": gone.provider,
+                    "nodes": list(gone.nodes),
+                    "error": gone.unconfirmed,
+                }
+            )
     finally:
         output.close(rep)
+    if json:
+        output.print_json({"clusters": done})
     if failed:
+        if len(targets) == 1:
+            raise failed[0]
         raise MlcloudError(f"{len(failed)} of {len(targets)} cluster(s) not torn down (see above)")
 
 

@@ -13,7 +13,7 @@ from mlcloud.cost import Interval
 from mlcloud.errors import MlcloudError, NotFoundError, UsageError
 from mlcloud.locks import cluster_lock
 from mlcloud.names import check_cluster_name
-from mlcloud.parallel import fan_out
+from mlcloud.parallel import fan_out, pause
 from mlcloud.providers.base import (
     CapacityError,
     ClusterRef,
@@ -26,7 +26,13 @@ from mlcloud.providers.base import (
 )
 from mlcloud.remote.layout import CTL
 from mlcloud.remote.shell import path_arg, quote
-from mlcloud.remote.transport import RemoteError, Transport, UnreachableError, check
+from mlcloud.remote.transport import (
+    LostError,
+    RemoteError,
+    Transport,
+    UnreachableError,
+    check,
+)
 from mlcloud.report import Reporter
 from mlcloud.spec import TaskSpec
 
@@ -80,6 +86,9 @@ def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
     ref = _ref(rec)
     ssh = ssh_options(rec.spec)
     transports = [provider.transport(ref, _node(n), f"node{n.idx}", ssh) for n in rec.nodes]
+    for t, n in zip(transports, rec.nodes, strict=True):
+        if n.python:  # found at bootstrap; clusters made before the probe keep the default
+            t.python = n.python
     return Handle(rec, provider, ref, transports)
 
 
@@ -286,11 +295,18 @@ def _refused(refusals: list[CapacityError | QuotaError], what: str) -> ProviderE
     )
 
 
+# Where torch lives on the images users start from: the AWS Deep Learning AMIs keep it apart
+# from the system python3, older GCE Deep Learning VMs in conda.
+PYTHON_CANDIDATES = ("/opt/pytorch/bin/python", "/opt/conda/bin/python", "python3")
+MARK = "@mlcloud:"  # bootstrap output lines carry it; anything else (a chatty ~/.bashrc) is noise
+
+
 def bootstrap(
     provider: Provider, ref: ClusterRef, nodes: list[Node], ssh: SshOptions
 ) -> list[state.NodeRecord]:
-    """Make each node's directories, install the node controller and detect the GPUs, in one
-    round trip per node, waiting for a new machine's sshd; a root under ~/ is resolved."""
+    """Make each node's directories, install the node controller, find the Python that has
+    torch and detect the GPUs, in one round trip per node, waiting for a new machine's sshd;
+    a root under ~/ is resolved."""
     from mlcloud import templates
 
     ctl_source = templates.path("node_ctl.py").read_bytes()
@@ -298,12 +314,15 @@ def bootstrap(
     def one(i: int) -> state.NodeRecord:
         node = nodes[i]
         t = provider.transport(ref, node, f"node{i}", ssh)
-        root = path_arg(node.root)
-        cmd = (
-            f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root} "
-            f'&& cat > {root}/{CTL} && cd {root} && echo "ssh=${{SSH_CONNECTION:-}}" '
-            f"&& pwd -P && {quote(t.python)} {CTL} gpus"
+        # ssh.python is the user's word; the local provider's nodes are this machine
+        pythons = (
+            (ssh.python,)
+            if ssh.python
+            else (t.python,)
+            if provider.name == "local"
+            else PYTHON_CANDIDATES
         )
+        cmd = _bootstrap_script(node.root, pythons)
         deadline = time.monotonic() + provider.boot_timeout
         try:
             while True:
@@ -311,15 +330,35 @@ def bootstrap(
                     result = t.run(cmd, stdin=ctl_source, timeout=120)
                     break
                 except RemoteError as e:
-                    # a new instance: sshd not up yet, or up before cloud-init installed the key
-                    booting = isinstance(e, UnreachableError) or "authentication refused" in str(e)
+                    # a new instance: sshd not up yet, up before cloud-init installed the key,
+                    # or dropping connections while it starts
+                    booting = isinstance(e, (UnreachableError, LostError)) or (
+                        "authentication refused" in str(e)
+                    )
                     if not booting or time.monotonic() > deadline:
                         raise
-                    time.sleep(2)
+                    pause(2)  # an interrupted `up` ends this wait at once
         finally:
             t.close()
-        lines = check(result, t, "bootstrapping the node").stdout.strip().splitlines()
-        seen_as, real_root, gpus = lines[-3][4:].split(), lines[-2], json.loads(lines[-1])
+        check(result, t, "bootstrapping the node")
+        found = _markers(result.stdout)
+        where = f"node{i} ({node.ip})"
+        if not {"ssh", "root", "python"} <= found.keys():
+            noise = next((x for x in result.stdout.splitlines() if x.strip()), "nothing")
+            raise RemoteError(
+                f"{where}: bootstrap output not understood (first line: {noise[:80]!r}); "
+                "check that the login shell runs commands as given"
+            )
+        if not found["python"]:
+            raise RemoteError(
+                f"{where}: no Python with torch found (tried {', '.join(pythons)}); set "
+                "ssh.python in the spec to the interpreter that has torch"
+            )
+        try:
+            gpus = json.loads(found.get("gpus", ""))
+        except ValueError:
+            raise RemoteError(f"{where}: the GPU probe printed {found.get('gpus')!r}") from None
+        seen_as = found["ssh"].split()
         # The address the node itself holds (the server side of SSH_CONNECTION) is the one its
         # peers reach for rendezvous; the provider's view can differ (NAT, proxies).
         private_ip = seen_as[2] if len(seen_as) == 4 else node.private_ip
@@ -328,13 +367,47 @@ def bootstrap(
             node.node_id,
             node.ip,
             private_ip,
-            real_root,
+            found["root"],
             gpus["count"],
             gpus["model"],
             node.status,
+            found["python"],
         )
 
     return fan_out(one, list(range(len(nodes))))
+
+
+def _bootstrap_script(root_path: str, pythons: tuple[str, ...]) -> str:
+    """The one command bootstrap runs (node_ctl.py on stdin); it reports in MARK lines."""
+    root = path_arg(root_path)
+    # torch is looked up, not imported: an import takes seconds, and on a fresh cloud volume
+    # (blocks fetched lazily from a snapshot) tens of seconds per interpreter tried
+    has_torch = quote("import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)")
+    return (
+        f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root} "
+        f"&& cat > {root}/{CTL} && cd {root} || exit 1\n"
+        f'echo "{MARK}ssh=${{SSH_CONNECTION:-}}"\n'
+        f'echo "{MARK}root=$(pwd -P)"\n'
+        f"for c in {' '.join(quote(p) for p in pythons)}; do\n"
+        f'  p=$(command -v "$c") || continue\n'
+        f'  "$p" -c {has_torch} </dev/null >/dev/null 2>&1 || continue\n'
+        f'  echo "{MARK}python=$p"\n'
+        f'  g=$("$p" {CTL} gpus) || exit 1\n'
+        f'  echo "{MARK}gpus=$g"\n'
+        f"  exit 0\n"
+        f"done\n"
+        f'echo "{MARK}python="\n'
+    )
+
+
+def _markers(stdout: str) -> dict[str, str]:
+    """KEY=VALUE from the lines that start with MARK (the last one of a key wins)."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith(MARK):
+            key, _, value = line[len(MARK) :].partition("=")
+            found[key] = value.strip()
+    return found
 
 
 def _rollback(
@@ -353,32 +426,48 @@ def _rollback(
         )
 
 
-def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -> bool:
-    """Terminate everything of the cluster, confirm, then drop its state. False if unknown.
+@dataclass(frozen=True)
+class TornDown:
+    """What `down` took away: the cluster and the nodes it held."""
 
-    With purge, a teardown the provider cannot confirm (a host gone for good) still drops the
-    cluster from state, after saying what may be left behind."""
+    name: str
+    uid: str
+    provider: str
+    nodes: tuple[str, ...]
+    unconfirmed: str | None = None  # with purge: why the teardown could not be confirmed
+
+
+def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -> TornDown | None:
+    """Terminate everything of the cluster, confirm, then drop its state. None if unknown.
+
+    With purge, the cluster is dropped from state whatever the teardown raised (a host gone
+    for good, an unreadable provider file), after saying what may be left behind."""
     check_cluster_name(name)
     with cluster_lock(name):
         rec = store.get_cluster(name)
         if rec is None:
-            return False
+            return None
         store.set_status(name, state.STOPPING)
-        provider = providers.get(rec.provider)
         report.step(f"tearing down {name} ({len(rec.nodes)} node(s) on {rec.provider})")
+        gone = TornDown(name, rec.uid, rec.provider, tuple(n.node_id for n in rec.nodes))
+        provider: Provider | None = None
         try:
+            provider = providers.get(rec.provider)
             _teardown(store, provider, _ref(rec))
-        except MlcloudError as e:
+        except Exception as e:
             if not purge:
                 raise
-            report.warn(f"{e}; --purge: forgetting {name} anyway, check what is left by hand")
+            why = str(e) or type(e).__name__
+            report.warn(f"{why}; --purge: forgetting {name} anyway, check what is left by hand")
             try:
-                provider.cleanup(_ref(rec))
-            except MlcloudError as cleanup_error:
-                report.warn(f"cleanup: {cleanup_error}")
+                if provider is not None:
+                    provider.cleanup(_ref(rec))
+            except Exception as cleanup_error:  # noqa: BLE001 (said, then forgotten)
+                report.warn(f"cleanup: {cleanup_error or type(cleanup_error).__name__}")
             store.close_billing(rec.uid, time.time())
             store.delete_cluster(name)
-        return True
+            return replace(gone, unconfirmed=why)
+        return gone
 
 
 def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:

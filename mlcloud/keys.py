@@ -94,8 +94,7 @@ def check_or_pin(identity: str, key, label: str) -> bool:
                 f"ssh-keygen -R '{identity}' -f {path}"
             )
         hosts.add(identity, key.get_name(), key)
-        hosts.save(str(path))
-        path.chmod(0o600)
+        _save(hosts, path)
         return True
 
 
@@ -113,4 +112,19 @@ def forget(identities: list[str]) -> None:
         for identity in identities:
             if identity in hosts:
                 del hosts[identity]
-        hosts.save(str(path))
+        _save(hosts, path)
+
+
+def _save(hosts, path: Path) -> None:
+    """paramiko's save writes in place: a kill mid-write would lose every pin. Write beside
+    it, then rename over it."""
+    from mlcloud import atomic
+
+    try:
+        with atomic.replacing(path) as tmp:
+            hosts.save(str(tmp))
+    except OSError as e:
+        raise MlcloudError(
+            f"cannot save pinned host keys to {path}: {e.strerror or e}; "
+            "free some space or fix the permissions there"
+        ) from None

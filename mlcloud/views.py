@@ -50,6 +50,7 @@ def cluster_json(c: state.ClusterRecord, jobs: list[state.JobRecord]) -> dict:
                 "status": n.status,
                 "gpus": n.gpus,
                 "gpu_type": n.gpu_type,
+                "python": n.python,  # the interpreter found at bootstrap ('' if unknown)
             }
             for n in c.nodes
         ],

@@ -51,6 +51,14 @@ class LocalProvider:
                 "the local provider uses this machine as it is: drop resources.gpus and "
                 "resources.instance_type, or pick a cloud provider (--provider aws)"
             )
+        cores = _machine_cores()
+        if request.count > cores:
+            # each node runs its own torchrun and workers: past one node per core the machine
+            # thrashes and takes minutes to stop
+            raise UsageError(
+                f"--nodes {request.count}: the local provider runs at most one node per core "
+                f"and this machine has {cores}; ask for {cores} or fewer"
+            )
 
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
         return Prepared(request)
@@ -143,6 +151,14 @@ class LocalProvider:
         share = total // nodes
         visible = ",".join(str(g) for g in range(index * share, (index + 1) * share))
         return LocalTransport(label, env={"CUDA_VISIBLE_DEVICES": visible})
+
+
+def _machine_cores() -> int:
+    """The cores this process may run on (a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 _gpu_count: int | None = None

@@ -82,10 +82,35 @@ class SshProvider:
 
     def _read(self, cluster: ClusterRef) -> dict:
         f = self._registry(cluster)
-        return json.loads(f.read_text()) if f.exists() else {"hosts": [], "claimed": []}
+        if not f.exists():
+            return {"hosts": [], "claimed": [], "reached": []}
+        try:
+            data = json.loads(f.read_text())
+            if not isinstance(data.get("hosts"), list) or not isinstance(data.get("claimed"), list):
+                raise ValueError("no host list")
+        except (ValueError, AttributeError, OSError) as e:
+            raise ProviderError(
+                f"the ssh provider's host list for {cluster.name} ({f}) is unreadable ({e}); "
+                f"`mlcloud down {cluster.name} --purge` forgets the cluster"
+            ) from None
+        data.setdefault("reached", list(data["claimed"]))  # older files: assume reached
+        return data
 
     def _write(self, cluster: ClusterRef, data: dict) -> None:
-        self._registry(cluster).write_text(json.dumps(data))
+        from mlcloud import atomic
+
+        atomic.write(self._registry(cluster), json.dumps(data).encode())
+
+    def _reached(self, cluster: ClusterRef, index: int) -> None:
+        """Record a login on a host, before any command runs there: from then on, `down`
+        must reach it to clean up."""
+        with self._lock:
+            if not self._registry(cluster).exists():  # torn down already: nothing to claim
+                return
+            data = self._read(cluster)
+            if index not in data["reached"]:
+                data["reached"] = sorted(data["reached"] + [index])
+                self._write(cluster, data)
 
     def _node(self, cluster: ClusterRef, index: int, host: str) -> Node:
         h = parse_host(host)
@@ -139,12 +164,23 @@ class SshProvider:
         """Stop the cluster's processes and remove its directory on each host; hosts stay on.
 
         A host that cannot be reached stays claimed (its processes may still run) and is named
-        in the error, so `down` can be run again once it is back."""
+        in the error, so `down` can be run again once it is back; one mlcloud never logged in
+        to has nothing of the cluster's and is let go."""
         data = self._read(cluster)
         ssh = SshOptions(**data.get("ssh", {}))
 
+        def release(index: int) -> None:
+            with self._lock:
+                fresh = self._read(cluster)
+                fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
+                fresh["reached"] = [i for i in fresh["reached"] if i != index]
+                self._write(cluster, fresh)
+
         def one(node: Node) -> str | None:
             index = int(node.root.rsplit("-", 1)[1])
+            if index not in data["reached"]:
+                release(index)  # never logged in there: nothing of the cluster's to remove
+                return None
             t = self.transport(cluster, node, f"node{index}", ssh)
             root = path_arg(node.root)
             ctl = f"{root}/{CTL}"
@@ -160,10 +196,7 @@ class SshProvider:
                 return str(e)
             finally:
                 t.close()
-            with self._lock:
-                fresh = self._read(cluster)
-                fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
-                self._write(cluster, fresh)
+            release(index)
             return None
 
         errors = [e for e in fan_out(one, nodes) if e]
@@ -180,4 +213,9 @@ class SshProvider:
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
     ) -> SshTransport:
-        return SshTransport(parse_host(node.node_id).target(ssh), label)
+        index = int(node.root.rsplit("-", 1)[1])
+        return SshTransport(
+            parse_host(node.node_id).target(ssh),
+            label,
+            on_connect=lambda: self._reached(cluster, index),
+        )

@@ -102,8 +102,8 @@ def make_ssh_nodes(tmp_path, mlcloud_home):
 
     started: list[SshNodes] = []
 
-    def make(count: int) -> SshNodes:
-        nodes = SshNodes(count, tmp_path / f"sshd{len(started)}")
+    def make(count: int, **kw) -> SshNodes:
+        nodes = SshNodes(count, tmp_path / f"sshd{len(started)}", **kw)
         nodes.start()
         started.append(nodes)
         return nodes

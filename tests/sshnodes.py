@@ -77,6 +77,7 @@ class SshNodes:
         skip_rc: bool = True,
         first_host: int = 2,
         start_timeout: float = 5.0,
+        extra_config: tuple[str, ...] = (),
     ):
         if count < 1 or first_host + count - 1 > 254 or first_host < 2:
             raise ValueError("need 1..253 nodes on 127.0.0.2..127.0.0.254")
@@ -85,6 +86,7 @@ class SshNodes:
         self.python = sys.executable  # not resolved: a venv's python is a symlink into it
         self.env_path = env_path or f"{os.path.dirname(sys.executable)}:{SYSTEM_PATH}"
         self.skip_rc = skip_rc
+        self.extra_config = extra_config  # more sshd_config lines, e.g. a ForceCommand
         self.start_timeout = start_timeout
         self.user = pwd.getpwuid(os.getuid()).pw_name
         self.hosts = [f"127.0.0.{first_host + i}" for i in range(count)]
@@ -254,6 +256,7 @@ class SshNodes:
             "PrintLastLog no",
             "PermitUserEnvironment no",
             "SetEnv " + " ".join(f'"{kv}"' for kv in setenv),
+            *self.extra_config,
         ]
         return "\n".join(lines) + "\n"
 

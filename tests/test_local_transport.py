@@ -28,3 +28,30 @@ def test_node_env_wins_and_the_users_ssh_session_stays_out(monkeypatch):
     t = LocalTransport("node1", env={"CUDA_VISIBLE_DEVICES": "2,3"})
     out = t.run('echo "${SSH_CONNECTION:-none} $CUDA_VISIBLE_DEVICES"').stdout.split()
     assert out == ["none", "2,3"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_timeout_ends_everything_the_command_started(stream, tmp_path):
+    """Not only bash: a child holding the output would otherwise outlive the timeout."""
+    import os
+    import time
+
+    pidfile = tmp_path / "pid"
+    kw = {"on_line": lambda line: None} if stream else {}
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="timed out"):
+        LocalTransport("node0").run(f"sleep 60 & echo $! > {pidfile}; wait", timeout=0.5, **kw)
+    assert time.monotonic() - t0 < 10
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the command's child survived its timeout")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlcloud import keys
+from mlcloud.errors import MlcloudError
 from mlcloud.parallel import fan_out
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError
@@ -136,3 +137,30 @@ def test_cluster_key_modes_tightened(mlcloud_home):
     assert public2 == public
     assert stat.S_IMODE(again.stat().st_mode) == 0o600
     assert stat.S_IMODE(again.parent.stat().st_mode) == 0o700
+
+
+def test_known_hosts_survive_a_write_that_fails_midway(make_ssh_nodes, monkeypatch):
+    """Pins are written beside the file and renamed over it: a kill or a full disk mid-write
+    leaves the old pins, never a truncated file."""
+    import paramiko
+
+    nodes = make_ssh_nodes(2)
+    ts = transports(nodes)
+    ts[0].run("true")
+    pinned = keys.known_hosts_path().read_text()
+
+    def half_then_fail(self, filename):
+        with open(filename, "w") as f:
+            f.write("[127.0.0.")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(paramiko.HostKeys, "save", half_then_fail)
+    with pytest.raises(
+        MlcloudError, match=f"cannot save pinned host keys to {keys.known_hosts_path()}"
+    ):
+        ts[1].run("true")
+    assert keys.known_hosts_path().read_text() == pinned
+    assert stat.S_IMODE(keys.known_hosts_path().stat().st_mode) == 0o600
+    assert [p.name for p in keys.known_hosts_path().parent.glob(".known_hosts*")] == []
+    for t in ts:
+        t.close()

@@ -31,38 +31,60 @@ class LocalTransport:
         argv = ["bash", "-c", command]
         # the user's own SSH session says nothing about the node: keep it out
         env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")} | self.env
-        if on_line is None:
-            try:
-                p = subprocess.run(
-                    argv, capture_output=True, timeout=timeout, input=stdin or b"", env=env
-                )
-            except subprocess.TimeoutExpired:
-                raise RemoteError(f"{self.label}: command timed out after {timeout}s") from None
-            return RunResult(
-                p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
-            )
-        assert stdin is None, "streaming runs take no input"
+        assert on_line is None or stdin is None, "streaming runs take no input"
+        # its own process group, so a timeout or an interrupt ends the command and everything
+        # it started, not only bash
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+            argv,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
         )
+        try:
+            if on_line is None:
+                out, err = proc.communicate(stdin, timeout=timeout)
+            else:
+                out, err = b"", self._stream(proc, on_line, timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise RemoteError(f"{self.label}: command timed out after {timeout}s") from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        return RunResult(
+            proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        )
+
+    @staticmethod
+    def _stream(proc, on_line, timeout: float | None) -> bytes:
+        """Feed stdout to on_line as it comes; stderr is drained aside, so a chatty stderr
+        cannot block stdout. Returns stderr; raises TimeoutExpired once timed out."""
         assert proc.stdout is not None and proc.stderr is not None
-        err: list[bytes] = []  # drained aside, so a chatty stderr cannot block stdout
+        err: list[bytes] = []
         drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
         drain.start()
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _kill_group(proc, wait=False)
+
+        timer = threading.Timer(timeout, expire) if timeout else None
         if timer:
             timer.start()
         try:
             for raw in proc.stdout:
                 on_line(raw.decode(errors="replace").rstrip("\n"))
-            code = proc.wait()
+            proc.wait()
         finally:
             if timer:
                 timer.cancel()
         drain.join()
-        if timer and code == -9:
-            raise RemoteError(f"{self.label}: command timed out after {timeout}s")
-        return RunResult(code, "", b"".join(err).decode(errors="replace"))
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(proc.args, timeout or 0)
+        return b"".join(err)
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         target = Path(path)
@@ -93,3 +115,18 @@ class LocalTransport:
 
     def close(self) -> None:
         pass
+
+
+def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:
+    """SIGKILL the command's whole process group (it leads one of its own)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if wait:
+        try:
+            proc.communicate(timeout=5)
+        except (subprocess.TimeoutExpired, ValueError, OSError):
+            pass

@@ -2,6 +2,11 @@
 
 Host keys are checked against mlcloud's pins before authenticating (keys.check_or_pin), so a
 changed key is refused before any credential is offered.
+
+A node can vanish without a TCP reset (a spot reclaim, a cut link); TCP alone would notice only
+after ~15 minutes of retries. A heartbeat thread per connection asks the server for a reply
+every few seconds (opening a channel, which sshd must answer) and closes the connection when
+none comes in time, so every operation on it fails at once as LostError.
 """
 
 from __future__ import annotations
@@ -16,10 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud.errors import UsageError
-from mlcloud.remote.transport import RemoteError, RunResult, SyncStats, UnreachableError
+from mlcloud.remote.transport import (
+    LostError,
+    RemoteError,
+    RunResult,
+    SyncStats,
+    UnreachableError,
+)
 
 CONNECT_TIMEOUT = 15.0
-KEEPALIVE = 15
+HEARTBEAT_EVERY = 5.0  # seconds between heartbeats on a connection
+HEARTBEAT_TIMEOUT = 15.0  # no answer for this long: the node is gone (lost within ~20 s)
 
 
 @dataclass(frozen=True)
@@ -72,13 +84,16 @@ def default_identities() -> list:
 
 
 class SshTransport:
-    def __init__(self, target: SshTarget, label: str):
+    def __init__(self, target: SshTarget, label: str, on_connect: Callable[[], None] | None = None):
         self.target = target
         self.label = label
+        self._on_connect = on_connect  # told once per connection made (the ssh provider's claim)
         self.python = target.python
         self._lock = threading.Lock()
         self._transport = None
         self._sftp = None
+        self._stop_heartbeat = threading.Event()
+        self._lost: str | None = None  # why the heartbeat gave the connection up
 
     # connection
 
@@ -92,9 +107,12 @@ class SshTransport:
         from mlcloud import keys
 
         t = self.target
+        _quiet_paramiko()
         with self._lock:
             if self._transport is not None and self._transport.is_active():
                 return self._transport
+            if self._lost is not None:  # the node went silent: say so, do not hang again
+                raise LostError(f"{self._where()}: {self._lost}")
             # a bad key file is the user's to fix, whatever the state of the network
             candidates = [load_identity(t.identity_file)] if t.identity_file else None
             try:
@@ -119,14 +137,48 @@ class SshTransport:
                     f"{self._where()}: unreachable: {e or type(e).__name__}"
                 ) from None
             try:
-                keys.check_or_pin(t.pin_id, transport.get_remote_server_key(), self.label)
+                server_key = transport.get_remote_server_key()
+            except paramiko.SSHException as e:
+                # "No existing session": the server dropped us right after the key exchange,
+                # as a machine still booting or an sshd throttling new connections does
+                transport.close()
+                raise UnreachableError(
+                    f"{self._where()}: connection dropped during the SSH handshake: {e}"
+                ) from None
+            try:
+                keys.check_or_pin(t.pin_id, server_key, self.label)
                 self._authenticate(transport, candidates)
+                if self._on_connect is not None:
+                    self._on_connect()
             except BaseException:
                 transport.close()
                 raise
-            transport.set_keepalive(KEEPALIVE)
             self._transport = transport
+            threading.Thread(
+                target=self._heartbeat,
+                args=(transport, self._stop_heartbeat),
+                name=f"heartbeat-{self.label}",
+                daemon=True,
+            ).start()
             return transport
+
+    def _heartbeat(self, transport, stop: threading.Event) -> None:
+        """Ask for an answer every HEARTBEAT_EVERY s; close the connection when none comes."""
+        import paramiko
+
+        while not stop.wait(HEARTBEAT_EVERY) and transport.is_active():
+            try:
+                transport.open_session(timeout=HEARTBEAT_TIMEOUT).close()
+            except paramiko.ChannelException:
+                continue  # refused (sshd's MaxSessions): an answer all the same
+            except (paramiko.SSHException, OSError, EOFError):
+                if stop.is_set() or not transport.is_active():
+                    return  # closed on purpose, or the connection already reported its end
+                self._lost = (
+                    f"no answer for {HEARTBEAT_TIMEOUT:.0f} s: the node or its network is gone"
+                )
+                transport.close()  # wakes every operation waiting on it
+                return
 
     def _authenticate(self, transport, candidates: list | None) -> None:
         import paramiko
@@ -146,9 +198,10 @@ class SshTransport:
                     return
             except paramiko.AuthenticationException:
                 continue
-            except (paramiko.SSHException, OSError) as e:
-                raise RemoteError(
-                    f"{self._where()}: connection lost during authentication: {e}"
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise UnreachableError(
+                    f"{self._where()}: connection lost during authentication: "
+                    f"{e or type(e).__name__}"
                 ) from None
         which = t.identity_file or "the agent's and default keys"
         raise RemoteError(
@@ -162,16 +215,27 @@ class SshTransport:
         transport = self._connect()
         with self._lock:
             if self._sftp is None:
-                self._sftp = paramiko.SFTPClient.from_transport(transport)
+                try:
+                    self._sftp = paramiko.SFTPClient.from_transport(transport)
+                except (paramiko.SSHException, OSError, EOFError) as e:
+                    raise self._lost_error(e) from None
             return self._sftp
 
+    def _lost_error(self, e: BaseException) -> RemoteError:
+        """The error for an operation that failed because the connection went away."""
+        why = self._lost or f"connection lost: {e or type(e).__name__}"
+        return LostError(f"{self._where()}: {why}")
+
     def close(self) -> None:
+        self._stop_heartbeat.set()
         with self._lock:
             if self._sftp is not None:
                 self._sftp.close()
             if self._transport is not None:
                 self._transport.close()
             self._sftp = self._transport = None
+            self._stop_heartbeat = threading.Event()  # a later operation connects afresh
+            self._lost = None
 
     # operations
 
@@ -230,16 +294,16 @@ class SshTransport:
                 on_line(pending.decode(errors="replace"))
             code = chan.recv_exit_status()
             if code == -1:  # paramiko's "closed without an exit status": the connection died
-                raise RemoteError(f"{self._where()}: connection lost while running a command")
+                raise self._lost_error(EOFError("closed while running a command"))
             chan.close()
         except (OSError, EOFError) as e:
-            raise RemoteError(
-                f"{self._where()}: connection lost: {e or type(e).__name__}"
-            ) from None
+            raise self._lost_error(e) from None
         except Exception as e:
             import paramiko
 
             if isinstance(e, paramiko.SSHException):
+                if self._lost is not None or not transport.is_active():
+                    raise self._lost_error(e) from None
                 raise RemoteError(f"{self._where()}: {e}") from None
             raise
         return RunResult(
@@ -248,6 +312,8 @@ class SshTransport:
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Atomic write: the temp file gets its mode before any byte is written."""
+        import paramiko
+
         sftp = self._sftp_client()
         tmp = f"{path}.mlcloud-tmp"
         try:
@@ -256,10 +322,14 @@ class SshTransport:
                 f.set_pipelined(True)
                 f.write(data)
             sftp.posix_rename(tmp, path)
-        except OSError as e:
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            if self._gone():
+                raise self._lost_error(e) from None
             raise RemoteError(f"{self._where()}: cannot write {path}: {e}") from None
 
     def get(self, path: str) -> bytes | None:
+        import paramiko
+
         sftp = self._sftp_client()
         try:
             with sftp.open(path, "rb") as f:
@@ -267,8 +337,14 @@ class SshTransport:
                 return f.read()
         except FileNotFoundError:
             return None
-        except OSError as e:
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            if self._gone():
+                raise self._lost_error(e) from None
             raise RemoteError(f"{self._where()}: cannot read {path}: {e}") from None
+
+    def _gone(self) -> bool:
+        t = self._transport
+        return self._lost is not None or t is None or not t.is_active()
 
     def interactive(self, cwd: str) -> list[str]:
         """OpenSSH argv for a login shell in cwd, held to mlcloud's pinned host key."""
@@ -303,3 +379,16 @@ class SshTransport:
         from mlcloud.remote import sync
 
         return sync.push(self, local_dir, remote_dir)
+
+
+def _quiet_paramiko() -> None:
+    """paramiko logs its own tracebacks (a failing proxy command makes hundreds): our errors
+    say what happened in one line, so its logger speaks only under --debug."""
+    import logging
+    import os
+
+    log = logging.getLogger("paramiko")
+    if os.environ.get("MLCLOUD_DEBUG") == "1":
+        log.setLevel(logging.NOTSET)
+    else:
+        log.setLevel(logging.CRITICAL + 1)

@@ -32,6 +32,10 @@ class UnreachableError(RemoteError):
     """No connection could be made (a new machine may still be booting)."""
 
 
+class LostError(RemoteError):
+    """The connection went away mid-operation: the node rebooted, vanished or was cut off."""
+
+
 class Transport(Protocol):
     label: str  # how messages and log prefixes name the node, e.g. "node1"
     python: str  # the node's python interpreter (runs node_ctl.py and torchrun)

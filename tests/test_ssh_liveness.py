@@ -1,0 +1,184 @@
+"""A node that vanishes without a TCP reset (its link cut in a network namespace the test
+makes) is reported lost within 30 s: by a running command, by a file transfer, and by the
+driver of a single-node job, which records it LOST."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import netns
+import pytest
+
+from mlcloud.remote.ssh import SshTarget, SshTransport
+from mlcloud.remote.transport import LostError
+
+pytestmark = pytest.mark.skipif(not netns.available(), reason="needs root, iproute2 and sshd")
+
+LOST_WITHIN = 30.0
+
+
+@pytest.fixture
+def ns_node(tmp_path, monkeypatch):
+    """An sshd in its own namespace; the network guard lets this test's processes reach it."""
+    with netns.NsNode(tmp_path / "ns") as node:
+        monkeypatch.setenv("MLCLOUD_NETGUARD_ALLOW", node.subnet)
+        yield node
+    assert not node.pids()
+
+
+def transport(node) -> SshTransport:
+    target = SshTarget(node.host, node.port, "root", identity_file=str(node.client_key))
+    return SshTransport(target, "node0")
+
+
+def test_a_silent_node_fails_a_running_command_within_30s(ns_node):
+    t = transport(ns_node)
+    lines: list[str] = []
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def follow() -> None:
+        try:
+            t.run(
+                "echo started; sleep 600",
+                on_line=lambda line: (lines.append(line), started.set()),
+            )
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    th = threading.Thread(target=follow, daemon=True)
+    th.start()
+    assert started.wait(20) and lines == ["started"]
+    ns_node.cut()
+    cut_at = time.monotonic()
+    th.join(LOST_WITHIN + 5)
+    took = time.monotonic() - cut_at
+    assert not th.is_alive(), "still waiting on a node that is gone"
+    assert took < LOST_WITHIN
+    assert len(errors) == 1 and isinstance(errors[0], LostError), errors
+    assert "node0" in str(errors[0]) and "no answer" in str(errors[0])
+    # later calls say so at once instead of hanging on a new connection
+    quick = time.monotonic()
+    with pytest.raises(LostError):
+        t.run("true")
+    assert time.monotonic() - quick < 2
+    t.close()
+
+
+def test_a_silent_node_fails_a_transfer_within_30s(ns_node):
+    t = transport(ns_node)
+    t.put(b"x", "/tmp/mlcloud-liveness-probe")  # connected, sftp open
+    ns_node.cut()
+    cut_at = time.monotonic()
+    with pytest.raises(LostError):
+        t.put(b"y" * (64 << 20), "/tmp/mlcloud-liveness-probe")  # far beyond any TCP buffer
+    assert time.monotonic() - cut_at < LOST_WITHIN
+    t.close()
+
+
+def test_a_busy_connection_is_not_taken_for_a_lost_one(ns_node):
+    """The heartbeat must answer under load: streaming output past several beats is fine."""
+    t = transport(ns_node)
+    count = []
+    r = t.run(
+        "end=$((SECONDS+12)); while [ $SECONDS -lt $end ]; do seq 1 2000; done",
+        on_line=count.append,
+        timeout=60,
+    )
+    assert r.exit_code == 0 and len(count) > 1000
+    t.close()
+
+
+def test_the_driver_records_a_silent_single_node_lost_within_30s(ns_node, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from mlcloud import cluster, launch, state
+    from mlcloud.driver import LOST, Driver
+    from mlcloud.report import PlainReporter
+    from mlcloud.spec import SshSpec, TaskSpec
+
+    spec = TaskSpec(
+        provider="ssh",
+        hosts=(f"root@{ns_node.host}:{ns_node.port}",),
+        ssh=SshSpec(identity_file=str(ns_node.client_key)),
+    )
+    store = state.open_store()
+    rec = cluster.up(store, "solo", spec, PlainReporter(quiet=True))
+    try:
+        h = cluster.open_cluster(store, "solo")
+        jd = launch.job_dir(h.nodes[0].root, 1)
+        # a job as node_ctl leaves it: a live waiter and an output log
+        h.transports[0].run(
+            f"mkdir -p {jd} && echo hello > {jd}/output.log && "
+            f"(nohup sleep 600 >/dev/null 2>&1 </dev/null & echo $! > {jd}/waiter.pid)"
+        )
+        job = store.new_job("solo", rec.uid, "train.py", 1, 1, tmp_path)
+        lines: list[str] = []
+        cut_at: list[float] = []
+
+        def sink(line: str) -> None:
+            lines.append(line)
+            if line == "[node0] hello":  # following: now the node goes silent
+                ns_node.cut()
+                cut_at.append(time.monotonic())
+
+        code = Driver(store, h, job, sink).run()  # in this thread: the store is this thread's
+        assert cut_at and time.monotonic() - cut_at[0] < LOST_WITHIN
+        assert code == LOST
+        assert any("lost contact" in line and "no answer" in line for line in lines), lines
+        done = store.get_job("solo", 1, rec.uid)
+        assert done is not None and done.status == state.JOB_FAILED and done.exit_code == LOST
+        h.close()
+    finally:
+        shutil.rmtree(Path.home() / ".mlcloud" / rec.uid, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_train_reports_a_node_cut_off_mid_job_lost_within_30s(ns_node, tmp_path):
+    """The whole CLI: `up` on the namespaced host, `train` there, then its link goes down."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from conftest import MLCLOUD, run_cli
+
+    assert run_cli("init", str(tmp_path / "proj")).returncode == 0
+    spec = tmp_path / "proj" / "mlcloud.yaml"
+    host = f"root@{ns_node.host}:{ns_node.port}"
+    r = run_cli("up", "solo", "--hosts", host, "--identity", str(ns_node.client_key))
+    assert r.returncode == 0, r.stderr
+    uid = json.loads(run_cli("status", "--json").stdout)["clusters"][0]["uid"]
+    try:
+        proc = subprocess.Popen(
+            [MLCLOUD, "train", "solo", "-f", str(spec), "--", "--steps", "1000000"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if " step 20 " in line or len(seen) > 500:
+                break
+        assert any(" step 20 " in line for line in seen), "".join(seen)
+        ns_node.cut()
+        cut_at = time.monotonic()
+        try:
+            out, err = proc.communicate(timeout=LOST_WITHIN + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        took = time.monotonic() - cut_at
+        assert proc.returncode == 255, err[-2000:]
+        assert "job 1 failed: node0: lost contact" in out, out[-2000:]
+        assert took < LOST_WITHIN + 5  # the node is found lost in 30 s, then state is written
+        job = json.loads(run_cli("status", "--json").stdout)["clusters"][0]["jobs"][0]
+        assert job["status"] == "FAILED" and job["exit_code"] == 255
+    finally:
+        run_cli("down", "solo", "--yes", "--purge")
+        shutil.rmtree(Path.home() / ".mlcloud" / uid, ignore_errors=True)
