@@ -511,7 +511,9 @@ def _cluster(r: sqlite3.Row, nodes: tuple[NodeRecord, ...]) -> ClusterRecord:
 def _stored_spec(spec: dict) -> str:
     """A spec as state keeps it: the job's environment by name only, never its values
     (secrets must not sit in state.db)."""
-    return json.dumps({**spec, "envs": sorted(spec.get("envs") or {})})
+    if "envs" in spec:
+        spec = {**spec, "envs": sorted(spec["envs"] or {})}
+    return json.dumps(spec)
 
 
 def pid_alive(pid: int) -> bool:
