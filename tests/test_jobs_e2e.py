@@ -330,3 +330,24 @@ def test_the_rendezvous_store_listens_on_the_node_address_only(project, mlcloud_
     wildcard = {"00000000", "00000000000000000000000000000000"}
     assert [a for a in listening if a.split(":")[0] in wildcard] == []
     assert run_cli("down", "c10d", "--yes").returncode == 0
+
+
+def test_over_ssh_a_killed_train_is_read_and_followed_from_the_nodes(
+    make_ssh_nodes, project, mlcloud_home
+):
+    from conftest import ssh_up_args
+
+    nodes = make_ssh_nodes(2)
+    r = run_cli(*ssh_up_args(nodes, "sk"))
+    assert r.returncode == 0, r.stderr
+    proc = train(project, "sk", "-e", "CODE=6", "-e", "LINES=12", "lines.py")
+    wait_for(lambda: log_has("sk", "rank 0 line 2"))
+    proc.kill()
+    proc.communicate()
+    assert jobs("sk")[0]["followed"] is False
+    r = run_cli("logs", "sk", "--follow", timeout=120)
+    assert r.returncode == 6, r.stdout[-2000:] + r.stderr
+    assert "rank 1: exited with 6" in r.stdout
+    assert all(r.stdout.count(f"rank {k} line {i}\n") == 1 for k in (0, 1) for i in range(12))
+    assert (jobs("sk")[0]["status"], jobs("sk")[0]["exit_code"]) == ("FAILED", 6)
+    assert run_cli("down", "sk", "--yes").returncode == 0
