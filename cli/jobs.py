@@ -149,9 +149,9 @@ def _refuse_second_job(store, h) -> None:
     from mlcloud.errors import BusyError
 
     for j in store.jobs(h.record.name, h.record.uid):
-        if j.status not in state.JOB_DONE and reconcile.reconcile(store, j, h).status not in (
-            state.JOB_DONE
-        ):
+        if j.status in state.JOB_DONE:
+            continue
+        if reconcile.reconcile(store, j, h).status not in state.JOB_DONE:
             name = h.record.name
             raise BusyError(
                 f"job {j.job_id} is still running on {name} ({j.command}); wait for it "
@@ -276,7 +276,10 @@ class _Tail:
         self.skip: dict[str, int] = {}
 
     def restart(self) -> None:
-        self.pos, self.skip = 0, dict(self.shown)
+        """The log was rewritten: read it again, skipping the nodes' lines already shown
+        (mlcloud's own notes differ between the two versions, and are shown)."""
+        self.pos = 0
+        self.skip = {k: v for k, v in self.shown.items() if k.startswith("[node")}
 
     def show(self, final: bool) -> None:
         try:

@@ -48,7 +48,6 @@ class Driver:
         """adopt: the nodes resend the whole output, so the log starts afresh; shown: lines
         per node the sink already had (not shown twice)."""
         self.store, self.h, self.job, self.sink = store, h, job, sink
-        self.adopt = adopt
         self.skip = dict(shown or {})
         self.ends: dict[int, NodeEnd] = {}
         self.order: list[int] = []
