@@ -86,7 +86,6 @@ def train(
     h = cluster.open_cluster(store, name)
     rep = output.reporter()
     sink = _printer(sys.stderr if json_out else sys.stdout)
-    job = None
     code = 1
     try:
         with cluster_lock(name):

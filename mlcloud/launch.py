@@ -99,7 +99,8 @@ def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: 
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={_host(head.private_ip)}:{port}",
         f"--rdzv-id={h.record.uid}-{job_id}",
-        # torch decides "am I the store host?" from the hostname; say it outright (FACTS.md)
+        # torch decides "am I the store host?" from the hostname; say it outright (in a network
+        # namespace the hostname resolves to loopback)
         f"--rdzv-conf=is_host={'true' if i == 0 else 'false'}",
         f"--local-addr={node.private_ip}",
         f"--max-restarts={MAX_RESTARTS}",
