@@ -103,12 +103,11 @@ def train(
             driver = Driver(store, h, job, sink)
             try:
                 launch.start(store, h, req, job, rep, driver.emit)
-            except BaseException:
-                store.update_job(
-                    name, job.uid, job.job_id, status=state.JOB_FAILED, ended=time.time()
-                )
+            except BaseException as e:
                 driver.log.close()
                 _stop_quietly(h, job.job_id)  # whatever did start must not keep running
+                status = _start_failure_status(h, job.job_id, e)
+                store.update_job(name, job.uid, job.job_id, status=status, ended=time.time())
                 raise
         output.close(rep)
         if detach:
@@ -156,6 +155,20 @@ def _refuse_second_job(store, h) -> None:
                 f"job {j.job_id} is still running on {name} ({j.command}); wait for it "
                 f"(`mlcloud logs {name} --follow`) or stop it (`mlcloud cancel {name}`)"
             )
+
+
+def _start_failure_status(h, job_id: int, error: BaseException) -> str:
+    """CANCELLED for Ctrl-C or a `cancel` that reached the nodes first, else FAILED."""
+    from mlcloud import reconcile, state
+    from mlcloud.errors import MlcloudError
+
+    if isinstance(error, KeyboardInterrupt):
+        return state.JOB_CANCELLED
+    if isinstance(error, MlcloudError) and any(
+        n.get("cancelled") for n in reconcile.probe(h, job_id)
+    ):
+        return state.JOB_CANCELLED
+    return state.JOB_FAILED
 
 
 def _stop_quietly(h, job_id: int) -> None:

@@ -351,3 +351,18 @@ def test_over_ssh_a_killed_train_is_read_and_followed_from_the_nodes(
     assert all(r.stdout.count(f"rank {k} line {i}\n") == 1 for k in (0, 1) for i in range(12))
     assert (jobs("sk")[0]["status"], jobs("sk")[0]["exit_code"]) == ("FAILED", 6)
     assert run_cli("down", "sk", "--yes").returncode == 0
+
+
+def test_cancel_while_the_job_is_starting(project, mlcloud_home):
+    (project / "mlcloud.yaml").write_text("workdir: .\nsetup: |\n  echo setting up\n  sleep 8\n")
+    up("cs", nodes=1)
+    proc = train(project, "cs", "-f", str(project / "mlcloud.yaml"), "lines.py")
+    wait_for(lambda: log_has("cs", "setting up"))
+    r = run_cli("cancel", "cs", "--grace", "1", "--json", timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "CANCELLED"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "cancelled before it started" in err
+    assert jobs("cs")[0]["status"] == "CANCELLED"
+    assert run_cli("logs", "cs", "--follow").returncode == 130
+    assert run_cli("down", "cs", "--yes").returncode == 0
