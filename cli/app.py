@@ -47,6 +47,7 @@ def _register() -> None:
     app.command("train")(jobs.train)
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)
+    app.command("cancel")(jobs.cancel)
     app.command("ssh")(cluster.ssh)
     app.command("gc")(cluster.gc)
     app.command("gpus")(money.gpus)

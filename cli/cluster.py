@@ -294,7 +294,8 @@ def status(
     name: str | None = typer.Argument(None, help="Show one cluster in detail."),
     json: bool = options.JSON,
 ) -> None:
-    """List clusters with their nodes and jobs, from local state (no cloud calls)."""
+    """List clusters with their nodes and jobs, from local state (no cloud calls); a job that
+    no mlcloud process follows any more is read from its nodes."""
     from mlcloud import state, views
     from mlcloud.errors import NotFoundError
     from mlcloud.names import check_cluster_name
@@ -310,6 +311,10 @@ def status(
         clusters = store.list_clusters()
         current = {c.uid for c in clusters}  # an old incarnation's jobs are not this cluster's
         jobs = [j for j in store.jobs() if j.uid in current]
+    if any(j.status not in state.JOB_DONE for j in jobs):  # unfollowed ones: ask their nodes
+        from mlcloud import reconcile
+
+        jobs = [reconcile.reconcile(store, j) for j in jobs]
     now = time.time()
     billing = store.billing(name)
     if json:

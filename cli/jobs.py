@@ -1,4 +1,4 @@
-"""`train`, `logs`, `exec`: running things on a cluster's nodes."""
+"""`train`, `logs`, `exec`, `cancel`: running things on a cluster's nodes."""
 
 from __future__ import annotations
 
@@ -33,17 +33,27 @@ def train(
         None, "--nproc-per-node", min=1, help="Processes per node (default: one per GPU, else 1)."
     ),
     env: list[str] | None = typer.Option(
-        None, "--env", "-e", help="KEY=VALUE for the job; repeatable. Sent in a 0600 file."
+        None,
+        "--env",
+        "-e",
+        help="KEY=VALUE, or KEY to pass this shell's value, for the job; repeatable. "
+        "Sent in a 0600 file, never stored.",
     ),
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once the job has started."),
     down: bool = typer.Option(
         False, "--down", help="Tear the cluster down after the job, even if it fails."
     ),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the job's cluster, id, status, exit code and log path as JSON on stdout; "
+        "the job's output goes to stderr.",
+    ),
 ) -> None:
     """Ship the workdir and run SCRIPT with torchrun on every node (rendezvous at the head).
 
     Put the script's own options after `--`: mlcloud train demo train.py -- --steps 500"""
-    from mlcloud import cluster, launch, paths, state
+    from mlcloud import cluster, launch, paths, state, views
     from mlcloud.driver import Driver
     from mlcloud.errors import UsageError
     from mlcloud.locks import cluster_lock
@@ -77,10 +87,11 @@ def train(
     store = state.open_store()
     h = cluster.open_cluster(store, name)
     rep = output.reporter()
-    driver = None
+    sink = _printer(sys.stderr if json_out else sys.stdout)
     code = 1
     try:
         with cluster_lock(name):
+            _refuse_second_job(store, h)
             nproc = launch.nproc_for(h, req.nproc_per_node)
             job = store.new_job(
                 name,
@@ -89,28 +100,30 @@ def train(
                 len(h.nodes),
                 nproc,
                 paths.logs_dir(name),
+                driver_pid=os.getpid(),
             )
-            driver = Driver(store, h, job, _printer())
+            driver = Driver(store, h, job, sink)
             try:
                 launch.start(store, h, req, job, rep, driver.emit)
-            except BaseException:
-                store.update_job(
-                    name, job.uid, job.job_id, status=state.JOB_FAILED, ended=time.time()
-                )
+            except BaseException as e:
                 driver.log.close()
                 _stop_quietly(h, job.job_id)  # whatever did start must not keep running
+                status = _start_failure_status(h, job.job_id, e)
+                store.update_job(name, job.uid, job.job_id, status=status, ended=time.time())
                 raise
         output.close(rep)
         if detach:
             driver.log.close()
             pid = _spawn_driver(name, job, down)
             store.update_job(name, job.uid, job.job_id, driver_pid=pid)
-            print(
-                f"job {job.job_id} started on {name}: `mlcloud logs {name} --follow` to watch"
-                + (" (the cluster goes down when it ends)" if down else "")
-            )
+            if json_out:
+                output.print_json(views.job_result_json(store.get_job(name, job.job_id, job.uid)))
+            else:
+                print(
+                    f"job {job.job_id} started on {name}: `mlcloud logs {name} --follow` to watch"
+                    + (" (the cluster goes down when it ends)" if down else "")
+                )
             return
-        store.update_job(name, job.uid, job.job_id, driver_pid=os.getpid())
         try:
             code = driver.run()
         except KeyboardInterrupt:
@@ -125,7 +138,39 @@ def train(
                 rep.info(f"cluster {name} is down")
             finally:
                 output.close(rep)
+    if json_out:
+        output.print_json(views.job_result_json(store.get_job(name, job.job_id, job.uid) or job))
     raise typer.Exit(code)
+
+
+def _refuse_second_job(store, h) -> None:
+    """One job at a time: its nodes, ports and checkpoints are the cluster's."""
+    from mlcloud import reconcile, state
+    from mlcloud.errors import BusyError
+
+    for j in store.jobs(h.record.name, h.record.uid):
+        if j.status in state.JOB_DONE:
+            continue
+        if reconcile.reconcile(store, j, h).status not in state.JOB_DONE:
+            name = h.record.name
+            raise BusyError(
+                f"job {j.job_id} is still running on {name} ({j.command}); wait for it "
+                f"(`mlcloud logs {name} --follow`) or stop it (`mlcloud cancel {name}`)"
+            )
+
+
+def _start_failure_status(h, job_id: int, error: BaseException) -> str:
+    """CANCELLED for Ctrl-C or a `cancel` that reached the nodes first, else FAILED."""
+    from mlcloud import reconcile, state
+    from mlcloud.errors import MlcloudError
+
+    if isinstance(error, KeyboardInterrupt):
+        return state.JOB_CANCELLED
+    if isinstance(error, MlcloudError) and any(
+        n.get("cancelled") for n in reconcile.probe(h, job_id)
+    ):
+        return state.JOB_CANCELLED
+    return state.JOB_FAILED
 
 
 def _stop_quietly(h, job_id: int) -> None:
@@ -143,12 +188,22 @@ def _stop_quietly(h, job_id: int) -> None:
     fan_out(one, list(range(len(h.nodes))))
 
 
-def _printer():
+def _printer(stream):
+    """A thread-safe line printer. When its reader goes away (`| head -1`, a dead CI pipe)
+    the stream is pointed at /dev/null and the error raised once, for the caller to stop
+    showing; nothing else (the job, its log, its end) depends on the stream."""
     lock = threading.Lock()
 
     def sink(line: str) -> None:
         with lock:
-            print(line, flush=True)
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+            except BrokenPipeError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())  # also spares the flush at exit
+                os.close(devnull)
+                raise
 
     return sink
 
@@ -172,9 +227,11 @@ def logs(
     job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
     follow: bool = typer.Option(False, "--follow", "-F", help="Keep printing until the job ends."),
 ) -> None:
-    """Print a job's node-prefixed output; with --follow, exit with the job's exit code."""
-    from mlcloud import state
-    from mlcloud.errors import MlcloudError, NotFoundError
+    """Print a job's node-prefixed output; with --follow, exit with the job's exit code.
+
+    A job no mlcloud process follows any more is read from its nodes (output and end)."""
+    from mlcloud import reconcile, state
+    from mlcloud.errors import NotFoundError
     from mlcloud.names import check_cluster_name
 
     check_cluster_name(name)
@@ -186,43 +243,139 @@ def logs(
         if store.get_cluster(name) is None and not store.jobs(name):
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
         raise NotFoundError(
-            f"no job {job} on cluster {name!r}" if job else f"no jobs on cluster {name!r} yet"
+            f"no job {job} on cluster {name!r}"
+            if job is not None
+            else f"no jobs on cluster {name!r} yet"
         )
-    path = Path(j.log_path)
-    pos = 0
+    j = reconcile.reconcile(store, j)
+    tail = _Tail(Path(j.log_path))
+    if not follow:
+        tail.show(final=True)
+        return
     while True:
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(pos)
-                chunk = f.read()
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                pos += len(chunk)
-                continue
-        if not follow:
-            return
-        current = store.get_job(name, j.job_id, j.uid)
-        if current is None or current.status in state.JOB_DONE:
-            if path.exists() and path.stat().st_size > pos:
-                continue
-            raise typer.Exit(current.exit_code or 0 if current else 0)
-        if current.driver_pid and not state.pid_alive(current.driver_pid):
-            raise MlcloudError(
-                f"job {j.job_id} is no longer followed (its mlcloud process {current.driver_pid}"
-                f" is gone); it may still run on the nodes: `mlcloud exec {name} -- ps -ef` to "
-                f"look, `mlcloud down {name}` to stop everything"
-            )
+        tail.show(final=False)
+        current = store.get_job(name, j.job_id, j.uid) or j
+        if current.status not in state.JOB_DONE and not reconcile.followed(current):
+            current = reconcile.reconcile(store, current)  # rewrites the log from the nodes
+            tail.restart()
+            if current.status not in state.JOB_DONE:
+                if _adopt(store, current, tail.shown):
+                    current = store.get_job(name, j.job_id, j.uid) or current
+                    raise typer.Exit(exit_code_of(current))
+                continue  # another command adopted it: follow its log
+        if current.status in state.JOB_DONE:
+            tail.show(final=True)
+            raise typer.Exit(exit_code_of(current))
         time.sleep(0.2)
+
+
+def exit_code_of(job) -> int:
+    """The job's own code; never 0 for a job that did not succeed."""
+    from mlcloud import state
+
+    if job.exit_code:
+        return job.exit_code
+    if job.status == state.JOB_SUCCEEDED:
+        return 0
+    return 130 if job.status == state.JOB_CANCELLED else 1
+
+
+class _Tail:
+    """Print a job's log as it grows, whole lines only, counting lines shown per node; after a
+    rewrite (the log rebuilt from the nodes) lines already shown are skipped, not repeated."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos = path, 0
+        self.shown: dict[str, int] = {}
+        self.skip: dict[str, int] = {}
+
+    def restart(self) -> None:
+        """The log was rewritten: read it again, skipping the nodes' lines already shown
+        (mlcloud's own notes differ between the two versions, and are shown)."""
+        self.pos = 0
+        self.skip = {k: v for k, v in self.shown.items() if k.startswith("[node")}
+
+    def show(self, final: bool) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        cut = len(chunk) if final else chunk.rfind(b"\n") + 1
+        out = []
+        for line in chunk[:cut].splitlines(keepends=True):
+            who = line.split(b" ", 1)[0].decode(errors="replace")
+            if self.skip.get(who, 0) > 0:
+                self.skip[who] -= 1
+                continue
+            self.shown[who] = self.shown.get(who, 0) + 1
+            out.append(line)
+        self.pos += cut
+        if out:
+            sys.stdout.buffer.write(b"".join(out))
+            sys.stdout.flush()
+
+
+def _adopt(store, job, shown: dict[str, int]) -> bool:
+    """Follow a job its first follower left, from its nodes, to its end; False if another
+    command adopted it first. Ctrl-C stops following, not the job."""
+    from mlcloud import cluster
+    from mlcloud.driver import Driver
+
+    if not store.claim_job(job.cluster, job.uid, job.job_id, job.driver_pid, os.getpid()):
+        return False
+    nodes = {int(k[5:-1]): v for k, v in shown.items() if k.startswith("[node")}
+    h = cluster.open_cluster(store, job.cluster)
+    try:
+        Driver(store, h, job, _printer(sys.stdout), adopt=True, shown=nodes).run(
+            stop_on_interrupt=False
+        )
+    except KeyboardInterrupt:
+        store.claim_job(job.cluster, job.uid, job.job_id, os.getpid(), None)
+        raise
+    finally:
+        h.close()
+    return True
+
+
+def cancel(
+    name: str = typer.Argument(..., help="Cluster."),
+    job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
+    grace: float = typer.Option(
+        30.0, "--grace", min=0, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
+    ),
+    json_out: bool = options.JSON,
+) -> None:
+    """Stop a job on every node: SIGTERM (the template checkpoints), SIGKILL after --grace.
+
+    Works for a detached job, and for one whose mlcloud process is gone."""
+    from mlcloud import state, views
+    from mlcloud.cancel import cancel as cancel_job
+
+    store = state.open_store()
+    j, stopped = cancel_job(store, name, job, grace)
+    if json_out:
+        output.print_json(views.job_result_json(j))
+        return
+    code = "" if j.exit_code is None else f", exit {j.exit_code}"
+    print(
+        f"job {j.job_id} on {name} "
+        + (f"cancelled ({j.status}{code})" if stopped else f"had already ended: {j.status}{code}")
+    )
 
 
 def exec_(
     name: str = typer.Argument(..., help="Cluster."),
     command: list[str] = typer.Argument(..., help="Command; one argument runs as a shell line."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print each node's exit code and output as JSON on stdout."
+    ),
 ) -> None:
     """Run a command on every node in parallel (in the synced workdir), output prefixed by node.
 
-    Exits non-zero if any node failed."""
+    Exits non-zero if any node failed. Returns when the shell exits: background processes
+    (`cmd &`) should send their output to a file."""
     from mlcloud import cluster, state
     from mlcloud.parallel import fan_out
 
@@ -230,25 +383,45 @@ def exec_(
     h = cluster.open_cluster(store, name)
     line = command[0] if len(command) == 1 else shlex.join(command)
     lock = threading.Lock()
+    say = _printer(sys.stdout)
 
-    def one(i: int) -> int:
+    def one(i: int):
         t, root = h.transports[i], h.nodes[i].root
+        kept: list[str] = []
 
         def out(text: str) -> None:
-            with lock:
-                print(f"[node{i}] {text}", flush=True)
+            if json_out:
+                kept.append(text)
+                return
+            try:
+                say(f"[node{i}] {text}")
+            except BrokenPipeError:
+                pass
 
-        r = t.run(f"cd {shlex.quote(root + '/workdir')} && {line}", on_line=out)
-        with lock:
-            for text in r.stderr.splitlines():
-                print(f"[node{i}] {text}", file=sys.stderr, flush=True)
-        return r.exit_code
+        r = t.run(
+            f"{h.ctl(i)} exec {shlex.quote(root + '/workdir')} {shlex.quote(line)}", on_line=out
+        )
+        if not json_out:
+            with lock:
+                for text in r.stderr.splitlines():
+                    print(f"[node{i}] {text}", file=sys.stderr, flush=True)
+        return r.exit_code, "".join(k + "\n" for k in kept), r.stderr
 
     try:
-        codes = fan_out(one, list(range(len(h.nodes))))
+        results = fan_out(one, list(range(len(h.nodes))))
     finally:
         h.close()
-    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    failed = [(i, c) for i, (c, _, _) in enumerate(results) if c != 0]
+    if json_out:
+        output.print_json(
+            {
+                "cluster": name,
+                "nodes": [
+                    {"node": i, "exit_code": c, "stdout": o, "stderr": e}
+                    for i, (c, o, e) in enumerate(results)
+                ],
+            }
+        )
     if failed:
         print(
             "error: failed on " + ", ".join(f"node{i} (exit {c})" for i, c in failed),

@@ -1,65 +1,84 @@
 """Follow a running job on every node: stream node-prefixed output to the terminal and the job's
 log file, survive one node's hang, record how the job ended.
 
-The job itself runs detached on the nodes, so this driver can run in the foreground (`train`)
-or in a background process (`train --detach`); losing it does not lose the job.
+The job itself runs detached on the nodes, so this driver can run in the foreground (`train`),
+in a background process (`train --detach`), or in `logs --follow` when the job's first follower
+died (it then adopts the job: the nodes resend the whole output). Losing it does not lose the
+job: the nodes keep its output and exit code, and reconciliation reads them.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import threading
 import time
 from collections.abc import Callable
 
-from mlcloud import launch, state
+from mlcloud import launch, outcome, state
 from mlcloud.cluster import Handle
 from mlcloud.errors import MlcloudError
+from mlcloud.outcome import LOST, NodeEnd
 
 # After one node fails, the others get this long to fail on their own before being killed;
-# torchrun can otherwise sit 300 s in its exit barrier (FACTS.md).
+# torchrun can otherwise sit 300 s in its exit barrier after a worker aborts.
 FAIL_GRACE = 15.0
 # After one node succeeds, the others get this long to finish.
 DONE_GRACE = 60.0
 # After stopping the rest, how long to wait for them to report before calling them lost.
 STOP_WAIT = 30.0
-KILLED = 137  # node_ctl's code for "the job's processes were killed"
-LOST = 255  # the driver's code for "the connection to the node dropped"
+# How long to keep retrying the state write that records the job's end (a busy database).
+RECORD_RETRY = 60.0
+END_MARK = "mlcloud-end "  # node_ctl follow's last stderr line: the node's end, as JSON
 
 Sink = Callable[[str], None]
 
 
-def describe(code: int) -> str:
-    if code == LOST:
-        return "lost contact (the node or its connection went away)"
-    if code == KILLED:
-        return "its processes were killed (exit 137)"
-    if code > 128:
-        return f"ended by signal {code - 128} (exit {code})"
-    return f"exited with {code}"
-
-
 class Driver:
-    def __init__(self, store: state.Store, h: Handle, job: state.JobRecord, sink: Sink):
+    def __init__(
+        self,
+        store: state.Store,
+        h: Handle,
+        job: state.JobRecord,
+        sink: Sink | None,
+        adopt: bool = False,
+        shown: dict[int, int] | None = None,
+    ):
+        """adopt: the nodes resend the whole output, so the log starts afresh; shown: lines
+        per node the sink already had (not shown twice)."""
         self.store, self.h, self.job, self.sink = store, h, job, sink
-        self.codes: dict[int, int] = {}
+        self.skip = dict(shown or {})
+        self.ends: dict[int, NodeEnd] = {}
         self.order: list[int] = []
         self.cond = threading.Condition()
-        self.log = open(job.log_path, "a", buffering=1)  # noqa: SIM115 (closed in run)
+        self.log = open(job.log_path, "w" if adopt else "a", buffering=1)  # noqa: SIM115
         self.write_lock = threading.Lock()
+
+    def _show(self, text: str) -> None:
+        """To the sink, if it still takes output: a closed stdout (`| head -1`, a dead CI
+        pipe) stops the showing, never the following, the log or the job's end."""
+        if self.sink is None:
+            return
+        try:
+            self.sink(text)
+        except (OSError, ValueError):
+            self.sink = None
 
     def emit(self, node: int, line: str) -> None:
         text = f"[node{node}] {line}"
         with self.write_lock:
             self.log.write(text + "\n")
-            self.sink(text)
+            if self.skip.get(node, 0) > 0:
+                self.skip[node] -= 1
+            else:
+                self._show(text)
 
     def note(self, line: str) -> None:
         text = f"[mlcloud] {line}"
         with self.write_lock:
             self.log.write(text + "\n")
-            self.sink(text)
+            self._show(text)
 
     def _follow(self, i: int) -> None:
         t = self.h.transports[i]
@@ -68,19 +87,22 @@ class Driver:
             result = t.run(
                 f"{self.h.ctl(i)} follow {shlex.quote(jd)}", on_line=lambda line: self.emit(i, line)
             )
-            code = result.exit_code
-            if code == KILLED and result.stderr.strip():
-                self.emit(i, result.stderr.strip().splitlines()[-1])
+            end = _parse_end(result.exit_code, result.stderr)
+            if end.code == outcome.KILLED and end.failure is None:
+                said = [ln for ln in result.stderr.splitlines() if not ln.startswith(END_MARK)]
+                if said:
+                    self.emit(i, said[-1])
         except Exception as e:  # an unreachable node is a failed node, not a crashed driver
             self.emit(i, f"lost contact: {e}")
-            code = LOST
+            end = NodeEnd(LOST)
         with self.cond:
-            self.codes[i] = code
+            self.ends[i] = end
             self.order.append(i)
             self.cond.notify_all()
 
-    def run(self) -> int:
-        """Follow to the end; returns the job's exit code (first failure wins, else 0)."""
+    def run(self, stop_on_interrupt: bool = True) -> int:
+        """Follow to the end; returns the job's exit code (first failure wins, else 0).
+        On Ctrl-C, stop the job (train's follower) or only stop following (logs --follow)."""
         n = len(self.h.nodes)
         threads = [threading.Thread(target=self._follow, args=(i,), daemon=True) for i in range(n)]
         for th in threads:
@@ -88,24 +110,19 @@ class Driver:
         try:
             self._wait_all(n)
         except KeyboardInterrupt:
+            if not stop_on_interrupt:
+                self.log.close()
+                raise
             self.note("interrupted: stopping the job on every node (it checkpoints on SIGTERM)")
             self._stop_all(grace=10.0)
             for th in threads:
                 th.join(timeout=30)
             self._finish(state.JOB_CANCELLED, 130)
             raise
-        failures = [i for i in self.order if self.codes[i] != 0]
-        code = self.codes[failures[0]] if failures else 0
-        if failures:
-            first = failures[0]
-            self.note(
-                f"job {self.job.job_id} failed: node{first}: {describe(code)}"
-                + "".join(f"; node{i}: {describe(self.codes[i])}" for i in failures[1:])
-            )
-        else:
-            self.note(f"job {self.job.job_id} succeeded on {n} node(s)")
-        self._finish(state.JOB_FAILED if failures else state.JOB_SUCCEEDED, code)
-        return code
+        result = outcome.decide(self.job.job_id, self.ends, self.order)
+        self.note(result.line)
+        self._finish(result.status, result.exit_code)
+        return result.exit_code
 
     def _wait_all(self, n: int) -> None:
         """Wait for every node; once one has ended, the others get a grace period, then are
@@ -113,16 +130,16 @@ class Driver:
         deadline = None
         stopped_at = None
         with self.cond:
-            while len(self.codes) < n:
+            while len(self.ends) < n:
                 now = time.monotonic()
-                if self.codes and deadline is None:
-                    grace = FAIL_GRACE if any(self.codes.values()) else DONE_GRACE
+                if self.ends and deadline is None:
+                    grace = FAIL_GRACE if any(e.code for e in self.ends.values()) else DONE_GRACE
                     deadline = now + grace
-                pending = [i for i in range(n) if i not in self.codes]
+                pending = [i for i in range(n) if i not in self.ends]
                 if stopped_at is not None and now >= stopped_at + STOP_WAIT:
                     for i in pending:
                         self.emit(i, "did not end after being stopped; giving up on this node")
-                        self.codes[i] = LOST
+                        self.ends[i] = NodeEnd(LOST)
                         self.order.append(i)
                     return
                 if deadline is not None and now >= deadline and stopped_at is None:
@@ -152,19 +169,44 @@ class Driver:
         fan_out(one, nodes)
 
     def _stop_all(self, grace: float) -> None:
-        self._stop([i for i in range(len(self.h.nodes)) if i not in self.codes], grace)
+        self._stop([i for i in range(len(self.h.nodes)) if i not in self.ends], grace)
 
     def _finish(self, status: str, code: int) -> None:
-        self.store.update_job(
-            self.h.record.name,
-            self.job.uid,
-            self.job.job_id,
-            status=status,
-            exit_code=code,
-            ended=time.time(),
-        )
-        self.store.event(self.h.record.name, "job", f"job {self.job.job_id} {status} ({code})")
-        self.log.close()
+        """Record the end. The database may be busy (another command, a slow disk): retry,
+        then say so; the nodes still hold the outcome, and `status` reconciles from them."""
+        name, job = self.h.record.name, self.job
+        deadline = time.monotonic() + RECORD_RETRY
+        try:
+            while True:
+                try:
+                    self.store.update_job(
+                        name, job.uid, job.job_id, status=status, exit_code=code, ended=time.time()
+                    )
+                    self.store.event(name, "job", f"job {job.job_id} {status} ({code})")
+                    return
+                except MlcloudError as e:  # state's busy or I/O error, already one line
+                    if time.monotonic() > deadline:
+                        self.note(
+                            f"could not record job {job.job_id}'s end ({status}, exit {code}) "
+                            f"in the state database: {e}; the nodes keep it, and "
+                            f"`mlcloud status {name}` records it from them"
+                        )
+                        return
+                    time.sleep(1.0)
+        finally:
+            self.log.close()
+
+
+def _parse_end(code: int, stderr: str) -> NodeEnd:
+    """node_ctl follow's exit code, with its last word on how the job ended there."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(END_MARK):
+            try:
+                d = json.loads(line[len(END_MARK) :])
+            except ValueError:
+                break
+            return NodeEnd(code, d.get("failure"), bool(d.get("cancelled")))
+    return NodeEnd(code)
 
 
 def main(argv: list[str]) -> int:
@@ -178,7 +220,7 @@ def main(argv: list[str]) -> int:
     job = store.get_job(name, job_id, h.record.uid)
     assert job is not None
     try:
-        return Driver(store, h, job, lambda line: None).run()
+        return Driver(store, h, job, None).run()
     finally:
         h.close()
         if down_after:

@@ -17,7 +17,7 @@ from mlcloud import state
 from mlcloud.cluster import Handle
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.layout import tag
+from mlcloud.remote.layout import CTL, tag
 from mlcloud.remote.sync import Limits, check_workdir
 from mlcloud.remote.transport import check
 from mlcloud.report import Reporter
@@ -70,15 +70,13 @@ def _host(ip: str) -> str:
 
 
 def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: int) -> dict:
-    """job.json for node i: the torchrun command and the environment DESIGN.md promises."""
+    """job.json for node i: the torchrun command and the job's environment (README, "The
+    job's environment")."""
     nodes = h.nodes
     node, head = nodes[i], nodes[0]
-    ckpt = req.checkpoint_dir or "checkpoints"
-    if not ckpt.startswith("/"):
-        ckpt = f"{node.root}/{ckpt}"
+    # inside the node's directory: the spec refuses absolute paths and `..`
+    ckpt = f"{node.root}/{req.checkpoint_dir or 'checkpoints'}"
     # torchrun would set this anyway (with a banner) when running several processes per node.
-    # No PYTHONUNBUFFERED: unbuffered, print() writes text and newline in two calls, and the
-    # ranks sharing a node's log then splice their lines; buffered, a flush is one whole write.
     env = {"OMP_NUM_THREADS": "1", **req.envs}
     env.update(
         {
@@ -93,16 +91,19 @@ def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: 
             "MLCLOUD_CHECKPOINT_DIR": ckpt,
         }
     )
+    # node_ctl runs torchrun in its own process: the rendezvous store binds to the node's
+    # address, and the first failing rank's exit code becomes the job's
     argv = [
         h.transports[i].python,
-        "-m",
-        "torch.distributed.run",
+        f"{node.root}/{CTL}",
+        "torchrun",
         f"--nnodes={len(nodes)}",
         f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={_host(head.private_ip)}:{port}",
         f"--rdzv-id={h.record.uid}-{job_id}",
-        # torch decides "am I the store host?" from the hostname; say it outright (FACTS.md)
+        # torch decides "am I the store host?" from the hostname; say it outright (in a network
+        # namespace the hostname resolves to loopback)
         f"--rdzv-conf=is_host={'true' if i == 0 else 'false'}",
         f"--local-addr={node.private_ip}",
         f"--max-restarts={MAX_RESTARTS}",
@@ -175,12 +176,17 @@ def start(
 
 
 def _setup(h: Handle, i: int, setup: str, digest: str, emit) -> None:
+    """Run setup once per node per digest. The script goes as a file: in argv, one over
+    128 KiB fails with "Argument list too long"."""
     t, root = h.transports[i], h.nodes[i].root
     marker = shlex.quote(f"{root}/setup/{digest}.done")
+    script = f"{root}/setup/{digest}.sh"
+    if t.run(f"test -e {marker}").exit_code == 0:
+        return
+    check(t.run(f"mkdir -p {shlex.quote(root + '/setup')}"), t, "setup")
+    t.put(setup.encode(), script, mode=0o600)
     cmd = (
-        f"test -e {marker} && exit 0; mkdir -p {shlex.quote(root + '/setup')} && "
-        f"cd {shlex.quote(root + '/workdir')} && bash -c {shlex.quote(setup)} 2>&1 && "
-        f"touch {marker}"
+        f"cd {shlex.quote(root + '/workdir')} && bash {shlex.quote(script)} 2>&1 && touch {marker}"
     )
     result = t.run(cmd, on_line=lambda line: emit(i, line))
     check(result, t, "setup")

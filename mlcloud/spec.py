@@ -117,13 +117,37 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
 
 
 def parse_env(pairs: list[str], where: str = "--env") -> dict[str, str]:
+    """KEY=VALUE, or KEY alone to pass the local environment's value (keeps secrets out of
+    argv and shell history)."""
+    import os
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not _ENV_RE.fullmatch(key):
-            raise UsageError(f"{where}: {pair!r} is not KEY=VALUE with KEY like MY_VAR")
+        if not _ENV_RE.fullmatch(key):
+            raise UsageError(f"{where}: {pair!r} is not KEY=VALUE or KEY, with KEY like MY_VAR")
+        if not sep:
+            if key not in os.environ:
+                raise UsageError(
+                    f"{where} {key}: {key} is not set in this environment; set it, or pass "
+                    f"{key}=VALUE"
+                )
+            value = os.environ[key]
         out[key] = value
     return out
+
+
+def check_checkpoint_dir(path: str, where: str) -> str:
+    """checkpoint_dir lives in the node's own directory: a relative path without `..`."""
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(path)
+    if p.is_absolute() or ".." in p.parts or not path.strip():
+        raise UsageError(
+            f"{where}: {path!r} must be a relative path inside the node's directory, without "
+            "`..` (e.g. checkpoints)"
+        )
+    return path
 
 
 def load_spec(path: Path) -> TaskSpec:
@@ -439,7 +463,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             nproc_per_node=_int(train, "nproc_per_node", where, "train.nproc_per_node"),
         ),
         envs={k: _scalar(v) for k, v in envs.items()},
-        checkpoint_dir=_str(d, "checkpoint_dir", where),
+        checkpoint_dir=_checkpoint_dir(d, where),
         autoscale=AutoscaleSpec(
             idle_minutes=_positive(auto, "idle_minutes", where, "autoscale.idle_minutes"),
             max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
@@ -454,6 +478,11 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             allowed_cidrs=_cidrs(ssh, where),
         ),
     )
+
+
+def _checkpoint_dir(d: dict, where: _Where) -> str | None:
+    path = _str(d, "checkpoint_dir", where)
+    return None if path is None else check_checkpoint_dir(path, where("checkpoint_dir"))
 
 
 def _cidrs(ssh: dict, where: _Where) -> tuple[str, ...]:

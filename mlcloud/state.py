@@ -257,7 +257,7 @@ class Store:
                 raise ClusterExists(f"cluster {name!r} already exists")
             db.execute(
                 "INSERT INTO clusters VALUES (?,?,?,?,?,?,?,?)",
-                (name, uid, provider, INIT, json.dumps(spec), owner, now, now),
+                (name, uid, provider, INIT, _stored_spec(spec), owner, now, now),
             )
             self._event(db, name, uid, "intent", f"cluster {name} recorded before provisioning")
 
@@ -287,7 +287,7 @@ class Store:
         with self.tx() as db:
             db.execute(
                 "UPDATE clusters SET spec=?, updated=? WHERE name=?",
-                (json.dumps(spec), time.time(), name),
+                (_stored_spec(spec), time.time(), name),
             )
 
     def set_nodes(self, name: str, nodes: list[NodeRecord]) -> None:
@@ -322,9 +322,17 @@ class Store:
     # jobs
 
     def new_job(
-        self, cluster: str, uid: str, command: str, num_nodes: int, nproc: int, log_dir: Path
+        self,
+        cluster: str,
+        uid: str,
+        command: str,
+        num_nodes: int,
+        nproc: int,
+        log_dir: Path,
+        driver_pid: int | None = None,
     ) -> JobRecord:
-        """The next job of this incarnation of the cluster (the first is 1)."""
+        """The next job of this incarnation of the cluster (the first is 1), followed from
+        the start by driver_pid (the process starting it)."""
         with self.tx() as db:
             (last,) = db.execute(
                 "SELECT COALESCE(MAX(job_id), 0) FROM jobs WHERE cluster=? AND uid=?",
@@ -346,7 +354,7 @@ class Store:
                     None,
                     None,
                     log_path,
-                    None,
+                    driver_pid,
                 ),
             )
         job = self.get_job(cluster, job_id, uid)
@@ -362,6 +370,19 @@ class Store:
                 f"UPDATE jobs SET {sets} WHERE cluster=? AND uid=? AND job_id=?",  # noqa: S608
                 (*fields.values(), cluster, uid, job_id),
             )
+
+    def claim_job(
+        self, cluster: str, uid: str, job_id: int, was: int | None, pid: int | None
+    ) -> bool:
+        """Make pid the job's follower if the follower is still `was`: of two commands that
+        find a job unfollowed, one adopts it."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET driver_pid=? WHERE cluster=? AND uid=? AND job_id=? "
+                "AND driver_pid IS ?",
+                (pid, cluster, uid, job_id, was),
+            )
+            return cur.rowcount == 1
 
     def get_job(
         self, cluster: str, job_id: int | None = None, uid: str | None = None
@@ -485,6 +506,14 @@ def _cluster(r: sqlite3.Row, nodes: tuple[NodeRecord, ...]) -> ClusterRecord:
         updated=r["updated"],
         nodes=nodes,
     )
+
+
+def _stored_spec(spec: dict) -> str:
+    """A spec as state keeps it: the job's environment by name only, never its values
+    (secrets must not sit in state.db)."""
+    if "envs" in spec:
+        spec = {**spec, "envs": sorted(spec["envs"] or {})}
+    return json.dumps(spec)
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,4 +1,5 @@
-"""The stable JSON shapes of `status --json` and `up --json` (schema 1, documented in README)."""
+"""The stable JSON shapes of `status --json`, `up --json` and the job commands' --json
+(schema 1, documented in README)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def job_json(j: state.JobRecord) -> dict:
         # a running job nobody follows any more (its mlcloud process died): say so
         "followed": j.status in state.JOB_DONE
         or (j.driver_pid is not None and state.pid_alive(j.driver_pid)),
+    }
+
+
+def job_result_json(j: state.JobRecord) -> dict:
+    """What `train --json`, `train --detach --json` and `cancel --json` print."""
+    return {
+        "cluster": j.cluster,
+        "job_id": j.job_id,
+        "status": j.status,
+        "exit_code": j.exit_code,
+        "log": j.log_path,
     }
 
 

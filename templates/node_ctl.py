@@ -1,9 +1,13 @@
-"""mlcloud's node-side controller: starts a job detached, follows its log, kills what it started.
+"""mlcloud's node-side controller: starts a job detached, follows its log, kills what it started,
+and tells how a job ended (the node is where a job's truth lives).
 
-Copied to every node at bootstrap and run with the node's python3; standard library only.
-Every process a job starts carries MLCLOUD_PROC_TAG=<cluster uid>.<node>.<job> in its
-environment, so it can be found and killed even after torchrun put its workers in sessions of
-their own or the launcher died.
+Copied to every node at bootstrap and run with the node's interpreter; standard library only
+(`torchrun` alone imports torch). Every process a job starts carries
+MLCLOUD_PROC_TAG=<cluster uid>.<node>.<job> in its environment, so it can be found and killed
+even after torchrun put its workers in sessions of their own or the launcher died.
+
+A job directory holds job.json (what to run), waiter.pid, output.log, and once the job ended
+exit_code; failure.json names the first failing rank; `cancelled` marks a job stopped on request.
 """
 
 import json
@@ -17,6 +21,7 @@ import time
 
 TAG = "MLCLOUD_PROC_TAG"
 KILLED_CODE = 137
+END_MARK = "mlcloud-end "  # follow's last stderr line: the job's end on this node, as JSON
 
 
 def _atomic_write(path, text):
@@ -45,14 +50,9 @@ def _interface_for(ip):
     return None
 
 
-def start(jobdir):
-    """Launch the job's waiter in a new session and print its pid; returns at once."""
-    with open(os.path.join(jobdir, "job.json")) as f:
-        job = json.load(f)
-    env = dict(os.environ)
-    env[TAG] = job["tag"]
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "_wait", jobdir],
+def _spawn(args, env):
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -60,7 +60,35 @@ def start(jobdir):
         start_new_session=True,
         close_fds=True,
     )
+
+
+def start(jobdir):
+    """Launch the job's waiter in a new session, and its reaper in another; print the waiter's
+    pid and return at once."""
+    if os.path.exists(os.path.join(jobdir, "cancelled")):
+        sys.exit("node_ctl: the job was cancelled before it started")
+    with open(os.path.join(jobdir, "job.json")) as f:
+        job = json.load(f)
+    env = dict(os.environ)
+    env[TAG] = job["tag"]
+    proc = _spawn(["_wait", jobdir], env)
+    # written here too, so the job is never seen started without a waiter to check
+    _atomic_write(os.path.join(jobdir, "waiter.pid"), str(proc.pid))
+    # the reaper carries no tag: killing the job's processes must not kill it
+    _spawn(["_reap", jobdir, job["tag"]], {k: v for k, v in os.environ.items() if k != TAG})
     print(proc.pid)
+
+
+def _reap(jobdir, prefix):
+    """Once the waiter is gone, kill what is left of the job: torchrun puts its workers in
+    sessions of their own, so a killed waiter (a node_ctl crash, its process group killed)
+    would otherwise leave them running until `down`."""
+    with open(os.path.join(jobdir, "waiter.pid")) as f:
+        waiter = int(f.read())
+    while _alive(waiter):
+        time.sleep(0.5)
+    if _tagged(prefix):
+        kill(prefix, grace=5.0)
 
 
 def _wait(jobdir):
@@ -68,6 +96,7 @@ def _wait(jobdir):
         job = json.load(f)
     env = dict(os.environ)
     env.update(job["env"])
+    env["MLCLOUD_JOB_DIR"] = os.path.abspath(jobdir)
     ip = env.get("MLCLOUD_NODE_IP", "")
     if ip and "GLOO_SOCKET_IFNAME" not in env:
         ifname = _interface_for(ip)
@@ -145,15 +174,165 @@ def follow(jobdir):
                 out.flush()
                 pos += cut
                 continue
-        if done:
-            with open(code_path) as f:
-                sys.exit(int(f.read().strip() or 1))
-        if waiter_gone:
-            if os.path.exists(code_path):
+        if done or waiter_gone:
+            if not done and os.path.exists(code_path):
                 continue
-            sys.stderr.write("mlcloud: the job's processes were killed (no exit status)\n")
-            sys.exit(KILLED_CODE)
+            end = summary(jobdir)
+            if not done:
+                sys.stderr.write("mlcloud: the job's processes were killed (no exit status)\n")
+            sys.stderr.write(END_MARK + json.dumps(end) + "\n")
+            sys.exit(KILLED_CODE if end["exit_code"] is None else end["exit_code"])
         time.sleep(0.1)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def summary(jobdir):
+    """How the job stands on this node: state is "not started" (no waiter ever ran), "running",
+    "ended" (the waiter recorded exit_code) or "killed" (the waiter died without a record)."""
+    code = _read(os.path.join(jobdir, "exit_code"))
+    pid = _read(os.path.join(jobdir, "waiter.pid"))
+    failure = _read(os.path.join(jobdir, "failure.json"))
+    if code is not None:
+        state, exit_code = "ended", int(code.strip() or 1)
+    elif pid is None:
+        state, exit_code = "not started", None
+    elif _alive(int(pid)):
+        state, exit_code = "running", None
+    else:
+        state, exit_code = "killed", KILLED_CODE
+    ended_at = None
+    for name in ("exit_code", "output.log", "waiter.pid"):  # killed: its last sign of life
+        if state in ("ended", "killed") and ended_at is None:
+            try:
+                ended_at = os.path.getmtime(os.path.join(jobdir, name))
+            except OSError:
+                pass
+    return {
+        "state": state,
+        "exit_code": exit_code,
+        "ended_at": ended_at,
+        "failure": json.loads(failure) if failure else None,
+        "cancelled": os.path.exists(os.path.join(jobdir, "cancelled")),
+    }
+
+
+def cancel(jobdir, prefix, grace):
+    """Mark the job cancelled (so its end is told as such, and a late start refuses), then
+    stop its processes."""
+    os.makedirs(jobdir, exist_ok=True)
+    with open(os.path.join(jobdir, "cancelled"), "w"):
+        pass
+    kill(prefix, grace)
+
+
+def _bind_stores(ip):
+    """Make every TCPStore this agent hosts (the c10d rendezvous store, and the store its
+    workers share) listen on the node's address only: torch binds them to every interface,
+    and they take unauthenticated writes."""
+    import socket as _socket
+
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
+
+    real = dist.TCPStore
+
+    def store(host_name, port, *args, is_master=False, **kwargs):
+        if is_master and "master_listen_fd" not in kwargs:
+            family = _socket.AF_INET6 if ":" in ip else _socket.AF_INET
+            s = _socket.socket(family, _socket.SOCK_STREAM)
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            s.bind((ip, port))
+            s.listen(1024)
+            kwargs["master_listen_fd"] = s.detach()
+        return real(host_name, port, *args, is_master=is_master, **kwargs)
+
+    dist.TCPStore = store
+    c10d_rendezvous_backend.TCPStore = store
+
+
+def torchrun(args):
+    """torchrun, run in this process so that its stores bind to the node's address and the
+    first failing rank's own exit code (not torchrun's 1) becomes the job's, in failure.json."""
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    ip = os.environ.get("MLCLOUD_NODE_IP")
+    if ip:
+        _bind_stores(ip)
+    try:
+        run.main(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        signame = failure.signal_name() if code < 0 else None
+        code = 128 - code if code < 0 else code
+        record = {
+            "rank": rank,
+            "local_rank": failure.local_rank,
+            "exit_code": code,
+            "signal": signame,
+            "time": failure.timestamp,
+        }
+        jobdir = os.environ.get("MLCLOUD_JOB_DIR")
+        if jobdir:
+            _atomic_write(os.path.join(jobdir, "failure.json"), json.dumps(record))
+        sys.exit(code or 1)
+    except SignalException as e:  # stopped (cancel, down): torchrun has stopped its workers
+        sys.exit(128 + int(e.sigval))
+
+
+def exec_(cwd, line):
+    """Run a shell line in cwd, passing its output on; return when the shell exits, even if it
+    left background children holding its output (`sleep 300 &` must not hold the caller)."""
+    import selectors
+
+    try:
+        proc = subprocess.Popen(
+            ["bash", "-c", line],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as e:
+        sys.exit(f"node_ctl: cannot run in {cwd}: {e.strerror}")
+    sinks = {proc.stdout.fileno(): sys.stdout.buffer, proc.stderr.fileno(): sys.stderr.buffer}
+    sel = selectors.DefaultSelector()
+    for fd in sinks:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+
+    def pump(fd):
+        """Copy what fd holds now; False once it is at its end."""
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return True
+            if not data:
+                sel.unregister(fd)
+                del sinks[fd]
+                return False
+            sinks[fd].write(data)
+            sinks[fd].flush()
+
+    while sinks:
+        exited = proc.poll() is not None
+        for key, _ in sel.select(timeout=0.1):
+            pump(key.fd)
+        if exited:  # what the shell wrote is in the pipes now; its children may never close them
+            for fd in list(sinks):
+                pump(fd)
+            break
+    sys.exit(proc.wait())
 
 
 def _tagged(prefix):
@@ -284,8 +463,18 @@ def main(argv):
         start(args[0])
     elif cmd == "_wait":
         _wait(args[0])
+    elif cmd == "_reap":
+        _reap(args[0], args[1])
+    elif cmd == "torchrun":
+        torchrun(args)
     elif cmd == "follow":
         follow(args[0])
+    elif cmd == "probe":
+        print(json.dumps(summary(args[0])))
+    elif cmd == "cancel":
+        cancel(args[0], args[1], float(args[2]))
+    elif cmd == "exec":
+        exec_(args[0], args[1])
     elif cmd == "kill":
         kill(args[0], float(args[1]) if len(args) > 1 else 10.0)
     elif cmd == "cleanup":

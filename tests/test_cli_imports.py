@@ -35,6 +35,7 @@ COMMANDS = [
     "train",
     "logs",
     "exec",
+    "cancel",
     "init",
     "ssh",
     "gc",

@@ -93,3 +93,55 @@ def test_kill_leaves_other_nodes_alone(tmp_path):
 
 def test_gpus_without_nvidia_smi():
     assert json.loads(ctl("gpus").stdout) == {"count": 0, "model": None}
+
+
+def test_workers_die_with_their_node_job(tmp_path):
+    # torchrun's workers live in sessions of their own: killing the job's process group (a
+    # node_ctl crash) must not leave them running until `down`
+    import os
+    import signal
+
+    jd = job(tmp_path, "t6.0.1.", "setsid sleep 300 & wait")
+    waiter = int(ctl("start", jd).stdout)
+    deadline = time.time() + 10
+    while len(tagged_pids("t6.0.1.")) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(waiter, signal.SIGKILL)
+    deadline = time.time() + 15
+    while tagged_pids("t6.0.1.") and time.time() < deadline:
+        time.sleep(0.2)
+    assert tagged_pids("t6.0.1.") == []
+    probe = json.loads(ctl("probe", jd).stdout)
+    assert probe["state"] == "killed" and probe["exit_code"] == 137
+
+
+def test_probe_tells_running_ended_and_not_started(tmp_path):
+    jd = job(tmp_path, "t7.0.1.", "sleep 1; exit 4")
+    assert json.loads(ctl("probe", jd).stdout)["state"] == "not started"
+    ctl("start", jd)
+    assert json.loads(ctl("probe", jd).stdout)["state"] == "running"
+    assert ctl("follow", jd).returncode == 4
+    p = json.loads(ctl("probe", jd).stdout)
+    assert (p["state"], p["exit_code"], p["cancelled"]) == ("ended", 4, False)
+
+
+def test_cancel_marks_the_job_and_a_late_start_refuses(tmp_path):
+    jd = job(tmp_path, "t8.0.1.", "sleep 300")
+    ctl("cancel", jd, "t8.0.1.", "1")
+    r = ctl("start", jd)
+    assert r.returncode != 0 and "cancelled" in r.stderr
+    assert tagged_pids("t8.0.1.") == []
+    assert json.loads(ctl("probe", jd).stdout)["cancelled"] is True
+
+
+def test_exec_returns_when_the_shell_exits(tmp_path):
+    # a background child keeps the output pipe open; the command is over when the shell is
+    import os
+    import signal
+
+    start = time.time()
+    line = "echo hi; echo oops >&2; sleep 300 & echo $! > bg.pid; exit 3"
+    r = ctl("exec", str(tmp_path), line, timeout=20)
+    os.kill(int((tmp_path / "bg.pid").read_text()), signal.SIGKILL)
+    assert time.time() - start < 10
+    assert (r.returncode, r.stdout, r.stderr) == (3, "hi\n", "oops\n")

@@ -73,7 +73,7 @@ envs:
   WANDB_MODE: offline
   SEED: 42
   DEBUG: false
-checkpoint_dir: /ckpt
+checkpoint_dir: ckpt
 autoscale:
   idle_minutes: 30
   max_cost: 12.5
@@ -97,7 +97,7 @@ def full_expected(tmp_path: Path) -> TaskSpec:
             nproc_per_node=4,
         ),
         envs={"WANDB_MODE": "offline", "SEED": "42", "DEBUG": "false"},
-        checkpoint_dir="/ckpt",
+        checkpoint_dir="ckpt",
         autoscale=AutoscaleSpec(idle_minutes=30.0, max_cost=12.5),
     )
 
@@ -443,11 +443,25 @@ def test_parse_env_valid(pairs, expected):
     assert parse_env(pairs) == expected
 
 
-@pytest.mark.parametrize("pair", ["A", "=1", "1A=2", "A-B=1", " A=1", "A B=1", ""])
+@pytest.mark.parametrize("pair", ["=1", "1A=2", "A-B=1", " A=1", "A B=1", ""])
 def test_parse_env_invalid(pair):
     with pytest.raises(UsageError) as info:
         parse_env(["OK=1", pair])
     assert str(info.value).startswith("--env: ") and "KEY=VALUE" in str(info.value)
+
+
+def test_parse_env_key_alone_takes_the_local_value(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_x=y")
+    assert parse_env(["HF_TOKEN", "A=1"]) == {"HF_TOKEN": "hf_x=y", "A": "1"}
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(UsageError, match=r"^--env HF_TOKEN: HF_TOKEN is not set"):
+        parse_env(["HF_TOKEN"])
+
+
+@pytest.mark.parametrize("path", ["/ckpt", "../ckpt", "a/../../b", "a/.."])
+def test_checkpoint_dir_must_stay_in_the_node_directory(tmp_path, path):
+    with pytest.raises(UsageError, match=r"mlcloud.yaml:1: checkpoint_dir: .*relative path"):
+        load_spec(write(tmp_path, f"checkpoint_dir: {json.dumps(path)}\n"))
 
 
 # --- properties ------------------------------------------------------------------------------

@@ -120,3 +120,13 @@ def test_version_2_database_is_migrated(mlcloud_home):
     (old,) = s.jobs("a")
     assert (old.uid, old.job_id, old.exit_code) == ("", 1, 0)
     assert s.db.execute("PRAGMA user_version").fetchone()[0] == state.SCHEMA_VERSION
+
+
+def test_env_values_are_never_stored(mlcloud_home):
+    s = _store(mlcloud_home)
+    s.create_cluster("a", "a-1", "local", {"envs": {"TOKEN": "s3cr3t"}}, "me")
+    s.set_spec("a", {"envs": {"TOKEN": "s3cr3t", "B": "also-secret"}})
+    assert s.get_cluster("a").spec["envs"] == ["B", "TOKEN"]
+    s.db.close()
+    data = b"".join(p.read_bytes() for p in mlcloud_home.glob("state.db*"))
+    assert b"s3cr3t" not in data and b"also-secret" not in data

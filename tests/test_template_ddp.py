@@ -22,6 +22,9 @@ TIMEOUT = 120
 def _env(ckpt_dir):
     env = dict(os.environ)
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MLCLOUD_CHECKPOINT_DIR=str(ckpt_dir))
+    # the harsh case, whatever this machine's environment: unbuffered, print() would write a
+    # line's text and newline apart and the two ranks' lines would splice
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

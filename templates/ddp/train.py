@@ -16,6 +16,8 @@ Why it is built the way it is:
   step boundary, so the job stops together after a final checkpoint and exits 143.
 - Workers end with os._exit: a worker can abort in interpreter teardown after
   destroy_process_group, which leaves the other node's agent waiting in its exit barrier.
+- Every line goes out in one write (say): torchrun runs workers with `python -u`, where
+  print() writes the text and the newline apart, so ranks sharing a log would splice lines.
 """
 
 import argparse
@@ -34,6 +36,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 IN_DIM, HIDDEN, OUT_DIM, SEED = 16, 64, 4, 1234
 CKPT_KEYS = {"model", "optim", "step"}
 _stop_requested = False
+
+
+def say(text):
+    """Print a line in one write(2), whole, whatever the buffering."""
+    data = (text + "\n").encode()
+    while data:
+        data = data[os.write(1, data) :]
 
 
 def _on_signal(signum, frame):
@@ -95,9 +104,9 @@ def load_latest(ckpt_dir):
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and CKPT_KEYS <= state.keys():
                 return state
-            print(f"warning: skipping checkpoint {path}: missing keys", flush=True)
+            say(f"warning: skipping checkpoint {path}: missing keys")
         except Exception as e:  # truncated or corrupt: fall back to the previous one
-            print(f"warning: skipping unreadable checkpoint {path}: {e}", flush=True)
+            say(f"warning: skipping unreadable checkpoint {path}: {e}")
     return None
 
 
@@ -161,10 +170,7 @@ def main():
     else:
         backend, device = "gloo", torch.device("cpu")
     dist.init_process_group(backend)
-    print(
-        f"rank {rank}/{world} local_rank {local_rank} node {node_rank} backend {backend}",
-        flush=True,
-    )
+    say(f"rank {rank}/{world} local_rank {local_rank} node {node_rank} backend {backend}")
 
     torch.manual_seed(SEED)
     net = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT_DIM))
@@ -193,7 +199,7 @@ def main():
         start = int(box[0]["step"])
     del box
     if rank == 0:
-        print(f"resumed from step {start}" if start else "starting from step 0", flush=True)
+        say(f"resumed from step {start}" if start else "starting from step 0")
     model = DDP(net, device_ids=[local_rank] if backend == "nccl" else None)
     loss_fn = nn.MSELoss()
 
@@ -212,14 +218,14 @@ def main():
             dist.all_reduce(mean)
             mean = mean.item() / world
             if rank == 0:
-                print(f"step {step} loss {mean:.4f}", flush=True)
+                say(f"step {step} loss {mean:.4f}")
             if writer:
                 write_progress(ckpt_dir, step, mean, world)
         if flag.item():
             if writer:
                 save_checkpoint(ckpt_dir, step, model, optim, args.keep)
             if rank == 0:
-                print(f"stopped by signal at step {step}", flush=True)
+                say(f"stopped by signal at step {step}")
             finish(143)
         if writer and step % args.ckpt_every == 0:
             save_checkpoint(ckpt_dir, step, model, optim, args.keep)
@@ -234,10 +240,7 @@ def main():
     if writer and not os.path.exists(os.path.join(ckpt_dir, f"ckpt-{step:08d}.pt")):
         save_checkpoint(ckpt_dir, step, model, optim, args.keep)
     if rank == 0:
-        print(
-            f"done steps={step} world_size={world} final_loss={final.item() / world:.4f}",
-            flush=True,
-        )
+        say(f"done steps={step} world_size={world} final_loss={final.item() / world:.4f}")
     finish(0)
 
 
