@@ -15,7 +15,7 @@ def doctor(
         False,
         "--rebuild",
         help="Move a damaged state.db aside and rebuild it from the clouds' tags and the "
-        "local and ssh providers' records (asks first).",
+        "local and ssh providers' records; a healthy one gains the clusters it lacks (asks).",
     ),
     provider: list[str] | None = typer.Option(
         None,
@@ -35,20 +35,17 @@ def doctor(
     """Check the home, the state database, the locks and the clusters' nodes."""
     from mlcloud import doctor as engine
     from mlcloud import gc, paths
-    from mlcloud.errors import UsageError
 
     done = None
     if rebuild:
-        if engine.database_ok() and (paths.home_path() / "state.db").exists():
-            raise UsageError(
-                f"the state database {paths.home_path() / 'state.db'} is healthy; "
-                "nothing to rebuild"
-            )
         chosen = provider or ["local", "ssh", *gc.CLOUDS]
-        output.confirm(
-            f"move the damaged state database aside and rebuild it from {', '.join(chosen)}?",
-            yes,
+        db = paths.home_path() / "state.db"
+        what = (
+            "add the clusters the state database lacks"
+            if engine.database_ok() and db.exists()
+            else "move the damaged state database aside and rebuild it"
         )
+        output.confirm(f"{what} from {', '.join(chosen)}?", yes)
         done = engine.rebuild(chosen, region or [])
     checks = engine.run_checks(timeout)
     failed = [c for c in checks if c.status == engine.FAIL]
@@ -81,7 +78,7 @@ def _show_rebuild(done) -> None:
         where = f" in {c.region}" if c.region else ""
         print(f"recovered {c.name} ({c.provider}{where}, {c.nodes} node(s)): {c.uid}")
     if not done.clusters:
-        print("no cluster of this home was found to recover")
+        print("no cluster of this home was found that state lacks")
     for note in done.notes:
         print(f"note: {note}")
     print("jobs and billing history are not recovered; `mlcloud down NAME` removes a cluster\n")

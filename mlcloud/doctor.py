@@ -54,6 +54,17 @@ class Rebuild:
 
 def check_home(home: Path) -> list[Check]:
     if not home.exists():
+        above = next(p for p in home.parents if p.exists())
+        if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+            what = "a file" if not above.is_dir() else "not writable"
+            return [
+                Check(
+                    "home",
+                    str(home),
+                    FAIL,
+                    f"cannot be created: {above} is {what}; set MLCLOUD_HOME elsewhere",
+                )
+            ]
         return [Check("home", str(home), OK, "not created yet; the first command makes it")]
     if not home.is_dir():
         return [
@@ -254,13 +265,15 @@ def database_ok() -> bool:
 
 def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
     """Move a damaged state.db aside (state.db.corrupt-<time>) and rebuild it: a cluster row
-    with its nodes for each cluster this home made that the given providers still hold."""
+    with its nodes for each cluster this home made that the given providers still hold. A
+    healthy database (a wiped one that a later command recreated) keeps its rows and gains
+    the clusters it does not know."""
     from mlcloud import gc
 
     home = paths.home()
     db = home / "state.db"
     out = Rebuild()
-    if db.exists():
+    if db.exists() and not database_ok():
         suffix = time.strftime("%Y%m%d-%H%M%S")
         for extra in ("", "-wal", "-shm"):
             f = home / f"state.db{extra}"
@@ -381,9 +394,11 @@ def _record(store: state.Store, f: _Found, owner: str, out: Rebuild) -> None:
     except MlcloudError:
         out.notes.append(f"{f.provider}: {f.uid}: no cluster name in it; left out")
         return
+    if f.uid in {c.uid for c in store.list_clusters()}:
+        return
     if store.get_cluster(f.name) is not None:
         out.notes.append(
-            f"{f.provider}: {f.uid}: the name {f.name} is taken by another recovered cluster; "
+            f"{f.provider}: {f.uid}: the name {f.name} is taken by another cluster; "
             "left out (`mlcloud gc` lists it)"
         )
         return

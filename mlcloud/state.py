@@ -239,7 +239,7 @@ class Store:
                 f"state database {self.path} is damaged ({text}); run `mlcloud doctor` to "
                 "check it, `mlcloud doctor --rebuild` to rebuild it from the clouds' tags"
             )
-        if "full" in text:
+        if "full" in text or ("I/O error" in text and _disk_full(self.path.parent)):
             return MlcloudError(
                 f"state database {self.path}: the disk is full; free space there and retry"
             )
@@ -539,6 +539,16 @@ def _stored_spec(spec: dict) -> str:
     if "envs" in spec:
         spec = {**spec, "envs": sorted(spec["envs"] or {})}
     return json.dumps(spec)
+
+
+def _disk_full(folder: Path) -> bool:
+    """SQLite says "disk I/O error" when it cannot grow its WAL index on a full disk."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,0 +1,205 @@
+"""`mlcloud doctor`, the real console script: its checks on a healthy and a damaged home, and
+`--rebuild` bringing back clusters from the local node directories, the ssh provider's host
+registries and the clouds' tags (a moto server), after which `down` removes them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import boto3
+import pytest
+from conftest import run_cli, ssh_up_args
+
+
+def doctor(*args: str, timeout: float = 120):
+    r = run_cli("doctor", "--json", *args, timeout=timeout)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r, json.loads(r.stdout)
+
+
+def checks(report: dict, area: str) -> list[dict]:
+    return [c for c in report["checks"] if c["area"] == area]
+
+
+def corrupt(home) -> None:
+    for extra in ("-wal", "-shm"):
+        (home / f"state.db{extra}").unlink(missing_ok=True)
+    (home / "state.db").write_bytes(b"\x00garbage, not sqlite\n" * 200)
+
+
+def names() -> list[str]:
+    r = run_cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return [c["name"] for c in json.loads(r.stdout)["clusters"]]
+
+
+def test_fresh_home_is_fine_and_not_created(mlcloud_home):
+    r, report = doctor()
+    assert r.returncode == 0 and report["ok"] and report["rebuild"] is None
+    assert not mlcloud_home.exists()
+
+
+def test_healthy_home_with_a_local_cluster(mlcloud_home):
+    assert run_cli("up", "ok1", "--nodes", "2", "--yes").returncode == 0
+    try:
+        r, report = doctor()
+        assert r.returncode == 0, r.stderr
+        assert [c["status"] for c in checks(report, "database")] == ["ok"]
+        assert [(c["subject"], c["detail"]) for c in checks(report, "nodes")] == [
+            ("ok1 node0 (local-0)", "reachable"),
+            ("ok1 node1 (local-1)", "reachable"),
+        ]
+        r = run_cli("doctor")  # the table, for a person
+        assert r.returncode == 0 and "reachable" in r.stdout and r.stderr == ""
+    finally:
+        assert run_cli("down", "ok1", "--yes").returncode == 0
+
+
+def test_node_directory_gone_is_reported(mlcloud_home):
+    assert run_cli("up", "gone", "--nodes", "2", "--yes").returncode == 0
+    try:
+        node1 = next((mlcloud_home / "local").glob("gone-*/node-1"))
+        shutil.rmtree(node1)
+        r, report = doctor()
+        assert r.returncode == 1 and not report["ok"]
+        bad = [c for c in checks(report, "nodes") if c["status"] == "fail"]
+        assert len(bad) == 1 and "node1" in bad[0]["subject"] and "gone" in bad[0]["detail"]
+        line = r.stderr.strip()
+        assert line.startswith("error: gone node1") and "mlcloud down gone" in line
+    finally:
+        run_cli("down", "gone", "--yes", "--purge")
+
+
+def test_locks_held_and_left_over(mlcloud_home):
+    from filelock import FileLock
+
+    assert run_cli("status").returncode == 0  # makes the home
+    locks = mlcloud_home / "locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    (locks / "ghost.lock").write_text("")
+    held = FileLock(str(locks / "busy.lock"))
+    with held:
+        r, report = doctor()
+    assert r.returncode == 0, r.stderr
+    found = {c["subject"].rsplit("/", 1)[-1]: c["detail"] for c in checks(report, "locks")}
+    assert "no longer in state" in found["ghost.lock"]
+    assert "held" in found["busy"]
+    assert (locks / "ghost.lock").exists()  # never deleted: another process may open it
+
+
+def test_corrupt_database_rebuilt_from_local_node_directories(mlcloud_home):
+    for name, count in (("alpha", 2), ("beta", 1)):
+        assert run_cli("up", name, "--nodes", str(count), "--yes").returncode == 0
+    uids = sorted(p.name for p in (mlcloud_home / "local").iterdir())
+    corrupt(mlcloud_home)
+    r, report = doctor()
+    assert r.returncode == 1 and not report["ok"]
+    assert "not a database" in checks(report, "database")[0]["detail"]
+    # without a terminal and without --yes: refused, nothing moved
+    r = run_cli("doctor", "--rebuild", "-p", "local")
+    assert r.returncode == 2 and "--yes" in r.stderr
+    assert not list(mlcloud_home.glob("state.db.corrupt-*"))
+    r, report = doctor("--rebuild", "--yes", "-p", "local")
+    assert r.returncode == 0, r.stderr
+    rebuilt = report["rebuild"]
+    assert sorted(c["uid"] for c in rebuilt["clusters"]) == uids
+    assert sorted((c["name"], c["nodes"]) for c in rebuilt["clusters"]) == [
+        ("alpha", 2),
+        ("beta", 1),
+    ]
+    assert rebuilt["moved_to"] and (mlcloud_home / rebuilt["moved_to"].rsplit("/", 1)[1]).exists()
+    assert [c["detail"] for c in checks(report, "nodes")] == ["reachable"] * 3
+    assert names() == ["alpha", "beta"]
+    r = run_cli("exec", "alpha", "--", "echo hi")
+    assert r.returncode == 0 and "hi" in r.stdout, r.stderr
+    r = run_cli("down", "--all", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert not any((mlcloud_home / "local").iterdir())
+    # a healthy database is kept: a second rebuild finds nothing it lacks
+    r, report = doctor("--rebuild", "--yes", "-p", "local")
+    assert r.returncode == 0 and report["rebuild"]["clusters"] == []
+    assert report["rebuild"]["moved_to"] is None
+
+
+def test_missing_database_rebuilt(mlcloud_home):
+    assert run_cli("up", "lost", "--nodes", "1", "--yes").returncode == 0
+    for extra in ("", "-wal", "-shm"):
+        (mlcloud_home / f"state.db{extra}").unlink(missing_ok=True)
+    assert names() == []  # which makes a new, empty, healthy database
+    r, report = doctor("--rebuild", "--yes", "-p", "local")
+    assert r.returncode == 0 and report["rebuild"]["moved_to"] is None
+    assert names() == ["lost"]
+    r, report = doctor("--rebuild", "--yes", "-p", "local")  # known now: not added twice
+    assert report["rebuild"]["clusters"] == [] and names() == ["lost"]
+    assert run_cli("down", "lost", "--yes").returncode == 0
+
+
+@pytest.mark.e2e
+def test_rebuild_from_ssh_registry_and_unreachable_node(make_ssh_nodes, mlcloud_home):
+    nodes = make_ssh_nodes(1)
+    assert run_cli(*ssh_up_args(nodes, "lab")).returncode == 0
+    corrupt(mlcloud_home)
+    r, report = doctor("--rebuild", "--yes", "-p", "ssh")
+    assert r.returncode == 0, r.stderr
+    assert [(c["name"], c["provider"], c["nodes"]) for c in report["rebuild"]["clusters"]] == [
+        ("lab", "ssh", 1)
+    ]
+    assert [c["detail"] for c in checks(report, "nodes")] == ["reachable"]
+    nodes.stop()
+    started = time.monotonic()
+    r, report = doctor("--timeout", "3")
+    assert time.monotonic() - started < 30
+    assert r.returncode == 1
+    (bad,) = checks(report, "nodes")
+    assert bad["status"] == "fail" and "mlcloud down lab" in bad["detail"]
+
+
+def _tagged_instances(uid: str, name: str, owner: str, count: int) -> list[str]:
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    tags = [
+        {"Key": "mlcloud-cluster", "Value": uid},
+        {"Key": "mlcloud-name", "Value": name},
+        {"Key": "mlcloud-owner", "Value": owner},
+    ]
+    out = ec2.run_instances(
+        ImageId="ami-0ubuntu",
+        MinCount=count,
+        MaxCount=count,
+        InstanceType="g5.xlarge",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )
+    return [i["InstanceId"] for i in out["Instances"]]
+
+
+def _live(ids: list[str]) -> int:
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    out = ec2.describe_instances(InstanceIds=ids)["Reservations"]
+    return sum(i["State"]["Name"] in ("pending", "running") for r in out for i in r["Instances"])
+
+
+@pytest.mark.e2e
+def test_rebuild_from_cloud_tags_takes_only_this_homes_clusters(moto_server, mlcloud_home):
+    from mlcloud import paths
+
+    me = paths.home_id()  # the home's id, made with it: what `up` tags clusters with
+    mine = _tagged_instances("gpu-0a1b2c3d", "gpu", me, 2)
+    theirs = _tagged_instances("other-99aa88bb", "other", "someone-else", 1)
+    corrupt(mlcloud_home)
+    r, report = doctor("--rebuild", "--yes", "-p", "aws", timeout=180)
+    assert "Traceback" not in r.stderr
+    (got,) = report["rebuild"]["clusters"]
+    assert (got["name"], got["uid"], got["nodes"], got["region"]) == (
+        "gpu",
+        "gpu-0a1b2c3d",
+        2,
+        "us-east-1",
+    )
+    assert any("another home" in n for n in report["rebuild"]["notes"])
+    st = json.loads(run_cli("status", "--json").stdout)["clusters"]
+    assert [(c["name"], sorted(n["id"] for n in c["nodes"])) for c in st] == [("gpu", sorted(mine))]
+    r = run_cli("down", "gpu", "--yes", timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert _live(mine) == 0 and _live(theirs) == 1  # another home's cluster is left alone
+    assert names() == []
