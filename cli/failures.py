@@ -116,7 +116,7 @@ def _usage(e: exceptions.UsageError) -> str:
     elif param.param_type_name == "option":
         text = f"{param.opts[0]}: {e.message}"
     else:
-        text = f"{param.human_readable_name}: {e.message}"
+        text = f"{param.human_readable_name.upper()}: {e.message}"
     where = e.ctx.command_path if e.ctx is not None else "mlcloud"
     return f"{_one_line(text).rstrip('.')} (see `{where} --help`)"
 

@@ -138,6 +138,7 @@ ERRORS = [
     ("status-unknown", ["status", "ghost"], 1, "no cluster named 'ghost'"),
     ("init-unknown-template", ["init", "{tmp}/proj", "--template", "nope"], 2, "'nope'"),
     ("init-template-path", ["init", "{tmp}/proj", "--template", "../ddp"], 2, "unknown"),
+    ("init-under-a-file", ["init", "{tmp}/work/train.py/proj"], 1, "cannot write the project"),
 ]
 
 
@@ -217,7 +218,7 @@ CLICK_ERRORS = [
     ("exec-no-command", ["exec", "ghost"], "missing argument"),
     ("nproc-zero", ["train", "ghost", "train.py", "--nproc-per-node", "0"], "--nproc-per-node: 0"),
     ("spec-is-a-dir", ["up", "ok", "-f", "{tmp}"], "--file:"),
-    ("init-into-a-file", ["init", "{tmp}/work/train.py"], "is a file"),
+    ("init-into-a-file", ["init", "{tmp}/work/train.py"], "DIRECTORY: Directory"),
     ("logs-job-not-int", ["logs", "ghost", "--job", "x"], "--job: 'x'"),
     ("max-price-not-a-number", ["offers", "A100:8", "--max-price", "x"], "--max-price: 'x'"),
 ]
