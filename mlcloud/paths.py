@@ -30,7 +30,12 @@ def home() -> Path:
                 "MLCLOUD_HOME to a directory you can write"
             )
         return path
-    if path.exists() or path.is_symlink():
+    if path.is_symlink() and not path.exists():
+        raise MlcloudError(
+            f"mlcloud's home {path} links to {os.readlink(path)}, which does not exist; "
+            "create it or set MLCLOUD_HOME to a directory"
+        )
+    if path.exists():
         raise MlcloudError(
             f"mlcloud's home {path} is a file, not a directory; move it aside or set "
             "MLCLOUD_HOME to a directory"

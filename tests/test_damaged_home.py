@@ -137,6 +137,13 @@ def test_home_under_a_file(tmp_path, work):
     walk(home, tmp_path, must_fail=True, names=str(home))
 
 
+def test_home_is_a_dangling_link(tmp_path, work):
+    home = tmp_path / "home"
+    home.symlink_to(tmp_path / "gone")
+    errors = walk(home, tmp_path, must_fail=True, names=str(home))
+    assert "which does not exist" in errors["status"]
+
+
 def test_corrupt_state_database(tmp_path, work):
     home = tmp_path / "home"
     make_cluster(home, tmp_path)
