@@ -53,6 +53,9 @@ class Rebuild:
 
 
 def check_home(home: Path) -> list[Check]:
+    if home.is_symlink() and not home.exists():
+        target = os.readlink(home)
+        return [Check("home", str(home), FAIL, f"links to {target}, which does not exist")]
     if not home.exists():
         above = next(p for p in home.parents if p.exists())
         if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
