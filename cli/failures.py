@@ -17,8 +17,11 @@ from dataclasses import dataclass
 
 from mlcloud import __version__
 from mlcloud.errors import (
+    EXIT_AUTH,
+    EXIT_CAPACITY,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_QUOTA,
     EXIT_USAGE,
     BusyError,
     MlcloudError,
@@ -93,13 +96,13 @@ def describe(e: BaseException) -> Failure:
 
 
 def _kind(e: MlcloudError) -> str:
+    """A fixed vocabulary (README, "Exit codes"), not class names, so scripts can rely on it."""
     for cls, kind in ((UsageError, "usage"), (NotFoundError, "not_found"), (BusyError, "busy")):
         if isinstance(e, cls):
             return kind
-    name = type(e).__name__.removesuffix("Error")
-    if name in ("Mlcloud", "Provider", "Remote"):
-        return "failed"
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return {EXIT_CAPACITY: "capacity", EXIT_QUOTA: "quota", EXIT_AUTH: "auth"}.get(
+        e.exit_code, "failed"
+    )
 
 
 def _one_line(text: str) -> str:
