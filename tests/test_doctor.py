@@ -5,12 +5,16 @@ registries and the clouds' tags (a moto server), after which `down` removes them
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import boto3
 import pytest
 from conftest import run_cli, ssh_up_args
+from test_cli_imports import HEAVY, PROBE
 
 
 def doctor(*args: str, timeout: float = 120):
@@ -203,3 +207,23 @@ def test_rebuild_from_cloud_tags_takes_only_this_homes_clusters(moto_server, mlc
     assert r.returncode == 0, r.stderr
     assert _live(mine) == 0 and _live(theirs) == 1  # another home's cluster is left alone
     assert names() == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["doctor", "--help"], ["doctor"], ["doctor", "--json"], ["status", "ghost", "--json"]],
+    ids=" ".join,
+)
+def test_doctor_and_failures_import_no_sdk(args, tmp_path):
+    """doctor on a home without clusters, and a failing command, stay light (no boto3,
+    paramiko, torch): what test_cli_imports holds for the other commands."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args), json.dumps(sorted(HEAVY))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("MODULES=")]
+    assert json.loads(line.removeprefix("MODULES=")) == [], proc.stderr
