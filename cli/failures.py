@@ -77,8 +77,8 @@ def describe(e: BaseException) -> Failure:
         return Failure(_kind(e), _one_line(str(e)), e.exit_code)
     if isinstance(e, exceptions.UsageError):
         return Failure("usage", _usage(e), EXIT_USAGE)
-    if isinstance(e, exceptions.ClickException):
-        return Failure("usage", _one_line(e.format_message()), e.exit_code)
+    if isinstance(e, exceptions.ClickException):  # click's file errors: not bad input
+        return Failure("failed", _one_line(e.format_message()), e.exit_code)
     provider = _sdk(e)
     if provider:
         return Failure("cloud", _sdk_line(provider, e), EXIT_FAILED)

@@ -76,6 +76,20 @@ def test_node_directory_gone_is_reported(mlcloud_home):
         run_cli("down", "gone", "--yes", "--purge")
 
 
+def test_loose_permissions_are_warned_about(mlcloud_home):
+    assert run_cli("status").returncode == 0
+    (mlcloud_home / "keys").mkdir(mode=0o755)
+    (mlcloud_home / "keys").chmod(0o755)
+    (mlcloud_home / "state.db").chmod(0o644)
+    r, report = doctor()
+    assert r.returncode == 0, r.stderr  # warnings, not failures
+    warned = {c["subject"]: c["detail"] for c in checks(report, "home") if c["status"] == "warn"}
+    assert warned == {
+        str(mlcloud_home / "keys"): f"readable by others: chmod 700 {mlcloud_home / 'keys'}",
+        str(mlcloud_home / "state.db"): f"readable by others: chmod 600 {mlcloud_home}/state.db",
+    }
+
+
 def test_locks_held_and_left_over(mlcloud_home):
     from filelock import FileLock
 
