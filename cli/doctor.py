@@ -34,16 +34,15 @@ def doctor(
 ) -> None:
     """Check the home, the state database, the locks and the clusters' nodes."""
     from mlcloud import doctor as engine
-    from mlcloud import gc, paths
+    from mlcloud import gc
 
     done = None
     if rebuild:
         chosen = provider or ["local", "ssh", *gc.CLOUDS]
-        db = paths.home_path() / "state.db"
         what = (
-            "add the clusters the state database lacks"
-            if engine.database_ok() and db.exists()
-            else "move the damaged state database aside and rebuild it"
+            "move the damaged state database aside and rebuild it"
+            if engine.database_damaged()
+            else "add the clusters the state database lacks"
         )
         output.confirm(f"{what} from {', '.join(chosen)}?", yes)
         done = engine.rebuild(chosen, region or [])

@@ -118,7 +118,7 @@ def check_database(db: Path) -> list[Check]:
     if not db.exists():
         return [Check("database", str(db), OK, "none yet; the first command creates it")]
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=5)
+        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=2)
         try:
             (result,) = conn.execute("PRAGMA integrity_check").fetchone()
             (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -126,6 +126,8 @@ def check_database(db: Path) -> list[Check]:
         finally:
             conn.close()
     except sqlite3.DatabaseError as e:
+        if "locked" in str(e) or "busy" in str(e):  # in use, not damaged: never rebuilt
+            return [Check("database", str(db), WARN, "busy: another mlcloud command is writing")]
         return [Check("database", str(db), FAIL, f"{e}: {_REBUILD}")]
     if result != "ok":
         return [Check("database", str(db), FAIL, f"integrity check: {result}: {_REBUILD}")]
@@ -243,7 +245,7 @@ def run_checks(timeout: float = 10.0) -> list[Check]:
     checks += check_database(db)
     clusters = None
     store = None
-    if checks[-1].status == OK and db.exists():
+    if checks[-1].status == OK and db.exists():  # (busy: its readers would wait, skip them)
         try:
             store = state.Store(db)
             clusters = {c.name for c in store.list_clusters()}
@@ -258,9 +260,10 @@ def run_checks(timeout: float = 10.0) -> list[Check]:
     return checks
 
 
-def database_ok() -> bool:
+def database_damaged() -> bool:
+    """Whether state.db exists and is damaged (not merely busy or missing)."""
     db = paths.home_path() / "state.db"
-    return all(c.status == OK for c in check_database(db))
+    return any(c.status == FAIL for c in check_database(db))
 
 
 # --- rebuild ------------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
     home = paths.home()
     db = home / "state.db"
     out = Rebuild()
-    if db.exists() and not database_ok():
+    if database_damaged():
         suffix = time.strftime("%Y%m%d-%H%M%S")
         for extra in ("", "-wal", "-shm"):
             f = home / f"state.db{extra}"

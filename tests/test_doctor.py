@@ -141,6 +141,27 @@ def test_corrupt_database_rebuilt_from_local_node_directories(mlcloud_home):
     assert report["rebuild"]["moved_to"] is None
 
 
+def test_busy_database_is_never_moved_aside(mlcloud_home):
+    import sqlite3
+
+    assert run_cli("up", "busy", "--nodes", "1", "--yes").returncode == 0
+    db = sqlite3.connect(mlcloud_home / "state.db", isolation_level=None)
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("BEGIN EXCLUSIVE")  # shuts other connections out, readers too
+    try:
+        r, report = doctor()
+        assert r.returncode == 0, r.stderr
+        assert checks(report, "database")[0]["status"] == "warn"
+        r = run_cli("doctor", "--rebuild", "--yes", "-p", "local")
+        assert r.returncode != 0 and "busy" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert not list(mlcloud_home.glob("state.db.corrupt-*"))
+    assert names() == ["busy"]
+    assert run_cli("down", "busy", "--yes").returncode == 0
+
+
 def test_missing_database_rebuilt(mlcloud_home):
     assert run_cli("up", "lost", "--nodes", "1", "--yes").returncode == 0
     for extra in ("", "-wal", "-shm"):
