@@ -300,8 +300,8 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
                 else:
                     out.notes.append(f"{p}: cannot list what it holds; not searched")
                     continue
-            except MlcloudError as e:
-                out.notes.append(f"{p}: not searched ({e})")
+            except Exception as e:  # one provider failing must not stop the others
+                out.notes.append(f"{p}: not searched ({' '.join(str(e).split()) or e!r})")
                 continue
             for rec in found:
                 _record(store, rec, owner, out)

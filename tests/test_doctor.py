@@ -262,3 +262,22 @@ def test_doctor_and_failures_import_no_sdk(args, tmp_path):
     )
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("MODULES=")]
     assert json.loads(line.removeprefix("MODULES=")) == [], proc.stderr
+
+
+def test_rebuild_goes_on_past_a_provider_that_fails(aws_env, monkeypatch, mlcloud_home):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert run_cli("up", "kept", "--nodes", "1", "--yes").returncode == 0
+    corrupt(mlcloud_home)
+    r, report = doctor("--rebuild", "--yes", "-p", "aws", "-p", "nosuch", "-p", "local")
+    assert r.returncode == 0, r.stderr
+    notes = report["rebuild"]["notes"]
+    assert any(n.startswith("aws: not searched") for n in notes), notes
+    assert any(n.startswith("nosuch: cannot list") for n in notes), notes
+    assert [c["name"] for c in report["rebuild"]["clusters"]] == ["kept"]
+    assert run_cli("down", "kept", "--yes").returncode == 0
