@@ -334,7 +334,8 @@ def test_init_then_up_with_its_spec_parses(cli, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["up"], ["down"], ["status"], ["train"], ["logs"], ["exec"], ["init"]]
+    "command",
+    [[], ["up"], ["down"], ["status"], ["train"], ["logs"], ["exec"], ["init"], ["doctor"]],
 )
 def test_help_exits_zero(cli, command):
     r = cli(*command, "--help")
