@@ -24,9 +24,10 @@ WORKFLOW = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-act
 
 
 def live_instances() -> int:
+    """The workflow's cluster's instances still up (moto's state outlives one server)."""
     out = boto3.client("ec2", region_name="us-east-1").describe_instances(
         Filters=[
-            {"Name": "tag-key", "Values": ["mlcloud-cluster"]},
+            {"Name": "tag:mlcloud-name", "Values": ["ci-4242-1"]},
             {"Name": "instance-state-name", "Values": ["pending", "running"]},
         ]
     )

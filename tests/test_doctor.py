@@ -242,6 +242,7 @@ def test_rebuild_from_cloud_tags_takes_only_this_homes_clusters(moto_server, mlc
     assert r.returncode == 0, r.stderr
     assert _live(mine) == 0 and _live(theirs) == 1  # another home's cluster is left alone
     assert names() == []
+    boto3.client("ec2", region_name="us-east-1").terminate_instances(InstanceIds=theirs)
 
 
 @pytest.mark.parametrize(
