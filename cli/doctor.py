@@ -38,7 +38,7 @@ def doctor(
 
     done = None
     if rebuild:
-        chosen = provider or ["local", "ssh", *gc.CLOUDS]
+        chosen = list(dict.fromkeys(provider or ["local", "ssh", *gc.CLOUDS]))
         what = (
             "move the damaged state database aside and rebuild it"
             if engine.database_damaged()
