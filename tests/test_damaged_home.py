@@ -29,6 +29,7 @@ STATEFUL = [
     ["logs", "c1"],
     ["logs", "c1", "--follow"],
     ["exec", "c1", "--", "true"],
+    ["cancel", "c1"],
     ["ssh", "c1"],
     ["cost"],
     ["cost", "--json"],
@@ -183,13 +184,14 @@ def test_read_only_home(tmp_path, work, tmpfs):
 
 
 def _fill(mnt: Path) -> None:
-    with open(mnt / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)  # unbuffered: nothing left to flush at close
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 def test_full_disk(tmp_path, work, tmpfs):

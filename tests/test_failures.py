@@ -65,6 +65,7 @@ COMMANDS = [
     ["train", "c1", "train.py", "-w", "{tmp}"],
     ["logs", "c1"],
     ["exec", "c1", "--", "true"],
+    ["cancel", "c1"],
     ["ssh", "c1"],
     ["cost"],
     ["gc", "--provider", "local"],
