@@ -308,7 +308,8 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
                     out.notes.append(f"{p}: cannot list what it holds; not searched")
                     continue
             except Exception as e:  # one provider failing must not stop the others
-                out.notes.append(f"{p}: not searched ({' '.join(str(e).split()) or e!r})")
+                why = " ".join(str(e).split()) or type(e).__name__
+                out.notes.append(f"{p}: not searched ({why})")
                 continue
             for rec in found:
                 _record(store, rec, owner, out)
