@@ -103,16 +103,26 @@ def train(
                 driver_pid=os.getpid(),
             )
             driver = Driver(store, h, job, sink)
+            cancelled_early = False
             try:
                 launch.start(store, h, req, job, rep, driver.emit)
             except BaseException as e:
-                driver.log.close()
-                _stop_quietly(h, job.job_id)  # whatever did start must not keep running
-                status = _start_failure_status(h, job.job_id, e)
-                store.update_job(name, job.uid, job.job_id, status=status, ended=time.time())
-                raise
+                try:
+                    _stop_quietly(h, job.job_id)  # whatever did start must not keep running
+                    status = _start_failure_status(h, job.job_id, e)
+                    store.update_job(name, job.uid, job.job_id, status=status, ended=time.time())
+                    # `mlcloud cancel` got there first: the job's end, as `logs --follow` has it
+                    cancelled_early = status == state.JOB_CANCELLED and isinstance(e, Exception)
+                    if cancelled_early:
+                        driver.note(f"job {job.job_id} cancelled before it started")
+                finally:
+                    driver.log.close()
+                if not cancelled_early:
+                    raise
         output.close(rep)
-        if detach:
+        if cancelled_early:
+            code = exit_code_of(store.get_job(name, job.job_id, job.uid) or job)
+        elif detach:
             driver.log.close()
             pid = _spawn_driver(name, job, down)
             store.update_job(name, job.uid, job.job_id, driver_pid=pid)
@@ -124,10 +134,11 @@ def train(
                     + (" (the cluster goes down when it ends)" if down else "")
                 )
             return
-        try:
-            code = driver.run()
-        except KeyboardInterrupt:
-            code = 130
+        else:
+            try:
+                code = driver.run()
+            except KeyboardInterrupt:
+                code = 130
     finally:
         output.close(rep)
         h.close()
