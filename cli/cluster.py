@@ -273,7 +273,11 @@ def down(
                 rep.info(f"no cluster named {n!r} in state; nothing to do")
                 done.append({"name": n, "status": "unknown"})
                 continue
-            rep.info(f"cluster {n} is down: no node left")
+            rep.info(
+                f"cluster {n} is forgotten; its nodes were not all confirmed gone (see above)"
+                if gone.unconfirmed
+                else f"cluster {n} is down: no node left"
+            )
             done.append(
                 {
                     "name": n,

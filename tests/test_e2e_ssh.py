@@ -85,6 +85,8 @@ def test_down_purge_forgets_a_host_gone_for_good(make_ssh_nodes):
     nodes.kill(1)
     r = run_cli("down", "gone", "--yes", "--purge")
     assert r.returncode == 0 and "--purge" in r.stderr
+    assert "is forgotten; its nodes were not all confirmed gone" in r.stderr
+    assert "no node left" not in r.stderr  # node1's directory is still there
     assert status()["clusters"] == []
     assert [p.name for p in (Path.home() / ".mlcloud" / uid).iterdir()] == ["node-1"]
     shutil.rmtree(Path.home() / ".mlcloud" / uid)  # what --purge said to check by hand
