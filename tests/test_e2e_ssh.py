@@ -157,3 +157,18 @@ def test_injection_battery_never_runs(make_ssh_nodes, tmp_path):
         p for p in [canary, *Path.home().glob("CANARY"), *tmp_path.rglob("CANARY")] if p.exists()
     ]
     assert leftovers == []
+
+
+def test_cancel_names_an_unreachable_node_once(make_ssh_nodes, tmp_path):
+    nodes = make_ssh_nodes(2)
+    assert run_cli(*ssh_up_args(nodes, "cu")).returncode == 0
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "nap.py").write_text("import time\ntime.sleep(30)\n")
+    r = run_cli("train", "cu", "-w", str(tmp_path / "w"), "nap.py", "--detach")
+    assert r.returncode == 0, r.stderr
+    nodes.kill(1)
+    r = run_cli("cancel", "cu", "--grace", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert "node1 (" in line and "node1 (node1" not in line, line
+    run_cli("down", "cu", "--yes", "--purge")
