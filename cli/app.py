@@ -130,7 +130,9 @@ def run(argv: list[str]) -> int:
         return e.exit_code
     except BrokenPipeError:
         # stdout's reader went away (`| head`): nothing more can be shown there
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        from mlcloud.cli.output import discard
+
+        discard()
         return 1
     except (Exception, KeyboardInterrupt) as e:  # click's Abort is an Exception
         if type(e).__name__ == "NoArgsIsHelpError":  # `mlcloud` alone: the help, as click does

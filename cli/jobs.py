@@ -150,7 +150,13 @@ def train(
             finally:
                 output.close(rep)
     if json_out:
-        output.print_json(views.job_result_json(store.get_job(name, job.job_id, job.uid) or job))
+        try:
+            output.print_json(
+                views.job_result_json(store.get_job(name, job.job_id, job.uid) or job)
+            )
+            sys.stdout.flush()
+        except BrokenPipeError:
+            output.discard()  # nobody reads it: the exit code still tells the job's end
     raise typer.Exit(code)
 
 
@@ -211,9 +217,7 @@ def _printer(stream):
                 stream.write(line + "\n")
                 stream.flush()
             except BrokenPipeError:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, stream.fileno())  # also spares the flush at exit
-                os.close(devnull)
+                output.discard(stream)
                 raise
 
     return sink
@@ -324,8 +328,11 @@ class _Tail:
             out.append(line)
         self.pos += cut
         if out:
-            sys.stdout.buffer.write(b"".join(out))
-            sys.stdout.flush()
+            try:
+                sys.stdout.buffer.write(b"".join(out))
+                sys.stdout.flush()
+            except BrokenPipeError:
+                output.discard()  # stop showing; --follow still ends with the job's code
 
 
 def _adopt(store, job, shown: dict[str, int]) -> bool:

@@ -185,6 +185,29 @@ def test_closed_stdout_still_ends_the_job_and_goes_down(project, mlcloud_home):
     assert "rank 1 line 5" in r.stdout and "job 1 succeeded" in r.stdout
 
 
+def test_closed_stdout_keeps_the_jobs_code_for_json_and_follow(project, mlcloud_home):
+    # `train --json | true`, `logs --follow | true`: nobody reads, the exit code still tells
+    up("gone", nodes=1)
+    for argv in (
+        [MLCLOUD, "train", "gone", "-w", str(project), "--json", "--nproc-per-node", "2"]
+        + ["--env", "CODE=3", "lines.py"],
+        [MLCLOUD, "logs", "gone", "--follow"],
+    ):
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ),
+        )
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, (argv, err)  # rank 1's own code
+        assert "Traceback" not in err and "BrokenPipe" not in err
+    assert run_cli("down", "gone", "--yes").returncode == 0
+
+
 def test_cancel_a_detached_job_whose_driver_is_gone(project, mlcloud_home):
     uid = up("cx")
     r = run_cli(
