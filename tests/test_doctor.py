@@ -61,6 +61,15 @@ def test_healthy_home_with_a_local_cluster(mlcloud_home):
         assert run_cli("down", "ok1", "--yes").returncode == 0
 
 
+def test_a_home_mlcloud_made_has_nothing_to_warn_about(mlcloud_home):
+    from mlcloud import paths
+
+    paths.logs_dir("c1")  # what `train` makes: logs/ and logs/c1
+    r, report = doctor()
+    assert r.returncode == 0, r.stderr
+    assert [c for c in report["checks"] if c["status"] != "ok"] == []
+
+
 def test_node_directory_gone_is_reported(mlcloud_home):
     assert run_cli("up", "gone", "--nodes", "2", "--yes").returncode == 0
     try:
