@@ -61,7 +61,17 @@ def _register() -> None:
 _register()
 
 
+_interrupted = False
+
+
 def _interrupt(signum, frame) -> None:
+    """The first stop request unwinds like Ctrl-C. A SIGTERM or SIGHUP after it is ignored, so
+    the cleanup it started (a half-made `up` rolled back, `train --down`) finishes: `timeout`
+    and process-group kills deliver the same SIGTERM twice. A second Ctrl-C still stops."""
+    global _interrupted
+    if _interrupted and signum != signal.SIGINT:
+        return
+    _interrupted = True
     raise KeyboardInterrupt
 
 
@@ -120,7 +130,9 @@ def run(argv: list[str]) -> int:
         return e.exit_code
     except BrokenPipeError:
         # stdout's reader went away (`| head`): nothing more can be shown there
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        from mlcloud.cli.output import discard
+
+        discard()
         return 1
     except (Exception, KeyboardInterrupt) as e:  # click's Abort is an Exception
         if type(e).__name__ == "NoArgsIsHelpError":  # `mlcloud` alone: the help, as click does
@@ -143,6 +155,6 @@ def main() -> None:
     """The console script."""
     # CI runners and shells stop us with SIGTERM/SIGHUP: unwind like Ctrl-C, so `train --down`
     # and a half-made `up` still clean up and nothing is left billing.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     sys.exit(run(sys.argv[1:]))

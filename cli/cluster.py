@@ -70,7 +70,11 @@ def up(
         None, "--gpus", help="GPUs per node, e.g. A100:8: the cheapest matching offer is picked."
     ),
     max_hours: float | None = typer.Option(
-        None, "--max-hours", min=0.0, help="Show the plan's cost for this many hours."
+        None,
+        "--max-hours",
+        min=0.0,
+        callback=options.finite,
+        help="Show the plan's cost for this many hours.",
     ),
     near: str | None = typer.Option(
         None,
@@ -269,7 +273,11 @@ def down(
                 rep.info(f"no cluster named {n!r} in state; nothing to do")
                 done.append({"name": n, "status": "unknown"})
                 continue
-            rep.info(f"cluster {n} is down: no node left")
+            rep.info(
+                f"cluster {n} is forgotten; its nodes were not all confirmed gone (see above)"
+                if gone.unconfirmed
+                else f"cluster {n} is down: no node left"
+            )
             done.append(
                 {
                     "name": n,
@@ -410,7 +418,11 @@ def gc(
         None, "--owner", help="Also delete the clusters of this owner id (repeatable)."
     ),
     min_age: float = typer.Option(
-        10.0, "--min-age", min=0.0, help="Keep clusters younger than this many minutes."
+        10.0,
+        "--min-age",
+        min=0.0,
+        callback=options.finite,
+        help="Keep clusters younger than this many minutes.",
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found."),
     json: bool = options.JSON,

@@ -103,16 +103,26 @@ def train(
                 driver_pid=os.getpid(),
             )
             driver = Driver(store, h, job, sink)
+            cancelled_early = False
             try:
                 launch.start(store, h, req, job, rep, driver.emit)
             except BaseException as e:
-                driver.log.close()
-                _stop_quietly(h, job.job_id)  # whatever did start must not keep running
-                status = _start_failure_status(h, job.job_id, e)
-                store.update_job(name, job.uid, job.job_id, status=status, ended=time.time())
-                raise
+                try:
+                    _stop_quietly(h, job.job_id)  # whatever did start must not keep running
+                    status = _start_failure_status(h, job.job_id, e)
+                    store.update_job(name, job.uid, job.job_id, status=status, ended=time.time())
+                    # `mlcloud cancel` got there first: the job's end, as `logs --follow` has it
+                    cancelled_early = status == state.JOB_CANCELLED and isinstance(e, Exception)
+                    if cancelled_early:
+                        driver.note(f"job {job.job_id} cancelled before it started")
+                finally:
+                    driver.log.close()
+                if not cancelled_early:
+                    raise
         output.close(rep)
-        if detach:
+        if cancelled_early:
+            code = exit_code_of(store.get_job(name, job.job_id, job.uid) or job)
+        elif detach:
             driver.log.close()
             pid = _spawn_driver(name, job, down)
             store.update_job(name, job.uid, job.job_id, driver_pid=pid)
@@ -124,10 +134,11 @@ def train(
                     + (" (the cluster goes down when it ends)" if down else "")
                 )
             return
-        try:
-            code = driver.run()
-        except KeyboardInterrupt:
-            code = 130
+        else:
+            try:
+                code = driver.run()
+            except KeyboardInterrupt:
+                code = 130
     finally:
         output.close(rep)
         h.close()
@@ -139,7 +150,13 @@ def train(
             finally:
                 output.close(rep)
     if json_out:
-        output.print_json(views.job_result_json(store.get_job(name, job.job_id, job.uid) or job))
+        try:
+            output.print_json(
+                views.job_result_json(store.get_job(name, job.job_id, job.uid) or job)
+            )
+            sys.stdout.flush()
+        except BrokenPipeError:
+            output.discard()  # nobody reads it: the exit code still tells the job's end
     raise typer.Exit(code)
 
 
@@ -200,9 +217,7 @@ def _printer(stream):
                 stream.write(line + "\n")
                 stream.flush()
             except BrokenPipeError:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, stream.fileno())  # also spares the flush at exit
-                os.close(devnull)
+                output.discard(stream)
                 raise
 
     return sink
@@ -313,8 +328,11 @@ class _Tail:
             out.append(line)
         self.pos += cut
         if out:
-            sys.stdout.buffer.write(b"".join(out))
-            sys.stdout.flush()
+            try:
+                sys.stdout.buffer.write(b"".join(out))
+                sys.stdout.flush()
+            except BrokenPipeError:
+                output.discard()  # stop showing; --follow still ends with the job's code
 
 
 def _adopt(store, job, shown: dict[str, int]) -> bool:
@@ -343,7 +361,11 @@ def cancel(
     name: str = typer.Argument(..., help="Cluster."),
     job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
     grace: float = typer.Option(
-        30.0, "--grace", min=0, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
+        30.0,
+        "--grace",
+        min=0,
+        callback=options.finite,
+        help="Seconds between SIGTERM (checkpoint) and SIGKILL.",
     ),
     json_out: bool = options.JSON,
 ) -> None:

@@ -1,5 +1,7 @@
 """Option objects shared by several commands, so the same flag means the same thing everywhere."""
 
+import math
+
 import typer
 
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
@@ -23,3 +25,11 @@ SSH_PORT = typer.Option(None, "--ssh-port", help="SSH port (default: 22).")
 PROXY_COMMAND = typer.Option(
     None, "--proxy-command", help="OpenSSH ProxyCommand, %h and %p substituted (bastions)."
 )
+
+
+def finite(value: float | None) -> float | None:
+    """Callback for float options: nan and inf pass click's `min=` bounds, then break the
+    arithmetic behind them (a grace of nan, an age limit of nan that keeps nothing)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value

@@ -62,6 +62,14 @@ def close(rep) -> None:
         rep.close()
 
 
+def discard(stream=None) -> None:
+    """The stream's reader went away (`| head -1`, a dead CI pipe): point it at /dev/null, so
+    what is still printed, and the flush at exit, go nowhere instead of failing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, (stream or sys.stdout).fileno())
+    os.close(devnull)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 

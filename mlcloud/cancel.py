@@ -41,7 +41,7 @@ def cancel(
             try:
                 h.transports[i].run(f"{h.ctl(i)} cancel {jd} {prefix} {grace}", timeout=grace + 30)
             except MlcloudError as e:
-                unreachable.append(f"node{i} ({e})")
+                unreachable.append(str(e))  # the transport names the node
 
         fan_out(one, list(range(len(h.nodes))))
         deadline = time.monotonic() + STOP_WAIT

@@ -115,8 +115,15 @@ def _writable(home: Path) -> Check:
 
 
 def check_database(db: Path) -> list[Check]:
+    if db.is_symlink() and not db.exists():  # dangling or a loop: no command can create it
+        target = os.readlink(db)
+        return [
+            Check("database", str(db), FAIL, f"links to {target}, which is unusable: {_REBUILD}")
+        ]
     if not db.exists():
         return [Check("database", str(db), OK, "none yet; the first command creates it")]
+    if not db.is_file():  # a directory, or a device such as /dev/null that sqlite reads as empty
+        return [Check("database", str(db), FAIL, f"not a regular file: {_REBUILD}")]
     try:
         conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=2)
         try:
@@ -283,7 +290,7 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
         suffix = time.strftime("%Y%m%d-%H%M%S")
         for extra in ("", "-wal", "-shm"):
             f = home / f"state.db{extra}"
-            if f.exists():
+            if f.exists() or f.is_symlink():
                 f.rename(home / f"state.db.corrupt-{suffix}{extra}")
         out.moved_to = str(home / f"state.db.corrupt-{suffix}")
     store = state.Store(db)
@@ -301,7 +308,8 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
                     out.notes.append(f"{p}: cannot list what it holds; not searched")
                     continue
             except Exception as e:  # one provider failing must not stop the others
-                out.notes.append(f"{p}: not searched ({' '.join(str(e).split()) or e!r})")
+                why = " ".join(str(e).split()) or type(e).__name__
+                out.notes.append(f"{p}: not searched ({why})")
                 continue
             for rec in found:
                 _record(store, rec, owner, out)

@@ -51,8 +51,11 @@ def home() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create a directory readable only by the user, tightening an existing one."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create a directory readable only by the user, tightening an existing one. Missing
+    parents are made private too (mkdir's parents=True would make them 0755, logs/ say)."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    path.mkdir(exist_ok=True, mode=0o700)
     if path.stat().st_mode & 0o077:
         path.chmod(0o700)
     return path

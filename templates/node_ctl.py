@@ -128,7 +128,7 @@ def _wait(jobdir):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, forward)
         code = child.wait()
-    _atomic_write(os.path.join(jobdir, "exit_code"), str(128 - code if code < 0 else code))
+    _atomic_write(os.path.join(jobdir, "exit_code"), str(shell_code(code)))
 
 
 def _alive(pid):
@@ -273,7 +273,7 @@ def torchrun(args):
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         signame = failure.signal_name() if code < 0 else None
-        code = 128 - code if code < 0 else code
+        code = shell_code(code)
         record = {
             "rank": rank,
             "local_rank": failure.local_rank,
@@ -287,6 +287,12 @@ def torchrun(args):
         sys.exit(code or 1)
     except SignalException as e:  # stopped (cancel, down): torchrun has stopped its workers
         sys.exit(128 + int(e.sigval))
+
+
+def shell_code(returncode):
+    """A process's exit as a shell reports it: killed by signal N is 128+N (Python says -N,
+    which as an exit status would wrap to 256-N)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def exec_(cwd, line):
@@ -332,7 +338,7 @@ def exec_(cwd, line):
             for fd in list(sinks):
                 pump(fd)
             break
-    sys.exit(proc.wait())
+    sys.exit(shell_code(proc.wait()))
 
 
 def _tagged(prefix):

@@ -354,3 +354,33 @@ def test_unknown_instance_type_or_region_refused_before_ec2(moto_server, flags, 
     assert says in r.stderr and r.stdout == ""  # before the plan
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
     assert live_instances() == []
+
+
+def test_sigterm_twice_during_bootstrap_still_rolls_back(moto_server, make_ssh_nodes, tmp_path):
+    """`timeout` (and a kill of the process group) delivers SIGTERM twice: the second must not
+    cut short the rollback the first started, or instances are left billing."""
+    nodes = make_ssh_nodes(1)
+    _, proxy = relay_pool(tmp_path, [])  # the instances never answer: `up` waits in bootstrap
+    proc = subprocess.Popen(
+        [MLCLOUD, *up_args("twice", nodes, proxy, 2)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    lines: list[str] = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("waiting for 2 node(s)"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:
+        lines.append(line)
+        if "removing what was created" in line:
+            proc.send_signal(signal.SIGTERM)  # mid-rollback, as the second delivery lands
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(60) == 130, "".join(lines)
+    assert lines[-1] == "error: interrupted\n", "".join(lines)
+    assert mlcloud_resources() == {"instances": 0, "security_groups": 0, "key_pairs": 0}
+    assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []

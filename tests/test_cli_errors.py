@@ -221,6 +221,12 @@ CLICK_ERRORS = [
     ("init-into-a-file", ["init", "{tmp}/work/train.py"], "DIRECTORY: Directory"),
     ("logs-job-not-int", ["logs", "ghost", "--job", "x"], "--job: 'x'"),
     ("max-price-not-a-number", ["offers", "A100:8", "--max-price", "x"], "--max-price: 'x'"),
+    # nan and inf pass click's min= bounds: each float option refuses them itself.
+    ("grace-nan", ["cancel", "ghost", "--grace", "nan"], "--grace: nan is not a finite"),
+    ("grace-inf", ["cancel", "ghost", "--grace", "inf"], "--grace: inf is not a finite"),
+    ("min-age-nan", ["gc", "--min-age", "nan"], "--min-age: nan is not a finite"),
+    ("doctor-timeout-inf", ["doctor", "--timeout", "inf"], "--timeout: inf is not a finite"),
+    ("max-hours-nan", ["up", "ok", "--max-hours", "nan"], "--max-hours: nan is not a finite"),
 ]
 
 

@@ -61,6 +61,15 @@ def test_healthy_home_with_a_local_cluster(mlcloud_home):
         assert run_cli("down", "ok1", "--yes").returncode == 0
 
 
+def test_a_home_mlcloud_made_has_nothing_to_warn_about(mlcloud_home):
+    from mlcloud import paths
+
+    paths.logs_dir("c1")  # what `train` makes: logs/ and logs/c1
+    r, report = doctor()
+    assert r.returncode == 0, r.stderr
+    assert [c for c in report["checks"] if c["status"] != "ok"] == []
+
+
 def test_node_directory_gone_is_reported(mlcloud_home):
     assert run_cli("up", "gone", "--nodes", "2", "--yes").returncode == 0
     try:
@@ -278,7 +287,35 @@ def test_rebuild_goes_on_past_a_provider_that_fails(aws_env, monkeypatch, mlclou
     r, report = doctor("--rebuild", "--yes", "-p", "aws", "-p", "nosuch", "-p", "local")
     assert r.returncode == 0, r.stderr
     notes = report["rebuild"]["notes"]
-    assert any(n.startswith("aws: not searched") for n in notes), notes
+    assert any(n.startswith("aws: not searched (aws: ") for n in notes), notes  # not a repr
     assert any(n.startswith("nosuch: cannot list") for n in notes), notes
     assert [c["name"] for c in report["rebuild"]["clusters"]] == ["kept"]
     assert run_cli("down", "kept", "--yes").returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "link-loop", "dev-null", "directory"])
+def test_database_that_is_no_file_is_failed_and_rebuilt(mlcloud_home, kind):
+    """A state.db that sqlite cannot use as a file: every command fails on it, so doctor
+    must say so (not "none yet" or "integrity ok") and --rebuild must move it aside."""
+    assert run_cli("up", "keep", "--nodes", "1", "--yes").returncode == 0
+    db = mlcloud_home / "state.db"
+    for extra in ("", "-wal", "-shm"):
+        (mlcloud_home / f"state.db{extra}").unlink(missing_ok=True)
+    if kind == "dangling-link":
+        db.symlink_to(mlcloud_home / "gone" / "state.db")
+    elif kind == "link-loop":
+        db.symlink_to(mlcloud_home / "loop")
+        (mlcloud_home / "loop").symlink_to(db)
+    elif kind == "dev-null":
+        db.symlink_to("/dev/null")
+    else:
+        db.mkdir()
+    assert run_cli("status").returncode == 1
+    r, report = doctor()
+    assert r.returncode == 1 and not report["ok"], report
+    assert checks(report, "database")[0]["status"] == "fail"
+    r, report = doctor("--rebuild", "--yes", "-p", "local")
+    assert r.returncode == 0, r.stderr
+    assert report["rebuild"]["moved_to"]
+    assert names() == ["keep"]
+    assert run_cli("down", "keep", "--yes").returncode == 0

@@ -85,6 +85,8 @@ def test_down_purge_forgets_a_host_gone_for_good(make_ssh_nodes):
     nodes.kill(1)
     r = run_cli("down", "gone", "--yes", "--purge")
     assert r.returncode == 0 and "--purge" in r.stderr
+    assert "is forgotten; its nodes were not all confirmed gone" in r.stderr
+    assert "no node left" not in r.stderr  # node1's directory is still there
     assert status()["clusters"] == []
     assert [p.name for p in (Path.home() / ".mlcloud" / uid).iterdir()] == ["node-1"]
     shutil.rmtree(Path.home() / ".mlcloud" / uid)  # what --purge said to check by hand
@@ -155,3 +157,18 @@ def test_injection_battery_never_runs(make_ssh_nodes, tmp_path):
         p for p in [canary, *Path.home().glob("CANARY"), *tmp_path.rglob("CANARY")] if p.exists()
     ]
     assert leftovers == []
+
+
+def test_cancel_names_an_unreachable_node_once(make_ssh_nodes, tmp_path):
+    nodes = make_ssh_nodes(2)
+    assert run_cli(*ssh_up_args(nodes, "cu")).returncode == 0
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "nap.py").write_text("import time\ntime.sleep(30)\n")
+    r = run_cli("train", "cu", "-w", str(tmp_path / "w"), "nap.py", "--detach")
+    assert r.returncode == 0, r.stderr
+    nodes.kill(1)
+    r = run_cli("cancel", "cu", "--grace", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert "node1 (" in line and "node1 (node1" not in line, line
+    run_cli("down", "cu", "--yes", "--purge")

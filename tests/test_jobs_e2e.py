@@ -185,6 +185,29 @@ def test_closed_stdout_still_ends_the_job_and_goes_down(project, mlcloud_home):
     assert "rank 1 line 5" in r.stdout and "job 1 succeeded" in r.stdout
 
 
+def test_closed_stdout_keeps_the_jobs_code_for_json_and_follow(project, mlcloud_home):
+    # `train --json | true`, `logs --follow | true`: nobody reads, the exit code still tells
+    up("gone", nodes=1)
+    for argv in (
+        [MLCLOUD, "train", "gone", "-w", str(project), "--json", "--nproc-per-node", "2"]
+        + ["--env", "CODE=3", "lines.py"],
+        [MLCLOUD, "logs", "gone", "--follow"],
+    ):
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ),
+        )
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, (argv, err)  # rank 1's own code
+        assert "Traceback" not in err and "BrokenPipe" not in err
+    assert run_cli("down", "gone", "--yes").returncode == 0
+
+
 def test_cancel_a_detached_job_whose_driver_is_gone(project, mlcloud_home):
     uid = up("cx")
     r = run_cli(
@@ -361,8 +384,10 @@ def test_cancel_while_the_job_is_starting(project, mlcloud_home):
     r = run_cli("cancel", "cs", "--grace", "1", "--json", timeout=90)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["status"] == "CANCELLED"
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "cancelled before it started" in err
+    out, err = proc.communicate(timeout=60)
+    # train and logs --follow give the same code for the same job: 130, cancelled without one
+    assert proc.returncode == 130, err
+    assert "job 1 cancelled before it started" in out and "error:" not in err, (out, err)
     assert jobs("cs")[0]["status"] == "CANCELLED"
     assert run_cli("logs", "cs", "--follow").returncode == 130
     assert run_cli("down", "cs", "--yes").returncode == 0

@@ -145,3 +145,8 @@ def test_exec_returns_when_the_shell_exits(tmp_path):
     os.kill(int((tmp_path / "bg.pid").read_text()), signal.SIGKILL)
     assert time.time() - start < 10
     assert (r.returncode, r.stdout, r.stderr) == (3, "hi\n", "oops\n")
+
+
+def test_exec_of_a_shell_killed_by_a_signal_exits_128_plus_n(tmp_path):
+    r = ctl("exec", str(tmp_path), "kill -9 $$", timeout=20)
+    assert r.returncode == 137, r  # not 247, which is -9 wrapped
