@@ -98,7 +98,9 @@ def _cluster_uids(home: Path) -> set[str]:
     if (home / "state.db").exists():
         try:
             db = sqlite3.connect(home / "state.db")
-            uids |= {r[0] for r in db.execute("SELECT uid FROM clusters")}
+            # events and billing keep the uid after `down` dropped the cluster's row
+            for table in ("clusters", "events", "billing"):
+                uids |= {r[0] for r in db.execute(f"SELECT uid FROM {table}")}  # noqa: S608
             db.close()
         except sqlite3.Error:
             pass
@@ -127,7 +129,7 @@ def make_ssh_nodes(tmp_path, mlcloud_home):
         nodes.stop()
     import shutil
 
-    for uid in uids:
+    for uid in uids - {""}:
         shutil.rmtree(Path.home() / ".mlcloud" / uid, ignore_errors=True)
 
 
