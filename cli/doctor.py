@@ -52,10 +52,11 @@ def doctor(
         done = engine.rebuild(chosen, region or [])
     checks = engine.run_checks(timeout)
     failed = [c for c in checks if c.status == engine.FAIL]
+    incomplete = bool(done and done.unsearched)  # a CI script must not take it for a whole one
     if json:
         output.print_json(
             {
-                "ok": not failed,
+                "ok": not failed and not incomplete,
                 "checks": [asdict(c) for c in checks],
                 "rebuild": asdict(done) if done else None,
             }
@@ -71,6 +72,13 @@ def doctor(
         first = failed[0]
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         print(f"error: {first.subject}: {first.detail}{more}", file=sys.stderr)
+        raise typer.Exit(1)
+    if incomplete:
+        print(
+            f"error: rebuild incomplete: {', '.join(done.unsearched)} could not be searched "
+            "(see the notes); fix that and run `mlcloud doctor --rebuild` again",
+            file=sys.stderr,
+        )
         raise typer.Exit(1)
 
 

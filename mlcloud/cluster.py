@@ -310,6 +310,9 @@ def _refused(refusals: list[CapacityError | QuotaError], what: str) -> ProviderE
 # Where torch lives on the images users start from: the AWS Deep Learning AMIs keep it apart
 # from the system python3, older GCE Deep Learning VMs in conda.
 PYTHON_CANDIDATES = ("/opt/pytorch/bin/python", "/opt/conda/bin/python", "python3")
+# How long a booting node's "authentication refused" is waited out (cloud-init installing the
+# key): past that it is a wrong user or key, and the user hears it now, not at the boot timeout.
+AUTH_WINDOW = 90.0
 MARK = "@mlcloud:"  # bootstrap output lines carry it; anything else (a chatty ~/.bashrc) is noise
 
 
@@ -336,6 +339,7 @@ def bootstrap(
         )
         cmd = _bootstrap_script(node.root, pythons)
         deadline = time.monotonic() + provider.boot_timeout
+        refused_since: float | None = None
         try:
             while True:
                 try:
@@ -344,10 +348,15 @@ def bootstrap(
                 except RemoteError as e:
                     # a new instance: sshd not up yet, up before cloud-init installed the key,
                     # or dropping connections while it starts
+                    now = time.monotonic()
+                    refused = "authentication refused" in str(e)
+                    if refused and refused_since is None:
+                        refused_since = now
                     booting = isinstance(e, (UnreachableError, LostError)) or (
-                        "authentication refused" in str(e)
+                        # the key lands seconds after sshd answers; a wrong user never does
+                        refused and now - (refused_since or now) < AUTH_WINDOW
                     )
-                    if not booting or time.monotonic() > deadline:
+                    if not booting or now > deadline:
                         raise
                     pause(2)  # an interrupted `up` ends this wait at once
         finally:

@@ -47,6 +47,8 @@ class Rebuild:
     moved_to: str | None = None  # where the damaged database went
     clusters: list[Recovered] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be recovered, and why
+    # providers asked for that could not be searched: the rebuild may lack their clusters
+    unsearched: list[str] = field(default_factory=list)
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -306,10 +308,12 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
                     found = _cloud(p, regions, owner, out.notes)
                 else:
                     out.notes.append(f"{p}: cannot list what it holds; not searched")
+                    out.unsearched.append(p)
                     continue
             except Exception as e:  # one provider failing must not stop the others
                 why = " ".join(str(e).split()) or type(e).__name__
                 out.notes.append(f"{p}: not searched ({why})")
+                out.unsearched.append(p)
                 continue
             for rec in found:
                 _record(store, rec, owner, out)

@@ -236,3 +236,26 @@ def test_ctrl_c_while_waiting_for_ssh_returns_within_2s(count, tmp_path):
     out, _ = proc.communicate(timeout=30)
     took = float(out.split("interrupted after ")[1].split()[0])
     assert took < 3 + 2
+
+
+def test_a_wrong_login_user_is_told_soon_not_at_the_boot_timeout(make_ssh_nodes, monkeypatch):
+    """A booting cloud node refuses the key until cloud-init installs it, so refusals are
+    waited out, but only briefly: a wrong user is an error long before the 600 s boot wait."""
+    from mlcloud.providers.base import ClusterRef, SshOptions
+    from mlcloud.providers.ssh import SshProvider
+
+    from mlcloud import cluster
+    from mlcloud.remote.transport import RemoteError
+
+    class Booting(SshProvider):
+        boot_timeout = 600.0
+
+    monkeypatch.setattr(cluster, "AUTH_WINDOW", 3.0)
+    nodes = make_ssh_nodes(1)
+    node = nodes.nodes[0]
+    provider, ref = Booting(), ClusterRef("wrong", "wrong-1", "me")
+    targets = [provider._node(ref, 0, f"nosuchuser@{node.host}:{node.port}")]
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="authentication refused for user 'nosuchuser'"):
+        cluster.bootstrap(provider, ref, targets, SshOptions(identity_file=str(nodes.client_key)))
+    assert time.monotonic() - t0 < 3.0 + 10
