@@ -1,0 +1,172 @@
+"""The dead-man switch as a pure decision over a fake clock, and preemption notices from a
+local HTTP stand-in for EC2's IMDSv2 and GCE's metadata server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from agentmod import agent
+
+CFG = {"idle_minutes": 10, "heartbeat_minutes": 15, "deadline": None, "idle_util_percent": 5}
+
+
+def test_idle_fires_after_idle_minutes_and_not_before():
+    assert agent.deadman(1000 + 599, CFG, 1000, None) is None
+    kind, reason = agent.deadman(1000 + 600, CFG, 1000, None)
+    assert kind == "idle_teardown" and "idle for 10.0 min" in reason
+    assert agent.deadman(10**6, CFG, None, None) is None  # not idle: never
+
+
+def test_fractional_idle_minutes():
+    assert agent.deadman(105.9, {**CFG, "idle_minutes": 0.1}, 100, None) is None
+    assert agent.deadman(106.0, {**CFG, "idle_minutes": 0.1}, 100, None)[0] == "idle_teardown"
+
+
+def test_deadline_fires_once_passed_and_not_before():
+    cfg = {**CFG, "deadline": 5000.0}
+    assert agent.deadman(4999.9, cfg, None, None) is None
+    assert agent.deadman(5000.0, cfg, None, None)[0] == "budget_stop"
+    assert agent.deadman(4999.0, {**CFG, "deadline": None}, None, None) is None
+
+
+def test_lost_heartbeat_fires_only_once_a_controller_attached():
+    assert agent.deadman(10**6, CFG, None, None) is None  # no heartbeat file: rule not armed
+    assert agent.deadman(2000 + 899, CFG, None, 2000) is None
+    kind, reason = agent.deadman(2000 + 900, CFG, None, 2000)
+    assert kind == "heartbeat_lost" and "15.0 min" in reason
+
+
+def test_budget_comes_first():
+    cfg = {**CFG, "deadline": 1.0}
+    assert agent.deadman(10**6, cfg, 0, 0)[0] == "budget_stop"
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    """EC2 IMDSv2 (a PUT for a token, then GETs that carry it) and GCE (Metadata-Flavor)."""
+
+    notice = False
+    token = "tok-123"
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, code, body=""):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_PUT(self):
+        if self.path == "/latest/api/token" and self.headers.get(
+            "X-aws-ec2-metadata-token-ttl-seconds"
+        ):
+            return self._answer(200, self.token)
+        self._answer(400)
+
+    def do_GET(self):
+        if self.path == "/latest/meta-data/spot/instance-action":
+            if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+                return self._answer(401)
+            if not self.notice:
+                return self._answer(404)
+            return self._answer(
+                200, json.dumps({"action": "terminate", "time": "2026-12-01T17:00:00Z"})
+            )
+        if self.path == "/computeMetadata/v1/instance/preempted":
+            if self.headers.get("Metadata-Flavor") != "Google":
+                return self._answer(403)
+            return self._answer(200, "TRUE" if self.notice else "FALSE")
+        self._answer(404)
+
+
+@pytest.fixture
+def metadata():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Metadata.notice = False
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("provider", ["aws", "gce"])
+def test_preemption_notice_from_the_metadata_server(metadata, provider):
+    assert agent.preemption_notice(provider, metadata) is None
+    _Metadata.notice = True
+    notice = agent.preemption_notice(provider, metadata)
+    assert notice and ("instance-action" in notice or "preempted" in notice)
+
+
+def test_imdsv2_needs_the_token(metadata):
+    _Metadata.notice = True
+    _Metadata.token = "other"
+    try:
+        status, _ = agent._http("GET", f"{metadata}/latest/meta-data/spot/instance-action", {})
+        assert status == 401
+    finally:
+        _Metadata.token = "tok-123"
+
+
+def test_nothing_answering_is_no_notice():
+    assert agent.preemption_notice("aws", "http://127.0.0.1:9") is None
+
+
+def test_notice_sends_sigterm_to_the_job_and_writes_an_event(metadata, tmp_path):
+    """A spot notice: the job's processes get SIGTERM at once (so the template checkpoints),
+    and the agent says so. Only the notice path runs: nothing here may power a machine off."""
+    root = tmp_path / "node-0"
+    jobdir = root / "jobs" / "1"
+    jobdir.mkdir(parents=True)
+    (root / "agent").mkdir()
+    marker = tmp_path / "got-term"
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time\n"
+            "def term(*a):\n"
+            f"    open({str(marker)!r}, 'w').close()\n"
+            "    sys.exit(143)\n"
+            "signal.signal(signal.SIGTERM, term)\n"
+            "time.sleep(60)\n",
+        ],
+        env={**os.environ, "MLCLOUD_PROC_TAG": "uid-1.0.1.9"},
+    )
+    try:
+        time.sleep(0.5)
+        waiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        (jobdir / "waiter.pid").write_text(str(waiter.pid))
+        a = agent.Agent(str(root))
+        cfg = {
+            "provider": "aws",
+            "spot": True,
+            "node": 0,
+            "tag": "uid-1.0.",
+            "metadata": {"aws": metadata},
+            "idle_minutes": 30,
+            "deadline": None,
+        }
+        assert a.step(cfg, time.time()) is None
+        assert job.poll() is None  # no notice, nothing sent
+        _Metadata.notice = True
+        assert a.step(cfg, time.time()) is None
+        assert job.wait(10) == 143 and marker.exists()
+        events = [json.loads(x) for x in (root / "agent" / "events.jsonl").read_text().splitlines()]
+        assert [e["kind"] for e in events] == ["preemption"]
+        assert "SIGTERM to job 1" in events[0]["message"] and events[0]["node"] == 0
+        a.step(cfg, time.time())  # told once
+        assert len((root / "agent" / "events.jsonl").read_text().splitlines()) == 1
+        a.noticed = False
+        a.step({**cfg, "spot": False}, time.time())  # on-demand nodes do not ask
+        assert len((root / "agent" / "events.jsonl").read_text().splitlines()) == 1
+    finally:
+        for p in (job, waiter):
+            p.kill()
+            p.wait()
