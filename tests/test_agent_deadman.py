@@ -170,3 +170,44 @@ def test_notice_sends_sigterm_to_the_job_and_writes_an_event(metadata, tmp_path)
         for p in (job, waiter):
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("on_stall", ["report", "stop"])
+def test_stalled_job_is_reported_and_stopped_only_with_on_stall_stop(tmp_path, on_stall):
+    """A running job whose log stops growing for stall_minutes: one stall event; with
+    on_stall: stop its processes end (node_ctl's kill), with report they run on."""
+    root = tmp_path / "node-0"
+    jobdir = root / "jobs" / "1"
+    jobdir.mkdir(parents=True)
+    (root / "agent").mkdir()
+    (jobdir / "output.log").write_text("started\n")
+    job = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, "MLCLOUD_PROC_TAG": "uid-2.0.1.0"},
+    )
+    waiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (jobdir / "waiter.pid").write_text(str(waiter.pid))
+        a = agent.Agent(str(root))
+        cfg = {"provider": "local", "node": 0, "tag": "uid-2.0.", "stall_minutes": 0.1}
+        cfg["on_stall"] = on_stall
+        t0 = time.time()
+        verdicts = []
+        for dt in (0, 3, 6, 7, 8):
+            assert a.step(cfg, t0 + dt) is None
+            verdicts.append(a.samples[-1]["verdict"])
+        assert verdicts[0] == "starting" and verdicts[-1] == "stalled"
+        events = [json.loads(x) for x in (root / "agent" / "events.jsonl").read_text().splitlines()]
+        assert [e["kind"] for e in events] == ["stall"]
+        assert "no progress" in events[0]["message"]
+        if on_stall == "stop":
+            assert job.wait(10) == -15
+        else:
+            time.sleep(0.5)
+            assert job.poll() is None
+        lines = (root / "agent" / "samples.jsonl").read_text().splitlines()
+        assert len(lines) == 5 and json.loads(lines[-1])["job"]["id"] == 1
+    finally:
+        for p in (job, waiter):
+            p.kill()
+            p.wait()
