@@ -483,9 +483,9 @@ def start(root):
             print(pid)
             return
         cfg = _json_file(os.path.join(adir, "config.json")) or {}
-        env = dict(os.environ)
-        # tagged as the cluster's on this node: teardown's kill finds it, a job's does not
-        env[node_ctl.TAG] = f"{cfg.get('tag', '')}agent"
+        # untagged, so stopping a job (or the agent's own stop of the node) never reaches it;
+        # teardown finds it by its pid file (node_ctl cleanup)
+        env = {k: v for k, v in os.environ.items() if k != node_ctl.TAG}
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "run", root],
             env=env,

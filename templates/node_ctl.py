@@ -387,8 +387,23 @@ def _signal(pid, sig):
         pass
 
 
+def stop_agent(root):
+    """End the node agent (agent.py), found by its pid file: it carries no tag, so that
+    stopping a job never reaches it."""
+    try:
+        with open(os.path.join(root, "agent", "agent.pid")) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            mine = b"agent.py" in f.read()  # not a process that took a dead agent's pid
+    except (OSError, ValueError):
+        return
+    if mine:
+        _signal(pid, signal.SIGKILL)
+
+
 def cleanup(root, prefix):
     """Stop everything the cluster started on this node and remove its directory."""
+    stop_agent(root)
     kill(prefix, grace=5.0)
     shutil.rmtree(root, ignore_errors=True)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli, tagged_pids
+from conftest import MLCLOUD, run_cli, ssh_up_args, tagged_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +32,14 @@ def _wait_for(path: Path, timeout: float) -> dict:
     raise AssertionError(f"{path} did not appear within {timeout}s")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _uid(name: str) -> str:
     r = run_cli("status", "--json")
     assert r.returncode == 0, r.stderr
@@ -47,7 +56,8 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
     assert r.returncode == 0, r.stderr
     uid = _uid("idle")
     root = _node_root(mlcloud_home, uid)
-    assert len(tagged_pids(f"{uid}.0.agent")) == 1  # one agent, started at bootstrap
+    agent = int((root / "agent" / "agent.pid").read_text())
+    assert _alive(agent)  # started at bootstrap
 
     # the job outlasts idle_minutes twice over: the node stays up while it runs
     r = run_cli("train", "idle", "-w", str(project), "job.py")
@@ -63,9 +73,9 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
 
     # the cluster's processes on the node are gone, the agent's included
     deadline = time.time() + 10
-    while tagged_pids(f"{uid}.") and time.time() < deadline:
+    while (tagged_pids(f"{uid}.") or _alive(agent)) and time.time() < deadline:
         time.sleep(0.2)
-    assert tagged_pids(f"{uid}.") == []
+    assert tagged_pids(f"{uid}.") == [] and not _alive(agent)
 
     # its events say why; status shows the node terminated with the reason
     r = run_cli("events", "idle", "--json")
@@ -138,3 +148,48 @@ def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
     assert "budget_stop" in r.stdout and "node0" in r.stdout
     assert tagged_pids(f"{rec.uid}.") == []
     assert run_cli("down", "budget", "--yes").returncode == 0
+
+
+def test_one_agent_per_node_and_down_ends_it(mlcloud_home):
+    r = run_cli("up", "one", "--nodes", "2", "--yes")
+    assert r.returncode == 0, r.stderr
+    uid = _uid("one")
+    roots = [_node_root(mlcloud_home, uid, i) for i in (0, 1)]
+    agents = [int((root / "agent" / "agent.pid").read_text()) for root in roots]
+    assert len(set(agents)) == 2 and all(_alive(p) for p in agents)
+    # starting it again (a rerun bootstrap) finds the one that runs
+    again = subprocess.run(
+        [sys.executable, str(roots[0] / "bin" / "agent.py"), "start", str(roots[0])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(again.stdout) == agents[0]
+    assert tagged_pids(f"{uid}.") == []  # untagged: stopping a job never reaches it
+    assert run_cli("down", "one", "--yes").returncode == 0
+    assert not any(_alive(p) for p in agents)
+
+
+def test_ssh_node_stops_its_processes_and_status_reads_why_over_ssh(make_ssh_nodes, tmp_path):
+    """On the ssh provider the switch stops the cluster's processes and never powers the host
+    off; `status NAME` and `events` read the agent's files over SSH."""
+    nodes = make_ssh_nodes(1)
+    spec = tmp_path / "mlcloud.yaml"
+    spec.write_text(f"autoscale:\n  idle_minutes: {IDLE_S / 60}\n  poll_seconds: {POLL_S}\n")
+    r = run_cli(*ssh_up_args(nodes, "lab"), "-f", str(spec))
+    assert r.returncode == 0, r.stderr
+    deadline = time.time() + IDLE_S + 20
+    while time.time() < deadline:
+        r = run_cli("status", "lab", "--json")
+        assert r.returncode == 0, r.stderr
+        if json.loads(r.stdout)["clusters"][0]["nodes"][0]["status"] == "terminated":
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("the idle ssh node never reported its stop")
+    r = run_cli("events", "lab")
+    assert r.returncode == 0 and "idle_teardown" in r.stdout and "node0" in r.stdout
+    assert "stopping the cluster's processes" in r.stdout
+    r = run_cli("exec", "lab", "--", "echo", "host-still-up")  # the host was not powered off
+    assert "host-still-up" in r.stdout, r.stdout + r.stderr
+    assert run_cli("down", "lab", "--yes").returncode == 0
