@@ -193,3 +193,31 @@ def test_ssh_node_stops_its_processes_and_status_reads_why_over_ssh(make_ssh_nod
     r = run_cli("exec", "lab", "--", "echo", "host-still-up")  # the host was not powered off
     assert "host-still-up" in r.stdout, r.stdout + r.stderr
     assert run_cli("down", "lab", "--yes").returncode == 0
+
+
+def test_events_follow_prints_the_teardown_as_it_happens(tmp_path, mlcloud_home):
+    spec = tmp_path / "mlcloud.yaml"
+    spec.write_text(f"autoscale:\n  idle_minutes: {IDLE_S / 60}\n  poll_seconds: {POLL_S}\n")
+    r = run_cli("up", "watch", "-f", str(spec), "--yes")
+    assert r.returncode == 0, r.stderr
+    follow = subprocess.Popen(
+        [MLCLOUD, "events", "watch", "--follow", "--json", "--interval", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        kinds = []
+        deadline = time.time() + IDLE_S + 20
+        while "idle_teardown" not in kinds and time.time() < deadline:
+            line = follow.stdout.readline()
+            if not line:
+                break
+            kinds.append(json.loads(line)["kind"])
+        assert "up" in kinds and "idle_teardown" in kinds, kinds
+        assert kinds.count("agent_start") == 1  # each event once, however often the nodes are read
+    finally:
+        follow.terminate()
+        follow.wait(10)
+    assert run_cli("down", "watch", "--yes").returncode == 0
