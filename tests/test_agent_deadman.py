@@ -211,3 +211,35 @@ def test_stalled_job_is_reported_and_stopped_only_with_on_stall_stop(tmp_path, o
         for p in (job, waiter):
             p.kill()
             p.wait()
+
+
+def test_the_agent_arms_the_heartbeat_rule_once_the_file_exists(tmp_path):
+    root = tmp_path / "node-0"
+    (root / "agent").mkdir(parents=True)
+    a = agent.Agent(str(root))
+    cfg = {"provider": "local", "node": 0, "tag": "uid-3.0.", "heartbeat_minutes": 1}
+    now = time.time()
+    assert a.step(cfg, now) is None  # no controller ever attached
+    (root / "agent" / "heartbeat").write_text(str(now - 30))
+    assert a.step(cfg, now) is None  # fresh enough
+    (root / "agent" / "heartbeat").write_text(str(now - 61))
+    kind, reason = a.step(cfg, now)
+    assert kind == "heartbeat_lost" and "1.0 min" in reason
+    assert [json.loads(x)["verdict"] for x in (root / "agent" / "samples.jsonl").open()] == [
+        "idle"
+    ] * 3
+
+
+def test_the_samples_on_disk_stay_a_bounded_window(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "WINDOW", 4)
+    root = tmp_path / "node-0"
+    (root / "agent").mkdir(parents=True)
+    a = agent.Agent(str(root))
+    cfg = {"provider": "local", "node": 0, "tag": "uid-4.0."}
+    t0 = time.time()
+    for i in range(25):
+        a.step(cfg, t0 + i)
+        lines = (root / "agent" / "samples.jsonl").read_text().splitlines()
+        assert len(lines) <= 2 * 4
+    assert json.loads(lines[-1])["time"] == t0 + 24
+    assert [json.loads(x)["time"] for x in lines] == sorted(json.loads(x)["time"] for x in lines)
