@@ -156,3 +156,27 @@ def test_no_job_and_busy_gpus_is_not_idle():
     assert agent.classify([s], 1, 60, IDLE_UTIL)[0] == "busy"
     s["gpus"][0]["util"] = 4.0
     assert agent.classify([s], 1, 60, IDLE_UTIL)[0] == "idle"
+
+
+def test_the_agent_samples_gpus_through_nvidia_smi(tmp_path, monkeypatch):
+    """The query the agent runs, answered with the captured H100 output (an nvidia-smi on PATH
+    that prints the real file), narrowed by CUDA_VISIBLE_DEVICES as node_ctl narrows it."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncat {DATA / "nvidia-smi-query.csv"}\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    a = agent.Agent(str(tmp_path))
+    assert [g["mem_total"] for g in a.gpus()] == [81559.0]
+    assert "--format=csv,noheader,nounits" in (tmp_path / "args").read_text()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert a.gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-e35f7077-de7a-8888-61c4-de75b1df6e85")
+    assert len(a.gpus()) == 1
+
+
+def test_no_nvidia_smi_means_no_gpus_and_no_more_asking(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    a = agent.Agent(str(tmp_path))
+    assert a.gpus() == [] and a.has_smi is False
