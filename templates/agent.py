@@ -273,6 +273,10 @@ def power_off(minutes=0):
     return False
 
 
+class NodeRemoved(Exception):
+    """The node's directory went away under the agent (teardown): it must end."""
+
+
 class Agent:
     """The loop's memory: the window of samples and what was already said or done."""
 
@@ -286,6 +290,7 @@ class Agent:
         self.reported_stall = None  # the job whose stall was already told
         self.noticed = False
         self.has_smi = True
+        self.made = set()  # the files this agent wrote (see _append)
 
     def config(self):
         return _json_file(os.path.join(self.dir, "config.json"))
@@ -297,13 +302,22 @@ class Agent:
             "node": cfg.get("node"),
             "message": message,
         }
-        fd = os.open(
-            os.path.join(self.dir, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-        )
+        self._append("events.jsonl", json.dumps(record) + "\n")
+
+    def _append(self, name, text):
+        """Append to one of the agent's files. Only its first write may create it: a file gone
+        since means the node's directory is being removed (teardown), and writing again would
+        leave it half removed."""
+        flags = os.O_WRONLY | os.O_APPEND | (0 if name in self.made else os.O_CREAT)
         try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            fd = os.open(os.path.join(self.dir, name), flags, 0o600)
+        except FileNotFoundError:
+            raise NodeRemoved() from None
+        try:
+            os.write(fd, text.encode())
         finally:
             os.close(fd)
+        self.made.add(name)
 
     def gpus(self):
         if not self.has_smi:
@@ -346,8 +360,7 @@ class Agent:
             node_ctl._atomic_write(path, "".join(json.dumps(s) + "\n" for s in self.samples))
             self.lines = len(self.samples)
             return
-        with open(path, "a") as f:
-            f.write(line)
+        self._append("samples.jsonl", line)
         self.lines += 1
 
     def step(self, cfg, now):
@@ -451,7 +464,10 @@ def run(root):
         if not os.path.isdir(agent.dir):
             return
         now = time.time()
-        fired = agent.step(cfg, now)
+        try:
+            fired = agent.step(cfg, now)
+        except NodeRemoved:
+            return
         if fired:
             agent.shut_down(cfg, fired[0], fired[1], now)
             return

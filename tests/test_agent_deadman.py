@@ -243,3 +243,19 @@ def test_the_samples_on_disk_stay_a_bounded_window(tmp_path, monkeypatch):
         assert len(lines) <= 2 * 4
     assert json.loads(lines[-1])["time"] == t0 + 24
     assert [json.loads(x)["time"] for x in lines] == sorted(json.loads(x)["time"] for x in lines)
+
+
+def test_a_node_directory_being_removed_is_not_written_again(tmp_path):
+    """Teardown removes the node's directory while the agent runs: once its files are gone it
+    stops instead of creating them again (which would leave the directory half removed)."""
+    root = tmp_path / "node-0"
+    (root / "agent").mkdir(parents=True)
+    a = agent.Agent(str(root))
+    cfg = {"provider": "local", "node": 0, "tag": "uid-5.0."}
+    a.event(cfg, "agent_start", "hello")
+    assert a.step(cfg, time.time()) is None
+    for f in (root / "agent").iterdir():
+        f.unlink()
+    with pytest.raises(agent.NodeRemoved):
+        a.step(cfg, time.time())
+    assert list((root / "agent").iterdir()) == []
