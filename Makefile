@@ -52,6 +52,7 @@ bench: $(STAMP) sysdeps
 	$(PY) bench/cli_latency.py
 	$(PY) bench/ssh_exec.py
 	$(PY) bench/sync.py
+	$(PY) bench/agent_overhead.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

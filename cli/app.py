@@ -39,11 +39,12 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import cluster, doctor, jobs, money, project
+    from mlcloud.cli import cluster, doctor, events, jobs, money, project
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
     app.command("status")(cluster.status)
+    app.command("events")(events.events)
     app.command("train")(jobs.train)
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)

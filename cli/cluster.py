@@ -210,7 +210,13 @@ def _show_plan(plan) -> None:
             print(f"data in {plan.data_region}: compute goes there (no egress)")
 
 
-def _show_nodes(rec) -> None:
+def _node_name(node: int | None) -> str:
+    return "-" if node is None else f"node{node}"
+
+
+def _show_nodes(rec, stopped: dict[int, str] | None = None) -> None:
+    """The node table; stopped: node -> why its agent shut it down."""
+    stopped = stopped or {}
     output.table(
         ["node", "id", "ip", "gpus", "python", "status"],
         [
@@ -220,7 +226,9 @@ def _show_nodes(rec) -> None:
                 n.ip,
                 f"{n.gpus} x {n.gpu_type}" if n.gpus else "-",
                 n.python or "-",
-                n.status,
+                f"{n.status} ({stopped[n.idx]})"
+                if n.idx in stopped and n.status == "terminated"
+                else n.status,
             ]
             for n in rec.nodes
         ],
@@ -303,8 +311,9 @@ def status(
     json: bool = options.JSON,
 ) -> None:
     """List clusters with their nodes and jobs, from local state (no cloud calls); a job that
-    no mlcloud process follows any more is read from its nodes."""
-    from mlcloud import state, views
+    no mlcloud process follows any more is read from its nodes. With NAME, the nodes' agents
+    are asked too: a node that shut itself down shows as terminated, with the reason."""
+    from mlcloud import nodeevents, state, views
     from mlcloud.errors import NotFoundError
     from mlcloud.names import check_cluster_name
 
@@ -314,6 +323,8 @@ def status(
         rec = store.get_cluster(name)
         if rec is None:
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
+        if nodeevents.gather(store, rec):
+            rec = store.get_cluster(name) or rec
         clusters, jobs = [rec], store.jobs(name, rec.uid)
     else:
         clusters = store.list_clusters()
@@ -353,16 +364,19 @@ def status(
         )
         return
     rec = clusters[0]
-    _show_nodes(rec)
+    events = nodeevents.log(store, rec)
+    _show_nodes(rec, nodeevents.stop_reasons(events))
     rate, spent = money[rec.name]
     print(f"cost: ${rate:.2f}/h now, ${spent:.2f} so far")
-    events = [e for e in store.events(rec.name) if e[0] >= rec.created][-10:]
     if events:
         print()
         output.table(
-            ["when", "event", "detail"],
-            [[output.age(now - t) + " ago", kind, message] for t, kind, message in events],
-            title="events",
+            ["when", "event", "node", "detail"],
+            [
+                [output.age(now - e.time) + " ago", e.kind, _node_name(e.node), e.message]
+                for e in events[-10:]
+            ],
+            title=f"events (newest; all: `mlcloud events {rec.name}`)",
         )
     if jobs:
         print()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mlcloud import providers, state
+from mlcloud import agentview, providers, state
 from mlcloud.cost import Interval
 from mlcloud.errors import MlcloudError, NotFoundError, UsageError
 from mlcloud.locks import cluster_lock
@@ -34,7 +34,7 @@ from mlcloud.remote.transport import (
     check,
 )
 from mlcloud.report import Reporter
-from mlcloud.spec import TaskSpec
+from mlcloud.spec import AutoscaleSpec, TaskSpec
 
 
 @dataclass
@@ -231,7 +231,8 @@ def _provision(
         provider.terminate(here, nodes[want:])
         nodes = nodes[:want]
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
-    records = bootstrap(provider, here, nodes, req.ssh)
+    due = agentview.deadline(spec.autoscale.max_cost, price * len(nodes), time.time())
+    records = bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     store.set_nodes(ref.name, records)
     now = time.time()
     billed = {i.node_id for i in store.billing(ref.name) if i.uid == ref.uid and i.end is None}
@@ -317,14 +318,23 @@ MARK = "@mlcloud:"  # bootstrap output lines carry it; anything else (a chatty ~
 
 
 def bootstrap(
-    provider: Provider, ref: ClusterRef, nodes: list[Node], ssh: SshOptions
+    provider: Provider,
+    ref: ClusterRef,
+    nodes: list[Node],
+    ssh: SshOptions,
+    autoscale: AutoscaleSpec | None = None,
+    due: float | None = None,
+    spot: bool = False,
 ) -> list[state.NodeRecord]:
-    """Make each node's directories, install the node controller, find the Python that has
-    torch and detect the GPUs, in one round trip per node, waiting for a new machine's sshd;
-    a root under ~/ is resolved."""
+    """Make each node's directories, install the node controller and the node agent (its
+    config: autoscale's rules and the budget deadline `due`), find the Python that has torch,
+    detect the GPUs and start the agent with that Python, in one round trip per node, waiting
+    for a new machine's sshd; a root under ~/ is resolved."""
     from mlcloud import templates
 
     ctl_source = templates.path("node_ctl.py").read_bytes()
+    agent_source = templates.path("agent.py").read_bytes()
+    auto = autoscale or AutoscaleSpec()
 
     def one(i: int) -> state.NodeRecord:
         node = nodes[i]
@@ -337,13 +347,15 @@ def bootstrap(
             if provider.name == "local"
             else PYTHON_CANDIDATES
         )
-        cmd = _bootstrap_script(node.root, pythons)
+        conf = agentview.config(auto, provider.name, ref.uid, i, node.node_id, spot, due)
+        cmd = _bootstrap_script(node.root, pythons, (len(ctl_source), len(agent_source)))
         deadline = time.monotonic() + provider.boot_timeout
         refused_since: float | None = None
         try:
             while True:
                 try:
-                    result = t.run(cmd, stdin=ctl_source, timeout=120)
+                    stdin = ctl_source + agent_source + json.dumps(conf).encode()
+                    result = t.run(cmd, stdin=stdin, timeout=120)
                     break
                 except RemoteError as e:
                     # a new instance: sshd not up yet, up before cloud-init installed the key,
@@ -398,15 +410,19 @@ def bootstrap(
     return fan_out(one, list(range(len(nodes))))
 
 
-def _bootstrap_script(root_path: str, pythons: tuple[str, ...]) -> str:
-    """The one command bootstrap runs (node_ctl.py on stdin); it reports in MARK lines."""
+def _bootstrap_script(root_path: str, pythons: tuple[str, ...], sizes: tuple[int, int]) -> str:
+    """The one command bootstrap runs; stdin holds node_ctl.py, agent.py (of the given sizes)
+    and the agent's config. It reports in MARK lines."""
     root = path_arg(root_path)
+    agent_dir = f"{root}/{agentview.DIR}"
     # torch is looked up, not imported: an import takes seconds, and on a fresh cloud volume
     # (blocks fetched lazily from a snapshot) tens of seconds per interpreter tried
     has_torch = quote("import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)")
     return (
-        f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir && chmod 700 {root} "
-        f"&& cat > {root}/{CTL} && cd {root} || exit 1\n"
+        f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir {agent_dir} "
+        f"&& chmod 700 {root} && head -c {sizes[0]} > {root}/{CTL} "
+        f"&& head -c {sizes[1]} > {root}/{agentview.AGENT} "
+        f"&& cat > {agent_dir}/config.json && cd {root} || exit 1\n"
         f'echo "{MARK}ssh=${{SSH_CONNECTION:-}}"\n'
         f'echo "{MARK}root=$(pwd -P)"\n'
         f"for c in {' '.join(quote(p) for p in pythons)}; do\n"
@@ -415,6 +431,7 @@ def _bootstrap_script(root_path: str, pythons: tuple[str, ...]) -> str:
         f'  echo "{MARK}python=$p"\n'
         f'  g=$("$p" {CTL} gpus) || exit 1\n'
         f'  echo "{MARK}gpus=$g"\n'
+        f'  echo "{MARK}agent=$("$p" {agentview.AGENT} start "$(pwd -P)")"\n'
         f"  exit 0\n"
         f"done\n"
         f'echo "{MARK}python="\n'

@@ -45,10 +45,22 @@ class TrainSpec:
     nproc_per_node: int | None = None
 
 
+ON_STALL = ("report", "stop")
+
+
 @dataclass(frozen=True)
 class AutoscaleSpec:
-    idle_minutes: float | None = None
-    max_cost: float | None = None
+    """What the node agent and the controller enforce (README, "Autoscaling and the dead-man
+    switch"); minutes may be fractions, so tests can use seconds."""
+
+    idle_minutes: float = 30.0
+    idle_util_percent: float = 5.0
+    stall_minutes: float = 10.0
+    on_stall: str = "report"
+    max_cost: float | None = None  # USD over the cluster's life; None: no budget
+    heartbeat_minutes: float = 15.0
+    replace_lost: bool = True
+    poll_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -298,7 +310,16 @@ _FIELDS = {
     "ssh": {"user", "port", "identity_file", "proxy_command", "python", "allowed_cidrs"},
     "resources": {"gpus", "cpus", "instance_type", "disk_gb"},
     "train": {"script", "args", "nproc_per_node"},
-    "autoscale": {"idle_minutes", "max_cost"},
+    "autoscale": {
+        "idle_minutes",
+        "idle_util_percent",
+        "stall_minutes",
+        "on_stall",
+        "max_cost",
+        "heartbeat_minutes",
+        "replace_lost",
+        "poll_seconds",
+    },
 }
 
 
@@ -464,10 +485,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         ),
         envs={k: _scalar(v) for k, v in envs.items()},
         checkpoint_dir=_checkpoint_dir(d, where),
-        autoscale=AutoscaleSpec(
-            idle_minutes=_positive(auto, "idle_minutes", where, "autoscale.idle_minutes"),
-            max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
-        ),
+        autoscale=_autoscale(auto, where),
         hosts=tuple(h.strip() for h in hosts),
         ssh=SshSpec(
             user=_str(ssh, "user", where, "ssh.user"),
@@ -477,6 +495,45 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             python=_str(ssh, "python", where, "ssh.python"),
             allowed_cidrs=_cidrs(ssh, where),
         ),
+    )
+
+
+def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:
+    """The autoscale section; a key left out (or stored as null) takes its default."""
+    default = AutoscaleSpec()
+
+    def number(key: str) -> float:
+        value = _positive(auto, key, where, f"autoscale.{key}")
+        return getattr(default, key) if value is None else value
+
+    util = number("idle_util_percent")
+    if util > 100:
+        raise UsageError(
+            f"{where('autoscale.idle_util_percent')}: must be 100 or less, got {util:g}"
+        )
+    on_stall = auto.get("on_stall")
+    if on_stall is None:
+        on_stall = default.on_stall
+    if on_stall not in ON_STALL:
+        raise UsageError(
+            f"{where('autoscale.on_stall')}: must be one of {', '.join(ON_STALL)}, got {on_stall!r}"
+        )
+    replace_lost = auto.get("replace_lost")
+    if replace_lost is None:
+        replace_lost = default.replace_lost
+    if not isinstance(replace_lost, bool):
+        raise UsageError(
+            f"{where('autoscale.replace_lost')}: must be true or false, got {replace_lost!r}"
+        )
+    return AutoscaleSpec(
+        idle_minutes=number("idle_minutes"),
+        idle_util_percent=util,
+        stall_minutes=number("stall_minutes"),
+        on_stall=on_stall,
+        max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
+        heartbeat_minutes=number("heartbeat_minutes"),
+        replace_lost=replace_lost,
+        poll_seconds=number("poll_seconds"),
     )
 
 

@@ -74,11 +74,14 @@ CREATE TABLE IF NOT EXISTS events (
     uid TEXT NOT NULL,
     time REAL NOT NULL,
     kind TEXT NOT NULL,
-    message TEXT NOT NULL
+    message TEXT NOT NULL,
+    node INTEGER
 );
 """
 
-SCHEMA_VERSION = 3  # 2: billing; 3: jobs belong to a cluster's incarnation, node interpreter
+# 2: billing; 3: jobs belong to a cluster's incarnation, node interpreter; 4: events name
+# the node they come from (the node agents' events are merged in)
+SCHEMA_VERSION = 4
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
@@ -213,6 +216,9 @@ class Store:
                 for statement in _MIGRATE_3.split(";"):
                     if statement.strip():
                         self.db.execute(statement)
+            columns = [r[1] for r in self.db.execute("PRAGMA table_info(events)")]
+            if 0 < version < 4 and columns and "node" not in columns:
+                self.db.execute("ALTER TABLE events ADD COLUMN node INTEGER")
             if version < SCHEMA_VERSION:
                 for statement in SCHEMA.split(";"):  # every one IF NOT EXISTS: safe to rerun
                     if statement.strip():
@@ -503,6 +509,37 @@ class Store:
             "SELECT time, kind, message FROM events WHERE cluster=? ORDER BY id", (cluster,)
         )
         return [(r["time"], r["kind"], r["message"]) for r in rows]
+
+    def merge_events(
+        self, cluster: str, uid: str, events: list[tuple[float, str, int, str]]
+    ) -> int:
+        """Add (time, kind, node, message) events read from the nodes, skipping those already
+        here; returns how many were new."""
+        added = 0
+        with self.tx() as db:
+            for t, kind, node, message in events:
+                if db.execute(
+                    "SELECT 1 FROM events WHERE cluster=? AND uid=? AND time=? AND kind=? "
+                    "AND node IS ? AND message=?",
+                    (cluster, uid, t, kind, node, message),
+                ).fetchone():
+                    continue
+                db.execute(
+                    "INSERT INTO events (cluster, uid, time, kind, message, node) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (cluster, uid, t, kind, message, node),
+                )
+                added += 1
+        return added
+
+    def event_log(self, cluster: str, uid: str) -> list[tuple[float, str, int | None, str]]:
+        """(time, kind, node, message) of one incarnation of a cluster, oldest first."""
+        rows = self._read(
+            "SELECT time, kind, node, message FROM events WHERE cluster=? AND uid=? "
+            "ORDER BY time, id",
+            (cluster, uid),
+        )
+        return [(r["time"], r["kind"], r["node"], r["message"]) for r in rows]
 
 
 def _node(r: sqlite3.Row) -> NodeRecord:

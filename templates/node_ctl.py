@@ -393,8 +393,23 @@ def _signal(pid, sig):
         pass
 
 
+def stop_agent(root):
+    """End the node agent (agent.py), found by its pid file: it carries no tag, so that
+    stopping a job never reaches it."""
+    try:
+        with open(os.path.join(root, "agent", "agent.pid")) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            mine = b"agent.py" in f.read()  # not a process that took a dead agent's pid
+    except (OSError, ValueError):
+        return
+    if mine:
+        _signal(pid, signal.SIGKILL)
+
+
 def cleanup(root, prefix):
     """Stop everything the cluster started on this node and remove its directory."""
+    stop_agent(root)
     kill(prefix, grace=5.0)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -434,6 +449,20 @@ GPU_QUERY = (
 )
 
 
+def csv_rows(text):
+    """nvidia-smi's `--format=csv,noheader` output as lists of stripped fields."""
+    return [[c.strip() for c in line.split(",")] for line in text.splitlines() if line.strip()]
+
+
+def visible(rows):
+    """GPU_QUERY rows narrowed to CUDA_VISIBLE_DEVICES (by index or uuid) when it is set."""
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices is None:
+        return rows
+    allowed = {v.strip() for v in devices.split(",") if v.strip()}
+    return [r for r in rows if len(r) > 2 and (r[0] in allowed or r[2] in allowed)]
+
+
 def gpus():
     """Print {"count": N, "model": NAME} for the GPUs this node's processes may use: those
     nvidia-smi lists, narrowed by CUDA_VISIBLE_DEVICES when it is set. None: count 0."""
@@ -444,22 +473,10 @@ def gpus():
             text=True,
             timeout=20,
         )
-        rows = (
-            [
-                [c.strip() for c in line.split(",")]
-                for line in out.stdout.splitlines()
-                if line.strip()
-            ]
-            if out.returncode == 0
-            else []
-        )
+        rows = csv_rows(out.stdout) if out.returncode == 0 else []
     except (OSError, subprocess.SubprocessError):
         rows = []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        allowed = {v.strip() for v in visible.split(",") if v.strip()}
-        rows = [r for r in rows if len(r) > 2 and (r[0] in allowed or r[2] in allowed)]
-    names = [r[1] for r in rows if len(r) > 1]
+    names = [r[1] for r in visible(rows) if len(r) > 1]
     print(json.dumps({"count": len(names), "model": names[0] if names else None}))
 
 

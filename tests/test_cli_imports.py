@@ -32,6 +32,7 @@ COMMANDS = [
     "up",
     "down",
     "status",
+    "events",
     "train",
     "logs",
     "exec",

@@ -20,6 +20,7 @@ STATEFUL = [
     ["status"],
     ["status", "--json"],
     ["status", "c1"],
+    ["events", "c1"],
     ["up", "c2", "--yes"],
     ["up", "c1", "--yes"],
     ["down", "c1", "--yes"],

@@ -60,6 +60,7 @@ RAISE = {
 COMMANDS = [
     ["status"],
     ["status", "c1"],
+    ["events", "c1"],
     ["up", "c1", "--yes"],
     ["down", "c1", "--yes"],
     ["train", "c1", "train.py", "-w", "{tmp}"],

@@ -154,6 +154,20 @@ def test_empty_file_gives_defaults(tmp_path, text):
         ),
         ("autoscale:\n  idle_minutes: 0.5\n", "autoscale", AutoscaleSpec(idle_minutes=0.5)),
         ("autoscale:\n  max_cost: 3\n", "autoscale", AutoscaleSpec(max_cost=3.0)),
+        ("autoscale: null\n", "autoscale", AutoscaleSpec()),
+        (
+            "autoscale:\n  idle_util_percent: 10\n  stall_minutes: 0.25\n  on_stall: stop\n"
+            "  heartbeat_minutes: 2\n  replace_lost: false\n  poll_seconds: 1\n",
+            "autoscale",
+            AutoscaleSpec(
+                idle_util_percent=10.0,
+                stall_minutes=0.25,
+                on_stall="stop",
+                heartbeat_minutes=2.0,
+                replace_lost=False,
+                poll_seconds=1.0,
+            ),
+        ),
         ("workdir: /abs/dir\n", "workdir", "/abs/dir"),
         ("name: a\n", "name", "a"),
         (f"name: {'a' * 40}\n", "name", "a" * 40),
@@ -245,6 +259,30 @@ BAD = [
     ("unknown-resources", "resources:\n  gpus: A100:8\n  gpu: 1\n", "resources.gpu", 3, "unknown"),
     ("unknown-train", "train:\n  script: a.py\n  nprocs: 2\n", "train.nprocs", 3, "unknown"),
     ("unknown-autoscale", "autoscale:\n  idle: 5\n", "autoscale.idle", 2, "unknown"),
+    ("on-stall-word", "autoscale:\n  on_stall: kill\n", "autoscale.on_stall", 2, "report, stop"),
+    (
+        "idle-util-over-100",
+        "autoscale:\n  idle_util_percent: 150\n",
+        "autoscale.idle_util_percent",
+        2,
+        "100 or less",
+    ),
+    ("poll-zero", "autoscale:\n  poll_seconds: 0\n", "autoscale.poll_seconds", 2, "above 0"),
+    ("stall-text", "autoscale:\n  stall_minutes: ten\n", "autoscale.stall_minutes", 2, "number"),
+    (
+        "heartbeat-negative",
+        "name: x\nautoscale:\n  heartbeat_minutes: -1\n",
+        "autoscale.heartbeat_minutes",
+        3,
+        "above 0",
+    ),
+    (
+        "replace-lost-text",
+        "autoscale:\n  replace_lost: 'yes'\n",
+        "autoscale.replace_lost",
+        2,
+        "true or false",
+    ),
     ("nodes-text", 'name: ok\nnodes: "two"\n', "nodes", 2, "whole number"),
     ("nodes-word", "name: ok\nnodes: two\n", "nodes", 2, "'two'"),
     ("nodes-zero", "name: ok\nnodes: 0\n", "nodes", 2, "1 or more"),
@@ -601,3 +639,19 @@ def test_ssh_fields_and_node_count(tmp_path):
     assert spec.hosts == ("a@h1", "b@h2:2222") and spec.node_count == 2
     assert spec.ssh.identity_file == str(tmp_path / "k")
     assert spec.ssh.proxy_command == "ssh -W %h:%p bastion" and spec.ssh.python == "/opt/py"
+
+
+def test_autoscale_defaults_and_a_spec_stored_before_the_new_keys():
+    assert AutoscaleSpec() == AutoscaleSpec(
+        idle_minutes=30.0,
+        idle_util_percent=5.0,
+        stall_minutes=10.0,
+        on_stall="report",
+        max_cost=None,
+        heartbeat_minutes=15.0,
+        replace_lost=True,
+        poll_seconds=5.0,
+    )
+    old = TaskSpec.from_dict({"autoscale": {"idle_minutes": None, "max_cost": 4}})
+    assert old.autoscale == AutoscaleSpec(max_cost=4.0)
+    assert TaskSpec.from_dict(TaskSpec().to_dict()).autoscale == AutoscaleSpec()

@@ -130,3 +130,27 @@ def test_env_values_are_never_stored(mlcloud_home):
     s.db.close()
     data = b"".join(p.read_bytes() for p in mlcloud_home.glob("state.db*"))
     assert b"s3cr3t" not in data and b"also-secret" not in data
+
+
+def test_version_3_events_get_a_node_and_node_events_merge_once(mlcloud_home):
+    path = mlcloud_home / "state.db"
+    mlcloud_home.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, cluster TEXT NOT NULL,
+        uid TEXT NOT NULL, time REAL NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL);
+        INSERT INTO events (cluster, uid, time, kind, message) VALUES ('c', 'u', 1.0, 'up', 'x');
+        PRAGMA user_version=3;"""
+    )
+    db.close()
+    s = state.Store(path)
+    assert s.event_log("c", "u") == [(1.0, "up", None, "x")]
+    node_events = [(2.0, "idle_teardown", 1, "idle"), (3.0, "stall", 0, "stalled")]
+    assert s.merge_events("c", "u", node_events) == 2
+    assert s.merge_events("c", "u", node_events[:1] + [(4.0, "stall", 0, "again")]) == 1
+    assert [e[1:3] for e in s.event_log("c", "u")] == [
+        ("up", None),
+        ("idle_teardown", 1),
+        ("stall", 0),
+        ("stall", 0),
+    ]

@@ -1,0 +1,66 @@
+"""`events`: what happened to a cluster and why, the node agents' decisions included."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import time
+
+import typer
+from mlcloud.cli import options, output
+
+
+def events(
+    name: str = typer.Argument(..., help="Cluster."),
+    json: bool = options.JSON,
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep asking the nodes and print new events as they come."
+    ),
+    interval: float = typer.Option(
+        2.0, "--interval", min=0.5, help="--follow: seconds between two looks."
+    ),
+) -> None:
+    """Show a cluster's events (time in UTC, kind, node, message): scaling, idle teardown,
+    budget stop, stalls, preemption notices, each with its reason. With --json, one JSON
+    array (with --follow: one JSON object a line)."""
+    from mlcloud import nodeevents, state
+    from mlcloud.errors import NotFoundError
+    from mlcloud.names import check_cluster_name
+
+    check_cluster_name(name)
+    store = state.open_store()
+    shown = 0
+    while True:
+        rec = store.get_cluster(name)
+        if rec is None:
+            if shown:  # torn down while followed
+                return
+            raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
+        nodeevents.gather(store, rec)
+        log = nodeevents.log(store, rec)
+        new, shown = log[shown:], len(log)
+        if json and not follow:
+            output.print_json([_json(e) for e in log])
+            return
+        for e in new:
+            if json:
+                print(jsonlib.dumps(_json(e)), flush=True)
+            else:
+                print(_line(e), flush=True)
+        if not follow:
+            if not log:
+                print(f"no events for {name} yet")
+            return
+        time.sleep(interval)
+
+
+def _json(e) -> dict:
+    from mlcloud.views import iso
+
+    return {"time": iso(e.time), "kind": e.kind, "node": e.node, "message": e.message}
+
+
+def _line(e) -> str:
+    from mlcloud.views import iso
+
+    node = "-" if e.node is None else f"node{e.node}"
+    return f"{iso(e.time)}  {e.kind:<15} {node:<6} {e.message}"

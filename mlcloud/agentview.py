@@ -1,0 +1,187 @@
+"""The engine's side of the node agent (templates/agent.py): the config it is given at
+bootstrap, and typed readers of what it leaves under <root>/agent/ (samples, events, the
+stop record), read over a node's Transport. Used by `status`, `events` and the controller."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+from mlcloud.remote.layout import tag
+from mlcloud.remote.transport import RemoteError, Transport
+from mlcloud.spec import AutoscaleSpec
+
+AGENT = "bin/agent.py"  # relative to a node's root, beside node_ctl.py
+DIR = "agent"  # the agent's files, relative to a node's root
+METADATA = {"aws": "http://169.254.169.254", "gce": "http://metadata.google.internal"}
+
+
+def deadline(max_cost: float | None, per_hour: float, start: float) -> float | None:
+    """Unix time at which max_cost is spent at per_hour (the whole cluster's $/h); None when
+    there is no budget or nothing is billed."""
+    if max_cost is None or per_hour <= 0:
+        return None
+    return start + max_cost / per_hour * 3600
+
+
+def config(
+    auto: AutoscaleSpec,
+    provider: str,
+    uid: str,
+    node: int,
+    node_id: str,
+    spot: bool,
+    due: float | None,
+) -> dict[str, object]:
+    """config.json for one node's agent (it re-reads it every poll). node_id lets a cloud
+    node's agent make sure the metadata server describes this very instance before it powers
+    anything off; spot turns on the polling of preemption notices."""
+    return {
+        "poll_seconds": auto.poll_seconds,
+        "idle_minutes": auto.idle_minutes,
+        "idle_util_percent": auto.idle_util_percent,
+        "stall_minutes": auto.stall_minutes,
+        "on_stall": auto.on_stall,
+        "heartbeat_minutes": auto.heartbeat_minutes,
+        "deadline": due,
+        "provider": provider,
+        "node": node,
+        "tag": tag(uid, node),
+        "metadata": dict(METADATA),
+        "node_id": node_id,
+        "spot": spot,
+    }
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    index: int
+    util: float | None
+    mem_used: float | None
+    mem_total: float | None
+    power: float | None
+
+
+@dataclass(frozen=True)
+class JobSample:
+    id: int
+    state: str
+    step: int | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    time: float
+    gpus: tuple[GpuSample, ...]
+    cpu_percent: float
+    mem_used_mb: int
+    mem_total_mb: int
+    job: JobSample | None
+    verdict: str  # idle | busy | stalled | starting
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float  # unix
+    kind: str
+    node: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The dead-man switch fired on this node: when, which rule (kind), and why."""
+
+    time: float
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What one node's agent left: its stop record and events (and samples when asked)."""
+
+    node: int
+    stopped: Stopped | None
+    events: tuple[Event, ...]
+    samples: tuple[Sample, ...] = ()
+
+
+def _lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:  # a line being appended as we read
+            continue
+        if isinstance(d, dict):
+            out.append(d)
+    return out
+
+
+def parse_sample(d: dict) -> Sample:
+    job = d.get("job")
+    return Sample(
+        time=float(d["time"]),
+        gpus=tuple(
+            GpuSample(
+                g["index"], g.get("util"), g.get("mem_used"), g.get("mem_total"), g.get("power")
+            )
+            for g in d.get("gpus") or []
+        ),
+        cpu_percent=float(d.get("cpu_percent") or 0.0),
+        mem_used_mb=int(d.get("mem_used_mb") or 0),
+        mem_total_mb=int(d.get("mem_total_mb") or 0),
+        job=JobSample(int(job["id"]), job["state"], job.get("step")) if job else None,
+        verdict=d.get("verdict", "busy"),
+    )
+
+
+def parse_event(d: dict) -> Event:
+    node = d.get("node")
+    return Event(
+        float(d["time"]), str(d["kind"]), None if node is None else int(node), str(d["message"])
+    )
+
+
+_SEP = "@mlcloud-agent-file"
+
+
+def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 10.0) -> NodeView:
+    """One round trip: the node's stop record, its events and (samples > 0) its newest samples.
+    Raises RemoteError when the node cannot be asked."""
+    d = f"{root}/{DIR}"
+    cmd = (
+        f"cat {shlex.quote(d + '/stopped')} 2>/dev/null; echo {_SEP}; "
+        f"cat {shlex.quote(d + '/events.jsonl')} 2>/dev/null; echo {_SEP}; "
+        + (
+            f"tail -n {int(samples)} {shlex.quote(d + '/samples.jsonl')} 2>/dev/null; "
+            if samples
+            else ""
+        )
+        + "true"
+    )
+    r = t.run(cmd, timeout=timeout)
+    if r.exit_code != 0:
+        raise RemoteError(f"{t.label}: reading the agent's files failed: {r.stderr.strip()[-200:]}")
+    parts = (r.stdout.split(_SEP + "\n") + ["", "", ""])[:3]
+    stopped = None
+    s = _lines(parts[0])
+    if s and "time" in s[0]:
+        stopped = Stopped(
+            float(s[0]["time"]), str(s[0].get("kind", "")), str(s[0].get("reason", ""))
+        )
+    events = []
+    for e in _lines(parts[1]):
+        try:
+            events.append(parse_event(e))
+        except (KeyError, TypeError, ValueError):
+            continue
+    rows = []
+    for x in _lines(parts[2]):
+        try:
+            rows.append(parse_sample(x))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return NodeView(node, stopped, tuple(events), tuple(rows))

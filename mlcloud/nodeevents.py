@@ -1,0 +1,66 @@
+"""What the node agents decided, brought into local state: their events merge into the event
+log (once each), and a node whose dead-man switch fired is marked terminated with its reason
+(its billing closes when the last node stopped). `status NAME` and `events` call this."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mlcloud import agentview, state
+from mlcloud.agentview import Event, NodeView, Stopped
+from mlcloud.errors import MlcloudError
+from mlcloud.parallel import fan_out
+
+TERMINATED = "terminated"
+ASK_TIMEOUT = 5.0  # seconds per node: `status` stays quick when a node does not answer
+
+
+def gather(store: state.Store, rec: state.ClusterRecord) -> dict[int, Stopped]:
+    """Ask the nodes still thought running (in parallel, briefly) for their agent's events and
+    stop record; merge them into state. Returns the nodes found stopped. A node that cannot be
+    asked is left as it was (the controller tells lost nodes apart)."""
+    if rec.status != state.UP:
+        return {}
+    from mlcloud.cluster import open_cluster
+
+    h = open_cluster(store, rec.name)
+    try:
+        live = [n.idx for n in rec.nodes if n.status != TERMINATED]
+
+        def one(i: int) -> NodeView | None:
+            try:
+                return agentview.read(h.transports[i], h.nodes[i].root, i, timeout=ASK_TIMEOUT)
+            except MlcloudError:
+                return None
+
+        views = [v for v in fan_out(one, live) if v is not None]
+    finally:
+        h.close()
+    store.merge_events(
+        rec.name,
+        rec.uid,
+        [(e.time, e.kind, e.node, e.message) for v in views for e in v.events],
+    )
+    stopped = {v.node: v.stopped for v in views if v.stopped is not None}
+    if stopped:
+        nodes = [replace(n, status=TERMINATED) if n.idx in stopped else n for n in rec.nodes]
+        store.set_nodes(rec.name, nodes)
+        if all(n.status == TERMINATED for n in nodes):
+            store.close_billing(rec.uid, max(s.time for s in stopped.values()))
+    return stopped
+
+
+def log(store: state.Store, rec: state.ClusterRecord) -> list[Event]:
+    """The cluster's events (this incarnation's), oldest first."""
+    return [
+        Event(t, kind, node, message)
+        for t, kind, node, message in store.event_log(rec.name, rec.uid)
+    ]
+
+
+def stop_reasons(events: list[Event]) -> dict[int, str]:
+    """node -> why its agent stopped it, from the events (the last stop event of each node)."""
+    kinds = {"idle_teardown", "budget_stop", "heartbeat_lost"}
+    return {
+        e.node: f"{e.kind}: {e.message}" for e in events if e.kind in kinds and e.node is not None
+    }

@@ -1,0 +1,59 @@
+"""The engine's reader of the node agent's files and the config it hands the agent."""
+
+from __future__ import annotations
+
+import json
+
+from mlcloud import agentview
+from mlcloud.remote.local import LocalTransport
+from mlcloud.spec import AutoscaleSpec
+
+
+def test_deadline_from_budget_and_rate():
+    assert agentview.deadline(10.0, 20.0, 1000.0) == 1000.0 + 1800
+    assert agentview.deadline(None, 20.0, 1000.0) is None
+    assert agentview.deadline(10.0, 0.0, 1000.0) is None  # nothing billed: no deadline
+
+
+def test_config_carries_the_rules_and_the_node():
+    auto = AutoscaleSpec(idle_minutes=0.5, on_stall="stop", poll_seconds=2)
+    c = agentview.config(auto, "aws", "c-1234", 2, "i-0abc", True, 99.0)
+    assert c["idle_minutes"] == 0.5 and c["on_stall"] == "stop" and c["poll_seconds"] == 2
+    assert c["tag"] == "c-1234.2." and c["node"] == 2 and c["deadline"] == 99.0
+    assert c["node_id"] == "i-0abc" and c["spot"] is True
+    assert set(c["metadata"]) == {"aws", "gce"}
+
+
+def test_read_over_a_transport(tmp_path):
+    d = tmp_path / "agent"
+    d.mkdir()
+    sample = {
+        "time": 5.0,
+        "gpus": [{"index": 0, "util": 99.0, "mem_used": 1710.0, "mem_total": 81559.0, "power": 1}],
+        "cpu_percent": 12.5,
+        "mem_used_mb": 100,
+        "mem_total_mb": 200,
+        "job": {"id": 3, "state": "running", "step": 40, "log_bytes": 9, "started": 1.0},
+        "verdict": "busy",
+    }
+    (d / "samples.jsonl").write_text(
+        "\n".join(json.dumps({**sample, "time": float(t)}) for t in range(10)) + "\n"
+    )
+    (d / "events.jsonl").write_text(
+        json.dumps({"time": 1.5, "kind": "stall", "node": 1, "message": "m"})
+        + "\n"
+        + '{"time": 2, "kind": "idl'  # a line being appended as it is read
+    )
+    (d / "stopped").write_text(json.dumps({"time": 7.0, "kind": "budget_stop", "reason": "r"}))
+    view = agentview.read(LocalTransport("node1"), str(tmp_path), 1, samples=3)
+    assert view.stopped == agentview.Stopped(7.0, "budget_stop", "r")
+    assert view.events == (agentview.Event(1.5, "stall", 1, "m"),)
+    assert [s.time for s in view.samples] == [7.0, 8.0, 9.0]
+    s = view.samples[-1]
+    assert s.job == agentview.JobSample(3, "running", 40) and s.gpus[0].util == 99.0
+    assert s.verdict == "busy" and s.cpu_percent == 12.5
+
+
+def test_read_a_node_without_an_agent(tmp_path):
+    view = agentview.read(LocalTransport("node0"), str(tmp_path), 0, samples=5)
+    assert view == agentview.NodeView(0, None, (), ())
