@@ -5,6 +5,7 @@ stop record), read over a node's Transport. Used by `status`, `events` and the c
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass
 
@@ -15,6 +16,12 @@ from mlcloud.spec import AutoscaleSpec
 AGENT = "bin/agent.py"  # relative to a node's root, beside node_ctl.py
 DIR = "agent"  # the agent's files, relative to a node's root
 METADATA = {"aws": "http://169.254.169.254", "gce": "http://metadata.google.internal"}
+
+
+def metadata_endpoints() -> dict[str, str]:
+    """Where the agents ask their cloud's metadata server. MLCLOUD_METADATA_AWS/_GCE replace
+    the real ones (a local stand-in: emulated clouds, whose nodes are not cloud machines)."""
+    return {k: os.environ.get(f"MLCLOUD_METADATA_{k.upper()}", v) for k, v in METADATA.items()}
 
 
 def deadline(max_cost: float | None, per_hour: float, start: float) -> float | None:
@@ -48,7 +55,7 @@ def config(
         "provider": provider,
         "node": node,
         "tag": tag(uid, node),
-        "metadata": dict(METADATA),
+        "metadata": metadata_endpoints(),
         "node_id": node_id,
         "spot": spot,
     }

@@ -24,6 +24,10 @@ _netguard.install()
 os.environ["MOTO_AMIS_PATH"] = str(Path(__file__).parent / "data" / "amis.json")
 # never ask an instance metadata service (169.254.169.254) for credentials
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# the node agents of emulated cloud nodes (sshd on this machine) ask a closed loopback port,
+# never the real metadata servers; tests of preemption notices point them at a stand-in
+os.environ["MLCLOUD_METADATA_AWS"] = "http://127.0.0.1:9"
+os.environ["MLCLOUD_METADATA_GCE"] = "http://127.0.0.1:9"
 
 
 # Fixtures that start real daemons: a test using one is end-to-end (`make test-fast` skips it).

@@ -57,3 +57,15 @@ def test_read_over_a_transport(tmp_path):
 def test_read_a_node_without_an_agent(tmp_path):
     view = agentview.read(LocalTransport("node0"), str(tmp_path), 0, samples=5)
     assert view == agentview.NodeView(0, None, (), ())
+
+
+def test_metadata_endpoints_are_the_clouds_unless_replaced(monkeypatch):
+    """Emulated cloud nodes (moto + sshd here) must never have their agent ask the real
+    169.254.169.254: the suite replaces the endpoints, and a user's emulator can too."""
+    from mlcloud import agentview
+
+    monkeypatch.delenv("MLCLOUD_METADATA_AWS")
+    monkeypatch.delenv("MLCLOUD_METADATA_GCE")
+    assert agentview.metadata_endpoints() == agentview.METADATA
+    monkeypatch.setenv("MLCLOUD_METADATA_AWS", "http://127.0.0.1:9")
+    assert agentview.metadata_endpoints()["aws"] == "http://127.0.0.1:9"
