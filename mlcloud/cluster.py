@@ -137,7 +137,8 @@ def up(
                     f"pick another name or `mlcloud down {name}` first"
                 )
             if existing.status == state.UP:
-                if len(existing.nodes) != spec.node_count:
+                low = spec.min_nodes or spec.node_count  # elastic: any size in MIN..MAX
+                if not low <= len(existing.nodes) <= spec.node_count:
                     raise UsageError(
                         f"cluster {name!r} is up with {len(existing.nodes)} node(s), not "
                         f"{spec.node_count}; `mlcloud down {name}` first to change its size"
