@@ -158,6 +158,11 @@ class SshProvider:
         self._write(cluster, data)
         return [self._node(cluster, i, data["hosts"][i]) for i in free]
 
+    def spares(self, cluster: ClusterRef) -> int:
+        """Hosts listed but not claimed: what is left to replace lost nodes with."""
+        data = self._read(cluster)
+        return len(data["hosts"]) - len(data["claimed"])
+
     def list(self, cluster: ClusterRef) -> list[Node]:
         data = self._read(cluster)
         return [self._node(cluster, i, data["hosts"][i]) for i in data["claimed"]]
