@@ -110,18 +110,24 @@ class Driver:
 
     def follow(self, i: int) -> None:
         """Follow node i (again: a node that joined the job in a lost one's place)."""
-        th = threading.Thread(target=self._follow, args=(i,), daemon=True)
-        with self.cond:
-            self.ends.pop(i, None)
-            self.order = [j for j in self.order if j != i]
-            self.following[i] = th
-            self.cond.notify_all()
-        th.start()
+        self._follow_afresh([i])
 
     def follow_all(self) -> None:
         """Follow every node afresh: the job was restarted on all of them (a new head)."""
-        for i in range(len(self.h.nodes)):
-            self.follow(i)
+        self._follow_afresh(list(range(len(self.h.nodes))))
+
+    def _follow_afresh(self, nodes: list[int]) -> None:
+        """Forget how these nodes ended before, at once (a half-reset would look like an end
+        to the waiter), and follow them."""
+        threads = {i: threading.Thread(target=self._follow, args=(i,), daemon=True) for i in nodes}
+        with self.cond:
+            for i in nodes:
+                self.ends.pop(i, None)
+            self.order = [j for j in self.order if j not in threads]
+            self.following.update(threads)
+            self.cond.notify_all()
+        for th in threads.values():
+            th.start()
 
     def _lost(self, end: NodeEnd) -> bool:
         """An elastic job goes on without a node whose processes or connection went away."""
@@ -212,7 +218,9 @@ class Driver:
             while not self._all_ended():
                 now = time.monotonic()
                 ended = [e for e in self.ends.values() if not self._lost(e)]
-                if ended and deadline is None:
+                if not ended:  # none yet, or the ends seen were forgotten (a restart)
+                    deadline = stopped_at = None
+                elif deadline is None:
                     grace = FAIL_GRACE if any(e.code for e in ended) else DONE_GRACE
                     deadline = now + grace
                 pending = [i for i in self.following if i not in self.ends]
@@ -225,7 +233,7 @@ class Driver:
                 if deadline is not None and now >= deadline and stopped_at is None:
                     self.note(
                         f"node(s) {', '.join(f'node{i}' for i in pending)} still running "
-                        f"after node{self.order[0]} ended; stopping them"
+                        f"after node{self.order[0] if self.order else '?'} ended; stopping them"
                     )
                     self.cond.release()
                     try:

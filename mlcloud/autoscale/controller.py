@@ -291,7 +291,10 @@ class Controller:
 
         def reset(i: int) -> None:
             jd = shlex.quote(launch.job_dir(h.nodes[i].root, job.job_id))
-            h.transports[i].run(f"rm -f {jd}/exit_code {jd}/failure.json {jd}/waiter.pid")
+            h.transports[i].run(
+                f"rm -f {jd}/exit_code {jd}/failure.json {jd}/waiter.pid; "
+                f"mv -f {jd}/output.log {jd}/output.{rdzv.number}.log 2>/dev/null; true"
+            )  # the earlier run's output is kept beside, not shown again
 
         fan_out(reset, everyone)
         new = launch.Rendezvous(launch.free_port(h), rdzv.number + 1, rdzv.nproc)
