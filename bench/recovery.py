@@ -6,8 +6,8 @@ Run from the repository root with the project's venv, as root (network namespace
 
 Each run: three sshd nodes in network namespaces of their own (tests/nsbridge.py), `up
 --nodes 1:2` on them (the third a spare), `train` of the DDP template (one process per node,
-a 0.1 s pause per step, a checkpoint every 20 steps); at step 60, `kill -9` of everything on
-the victim node. Measured per run:
+a 0.1 s pause per step, a checkpoint every 20 steps, every step logged); at step 70, `kill -9`
+of everything on the victim node. Measured per run:
 
   detection  kill -> the controller's `node lost` line in train's output (target <= 15 s)
   recovered  kill -> the first step logged after the job resumed
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 MLCLOUD = str(REPO / ".venv" / "bin" / "mlcloud")
 DETECT_WITHIN = 15.0
-STEPS, CKPT_EVERY, KILL_AT = 300, 20, 60
+STEPS, CKPT_EVERY, KILL_AT = 300, 20, 70  # killed halfway between two checkpoints
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -66,7 +66,7 @@ def one_run(victim: int, work: Path) -> dict:
         uid = json.loads(cli("status", "--json", env=env).stdout)["clusters"][0]["uid"]
         proc = subprocess.Popen(
             [MLCLOUD, "train", "bench", "slow.py", "-f", str(spec), "--", "--steps", str(STEPS),
-             "--ckpt-every", str(CKPT_EVERY), "--log-every", "10"],
+             "--ckpt-every", str(CKPT_EVERY), "--log-every", "1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, env=env,
         )  # fmt: skip
