@@ -6,7 +6,7 @@ MLCLOUD := $(VENV)/bin/mlcloud
 STAMP   := $(VENV)/.installed
 DEMO    := mlcloud-demo
 
-.PHONY: demo test lint bench clean sysdeps
+.PHONY: demo test test-fast lint bench clean sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,8 +40,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Everything: the CI entry (.ci/run).
 test: $(STAMP) sysdeps lint
 	$(PY) -m pytest -q
+
+# Everything but the end-to-end tests (sshd nodes, moto servers, torchrun): a quick loop.
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not e2e"
 
 bench: $(STAMP) sysdeps
 	$(PY) bench/cli_latency.py

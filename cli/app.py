@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import autoscale, cluster, jobs, money, project
+    from mlcloud.cli import autoscale, cluster, doctor, jobs, money, project
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
@@ -56,6 +56,7 @@ def _register() -> None:
     app.command("cost")(money.cost)
     app.add_typer(money.catalog_app, name="catalog")
     app.command("init")(project.init)
+    app.command("doctor")(doctor.doctor)
 
 
 _register()
@@ -65,18 +66,84 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    """Run the CLI; user errors print one line and exit non-zero, bugs keep their traceback."""
-    from mlcloud.errors import MlcloudError
+# Libraries that log (paramiko's tracebacks while a proxy command fails, botocore's retries):
+# quiet unless --debug, so a failure is the one line mlcloud prints.
+QUIET_LOGGERS = ("paramiko", "botocore", "boto3", "urllib3", "filelock", "google")
 
+
+def _leading(argv: list[str]) -> list[str]:
+    """The options before the command name (the root's own: --debug, --version, --help)."""
+    out = []
+    for a in argv:
+        if not a.startswith("-") or a == "--":
+            break
+        out.append(a)
+    return out
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether the command named in argv takes --json and was given it (before any `--`)."""
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    if "--json" not in args:
+        return False
+    cmd = typer.main.get_command(app)
+    for a in args:
+        if a.startswith("-"):
+            continue
+        commands = getattr(cmd, "commands", None)  # a group: `a` names its subcommand
+        if commands is None:
+            break
+        if a not in commands:
+            return False
+        cmd = commands[a]
+    return any("--json" in getattr(p, "opts", ()) for p in cmd.params)
+
+
+def run(argv: list[str]) -> int:
+    """Run one command; every way it can end becomes an exit code, and every failure one line
+    on stderr (plus an error object on stdout with --json). --debug adds the traceback."""
+    import logging
+
+    from mlcloud.cli.failures import describe
+
+    from mlcloud.errors import EXIT_USAGE
+
+    debug = "--debug" in _leading(argv) or os.environ.get("MLCLOUD_DEBUG") == "1"
+    if not debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("mlcloud", list(argv)) as ctx:
+            command.invoke(ctx)
+        return 0
+    except typer.Exit as e:  # --help, --version, typer.Exit(code)
+        return e.exit_code
+    except BrokenPipeError:
+        # stdout's reader went away (`| head`): nothing more can be shown there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (Exception, KeyboardInterrupt) as e:  # click's Abort is an Exception
+        if type(e).__name__ == "NoArgsIsHelpError":  # `mlcloud` alone: the help, as click does
+            print(e.format_message(), file=sys.stderr)
+            return EXIT_USAGE
+        failure = describe(e)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        if _wants_json(argv):
+            from mlcloud.cli.output import print_json
+
+            print_json(failure.json())
+        print(f"error: {failure.message}", file=sys.stderr)
+        return failure.exit_code
+
+
+def main() -> None:
+    """The console script."""
     # CI runners and shells stop us with SIGTERM/SIGHUP: unwind like Ctrl-C, so `train --down`
     # and a half-made `up` still clean up and nothing is left billing.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    try:
-        app()
-    except MlcloudError as e:
-        if os.environ.get("MLCLOUD_DEBUG") == "1":  # set by --debug (or by the user)
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    sys.exit(run(sys.argv[1:]))

@@ -71,11 +71,24 @@ def offers(
     json: bool = options.JSON,
 ) -> None:
     """Machines that carry the GPUs asked for, cheapest first."""
+    import math
+
     from mlcloud import catalog
+    from mlcloud.errors import UsageError
     from mlcloud.spec import parse_gpus
 
+    if max_price is not None and not (math.isfinite(max_price) and max_price > 0):
+        raise UsageError(
+            f"--max-price: {max_price:g} is not a price; give dollars per hour, e.g. 40"
+        )
+    known = catalog.load()
+    if provider is not None and provider not in {o.provider for o in known}:
+        raise UsageError(
+            f"--provider: unknown provider {provider!r}; the catalog has offers on "
+            + ", ".join(sorted({o.provider for o in known}))
+        )
     found = catalog.find(
-        catalog.load(),
+        known,
         parse_gpus(spec, "SPEC"),
         provider=provider,
         region=region,

@@ -17,7 +17,7 @@ def init(
     import shutil
 
     from mlcloud import templates
-    from mlcloud.errors import UsageError
+    from mlcloud.errors import MlcloudError, UsageError
 
     source = templates.path(template)
     available = sorted(
@@ -29,9 +29,13 @@ def init(
     clash = [directory / f.name for f in files if (directory / f.name).exists()]
     if clash:
         raise UsageError(f"{clash[0]} already exists; pick an empty directory (nothing written)")
-    directory.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy(f, directory / f.name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(f, directory / f.name)
+    except OSError as e:
+        where = e.filename or directory
+        raise MlcloudError(f"cannot write the project to {where}: {e.strerror}") from None
     print(f"wrote {', '.join(f.name for f in files)} to {directory}")
     print(
         f"next: mlcloud up demo -f {directory / 'mlcloud.yaml'} && "

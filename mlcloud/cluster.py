@@ -156,13 +156,22 @@ def up(
         else:
             ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner())
             store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
+        attempt = Attempt()
         try:
-            return _provision(store, provider, ref, spec, report, price, fallback_regions)
+            return _provision(store, provider, ref, spec, report, price, fallback_regions, attempt)
         except BaseException as e:
             if existing is None:
                 rec = store.get_cluster(name)
-                _rollback(store, provider, _ref(rec) if rec else ref, report, e)
+                _rollback(store, provider, _ref(rec) if rec else ref, report, e, attempt)
             raise
+
+
+@dataclass
+class Attempt:
+    """How far a first `up` got: whether it ever asked the provider for nodes. One that never
+    did has nothing billing to lose track of, so its row can go even if cleanup fails."""
+
+    created: bool = False
 
 
 def _provision(
@@ -173,6 +182,7 @@ def _provision(
     report: Reporter,
     price: float,
     fallback_regions: tuple[str, ...] = (),
+    attempt: Attempt | None = None,
 ) -> state.ClusterRecord:
     """Create what is missing, failing over zone by zone on capacity, and region by region on
     capacity or quota (quotas are regional: a region over quota is left at once)."""
@@ -202,6 +212,8 @@ def _provision(
         try:
             if len(nodes) < want:
                 report.step(f"creating {want - len(nodes)} node(s)")
+                if attempt is not None:
+                    attempt.created = True
                 nodes = nodes + provider.create(here, req, want - len(nodes))
         except (CapacityError, QuotaError) as e:
             refusals.append(e)
@@ -461,15 +473,30 @@ def _markers(stdout: str) -> dict[str, str]:
 
 
 def _rollback(
-    store: state.Store, provider: Provider, ref: ClusterRef, report: Reporter, cause: BaseException
+    store: state.Store,
+    provider: Provider,
+    ref: ClusterRef,
+    report: Reporter,
+    cause: BaseException,
+    attempt: Attempt,
 ) -> None:
-    """A failed first `up` leaves nothing running and nothing billing."""
+    """A failed first `up` leaves nothing running and nothing billing, and nothing stuck: if it
+    never asked for nodes and cleanup fails too (the same bad credentials, say), the row goes
+    anyway; what cluster-wide resources may remain carry its tags for `mlcloud gc`."""
     what = "interrupted" if isinstance(cause, KeyboardInterrupt) else "failed"
     report.warn(f"up {what}; removing what was created for {ref.name}")
     try:
         _teardown(store, provider, ref)
-    except Exception as e:  # the original error matters more; state keeps the row for `down`
-        store.set_status(ref.name, state.STOPPING)
+    except Exception as e:  # the original error matters more
+        if not attempt.created:
+            store.close_billing(ref.uid, time.time())
+            store.delete_cluster(ref.name)
+            report.warn(
+                f"cleanup after the failure did not finish ({e}); no node was asked for, so "
+                f"{ref.name} is forgotten: `mlcloud gc` finds any tagged resource left"
+            )
+            return
+        store.set_status(ref.name, state.STOPPING)  # nodes may exist: state keeps the row
         report.warn(
             f"cleanup after the failure did not finish ({e}); "
             f"run `mlcloud down {ref.name}` to retry it"

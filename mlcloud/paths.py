@@ -4,20 +4,49 @@ import os
 import secrets
 from pathlib import Path
 
+from mlcloud.errors import MlcloudError
+
+
+def home_path() -> Path:
+    """Where the state directory is, whether or not it exists or is usable (`doctor`)."""
+    env = os.environ.get("MLCLOUD_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("mlcloud", appauthor=False))
+
 
 def home() -> Path:
     """The state directory. Created 0700 when missing; an existing directory the user named
     (~, /tmp) is used as it is, never chmodded: what is secret in it (keys, ssh, locks, logs,
-    state.db) lives in private subdirectories and 0600 files of its own."""
-    env = os.environ.get("MLCLOUD_HOME")
-    if env:
-        path = Path(env).expanduser()
-    else:
-        from platformdirs import user_data_dir
-
-        path = Path(user_data_dir("mlcloud", appauthor=False))
-    if not path.is_dir():
+    state.db) lives in private subdirectories and 0600 files of its own. One that cannot be
+    used (a file, not writable) is refused in one line naming it."""
+    path = home_path()
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise MlcloudError(
+                f"mlcloud's home {path} is not writable; fix its permissions or set "
+                "MLCLOUD_HOME to a directory you can write"
+            )
+        return path
+    if path.is_symlink() and not path.exists():
+        raise MlcloudError(
+            f"mlcloud's home {path} links to {os.readlink(path)}, which does not exist; "
+            "create it or set MLCLOUD_HOME to a directory"
+        )
+    if path.exists():
+        raise MlcloudError(
+            f"mlcloud's home {path} is a file, not a directory; move it aside or set "
+            "MLCLOUD_HOME to a directory"
+        )
+    try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise MlcloudError(
+            f"cannot create mlcloud's home {path}: {e.strerror}; set MLCLOUD_HOME to a "
+            "directory you can write"
+        ) from e
     return path
 
 

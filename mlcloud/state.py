@@ -165,7 +165,10 @@ class Store:
     def __init__(self, path: Path, busy_timeout: float = 10.0):
         self.path = path
         self._busy_timeout = busy_timeout
-        self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        try:
+            self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            raise self._translate(e) from e
         self.db.row_factory = sqlite3.Row
         try:
             self._wal()
@@ -174,9 +177,15 @@ class Store:
             # transactions in WAL mode), and the writes are few
             self.db.execute("PRAGMA synchronous=FULL")
             (version,) = self.db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise MlcloudError(
+                    f"state database {path} has schema {version}, newer than this mlcloud "
+                    f"({SCHEMA_VERSION}); upgrade mlcloud"
+                )
             if version < SCHEMA_VERSION:
                 self._migrate(version)
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
+            self.db.close()
             raise self._translate(e) from e
         if path.exists() and path.stat().st_mode & 0o077:
             path.chmod(0o600)
@@ -217,13 +226,29 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def _translate(self, e: sqlite3.OperationalError) -> MlcloudError:
-        if "locked" in str(e) or "busy" in str(e):
+    def _translate(self, e: sqlite3.DatabaseError) -> MlcloudError:
+        """One line naming the file and what to do, for each way the database can fail."""
+        text = str(e)
+        if "locked" in text or "busy" in text:
             return BusyError(
                 f"state database {self.path} stayed busy for {self._busy_timeout:.0f}s "
                 "(another mlcloud command is writing); retry when it finishes"
             )
-        return MlcloudError(f"state database {self.path}: {e}")
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return MlcloudError(
+                f"state database {self.path} is damaged ({text}); run `mlcloud doctor` to "
+                "check it, `mlcloud doctor --rebuild` to rebuild it from the clouds' tags"
+            )
+        if "full" in text or ("I/O error" in text and _disk_full(self.path.parent)):
+            return MlcloudError(
+                f"state database {self.path}: the disk is full; free space there and retry"
+            )
+        if "readonly" in text or "unable to open" in text:
+            return MlcloudError(
+                f"state database {self.path} cannot be written ({text}); MLCLOUD_HOME must be "
+                "a directory you can write (`mlcloud doctor` checks it)"
+            )
+        return MlcloudError(f"state database {self.path}: {text} (`mlcloud doctor` checks it)")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -239,13 +264,13 @@ class Store:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             raise self._translate(e) from e
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         try:
             return self.db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             raise self._translate(e) from e
 
     # clusters
@@ -522,6 +547,16 @@ def _stored_spec(spec: dict) -> str:
     if "envs" in spec:
         spec = {**spec, "envs": sorted(spec["envs"] or {})}
     return json.dumps(spec)
+
+
+def _disk_full(folder: Path) -> bool:
+    """SQLite says "disk I/O error" when it cannot grow its WAL index on a full disk."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

@@ -26,6 +26,16 @@ os.environ["MOTO_AMIS_PATH"] = str(Path(__file__).parent / "data" / "amis.json")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 
+# Fixtures that start real daemons: a test using one is end-to-end (`make test-fast` skips it).
+E2E_FIXTURES = {"make_ssh_nodes", "moto_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(autouse=True)
 def network_guard(tmp_path, monkeypatch):
     """Fail any test whose processes tried to reach beyond loopback or resolve a name."""

@@ -327,6 +327,8 @@ def test_html_500_endpoint_fails_in_one_line_within_seconds(aws_env, monkeypatch
             "--yes",
         )
         took = time.monotonic() - t0
+        # it never asked for a node, so nothing is left stuck: no STOPPING row to clear by hand
+        listed = json.loads(run_cli("status", "--json").stdout)["clusters"]
     finally:
         server.shutdown()
     assert r.returncode == 1 and "Traceback" not in r.stderr and "<" not in r.stderr
@@ -334,6 +336,7 @@ def test_html_500_endpoint_fails_in_one_line_within_seconds(aws_env, monkeypatch
     assert last.startswith("error: aws: DescribeAvailabilityZones in us-east-1 failed: ")
     assert last.endswith("; --debug for details")
     assert took < 15, took
+    assert listed == [], listed
 
 
 @pytest.mark.parametrize(

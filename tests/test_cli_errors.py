@@ -1,5 +1,5 @@
 """The real `mlcloud` console script, run as a subprocess, on bad input: one `error:` line on
-stderr (or click's usage message), the right exit code, no traceback, nothing created."""
+stderr (click's usage errors too), the right exit code, no traceback, nothing created."""
 
 from __future__ import annotations
 
@@ -138,6 +138,7 @@ ERRORS = [
     ("status-unknown", ["status", "ghost"], 1, "no cluster named 'ghost'"),
     ("init-unknown-template", ["init", "{tmp}/proj", "--template", "nope"], 2, "'nope'"),
     ("init-template-path", ["init", "{tmp}/proj", "--template", "../ddp"], 2, "unknown"),
+    ("init-under-a-file", ["init", "{tmp}/work/train.py/proj"], 1, "cannot write the project"),
 ]
 
 
@@ -208,31 +209,84 @@ def test_empty_spec_is_fine_but_name_still_checked(cli, tmp_path, home):
     assert cluster_names(home) == []
 
 
-# click's own usage errors: exit 2, "Usage: ..." then "Error: ...", no traceback.
+# click's own usage errors: one line naming the bad option or argument, exit 2, no usage block.
 CLICK_ERRORS = [
-    ("unknown-command", ["frobnicate"], "No such command"),
-    ("unknown-option", ["up", "ok", "--bogus"], "No such option"),
-    ("nodes-not-a-number", ["up", "ok", "--nodes", "abc"], "--nodes"),
-    ("train-no-name", ["train"], "Missing argument"),
-    ("exec-no-command", ["exec", "ghost"], "Missing argument"),
-    ("nproc-zero", ["train", "ghost", "train.py", "--nproc-per-node", "0"], "--nproc-per-node"),
-    ("spec-is-a-dir", ["up", "ok", "-f", "{tmp}"], "directory"),
-    ("init-into-a-file", ["init", "{tmp}/work/train.py"], "file"),
-    ("logs-job-not-int", ["logs", "ghost", "--job", "x"], "--job"),
+    ("unknown-command", ["frobnicate"], "no such command 'frobnicate'"),
+    ("unknown-option", ["up", "ok", "--bogus"], "no such option: --bogus"),
+    ("nodes-not-a-number", ["up", "ok", "--nodes", "abc"], "--nodes: 'abc' is not a valid"),
+    ("train-no-name", ["train"], "missing argument"),
+    ("exec-no-command", ["exec", "ghost"], "missing argument"),
+    ("nproc-zero", ["train", "ghost", "train.py", "--nproc-per-node", "0"], "--nproc-per-node: 0"),
+    ("spec-is-a-dir", ["up", "ok", "-f", "{tmp}"], "--file:"),
+    ("init-into-a-file", ["init", "{tmp}/work/train.py"], "DIRECTORY: Directory"),
+    ("logs-job-not-int", ["logs", "ghost", "--job", "x"], "--job: 'x'"),
+    ("max-price-not-a-number", ["offers", "A100:8", "--max-price", "x"], "--max-price: 'x'"),
 ]
 
 
 @pytest.mark.parametrize(
     "args, words", [e[1:] for e in CLICK_ERRORS], ids=[e[0] for e in CLICK_ERRORS]
 )
-def test_click_usage_errors(cli, home, workdir, args, words):
-    r = cli(*args)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stdout + r.stderr
-    assert r.stderr.startswith("Usage: mlcloud"), r.stderr
-    error = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error) == 1 and words in error[0], r.stderr
+def test_click_usage_errors_are_one_line(cli, home, workdir, args, words):
+    line = assert_one_error_line(cli(*args), 2, words)
+    assert "Usage:" not in line and "--help`)" in line, line
     assert cluster_names(home) == []
+
+
+# Refused by mlcloud itself, after click parsed them.
+MORE_USAGE_ERRORS = [
+    ("max-price-negative", ["offers", "A100:8", "--max-price", "-1"], "--max-price: -1"),
+    ("max-price-nan", ["offers", "A100:8", "--max-price", "nan"], "--max-price: nan"),
+    ("max-price-inf", ["offers", "A100:8", "--max-price", "inf"], "--max-price: inf"),
+    ("max-price-zero", ["offers", "A100:8", "--max-price", "0"], "--max-price: 0"),
+    ("offers-unknown-provider", ["offers", "A100:8", "-p", "nosuch"], "unknown provider 'nosuch'"),
+]
+
+
+@pytest.mark.parametrize(
+    "args, words", [e[1:] for e in MORE_USAGE_ERRORS], ids=[e[0] for e in MORE_USAGE_ERRORS]
+)
+def test_offers_refuses_bad_filters(cli, args, words):
+    assert_one_error_line(cli(*args), 2, words)
+
+
+def test_offers_with_a_good_max_price_still_answers(cli):
+    r = cli("offers", "A100:8", "--max-price", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    assert all(o["usd_per_hour"] <= 100 for o in json.loads(r.stdout)["offers"])
+
+
+# --json on a failing command: the error object on stdout as well as the line on stderr.
+JSON_ERRORS = [
+    ("status-unknown", ["status", "ghost", "--json"], "not_found", 1),
+    ("status-bad-name", ["status", "Bad_Name", "--json"], "usage", 2),
+    ("status-bad-option", ["status", "--json", "--bogus"], "usage", 2),
+    ("up-bad-nodes", ["up", "ok", "--nodes", "x", "--json"], "usage", 2),
+    ("up-no-name", ["up", "--json"], "usage", 2),
+    ("gpus-unknown", ["gpus", "nosuch", "--json"], "usage", 2),
+    ("offers-negative", ["offers", "A100:8", "--max-price", "-1", "--json"], "usage", 2),
+    ("cost-in-a-file-home", ["cost", "--json"], "failed", 1),
+]
+
+
+@pytest.mark.parametrize(
+    "args, kind, code", [e[1:] for e in JSON_ERRORS], ids=[e[0] for e in JSON_ERRORS]
+)
+def test_json_error_object_on_stdout(cli, home, args, kind, code):
+    if "cost" in args:
+        home.write_text("not a directory\n")
+    r = cli(*args)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    error = json.loads(r.stdout)["error"]
+    assert error == {"kind": kind, "message": lines[0][len("error: ") :], "exit_code": code}
+
+
+def test_json_after_double_dash_is_not_ours(cli):
+    """`exec c -- cmd --json`: the --json is the remote command's, so stdout stays empty."""
+    r = cli("exec", "ghost", "--", "cat", "--json")
+    assert_one_error_line(r, 1, "ghost")
 
 
 def test_down_without_terminal_refuses_even_with_piped_yes(cli):
@@ -280,7 +334,8 @@ def test_init_then_up_with_its_spec_parses(cli, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["up"], ["down"], ["status"], ["train"], ["logs"], ["exec"], ["init"]]
+    "command",
+    [[], ["up"], ["down"], ["status"], ["train"], ["logs"], ["exec"], ["init"], ["doctor"]],
 )
 def test_help_exits_zero(cli, command):
     r = cli(*command, "--help")

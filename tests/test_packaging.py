@@ -9,6 +9,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # pip builds a wheel and installs it apart
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

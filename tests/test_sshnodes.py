@@ -13,10 +13,13 @@ import paramiko
 import pytest
 from sshnodes import SshNodes
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) or not shutil.which("ssh"),
-    reason="needs openssh-server and openssh-client (apt-get install -y openssh-server)",
-)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) or not shutil.which("ssh"),
+        reason="needs openssh-server and openssh-client (apt-get install -y openssh-server)",
+    ),
+]
 
 
 def sshd_pids_with(config_prefix: str) -> list[int]:
