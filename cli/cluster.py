@@ -36,7 +36,7 @@ def _nodes_option(value: str | None) -> str | None:
     import re
 
     if value is not None and not re.fullmatch(r"\s*-?\d+\s*(:\s*\d+\s*)?", value):
-        raise typer.BadParameter(f"{value!r} is not a number of nodes or MIN:MAX (e.g. 1:4)")
+        raise typer.BadParameter(f"{value!r} is not a valid number of nodes or MIN:MAX (e.g. 1:4)")
     return value
 
 
