@@ -82,7 +82,7 @@ def one_run(victim: int, work: Path) -> dict:
             proc.wait(timeout=300)
             text = out.text()
             if proc.returncode != 0 or f"done steps={STEPS}" not in text:
-                raise RuntimeError("job did not complete:\n" + text[-3000:])
+                raise RuntimeError(f"job did not complete (exit {proc.returncode}):\n{text}")
             after = out.lines[seen_before:]
             resumed = [int(m) for m in re.findall(r"resumed from step (\d+)", text)][-1]
             first_step = next(t for t, line in after if re.search(r"\] step \d+ loss", line))
@@ -113,7 +113,7 @@ def main() -> int:
                 try:
                     r = one_run(victim, Path(tmp))
                 except Exception as e:  # noqa: BLE001 (reported, counted as a failure)
-                    print(f"{name} run {run + 1}: FAILED: {e}"[:2000], flush=True)
+                    print(f"{name} run {run + 1}: FAILED: {str(e)[-3000:]}", flush=True)
                     ok = False
                     continue
             results.append(r)

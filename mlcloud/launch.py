@@ -150,7 +150,9 @@ def node_job(
         "argv": argv,
         "cwd": f"{node.root}/workdir",
         "env": env,
-        "tag": node_tag(h, i, job_id),
+        # an elastic job's tag names its rendezvous too: after a restart, what the first run
+        # left behind (its reaper) cannot take the new run's processes for its own
+        "tag": node_tag(h, i, job_id) + (f"r{rdzv}." if elastic else ""),
         "checkpoint_dir": ckpt,
     }
 

@@ -82,12 +82,14 @@ def test_elastic_job_runs_torchrun_elastic():
     assert "--rdzv-id=u-7-1" in other["argv"]
     assert head["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     # a spare in position 1 keeps the number of its own directory in its process tag
-    assert other["tag"] == "u.2.7." and head["tag"] == "u.0.7."
+    # and the rendezvous: a restart's processes are not the first run's
+    assert other["tag"] == "u.2.7.r1." and head["tag"] == "u.0.7.r1."
 
 
 def test_fixed_size_job_keeps_todays_command():
     h = _handle(2)
     argv = launch.node_job(h, REQ, 7, 1, 29500, 2)["argv"]
+    assert launch.node_job(h, REQ, 7, 1, 29500, 2)["tag"] == "u.2.7."
     assert "--nnodes=2" in argv and "--max-restarts=0" in argv
     assert "--rdzv-conf=is_host=false" in argv
     env = launch.node_job(h, REQ, 7, 1, 29500, 2)["env"]
