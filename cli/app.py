@@ -39,7 +39,7 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import cluster, doctor, events, jobs, money, project
+    from mlcloud.cli import autoscale, cluster, doctor, events, jobs, money, project
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
@@ -49,6 +49,7 @@ def _register() -> None:
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)
     app.command("cancel")(jobs.cancel)
+    app.command("autoscale")(autoscale.autoscale)
     app.command("ssh")(cluster.ssh)
     app.command("gc")(cluster.gc)
     app.command("gpus")(money.gpus)

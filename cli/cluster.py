@@ -17,14 +17,27 @@ def load(file: Path | None, ssh: dict | None = None, **overrides):
 
     spec = load_spec(file) if file else TaskSpec()
     changes = {k: v for k, v in overrides.items() if v is not None}
-    if "nodes" in changes and changes["nodes"] < 1:
-        raise UsageError(f"--nodes: must be 1 or more, got {changes['nodes']}")
+    if "nodes" in changes:
+        from mlcloud.spec import parse_nodes
+
+        if changes["nodes"].lstrip("-").isdigit() and int(changes["nodes"]) < 1:
+            raise UsageError(f"--nodes: must be 1 or more, got {changes['nodes']}")
+        changes["min_nodes"], changes["nodes"] = parse_nodes(changes["nodes"])
     ssh_changes = {k: v for k, v in (ssh or {}).items() if v is not None}
     if ssh_changes.get("port") is not None and not 0 < ssh_changes["port"] < 65536:
         raise UsageError(f"--ssh-port: {ssh_changes['port']} is not a TCP port (1-65535)")
     if ssh_changes:
         changes["ssh"] = replace(spec.ssh, **ssh_changes)
     return replace(spec, **changes)
+
+
+def _nodes_option(value: str | None) -> str | None:
+    """Something neither a number nor MIN:MAX is a usage error, like any mistyped option."""
+    import re
+
+    if value is not None and not re.fullmatch(r"\s*-?\d+\s*(:\s*\d+\s*)?", value):
+        raise typer.BadParameter(f"{value!r} is not a valid number of nodes or MIN:MAX (e.g. 1:4)")
+    return value
 
 
 def cluster_name(name: str | None, spec_name: str | None) -> str:
@@ -43,9 +56,18 @@ def up(
     provider: str | None = typer.Option(
         None, "--provider", "-p", help="Where the nodes run (default: local)."
     ),
-    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Number of nodes."),
+    nodes: str | None = typer.Option(
+        None,
+        "--nodes",
+        "-n",
+        callback=lambda v: _nodes_option(v),
+        help="Number of nodes, or MIN:MAX for an elastic job (e.g. 1:4).",
+    ),
     hosts: str | None = typer.Option(
-        None, "--hosts", help="ssh provider: user@h1[:port],user@h2 (one node per host)."
+        None,
+        "--hosts",
+        help="ssh provider: user@h1[:port],user@h2 (one node per host; hosts beyond --nodes "
+        "are spares that replace lost nodes).",
     ),
     identity: Path | None = options.IDENTITY,
     ssh_user: str | None = options.SSH_USER,

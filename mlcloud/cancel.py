@@ -12,7 +12,6 @@ from mlcloud.cluster import open_cluster
 from mlcloud.driver import STOP_WAIT
 from mlcloud.errors import MlcloudError, NotFoundError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.layout import tag
 
 GRACE = 30.0
 
@@ -37,7 +36,7 @@ def cancel(
 
         def one(i: int) -> None:
             jd = shlex.quote(launch.job_dir(h.nodes[i].root, job.job_id))
-            prefix = shlex.quote(tag(h.record.uid, i, job.job_id))
+            prefix = shlex.quote(launch.node_tag(h, i, job.job_id))
             try:
                 h.transports[i].run(f"{h.ctl(i)} cancel {jd} {prefix} {grace}", timeout=grace + 30)
             except MlcloudError as e:

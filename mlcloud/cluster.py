@@ -66,7 +66,8 @@ def _ref(rec: state.ClusterRecord) -> ClusterRef:
     return ClusterRef(rec.name, rec.uid, rec.owner, rec.spec.get("region"))
 
 
-def _node(n: state.NodeRecord) -> Node:
+def provider_node(n: state.NodeRecord) -> Node:
+    """A node as its provider knows it, from state."""
     return Node(n.node_id, n.ip, n.private_ip, n.root, n.status)
 
 
@@ -85,7 +86,7 @@ def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
     provider = providers.get(rec.provider)
     ref = _ref(rec)
     ssh = ssh_options(rec.spec)
-    transports = [provider.transport(ref, _node(n), f"node{n.idx}", ssh) for n in rec.nodes]
+    transports = [provider.transport(ref, provider_node(n), f"node{n.idx}", ssh) for n in rec.nodes]
     for t, n in zip(transports, rec.nodes, strict=True):
         if n.python:  # found at bootstrap; clusters made before the probe keep the default
             t.python = n.python
@@ -137,7 +138,8 @@ def up(
                     f"pick another name or `mlcloud down {name}` first"
                 )
             if existing.status == state.UP:
-                if len(existing.nodes) != spec.node_count:
+                low = spec.min_nodes or spec.node_count  # elastic: any size in MIN..MAX
+                if not low <= len(existing.nodes) <= spec.node_count:
                     raise UsageError(
                         f"cluster {name!r} is up with {len(existing.nodes)} node(s), not "
                         f"{spec.node_count}; `mlcloud down {name}` first to change its size"
@@ -234,25 +236,7 @@ def _provision(
     due = agentview.deadline(spec.autoscale.max_cost, price * len(nodes), time.time())
     records = bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     store.set_nodes(ref.name, records)
-    now = time.time()
-    billed = {i.node_id for i in store.billing(ref.name) if i.uid == ref.uid and i.end is None}
-    store.open_billing(
-        [
-            Interval(
-                ref.name,
-                ref.uid,
-                provider.name,
-                r.node_id,
-                request.instance_type or "",
-                region or "",
-                price,
-                now,
-                None,
-            )
-            for r in records
-            if r.node_id not in billed
-        ]
-    )
+    _bill(store, provider.name, here, records, request.instance_type or "", price)
     store.set_status(ref.name, state.UP)
     store.event(
         ref.name,
@@ -263,6 +247,72 @@ def _provision(
     rec = store.get_cluster(ref.name)
     assert rec is not None
     return rec
+
+
+def _bill(
+    store: state.Store,
+    provider: str,
+    ref: ClusterRef,
+    records: list[state.NodeRecord],
+    instance_type: str,
+    price: float,
+) -> None:
+    """Open a billing interval for each node that has none open."""
+    now = time.time()
+    billed = {i.node_id for i in store.billing(ref.name) if i.uid == ref.uid and i.end is None}
+    store.open_billing(
+        [
+            Interval(
+                ref.name,
+                ref.uid,
+                provider,
+                r.node_id,
+                instance_type,
+                ref.region or "",
+                price,
+                now,
+                None,
+            )
+            for r in records
+            if r.node_id not in billed
+        ]
+    )
+
+
+def add_nodes(
+    store: state.Store, h: Handle, count: int, report: Reporter
+) -> list[state.NodeRecord]:
+    """New nodes for a cluster that is up (a lost node's replacement, growth): made where the
+    cluster is first (same zone, then the others; on ssh, the spare hosts), then bootstrapped
+    and billed as `up` does. Their idx continue after the cluster's; the caller places them."""
+    # state keeps the job's environment by name only: not needed to make nodes
+    spec = TaskSpec.from_dict({**h.record.spec, "envs": {}})
+    request = replace(request_for(spec, count), image=h.record.spec.get("image"))
+    request = replace(request, ssh=ssh_options(h.record.spec))
+    places, _ = _places(store, h.provider, h.ref, request)
+    refusals: list[CapacityError | QuotaError] = []
+    for region, zone in places:
+        here = replace(h.ref, region=region)
+        try:
+            req = h.provider.prepare(here, replace(request, region=region, zone=zone)).request
+            nodes = h.provider.create(here, req, count)
+        except (CapacityError, QuotaError) as e:
+            refusals.append(e)
+            store.event(h.record.name, "capacity", str(e))
+            continue
+        if nodes:
+            break
+        refusals.append(CapacityError(zone or "", "no spare host left"))
+    else:
+        raise _refused(refusals, f"{count} more x {request.instance_type or 'node'}")
+    report.step(f"bootstrapping {len(nodes)} new node(s)")
+    records = bootstrap(h.provider, here, nodes, req.ssh)
+    start = max((n.idx for n in h.nodes), default=-1) + 1
+    records = [replace(r, idx=start + k) for k, r in enumerate(records)]
+    open_intervals = [i for i in store.billing(h.record.name) if i.uid == h.ref.uid]
+    price = open_intervals[-1].price if open_intervals else 0.0
+    _bill(store, h.provider.name, here, records, request.instance_type or "", price)
+    return records
 
 
 def _places(

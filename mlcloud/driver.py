@@ -30,6 +30,10 @@ DONE_GRACE = 60.0
 STOP_WAIT = 30.0
 # How long to keep retrying the state write that records the job's end (a busy database).
 RECORD_RETRY = 60.0
+# Elastic job under a controller: once every followed node has ended without success, how long
+# the controller has to bring the job back (lost-node detection, a new head) before the end
+# is recorded. Held open while the controller is applying a plan.
+RECOVERY_WAIT = 30.0
 END_MARK = "mlcloud-end "  # node_ctl follow's last stderr line: the node's end, as JSON
 
 Sink = Callable[[str], None]
@@ -54,6 +58,9 @@ class Driver:
         self.cond = threading.Condition()
         self.log = open(job.log_path, "w" if adopt else "a", buffering=1)  # noqa: SIM115
         self.write_lock = threading.Lock()
+        self.elastic = launch.elastic_range(h) is not None
+        self.following: dict[int, threading.Thread] = {}
+        self.controller = None  # the autoscale controller running beside, if any
 
     def _show(self, text: str) -> None:
         """To the sink, if it still takes output: a closed stdout (`| head -1`, a dead CI
@@ -96,46 +103,127 @@ class Driver:
             self.emit(i, f"lost contact: {e}")
             end = NodeEnd(LOST)
         with self.cond:
-            self.ends[i] = end
-            self.order.append(i)
+            if self.following.get(i) is threading.current_thread():
+                self.ends[i] = end
+                self.order.append(i)
             self.cond.notify_all()
+
+    def follow(self, i: int) -> None:
+        """Follow node i (again: a node that joined the job in a lost one's place)."""
+        self._follow_afresh([i])
+
+    def follow_all(self) -> None:
+        """Follow every node afresh: the job was restarted on all of them (a new head)."""
+        self._follow_afresh(list(range(len(self.h.nodes))))
+
+    def _follow_afresh(self, nodes: list[int]) -> None:
+        """Forget how these nodes ended before, at once (a half-reset would look like an end
+        to the waiter), and follow them."""
+        threads = {i: threading.Thread(target=self._follow, args=(i,), daemon=True) for i in nodes}
+        with self.cond:
+            for i in nodes:
+                self.ends.pop(i, None)
+            self.order = [j for j in self.order if j not in threads]
+            self.following.update(threads)
+            self.cond.notify_all()
+        for th in threads.values():
+            th.start()
+
+    def _lost(self, end: NodeEnd) -> bool:
+        """An elastic job goes on without a node whose processes or connection went away."""
+        return self.elastic and end.code in (LOST, outcome.KILLED) and end.failure is None
 
     def run(self, stop_on_interrupt: bool = True) -> int:
         """Follow to the end; returns the job's exit code (first failure wins, else 0).
         On Ctrl-C, stop the job (train's follower) or only stop following (logs --follow)."""
-        n = len(self.h.nodes)
-        threads = [threading.Thread(target=self._follow, args=(i,), daemon=True) for i in range(n)]
-        for th in threads:
-            th.start()
+        self.follow_all()
+        stop = threading.Event()
+        control = self._control(stop) if controlled(self.h) else None
         try:
-            self._wait_all(n)
+            self._wait_recovered()
         except KeyboardInterrupt:
+            stop.set()
             if not stop_on_interrupt:
                 self.log.close()
                 raise
             self.note("interrupted: stopping the job on every node (it checkpoints on SIGTERM)")
             self._stop_all(grace=10.0)
-            for th in threads:
+            for th in list(self.following.values()):
                 th.join(timeout=30)
             self._finish(state.JOB_CANCELLED, 130)
             raise
-        result = outcome.decide(self.job.job_id, self.ends, self.order)
+        finally:
+            stop.set()
+            if control is not None:
+                control.join(timeout=60)
+        ends = self.ends
+        if self.elastic and any(e.code == 0 for e in ends.values()):
+            ends = {i: e for i, e in ends.items() if not self._lost(e)}
+        result = outcome.decide(self.job.job_id, ends, [i for i in self.order if i in ends])
         self.note(result.line)
         self._finish(result.status, result.exit_code)
         return result.exit_code
 
-    def _wait_all(self, n: int) -> None:
+    def _control(self, stop: threading.Event) -> threading.Thread:
+        """Run the cluster's controller beside the following: lost nodes are replaced and
+        rejoin the job, a lost head restarts it; its decisions show in the job's output."""
+
+        def loop() -> None:
+            from mlcloud.autoscale.controller import Controller
+
+            store = state.open_store()  # a connection of this thread's own
+            try:
+                ctl = Controller(store, self.h, _NoteReporter(self), self.follow, self.follow_all)
+                self.controller = ctl
+                ctl.run(stop=stop)
+            except Exception as e:  # noqa: BLE001 (the job goes on without its controller)
+                self.note(f"autoscale stopped: {e}")
+            finally:
+                store.close()
+
+        th = threading.Thread(target=loop, daemon=True)
+        th.start()
+        return th
+
+    def _recovering(self) -> bool:
+        ctl = self.controller
+        return ctl is not None and ctl.busy.is_set()
+
+    def _wait_recovered(self) -> None:
+        """Wait for the job's end; an elastic job under a controller that ended without success
+        gets RECOVERY_WAIT for the controller to bring it back (a node joins, a new head)."""
+        while True:
+            self._wait_all()
+            if not (self.elastic and self.controller is not None):
+                return
+            if any(e.code == 0 for e in self.ends.values()):
+                return
+            deadline = time.monotonic() + RECOVERY_WAIT
+            with self.cond:
+                while self._all_ended() and (time.monotonic() < deadline or self._recovering()):
+                    self.cond.wait(timeout=0.5)
+                if self._all_ended():
+                    return
+
+    def _all_ended(self) -> bool:
+        return all(i in self.ends for i in self.following)
+
+    def _wait_all(self) -> None:
         """Wait for every node; once one has ended, the others get a grace period, then are
-        stopped, then get a last short wait: a node that neither ends nor answers is LOST."""
+        stopped, then get a last short wait: a node that neither ends nor answers is LOST.
+        In an elastic job a lost node is no end: the others go on without it."""
         deadline = None
         stopped_at = None
         with self.cond:
-            while len(self.ends) < n:
+            while not self._all_ended():
                 now = time.monotonic()
-                if self.ends and deadline is None:
-                    grace = FAIL_GRACE if any(e.code for e in self.ends.values()) else DONE_GRACE
+                ended = [e for e in self.ends.values() if not self._lost(e)]
+                if not ended:  # none yet, or the ends seen were forgotten (a restart)
+                    deadline = stopped_at = None
+                elif deadline is None:
+                    grace = FAIL_GRACE if any(e.code for e in ended) else DONE_GRACE
                     deadline = now + grace
-                pending = [i for i in range(n) if i not in self.ends]
+                pending = [i for i in self.following if i not in self.ends]
                 if stopped_at is not None and now >= stopped_at + STOP_WAIT:
                     for i in pending:
                         self.emit(i, "did not end after being stopped; giving up on this node")
@@ -145,7 +233,7 @@ class Driver:
                 if deadline is not None and now >= deadline and stopped_at is None:
                     self.note(
                         f"node(s) {', '.join(f'node{i}' for i in pending)} still running "
-                        f"after node{self.order[0]} ended; stopping them"
+                        f"after node{self.order[0] if self.order else '?'} ended; stopping them"
                     )
                     self.cond.release()
                     try:
@@ -169,7 +257,7 @@ class Driver:
         fan_out(one, nodes)
 
     def _stop_all(self, grace: float) -> None:
-        self._stop([i for i in range(len(self.h.nodes)) if i not in self.ends], grace)
+        self._stop([i for i in self.following if i not in self.ends], grace)
 
     def _finish(self, status: str, code: int) -> None:
         """Record the end. The database may be busy (another command, a slow disk): retry,
@@ -195,6 +283,35 @@ class Driver:
                     time.sleep(1.0)
         finally:
             self.log.close()
+
+
+def controlled(h: Handle) -> bool:
+    """A cluster with an elastic size, or `autoscale:` keys set away from their defaults,
+    gets a controller while followed (the defaults alone are the agents' to enforce)."""
+    from dataclasses import asdict
+
+    from mlcloud.spec import AutoscaleSpec
+
+    auto = h.record.spec.get("autoscale") or {}
+    defaults = asdict(AutoscaleSpec())
+    return launch.elastic_range(h) is not None or any(
+        auto.get(k, v) != v for k, v in defaults.items()
+    )
+
+
+class _NoteReporter:
+    """The controller's words, as `[mlcloud]` lines of the job's output."""
+
+    def __init__(self, driver: Driver):
+        self.driver = driver
+
+    def step(self, message: str) -> None:
+        self.driver.note(message)
+
+    info = step
+
+    def warn(self, message: str) -> None:
+        self.driver.note(f"warning: {message}")
 
 
 def _parse_end(code: int, stderr: str) -> NodeEnd:

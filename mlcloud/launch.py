@@ -23,6 +23,10 @@ from mlcloud.remote.transport import check
 from mlcloud.report import Reporter
 
 MAX_RESTARTS = 0
+# An elastic job restarts its workers at every membership change (a node lost, one joining).
+ELASTIC_RESTARTS = 10
+# How long the rendezvous waits for more nodes once MIN are there (torch's default is 30 s).
+LAST_CALL_S = 5
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,35 @@ def nproc_for(h: Handle, requested: int | None) -> int:
     return gpus or 1
 
 
+def node_tag(h: Handle, i: int, job_id: int | None = None) -> str:
+    """The process tag of node i: numbered like its directory (`node-K`), as the providers
+    number it when they stop its processes; a spare that replaced node i keeps its own K."""
+    last = h.nodes[i].root.rstrip("/").rsplit("/", 1)[-1]
+    k = last[len("node-") :]
+    return tag(h.record.uid, int(k) if last.startswith("node-") and k.isdigit() else i, job_id)
+
+
+def elastic_range(h: Handle) -> tuple[int, int] | None:
+    """(MIN, MAX) when the cluster was made with `--nodes MIN:MAX`, else None."""
+    from mlcloud.spec import parse_nodes
+
+    nodes = h.record.spec.get("nodes")
+    if not isinstance(nodes, str):
+        return None
+    low, high = parse_nodes(nodes)
+    return None if low is None else (low, high)
+
+
 def _host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: int) -> dict:
+def node_job(
+    h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: int, rdzv: int = 0
+) -> dict:
     """job.json for node i: the torchrun command and the job's environment (README, "The
-    job's environment")."""
+    job's environment"). rdzv numbers the job's rendezvous: a restart with a new head makes a
+    new one."""
     nodes = h.nodes
     node, head = nodes[i], nodes[0]
     # inside the node's directory: the spec refuses absolute paths and `..`
@@ -91,22 +117,32 @@ def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: 
             "MLCLOUD_CHECKPOINT_DIR": ckpt,
         }
     )
+    # torch decides "am I the store host?" from the hostname; say it outright (in a network
+    # namespace the hostname resolves to loopback)
+    rdzv_conf = f"is_host={'true' if i == 0 else 'false'}"
+    elastic = elastic_range(h)
+    if elastic:
+        nnodes, restarts = f"{elastic[0]}:{elastic[1]}", ELASTIC_RESTARTS
+        rdzv_conf += f",last_call_timeout={LAST_CALL_S}"
+        # with one store shared by rendezvous and workers, the restart after a lost node
+        # can fail on a stale port or hang
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    else:
+        nnodes, restarts = str(len(nodes)), MAX_RESTARTS
     # node_ctl runs torchrun in its own process: the rendezvous store binds to the node's
     # address, and the first failing rank's exit code becomes the job's
     argv = [
         h.transports[i].python,
         f"{node.root}/{CTL}",
         "torchrun",
-        f"--nnodes={len(nodes)}",
+        f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={_host(head.private_ip)}:{port}",
-        f"--rdzv-id={h.record.uid}-{job_id}",
-        # torch decides "am I the store host?" from the hostname; say it outright (in a network
-        # namespace the hostname resolves to loopback)
-        f"--rdzv-conf=is_host={'true' if i == 0 else 'false'}",
+        f"--rdzv-id={h.record.uid}-{job_id}-{rdzv}",
+        f"--rdzv-conf={rdzv_conf}",
         f"--local-addr={node.private_ip}",
-        f"--max-restarts={MAX_RESTARTS}",
+        f"--max-restarts={restarts}",
         req.script,
         *req.args,
     ]
@@ -114,7 +150,9 @@ def node_job(h: Handle, req: JobRequest, job_id: int, i: int, port: int, nproc: 
         "argv": argv,
         "cwd": f"{node.root}/workdir",
         "env": env,
-        "tag": tag(h.record.uid, i, job_id),
+        # an elastic job's tag names its rendezvous too: after a restart, what the first run
+        # left behind (its reaper) cannot take the new run's processes for its own
+        "tag": node_tag(h, i, job_id) + (f"r{rdzv}." if elastic else ""),
         "checkpoint_dir": ckpt,
     }
 
@@ -136,9 +174,34 @@ def start(
 ) -> int:
     """Sync, set up and start the job on all nodes. The caller holds the cluster lock."""
     n = len(h.nodes)
-    report.step(f"syncing {req.workdir} to {n} node(s)")
+    prepare_nodes(h, req, list(range(n)), report, emit)
+    nproc = nproc_for(h, req.nproc_per_node)
+    port = free_port(h)
+    save_request(job, req, Rendezvous(port, 0, nproc))
+    report.step(f"starting job {job.job_id}: {n} node(s) x {nproc} process(es)")
+    launch_on(h, req, job.job_id, list(range(n)), Rendezvous(port, 0, nproc))
+    store.update_job(h.record.name, job.uid, job.job_id, status=state.JOB_RUNNING)
+    store.event(h.record.name, "job", f"job {job.job_id} started: {n} x {nproc} {req.script}")
+    return nproc
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a job's nodes meet: the head's port, the rendezvous' number (a new head makes a
+    new one) and processes per node. Saved with the job, so a node that joins later meets
+    the others."""
+
+    port: int
+    number: int
+    nproc: int
+
+
+def prepare_nodes(h: Handle, req: JobRequest, nodes: list[int], report: Reporter, emit) -> None:
+    """Sync the workdir to these nodes and run setup there: for a new job, and for a node
+    that joins one (a replacement)."""
+    report.step(f"syncing {req.workdir} to {len(nodes)} node(s)")
     stats = fan_out(
-        lambda i: h.transports[i].sync(req.workdir, f"{h.nodes[i].root}/workdir"), list(range(n))
+        lambda i: h.transports[i].sync(req.workdir, f"{h.nodes[i].root}/workdir"), nodes
     )
     sent = sum(s.files_sent for s in stats)
     report.info(
@@ -148,18 +211,22 @@ def start(
     digest = setup_hash(req)
     if digest:
         report.step("running setup (once per node per distinct setup)")
-        fan_out(lambda i: _setup(h, i, req.setup or "", digest, emit), list(range(n)))
-    nproc = nproc_for(h, req.nproc_per_node)
-    port = int(
-        check(
-            h.transports[0].run(f"{h.ctl(0)} freeport"), h.transports[0], "finding a free port"
-        ).stdout.split()[-1]
-    )
+        fan_out(lambda i: _setup(h, i, req.setup or "", digest, emit), nodes)
+
+
+def free_port(h: Handle) -> int:
+    """A free port on the head (node 0) for the rendezvous."""
+    t = h.transports[0]
+    return int(check(t.run(f"{h.ctl(0)} freeport"), t, "finding a free port").stdout.split()[-1])
+
+
+def launch_on(h: Handle, req: JobRequest, job_id: int, nodes: list[int], rdzv: Rendezvous) -> None:
+    """Write each node's job.json and start its part of the job."""
 
     def launch(i: int) -> None:
         t = h.transports[i]
-        jd = job_dir(h.nodes[i].root, job.job_id)
-        spec = node_job(h, req, job.job_id, i, port, nproc)
+        jd = job_dir(h.nodes[i].root, job_id)
+        spec = node_job(h, req, job_id, i, rdzv.port, rdzv.nproc, rdzv.number)
         check(
             t.run(f"mkdir -p {shlex.quote(jd)} {shlex.quote(spec['checkpoint_dir'])}"),
             t,
@@ -168,11 +235,47 @@ def start(
         t.put(json.dumps(spec).encode(), f"{jd}/job.json", mode=0o600)
         check(t.run(f"{h.ctl(i)} start {shlex.quote(jd)}"), t, "starting the job")
 
-    report.step(f"starting job {job.job_id}: {n} node(s) x {nproc} process(es)")
-    fan_out(launch, list(range(n)))
-    store.update_job(h.record.name, job.uid, job.job_id, status=state.JOB_RUNNING)
-    store.event(h.record.name, "job", f"job {job.job_id} started: {n} x {nproc} {req.script}")
-    return nproc
+    fan_out(launch, nodes)
+
+
+def _request_path(job: state.JobRecord) -> Path:
+    return Path(job.log_path + ".request.json")
+
+
+def save_request(job: state.JobRecord, req: JobRequest, rdzv: Rendezvous) -> None:
+    """Keep what started the job (0600, next to its log): recovery starts the same job on a
+    replacement node without the command line that made it."""
+    from mlcloud import atomic
+
+    data = {
+        "workdir": str(req.workdir),
+        "script": req.script,
+        "args": list(req.args),
+        "nproc_per_node": req.nproc_per_node,
+        "envs": req.envs,
+        "setup": req.setup,
+        "checkpoint_dir": req.checkpoint_dir,
+        "rendezvous": {"port": rdzv.port, "number": rdzv.number, "nproc": rdzv.nproc},
+    }
+    atomic.write(_request_path(job), json.dumps(data).encode())
+
+
+def load_request(job: state.JobRecord) -> tuple[JobRequest, Rendezvous] | None:
+    """The saved request and rendezvous of a job, or None (started by an older mlcloud)."""
+    try:
+        d = json.loads(_request_path(job).read_text())
+    except (OSError, ValueError):
+        return None
+    req = JobRequest(
+        workdir=Path(d["workdir"]),
+        script=d["script"],
+        args=tuple(d["args"]),
+        nproc_per_node=d["nproc_per_node"],
+        envs=dict(d["envs"]),
+        setup=d["setup"],
+        checkpoint_dir=d["checkpoint_dir"],
+    )
+    return req, Rendezvous(**d["rendezvous"])
 
 
 def _setup(h: Handle, i: int, setup: str, digest: str, emit) -> None:
@@ -196,5 +299,5 @@ def kill(h: Handle, i: int, job_id: int, grace: float) -> None:
     """Stop node i's part of a job: SIGTERM (the template checkpoints), SIGKILL after grace."""
     t = h.transports[i]
     t.run(
-        f"{h.ctl(i)} kill {shlex.quote(tag(h.record.uid, i, job_id))} {grace}", timeout=grace + 30
+        f"{h.ctl(i)} kill {shlex.quote(node_tag(h, i, job_id))} {grace}", timeout=grace + 30
     )  # a node that stopped answering must not hold the caller

@@ -77,7 +77,8 @@ class SshSpec:
 class TaskSpec:
     name: str | None = None
     provider: str | None = None
-    nodes: int | None = None  # default: one per host for the ssh provider, else 1
+    nodes: int | None = None  # default: one per host for the ssh provider, else 1; elastic: MAX
+    min_nodes: int | None = None  # elastic size (`nodes: "MIN:MAX"`): the fewest the job runs on
     resources: Resources = field(default_factory=Resources)
     region: str | None = None
     zone: str | None = None
@@ -105,12 +106,39 @@ class TaskSpec:
         d["ssh"]["allowed_cidrs"] = list(self.ssh.allowed_cidrs)
         d["resources"]["gpus"] = str(self.resources.gpus) if self.resources.gpus else None
         d["train"]["args"] = list(self.train.args)
+        min_nodes = d.pop("min_nodes")
+        if min_nodes is not None:
+            d["nodes"] = f"{min_nodes}:{self.nodes}"
         return d
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
         """Rebuild a spec stored in state (already validated when it was written)."""
         return _build(d, _Where("state", {}))
+
+
+def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
+    """(MIN, MAX) from `N` (fixed size: MIN is None) or `MIN:MAX` (elastic, 1 <= MIN <= MAX)."""
+    bad = UsageError(
+        f"{where}: must be a whole number of 1 or more, or MIN:MAX (e.g. 2:4), got {value!r}"
+    )
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, int):
+        if value < 1:
+            raise bad
+        return None, value
+    m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value) if isinstance(value, str) else None
+    if not m:
+        raise bad
+    low, high = int(m[1]), int(m[2] or m[1])
+    if low < 1 or high < low:
+        raise bad
+    return (low if m[2] else None), high
 
 
 def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
@@ -459,10 +487,14 @@ def _build(d: dict, where: _Where) -> TaskSpec:
     port = _int(ssh, "port", where, "ssh.port")
     if port is not None and port > 65535:
         raise UsageError(f"{where('ssh.port')}: {port} is not a TCP port (1-65535)")
+    min_nodes, max_nodes = (
+        parse_nodes(d["nodes"], where("nodes")) if d.get("nodes") is not None else (None, None)
+    )
     return TaskSpec(
         name=name,
         provider=_str(d, "provider", where),
-        nodes=_int(d, "nodes", where),
+        nodes=max_nodes,
+        min_nodes=min_nodes,
         resources=Resources(
             gpus=gpu_spec,
             cpus=_int(res, "cpus", where, "resources.cpus"),

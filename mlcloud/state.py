@@ -467,6 +467,14 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE billing SET end=? WHERE uid=? AND end IS NULL", (end, uid))
 
+    def close_node_billing(self, uid: str, node_id: str, end: float) -> None:
+        """One node stopped billing (lost, replaced, or shrunk away) while the cluster stays."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE billing SET end=? WHERE uid=? AND node_id=? AND end IS NULL",
+                (end, uid, node_id),
+            )
+
     def billing(self, cluster: str | None = None) -> list:
         from mlcloud.cost import Interval
 

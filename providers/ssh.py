@@ -1,8 +1,9 @@
 """The ssh provider: machines the user already has (a lab box, an on-prem rack).
 
 Nothing is created or powered off: `up` claims the hosts for the cluster, `down` stops the
-cluster's processes on them and removes its directories. Which hosts a cluster holds is kept
-in a small file of this provider's own, since no cloud API can be asked.
+cluster's processes on them and removes its directories. Hosts listed beyond the node count
+are spares: `create` claims the next free one when a lost node is replaced. Which hosts a
+cluster holds is kept in a small file of this provider's own, since no cloud API can be asked.
 """
 
 from __future__ import annotations
@@ -131,10 +132,11 @@ class SshProvider:
             )
         for h in request.hosts:
             parse_host(h)
-        if request.count != len(request.hosts):
+        if request.count > len(request.hosts):
             raise UsageError(
                 f"--nodes {request.count} but {len(request.hosts)} host(s) given; "
-                "the ssh provider runs one node per host"
+                "the ssh provider runs one node per host (more hosts than nodes: the rest are "
+                "spares)"
             )
         if request.gpus or request.instance_type or request.spot:
             raise UsageError(
@@ -155,6 +157,11 @@ class SshProvider:
         data["claimed"] = sorted(data["claimed"] + free)
         self._write(cluster, data)
         return [self._node(cluster, i, data["hosts"][i]) for i in free]
+
+    def spares(self, cluster: ClusterRef) -> int:
+        """Hosts listed but not claimed: what is left to replace lost nodes with."""
+        data = self._read(cluster)
+        return len(data["hosts"]) - len(data["claimed"])
 
     def list(self, cluster: ClusterRef) -> list[Node]:
         data = self._read(cluster)

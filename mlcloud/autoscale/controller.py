@@ -1,0 +1,362 @@
+"""The controller: each pass gathers a snapshot (provider listing, reachability and agent
+samples, job, money), asks the pure policy, and applies its plan through the same engine
+path as `up` and `train` (cluster.add_nodes, launch.prepare_nodes/launch_on, cluster.down).
+Every decision is an event with its reason."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from mlcloud import cluster, launch, state
+from mlcloud.autoscale import policy as pol
+from mlcloud.autoscale.probe import detach, probe, since
+from mlcloud.cluster import Handle
+from mlcloud.cost import accrued
+from mlcloud.errors import MlcloudError
+from mlcloud.locks import cluster_lock
+from mlcloud.parallel import fan_out
+from mlcloud.report import Reporter
+
+RETIRE_WAIT = 20.0  # how long a lost node's teardown may take before the pass goes on
+BUDGET_GRACE = 30.0  # SIGTERM to SIGKILL at a budget stop: the template checkpoints meanwhile
+
+
+class Controller:
+    """One cluster's controller. `step` makes one pass; `run` repeats it until stopped.
+
+    on_join(i) is called after the job was started on a new node at position i (train's
+    driver follows it); on_restart() after the job restarted on every node with a new head."""
+
+    def __init__(
+        self,
+        store: state.Store,
+        h: Handle,
+        report: Reporter,
+        on_join: Callable[[int], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+    ):
+        self.store, self.h, self.report = store, h, report
+        self.policy = pol.Policy.from_spec(h.record.spec)
+        self.on_join, self.on_restart = on_join, on_restart
+        self.misses: dict[str, int] = self._load_misses()
+        self.gone = False  # the cluster was torn down by a decision
+        self.busy = threading.Event()  # set while a plan is being applied
+
+    # -- state kept between passes (a `--once` from cron picks up where the last one left)
+
+    def _misses_path(self):
+        from mlcloud import paths
+
+        return paths.private_dir(paths.home() / "autoscale") / f"{self.h.record.uid}.json"
+
+    def _load_misses(self) -> dict[str, int]:
+        try:
+            return {str(k): int(v) for k, v in json.loads(self._misses_path().read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def _save_misses(self) -> None:
+        from mlcloud import atomic
+
+        if self.gone:
+            self._misses_path().unlink(missing_ok=True)
+            return
+        atomic.write(self._misses_path(), json.dumps(self.misses).encode())
+
+    # -- gather
+
+    def snapshot(self, now: float) -> pol.Snapshot:
+        h = self.h
+        n = len(h.nodes)
+        probes = fan_out(lambda i: probe(h.transports[i], h.nodes[i].root, now), list(range(n)))
+        listed = {node.node_id: node.status for node in h.provider.list(h.ref)}
+        views = []
+        for i, (rec, p) in enumerate(zip(h.nodes, probes, strict=True)):
+            self.misses[rec.node_id] = 0 if p.reachable else self.misses.get(rec.node_id, 0) + 1
+            newest = p.samples[-1].verdict if p.samples else None
+            views.append(
+                pol.NodeView(
+                    i,
+                    rec.node_id,
+                    _status(listed.get(rec.node_id)),
+                    self.misses[rec.node_id],
+                    newest,
+                    since(p.samples, "idle"),
+                    since(p.samples, "stalled"),
+                )
+            )
+        self.misses = {k: v for k, v in self.misses.items() if k in listed or v}
+        job = self._job()
+        intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
+        open_prices = [i.price for i in intervals if i.end is None]
+        low, high = launch.elastic_range(h) or (n, n)
+        spares = getattr(h.provider, "spares", None)
+        return pol.Snapshot(
+            cluster=h.record.name,
+            nodes=tuple(views),
+            job=None
+            if job is None
+            else pol.JobView(job.job_id, job.status in (state.JOB_STARTING, state.JOB_RUNNING)),
+            cost_so_far=accrued(intervals, now),
+            node_rate=max(open_prices, default=0.0),
+            min_nodes=low,
+            max_nodes=high,
+            spares=spares(h.ref) if spares else None,
+            ended_at=job.ended if job is not None else None,
+        )
+
+    def _job(self) -> state.JobRecord | None:
+        jobs = self.store.jobs(self.h.record.name, self.h.record.uid)
+        return max(jobs, key=lambda j: j.job_id) if jobs else None
+
+    # -- decide and apply
+
+    def step(self, now: float | None = None) -> pol.Plan:
+        """One pass: gather, decide, apply; returns the plan applied."""
+        now = time.time() if now is None else now
+        snap = self.snapshot(now)
+        plan = pol.decide(snap, self.policy, now)
+        if plan.actions:
+            self.busy.set()
+            try:
+                self._apply(plan)
+            finally:
+                self.busy.clear()
+        self._save_misses()
+        return plan
+
+    def _event(self, kind: str, message: str) -> None:
+        self.store.event(self.h.record.name, kind, message)
+        self.report.info(message)
+
+    def _apply(self, plan: pol.Plan) -> None:
+        actions = list(plan.actions)
+        # a new head needs its replacements in place first
+        restart = [a for a in actions if a.kind == pol.RESTART]
+        rest = [a for a in actions if a.kind != pol.RESTART]
+        dropped: list[int] = []
+        for a in rest:
+            if a.kind in (pol.BUDGET_STOP, pol.IDLE_DOWN):
+                self._event(a.kind, a.reason)
+                self._teardown(grace=BUDGET_GRACE if a.kind == pol.BUDGET_STOP else 0.0)
+                return
+            if a.kind == pol.STALL:
+                self._event("stall", a.reason)
+            elif a.kind == pol.STALL_STOP:
+                self._event("stall", a.reason + ": stopping the job")
+                self._stop_job(range(len(self.h.nodes)), grace=10.0)
+            elif a.kind == pol.REPLACE:
+                self._event("node lost", a.reason)
+                assert a.node is not None
+                if not self._replace(a.node, rejoin=not restart):
+                    dropped.append(a.node)
+            elif a.kind == pol.DROP:
+                self._event("node lost", a.reason)
+                assert a.node is not None
+                dropped.append(a.node)
+            elif a.kind == pol.GROW:
+                self._event("scale up", a.reason)
+                self._grow()
+            elif a.kind == pol.SHRINK:
+                self._event("scale down", a.reason)
+                assert a.node is not None
+                self._stop_job([a.node], grace=BUDGET_GRACE)
+                dropped.append(a.node)
+        if dropped:
+            self._drop(dropped)
+        if restart and self.h.nodes:
+            self._event("restart", restart[0].reason)
+            self._restart()
+
+    # -- the actions
+
+    def _retire(self, rec: state.NodeRecord) -> None:
+        """A node leaves the cluster: terminated where the provider can (a lost ssh host stays
+        claimed until it answers again, for `down`), and its billing closed."""
+        h = self.h
+        node = cluster.provider_node(rec)
+        errors: list[str] = []
+
+        def terminate() -> None:
+            try:
+                h.provider.terminate(h.ref, [node])
+            except MlcloudError as e:
+                errors.append(str(e))
+
+        th = threading.Thread(target=terminate, daemon=True)
+        th.start()
+        th.join(RETIRE_WAIT)
+        if th.is_alive() or errors:
+            self.report.warn(
+                f"{rec.node_id} not cleaned up ({errors[0] if errors else 'no answer'}); "
+                f"`mlcloud down {h.record.name}` retries it"
+            )
+        self.store.close_node_billing(h.record.uid, rec.node_id, time.time())
+
+    def _set_nodes(self, records: list[state.NodeRecord]) -> None:
+        """Record the cluster's nodes (positions renumbered) and refresh the handle in place,
+        so a driver sharing it follows the same nodes."""
+        records = [replace(r, idx=i) for i, r in enumerate(records)]
+        self.store.set_nodes(self.h.record.name, records)
+        fresh = cluster.open_cluster(self.store, self.h.record.name)
+        # nodes that stay keep their connection (a driver may be following over it)
+        old = {r.node_id: t for r, t in zip(self.h.nodes, self.h.transports, strict=True)}
+        transports = []
+        for r, t in zip(fresh.nodes, fresh.transports, strict=True):
+            if r.node_id in old:
+                t.close()
+                transports.append(old.pop(r.node_id))
+            else:
+                transports.append(t)
+        for t in old.values():
+            t.close()
+        self.h.record = fresh.record
+        self.h.transports[:] = transports
+
+    def _replace(self, i: int, rejoin: bool) -> bool:
+        """A new node in place of node i; the job (elastic) starts on it and rejoins. False
+        when none could be had."""
+        lost = self.h.nodes[i]
+        with cluster_lock(self.h.record.name):
+            self._retire(lost)
+            try:
+                (new,) = cluster.add_nodes(self.store, self.h, 1, self.report)
+            except MlcloudError as e:
+                self._event("node lost", f"node{i} could not be replaced: {e}")
+                return False
+            records = list(self.h.nodes)
+            records[i] = new
+            self._set_nodes(records)
+        self._event("node replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}")
+        if rejoin:
+            self._join([i])
+        return True
+
+    def _grow(self) -> None:
+        with cluster_lock(self.h.record.name):
+            try:
+                new = cluster.add_nodes(self.store, self.h, 1, self.report)
+            except MlcloudError as e:
+                self._event("scale up", f"no node added: {e}")
+                return
+            self._set_nodes([*self.h.nodes, *new])
+        self._join([len(self.h.nodes) - 1])
+
+    def _drop(self, positions: list[int]) -> None:
+        with cluster_lock(self.h.record.name):
+            for i in positions:
+                self._retire(self.h.nodes[i])
+            self._set_nodes([r for i, r in enumerate(self.h.nodes) if i not in positions])
+
+    def _running_job(self) -> tuple[state.JobRecord, launch.JobRequest, launch.Rendezvous] | None:
+        job = self._job()
+        if job is None or job.status not in (state.JOB_STARTING, state.JOB_RUNNING):
+            return None
+        saved = launch.load_request(job)
+        if saved is None:
+            return None
+        return job, *saved
+
+    def _join(self, positions: list[int]) -> None:
+        """Start the running elastic job on new nodes: they join its rendezvous."""
+        running = self._running_job()
+        if running is None or launch.elastic_range(self.h) is None:
+            return
+        job, req, rdzv = running
+        launch.prepare_nodes(self.h, req, positions, self.report, lambda i, line: None)
+        launch.launch_on(self.h, req, job.job_id, positions, rdzv)
+        for i in positions:
+            self._event(
+                "node joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}"
+            )
+            if self.on_join:
+                self.on_join(i)
+
+    def _restart(self) -> None:
+        """The head is gone: stop the job everywhere (the survivors checkpoint), then start it
+        again with node 0 as the new head and a new rendezvous; the newest checkpoint on any
+        node is where it resumes (the template broadcasts it)."""
+        running = self._running_job()
+        if running is None:
+            return
+        job, req, rdzv = running
+        h = self.h
+        everyone = list(range(len(h.nodes)))
+        self._stop_job(everyone, grace=10.0)
+
+        def reset(i: int) -> None:
+            jd = shlex.quote(launch.job_dir(h.nodes[i].root, job.job_id))
+            h.transports[i].run(
+                f"rm -f {jd}/exit_code {jd}/failure.json {jd}/waiter.pid; "
+                f"mv -f {jd}/output.log {jd}/output.{rdzv.number}.log 2>/dev/null; true"
+            )  # the earlier run's output is kept beside, not shown again
+
+        fan_out(reset, everyone)
+        new = launch.Rendezvous(launch.free_port(h), rdzv.number + 1, rdzv.nproc)
+        launch.save_request(job, req, new)
+        launch.prepare_nodes(h, req, everyone, self.report, lambda i, line: None)
+        launch.launch_on(h, req, job.job_id, everyone, new)
+        self._event(
+            "restart",
+            f"job {job.job_id} restarted on {len(everyone)} node(s), head {h.nodes[0].node_id}",
+        )
+        if self.on_restart:
+            self.on_restart()
+
+    def _stop_job(self, positions, grace: float) -> None:
+        job = self._job()
+        if job is None:
+            return
+
+        def one(i: int) -> None:
+            try:
+                launch.kill(self.h, i, job.job_id, grace)
+            except MlcloudError as e:
+                self.report.warn(f"node{i}: could not stop the job: {e}")
+
+        fan_out(one, list(positions))
+
+    def _teardown(self, grace: float) -> None:
+        """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then `down`."""
+        if grace and self._running_job() is not None:
+            self._stop_job(range(len(self.h.nodes)), grace=grace)
+        self.gone = True
+        cluster.down(self.store, self.h.record.name, self.report)
+
+    # -- the loop
+
+    def run(self, interval: float | None = None, stop: threading.Event | None = None) -> None:
+        """Pass after pass every `interval` s (default: poll_seconds) until `stop` is set or
+        the cluster was torn down; a pass that fails is reported and the next one tries again."""
+        stop = stop or threading.Event()
+        every = interval or self.policy.poll_seconds
+        try:
+            while not stop.is_set() and not self.gone:
+                began = time.monotonic()
+                try:
+                    self.step()
+                except MlcloudError as e:
+                    self.report.warn(f"autoscale pass failed: {e}")
+                stop.wait(max(0.0, every - (time.monotonic() - began)))
+        finally:
+            if not self.gone:
+                self.detach()
+
+    def detach(self) -> None:
+        """Leaving: take the heartbeats away, so the agents do not count this controller lost."""
+        fan_out(
+            lambda i: detach(self.h.transports[i], self.h.nodes[i].root),
+            list(range(len(self.h.nodes))),
+        )
+
+
+def _status(listed: str | None) -> str:
+    """A node the listing lacks is `missing`; one listed without a state is running."""
+    if listed is None:
+        return "missing"
+    return listed or "running"

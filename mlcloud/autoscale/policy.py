@@ -1,0 +1,225 @@
+"""The controller's decisions as a pure function: `decide(snapshot, policy, now) -> Plan`.
+
+No I/O and no clock of its own: the controller gathers the snapshot (provider listing,
+reachability, agent verdicts, job, money) and applies the plan, so every rule tests with
+synthetic snapshots and a fake clock. Each action carries the reason that becomes its event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# What a provider listing may say of a node that is gone or going (EC2 states; "missing":
+# the listing no longer has it at all).
+GONE = frozenset({"terminated", "shutting-down", "stopping", "stopped", "missing"})
+
+# Action kinds, in the order the controller applies them.
+BUDGET_STOP = "budget_stop"  # checkpoint (SIGTERM), grace, terminate the cluster
+IDLE_DOWN = "idle_down"  # no job and every node idle for idle_minutes: terminate
+STALL = "stall"  # report a stalled job (event only)
+STALL_STOP = "stall_stop"  # stop a stalled job (on_stall: stop)
+RESTART = "restart"  # the head is gone: restart the job from its newest checkpoint, new head
+REPLACE = "replace"  # a lost node: a new one (same zone first, or a spare) in its place
+DROP = "drop"  # a lost node nothing can replace: the job goes on without it (elastic)
+SHRINK = "shrink"  # checkpoint, then one node fewer: the cost rate would overrun max_cost
+GROW = "grow"  # one node more, toward MAX
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node as the controller saw it this pass."""
+
+    idx: int  # position in the cluster; 0 is the head (the rendezvous host)
+    node_id: str
+    provider_status: str  # from the provider's listing ("running", "terminated", "missing"...)
+    unreachable: int = 0  # consecutive failed reachability checks, this one included
+    verdict: str | None = None  # the agent's newest: idle|busy|stalled|starting, None: no agent
+    idle_since: float | None = None  # start of the agent's unbroken run of idle verdicts
+    stalled_since: float | None = None  # likewise for stalled
+
+
+@dataclass(frozen=True)
+class JobView:
+    job_id: int
+    running: bool
+    remaining_s: float | None = None  # expected time to the end (from progress), None: unknown
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    cluster: str
+    nodes: tuple[NodeView, ...]
+    job: JobView | None
+    cost_so_far: float  # USD billed since the cluster came up
+    node_rate: float  # USD/h of one node
+    min_nodes: int  # elastic MIN (== MAX for a fixed size)
+    max_nodes: int
+    spares: int | None = None  # ssh: free hosts; None: a cloud (capacity is found by asking)
+    ended_at: float | None = None  # when the last job ended (idle teardown counts from there)
+
+    @property
+    def rate(self) -> float:
+        """USD/h now: every node still listed bills."""
+        return self.node_rate * len(self.nodes)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The spec's `autoscale:` keys (defaults as documented in the README)."""
+
+    poll_seconds: float = 5.0
+    idle_minutes: float | None = 30.0
+    idle_util_percent: float = 5.0
+    stall_minutes: float | None = None
+    on_stall: str = "report"
+    max_cost: float | None = None
+    replace_lost: bool = True
+    lost_after: int = 2  # consecutive unreachable checks before a node counts as lost
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Policy:
+        """From a spec as state stores it; keys it lacks keep their defaults."""
+        auto = dict(spec.get("autoscale") or {})
+        known = {k: auto[k] for k in cls.__dataclass_fields__ if auto.get(k) is not None}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    reason: str
+    node: int | None = None  # the node's position, where one applies
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = field(default=())
+
+    def kinds(self) -> list[str]:
+        return [a.kind for a in self.actions]
+
+
+def lost_reason(n: NodeView, policy: Policy) -> str | None:
+    """Why a node counts as lost, or None: the provider says it is gone (the cloud is the
+    truth), or it did not answer `lost_after` checks in a row."""
+    if n.provider_status in GONE:
+        return f"the provider lists it as {n.provider_status}"
+    if n.unreachable >= policy.lost_after:
+        return f"unreachable for {n.unreachable} consecutive checks"
+    return None
+
+
+def _projected(snap: Snapshot, nodes: int) -> float | None:
+    """Cost at the job's expected end with this many nodes, None when the end is unknown."""
+    if snap.job is None or not snap.job.running or snap.job.remaining_s is None:
+        return None
+    return snap.cost_so_far + snap.node_rate * nodes * snap.job.remaining_s / 3600
+
+
+def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
+    """What to do this pass, with why. A budget stop or an idle teardown is the whole plan."""
+    running = snap.job is not None and snap.job.running
+    # Budget: stop one poll's spend early, so the last poll cannot carry the cost over.
+    if policy.max_cost is not None:
+        next_poll = snap.rate * policy.poll_seconds / 3600
+        if snap.cost_so_far + next_poll >= policy.max_cost:
+            return Plan(
+                (
+                    Action(
+                        BUDGET_STOP,
+                        f"spent ${snap.cost_so_far:.2f} of max_cost ${policy.max_cost:.2f} "
+                        f"(${snap.rate:.2f}/h): checkpointing, then tearing down",
+                    ),
+                )
+            )
+    # Idle: no job and every node idle for idle_minutes (the agent's verdict, or no job since
+    # the last one ended when no agent speaks).
+    if not running and policy.idle_minutes is not None and snap.nodes:
+        window = policy.idle_minutes * 60
+        starts = [n.idle_since for n in snap.nodes]
+        if snap.ended_at is not None:
+            starts = [max(s, snap.ended_at) if s is not None else None for s in starts]
+        if all(s is not None and now - s >= window for s in starts):
+            return Plan(
+                (
+                    Action(
+                        IDLE_DOWN,
+                        f"no job and every node idle for {policy.idle_minutes:g} min: tearing down",
+                    ),
+                )
+            )
+    actions: list[Action] = []
+    # Stall: a running job whose nodes have said "stalled" for stall_minutes.
+    if running and policy.stall_minutes is not None:
+        window = policy.stall_minutes * 60
+        stalled = [
+            n for n in snap.nodes if n.stalled_since is not None and now - n.stalled_since >= window
+        ]
+        if stalled:
+            where = ", ".join(f"node{n.idx}" for n in stalled)
+            if policy.on_stall == "stop":
+                actions.append(
+                    Action(STALL_STOP, f"job stalled on {where} for {policy.stall_minutes:g} min")
+                )
+            else:
+                actions.append(
+                    Action(
+                        STALL,
+                        f"job stalled on {where} for {policy.stall_minutes:g} min "
+                        "(on_stall: report)",
+                    )
+                )
+    # Lost nodes.
+    lost = [(n, why) for n in snap.nodes if (why := lost_reason(n, policy))]
+    alive = len(snap.nodes) - len(lost)
+    spares = snap.spares
+    head_lost = any(n.idx == 0 for n, _ in lost)
+    if head_lost and running and alive > 0:
+        actions.append(
+            Action(
+                RESTART,
+                "the head node is lost: restarting the job from its newest checkpoint "
+                "with a new head",
+                0,
+            )
+        )
+    for n, why in lost:
+        can = policy.replace_lost and (spares is None or spares > 0)
+        if can:
+            if spares is not None:
+                spares -= 1
+            actions.append(Action(REPLACE, f"node{n.idx} ({n.node_id}) lost: {why}", n.idx))
+        else:
+            because = "replace_lost is off" if not policy.replace_lost else "no spare left"
+            actions.append(Action(DROP, f"node{n.idx} ({n.node_id}) lost: {why}; {because}", n.idx))
+    if lost or not running or snap.min_nodes == snap.max_nodes:
+        return Plan(tuple(actions))
+    # Elastic size: shrink when the rate would overrun max_cost before the job's end; grow
+    # toward MAX while capacity and budget allow.
+    size = len(snap.nodes)
+    if policy.max_cost is not None:
+        at_size = _projected(snap, size)
+        if at_size is not None and at_size > policy.max_cost and size > snap.min_nodes:
+            actions.append(
+                Action(
+                    SHRINK,
+                    f"${at_size:.2f} expected at the job's end on {size} nodes is over max_cost "
+                    f"${policy.max_cost:.2f}: checkpointing, then one node fewer",
+                    size - 1,
+                )
+            )
+            return Plan(tuple(actions))
+    if size < snap.max_nodes and (spares is None or spares > 0):
+        bigger = _projected(snap, size + 1)
+        if policy.max_cost is None or (bigger is not None and bigger <= policy.max_cost):
+            why = (
+                "capacity allows"
+                if policy.max_cost is None
+                else (
+                    f"${bigger:.2f} expected at the end is within max_cost ${policy.max_cost:.2f}"
+                )
+            )
+            actions.append(
+                Action(GROW, f"{size} of {snap.max_nodes} nodes and {why}: one node more")
+            )
+    return Plan(tuple(actions))

@@ -1,0 +1,167 @@
+"""K sshd nodes, each in a network namespace of its own, on one bridge: every node has its own
+address in one subnet, so the nodes reach each other (rendezvous, gloo) and one node can be
+killed whole (`kill(i)`: SIGKILL to every process in its namespace) without touching the rest.
+
+Needs root and iproute2. Addresses come from 198.18.0.0/15 (reserved for benchmarks, never
+routed): reachable from this machine only. One client key logs in everywhere. Everything is
+removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from netns import _ip, available  # noqa: F401 (available: for the tests' skip)
+from sshnodes import SYSTEM_PATH
+
+
+class NsBridge:
+    def __init__(self, count: int, workdir: Path):
+        self.workdir = Path(workdir).absolute()
+        token = secrets.token_hex(3)
+        self.token = token
+        self.bridge = f"mlb{token}"
+        third = int(token[:2], 16)
+        self.subnet = f"198.18.{third}.0/24"
+        self.gateway = f"198.18.{third}.1"
+        self.hosts = [f"198.18.{third}.{i + 2}" for i in range(count)]
+        self.namespaces = [f"mlcb-{token}-{i}" for i in range(count)]
+        self.client_key = self.workdir / "client_ed25519"
+        self._sshd: list[subprocess.Popen] = []
+
+    def __enter__(self) -> NsBridge:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"root@{h}:22" for h in self.hosts]
+
+    def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)],
+            check=True,
+            capture_output=True,
+        )
+        (self.workdir / "authorized_keys").write_text(
+            self.client_key.with_suffix(".pub").read_text()
+        )
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, (ns, host) in enumerate(zip(self.namespaces, self.hosts, strict=True)):
+            outer, inner = f"mbo{self.token}{i}", f"mbi{self.token}{i}"
+            _ip("netns", "add", ns)
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", inner, "netns", ns)
+            _ip("link", "set", outer, "master", self.bridge)
+            _ip("link", "set", outer, "up")
+            _ip("-n", ns, "addr", "add", f"{host}/24", "dev", inner)
+            _ip("-n", ns, "link", "set", inner, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            self._sshd.append(self._spawn(i))
+        for i in range(len(self.hosts)):
+            self._await(i)
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        d = self.workdir / f"node{i}"
+        d.mkdir(exist_ok=True)
+        host_key = d / "host_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
+            check=True,
+            capture_output=True,
+        )
+        config = d / "sshd_config"
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {self.hosts[i]}",
+                    "Port 22",
+                    f"HostKey {host_key}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.workdir / 'authorized_keys'}",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PermitRootLogin prohibit-password",
+                    "Subsystem sftp internal-sftp",
+                    "UseDNS no",
+                    "MaxStartups 100",
+                    f'SetEnv "PATH={os.path.dirname(sys.executable)}:{SYSTEM_PATH}" "SHLVL=1"',
+                ]
+            )
+            + "\n"
+        )
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.namespaces[i], "/usr/sbin/sshd", "-D", "-f",
+             str(config), "-E", str(d / "sshd.log")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def _await(self, i: int) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            probe = subprocess.run(
+                ["ip", "netns", "exec", self.namespaces[i], "ss", "-Hltn", "sport = :22"],
+                capture_output=True,
+                text=True,
+            )
+            if self.hosts[i] in probe.stdout:
+                return
+            if self._sshd[i].poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / f"node{i}" / "sshd.log").read_text(errors="replace")
+                raise RuntimeError(f"sshd in {self.namespaces[i]} did not start:\n{log}")
+            time.sleep(0.05)
+
+    def pids(self, i: int) -> list[int]:
+        """Every process living in node i's namespace (sshd and what it started)."""
+        out = subprocess.run(
+            ["ip", "netns", "pids", self.namespaces[i]], capture_output=True, text=True
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self, i: int) -> None:
+        """kill -9 everything on node i: its sshd, the job, anything it left running."""
+        for _ in range(5):
+            pids = self.pids(i)
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for i in range(len(self.namespaces)):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.kill(i)
+        for p in self._sshd:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        for i, ns in enumerate(self.namespaces):
+            for args in (("link", "del", f"mbo{self.token}{i}"), ("netns", "del", ns)):
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _ip(*args)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip("link", "del", self.bridge)
