@@ -5,6 +5,8 @@ real torchrun and the DDP template."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,27 +118,30 @@ def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
 
     r = run_cli("init", str(tmp_path / "proj"))
     assert r.returncode == 0, r.stderr
-    train = subprocess.run(
-        [
-            MLCLOUD,
-            "train",
-            "budget",
-            "-w",
-            str(tmp_path / "proj"),
-            "train.py",
-            "--",
-            "--steps",
-            "100000000",
-            "--ckpt-every",
-            "500",
-            "--log-every",
-            "100",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=budget_s + 120,
-        stdin=subprocess.DEVNULL,
+    # the machine that launched the job goes away (its driver, and with it the controller
+    # `train` runs, is killed): the node's agent alone enforces the budget
+    r = run_cli(
+        "train",
+        "budget",
+        "--detach",
+        "-w",
+        str(tmp_path / "proj"),
+        "train.py",
+        "--",
+        "--steps",
+        "100000000",
+        "--ckpt-every",
+        "500",
+        "--log-every",
+        "100",
     )
+    assert r.returncode == 0, r.stderr
+    driver = state.open_store().get_job("budget").driver_pid
+    os.kill(driver, signal.SIGKILL)
+    deadline = time.time() + budget_s + 60
+    while not (root / "agent" / "stopped").exists() and time.time() < deadline:
+        time.sleep(1)
+    train = run_cli("logs", "budget", "--follow", timeout=120)
     stopped = json.loads((root / "agent" / "stopped").read_text())
     assert stopped["kind"] == "budget_stop"
     assert config["deadline"] <= stopped["time"] <= config["deadline"] + POLL_S + SLACK_S

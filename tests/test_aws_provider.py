@@ -133,7 +133,7 @@ def engine_uses(aws: AwsProvider, monkeypatch) -> None:
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
     monkeypatch.setattr(
         "mlcloud.cluster.bootstrap",
-        lambda p, ref, nodes, ssh: [
+        lambda p, ref, nodes, ssh, *agent: [
             state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
             for i, n in enumerate(nodes)
         ],
