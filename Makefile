@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[torch,test]"
 	touch $(STAMP)
 
-# The SSH tests run real OpenSSH daemons as nodes (and the benches compare with rsync):
+# The SSH tests run real OpenSSH daemons as nodes, some in network namespaces (iproute2),
+# and the benches compare with rsync:
 # install them when missing and we may (root); otherwise say what to install.
 sysdeps:
 	@missing=""; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
 	command -v rsync >/dev/null || missing="$$missing rsync"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
