@@ -442,7 +442,7 @@ def ssh(
 
 def gc(
     provider: str | None = typer.Option(
-        None, "--provider", "-p", help="Only this provider (local or aws)."
+        None, "--provider", "-p", help="Only this provider (local, aws or gce)."
     ),
     region: list[str] | None = typer.Option(
         None, "--region", help="Regions to search (repeatable; default: the configured one)."

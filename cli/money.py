@@ -211,7 +211,7 @@ def catalog_show() -> None:
 
     for line in catalog.header():
         print(line)
-    for provider in ("aws", "gcp"):
+    for provider in ("aws", "gce"):
         fresh = catalog.refreshed_path(provider)
         if fresh.exists():
             print(f"{provider}: refreshed copy in use: {fresh}")
@@ -221,22 +221,26 @@ def catalog_show() -> None:
 def catalog_refresh(
     provider: str = typer.Option("aws", "--provider", "-p", help="Whose prices to refresh."),
 ) -> None:
-    """Fetch current prices (AWS: Price List API and spot price history) into $MLCLOUD_HOME;
-    they then take the place of the shipped figures for that provider."""
+    """Fetch current prices (AWS: Price List API and spot price history; GCE: Cloud Billing
+    Catalog API) into $MLCLOUD_HOME; they then take the place of the shipped figures for that
+    provider."""
     from mlcloud import catalog, providers
-    from mlcloud.catalog.refresh import refresh_aws
+    from mlcloud.catalog.refresh import refresh_aws, refresh_gce
     from mlcloud.errors import MlcloudError, UsageError
 
-    if provider != "aws":
-        raise UsageError(f"refresh is available for aws; {provider!r} uses the shipped figures")
+    refresh = {"aws": refresh_aws, "gce": refresh_gce}.get(provider)
+    if refresh is None:
+        raise UsageError(
+            f"refresh is available for aws and gce; {provider!r} uses the shipped figures"
+        )
     shipped = catalog.built()
     try:
-        refreshed, kept = refresh_aws(providers.get("aws"))
+        refreshed, kept = refresh(providers.get(provider))
     except MlcloudError as e:
         raise MlcloudError(
-            f"could not refresh aws prices ({e}); still using the shipped catalog: {shipped}"
+            f"could not refresh {provider} prices ({e}); still using the shipped catalog: {shipped}"
         ) from None
     print(
-        f"refreshed {refreshed} aws offer(s), {kept} kept as shipped: "
-        f"{catalog.refreshed_path('aws')}"
+        f"refreshed {refreshed} {provider} offer(s), {kept} kept as shipped: "
+        f"{catalog.refreshed_path(provider)}"
     )

@@ -114,6 +114,8 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
         max_price=spec.spot_max_price,
         image=spec.image,
         disk_gb=spec.resources.disk_gb,
+        project=spec.gce.project,
+        api_endpoint=spec.gce.api_endpoint,
     )
 
 
@@ -189,6 +191,9 @@ def _provision(
     want = spec.node_count
     request = replace(request_for(spec, want), fallback_regions=fallback_regions)
     places, resumed_image = _places(store, provider, ref, request)
+    # the budget's deadline: the node agents enforce it, and clouds that can end VMs
+    # themselves (GCE maxRunDuration) are told it at create
+    due = agentview.deadline(spec.autoscale.max_cost, price * want, time.time())
     refusals: list[CapacityError | QuotaError] = []
     over_quota: set[str | None] = set()
     for n, (region, zone) in enumerate(places):
@@ -196,7 +201,7 @@ def _provision(
             continue
         here = replace(ref, region=region)
         image = request.image or (resumed_image if region == ref.region else None)
-        req = replace(request, region=region, zone=zone, image=image)
+        req = replace(request, region=region, zone=zone, image=image, deadline=due)
         # recorded before anything is made there, so `down` and a re-run find it
         store.set_spec(ref.name, {**spec.to_dict(), "region": region, "zone": zone})
         report.step(
@@ -233,7 +238,6 @@ def _provision(
         provider.terminate(here, nodes[want:])
         nodes = nodes[:want]
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
-    due = agentview.deadline(spec.autoscale.max_cost, price * len(nodes), time.time())
     records = bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     store.set_nodes(ref.name, records)
     _bill(store, provider.name, here, records, request.instance_type or "", price)
@@ -289,6 +293,18 @@ def add_nodes(
     spec = TaskSpec.from_dict({**h.record.spec, "envs": {}})
     request = replace(request_for(spec, count), image=h.record.spec.get("image"))
     request = replace(request, ssh=ssh_options(h.record.spec))
+    from mlcloud.cost import accrued, hourly
+
+    billing = [i for i in store.billing(h.record.name) if i.uid == h.ref.uid]
+    price = billing[-1].price if billing else 0.0
+    # the new agents (and clouds that end VMs themselves) get the cluster's rules, and a
+    # deadline for what is left of the budget at the rate after this resize
+    now = time.time()
+    due = None
+    if spec.autoscale.max_cost is not None:
+        left = spec.autoscale.max_cost - accrued(billing, now)
+        due = agentview.deadline(max(left, 0.0), hourly(billing) + price * count, now)
+    request = replace(request, deadline=due)
     places, _ = _places(store, h.provider, h.ref, request)
     refusals: list[CapacityError | QuotaError] = []
     for region, zone in places:
@@ -306,17 +322,6 @@ def add_nodes(
     else:
         raise _refused(refusals, f"{count} more x {request.instance_type or 'node'}")
     report.step(f"bootstrapping {len(nodes)} new node(s)")
-    from mlcloud.cost import accrued, hourly
-
-    billing = [i for i in store.billing(h.record.name) if i.uid == h.ref.uid]
-    price = billing[-1].price if billing else 0.0
-    # the new agents get the cluster's rules, and a deadline for what is left of the budget
-    # at the rate after this resize
-    now = time.time()
-    due = None
-    if spec.autoscale.max_cost is not None:
-        left = spec.autoscale.max_cost - accrued(billing, now)
-        due = agentview.deadline(max(left, 0.0), hourly(billing) + price * len(nodes), now)
     records = bootstrap(h.provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     start = max((n.idx for n in h.nodes), default=-1) + 1
     records = [replace(r, idx=start + k) for k, r in enumerate(records)]

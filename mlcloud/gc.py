@@ -16,7 +16,7 @@ from mlcloud import providers, state
 from mlcloud.errors import UsageError
 from mlcloud.providers.base import Collector, Resource
 
-CLOUDS = ("local", "aws")  # the providers that find what they hold without local state
+CLOUDS = ("local", "aws", "gce")  # the providers that find what they hold without local state
 MIN_AGE_MINUTES = 10.0
 DELETE = "delete"
 

@@ -12,9 +12,9 @@ from mlcloud.errors import UsageError
 # USD per GB read out of the data's region, by (data provider, where the compute is)
 EGRESS_USD_PER_GB = {
     ("aws", "same-provider"): 0.02,  # EC2/S3 inter-region transfer
-    ("gcp", "same-provider"): 0.02,  # GCS/GCE inter-region within a continent
+    ("gce", "same-provider"): 0.02,  # GCS/GCE inter-region within a continent
     ("aws", "internet"): 0.09,  # S3 to the internet (another cloud)
-    ("gcp", "internet"): 0.12,  # GCS to the internet (another cloud)
+    ("gce", "internet"): 0.12,  # GCS to the internet (another cloud)
 }
 
 
@@ -31,7 +31,7 @@ def locate(near: str, aws_session=None) -> DataPlace:
         return DataPlace("aws", _s3_region(bucket, aws_session))
     if near.startswith("gs://"):
         bucket = near[5:].split("/", 1)[0]
-        return DataPlace("gcp", _gcs_region(bucket))
+        return DataPlace("gce", _gcs_region(bucket))
     if "://" in near or not near.replace("-", "").isalnum():
         raise UsageError(f"--near: {near!r} is not a region, s3://bucket or gs://bucket")
     return DataPlace(None, near)

@@ -74,6 +74,12 @@ class SshSpec:
 
 
 @dataclass(frozen=True)
+class GceSpec:
+    project: str | None = None  # default: GOOGLE_CLOUD_PROJECT, gcloud's, the credentials'
+    api_endpoint: str | None = None  # a private Compute endpoint (MLCLOUD_GCE_API_ENDPOINT)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str | None = None
     provider: str | None = None
@@ -95,6 +101,7 @@ class TaskSpec:
     autoscale: AutoscaleSpec = field(default_factory=AutoscaleSpec)
     hosts: tuple[str, ...] = ()
     ssh: SshSpec = field(default_factory=SshSpec)
+    gce: GceSpec = field(default_factory=GceSpec)
 
     @property
     def node_count(self) -> int:
@@ -334,7 +341,9 @@ _FIELDS = {
         "ssh",
         "spot_max_price",
         "image",
+        "gce",
     },
+    "gce": {"project", "api_endpoint"},
     "ssh": {"user", "port", "identity_file", "proxy_command", "python", "allowed_cidrs"},
     "resources": {"gpus", "cpus", "instance_type", "disk_gb"},
     "train": {"script", "args", "nproc_per_node"},
@@ -484,6 +493,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
 
         max_size = parse_size(max_size, where("max_workdir_size"))
     ssh = _section(d, "ssh", where)
+    gce = _section(d, "gce", where)
     port = _int(ssh, "port", where, "ssh.port")
     if port is not None and port > 65535:
         raise UsageError(f"{where('ssh.port')}: {port} is not a TCP port (1-65535)")
@@ -526,6 +536,10 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             proxy_command=_str(ssh, "proxy_command", where, "ssh.proxy_command"),
             python=_str(ssh, "python", where, "ssh.python"),
             allowed_cidrs=_cidrs(ssh, where),
+        ),
+        gce=GceSpec(
+            project=_str(gce, "project", where, "gce.project"),
+            api_endpoint=_str(gce, "api_endpoint", where, "gce.api_endpoint"),
         ),
     )
 

@@ -15,6 +15,7 @@ _BUILTIN = {
     "local": "mlcloud.providers.local:LocalProvider",
     "ssh": "mlcloud.providers.ssh:SshProvider",
     "aws": "mlcloud.providers.aws:AwsProvider",
+    "gce": "mlcloud.providers.gce:GceProvider",
 }
 
 

@@ -59,6 +59,9 @@ class ProvisionRequest:
     fallback_regions: tuple[str, ...] = ()  # where else to look when `region` has no capacity
     hosts: tuple[str, ...] = ()  # the ssh provider: machines the user already has
     ssh: SshOptions = SshOptions()
+    project: str | None = None  # gce: the Google Cloud project (default: ADC's, the env's)
+    api_endpoint: str | None = None  # gce: a private (or test) Compute API endpoint
+    deadline: float | None = None  # epoch s the budget runs out: clouds that can end VMs then do
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def test_refresh_writes_fresh_rows_that_win(aws_env, mlcloud_home):
     assert p4d.spot == pytest.approx(0.00001)  # moto's fixed spot history
     g5 = catalog.lookup(offers, "aws", "g5.xlarge", "eu-west-1")
     assert "not refreshed" in g5.note
-    assert catalog.lookup(offers, "gcp", "a2-highgpu-8g", "europe-west4") is not None
+    assert catalog.lookup(offers, "gce", "a2-highgpu-8g", "europe-west4") is not None
     text = catalog.refreshed_path("aws").read_text()
     assert text.startswith("# AWS rows refreshed on") and "Price List API" in text
 

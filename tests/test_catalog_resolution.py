@@ -20,13 +20,13 @@ def cheapest(spec: str, **kw):
     "ask, kw, provider, instance_type, region",
     [
         ("A100:8", {"provider": "aws"}, "aws", "p4d.24xlarge", "us-east-1"),
-        ("A100:8", {}, "gcp", "a2-highgpu-8g", "europe-west4"),
+        ("A100:8", {}, "gce", "a2-highgpu-8g", "europe-west4"),
         ("A100-80GB:8", {"provider": "aws"}, "aws", "p4de.24xlarge", None),
         ("H100:8", {"provider": "aws"}, "aws", "p5.48xlarge", None),
-        ("H200:8", {"provider": "gcp"}, "gcp", "a3-ultragpu-8g", None),
+        ("H200:8", {"provider": "gce"}, "gce", "a3-ultragpu-8g", None),
         ("L4:1", {"provider": "aws"}, "aws", "g6.xlarge", None),
-        ("L4", {"provider": "gcp"}, "gcp", "g2-standard-4", None),
-        ("T4:1", {"provider": "gcp"}, "gcp", "n1-standard-8+T4:1", None),
+        ("L4", {"provider": "gce"}, "gce", "g2-standard-4", None),
+        ("T4:1", {"provider": "gce"}, "gce", "n1-standard-8+T4:1", None),
         ("A10G:1", {}, "aws", "g5.xlarge", None),
         ("a100:8", {"provider": "aws", "region": "eu-west-1"}, "aws", "p4d.24xlarge", "eu-west-1"),
     ],
@@ -59,7 +59,7 @@ def test_spot_picks_by_spot_price():
         ("A10:8", {}, "unknown GPU 'A10'; did you mean A10G"),
         ("B300:8", {}, "unknown GPU 'B300'"),
         ("A100:3", {}, "no machine has 3 x A100; it comes 1, 2, 4, 8, 16 per machine"),
-        ("H100-MEGA:8", {"provider": "aws"}, "no H100-MEGA:8 offer on aws; it is offered on gcp"),
+        ("H100-MEGA:8", {"provider": "aws"}, "no H100-MEGA:8 offer on aws; it is offered on gce"),
         ("A100:8", {"provider": "aws", "region": "mars-1"}, "no A100:8 offer on aws in mars-1;"),
         ("A100:8", {"max_price": 1.0}, "costs $19.42/h, above --max-price $1.00"),
         ("A100:8", {"spot": True, "max_price": 0.5}, "cheapest spot A100:8 offer"),
@@ -102,13 +102,13 @@ def test_refreshed_rows_replace_a_providers_shipped_rows(mlcloud_home):
     )
     offers = catalog.load()
     assert [o.on_demand for o in offers if o.provider == "aws"] == [20.0]
-    assert any(o.provider == "gcp" for o in offers)
+    assert any(o.provider == "gce" for o in offers)
 
 
 def test_compute_goes_to_the_data_region_when_it_can():
     from mlcloud.locality import DataPlace
 
-    ask = TaskSpec(resources=Resources(gpus=GpuSpec("A100", 8)))
+    ask = TaskSpec(provider="aws", resources=Resources(gpus=GpuSpec("A100", 8)))
     _, anywhere = plan.make(ask, default_region=lambda p: None)
     _, near = plan.make(ask, default_region=lambda p: None, near=DataPlace("aws", "eu-west-1"))
     assert (near.provider, near.region) == ("aws", "eu-west-1") and near.egress_usd_per_gb == 0

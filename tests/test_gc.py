@@ -80,4 +80,4 @@ def test_local_nodes_found_and_removed_after_state_is_lost(mlcloud_home):
 def test_gc_of_a_provider_that_holds_nothing_is_one_line():
     r = run_cli("gc", "--provider", "ssh")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "gc knows local, aws" in r.stderr
+    assert "gc knows local, aws, gce" in r.stderr

@@ -18,6 +18,7 @@ from mlcloud.errors import UsageError
 from mlcloud.names import check_cluster_name
 from mlcloud.spec import (
     AutoscaleSpec,
+    GceSpec,
     GpuSpec,
     Resources,
     TaskSpec,
@@ -77,6 +78,9 @@ checkpoint_dir: ckpt
 autoscale:
   idle_minutes: 30
   max_cost: 12.5
+gce:
+  project: my-project
+  api_endpoint: https://compute.example.internal
 """
 
 
@@ -99,6 +103,7 @@ def full_expected(tmp_path: Path) -> TaskSpec:
         envs={"WANDB_MODE": "offline", "SEED": "42", "DEBUG": "false"},
         checkpoint_dir="ckpt",
         autoscale=AutoscaleSpec(idle_minutes=30.0, max_cost=12.5),
+        gce=GceSpec(project="my-project", api_endpoint="https://compute.example.internal"),
     )
 
 
@@ -243,6 +248,7 @@ def test_to_dict_shape(tmp_path):
         "ssh",
         "spot_max_price",
         "image",
+        "gce",
     }
 
 

@@ -16,6 +16,8 @@ from mlcloud.errors import UsageError
 from mlcloud.spec import GpuSpec
 
 SHIPPED = Path(__file__).parent / "data" / "gpu_offers.csv"
+# The price lists name clouds (gcp); offers name the provider that serves them (gce).
+PROVIDER_OF_CLOUD = {"gcp": "gce"}
 COLUMNS = [
     "provider",
     "instance_type",
@@ -62,7 +64,7 @@ def read(path: Path) -> list[Offer]:
         rows = csv.DictReader(line for line in f if not line.startswith("#"))
         return [
             Offer(
-                r["provider"],
+                PROVIDER_OF_CLOUD.get(r["provider"], r["provider"]),
                 r["instance_type"],
                 r["gpu_model"],
                 int(r["gpu_count"]),

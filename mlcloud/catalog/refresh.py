@@ -32,17 +32,51 @@ def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
                 note=f"refreshed {now:%Y-%m-%d}",
             )
         )
-    out = io.StringIO()
-    out.write(
-        f"# AWS rows refreshed on {now:%Y-%m-%d %H:%M} UTC from the AWS Price List API "
-        "(on-demand, Linux, shared tenancy) and DescribeSpotPriceHistory (median of the "
-        "latest price per zone).\n"
+    _write(
+        "aws",
+        [
+            f"AWS rows refreshed on {now:%Y-%m-%d %H:%M} UTC from the AWS Price List API "
+            "(on-demand, Linux, shared tenancy) and DescribeSpotPriceHistory (median of the "
+            "latest price per zone).",
+            "Rows the APIs did not price keep the shipped figures, noted 'not refreshed'.",
+        ],
+        fresh,
     )
-    out.write("# Rows the APIs did not price keep the shipped figures, noted 'not refreshed'.\n")
-    out.write(f"# Shipped catalog: {built()}\n")
+    return refreshed, len(rows) - refreshed
+
+
+def refresh_gce(provider, now: datetime | None = None) -> tuple[int, int]:
+    """(rows refreshed, rows kept as shipped); writes the refreshed GCE catalog. Only
+    on-demand prices: Spot figures stay as shipped."""
+    now = now or datetime.now(timezone.utc)
+    rows = [o for o in read(SHIPPED) if o.provider == "gce"]
+    prices = provider.prices(sorted({(o.instance_type, o.region) for o in rows}))
+    fresh = [
+        replace(o, on_demand=prices[(o.instance_type, o.region)], note=f"refreshed {now:%Y-%m-%d}")
+        if (o.instance_type, o.region) in prices
+        else replace(o, note=(o.note + "; " if o.note else "") + "not refreshed")
+        for o in rows
+    ]
+    _write(
+        "gce",
+        [
+            f"GCE rows refreshed on {now:%Y-%m-%d %H:%M} UTC from the Cloud Billing Catalog API "
+            "(on-demand vCPU, memory and GPU SKUs of the region; Spot kept as shipped).",
+            "Rows the API did not price keep the shipped figures, noted 'not refreshed'.",
+        ],
+        fresh,
+    )
+    return len(prices), len(rows) - len(prices)
+
+
+def _write(provider: str, lines: list[str], offers: list[Offer]) -> None:
+    """The provider's refreshed catalog, atomically, with where its figures came from."""
+    out = io.StringIO()
+    for line in [*lines, f"Shipped catalog: {built()}"]:
+        out.write(f"# {line}\n")
     w = csv.writer(out, lineterminator="\n")
     w.writerow(COLUMNS)
-    for o in sorted(fresh, key=lambda o: (o.instance_type, o.region)):
+    for o in sorted(offers, key=lambda o: (o.instance_type, o.region)):
         w.writerow(
             [
                 o.provider,
@@ -59,9 +93,8 @@ def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
                 o.note,
             ]
         )
-    path = refreshed_path("aws")
+    path = refreshed_path(provider)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(out.getvalue())
     tmp.replace(path)
-    return refreshed, len(rows) - refreshed

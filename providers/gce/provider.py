@@ -1,0 +1,537 @@
+"""Google Compute Engine: GPU VMs on demand or Spot, found again by label.
+
+One bulkInsert per attempt (minCount = count: all or nothing) with a request id fixed by the
+cluster and the attempt, waited on explicitly; firewall rules by a network tag unique to the
+cluster. The API calls of an `up` do not grow with the node count; `down` deletes VMs one call
+each (GCE has no bulk delete) and confirms with one listing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlparse
+
+from mlcloud.providers.base import (
+    CapacityError,
+    ClusterRef,
+    Node,
+    Prepared,
+    ProviderError,
+    ProvisionRequest,
+    QuotaError,
+    Resource,
+    SshOptions,
+)
+from mlcloud.providers.gce import rules
+
+from mlcloud.errors import UsageError
+from mlcloud.remote.ssh import SshTarget, SshTransport
+
+if TYPE_CHECKING:
+    from mlcloud.providers.gce.api import Api
+
+ENDPOINT_ENV = "MLCLOUD_GCE_API_ENDPOINT"
+PROJECT_ENVS = ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT")
+REGION_ENVS = ("CLOUDSDK_COMPUTE_REGION", "GOOGLE_CLOUD_REGION")
+RUNNING_TIMEOUT_S = 600.0
+GONE_TIMEOUT_S = 600.0
+POLL_S = float(os.environ.get("MLCLOUD_GCE_POLL_S", "2.0"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a cluster's resources live: kept per cluster, so `down` in another shell (with
+    another default project) finds them."""
+
+    project: str | None = None
+    api_endpoint: str | None = None
+
+
+class GceProvider:
+    name: ClassVar[str] = "gce"
+    boot_timeout: ClassVar[float] = 900.0  # the driver install on first boot takes minutes
+
+    def __init__(self) -> None:
+        self._apis: dict[tuple[str, str | None], Api] = {}
+        self._creds: tuple[Any, str | None] | None = None
+
+    # settings, credentials, clients
+
+    def default_region(self) -> str | None:
+        return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
+
+    def region(self, region: str | None) -> str:
+        region = region or self.default_region()
+        if not region:
+            raise UsageError(
+                "no GCE region: pass --region (e.g. us-central1), set region: in the spec, "
+                "or CLOUDSDK_COMPUTE_REGION"
+            )
+        return region
+
+    def _credentials(self) -> tuple[Any, str | None]:
+        if self._creds is None:
+            from mlcloud.providers.gce.api import credentials
+
+            self._creds = credentials()
+        return self._creds
+
+    def api(self, settings: Settings) -> Api:
+        from mlcloud.providers.gce.api import Api
+
+        endpoint = settings.api_endpoint or os.environ.get(ENDPOINT_ENV) or None
+        creds, adc_project = self._credentials()
+        project = (
+            settings.project
+            or next((os.environ[e] for e in PROJECT_ENVS if os.environ.get(e)), None)
+            or adc_project
+        )
+        if not project:
+            raise UsageError(
+                "no Google Cloud project: set gce.project in the spec, GOOGLE_CLOUD_PROJECT, "
+                "or `gcloud config set project ID`"
+            )
+        key = (project, endpoint)
+        if key not in self._apis:
+            self._apis[key] = Api(project, endpoint, creds)
+        return self._apis[key]
+
+    def _remember(self, cluster: ClusterRef, request: ProvisionRequest) -> Api:
+        """The request's project and endpoint, kept for the cluster's later commands."""
+        settings = Settings(request.project, request.api_endpoint)
+        path = _settings_path(cluster.uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings.__dict__))
+        tmp.replace(path)
+        return self.api(settings)
+
+    def _api_of(self, cluster: ClusterRef) -> Api:
+        try:
+            saved = json.loads(_settings_path(cluster.uid).read_text())
+        except (OSError, ValueError):
+            saved = {}
+        return self.api(Settings(saved.get("project"), saved.get("api_endpoint")))
+
+    # the contract
+
+    def check(self, request: ProvisionRequest) -> None:
+        self.api(Settings(request.project, request.api_endpoint))
+        self.region(request.region)
+        if request.hosts:
+            raise UsageError("hosts are for the ssh provider; drop them or use --provider ssh")
+        if not request.instance_type:
+            raise UsageError(
+                "gce needs a machine type: --instance-type n1-standard-8+T4:1, "
+                "resources.instance_type, or --gpus A100:8 to let the catalog pick"
+            )
+        if request.max_price is not None:
+            raise UsageError(
+                "spot_max_price: GCE Spot VMs have no bid price; drop it (Spot is priced by GCE)"
+            )
+
+    def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
+        """The asked zone; else the zones the catalog lists for the type in the region (the
+        Zones API when it lists none), then those of each fallback region, in order."""
+        region = self.region(request.region)
+        if request.zone:
+            return [(region, request.zone)]
+        api = self.api(Settings(request.project, request.api_endpoint))
+        places: list[tuple[str | None, str | None]] = []
+        for r in [region, *(f for f in request.fallback_regions if f != region)]:
+            zones = _catalog_zones(request.instance_type or "", r) or sorted(
+                z.name
+                for z in api.paged("zones", "list", project=api.project)
+                if z.name.startswith(f"{r}-") and z.status == "UP"
+            )
+            places += [(r, z) for z in zones]
+        return places
+
+    def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
+        """Firewall rules (SSH from the caller, all traffic within the cluster's tag), the
+        image (the newest Deep Learning VM of the family) and login user pinned."""
+        api = self._remember(cluster, request)
+        request = replace(
+            request, ssh=replace(request.ssh, user=request.ssh.user or rules.DEFAULT_USER)
+        )
+        if not request.image:
+            family = self._image_from_family(api, rules.DLVM_PROJECT, rules.DLVM_FAMILY)
+            request = replace(request, image=family)
+        elif "/family/" in request.image:
+            project, _, family = request.image.partition("/global/images/family/")
+            request = replace(
+                request,
+                image=self._image_from_family(api, project.removeprefix("projects/"), family),
+            )
+        cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
+        for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
+            self._firewall(api, body)
+        return Prepared(request)
+
+    def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
+        api = self._api_of(cluster)
+        region = self.region(request.region)
+        zone = request.zone
+        if not zone:
+            raise ProviderError("gce: create needs a zone (from placements)")
+        assert request.image and request.instance_type
+        taken = {n.node_id for n in self._list(api, cluster, None)}
+        names = []
+        k = 0
+        while len(names) < count:
+            if rules.instance_name(cluster.uid, k) not in taken:
+                names.append(rules.instance_name(cluster.uid, k))
+            k += 1
+        from mlcloud import keys
+
+        public = (
+            _public_key_of(request.ssh.identity_file)
+            if request.ssh.identity_file
+            else keys.ensure_cluster_key(cluster.uid)[1]
+        )
+        props = rules.instance_properties(
+            instance_type=request.instance_type,
+            image=request.image,
+            disk_gb=request.disk_gb,
+            labels=rules.labels(cluster.uid, cluster.name, cluster.owner),
+            tag=rules.tag(cluster.uid),
+            user=request.ssh.user or rules.DEFAULT_USER,
+            public_key=public,
+            spot=request.spot,
+            max_run_s=rules.max_run_seconds(request.deadline, time.time()),
+        )
+        attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
+        body = {
+            "count": count,
+            "min_count": count,
+            "per_instance_properties": {n: {"name": n} for n in names},
+            "instance_properties": props,
+        }
+        try:
+            op = api.call(
+                "instances",
+                "bulk_insert",
+                zone,
+                project=api.project,
+                zone=zone,
+                request_id=rules.request_id(cluster.uid, attempt),
+                bulk_insert_instance_resource_resource=body,
+            )
+            api.wait(op, zone, region)
+        except (CapacityError, QuotaError):
+            self._delete_in(api, cluster, zone)  # a failed attempt leaves nothing behind
+            raise
+        return self._until_running(api, cluster, set(names))
+
+    def list(self, cluster: ClusterRef) -> list[Node]:
+        return self._list(self._api_of(cluster), cluster, cluster.region)
+
+    def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
+        if not nodes:
+            return
+        api = self._api_of(cluster)
+        names = {n.node_id for n in nodes}
+        zones = {name: zone for zone, name in self._instances(api, cluster) if name in names}
+        self._delete(api, list(zones.items()))
+        self._until_gone(api, cluster, names)
+        from mlcloud import keys
+
+        keys.forget(sorted(names))
+
+    def cleanup(self, cluster: ClusterRef) -> None:
+        api = self._api_of(cluster)
+        for name in rules.firewall_names(cluster.uid):
+            self._delete_firewall(api, name)
+
+    def transport(
+        self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
+    ) -> SshTransport:
+        from mlcloud import keys
+
+        return SshTransport(
+            SshTarget(
+                host=node.ip,
+                port=ssh.port or 22,
+                user=ssh.user or rules.DEFAULT_USER,
+                identity_file=ssh.identity_file or str(keys.cluster_key_path(cluster.uid)),
+                proxy_command=ssh.proxy_command,
+                host_key_id=node.node_id,
+                python=ssh.python or "python3",
+            ),
+            label,
+        )
+
+    # garbage collection
+
+    def discover(self, region: str | None) -> list[Resource]:
+        """Every firewall rule mlcloud made (global: listed whatever the region), then every
+        labelled VM (in the region's zones, if one is named); a VM's id is zone/name."""
+        api = self.api(Settings())
+        found = []
+        for f in api.paged("firewalls", "list", project=api.project):
+            owner = rules.firewall_owner(f.description)
+            if owner and f.name.startswith("mlcloud-"):
+                uid, home = owner
+                found.append(
+                    Resource(
+                        "gce",
+                        "firewall",
+                        f.name,
+                        uid,
+                        uid.rpartition("-")[0],
+                        home,
+                        "global",
+                        created=_epoch(f.creation_timestamp),
+                    )
+                )
+        for scope, i in api.paged(
+            "instances", "aggregated_list", project=api.project, filter="labels.mlcloud-cluster:*"
+        ):
+            zone = scope.rpartition("/")[2]
+            if region and not zone.startswith(f"{region}-"):
+                continue
+            found.append(
+                Resource(
+                    "gce",
+                    "instance",
+                    f"{zone}/{i.name}",
+                    i.labels.get("mlcloud-cluster", ""),
+                    i.labels.get("mlcloud-name", ""),
+                    i.labels.get("mlcloud-owner", ""),
+                    zone.rpartition("-")[0],
+                    created=_epoch(i.creation_timestamp),
+                )
+            )
+        return found
+
+    def delete(self, resources: list[Resource]) -> None:
+        """VMs first (confirmed gone), then the firewall rules."""
+        api = self.api(Settings())
+        vms = [tuple(r.id.split("/", 1)) for r in resources if r.kind == "instance"]
+        self._delete(api, [(name, zone) for zone, name in vms])
+        deadline = time.monotonic() + GONE_TIMEOUT_S
+        while vms and any(
+            (scope.rpartition("/")[2], i.name) in vms
+            for scope, i in api.paged(
+                "instances",
+                "aggregated_list",
+                project=api.project,
+                filter="labels.mlcloud-cluster:*",
+            )
+        ):
+            if time.monotonic() > deadline:
+                raise ProviderError("gce: VMs still not deleted; run `mlcloud gc` again")
+            time.sleep(POLL_S)
+        for r in resources:
+            if r.kind == "firewall":
+                self._delete_firewall(api, r.id)
+
+    def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        from mlcloud.providers.gce.billing import on_demand
+
+        return on_demand(self._credentials()[0], pairs)
+
+    # helpers
+
+    def _instances(self, api: Api, cluster: ClusterRef) -> list[tuple[str, str]]:
+        """(zone, name) of every VM of the cluster, wherever it is."""
+        return [
+            (scope.rpartition("/")[2], i.name)
+            for scope, i in api.paged(
+                "instances",
+                "aggregated_list",
+                project=api.project,
+                filter=rules.label_filter(cluster.uid),
+            )
+        ]
+
+    def _list(self, api: Api, cluster: ClusterRef, region: str | None) -> list[Node]:
+        found = []
+        for scope, i in api.paged(
+            "instances",
+            "aggregated_list",
+            project=api.project,
+            filter=rules.label_filter(cluster.uid),
+        ):
+            zone = scope.rpartition("/")[2]
+            if region and not zone.startswith(f"{region}-"):
+                continue
+            nic = i.network_interfaces[0] if i.network_interfaces else None
+            private = nic.network_i_p if nic else ""
+            public = nic.access_configs[0].nat_i_p if nic and nic.access_configs else ""
+            found.append(
+                Node(
+                    i.name,
+                    public or private,
+                    private,
+                    f"~/.mlcloud/{cluster.uid}/{i.name}",
+                    i.status.lower(),
+                )
+            )
+        return sorted(found, key=lambda n: int(n.node_id.rpartition("-")[2]))
+
+    def _until_running(self, api: Api, cluster: ClusterRef, names: set[str]) -> list[Node]:
+        deadline = time.monotonic() + RUNNING_TIMEOUT_S
+        while True:
+            nodes = [n for n in self._list(api, cluster, None) if n.node_id in names]
+            if len(nodes) == len(names) and all(n.status == "running" and n.ip for n in nodes):
+                return nodes
+            gone = names - {n.node_id for n in nodes}
+            if gone or any(n.status in ("terminated", "stopping") for n in nodes):
+                raise ProviderError(
+                    f"gce: VM(s) {', '.join(sorted(gone) or names)} ended while "
+                    "starting (a Spot VM reclaimed?); try again"
+                )
+            if time.monotonic() > deadline:
+                raise ProviderError(f"gce: VMs not running after {RUNNING_TIMEOUT_S:.0f} s")
+            time.sleep(POLL_S)
+
+    def _until_gone(self, api: Api, cluster: ClusterRef, names: set[str]) -> None:
+        deadline = time.monotonic() + GONE_TIMEOUT_S
+        while names & {name for _, name in self._instances(api, cluster)}:
+            if time.monotonic() > deadline:
+                raise ProviderError(
+                    f"gce: VMs of {cluster.name} still not deleted after "
+                    f"{GONE_TIMEOUT_S:.0f} s; run `mlcloud down` again"
+                )
+            time.sleep(POLL_S)
+
+    def _delete(self, api: Api, vms: list[tuple[str, str]]) -> None:
+        """Ask for each VM's deletion (one call each, in parallel); the caller confirms."""
+
+        def one(vm: tuple[str, str]) -> None:
+            name, zone = vm
+            try:
+                api.call(
+                    "instances",
+                    "delete",
+                    zone,
+                    project=api.project,
+                    zone=zone,
+                    instance=name,
+                    request_id=rules.request_id(name, "delete"),
+                )
+            except ProviderError as e:
+                if "not found" not in str(e).lower():
+                    raise
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, vms))
+
+    def _delete_in(self, api: Api, cluster: ClusterRef, zone: str) -> None:
+        left = [(name, z) for z, name in self._instances(api, cluster) if z == zone]
+        self._delete(api, left)
+        self._until_gone(api, cluster, {name for name, _ in left})
+
+    def _firewall(self, api: Api, body: dict) -> None:
+        """Make the rule, or widen an existing one's sources to the caller's (a new address
+        on a resumed `up`); sources are only ever added."""
+        try:
+            have = api.call("firewalls", "get", None, project=api.project, firewall=body["name"])
+        except ProviderError as e:
+            if "not found" not in str(e).lower():
+                raise
+            op = api.call(
+                "firewalls",
+                "insert",
+                None,
+                project=api.project,
+                firewall_resource=body,
+                request_id=rules.request_id(body["name"], "insert"),
+            )
+            api.wait(op, None, None)
+            return
+        missing = set(body.get("source_ranges", [])) - set(have.source_ranges)
+        if missing:
+            op = api.call(
+                "firewalls",
+                "patch",
+                None,
+                project=api.project,
+                firewall=body["name"],
+                firewall_resource={"source_ranges": sorted(set(have.source_ranges) | missing)},
+            )
+            api.wait(op, None, None)
+
+    def _delete_firewall(self, api: Api, name: str) -> None:
+        try:
+            op = api.call("firewalls", "delete", None, project=api.project, firewall=name)
+        except ProviderError as e:
+            if "not found" in str(e).lower():
+                return
+            raise
+        api.wait(op, None, None)
+
+    def _image_from_family(self, api: Api, project: str, family: str) -> str:
+        image = api.call("images", "get_from_family", None, project=project, family=family)
+        return f"projects/{project}/global/images/{image.name}"
+
+    def caller_cidr(self, api: Api) -> str:
+        """The address GCE sees us from, as a /32: our route's source address toward the
+        endpoint when it is public (or the endpoint is on this machine), else ask."""
+        host = urlparse(api.endpoint or "https://compute.googleapis.com").hostname or ""
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                target = ipaddress.ip_address(socket.gethostbyname(host))
+                s.connect((str(target), 443))  # UDP: sends nothing
+                source = ipaddress.ip_address(s.getsockname()[0])
+            if source.is_global or target.is_loopback:
+                return f"{source}/32"
+        except OSError:
+            pass
+        address = _public_address_lookup()
+        if address is None:
+            raise UsageError(
+                "cannot tell this machine's public address to open SSH to it; "
+                "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
+            )
+        return f"{address}/32"
+
+
+def _public_address_lookup() -> str | None:
+    if os.environ.get("MLCLOUD_OFFLINE"):
+        return None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=3) as r:  # noqa: S310
+            return str(ipaddress.ip_address(r.read().decode().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def _settings_path(uid: str):
+    from mlcloud import paths
+
+    return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
+
+
+def _catalog_zones(instance_type: str, region: str) -> list[str]:
+    from mlcloud import catalog
+
+    for o in catalog.load():
+        if o.provider == "gce" and o.instance_type == instance_type and o.region == region:
+            return list(o.zones)
+    return []
+
+
+def _public_key_of(identity_file: str) -> str:
+    from mlcloud.remote.ssh import load_identity
+
+    key = load_identity(identity_file)
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def _epoch(stamp: str) -> float | None:
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
