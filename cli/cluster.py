@@ -86,6 +86,9 @@ def up(
     instance_type: str | None = typer.Option(None, "--instance-type", help="e.g. g5.xlarge"),
     region: str | None = typer.Option(None, "--region", help="Cloud region."),
     zone: str | None = typer.Option(None, "--zone", help="Zone (default: any with capacity)."),
+    project: str | None = typer.Option(
+        None, "--project", help="GCE: the Google Cloud project (default: GOOGLE_CLOUD_PROJECT)."
+    ),
     spot: bool | None = typer.Option(None, "--spot/--on-demand", help="Spot instances."),
     image: str | None = typer.Option(None, "--image", help="Machine image (default: DLAMI)."),
     gpus: str | None = typer.Option(
@@ -135,6 +138,8 @@ def up(
     )
     if file and spec.ssh.proxy_command and not proxy_command:
         _trust_proxy_command(file, spec.ssh.proxy_command, allow_proxy_command)
+    if project:
+        spec = replace(spec, gce=replace(spec.gce, project=project))
     if instance_type:
         spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
     if gpus:

@@ -68,7 +68,7 @@ class GceProvider:
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
 
-    def region(self, region: str | None) -> str:
+    def _region(self, region: str | None) -> str:
         region = region or self.default_region()
         if not region:
             raise UsageError(
@@ -125,7 +125,7 @@ class GceProvider:
 
     def check(self, request: ProvisionRequest) -> None:
         self.api(Settings(request.project, request.api_endpoint))
-        self.region(request.region)
+        self._region(request.region)
         if request.hosts:
             raise UsageError("hosts are for the ssh provider; drop them or use --provider ssh")
         if not request.instance_type:
@@ -141,7 +141,7 @@ class GceProvider:
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """The asked zone; else the zones the catalog lists for the type in the region (the
         Zones API when it lists none), then those of each fallback region, in order."""
-        region = self.region(request.region)
+        region = self._region(request.region)
         if request.zone:
             return [(region, request.zone)]
         api = self.api(Settings(request.project, request.api_endpoint))
@@ -178,7 +178,7 @@ class GceProvider:
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         api = self._api_of(cluster)
-        region = self.region(request.region)
+        region = self._region(request.region)
         zone = request.zone
         if not zone:
             raise ProviderError("gce: create needs a zone (from placements)")
