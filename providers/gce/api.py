@@ -23,10 +23,15 @@ RATE_RETRIES = 4  # a throttled call is tried this many times in all, backing of
 BACKOFF_S = float(os.environ.get("MLCLOUD_GCE_BACKOFF_S", "1.0"))
 OPERATION_TIMEOUT_S = 900.0
 CALL_TIMEOUT_S = 60.0
+WAIT_TIMEOUT_S = 150.0
 
 
 class RateLimited(ProviderError):
     """429 or rateLimitExceeded: worth a retry after a pause."""
+
+
+class NotFound(ProviderError):
+    """The resource does not exist (deleting it again, looking before making it)."""
 
 
 def credentials() -> tuple[Any, str | None]:
@@ -79,7 +84,9 @@ class Api:
             try:
                 with errors(f"{kind} {method}", where):
                     fn = getattr(self.client(kind), method)
-                    return fn(request=request, timeout=CALL_TIMEOUT_S)
+                    # an operation's wait answers within two minutes, done or not
+                    timeout = WAIT_TIMEOUT_S if method == "wait" else CALL_TIMEOUT_S
+                    return fn(request=request, timeout=timeout)
             except RateLimited:
                 if attempt == RATE_RETRIES - 1:
                     raise
@@ -180,6 +187,8 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
         kind = {rules.classify(c, m) for c, m in failures}
         if kind & {"quota", "capacity", "rate"}:
             raise typed(failures, where, where, f"gce: {operation}") from e
+        if isinstance(e, gexc.NotFound):
+            raise NotFound(f"gce: {operation}{place}: {message}") from e
         if isinstance(e, gexc.Unauthenticated):
             raise AuthError(
                 f"Google refused the credentials ({message}); {HOW_TO_CONFIGURE}"

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -195,7 +196,7 @@ class GceProvider:
         public = (
             _public_key_of(request.ssh.identity_file)
             if request.ssh.identity_file
-            else keys.ensure_cluster_key(cluster.uid)[1]
+            else " ".join(keys.ensure_cluster_key(cluster.uid)[1].split()[:2])  # no comment
         )
         props = rules.instance_properties(
             instance_type=request.instance_type,
@@ -218,7 +219,7 @@ class GceProvider:
         try:
             op = api.call(
                 "instances",
-                "bulk_insert",
+                "bulk_insert_unary",
                 zone,
                 project=api.project,
                 zone=zone,
@@ -406,22 +407,22 @@ class GceProvider:
 
     def _delete(self, api: Api, vms: list[tuple[str, str]]) -> None:
         """Ask for each VM's deletion (one call each, in parallel); the caller confirms."""
+        from mlcloud.providers.gce.api import NotFound
 
         def one(vm: tuple[str, str]) -> None:
             name, zone = vm
             try:
                 api.call(
                     "instances",
-                    "delete",
+                    "delete_unary",
                     zone,
                     project=api.project,
                     zone=zone,
                     instance=name,
-                    request_id=rules.request_id(name, "delete"),
+                    request_id=str(uuid.uuid4()),
                 )
-            except ProviderError as e:
-                if "not found" not in str(e).lower():
-                    raise
+            except NotFound:
+                pass
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, vms))
@@ -434,40 +435,49 @@ class GceProvider:
     def _firewall(self, api: Api, body: dict) -> None:
         """Make the rule, or widen an existing one's sources to the caller's (a new address
         on a resumed `up`); sources are only ever added."""
+        from mlcloud.providers.gce.api import NotFound
+
         try:
             have = api.call("firewalls", "get", None, project=api.project, firewall=body["name"])
-        except ProviderError as e:
-            if "not found" not in str(e).lower():
-                raise
+        except NotFound:
             op = api.call(
                 "firewalls",
-                "insert",
+                "insert_unary",
                 None,
                 project=api.project,
                 firewall_resource=body,
-                request_id=rules.request_id(body["name"], "insert"),
+                request_id=str(uuid.uuid4()),
             )
             api.wait(op, None, None)
             return
         missing = set(body.get("source_ranges", [])) - set(have.source_ranges)
         if missing:
+            wider = sorted(set(have.source_ranges) | missing)
             op = api.call(
                 "firewalls",
-                "patch",
+                "patch_unary",
                 None,
                 project=api.project,
                 firewall=body["name"],
-                firewall_resource={"source_ranges": sorted(set(have.source_ranges) | missing)},
+                firewall_resource={"source_ranges": wider},
+                request_id=str(uuid.uuid4()),
             )
             api.wait(op, None, None)
 
     def _delete_firewall(self, api: Api, name: str) -> None:
+        from mlcloud.providers.gce.api import NotFound
+
         try:
-            op = api.call("firewalls", "delete", None, project=api.project, firewall=name)
-        except ProviderError as e:
-            if "not found" in str(e).lower():
-                return
-            raise
+            op = api.call(
+                "firewalls",
+                "delete_unary",
+                None,
+                project=api.project,
+                firewall=name,
+                request_id=str(uuid.uuid4()),
+            )
+        except NotFound:
+            return
         api.wait(op, None, None)
 
     def _image_from_family(self, api: Api, project: str, family: str) -> str:
