@@ -335,3 +335,133 @@ def test_operations_follow_time(gce, gce_env):
     assert waited.status == gce.c.Operation.Status.DONE and time.monotonic() - t0 >= 0.4
     got = gce.zone_ops.get(project=gce.project, zone=ZONE, operation=op.name)
     assert got.status == gce.c.Operation.Status.DONE and got.progress == 100
+
+
+def test_exhausted_zone_ends_the_operation_with_the_error_and_no_vm(gce, gce_env):
+    gce_env.fake.exhaust(ZONE)
+    op = gce.insert(gce.instance("vm-1"))
+    assert op.status != gce.c.Operation.Status.DONE  # the call itself succeeds, as on GCE
+    done = gce.wait(op)
+    assert [e.code for e in done.error.errors] == ["ZONE_RESOURCE_POOL_EXHAUSTED"]
+    assert f"projects/{gce.project}/zones/{ZONE}" in done.error.errors[0].message
+    assert done.http_error_status_code == 503
+    assert gce_env.fake.instances() == []
+    other = "us-central1-b"  # the next zone has room
+    assert not gce.wait(
+        gce.insert(gce.instance("vm-1", zone=other), zone=other), other
+    ).error.errors
+    gce_env.fake.exhaust(other, details=True)
+    done = gce.wait(gce.insert(gce.instance("vm-2", zone=other), zone=other), other)
+    assert done.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"
+    assert "nvidia-tesla-t4" in done.error.errors[0].message
+
+
+def test_bulk_insert_capacity_and_min_count(gce, gce_env):
+    c = gce.c
+    template = gce.instance("x")
+    props = c.InstanceProperties(
+        machine_type="n1-standard-8",
+        disks=template.disks,
+        network_interfaces=template.network_interfaces,
+    )
+
+    def bulk(count, min_count):
+        body = c.BulkInsertInstanceResource(
+            count=count, min_count=min_count, name_pattern="n-##", instance_properties=props
+        )
+        req = c.BulkInsertInstanceRequest(
+            project=gce.project, zone=ZONE, bulk_insert_instance_resource_resource=body
+        )
+        return gce.wait(gce.instances.bulk_insert_unary(request=req))
+
+    gce_env.fake.set_capacity(ZONE, 3)
+    op = bulk(4, 4)  # minCount not met: nothing is made
+    assert op.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED"
+    assert gce_env.fake.instances() == []
+    op = bulk(4, 2)  # minCount met: what fits
+    assert not op.error.errors
+    status = op.instances_bulk_insert_operation_metadata.per_location_status[f"zones/{ZONE}"]
+    assert (status.created_vm_count, status.failed_to_create_vm_count) == (3, 1)
+    assert gce.names() == ["n-01", "n-02", "n-03"]
+
+
+def test_quota_in_the_operation_or_on_the_call(gce, gce_env):
+    from google.api_core.exceptions import Forbidden
+
+    gce_env.fake.quota("us-central1", limit=1, metric="NVIDIA_T4_GPUS")
+    assert not gce.wait(gce.insert(gce.instance("vm-1"))).error.errors
+    done = gce.wait(gce.insert(gce.instance("vm-2")))
+    err = done.error.errors[0]
+    assert err.code == "QUOTA_EXCEEDED" and "NVIDIA_T4_GPUS" in err.message
+    assert err.error_details[0].quota_info.dimensions["region"] == "us-central1"
+    assert done.http_error_status_code == 403
+    assert [i["name"] for i in gce_env.fake.instances()] == ["vm-1"]
+    gce_env.fake.quota("us-central1", limit=1, sync=True)
+    with pytest.raises(Forbidden, match="Quota 'NVIDIA_T4_GPUS' exceeded") as e:
+        gce.insert(gce.instance("vm-3", zone="us-central1-b"), zone="us-central1-b")
+    assert e.value.errors[0]["reason"] == "quotaExceeded"
+
+
+def test_rate_limit_answers_429_then_recovers(gce, gce_env):
+    from google.api_core.exceptions import TooManyRequests
+
+    gce_env.fake.rate_limit(2, method="POST", path=r"/instances$")
+    rid = str(uuid.uuid4())
+    for _ in range(2):
+        with pytest.raises(TooManyRequests, match="Rate Limit Exceeded") as e:
+            gce.insert(gce.instance("vm-1"), request_id=rid)
+        assert e.value.errors[0]["reason"] == "rateLimitExceeded"
+    assert gce.names() == []  # a GET is not throttled by this rule
+    gce.wait(gce.insert(gce.instance("vm-1"), request_id=rid))
+    statuses = [(c.status, c.request_id) for c in gce_env.fake.calls("POST", r"/instances$")]
+    assert statuses == [(429, rid), (429, rid), (200, rid)]
+
+
+def test_unsupported_type_in_zone_and_spot_preemption(gce, gce_env):
+    from google.api_core.exceptions import BadRequest
+
+    gce_env.fake.unsupported(ZONE, "nvidia-tesla-t4")
+    with pytest.raises(BadRequest, match="does not exist in zone"):
+        gce.insert(gce.instance("vm-1"))
+    zone = "us-central1-b"
+    spot = gce.c.Scheduling(
+        provisioning_model="SPOT",
+        instance_termination_action="DELETE",
+        on_host_maintenance="TERMINATE",
+        automatic_restart=False,
+    )
+    gce.wait(gce.insert(gce.instance("spot-1", zone=zone, scheduling=spot), zone=zone), zone)
+    stop = gce.c.Scheduling(provisioning_model="SPOT", on_host_maintenance="TERMINATE")
+    gce.wait(gce.insert(gce.instance("spot-2", zone=zone, scheduling=stop), zone=zone), zone)
+    gce_env.fake.preempt(zone, "spot-1")
+    gce_env.fake.preempt(zone, "spot-2")
+    assert [(i["name"], i["status"]) for i in gce_env.fake.instances()] == [
+        ("spot-2", "TERMINATED")
+    ]
+
+
+def test_max_run_duration_needs_a_termination_action(gce):
+    from google.api_core.exceptions import BadRequest
+
+    sched = gce.c.Scheduling(
+        on_host_maintenance="TERMINATE", max_run_duration=gce.c.Duration(seconds=3600)
+    )
+    with pytest.raises(BadRequest, match="instanceTerminationAction"):
+        gce.insert(gce.instance("vm-1", scheduling=sched))
+    sched.instance_termination_action = "DELETE"
+    gce.wait(gce.insert(gce.instance("vm-1", scheduling=sched)))
+    vm = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
+    assert vm.scheduling.max_run_duration.seconds == 3600
+
+
+def test_fake_as_a_process_with_remote_control(gce_fake_process):
+    """The CLI-as-subprocess setup: the fake in its own process, faults over /_fake/."""
+    env = gce_fake_process
+    gce = Clients(env)
+    env.fake.exhaust(ZONE)
+    assert gce.wait(gce.insert(gce.instance("vm-1"))).error.errors[0].code.startswith("ZONE_")
+    gce.wait(gce.insert(gce.instance("vm-1", zone="us-east1-b"), zone="us-east1-b"), "us-east1-b")
+    assert [i["name"] for i in env.fake.instances()] == ["vm-1"]
+    inserts = env.fake.calls("POST", r"/instances$")
+    assert len(inserts) == 2 and all(c.request_id for c in inserts)
+    assert not env.fake.is_empty()
