@@ -208,3 +208,24 @@ def small_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+# ---- GCE: the fake Compute API (tests/fakes/, fixtures in tests/gce_fixtures.py) ----------
+# google-auth with nothing configured asks the GCE metadata server (169.254.169.254 and
+# metadata.google.internal) and reads gcloud's files: in tests it finds neither, it only reads
+# what a test configures.
+for _var in (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT",
+    "GCLOUD_PROJECT",
+    "CLOUDSDK_CORE_PROJECT",
+    "MLCLOUD_GCE_API_ENDPOINT",
+):
+    os.environ.pop(_var, None)
+os.environ["NO_GCE_CHECK"] = "true"
+os.environ["GCE_METADATA_HOST"] = os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
+os.environ["CLOUDSDK_CONFIG"] = str(Path(__file__).parent / "data" / "no-gcloud-config")
+from gce_fixtures import gce_env, gce_fake, gce_fake_process  # noqa: E402,F401
+
+E2E_FIXTURES |= {"gce_fake", "gce_fake_process"}
+# ---- end GCE ----------------------------------------------------------------------------

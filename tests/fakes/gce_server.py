@@ -1,0 +1,333 @@
+"""A fake Compute Engine API v1 on loopback, for the real google-cloud-compute client.
+
+Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conftest):
+
+    def test_up(gce_env):                      # in-process fake + credentials + environment
+        fake = gce_env.fake                    # GceFake: the API below, plus .url
+        # GOOGLE_APPLICATION_CREDENTIALS (a fresh service-account key whose token_uri is the
+        # fake's /token), GOOGLE_CLOUD_PROJECT and MLCLOUD_GCE_API_ENDPOINT are set, so
+        #   creds, project = google.auth.default()
+        #   opts = ClientOptions(api_endpoint=os.environ["MLCLOUD_GCE_API_ENDPOINT"])
+        #   compute_v1.InstancesClient(credentials=creds, client_options=opts)
+        # talk to the fake. Wait on operations with ZoneOperationsClient /
+        # GlobalOperationsClient built from the same options (`.wait(...)`), never
+        # `insert(...).result()`: that polls compute.googleapis.com.
+        fake.exhaust("us-central1-a")          # inserts there end DONE with
+                                               # ZONE_RESOURCE_POOL_EXHAUSTED, no VM left
+        fake.quota("us-central1", limit=0)     # QUOTA_EXCEEDED in the operation (sync=True: 403)
+        fake.rate_limit(2, method="POST")      # the next 2 POSTs answer 429 rateLimitExceeded
+        fake.slow(5)                           # operations from now on take 5 s
+        fake.unsupported("us-central1-a", "nvidia-tesla-t4")  # 400 "does not exist in zone"
+        fake.preempt("us-central1-a", "vm-1")  # Spot reclaim (DELETE or STOP per the VM)
+        fake.instances(), fake.firewalls(), fake.is_empty()
+        fake.calls("POST", r"/instances$")     # the request log: method, path, query, body
+        [c.request_id for c in fake.calls("POST")]
+
+    For the CLI as a subprocess, `gce_fake_process` runs
+    `python -m tests.fakes.gce_server --port-file F --credentials-file C --project P`
+    (stopped by PID) and yields a RemoteFake with the same methods over `/_fake/<method>`.
+
+Served: instances insert (requestId: a repeat returns the same operation, no second VM),
+bulkInsert (count, minCount, namePattern ####, instanceProperties, perInstanceProperties),
+get, list (filter, maxResults, pageToken), delete, aggregatedList; zone and global
+operations get and wait; firewalls insert/get/list/delete; images get and getFromFamily
+(deeplearning-platform-release: pytorch-latest-gpu, ...); zones and regions get/list (the
+catalog's GCP zones and common ones). Instances go PROVISIONING -> STAGING -> RUNNING over
+`op_seconds`, get natIPs from 203.0.113.0/24 (documentation ranges; tests reach nodes through
+a proxy command, never these) and networkIPs from 10.128.0.0/9. Errors come in Google's JSON
+error format (404 notFound, 409 alreadyExists, 400 invalid, 401, 403, 429).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import threading
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .gce_auth import Authority
+from .gce_model import ApiError
+from .gce_state import Call, Compute
+
+DEFAULT_PROJECT = "mlcloud-test"
+# the Python API reachable over /_fake/<name> (for a fake in another process)
+CONTROL = (
+    "exhaust",
+    "set_capacity",
+    "unsupported",
+    "quota",
+    "rate_limit",
+    "slow",
+    "preempt",
+    "add_image",
+    "reset",
+    "instances",
+    "firewalls",
+    "is_empty",
+    "calls",
+    "clear_calls",
+    "write_credentials",
+)
+
+_P = r"/compute/v1/projects/(?P<project>[^/]+)"
+_ROUTES = [
+    ("GET", _P + r"/zones/(?P<zone>[^/]+)/instances", "list_instances"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances", "insert_instance"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/bulkInsert", "bulk_insert"),
+    ("GET", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "get_instance"),
+    ("DELETE", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "delete_instance"),
+    ("GET", _P + r"/aggregated/instances", "aggregated_instances"),
+    ("GET", _P + r"/zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)", "zone_op"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)/wait", "zone_op_wait"),
+    ("GET", _P + r"/global/operations/(?P<op>[^/]+)", "global_op"),
+    ("POST", _P + r"/global/operations/(?P<op>[^/]+)/wait", "global_op_wait"),
+    ("GET", _P + r"/global/firewalls", "list_firewalls"),
+    ("POST", _P + r"/global/firewalls", "insert_firewall"),
+    ("GET", _P + r"/global/firewalls/(?P<name>[^/]+)", "get_firewall"),
+    ("DELETE", _P + r"/global/firewalls/(?P<name>[^/]+)", "delete_firewall"),
+    ("GET", _P + r"/global/images/family/(?P<family>[^/]+)", "image_from_family"),
+    ("GET", _P + r"/global/images/(?P<name>[^/]+)", "get_image"),
+    ("GET", _P + r"/zones", "list_zones"),
+    ("GET", _P + r"/zones/(?P<zone>[^/]+)", "get_zone"),
+    ("GET", _P + r"/regions", "list_regions"),
+    ("GET", _P + r"/regions/(?P<region>[^/]+)", "get_region"),
+]
+_ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in _ROUTES]
+
+
+class GceFake(Compute):
+    """The fake Compute API served over HTTP on 127.0.0.1 (port 0: a free one)."""
+
+    def __init__(self, port: int = 0, op_seconds: float = 0.2, require_auth: bool = True):
+        super().__init__(op_seconds=op_seconds)
+        self.require_auth = require_auth
+        self.authority = Authority()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread: threading.Thread | None = None
+
+    def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
+        """A service-account key file this fake trusts (token_uri: its /token); the email."""
+        return self.authority.write_key_file(path, project, f"{self.url}/token")
+
+    def start(self) -> GceFake:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="gce-fake", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> GceFake:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- dispatch -----------------------------------------------------------------------
+    def handle(self, method: str, path: str, query: dict, body: dict | None, caller: str) -> dict:
+        for m, rx, name in _ROUTES:
+            match = rx.fullmatch(path) if m == method else None
+            if match:
+                return self._route(name, match.groupdict(), query, body, caller)
+        raise ApiError(
+            404, "notFound", f"The requested URL {method} {path} was not found on this fake."
+        )
+
+    def _route(self, name, a, query, body, caller):  # noqa: C901 - a routing table
+        rid = query.get("requestId")
+        p = a["project"]
+        if name == "list_instances":
+            return self.list_instances(p, a["zone"], query)
+        if name == "insert_instance":
+            return self.insert_instance(p, a["zone"], body or {}, rid, caller)
+        if name == "bulk_insert":
+            return self.bulk_insert(p, a["zone"], body or {}, rid, caller)
+        if name == "get_instance":
+            return self.get_instance(p, a["zone"], a["name"])
+        if name == "delete_instance":
+            return self.delete_instance(p, a["zone"], a["name"], rid, caller)
+        if name == "aggregated_instances":
+            return self.aggregated_instances(p, query)
+        if name in ("zone_op", "zone_op_wait"):
+            self._known_zone(p, a["zone"])
+            return self.get_operation(p, f"zones/{a['zone']}", a["op"], wait=name.endswith("wait"))
+        if name in ("global_op", "global_op_wait"):
+            return self.get_operation(p, "global", a["op"], wait=name.endswith("wait"))
+        if name == "list_firewalls":
+            return self.list_firewalls(p, query)
+        if name == "insert_firewall":
+            return self.insert_firewall(p, body or {}, rid, caller)
+        if name == "get_firewall":
+            return self.get_firewall(p, a["name"])
+        if name == "delete_firewall":
+            return self.delete_firewall(p, a["name"], rid, caller)
+        if name == "image_from_family":
+            return self.image_from_family(p, a["family"])
+        if name == "get_image":
+            return self.get_image(p, a["name"])
+        if name == "list_zones":
+            return self.list_zones(p, query)
+        if name == "get_zone":
+            return self.get_zone(p, a["zone"])
+        if name == "list_regions":
+            return self.list_regions(p, query)
+        return self.get_region(p, a["region"])
+
+    def control(self, name: str, payload: dict):
+        """/_fake/<name>: the Python API for a fake in another process (JSON in and out)."""
+        if name not in CONTROL:
+            raise ApiError(404, "notFound", f"no control method {name}")
+        result = getattr(self, name)(*payload.get("args", []), **payload.get("kwargs", {}))
+        if name == "calls":
+            return [c.__dict__ for c in result]
+        return result
+
+
+def _handler_for(fake: GceFake):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # one line per request otherwise
+            pass
+
+        def _reply(self, status: int, payload) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _serve(self, method: str) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if url.path == "/token":
+                form = {k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
+                self._reply(*fake.authority.grant(form))
+                return
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                self._reply(
+                    400, ApiError(400, "parseError", "Invalid JSON payload received.").body()
+                )
+                return
+            if url.path.startswith("/_fake/"):
+                try:
+                    self._reply(
+                        200, {"result": fake.control(url.path[len("/_fake/") :], body or {})}
+                    )
+                except ApiError as e:
+                    self._reply(e.code, e.body())
+                return
+            call = Call(method, url.path, query, body)
+            fake.record(call)
+            caller = fake.authority.caller(self.headers.get("Authorization"))
+            if fake.require_auth and caller is None:
+                err = ApiError(
+                    401,
+                    "authError",
+                    "Request is missing required authentication credential. Expected OAuth 2 "
+                    "access token, login cookie or other valid authentication credential.",
+                    status="UNAUTHENTICATED",
+                    location="Authorization",
+                    locationType="header",
+                )
+                call.status = 401
+                self._reply(401, err.body())
+                return
+            if fake.throttled(method, url.path):
+                err = ApiError(
+                    429,
+                    "rateLimitExceeded",
+                    "Rate Limit Exceeded",
+                    domain="usageLimits",
+                    status="RESOURCE_EXHAUSTED",
+                )
+                call.status = 429
+                self._reply(429, err.body())
+                return
+            try:
+                result = fake.handle(method, url.path, query, body, caller)
+            except ApiError as e:
+                call.status = e.code
+                self._reply(e.code, e.body())
+                return
+            call.status = 200
+            self._reply(200, result)
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def do_DELETE(self):
+            self._serve("DELETE")
+
+    return Handler
+
+
+class RemoteFake:
+    """The GceFake API of a fake running in another process (`python -m tests.fakes.gce_server`)."""
+
+    def __init__(self, url: str, pid: int | None = None):
+        self.url, self.pid = url, pid
+
+    def _call(self, name: str, *args, **kwargs):
+        req = urllib.request.Request(
+            f"{self.url}/_fake/{name}",
+            data=json.dumps({"args": args, "kwargs": kwargs}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback
+            return json.loads(r.read())["result"]
+
+    def __getattr__(self, name: str):
+        if name not in CONTROL:
+            raise AttributeError(name)
+        if name == "calls":
+            return lambda *a, **k: [Call(**c) for c in self._call("calls", *a, **k)]
+        return lambda *a, **k: self._call(name, *a, **k)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--port-file", help="write the port here once listening")
+    ap.add_argument("--credentials-file", help="write a service-account key file the fake trusts")
+    ap.add_argument("--project", default=DEFAULT_PROJECT)
+    ap.add_argument("--op-seconds", type=float, default=0.2)
+    args = ap.parse_args(argv)
+    fake = GceFake(port=args.port, op_seconds=args.op_seconds)
+    if args.credentials_file:
+        fake.write_credentials(args.credentials_file, args.project)
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(fake.port))
+        os.replace(tmp, args.port_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    fake.start()
+    while not stop.wait(0.5):
+        pass
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()
