@@ -5,7 +5,7 @@ and only when a call is made."""
 
 from __future__ import annotations
 
-import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +20,7 @@ HOW_TO_CONFIGURE = (
 )
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 RATE_RETRIES = 4  # a throttled call is tried this many times in all, backing off
-BACKOFF_S = float(os.environ.get("MLCLOUD_GCE_BACKOFF_S", "1.0"))
+BACKOFF_S = 1.0  # then 2 s, 4 s
 OPERATION_TIMEOUT_S = 900.0
 CALL_TIMEOUT_S = 60.0
 WAIT_TIMEOUT_S = 150.0
@@ -180,13 +180,16 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
     except gexc.GoogleAPICallError as e:
         codes = [x.get("reason", "") for x in e.errors if isinstance(x, dict)]
         codes += [e.reason] if getattr(e, "reason", None) else []
-        message = _short(e.message or str(e))
+        # api-core puts "METHOD URL: " before Google's message
+        full = re.sub(r"^[A-Z]+ \S+: ", "", e.message or str(e))
+        message = _short(full)
         if isinstance(e, gexc.TooManyRequests):
             codes.append("rateLimitExceeded")
-        failures = [(c, message) for c in codes] or [("", message)]
+        failures = [(c, full) for c in codes] or [("", full)]
         kind = {rules.classify(c, m) for c, m in failures}
         if kind & {"quota", "capacity", "rate"}:
-            raise typed(failures, where, where, f"gce: {operation}") from e
+            region = rules.region_of(where) if where else None
+            raise typed(failures, where, region, f"gce: {operation}") from e
         if isinstance(e, gexc.NotFound):
             raise NotFound(f"gce: {operation}{place}: {message}") from e
         if isinstance(e, gexc.Unauthenticated):

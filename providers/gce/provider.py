@@ -44,7 +44,7 @@ PROJECT_ENVS = ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT")
 REGION_ENVS = ("CLOUDSDK_COMPUTE_REGION", "GOOGLE_CLOUD_REGION")
 RUNNING_TIMEOUT_S = 600.0
 GONE_TIMEOUT_S = 600.0
-POLL_S = float(os.environ.get("MLCLOUD_GCE_POLL_S", "2.0"))
+POLLS_S = (0.2, 0.5, 1.0, 2.0)  # between listings: quick at first, then every 2 s
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ class GceProvider:
                     i.labels.get("mlcloud-cluster", ""),
                     i.labels.get("mlcloud-name", ""),
                     i.labels.get("mlcloud-owner", ""),
-                    zone.rpartition("-")[0],
+                    rules.region_of(zone),
                     created=_epoch(i.creation_timestamp),
                 )
             )
@@ -318,7 +318,7 @@ class GceProvider:
         api = self.api(Settings())
         vms = [tuple(r.id.split("/", 1)) for r in resources if r.kind == "instance"]
         self._delete(api, [(name, zone) for zone, name in vms])
-        deadline = time.monotonic() + GONE_TIMEOUT_S
+        deadline, polls = time.monotonic() + GONE_TIMEOUT_S, iter(POLLS_S)
         while vms and any(
             (scope.rpartition("/")[2], i.name) in vms
             for scope, i in api.paged(
@@ -330,7 +330,7 @@ class GceProvider:
         ):
             if time.monotonic() > deadline:
                 raise ProviderError("gce: VMs still not deleted; run `mlcloud gc` again")
-            time.sleep(POLL_S)
+            time.sleep(_pause(polls))
         for r in resources:
             if r.kind == "firewall":
                 self._delete_firewall(api, r.id)
@@ -380,7 +380,7 @@ class GceProvider:
         return sorted(found, key=lambda n: int(n.node_id.rpartition("-")[2]))
 
     def _until_running(self, api: Api, cluster: ClusterRef, names: set[str]) -> list[Node]:
-        deadline = time.monotonic() + RUNNING_TIMEOUT_S
+        deadline, polls = time.monotonic() + RUNNING_TIMEOUT_S, iter(POLLS_S)
         while True:
             nodes = [n for n in self._list(api, cluster, None) if n.node_id in names]
             if len(nodes) == len(names) and all(n.status == "running" and n.ip for n in nodes):
@@ -393,17 +393,17 @@ class GceProvider:
                 )
             if time.monotonic() > deadline:
                 raise ProviderError(f"gce: VMs not running after {RUNNING_TIMEOUT_S:.0f} s")
-            time.sleep(POLL_S)
+            time.sleep(_pause(polls))
 
     def _until_gone(self, api: Api, cluster: ClusterRef, names: set[str]) -> None:
-        deadline = time.monotonic() + GONE_TIMEOUT_S
+        deadline, polls = time.monotonic() + GONE_TIMEOUT_S, iter(POLLS_S)
         while names & {name for _, name in self._instances(api, cluster)}:
             if time.monotonic() > deadline:
                 raise ProviderError(
                     f"gce: VMs of {cluster.name} still not deleted after "
                     f"{GONE_TIMEOUT_S:.0f} s; run `mlcloud down` again"
                 )
-            time.sleep(POLL_S)
+            time.sleep(_pause(polls))
 
     def _delete(self, api: Api, vms: list[tuple[str, str]]) -> None:
         """Ask for each VM's deletion (one call each, in parallel); the caller confirms."""
@@ -504,6 +504,10 @@ class GceProvider:
                 "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
             )
         return f"{address}/32"
+
+
+def _pause(polls) -> float:
+    return next(polls, POLLS_S[-1])
 
 
 def _public_address_lookup() -> str | None:

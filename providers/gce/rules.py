@@ -31,6 +31,11 @@ _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 _NAMESPACE = uuid.UUID("5b0b6a39-7f0e-4a36-9a1b-6d1f2f8c0e51")  # mlcloud's request ids
 
 
+def region_of(zone: str) -> str:
+    """us-central1-a -> us-central1 (a region stays itself)."""
+    return zone.rpartition("-")[0] if re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", zone) else zone
+
+
 def label_value(text: str) -> str:
     """`text` as a GCE label value (lowercase letters, digits, _ and -, at most 63): as is when
     valid (cluster uids and home ids are), else cleaned and suffixed with a hash of the
@@ -198,7 +203,7 @@ def firewall_owner(description: str) -> tuple[str, str] | None:
 
 def classify(code: str, message: str) -> str | None:
     """'capacity', 'quota', 'rate' or None for one error of an operation or a call."""
-    if code in CAPACITY_CODES or "not supported in zone" in message.lower():
+    if code in CAPACITY_CODES or re.search(r"(not supported|does not exist) in zone", message):
         return "capacity"
     if code in QUOTA_CODES or "quota" in code.lower():
         return "quota"

@@ -1,0 +1,161 @@
+"""The GCE provider through the real google-cloud-compute client against the fake Compute API
+(tests/fakes/gce_server.py): what it creates, how it fails over and cleans up, and `gc`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from conftest import run_cli
+from mlcloud.providers.base import (
+    CapacityError,
+    ClusterRef,
+    ProvisionRequest,
+    QuotaError,
+    SshOptions,
+)
+from mlcloud.providers.gce import GceProvider, api, rules
+
+from mlcloud import gc, state
+
+REF = ClusterRef("demo", "demo-0123abcd", "home1", "us-central1")
+T4 = "n1-standard-8+T4:1"
+
+
+def request(**kw) -> ProvisionRequest:
+    base = ProvisionRequest(
+        count=2,
+        instance_type=T4,
+        region="us-central1",
+        zone="us-central1-a",
+        ssh=SshOptions(allowed_cidrs=("127.0.0.1/32",)),
+    )
+    return replace(base, **kw)
+
+
+def made(p: GceProvider, req: ProvisionRequest, count: int | None = None):
+    prepared = p.prepare(REF, req).request
+    return prepared, p.create(REF, prepared, count or req.count)
+
+
+def test_create_list_delete_through_the_real_client(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    req, nodes = made(p, request())
+    assert [n.node_id for n in nodes] == [rules.instance_name(REF.uid, k) for k in (0, 1)]
+    assert p.list(REF) == nodes and all(n.status == "running" for n in nodes)
+    vm = fake.instances()[0]
+    assert vm["labels"] == rules.labels(REF.uid, REF.name, REF.owner)
+    assert vm["tags"]["items"] == [rules.tag(REF.uid)]
+    assert vm["machineType"].endswith("/machineTypes/n1-standard-8")
+    assert vm["guestAccelerators"][0]["acceleratorType"].endswith("/nvidia-tesla-t4")
+    assert vm["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    meta = {i["key"]: i["value"] for i in vm["metadata"]["items"]}
+    assert meta["install-nvidia-driver"] == "True"
+    assert meta["ssh-keys"].startswith("mlcloud:ssh-ed25519 ") and req.ssh.user == "mlcloud"
+    assert "deeplearning-platform-release" in req.image  # the DLVM family, pinned
+    rules_by_name = {f["name"]: f for f in fake.firewalls()}
+    ssh, internal = (rules_by_name[n] for n in rules.firewall_names(REF.uid))
+    assert ssh["sourceRanges"] == ["127.0.0.1/32"] and ssh["targetTags"] == [rules.tag(REF.uid)]
+    assert internal["sourceTags"] == internal["targetTags"] == [rules.tag(REF.uid)]
+    assert not any("0.0.0.0/0" in f.get("sourceRanges", []) for f in fake.firewalls())
+    # one bulkInsert for both, with a request id
+    inserts = fake.calls("POST", r"/instances/bulkInsert$")
+    assert len(inserts) == 1 and inserts[0].request_id
+    p.terminate(REF, nodes)
+    assert p.list(REF) == []
+    p.cleanup(REF)
+    p.cleanup(REF)  # idempotent
+    assert fake.is_empty()
+
+
+@pytest.mark.parametrize("details", [False, True])
+def test_exhausted_zone_is_capacity_and_leaves_nothing(gce_env, mlcloud_home, details):
+    fake, p = gce_env.fake, GceProvider()
+    fake.exhaust("us-central1-a", details=details)
+    with pytest.raises(CapacityError) as e:
+        made(p, request())
+    assert e.value.zone == "us-central1-a" and "ZONE_RESOURCE_POOL_EXHAUSTED" in str(e.value)
+    assert fake.instances() == []
+    _, nodes = made(p, request(zone="us-central1-b"))  # the engine's next zone
+    assert {vm["zone"].rpartition("/")[2] for vm in fake.instances()} == {"us-central1-b"}
+    p.terminate(REF, nodes)
+
+
+def test_partial_capacity_is_all_or_nothing(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    fake.set_capacity("us-central1-a", 1)  # one VM fits, two were asked for
+    with pytest.raises(CapacityError):
+        made(p, request())
+    assert fake.instances() == []
+
+
+def test_type_not_in_zone_is_capacity(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    fake.unsupported("us-central1-a", "nvidia-tesla-t4")
+    with pytest.raises(CapacityError) as e:
+        made(p, request())
+    assert e.value.zone == "us-central1-a" and fake.instances() == []
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_quota_is_a_quota_error_for_the_region(gce_env, mlcloud_home, sync):
+    fake, p = gce_env.fake, GceProvider()
+    fake.quota("us-central1", limit=0, sync=sync)
+    with pytest.raises(QuotaError) as e:
+        made(p, request())
+    assert e.value.scope == "us-central1" and "QUOTA" in str(e.value).upper()
+    assert e.value.exit_code == 4 and fake.instances() == []
+
+
+def test_throttled_insert_is_retried_with_the_same_request_id(gce_env, mlcloud_home, monkeypatch):
+    monkeypatch.setattr(api, "BACKOFF_S", 0.01)
+    fake, p = gce_env.fake, GceProvider()
+    req = p.prepare(REF, request()).request
+    fake.rate_limit(2, method="POST", path=r"/bulkInsert$")
+    nodes = p.create(REF, req, 2)
+    inserts = fake.calls("POST", r"/bulkInsert$")
+    assert [c.status for c in inserts] == [429, 429, 200]
+    assert len({c.request_id for c in inserts}) == 1 and len(nodes) == 2
+    # the same attempt again (a resumed `up`) sends the same id: GCE makes nothing twice
+    p.terminate(REF, nodes)
+    fake.rate_limit(api.RATE_RETRIES, method="POST", path=r"/bulkInsert$")
+    with pytest.raises(api.RateLimited):
+        p.create(REF, req, 2)
+    assert len({c.request_id for c in fake.calls("POST", r"/bulkInsert$")}) == 1
+
+
+def test_spot_deletes_on_termination_and_budget_sets_max_run_duration(gce_env, mlcloud_home):
+    import time
+
+    fake, p = gce_env.fake, GceProvider()
+    _, nodes = made(p, request(count=1, spot=True, deadline=time.time() + 7200))
+    s = fake.instances()[0]["scheduling"]
+    assert s["provisioningModel"] == "SPOT" and s["instanceTerminationAction"] == "DELETE"
+    assert 7100 <= int(s["maxRunDuration"]["seconds"]) <= 7200
+    fake.preempt("us-central1-a", nodes[0].node_id)  # reclaimed: deleted, disk and all
+    assert fake.instances() == [] and p.list(REF) == []
+
+
+def test_gc_finds_and_deletes_this_homes_orphans(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    ref = replace(REF, owner=state_owner())
+    p.prepare(ref, request())
+    p.create(ref, p.prepare(ref, request()).request, 2)
+    store = state.open_store()
+    found = gc.find(store, "gce", ["us-central1"])
+    assert sorted(r.kind for r in found) == ["firewall", "firewall", "instance", "instance"]
+    assert {r.cluster_uid for r in found} == {REF.uid} and all(r.owner == ref.owner for r in found)
+    orphans = gc.decide(found, ref.owner, set(), 0, __import__("time").time())
+    assert gc.delete(orphans) and fake.is_empty()
+
+
+def state_owner() -> str:
+    from mlcloud import paths
+
+    return paths.home_id()
+
+
+def test_no_credentials_is_one_line(mlcloud_home):
+    r = run_cli("up", "x", "--provider", "gce", "--instance-type", T4, "--region", "us-central1")
+    assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+    assert "gcloud auth application-default login" in r.stderr
