@@ -68,6 +68,17 @@ def test_create_list_delete_through_the_real_client(gce_env, mlcloud_home):
     assert fake.is_empty()
 
 
+def test_list_reads_every_page(gce_env, mlcloud_home, monkeypatch):
+    fake, p = gce_env.fake, GceProvider()
+    _, nodes = made(p, request(count=3))
+    monkeypatch.setattr(api, "PAGE_SIZE", 2)
+    fake.clear_calls()
+    assert p.list(REF) == nodes
+    pages = fake.calls("GET", r"/aggregated/instances$")
+    assert len(pages) == 2 and pages[1].query.get("pageToken")
+    assert 'labels.mlcloud-cluster = "demo-0123abcd"' in pages[0].query["filter"]
+
+
 @pytest.mark.parametrize("details", [False, True])
 def test_exhausted_zone_is_capacity_and_leaves_nothing(gce_env, mlcloud_home, details):
     fake, p = gce_env.fake, GceProvider()

@@ -24,6 +24,7 @@ BACKOFF_S = 1.0  # then 2 s, 4 s
 OPERATION_TIMEOUT_S = 900.0
 CALL_TIMEOUT_S = 60.0
 WAIT_TIMEOUT_S = 150.0
+PAGE_SIZE = 500  # GCE's most per list page
 
 
 class RateLimited(ProviderError):
@@ -126,7 +127,7 @@ class Api:
 
     def paged(self, kind: str, method: str, **request: Any) -> Iterator[Any]:
         """Every item of a list call, page by page (each page is one call)."""
-        request = {**request, "max_results": 500}
+        request = {**request, "max_results": PAGE_SIZE}
         while True:
             page = self.call(kind, method, None, **request)
             if method == "aggregated_list":

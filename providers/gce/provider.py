@@ -251,6 +251,7 @@ class GceProvider:
         api = self._api_of(cluster)
         for name in rules.firewall_names(cluster.uid):
             self._delete_firewall(api, name)
+        _settings_path(cluster.uid).unlink(missing_ok=True)  # prepare writes it again
 
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
