@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 T4 = "n1-standard-8+T4:1"
 
 
-def up_args(name, nodes, proxy, count, *extra) -> list[str]:
+def up_args(name, nodes, proxy, count, *extra, what=("--instance-type", T4)) -> list[str]:
     return [
         "up",
         name,
@@ -28,10 +28,7 @@ def up_args(name, nodes, proxy, count, *extra) -> list[str]:
         "gce",
         "--nodes",
         str(count),
-        "--instance-type",
-        T4,
-        "--region",
-        "us-central1",
+        *what,
         "--identity",
         str(nodes.client_key),
         "--ssh-user",
@@ -57,7 +54,7 @@ def test_up_fails_over_trains_ddp_across_two_vms_and_down_leaves_nothing(
     assert run_cli("init", str(tmp_path / "proj")).returncode == 0
     spec = tmp_path / "budget.yaml"
     spec.write_text("autoscale:\n  max_cost: 10\n")
-    r = run_cli(*up_args("ddp", nodes, proxy, 2, "-f", str(spec)))
+    r = run_cli(*up_args("ddp", nodes, proxy, 2, "-f", str(spec), "--region", "us-central1"))
     assert r.returncode == 0, r.stderr
     assert "us-central1-a" in r.stderr and "trying elsewhere" in r.stderr
     vms = fake.instances()
@@ -91,12 +88,12 @@ def test_up_fails_over_trains_ddp_across_two_vms_and_down_leaves_nothing(
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
 
 
-def test_up_killed_mid_way_then_down_leaves_nothing(gce_env, make_ssh_nodes, tmp_path):
+def test_gpu_ask_up_killed_mid_way_then_down_leaves_nothing(gce_env, make_ssh_nodes, tmp_path):
     fake = gce_env.fake
     nodes = make_ssh_nodes(2)
     _, proxy = relay_pool(tmp_path, [])  # nothing routed: the VMs never answer SSH
-    proc = subprocess.Popen(
-        [MLCLOUD, *up_args("crash", nodes, proxy, 2)],
+    proc = subprocess.Popen(  # the catalog picks the type and region
+        [MLCLOUD, *up_args("crash", nodes, proxy, 2, what=("--gpus", "T4:4"))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=dict(os.environ),
@@ -106,7 +103,10 @@ def test_up_killed_mid_way_then_down_leaves_nothing(gce_env, make_ssh_nodes, tmp
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)  # right after bulkInsert, mid-bootstrap
     proc.wait(10)
-    assert len(fake.instances()) == 2 and fake.firewalls()
+    vms = fake.instances()
+    assert len(vms) == 2 and fake.firewalls()
+    assert vms[0]["machineType"].endswith("/n1-standard-16")  # n1-standard-16+T4:4
+    assert vms[0]["guestAccelerators"][0]["acceleratorCount"] == 4
     r = run_cli("down", "crash", "--yes")
     assert r.returncode == 0, r.stderr
     assert fake.is_empty()

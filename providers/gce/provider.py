@@ -69,8 +69,9 @@ class GceProvider:
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
 
-    def _region(self, region: str | None) -> str:
-        region = region or self.default_region()
+    def _region(self, request: ProvisionRequest) -> str:
+        zone = request.zone
+        region = request.region or (rules.region_of(zone) if zone else self.default_region())
         if not region:
             raise UsageError(
                 "no GCE region: pass --region (e.g. us-central1), set region: in the spec, "
@@ -109,7 +110,6 @@ class GceProvider:
         """The request's project and endpoint, kept for the cluster's later commands."""
         settings = Settings(request.project, request.api_endpoint)
         path = _settings_path(cluster.uid)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(settings.__dict__))
         tmp.replace(path)
@@ -126,7 +126,7 @@ class GceProvider:
 
     def check(self, request: ProvisionRequest) -> None:
         self.api(Settings(request.project, request.api_endpoint))
-        self._region(request.region)
+        self._region(request)
         if request.hosts:
             raise UsageError("hosts are for the ssh provider; drop them or use --provider ssh")
         if not request.instance_type:
@@ -142,7 +142,7 @@ class GceProvider:
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """The asked zone; else the zones the catalog lists for the type in the region (the
         Zones API when it lists none), then those of each fallback region, in order."""
-        region = self._region(request.region)
+        region = self._region(request)
         if request.zone:
             return [(region, request.zone)]
         api = self.api(Settings(request.project, request.api_endpoint))
@@ -179,7 +179,7 @@ class GceProvider:
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         api = self._api_of(cluster)
-        region = self._region(request.region)
+        region = self._region(request)
         zone = request.zone
         if not zone:
             raise ProviderError("gce: create needs a zone (from placements)")
