@@ -63,6 +63,7 @@ class GceProvider:
     def __init__(self) -> None:
         self._apis: dict[tuple[str, str | None], Api] = {}
         self._creds: tuple[Any, str | None] | None = None
+        self._zones: dict[str, str] = {}  # VM name -> zone, as last listed
 
     # settings, credentials, clients
 
@@ -240,8 +241,9 @@ class GceProvider:
             return
         api = self._api_of(cluster)
         names = {n.node_id for n in nodes}
-        zones = {name: zone for zone, name in self._instances(api, cluster) if name in names}
-        self._delete(api, list(zones.items()))
+        if not names <= self._zones.keys():  # the engine lists first: their zones are known
+            self._zones.update({name: zone for zone, name in self._instances(api, cluster)})
+        self._delete(api, [(name, self._zones[name]) for name in names if name in self._zones])
         self._until_gone(api, cluster, names)
         from mlcloud import keys
 
@@ -364,6 +366,7 @@ class GceProvider:
             filter=rules.label_filter(cluster.uid),
         ):
             zone = scope.rpartition("/")[2]
+            self._zones[i.name] = zone
             if region and not zone.startswith(f"{region}-"):
                 continue
             nic = i.network_interfaces[0] if i.network_interfaces else None
