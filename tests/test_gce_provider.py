@@ -68,6 +68,17 @@ def test_create_list_delete_through_the_real_client(gce_env, mlcloud_home):
     assert fake.is_empty()
 
 
+def test_image_family_of_the_users_and_disk_size(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    fake.add_image("my-proj", "my-img-v2", family="my-fam", disk_gb=50)
+    image = "projects/my-proj/global/images/family/my-fam"
+    req, _ = made(p, request(count=1, image=image, disk_gb=300))
+    assert req.image == "projects/my-proj/global/images/my-img-v2"  # pinned for a resumed up
+    disk = fake.instances()[0]["disks"][0]
+    assert disk["diskSizeGb"] == "300" and disk["autoDelete"] and disk["boot"]
+    assert disk["licenses"] == [f"https://www.googleapis.com/compute/v1/{req.image}"]
+
+
 def test_list_reads_every_page(gce_env, mlcloud_home, monkeypatch):
     fake, p = gce_env.fake, GceProvider()
     _, nodes = made(p, request(count=3))

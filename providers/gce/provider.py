@@ -167,6 +167,10 @@ class GceProvider:
         if not request.image:
             family = self._image_from_family(api, rules.DLVM_PROJECT, rules.DLVM_FAMILY)
             request = replace(request, image=family)
+        elif "/" not in request.image:  # an image of the project, by name
+            request = replace(
+                request, image=f"projects/{api.project}/global/images/{request.image}"
+            )
         elif "/family/" in request.image:
             project, _, family = request.image.partition("/global/images/family/")
             request = replace(
