@@ -15,8 +15,9 @@ import pytest
 from conftest import run_cli, ssh_up_args
 
 from mlcloud.errors import UsageError
-from mlcloud.remote import fetch
+from mlcloud.remote import fetch, ssh
 from mlcloud.remote.ssh import SshTarget, SshTransport
+from mlcloud.remote.transport import RemoteError
 
 pytestmark = pytest.mark.e2e
 
@@ -174,6 +175,12 @@ def test_hostile_node_battery(node, monkeypatch, tmp_path):
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), "the node's sender kept running"
     assert sorted(p.name for p in dest.iterdir()) == [fetch.MANIFEST, "etc"]
+
+    # a node that answers and then sends nothing does not hold the pull forever
+    monkeypatch.setattr(ssh, "STREAM_IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(fetch, "_command", lambda _: "sleep 3")
+    with pytest.raises(RemoteError, match="node0 .*: sent nothing for 0 s"):
+        fetch.fetch(node, {"output": "/x"}, dest, 1 << 30)
 
 
 def test_an_honest_node_with_traps_sends_only_its_regular_files(node, tmp_path):

@@ -33,6 +33,7 @@ from mlcloud.remote.transport import (
 CONNECT_TIMEOUT = 15.0
 HEARTBEAT_EVERY = 5.0  # seconds between heartbeats on a connection
 HEARTBEAT_TIMEOUT = 15.0  # no answer for this long: the node is gone (lost within ~20 s)
+STREAM_IDLE_TIMEOUT = 300.0  # a streamed command silent this long is stalled (hashing is slower)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,7 @@ class SshTransport:
             chan.exec_command(command)
             chan.sendall(memoryview(stdin))
             chan.shutdown_write()
+            chan.settimeout(STREAM_IDLE_TIMEOUT)  # a live node that sends nothing must not hang us
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise self._lost_error(e) from None
         try:
@@ -408,6 +410,11 @@ class _ChannelPipe:
     def read(self, n: int) -> bytes:
         try:
             data = self.chan.recv(n)
+        except TimeoutError:
+            raise RemoteError(
+                f"{self.owner._where()}: sent nothing for {STREAM_IDLE_TIMEOUT:.0f} s; "
+                "the command there is stalled"
+            ) from None
         except (OSError, EOFError) as e:
             raise self.owner._lost_error(e) from None
         if not data and self.owner._gone():
