@@ -172,8 +172,8 @@ def train(
         h.close()
         if pull_to is not None and job is not None:
             pulled = _pull_after(store, name, job.job_id, dest)
-            down = down and pulled
-            code = code or (0 if pulled else 1)
+            down = down and pulled == 0
+            code = code or pulled
         if down and not detach:
             rep = output.reporter()
             try:
@@ -207,9 +207,10 @@ def _pull_dest(value: str | None) -> Path | None:
     return Path(value)
 
 
-def _pull_after(store, name: str, job_id: int, dest: Path | None) -> bool:
-    """Pull the job's outputs; a failure is said, not raised, so the job's own end stays the
-    exit code. False when not everything came home: --down then keeps the cluster."""
+def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
+    """Pull the job's outputs: 0, or the exit code of a pull that failed (1) or was
+    interrupted (130), which is said, not raised, so a failed job's own code stays train's.
+    When not everything came home, --down keeps the cluster."""
     from mlcloud.cli.pull import Bars, show
 
     from mlcloud import pull
@@ -221,18 +222,19 @@ def _pull_after(store, name: str, job_id: int, dest: Path | None) -> bool:
         done = pull.pull(
             store, name, dest, job_id=job_id, report=rep, progress=bars.node if bars else None
         )
-    except MlcloudError as e:
+    except (MlcloudError, KeyboardInterrupt) as e:
+        why = f"failed: {e}" if isinstance(e, MlcloudError) else "was interrupted"
         rep.warn(
-            f"pulling job {job_id}'s outputs failed: {e}; the cluster is kept so they are not "
+            f"pulling job {job_id}'s outputs {why}; the cluster is kept so they are not "
             f"lost: `mlcloud pull {name}`, then `mlcloud down {name}`"
         )
-        return False
+        return 1 if isinstance(e, MlcloudError) else 130
     finally:
         if bars:
             bars.close()
         output.close(rep)
     show(done, rep, json=False)
-    return True
+    return 0
 
 
 def _refuse_second_job(store, h) -> None:

@@ -204,7 +204,14 @@ def test_an_honest_node_with_traps_sends_only_its_regular_files(node, tmp_path):
     assert not (dest / "sparse.bin").exists()
 
 
-def test_down_says_when_the_newest_jobs_outputs_were_never_pulled(tmp_path):
+@pytest.fixture
+def local():
+    """Clusters on the local provider, all torn down after the test (their node agents too)."""
+    yield
+    run_cli("down", "--all", "--yes")
+
+
+def test_down_says_when_the_newest_jobs_outputs_were_never_pulled(local, tmp_path):
     from mlcloud import paths, state
 
     assert run_cli("up", "loc", "--provider", "local", "--nodes", "2", "--yes").returncode == 0
@@ -230,7 +237,7 @@ def test_down_says_when_the_newest_jobs_outputs_were_never_pulled(tmp_path):
     store.close()
 
 
-def test_pull_refuses_clearly(tmp_path):
+def test_pull_refuses_clearly(local):
     assert run_cli("up", "empty", "--provider", "local", "--yes").returncode == 0
     r = run_cli("pull", "empty")
     assert r.returncode == 1 and r.stderr.strip() == (
@@ -241,3 +248,21 @@ def test_pull_refuses_clearly(tmp_path):
     r = run_cli("pull", "empty", "--node", "3", "--job", "1")
     assert r.returncode == 1 and "no job 1 on cluster 'empty'" in r.stderr
     assert run_cli("pull", "nope").returncode == 1
+
+
+def test_train_pull_that_fails_keeps_the_cluster_despite_down(local, tmp_path):
+    """Outputs that did not come home are not deleted: --down waits for a pull that works."""
+    assert run_cli("up", "keep", "--provider", "local", "--yes").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "write.py").write_text(WRITER)
+    (tmp_path / "blocker").write_text("a file where DEST's parent should be")
+    r = run_cli(
+        "train", "keep", "-w", str(work), f"--pull={tmp_path}/blocker/res", "write.py", "--down"
+    )
+    assert r.returncode == 1, r.stderr
+    assert "pulling job 1's outputs failed" in r.stderr and "the cluster is kept" in r.stderr
+    assert [c["name"] for c in json.loads(run_cli("status", "--json").stdout)["clusters"]] == [
+        "keep"
+    ]
+    assert pull_json("keep", str(tmp_path / "res"))["nodes"][0]["files"] == 2
