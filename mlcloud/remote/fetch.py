@@ -107,10 +107,9 @@ def fetch(
             sent, written = _receive(transport, ask, tree, want, files, have, cap, progress)
             received += sent.received
             gone = sent.gone
-    except Unsafe as e:
-        raise Refused(
-            f"{label}: refused what the node sent: {e}; nothing more was written"
-        ) from None
+    except Unsafe as e:  # worded for a node's receiver: here the place is dest
+        why = str(e).replace(" on the node", f" in {dest}")
+        raise Refused(f"{label}: refused to write what the node sent: {why}") from None
     except Failed as e:
         raise MlcloudError(f"{label}: cannot write into {dest}: {e}") from None
     finally:
