@@ -314,7 +314,7 @@ def down(
                 continue
             if gone is None:
                 rep.info(f"no cluster named {n!r} in state; nothing to do")
-                done.append({"name": n, "status": "unknown"})
+                done.append({"name": n, "status": "unknown", "unpulled_job": None})
                 continue
             rep.info(
                 f"cluster {n} is forgotten; its nodes were not all confirmed gone (see above)"

@@ -266,3 +266,47 @@ def test_train_pull_that_fails_keeps_the_cluster_despite_down(local, tmp_path):
         "keep"
     ]
     assert pull_json("keep", str(tmp_path / "res"))["nodes"][0]["files"] == 2
+
+
+def test_progress_bars_on_a_terminal_only(local, tmp_path):
+    import pty
+    import subprocess
+
+    from conftest import MLCLOUD
+
+    from mlcloud import paths, state
+
+    assert run_cli("up", "bars", "--provider", "local", "--yes").returncode == 0
+    store = state.open_store()
+    rec = store.get_cluster("bars")
+    store.new_job("bars", rec.uid, "train.py", 1, 1, paths.logs_dir("bars"))
+    out = Path(rec.nodes[0].root) / "jobs" / "1" / "outputs"
+    out.mkdir(parents=True)
+    (out / "weights.bin").write_bytes(os.urandom(3_000_000))
+    store.close()
+
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"TERM": "xterm"}
+    proc = subprocess.Popen(
+        [MLCLOUD, "pull", "bars", str(tmp_path / "tty")],
+        stderr=sub,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    os.close(sub)
+    shown = b""
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the terminal's other end closed: the command is done
+            break
+        if not data:
+            break
+        shown += data
+    assert proc.wait(timeout=60) == 0
+    os.close(main)
+    assert "node0" in shown.decode(errors="replace") and "3.0 MB" in shown.decode(errors="replace")
+    plain = run_cli("pull", "bars", str(tmp_path / "plain"))
+    assert plain.returncode == 0 and "3.0 MB" not in plain.stderr and "━" not in plain.stderr
+    assert "node0: 1 file(s), 2.9 MiB received" in plain.stderr
