@@ -13,10 +13,12 @@ arrives), one unchanged keeps the client's digest: a second pull reads nothing i
 send writes, per path, a JSON line {"p": path, "n": size, "m": mode} and n bytes ({"p": path,
 "gone": true} for a file deleted since it was listed), then {"end": count}.
 
-Only regular files travel. Symlinks, sockets and devices are listed under "skipped", never
-followed, so what a job links to (/etc, another job's files) stays on the node. Paths are
-relative with "/": the output directory's own at the top, the newest checkpoint's under
-`checkpoints/<its name>`. The client trusts none of this (mlcloud/remote/fetch.py checks it).
+Only regular files travel. Symlinks, sockets and devices below the directories asked for are
+listed under "skipped", never followed, so what a job links to (/etc, another job's files)
+stays on the node; the directories themselves may be links (a checkpoint dir on a big disk).
+Paths are relative with "/": the output directory's own at the top, the newest checkpoint's
+under `checkpoints/<its name>`. The client trusts none of this (mlcloud/remote/fetch.py
+checks it).
 """
 
 import hashlib
@@ -107,11 +109,11 @@ def listing(req):
 
 
 def open_below(root, rel):
-    """A read descriptor for root/rel, never through a symlink."""
+    """A read descriptor for root/rel, never through a symlink below root."""
     parts = rel.split("/")
     if rel.startswith("/") or {"", ".", ".."} & set(parts):
         raise ValueError(f"unsafe path {rel!r}")
-    fd = os.open(root, _DIR)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # as the listing saw it
     try:
         for part in parts[:-1]:
             nxt = os.open(part, _DIR, dir_fd=fd)

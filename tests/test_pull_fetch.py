@@ -80,8 +80,9 @@ def test_files_arrive_intact_and_a_second_pull_sends_only_what_changed(node, tmp
 
 
 def test_the_newest_complete_checkpoint_comes_with_checkpoints(node, tmp_path):
+    (tmp_path / "bigdisk").mkdir()  # the checkpoint directory may be a link to a big disk
     ckpt = tmp_path / "node" / "checkpoints"
-    ckpt.mkdir()
+    ckpt.symlink_to(tmp_path / "bigdisk")
     for name in ("ckpt-00000100.pt", "ckpt-00000200.pt", ".ckpt-00000300.pt.tmp", "progress.json"):
         (ckpt / name).write_bytes(name.encode())
     (ckpt / "step_250.partial").mkdir()
