@@ -39,16 +39,17 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import autoscale, cluster, doctor, events, jobs, money, project
+    from mlcloud.cli import autoscale, cluster, doctor, events, jobs, money, project, pull
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
     app.command("status")(cluster.status)
     app.command("events")(events.events)
-    app.command("train")(jobs.train)
+    app.command("train", cls=jobs.TrainCommand)(jobs.train)
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)
     app.command("cancel")(jobs.cancel)
+    app.command("pull")(pull.pull)
     app.command("autoscale")(autoscale.autoscale)
     app.command("ssh")(cluster.ssh)
     app.command("gc")(cluster.gc)

@@ -289,8 +289,19 @@ def down(
         else:
             print("no clusters to tear down")
         return
-    output.confirm(f"tear down {', '.join(targets)} and delete everything on their nodes?", yes)
+    from mlcloud.pull import unpulled
+
+    unseen = {n: unpulled(store, n) for n in targets}
+    never = [f"job {j} of {n}" for n, j in unseen.items() if j is not None]
+    question = f"tear down {', '.join(targets)} and delete everything on their nodes?"
+    if never and not json:  # --json says it in a field instead
+        question = (
+            f"the outputs of {', '.join(never)} were never pulled (`mlcloud pull`); {question}"
+        )
+    output.confirm(question, yes)
     rep = output.reporter(quiet=json)
+    if never and yes:
+        rep.warn(f"the outputs of {', '.join(never)} were never pulled; they go with the nodes")
     failed: list[MlcloudError] = []
     done: list[dict] = []
     try:
@@ -298,7 +309,9 @@ def down(
             try:
                 gone = cluster.down(store, n, rep, purge=purge)
             except MlcloudError as e:
-                done.append({"name": n, "status": "failed", "error": str(e)})
+                done.append(
+                    {"name": n, "status": "failed", "error": str(e), "unpulled_job": unseen[n]}
+                )
                 if len(targets) == 1 and not json:
                     raise
                 rep.warn(str(e))
@@ -306,7 +319,7 @@ def down(
                 continue
             if gone is None:
                 rep.info(f"no cluster named {n!r} in state; nothing to do")
-                done.append({"name": n, "status": "unknown"})
+                done.append({"name": n, "status": "unknown", "unpulled_job": None})
                 continue
             rep.info(
                 f"cluster {n} is forgotten; its nodes were not all confirmed gone (see above)"
@@ -321,6 +334,7 @@ def down(
                     "provider": gone.provider,
                     "nodes": list(gone.nodes),
                     "error": gone.unconfirmed,
+                    "unpulled_job": unseen[n],
                 }
             )
     finally:

@@ -13,6 +13,21 @@ from pathlib import Path
 import typer
 from mlcloud.cli import options, output
 from mlcloud.cli.cluster import load
+from typer.core import TyperCommand
+
+
+class TrainCommand(TyperCommand):
+    """`train`, whose --pull may be given without its DEST (Typer's parser has no option
+    whose value may be left out): a bare --pull, one followed by another option, by `--` or
+    by nothing, becomes --pull= (the default place)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        out = list(args)
+        end = out.index("--") if "--" in out else len(out)
+        for i in range(end):
+            if out[i] == "--pull" and (i + 1 >= end or out[i + 1].startswith("-")):
+                out[i] = "--pull="
+        return super().parse_args(ctx, out)
 
 
 def train(
@@ -43,6 +58,13 @@ def train(
     down: bool = typer.Option(
         False, "--down", help="Tear the cluster down after the job, even if it fails."
     ),
+    pull_to: str | None = typer.Option(
+        None,
+        "--pull",
+        metavar="[DEST]",
+        help="After the job (even if it fails, before --down), pull its outputs to DEST "
+        "(default: ./mlcloud-results/NAME/job-N); write --pull=DEST before the script.",
+    ),
     json_out: bool = typer.Option(
         False,
         "--json",
@@ -60,6 +82,11 @@ def train(
     from mlcloud.remote.sync import Limits
     from mlcloud.spec import parse_env
 
+    if pull_to is not None and detach:
+        raise UsageError(
+            "--pull waits for the job to end, --detach does not: run `mlcloud pull` once it ends"
+        )
+    dest = _pull_dest(pull_to)
     spec = load(file, workdir=str(workdir.resolve()) if workdir else None)
     if script and script.startswith("-"):  # `train NAME -f spec -- --steps 5`: args only
         script_args, script = [script, *(script_args or [])], None
@@ -89,6 +116,7 @@ def train(
     rep = output.reporter()
     sink = _printer(sys.stderr if json_out else sys.stdout)
     code = 1
+    job: state.JobRecord | None = None
     try:
         with cluster_lock(name):
             _refuse_second_job(store, h)
@@ -142,6 +170,10 @@ def train(
     finally:
         output.close(rep)
         h.close()
+        if pull_to is not None and job is not None:
+            pulled = _pull_after(store, name, job.job_id, dest)
+            down = down and pulled == 0
+            code = code or pulled
         if down and not detach:
             rep = output.reporter()
             try:
@@ -158,6 +190,51 @@ def train(
         except BrokenPipeError:
             output.discard()  # nobody reads it: the exit code still tells the job's end
     raise typer.Exit(code)
+
+
+def _pull_dest(value: str | None) -> Path | None:
+    """--pull's DEST (None: the default place). A DEST that is a file is the script swallowed
+    by --pull (`--pull train.py`), not a place for results."""
+    from mlcloud.errors import UsageError
+
+    if not value:
+        return None
+    if Path(value).is_file():
+        raise UsageError(
+            f"--pull {value}: that is a file; results go into a directory: write --pull=DEST, "
+            "or put --pull after the script"
+        )
+    return Path(value)
+
+
+def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
+    """Pull the job's outputs: 0, or the exit code of a pull that failed (1) or was
+    interrupted (130), which is said, not raised, so a failed job's own code stays train's.
+    When not everything came home, --down keeps the cluster."""
+    from mlcloud.cli.pull import Bars, show
+
+    from mlcloud import pull
+    from mlcloud.errors import MlcloudError
+
+    rep = output.reporter()
+    bars = Bars() if output.fancy() else None
+    try:
+        done = pull.pull(
+            store, name, dest, job_id=job_id, report=rep, progress=bars.node if bars else None
+        )
+    except (MlcloudError, KeyboardInterrupt) as e:
+        why = f"failed: {e}" if isinstance(e, MlcloudError) else "was interrupted"
+        rep.warn(
+            f"pulling job {job_id}'s outputs {why}; the cluster is kept so they are not "
+            f"lost: `mlcloud pull {name}`, then `mlcloud down {name}`"
+        )
+        return 1 if isinstance(e, MlcloudError) else 130
+    finally:
+        if bars:
+            bars.close()
+        output.close(rep)
+    show(done, rep, json=False)
+    return 0
 
 
 def _refuse_second_job(store, h) -> None:

@@ -45,6 +45,17 @@ def job_dir(root: str, job_id: int) -> str:
     return f"{root}/jobs/{job_id}"
 
 
+def output_dir(root: str, job_id: int) -> str:
+    """MLCLOUD_OUTPUT_DIR: what the job leaves for `mlcloud pull`, one per node per job."""
+    return f"{job_dir(root, job_id)}/outputs"
+
+
+def checkpoint_dir(root: str, relative: str | None) -> str:
+    """MLCLOUD_CHECKPOINT_DIR: inside the node's directory (the spec refuses absolute paths
+    and `..`), shared by the cluster's jobs so a job resumes from the last one's."""
+    return f"{root}/{relative or 'checkpoints'}"
+
+
 def validate(req: JobRequest) -> None:
     if not req.workdir.is_dir():
         raise UsageError(f"workdir {req.workdir} is not a directory")
@@ -100,8 +111,7 @@ def node_job(
     new one."""
     nodes = h.nodes
     node, head = nodes[i], nodes[0]
-    # inside the node's directory: the spec refuses absolute paths and `..`
-    ckpt = f"{node.root}/{req.checkpoint_dir or 'checkpoints'}"
+    ckpt = checkpoint_dir(node.root, req.checkpoint_dir)
     # torchrun would set this anyway (with a banner) when running several processes per node.
     env = {"OMP_NUM_THREADS": "1", **req.envs}
     env.update(
@@ -115,6 +125,7 @@ def node_job(
             "MLCLOUD_NODE_IP": node.private_ip,
             "MLCLOUD_GPUS_PER_NODE": str(node.gpus),
             "MLCLOUD_CHECKPOINT_DIR": ckpt,
+            "MLCLOUD_OUTPUT_DIR": output_dir(node.root, job_id),
         }
     )
     # torch decides "am I the store host?" from the hostname; say it outright (in a network
@@ -228,7 +239,10 @@ def launch_on(h: Handle, req: JobRequest, job_id: int, nodes: list[int], rdzv: R
         jd = job_dir(h.nodes[i].root, job_id)
         spec = node_job(h, req, job_id, i, rdzv.port, rdzv.nproc, rdzv.number)
         check(
-            t.run(f"mkdir -p {shlex.quote(jd)} {shlex.quote(spec['checkpoint_dir'])}"),
+            t.run(
+                f"mkdir -p {shlex.quote(jd)} {shlex.quote(spec['checkpoint_dir'])} "
+                f"{shlex.quote(output_dir(h.nodes[i].root, job_id))}"
+            ),
             t,
             "creating the job directory",
         )

@@ -77,11 +77,23 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL,
     node INTEGER
 );
+CREATE TABLE IF NOT EXISTS pulls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    time REAL NOT NULL,
+    dest TEXT NOT NULL,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
 """
 
 # 2: billing; 3: jobs belong to a cluster's incarnation, node interpreter; 4: events name
-# the node they come from (the node agents' events are merged in)
-SCHEMA_VERSION = 4
+# the node they come from (the node agents' events are merged in); 5: pulls (a job's outputs
+# brought home, per node), so `down` can say what was never pulled
+SCHEMA_VERSION = 5
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
@@ -539,6 +551,28 @@ class Store:
                 )
                 added += 1
         return added
+
+    # pulls
+
+    def record_pull(
+        self, cluster: str, uid: str, job_id: int, dest: str, nodes: dict[int, tuple[int, int]]
+    ) -> None:
+        """nodes: index -> (files, bytes) of each node pulled."""
+        now = time.time()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO pulls (cluster, uid, job_id, node, time, dest, files, bytes) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                [(cluster, uid, job_id, i, now, dest, f, b) for i, (f, b) in nodes.items()],
+            )
+
+    def pulled_nodes(self, cluster: str, uid: str, job_id: int, since: float) -> set[int]:
+        """The nodes whose outputs of this job were pulled at `since` or later."""
+        rows = self._read(
+            "SELECT DISTINCT node FROM pulls WHERE cluster=? AND uid=? AND job_id=? AND time>=?",
+            (cluster, uid, job_id, since),
+        )
+        return {r["node"] for r in rows}
 
     def event_log(self, cluster: str, uid: str) -> list[tuple[float, str, int | None, str]]:
         """(time, kind, node, message) of one incarnation of a cluster, oldest first."""

@@ -37,6 +37,7 @@ COMMANDS = [
     "logs",
     "exec",
     "cancel",
+    "pull",
     "init",
     "ssh",
     "gc",

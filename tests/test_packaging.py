@@ -43,6 +43,7 @@ def test_wheel_is_self_contained(tmp_path):
         "mlcloud/templates/ddp/mlcloud.yaml",
         "mlcloud/templates/node_ctl.py",
         "mlcloud/templates/receive.py",
+        "mlcloud/templates/send.py",
         "mlcloud/catalog/data/gpu_offers.csv",
         "mlcloud/cli/app.py",
         "mlcloud/providers/aws.py",

@@ -22,6 +22,7 @@ TIMEOUT = 120
 def _env(ckpt_dir):
     env = dict(os.environ)
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MLCLOUD_CHECKPOINT_DIR=str(ckpt_dir))
+    env["MLCLOUD_OUTPUT_DIR"] = str(Path(ckpt_dir) / "outputs")
     # the harsh case, whatever this machine's environment: unbuffered, print() would write a
     # line's text and newline apart and the two ranks' lines would splice
     env["PYTHONUNBUFFERED"] = "1"
@@ -115,6 +116,10 @@ def test_trains_checkpoints_and_reports(tmp_path):
     assert abs(progress["time"] - time.time()) < TIMEOUT and isinstance(progress["pid"], int)
     state = torch.load(tmp_path / "ckpt-00000060.pt", weights_only=True)
     assert state["step"] == 60 and {"model", "optim"} <= state.keys()
+    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
+    assert metrics == {"steps": 60, "final_loss": pytest.approx(final, abs=1e-4), "world_size": 2}
+    model = torch.load(tmp_path / "outputs" / "model.pt", weights_only=True)
+    assert model.keys() == state["model"].keys()
 
 
 def test_resume_continues_the_same_run(tmp_path):

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlcloud.remote.sync import local_sync
@@ -86,6 +87,36 @@ class LocalTransport:
             raise subprocess.TimeoutExpired(proc.args, timeout or 0)
         return b"".join(err)
 
+    @contextmanager
+    def stream(self, command: str, stdin: bytes = b"") -> Iterator[_ProcessPipe]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")} | self.env
+        proc = subprocess.Popen(
+            ["bash", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        err: list[bytes] = []
+        drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+        drain.start()
+        try:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it ended without reading: its exit code and stderr say why
+            yield _ProcessPipe(proc, drain, err)
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc, wait=False)
+            proc.wait()
+            drain.join(timeout=5)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +146,22 @@ class LocalTransport:
 
     def close(self) -> None:
         pass
+
+
+class _ProcessPipe:
+    """A local command's stdout, read as it comes (LocalTransport.stream)."""
+
+    def __init__(self, proc: subprocess.Popen, drain: threading.Thread, err: list[bytes]):
+        self.proc, self.drain, self.err = proc, drain, err
+
+    def read(self, n: int) -> bytes:
+        assert self.proc.stdout is not None
+        return os.read(self.proc.stdout.fileno(), n)
+
+    def finish(self) -> RunResult:
+        code = self.proc.wait()
+        self.drain.join()
+        return RunResult(code, "", b"".join(self.err).decode(errors="replace"))
 
 
 def _kill_group(proc: subprocess.Popen, wait: bool = True) -> None:

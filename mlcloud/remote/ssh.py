@@ -16,7 +16,8 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from mlcloud.remote.transport import (
 CONNECT_TIMEOUT = 15.0
 HEARTBEAT_EVERY = 5.0  # seconds between heartbeats on a connection
 HEARTBEAT_TIMEOUT = 15.0  # no answer for this long: the node is gone (lost within ~20 s)
+STREAM_IDLE_TIMEOUT = 300.0  # a streamed command silent this long is stalled (hashing is slower)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,24 @@ class SshTransport:
             code, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace")
         )
 
+    @contextmanager
+    def stream(self, command: str, stdin: bytes = b"") -> Iterator[_ChannelPipe]:
+        import paramiko
+
+        transport = self._connect()
+        try:
+            chan = transport.open_session(timeout=CONNECT_TIMEOUT)
+            chan.exec_command(command)
+            chan.sendall(memoryview(stdin))
+            chan.shutdown_write()
+            chan.settimeout(STREAM_IDLE_TIMEOUT)  # a live node that sends nothing must not hang us
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise self._lost_error(e) from None
+        try:
+            yield _ChannelPipe(chan, self)
+        finally:
+            chan.close()  # the command on the node sees its output closed, and ends
+
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Atomic write: the temp file gets its mode before any byte is written."""
         import paramiko
@@ -379,6 +399,36 @@ class SshTransport:
         from mlcloud.remote import sync
 
         return sync.push(self, local_dir, remote_dir)
+
+
+class _ChannelPipe:
+    """An SSH channel's stdout, read as it comes (SshTransport.stream)."""
+
+    def __init__(self, chan, owner: SshTransport):
+        self.chan, self.owner = chan, owner
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self.chan.recv(n)
+        except TimeoutError:
+            raise RemoteError(
+                f"{self.owner._where()}: sent nothing for {STREAM_IDLE_TIMEOUT:.0f} s; "
+                "the command there is stalled"
+            ) from None
+        except (OSError, EOFError) as e:
+            raise self.owner._lost_error(e) from None
+        if not data and self.owner._gone():
+            raise self.owner._lost_error(EOFError("closed while reading"))
+        return data
+
+    def finish(self) -> RunResult:
+        code = self.chan.recv_exit_status()
+        if code == -1:  # closed without an exit status: the connection died
+            raise self.owner._lost_error(EOFError("closed while running a command"))
+        err = io.BytesIO()
+        while self.chan.recv_stderr_ready():
+            err.write(self.chan.recv_stderr(1 << 16))
+        return RunResult(code, "", err.getvalue().decode(errors="replace"))
 
 
 def _quiet_paramiko() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,16 @@ class LostError(RemoteError):
     """The connection went away mid-operation: the node rebooted, vanished or was cut off."""
 
 
+class Pipe(Protocol):
+    """A running command's stdout as bytes (Transport.stream)."""
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes, fewer when fewer have arrived; b"" at the end of the output."""
+
+    def finish(self) -> RunResult:
+        """Wait for the command to end: its exit code and stderr (stdout was read above)."""
+
+
 class Transport(Protocol):
     label: str  # how messages and log prefixes name the node, e.g. "node1"
     python: str  # the node's python interpreter (runs node_ctl.py and torchrun)
@@ -49,6 +60,10 @@ class Transport(Protocol):
         stdin: bytes | None = None,
     ) -> RunResult:
         """Run a shell command; with on_line, stdout is streamed line by line instead of kept."""
+
+    def stream(self, command: str, stdin: bytes = b"") -> AbstractContextManager[Pipe]:
+        """Run a shell command whose stdout is read as it comes, unbounded and binary (files
+        coming home); leaving the block early ends the command."""
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Write a file on the node atomically with the given mode (secrets: 0600)."""

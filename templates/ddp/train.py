@@ -12,6 +12,8 @@ Why it is built the way it is:
 - Checkpoints are written atomically (temp file, fsync, rename, fsync dir); on resume a
   truncated newest file is skipped in favour of the previous one.
 - progress.json (step, loss, time) lets an outside watcher tell a stuck job from a slow one.
+- At the end each node's first process leaves the final model and metrics.json in
+  MLCLOUD_OUTPUT_DIR, for `mlcloud pull`.
 - SIGTERM/SIGINT (torchrun forwards them to workers) set a flag that all ranks agree on at a
   step boundary, so the job stops together after a final checkpoint and exits 143.
 - Workers end with os._exit: a worker can abort in interpreter teardown after
@@ -134,6 +136,21 @@ def write_progress(ckpt_dir, step, loss, world):
     )
 
 
+def save_outputs(model, step, loss, world):
+    """The final model and metrics in MLCLOUD_OUTPUT_DIR, which `mlcloud pull` brings home
+    (run by hand, without it, nothing is left behind)."""
+    out_dir = os.environ.get("MLCLOUD_OUTPUT_DIR")
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    state = model.module.state_dict()
+    atomic_write(os.path.join(out_dir, "model.pt"), lambda f: torch.save(state, f))
+    metrics = {"steps": step, "final_loss": loss, "world_size": world}
+    atomic_write(
+        os.path.join(out_dir, "metrics.json"), lambda f: f.write(json.dumps(metrics).encode())
+    )
+
+
 def finish(code):
     """Barrier, tear down and leave without interpreter teardown (see module docstring)."""
     dist.barrier()
@@ -239,6 +256,8 @@ def main():
     dist.all_reduce(final)
     if writer and not os.path.exists(os.path.join(ckpt_dir, f"ckpt-{step:08d}.pt")):
         save_checkpoint(ckpt_dir, step, model, optim, args.keep)
+    if writer:
+        save_outputs(model, step, final.item() / world, world)
     if rank == 0:
         say(f"done steps={step} world_size={world} final_loss={final.item() / world:.4f}")
     finish(0)

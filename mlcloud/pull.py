@@ -1,0 +1,140 @@
+"""Results come home: `mlcloud pull` copies each node's MLCLOUD_OUTPUT_DIR of a job (and, if
+asked, its newest complete checkpoint) to DEST/node<i>/, in parallel, sending only what
+changed since the last pull; `down` asks before deleting outputs nobody pulled.
+
+What a node sends is checked by mlcloud/remote/fetch.py; this module picks the job, the
+nodes and the places, and records each pull in state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlcloud import state
+from mlcloud.errors import MlcloudError, NotFoundError, UsageError
+from mlcloud.remote.fetch import Progress
+from mlcloud.report import Reporter
+
+DEFAULT_MAX_SIZE = 50 * 1024**3  # per node: past it a pull is a mistake to catch (--max-size)
+
+
+@dataclass(frozen=True)
+class NodePull:
+    node: int
+    dest: str
+    files: int
+    bytes: int
+    unchanged: int
+    skipped: tuple[str, ...]
+    gone: tuple[str, ...]
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class Pulled:
+    cluster: str
+    job_id: int
+    dest: str
+    nodes: tuple[NodePull, ...]
+
+
+def default_dest(name: str, job_id: int) -> Path:
+    return Path("mlcloud-results") / name / f"job-{job_id}"
+
+
+def pull(
+    store: state.Store,
+    name: str,
+    dest: Path | None = None,
+    *,
+    job_id: int | None = None,
+    checkpoints: bool = False,
+    node: int | None = None,
+    max_size: int = DEFAULT_MAX_SIZE,
+    report: Reporter,
+    progress: Callable[[str], Progress] | None = None,
+) -> Pulled:
+    """Pull one job's outputs (default: the newest job) from every node, or node `node`.
+
+    Nodes pulled whole are recorded even when another failed; then the first failure is
+    raised (fan_out's rule)."""
+    from mlcloud import cluster, launch
+    from mlcloud.parallel import fan_out
+    from mlcloud.remote.fetch import fetch
+
+    h = cluster.open_cluster(store, name)
+    try:
+        job = store.get_job(name, job_id, h.record.uid)
+        if job is None:
+            raise NotFoundError(
+                f"no job {job_id} on cluster {name!r}"
+                if job_id is not None
+                else f"no jobs on cluster {name!r} yet: nothing to pull"
+            )
+        indices = list(range(len(h.nodes)))
+        if node is not None:
+            if node not in indices:
+                raise UsageError(f"--node {node}: cluster {name} has nodes 0 to {len(h.nodes) - 1}")
+            indices = [node]
+        where = (dest or default_dest(name, job.job_id)).absolute()
+        saved = launch.load_request(job)
+        ckpt_rel = saved[0].checkpoint_dir if saved else h.record.spec.get("checkpoint_dir")
+        # a line, not a step: a terminal shows the transfer as progress bars
+        report.info(f"pulling job {job.job_id}'s outputs from {len(indices)} node(s) into {where}")
+
+        def one(i: int) -> NodePull | MlcloudError:
+            root, t = h.nodes[i].root, h.transports[i]
+            request = {
+                "output": launch.output_dir(root, job.job_id),
+                "checkpoints": launch.checkpoint_dir(root, ckpt_rel) if checkpoints else None,
+            }
+            target = where / f"node{i}"
+            try:
+                got = fetch(t, request, target, max_size, progress(t.label) if progress else None)
+            except MlcloudError as e:
+                return e
+            return NodePull(
+                i,
+                str(target),
+                got.files,
+                got.bytes,
+                got.unchanged,
+                got.skipped,
+                got.gone,
+                got.checkpoint,
+            )
+
+        results = fan_out(one, indices)
+        done = [r for r in results if isinstance(r, NodePull)]
+        if done:
+            store.record_pull(
+                name,
+                h.record.uid,
+                job.job_id,
+                str(where),
+                {r.node: (r.files, r.bytes) for r in done},
+            )
+        failed = [r for r in results if isinstance(r, MlcloudError)]
+        if failed:
+            first = failed[0]
+            if len(failed) > 1 and len(first.args) == 1:
+                first.args = (f"{first} (and {len(failed) - 1} more node(s) failed)",)
+            raise first
+        return Pulled(name, job.job_id, str(where), tuple(done))
+    finally:
+        h.close()
+
+
+def unpulled(store: state.Store, name: str) -> int | None:
+    """The newest job of the cluster if some node's outputs of it were not pulled since the
+    job ended (from state alone: `down` must answer even when the nodes do not)."""
+    rec = store.get_cluster(name)
+    if rec is None:
+        return None
+    job = store.get_job(name, None, rec.uid)
+    if job is None:
+        return None
+    since = job.ended if job.ended is not None else job.submitted
+    pulled = store.pulled_nodes(name, rec.uid, job.job_id, since)
+    return None if set(range(len(rec.nodes))) <= pulled else job.job_id
