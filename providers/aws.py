@@ -116,6 +116,7 @@ class AwsProvider:
         self._roots: dict[tuple[str, str], str] = {}  # (region, image) -> root device name
         self._pg_warned = False
         self._iam_client: Any = None
+        self._storage_warned = False
 
     @property
     def iam(self):
@@ -230,7 +231,8 @@ class AwsProvider:
         self.identity(region)
         self._key_pair(cluster, region, request.ssh)
         self._security_group(cluster, region, request.ssh)
-        warnings = _storage_warnings(request)
+        warnings = () if self._storage_warned else _storage_warnings(request)
+        self._storage_warned |= bool(warnings)  # once, not again for each zone tried
         if aws_iam.policy(request.storage, region):
             name = aws_iam.name_of(cluster.uid)
             self.iam.ensure(cluster, request.storage, region, self._tags(cluster, name))

@@ -107,9 +107,10 @@ def test_role_policy_names_exactly_the_given_prefixes(aws):
     aws.create(REF, prepared.request, 1)
     assert aws.sent[0]["IamInstanceProfile"] == {"Name": name}
     # a resumed `up` finds them: no second role, no error, the profile keeps one role
-    aws.prepare(REF, request(storage=STORAGE))
+    again = aws.prepare(REF, request(storage=STORAGE))
     profile = iam(aws).get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
     assert len(profile["Roles"]) == 1
+    assert not [w for w in again.warnings if "gs://" in w]  # said once, not per zone tried
 
 
 def test_no_storage_no_role(aws):
