@@ -3,6 +3,8 @@ and refused one value at a time, in one line naming the file, line and field."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mlcloud import buckets
@@ -79,3 +81,32 @@ def test_long_gcs_names_need_dots():
     assert buckets.parse(f"gs://{name}/p").bucket == name
     assert buckets.parse("s3://bkt").child("c/d") == buckets.BucketUri("s3", "bkt", "c/d")
     assert str(buckets.parse("gs://bkt/").child("run")) == "gs://bkt/run"
+
+
+def _handle(spec: dict):
+    from types import SimpleNamespace
+
+    from mlcloud import state
+    from mlcloud.cluster import Handle
+
+    node = state.NodeRecord(0, "i-1", "10.0.0.1", "10.0.0.1", "/r/n0", 0, None, "running", "py")
+    rec = state.ClusterRecord("lab", "lab-1", "aws", "UP", spec, "o", 0, 0, (node,))
+    return Handle(rec, None, None, [SimpleNamespace(python="py")])
+
+
+def test_the_job_gets_the_checkpoint_uri_and_none_of_the_callers_credentials(monkeypatch):
+    from pathlib import Path
+
+    from mlcloud import launch
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(var, "client-secret")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/home/me/key.json")
+    req = launch.JobRequest(Path("."), "train.py", (), None, {"WANDB_MODE": "off"}, None, None)
+    spec = TaskSpec(storage=StorageSpec(checkpoints="s3://ckpts/runs")).to_dict()
+    job = launch.node_job(_handle(spec), req, 1, 0, 29500, 1)
+    assert job["env"]["MLCLOUD_CHECKPOINT_URI"] == "s3://ckpts/runs/lab"
+    assert "client-secret" not in json.dumps(job) and "key.json" not in json.dumps(job)
+    assert not [k for k in job["env"] if k.startswith(("AWS_", "GOOGLE_"))]
+    job = launch.node_job(_handle(TaskSpec().to_dict()), req, 1, 0, 29500, 1)
+    assert "MLCLOUD_CHECKPOINT_URI" not in job["env"]
