@@ -51,6 +51,12 @@ def test_checkpoints_go_to_the_bucket_and_a_wiped_node_resumes_from_it(
     uid, node_id = c["uid"], c["nodes"][0]["id"]
     (reservation,) = boto3.client("ec2").describe_instances(InstanceIds=[node_id])["Reservations"]
     assert reservation["Instances"][0]["IamInstanceProfile"]["Arn"].endswith(f"/mlcloud-{uid}")
+    policy = iam.get_role_policy(RoleName=f"mlcloud-{uid}", PolicyName="mlcloud-storage")
+    assert {s["Resource"] for s in policy["PolicyDocument"]["Statement"]} == {
+        "arn:aws:s3:::ckpts",
+        "arn:aws:s3:::ckpts/runs/*",
+        "arn:aws:s3:::ckpts/corpus/*",
+    }
 
     r = run_cli("train", "st", "-f", str(spec), "--", "--steps", "4", "--ckpt-every", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr

@@ -159,8 +159,8 @@ def write_progress(ckpt_dir, step, loss, world):
 
 def finish(code, uploader=None):
     """Barrier, tear down and leave without interpreter teardown (see module docstring)."""
-    if uploader is not None:
-        uploader.close()
+    if uploader is not None:  # after a signal the node may be going away: a short wait
+        uploader.close(timeout=600.0 if code == 0 else 45.0)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
