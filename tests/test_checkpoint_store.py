@@ -115,7 +115,7 @@ def test_the_manifest_is_written_last_and_a_torn_copy_is_refused(s3, tmp_path):
 
 def test_uploads_are_newest_only(tmp_path):
     (tmp_path / "src").mkdir()
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     uploaded: list[int] = []
 
     class SlowStore:
@@ -125,6 +125,7 @@ def test_uploads_are_newest_only(tmp_path):
             self.m = None
 
         def put(self, name, f, size):
+            started.set()
             release.wait(10)
             uploaded.append(int(name[5:13]))
 
@@ -138,7 +139,9 @@ def test_uploads_are_newest_only(tmp_path):
             pass
 
     up = store_mod.Uploader(SlowStore(), lambda line: None)
-    for step in (1, 2, 3, 4):
+    up.submit(1, write_ckpt(tmp_path / "src", 1))
+    assert started.wait(10)
+    for step in (2, 3, 4):
         up.submit(step, write_ckpt(tmp_path / "src", step))
     release.set()
     up.close()
