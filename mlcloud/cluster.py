@@ -23,6 +23,7 @@ from mlcloud.providers.base import (
     ProvisionRequest,
     QuotaError,
     SshOptions,
+    StorageAccess,
 )
 from mlcloud.remote.layout import CTL
 from mlcloud.remote.shell import path_arg, quote
@@ -114,6 +115,10 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
         max_price=spec.spot_max_price,
         image=spec.image,
         disk_gb=spec.resources.disk_gb,
+        storage=StorageAccess(
+            read=spec.storage.data,
+            write=(spec.storage.checkpoints,) if spec.storage.checkpoints else (),
+        ),
     )
 
 

@@ -243,6 +243,7 @@ def test_to_dict_shape(tmp_path):
         "ssh",
         "spot_max_price",
         "image",
+        "storage",
     }
 
 
