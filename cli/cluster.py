@@ -113,7 +113,7 @@ def up(
     """Create a cluster, or finish creating one that an earlier `up` left half made."""
     from mlcloud import cluster, state, views
     from mlcloud import plan as planner
-    from mlcloud.locality import locate
+    from mlcloud.locality import locate, locate_data
     from mlcloud.spec import check_cidr
 
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
@@ -149,7 +149,8 @@ def up(
     name = cluster_name(name, spec.name)
     store = state.open_store()
     existing = store.get_cluster(name)
-    data = locate(near) if near else None
+    # compute goes to the data: --near, else the spec's storage.data
+    data = locate(near) if near else locate_data(spec.storage.data, output.reporter(json).warn)
     spec, plan = planner.make(spec, _default_region, max_hours, data)
     if existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
         # a cloud refuses what it cannot serve (credentials, instance type, region) before

@@ -23,6 +23,7 @@ from mlcloud.providers.base import (
     ProvisionRequest,
     QuotaError,
     SshOptions,
+    StorageAccess,
 )
 from mlcloud.remote.layout import CTL
 from mlcloud.remote.shell import path_arg, quote
@@ -116,6 +117,10 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
         disk_gb=spec.resources.disk_gb,
         project=spec.gce.project,
         api_endpoint=spec.gce.api_endpoint,
+        storage=StorageAccess(
+            read=spec.storage.data,
+            write=(spec.storage.checkpoints,) if spec.storage.checkpoints else (),
+        ),
     )
 
 

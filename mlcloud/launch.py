@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud import state
+from mlcloud.buckets import checkpoint_uri
 from mlcloud.cluster import Handle
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
@@ -128,6 +129,9 @@ def node_job(
             "MLCLOUD_OUTPUT_DIR": output_dir(node.root, job_id),
         }
     )
+    bucket = checkpoint_uri(h.record.spec, h.record.name)
+    if bucket:
+        env["MLCLOUD_CHECKPOINT_URI"] = bucket
     # torch decides "am I the store host?" from the hostname; say it outright (in a network
     # namespace the hostname resolves to loopback)
     rdzv_conf = f"is_host={'true' if i == 0 else 'false'}"

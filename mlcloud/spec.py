@@ -74,6 +74,15 @@ class SshSpec:
 
 
 @dataclass(frozen=True)
+class StorageSpec:
+    """Buckets the nodes use (README, "Buckets"): checkpoints read and written, data only read.
+    Each is a checked `s3://bucket/prefix` or `gs://bucket/prefix` (mlcloud/buckets.py)."""
+
+    checkpoints: str | None = None
+    data: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GceSpec:
     project: str | None = None  # default: GOOGLE_CLOUD_PROJECT, gcloud's, the credentials'
     api_endpoint: str | None = None  # a private Compute endpoint (MLCLOUD_GCE_API_ENDPOINT)
@@ -102,6 +111,7 @@ class TaskSpec:
     hosts: tuple[str, ...] = ()
     ssh: SshSpec = field(default_factory=SshSpec)
     gce: GceSpec = field(default_factory=GceSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
 
     @property
     def node_count(self) -> int:
@@ -113,6 +123,7 @@ class TaskSpec:
         d["ssh"]["allowed_cidrs"] = list(self.ssh.allowed_cidrs)
         d["resources"]["gpus"] = str(self.resources.gpus) if self.resources.gpus else None
         d["train"]["args"] = list(self.train.args)
+        d["storage"]["data"] = list(self.storage.data)
         min_nodes = d.pop("min_nodes")
         if min_nodes is not None:
             d["nodes"] = f"{min_nodes}:{self.nodes}"
@@ -342,8 +353,10 @@ _FIELDS = {
         "spot_max_price",
         "image",
         "gce",
+        "storage",
     },
     "gce": {"project", "api_endpoint"},
+    "storage": {"checkpoints", "data"},
     "ssh": {"user", "port", "identity_file", "proxy_command", "python", "allowed_cidrs"},
     "resources": {"gpus", "cpus", "instance_type", "disk_gb"},
     "train": {"script", "args", "nproc_per_node"},
@@ -541,6 +554,38 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             project=_str(gce, "project", where, "gce.project"),
             api_endpoint=_str(gce, "api_endpoint", where, "gce.api_endpoint"),
         ),
+        storage=_storage(_section(d, "storage", where), where),
+    )
+
+
+def _storage(storage: dict, where: _Where) -> StorageSpec:
+    """Bucket URIs, each checked (scheme, bucket naming rules, prefix) and written back in one
+    canonical form; the first bad one is named with its field."""
+    from mlcloud import buckets
+
+    def uri(value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(
+                f"{where(key)}: must be a bucket URI like s3://BUCKET/PREFIX, got {_kind(value)}"
+            )
+        try:
+            return str(buckets.parse(value))
+        except ValueError as e:
+            raise UsageError(f"{where(key)}: {value.strip()!r} {e}") from None
+
+    checkpoints = storage.get("checkpoints")
+    data = storage.get("data")
+    if data is None:
+        data = []
+    if isinstance(data, str):
+        data = [data]
+    if not isinstance(data, list):
+        raise UsageError(
+            f"{where('storage.data')}: must be a list of bucket URIs like ['s3://BUCKET/PREFIX']"
+        )
+    return StorageSpec(
+        checkpoints=None if checkpoints is None else uri(checkpoints, "storage.checkpoints"),
+        data=tuple(dict.fromkeys(uri(v, "storage.data") for v in data)),
     )
 
 

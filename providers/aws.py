@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
+from mlcloud.providers import aws_iam
 from mlcloud.providers.base import (
     AuthError,
     CapacityError,
@@ -114,6 +115,18 @@ class AwsProvider:
         self._identity: str | None = None  # the caller's ARN, asked once
         self._roots: dict[tuple[str, str], str] = {}  # (region, image) -> root device name
         self._pg_warned = False
+        self._iam_client: Any = None
+        self._storage_warned = False
+
+    @property
+    def iam(self):
+        """The cluster roles for bucket access (providers/aws_iam.py); IAM is global."""
+        from mlcloud.providers.aws_iam import Iam
+
+        if self._iam_client is None:
+            with _sdk_errors("client", None):
+                self._iam_client = self.session.client("iam", config=self._config())
+        return Iam(functools.partial(self._call_client, self._iam_client), Unsupported)
 
     # boto3, lazily
 
@@ -218,12 +231,16 @@ class AwsProvider:
         self.identity(region)
         self._key_pair(cluster, region, request.ssh)
         self._security_group(cluster, region, request.ssh)
-        warnings: tuple[str, ...] = ()
+        warnings = () if self._storage_warned else _storage_warnings(request)
+        self._storage_warned |= bool(warnings)  # once, not again for each zone tried
+        if aws_iam.policy(request.storage, region):
+            name = aws_iam.name_of(cluster.uid)
+            self.iam.ensure(cluster, request.storage, region, self._tags(cluster, name))
         if request.count > 1:
             warning = self._placement_group(cluster, region)
             if warning and not self._pg_warned:
                 self._pg_warned = True
-                warnings = (warning,)
+                warnings += (warning,)
         return Prepared(request, warnings)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
@@ -273,6 +290,8 @@ class AwsProvider:
         )
         if placement:
             params["Placement"] = placement
+        if aws_iam.policy(request.storage, region):
+            params["IamInstanceProfile"] = {"Name": aws_iam.name_of(cluster.uid)}
         if request.spot:
             spot: dict[str, Any] = {
                 "SpotInstanceType": "one-time",
@@ -281,7 +300,9 @@ class AwsProvider:
             if request.max_price:
                 spot["MaxPrice"] = f"{request.max_price:.4f}"
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
-        out = self._call(region, "run_instances", zone=request.zone, **params)
+        out = aws_iam.launch_retrying(
+            lambda: self._call(region, "run_instances", zone=request.zone, **params)
+        )
         ids = [i["InstanceId"] for i in out["Instances"]]
         self._wait(region, ids, "instance_running")
         return [n for n in self._describe(cluster, region) if n.node_id in ids]
@@ -314,6 +335,7 @@ class AwsProvider:
         keys.delete_cluster_key(cluster.uid)  # the private half goes with the public one
         for pg in self._placement_groups(region, self._filter(cluster)):
             self._call(region, "delete_placement_group", GroupName=pg["GroupName"])
+        self.iam.delete(cluster.uid)  # after the instances that used it are gone
 
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
@@ -451,7 +473,7 @@ class AwsProvider:
             )
         for p in self._placement_groups(region, f):
             found.append(_resource("placement-group", p["GroupName"], p.get("Tags"), region))
-        return found
+        return found + self.iam.discover(region)
 
     def delete(self, resources: list[Resource]) -> None:
         """Delete what discover() found: instances first (and wait), then what they used."""
@@ -470,6 +492,7 @@ class AwsProvider:
                     self._call(region, "delete_key_pair", KeyName=r.id)
                 elif r.kind == "placement-group":
                     self._call(region, "delete_placement_group", GroupName=r.id)
+            self.iam.delete_found(items)
 
     # helpers
 
@@ -736,6 +759,14 @@ class AwsProvider:
                 "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
             )
         return f"{address}/32"
+
+
+def _storage_warnings(request: ProvisionRequest) -> tuple[str, ...]:
+    return tuple(
+        f"storage {uri}: an AWS cluster's nodes get credentials for S3 only, none for this "
+        "bucket; grant them access yourself or use an s3:// bucket"
+        for uri in aws_iam.other_cloud(request.storage)
+    )
 
 
 def _public_address_lookup() -> str | None:

@@ -43,6 +43,16 @@ class SshOptions:
 
 
 @dataclass(frozen=True)
+class StorageAccess:
+    """Bucket prefixes (`s3://bucket/prefix`, `gs://bucket/prefix`) the nodes use: a provider
+    that can give nodes credentials scoped to them (an AWS instance profile) does, for its own
+    cloud's buckets; the others are the user's to grant."""
+
+    read: tuple[str, ...] = ()  # data: list and read
+    write: tuple[str, ...] = ()  # checkpoints: list, read, write and delete
+
+
+@dataclass(frozen=True)
 class ProvisionRequest:
     """What the engine asks of a provider, resolved from the spec and flags."""
 
@@ -59,6 +69,7 @@ class ProvisionRequest:
     fallback_regions: tuple[str, ...] = ()  # where else to look when `region` has no capacity
     hosts: tuple[str, ...] = ()  # the ssh provider: machines the user already has
     ssh: SshOptions = SshOptions()
+    storage: StorageAccess = StorageAccess()  # none: the nodes get no bucket credentials
     project: str | None = None  # gce: the Google Cloud project (default: ADC's, the env's)
     api_endpoint: str | None = None  # gce: a private (or test) Compute API endpoint
     deadline: float | None = None  # epoch s the budget runs out: clouds that can end VMs then do

@@ -249,6 +249,7 @@ def test_to_dict_shape(tmp_path):
         "spot_max_price",
         "image",
         "gce",
+        "storage",
     }
 
 

@@ -64,6 +64,7 @@ class GceProvider:
         self._apis: dict[tuple[str, str | None], Api] = {}
         self._creds: tuple[Any, str | None] | None = None
         self._zones: dict[str, str] = {}  # VM name -> zone, as last listed
+        self._storage_warned = False
 
     # settings, credentials, clients
 
@@ -180,7 +181,9 @@ class GceProvider:
         cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)
-        return Prepared(request)
+        warnings = () if self._storage_warned else _storage_warnings(request)
+        self._storage_warned |= bool(warnings)  # once, not again for each zone tried
+        return Prepared(request, warnings)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         api = self._api_of(cluster)
@@ -512,6 +515,14 @@ class GceProvider:
                 "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
             )
         return f"{address}/32"
+
+
+def _storage_warnings(request: ProvisionRequest) -> tuple[str, ...]:
+    return tuple(
+        f"storage {uri}: a GCE cluster's nodes run without a service account, so mlcloud "
+        "gives them no bucket credentials; grant them access yourself"
+        for uri in (*request.storage.write, *request.storage.read)
+    )
 
 
 def _pause(polls) -> float:
