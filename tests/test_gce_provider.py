@@ -13,6 +13,7 @@ from mlcloud.providers.base import (
     ProvisionRequest,
     QuotaError,
     SshOptions,
+    StorageAccess,
 )
 from mlcloud.providers.gce import GceProvider, api, rules
 
@@ -77,6 +78,14 @@ def test_image_family_of_the_users_and_disk_size(gce_env, mlcloud_home):
     disk = fake.instances()[0]["disks"][0]
     assert disk["diskSizeGb"] == "300" and disk["autoDelete"] and disk["boot"]
     assert disk["licenses"] == [f"https://www.googleapis.com/compute/v1/{req.image}"]
+
+
+def test_bucket_access_is_the_users_said_once(gce_env, mlcloud_home):
+    p = GceProvider()
+    req = request(storage=StorageAccess(write=("gs://ckpt/run1",), read=("s3://data/x",)))
+    warned = p.prepare(REF, req).warnings
+    assert len(warned) == 2 and "gs://ckpt/run1" in warned[0] and "no bucket" in warned[0]
+    assert p.prepare(REF, replace(req, zone="us-central1-b")).warnings == ()
 
 
 def test_list_reads_every_page(gce_env, mlcloud_home, monkeypatch):
