@@ -40,10 +40,12 @@ def config(
     node_id: str,
     spot: bool,
     due: float | None,
+    owns_machines: bool = False,
 ) -> dict[str, object]:
     """config.json for one node's agent (it re-reads it every poll). node_id lets a cloud
     node's agent make sure the metadata server describes this very instance before it powers
-    anything off; spot turns on the polling of preemption notices."""
+    anything off; spot turns on the polling of preemption notices; owns_machines (the
+    provider's capability) says whether stopping the node powers it off."""
     return {
         "poll_seconds": auto.poll_seconds,
         "idle_minutes": auto.idle_minutes,
@@ -58,6 +60,7 @@ def config(
         "metadata": metadata_endpoints(),
         "node_id": node_id,
         "spot": spot,
+        "owns_machines": owns_machines,
     }
 
 

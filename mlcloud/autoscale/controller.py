@@ -1,6 +1,7 @@
 """The controller: each pass gathers a snapshot (provider listing, reachability and agent
 samples, job, money), asks the pure policy, and applies its plan through the same engine
-path as `up` and `train` (cluster.add_nodes, launch.prepare_nodes/launch_on, cluster.down).
+path as `up` and `train` (cluster.add_nodes, launch.prepare_nodes/launch_on, and
+cluster.stop_by_rule, the node agents' own stop).
 Every decision is an event with its reason."""
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ class Controller:
         for a in rest:
             if a.kind in (pol.BUDGET_STOP, pol.IDLE_DOWN):
                 self._event(a.kind, a.reason)
-                self._teardown(grace=BUDGET_GRACE if a.kind == pol.BUDGET_STOP else 0.0)
+                self._teardown(
+                    a.kind, a.reason, grace=BUDGET_GRACE if a.kind == pol.BUDGET_STOP else 0.0
+                )
                 return
             if a.kind == pol.STALL:
                 self._event("stall", a.reason)
@@ -184,7 +187,7 @@ class Controller:
 
         def terminate() -> None:
             try:
-                h.provider.terminate(h.ref, [node])
+                cluster.terminate(h.provider, h.ref, [node], h.record)
             except MlcloudError as e:
                 errors.append(str(e))
 
@@ -321,12 +324,13 @@ class Controller:
 
         fan_out(one, list(positions))
 
-    def _teardown(self, grace: float) -> None:
-        """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then `down`."""
+    def _teardown(self, kind: str, reason: str, grace: float) -> None:
+        """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then stop the cluster
+        as its agents would (cluster.stop_by_rule)."""
         if grace and self._running_job() is not None:
             self._stop_job(range(len(self.h.nodes)), grace=grace)
         self.gone = True
-        cluster.down(self.store, self.h.record.name, self.report)
+        cluster.stop_by_rule(self.store, self.h, kind, reason, self.report)
 
     # -- the loop
 
