@@ -68,6 +68,8 @@ def _stopped_as_the_agents_stop(store: state.Store, name: str, kind: str) -> Non
     assert "stopping the cluster's processes" in per_node[0].message
     assert nodeevents.stop_reasons(nodeevents.log(store, rec))  # what `status NAME` shows
     assert all(i.end is not None for i in store.billing(name))
+    again = Controller(store, cluster.open_cluster(store, name), PlainReporter(quiet=True))
+    assert again.step().actions == () and again.gone  # a later pass (cron) leaves it be
     cluster.down(store, name, PlainReporter(quiet=True))
     assert not any(Path(n.root).exists() for n in rec.nodes)
 
@@ -119,10 +121,11 @@ class _Owned(LocalProvider):
 def test_idle_teardown_terminates_machines_mlcloud_owns(monkeypatch):
     owned = _Owned()
     monkeypatch.setattr("mlcloud.providers.get", lambda name: owned)
-    store, h = _up("owned", price=0.0, idle_minutes=0.05)
+    # the agents' own idle stop (30 s) must not race the controller's `down` here
+    store, h = _up("owned", price=0.0, idle_minutes=0.5)
     now = time.time()
     for n in h.nodes:
-        _samples(n.root, [(now - 4, "idle"), (now - 2, "idle")])
+        _samples(n.root, [(now - 40, "idle"), (now - 2, "idle")])
     assert Controller(store, h, PlainReporter(quiet=True)).step(now).kinds() == [pol.IDLE_DOWN]
     assert store.get_cluster("owned") is None  # terminated, as `down` does
     assert not any(Path(n.root).exists() for n in h.nodes)

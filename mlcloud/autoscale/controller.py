@@ -20,6 +20,7 @@ from mlcloud.cluster import Handle
 from mlcloud.cost import accrued
 from mlcloud.errors import MlcloudError
 from mlcloud.locks import cluster_lock
+from mlcloud.nodeevents import TERMINATED
 from mlcloud.parallel import fan_out
 from mlcloud.report import Reporter
 
@@ -120,6 +121,9 @@ class Controller:
     def step(self, now: float | None = None) -> pol.Plan:
         """One pass: gather, decide, apply; returns the plan applied."""
         now = time.time() if now is None else now
+        if self.h.nodes and all(n.status == TERMINATED for n in self.h.nodes):
+            self.gone = True  # stopped by a rule, here or by the agents: the rest is `down`'s
+            return pol.Plan()
         snap = self.snapshot(now)
         plan = pol.decide(snap, self.policy, now)
         if plan.actions:
