@@ -24,7 +24,7 @@ from mlcloud.providers.base import (
     QuotaError,
     SshOptions,
 )
-from mlcloud.remote.layout import CTL, stop_line
+from mlcloud.remote.layout import CTL, node_number, stop_line
 from mlcloud.remote.shell import path_arg, quote
 from mlcloud.remote.transport import (
     LostError,
@@ -420,6 +420,7 @@ def bootstrap(
             spot,
             due,
             provider.capabilities.owns_machines,
+            node_number(node.root),  # as launch tags the node's jobs: a spare keeps its own
         )
         cmd = _bootstrap_script(node.root, pythons, (len(ctl_source), len(agent_source)))
         deadline = time.monotonic() + provider.boot_timeout

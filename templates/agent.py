@@ -523,8 +523,11 @@ def start(root):
 def stop(root, kind, reason, grace):
     """A controller's rule stops the node (idle, budget) the way this agent stops it itself:
     the running agent ends first (it must not act on what it sees ending), then the same
-    shut_down, so the stop record and the event are where `status` and `events` look."""
+    shut_down, so the stop record and the event are where `status` and `events` look. A node
+    that stopped itself already keeps its own record."""
     root = os.path.abspath(root)
+    if os.path.exists(os.path.join(root, "agent", "stopped")):
+        return
     node_ctl.stop_agent(root)
     agent = Agent(root)
     cfg = agent.config()

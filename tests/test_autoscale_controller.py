@@ -151,3 +151,17 @@ def test_samples_parse_and_runs():
     )
     assert [x.time for x in s] == [1, 2, 3] and s[0].step == 5 and s[0].job_state == "running"
     assert since(tuple(s), "idle") == 2 and since(tuple(s), "busy") is None
+
+
+def test_a_node_that_stopped_itself_keeps_its_own_stop_record():
+    store, h = _up("self", price=0.0, idle_minutes=0.5)  # the real agents stay out of it
+    now = time.time()
+    for n in h.nodes:
+        _samples(n.root, [(now - 40, "idle"), (now - 2, "idle")])
+    own = {"time": now - 1, "kind": "budget_stop", "reason": "the node's own"}
+    (Path(h.nodes[0].root) / "agent" / "stopped").write_text(json.dumps(own))
+    assert Controller(store, h, PlainReporter(quiet=True)).step(now).kinds() == [pol.IDLE_DOWN]
+    assert json.loads((Path(h.nodes[0].root) / "agent" / "stopped").read_text()) == own
+    kinds = json.loads((Path(h.nodes[1].root) / "agent" / "stopped").read_text())["kind"]
+    assert kinds == pol.IDLE_DOWN
+    cluster.down(store, "self", PlainReporter(quiet=True))

@@ -89,3 +89,21 @@ def test_the_engine_stops_the_processes_on_machines_it_does_not_own(monkeypatch,
         if job.poll() is None:
             job.kill()
         job.wait()
+
+
+def test_a_node_added_later_has_its_agent_tag_its_own_processes(mlcloud_home):
+    """The agent stops the processes tagged as launch tags its node's jobs (by its node-K
+    directory): a node added after node 0 must not stop node 0's on a shared machine."""
+    import json
+
+    store = state.open_store()
+    rep = PlainReporter(quiet=True)
+    rec = cluster.up(store, "grow", TaskSpec(provider="local", nodes=1), rep)
+    h = cluster.open_cluster(store, "grow")
+    try:
+        (new,) = cluster.add_nodes(store, h, 1, rep)
+        conf = json.loads((Path(new.root) / "agent" / "config.json").read_text())
+        assert conf["tag"] == f"{rec.uid}.1."
+    finally:
+        h.close()
+        cluster.down(store, "grow", rep)
