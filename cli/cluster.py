@@ -201,8 +201,7 @@ def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
 def _default_region(provider: str) -> str | None:
     from mlcloud import providers
 
-    p = providers.get(provider)
-    return p.region() if hasattr(p, "region") else None
+    return providers.get(provider).default_region()
 
 
 def _show_plan(plan) -> None:
@@ -457,7 +456,7 @@ def ssh(
 
 def gc(
     provider: str | None = typer.Option(
-        None, "--provider", "-p", help="Only this provider (local or aws)."
+        None, "--provider", "-p", help="Only this provider (local, ssh or aws)."
     ),
     region: list[str] | None = typer.Option(
         None, "--region", help="Regions to search (repeatable; default: the configured one)."
