@@ -206,8 +206,7 @@ def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
 def _default_region(provider: str) -> str | None:
     from mlcloud import providers
 
-    p = providers.get(provider)
-    return p.region() if hasattr(p, "region") else None
+    return providers.get(provider).default_region()
 
 
 def _show_plan(plan) -> None:
@@ -462,7 +461,7 @@ def ssh(
 
 def gc(
     provider: str | None = typer.Option(
-        None, "--provider", "-p", help="Only this provider (local, aws or gce)."
+        None, "--provider", "-p", help="Only this provider (local, ssh, aws or gce)."
     ),
     region: list[str] | None = typer.Option(
         None, "--region", help="Regions to search (repeatable; default: the configured one)."

@@ -40,10 +40,14 @@ def config(
     node_id: str,
     spot: bool,
     due: float | None,
+    owns_machines: bool = False,
+    number: int | None = None,
 ) -> dict[str, object]:
     """config.json for one node's agent (it re-reads it every poll). node_id lets a cloud
     node's agent make sure the metadata server describes this very instance before it powers
-    anything off; spot turns on the polling of preemption notices."""
+    anything off; spot turns on the polling of preemption notices; owns_machines (the
+    provider's capability) says whether stopping the node powers it off; number is the K of
+    the node's `node-K` directory, which its processes are tagged by (default: node)."""
     return {
         "poll_seconds": auto.poll_seconds,
         "idle_minutes": auto.idle_minutes,
@@ -54,10 +58,11 @@ def config(
         "deadline": due,
         "provider": provider,
         "node": node,
-        "tag": tag(uid, node),
+        "tag": tag(uid, node if number is None else number),
         "metadata": metadata_endpoints(),
         "node_id": node_id,
         "spot": spot,
+        "owns_machines": owns_machines,
     }
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mlcloud import agentview, providers, state
+from mlcloud import agentview, keys, providers, state
 from mlcloud.cost import Interval
 from mlcloud.errors import MlcloudError, NotFoundError, UsageError
 from mlcloud.locks import cluster_lock
@@ -25,7 +25,7 @@ from mlcloud.providers.base import (
     SshOptions,
     StorageAccess,
 )
-from mlcloud.remote.layout import CTL
+from mlcloud.remote.layout import CTL, node_number, stop_line
 from mlcloud.remote.shell import path_arg, quote
 from mlcloud.remote.transport import (
     LostError,
@@ -135,6 +135,11 @@ def up(
     """Bring a cluster to UP; re-running after a crash reuses what the provider already has."""
     check_cluster_name(name)
     provider = providers.get(spec.provider)
+    if spec.spot and not provider.capabilities.spot:
+        raise UsageError(
+            f"spot: the {provider.name} provider has no spot nodes; drop spot (--on-demand) "
+            "or pick a cloud provider (--provider aws)"
+        )
     provider.check(request_for(spec, spec.node_count))
     with cluster_lock(name):
         existing = store.get_cluster(name)
@@ -196,9 +201,10 @@ def _provision(
     want = spec.node_count
     request = replace(request_for(spec, want), fallback_regions=fallback_regions)
     places, resumed_image = _places(store, provider, ref, request)
-    # the budget's deadline: the node agents enforce it, and clouds that can end VMs
-    # themselves (GCE maxRunDuration) are told it at create
+    # the budget's deadline: the node agents enforce it, and a cloud that ends VMs itself
+    # (capabilities.self_deadline: GCE maxRunDuration) is told it at create
     due = agentview.deadline(spec.autoscale.max_cost, price * want, time.time())
+    own_deadline = due if provider.capabilities.self_deadline else None
     refusals: list[CapacityError | QuotaError] = []
     over_quota: set[str | None] = set()
     for n, (region, zone) in enumerate(places):
@@ -206,7 +212,7 @@ def _provision(
             continue
         here = replace(ref, region=region)
         image = request.image or (resumed_image if region == ref.region else None)
-        req = replace(request, region=region, zone=zone, image=image, deadline=due)
+        req = replace(request, region=region, zone=zone, image=image, deadline=own_deadline)
         # recorded before anything is made there, so `down` and a re-run find it
         store.set_spec(ref.name, {**spec.to_dict(), "region": region, "zone": zone})
         report.step(
@@ -240,7 +246,7 @@ def _provision(
     else:
         raise _refused(refusals, f"{want} x {request.instance_type or 'node'}")
     if len(nodes) > want:
-        provider.terminate(here, nodes[want:])
+        terminate(provider, here, nodes[want:], store.get_cluster(ref.name))
         nodes = nodes[:want]
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
     records = bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
@@ -309,7 +315,7 @@ def add_nodes(
     if spec.autoscale.max_cost is not None:
         left = spec.autoscale.max_cost - accrued(billing, now)
         due = agentview.deadline(max(left, 0.0), hourly(billing) + price * count, now)
-    request = replace(request, deadline=due)
+    request = replace(request, deadline=due if h.provider.capabilities.self_deadline else None)
     places, _ = _places(store, h.provider, h.ref, request)
     refusals: list[CapacityError | QuotaError] = []
     for region, zone in places:
@@ -416,7 +422,17 @@ def bootstrap(
             if provider.name == "local"
             else PYTHON_CANDIDATES
         )
-        conf = agentview.config(auto, provider.name, ref.uid, i, node.node_id, spot, due)
+        conf = agentview.config(
+            auto,
+            provider.name,
+            ref.uid,
+            i,
+            node.node_id,
+            spot,
+            due,
+            provider.capabilities.owns_machines,
+            node_number(node.root),  # as launch tags the node's jobs: a spare keeps its own
+        )
         cmd = _bootstrap_script(node.root, pythons, (len(ctl_source), len(agent_source)))
         deadline = time.monotonic() + provider.boot_timeout
         refused_since: float | None = None
@@ -592,10 +608,78 @@ def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -
         return gone
 
 
+def terminate(
+    provider: Provider, ref: ClusterRef, nodes: list[Node], rec: state.ClusterRecord | None
+) -> None:
+    """Have the provider terminate nodes, after stopping the cluster's processes on them where
+    the machines are not mlcloud's (local, ssh): nothing powers those off, so nothing else
+    would end what the cluster started there. rec (the cluster as state has it) gives the
+    login settings and each node's interpreter."""
+    stop_processes(provider, ref, nodes, rec)
+    provider.terminate(ref, nodes)
+
+
+def stop_processes(
+    provider: Provider, ref: ClusterRef, nodes: list[Node], rec: state.ClusterRecord | None
+) -> None:
+    """End every process the cluster started on these nodes (jobs and agents, by tag), in
+    parallel, where the provider does not own the machines. A node that cannot be reached is
+    left to `terminate`, which must reach it too and says so (an ssh host stays claimed)."""
+    if provider.capabilities.owns_machines or not nodes:
+        return
+    ssh = ssh_options(rec.spec) if rec else SshOptions()
+    known = {n.node_id: n for n in rec.nodes} if rec else {}
+
+    def one(node: Node) -> None:
+        seen = known.get(node.node_id)
+        t = provider.transport(ref, node, f"node{seen.idx}" if seen else node.node_id, ssh)
+        if seen and seen.python:
+            t.python = seen.python
+        try:
+            t.run(stop_line(t.python, node.root, ref.uid), timeout=120)
+        except RemoteError:
+            pass
+        finally:
+            t.close()
+
+    fan_out(one, nodes)
+
+
+STOP_GRACE = 10.0  # a rule's stop: SIGTERM to SIGKILL on each node (the job checkpointed before)
+
+
+def stop_by_rule(store: state.Store, h: Handle, kind: str, reason: str, report: Reporter) -> None:
+    """A rule (idle, budget) ends the cluster, from the controller as the node agents end it
+    themselves: machines mlcloud owns are terminated (`down`); elsewhere (local, ssh) each
+    node's agent stop runs, which ends the cluster's processes and writes the stop record and
+    the event where `status` and `events` read them, and the nodes are marked stopped. Their
+    directories (checkpoints, events) stay until `down`."""
+    if h.provider.capabilities.owns_machines:
+        down(store, h.record.name, report)
+        return
+    line = f"{agentview.AGENT} stop . {quote(kind)} {quote(reason)} {STOP_GRACE}"
+
+    def one(i: int) -> None:
+        t = h.transports[i]
+        try:
+            r = t.run(
+                f"cd {path_arg(h.nodes[i].root)} && {quote(t.python)} {line}",
+                timeout=STOP_GRACE + 60,
+            )
+            check(r, t, "stopping the node")
+        except RemoteError as e:  # a node lost meanwhile: status shows it as last seen
+            report.warn(str(e))
+
+    fan_out(one, list(range(len(h.nodes))))
+    from mlcloud import nodeevents
+
+    nodeevents.gather(store, h.record)
+
+
 def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
     live = provider.list(ref)
     if live:
-        provider.terminate(ref, live)
+        terminate(provider, ref, live, store.get_cluster(ref.name))
     left = provider.list(ref)
     if left:
         raise MlcloudError(
@@ -603,6 +687,7 @@ def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
             f"({', '.join(n.node_id for n in left)}); run `mlcloud down {ref.name}` again"
         )
     provider.cleanup(ref)
+    keys.delete_cluster_key(ref.uid)  # the engine's, kept while `up` moved between regions
     store.close_billing(ref.uid, time.time())
     for job in store.jobs(ref.name, ref.uid):
         if job.status not in state.JOB_DONE:

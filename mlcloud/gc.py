@@ -10,13 +10,11 @@ minimum age (it may still be coming up)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 from mlcloud import providers, state
-from mlcloud.errors import UsageError
-from mlcloud.providers.base import Collector, Resource
+from mlcloud.providers.base import Resource
 
-CLOUDS = ("local", "aws", "gce")  # the providers that find what they hold without local state
+CLOUDS = ("local", "ssh", "aws", "gce")  # they find what they hold without state
 MIN_AGE_MINUTES = 10.0
 DELETE = "delete"
 
@@ -31,16 +29,12 @@ class Orphan:
 def find(store: state.Store, provider: str | None, regions: list[str]) -> list[Resource]:
     """Every discoverable resource whose cluster this home's state does not know."""
     names = [provider] if provider else list(CLOUDS)
-    for name in names:
-        if name not in CLOUDS:
-            raise UsageError(
-                f"--provider {name}: it holds nothing gc can find; gc knows {', '.join(CLOUDS)}"
-            )
     known = {c.uid for c in store.list_clusters()}
     found: list[Resource] = []
     for name in names:
-        p = cast(Collector, providers.get(name))
-        for region in (regions or [None]) if name != "local" else [None]:
+        p = providers.get(name)
+        # machines mlcloud does not own (this one, the user's hosts) are in no region
+        for region in (regions or [None]) if p.capabilities.owns_machines else [None]:
             found += [r for r in p.discover(region) if r.cluster_uid not in known]
     return found
 
@@ -79,5 +73,5 @@ def delete(orphans: list[Orphan]) -> list[Resource]:
         if o.action == DELETE:
             by_provider.setdefault(o.resource.provider, []).append(o.resource)
     for name, items in by_provider.items():
-        cast(Collector, providers.get(name)).delete(items)
+        providers.get(name).delete(items)
     return [r for items in by_provider.values() for r in items]

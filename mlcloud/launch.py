@@ -18,7 +18,7 @@ from mlcloud.buckets import checkpoint_uri
 from mlcloud.cluster import Handle
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.layout import CTL, tag
+from mlcloud.remote.layout import CTL, node_number, tag
 from mlcloud.remote.sync import Limits, check_workdir
 from mlcloud.remote.transport import check
 from mlcloud.report import Reporter
@@ -84,9 +84,8 @@ def nproc_for(h: Handle, requested: int | None) -> int:
 def node_tag(h: Handle, i: int, job_id: int | None = None) -> str:
     """The process tag of node i: numbered like its directory (`node-K`), as the providers
     number it when they stop its processes; a spare that replaced node i keeps its own K."""
-    last = h.nodes[i].root.rstrip("/").rsplit("/", 1)[-1]
-    k = last[len("node-") :]
-    return tag(h.record.uid, int(k) if last.startswith("node-") and k.isdigit() else i, job_id)
+    k = node_number(h.nodes[i].root)
+    return tag(h.record.uid, i if k is None else k, job_id)
 
 
 def elastic_range(h: Handle) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from mlcloud.providers import aws_iam
 from mlcloud.providers.base import (
     AuthError,
+    Capabilities,
     CapacityError,
     ClusterRef,
     Node,
@@ -106,6 +107,10 @@ class Unsupported(ProviderError):
 class AwsProvider:
     name: ClassVar[str] = "aws"
     boot_timeout: ClassVar[float] = 600.0
+    # stop/start is EC2's but not this provider's: its nodes terminate when they shut down
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        spot=True, placement=True, owns_machines=True
+    )
 
     def __init__(self) -> None:
         self._session: Any = None
@@ -138,6 +143,9 @@ class AwsProvider:
             with _sdk_errors("session", None):
                 self._session = boto3.session.Session()
         return self._session
+
+    def default_region(self) -> str | None:
+        return self.region()
 
     def region(self, request_region: str | None = None) -> str:
         with _sdk_errors("configuration", None):
@@ -330,9 +338,6 @@ class AwsProvider:
             "KeyPairs", []
         ):
             self._call(region, "delete_key_pair", KeyName=kp["KeyName"])
-        from mlcloud import keys
-
-        keys.delete_cluster_key(cluster.uid)  # the private half goes with the public one
         for pg in self._placement_groups(region, self._filter(cluster)):
             self._call(region, "delete_placement_group", GroupName=pg["GroupName"])
         self.iam.delete(cluster.uid)  # after the instances that used it are gone
@@ -358,18 +363,13 @@ class AwsProvider:
 
     # prices, for `mlcloud catalog refresh`
 
-    def prices(
-        self, items: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[float | None, float | None]]:
-        """(instance type, region) -> (on-demand $/h from the Price List API, median of the
-        latest spot price per zone from DescribeSpotPriceHistory); None where AWS has none."""
+    def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """(instance type, region) -> on-demand $/h from the Price List API, where it has one."""
         import json
-        import statistics
-        from datetime import datetime, timezone
 
         from botocore.config import Config
 
-        wanted = set(items)
+        wanted = set(pairs)
         with _sdk_errors("client", "us-east-1"):
             pricing = self.session.client(
                 "pricing",
@@ -407,6 +407,15 @@ class AwsProvider:
                 token = page.get("NextToken")
                 if not token:
                     break
+        return on_demand
+
+    def spot_prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """(instance type, region) -> the median of the latest spot price per zone, from
+        DescribeSpotPriceHistory, where AWS has one."""
+        import statistics
+        from datetime import datetime, timezone
+
+        wanted = set(pairs)
         spot: dict[tuple[str, str], float] = {}
         for region in sorted({r for _, r in wanted}):
             types = sorted({t for t, r in wanted if r == region})
@@ -426,7 +435,7 @@ class AwsProvider:
                 samples = [p for (t, _), (_, p) in latest.items() if t == itype]
                 if samples:
                     spot[(itype, region)] = statistics.median(samples)
-        return {k: (on_demand.get(k), spot.get(k)) for k in wanted}
+        return spot
 
     @staticmethod
     def _call_client(client, op: str, **kwargs) -> dict:

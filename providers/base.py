@@ -17,6 +17,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do, so the engine asks instead of probing with hasattr."""
+
+    spot: bool = False  # preemptible/Spot nodes
+    stop_start: bool = False  # nodes can be stopped and started again, keeping their disks
+    placement: bool = False  # nodes can be placed close together (placement group / compact)
+    # the cloud itself ends nodes at a deadline nothing on the VM can cancel (GCE
+    # scheduling.maxRunDuration)
+    self_deadline: bool = False
+    # nodes are machines mlcloud created and pays for: a node that shuts itself down is
+    # terminated (aws, gce). False: processes on machines mlcloud does not own (local, ssh),
+    # never powered off; the engine stops them before `terminate`
+    owns_machines: bool = False
+
+
+@dataclass(frozen=True)
 class ClusterRef:
     """Who a resource belongs to: every cloud resource carries these as tags/labels."""
 
@@ -142,8 +158,14 @@ class AuthError(ProviderError):
 
 
 class Provider(Protocol):
+    """Every member exists on every provider; what differs between them is in `capabilities`."""
+
     name: ClassVar[str]
     boot_timeout: ClassVar[float]  # how long a new node may take to answer SSH
+    capabilities: ClassVar[Capabilities]
+
+    def default_region(self) -> str | None:
+        """Where a cluster goes when neither the spec nor the flags say (None: no regions)."""
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """(region, zone) pairs to try in order; the engine moves on when one has no capacity."""
@@ -152,8 +174,8 @@ class Provider(Protocol):
         """Refuse a request this provider cannot serve, before anything is recorded or made."""
 
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
-        """Create cluster-wide resources (network rules, keys); idempotent. The engine creates
-        and bootstraps with the returned request and records its choices."""
+        """Create cluster-wide resources (network rules, key pairs); idempotent. The engine
+        creates and bootstraps with the returned request and records its choices."""
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         """Create `count` more nodes, all or nothing, tagged with the cluster."""
@@ -162,20 +184,24 @@ class Provider(Protocol):
         """The cluster's live nodes, found by tag, in a stable order."""
 
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
-        """Terminate nodes and return once the provider confirms they are gone."""
+        """Terminate nodes and return once the provider confirms they are gone. Where the
+        provider does not own the machines, the engine has stopped the cluster's processes on
+        them already: what is left is the provider's own (directories, claims)."""
 
     def cleanup(self, cluster: ClusterRef) -> None:
-        """Delete cluster-wide resources once no node remains; idempotent."""
+        """Delete cluster-wide cloud resources once no node remains; idempotent. Never the
+        cluster's local key file: that is the engine's (mlcloud/keys.py), kept across regions."""
 
     def transport(self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions) -> Transport:
         """How to run commands on and copy files to the node; label names it in messages."""
 
-
-class Collector(Protocol):
-    """A provider whose resources `mlcloud gc` finds again without local state (by tag)."""
-
     def discover(self, region: str | None) -> list[Resource]:
-        """Everything it holds for any cluster in the region, with owner and age if known."""
+        """Everything it holds for any cluster (in the region, where it has regions), found
+        without local state, with owner and age if known: for `mlcloud gc` and `doctor`."""
 
     def delete(self, resources: list[Resource]) -> None:
         """Delete what discover() found, dependents first; return once they are gone."""
+
+    def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """On-demand USD per hour of (instance type, region) pairs, where the provider's own
+        API tells; {} for a provider without prices (the catalog's figures serve)."""

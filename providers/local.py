@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from mlcloud.providers.base import (
+    Capabilities,
     ClusterRef,
     Node,
     Prepared,
@@ -21,13 +22,17 @@ from mlcloud.providers.base import (
 )
 
 from mlcloud.errors import UsageError
-from mlcloud.remote.layout import tag
+from mlcloud.remote.layout import stop_line
 from mlcloud.remote.local import LocalTransport
 
 
 class LocalProvider:
     name: ClassVar[str] = "local"
     boot_timeout: ClassVar[float] = 0.0  # the machines are already up
+    capabilities: ClassVar[Capabilities] = Capabilities()  # this machine is not ours to stop
+
+    def default_region(self) -> str | None:
+        return None
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         return [(None, None)]
@@ -78,19 +83,8 @@ class LocalProvider:
         return [self._node(cluster, i) for i in indexes]
 
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
-        from mlcloud import templates
-
-        ctl = templates.path("node_ctl.py")
+        """Remove the node directories (the engine stopped their processes first)."""
         for n in nodes:
-            index = n.node_id.split("-")[1]
-            t = self.transport(cluster, n, n.node_id)
-            # The tag prefix selects this node's processes only: all nodes share this machine.
-            import shlex
-
-            t.run(
-                f"{shlex.quote(t.python)} {shlex.quote(str(ctl))} cleanup "
-                f"{shlex.quote(n.root)} {shlex.quote(tag(cluster.uid, int(index)))}"
-            )
             shutil.rmtree(n.root, ignore_errors=True)
 
     def cleanup(self, cluster: ClusterRef) -> None:
@@ -100,7 +94,7 @@ class LocalProvider:
 
     # garbage collection: the node directories are the source of truth, state or not
 
-    def discover(self, region: str | None = None) -> list[Resource]:
+    def discover(self, region: str | None) -> list[Resource]:
         """Every node directory under this home's local/<uid>/, whatever state says."""
         from mlcloud import paths
 
@@ -127,19 +121,25 @@ class LocalProvider:
         return found
 
     def delete(self, resources: list[Resource]) -> None:
-        """Stop each node's processes (found by tag) and remove its directory."""
+        """Stop each node's processes (found by tag), then remove its directory: with no
+        state there is no engine teardown to have stopped them."""
         clusters = {}
         for r in resources:
             ref = clusters.setdefault(
                 r.cluster_uid, ClusterRef(r.cluster_name, r.cluster_uid, r.owner)
             )
-            index = int(r.id.rpartition("/node-")[2])
-            self.terminate(ref, [self._node(ref, index)])
+            node = self._node(ref, int(r.id.rpartition("/node-")[2]))
+            t = LocalTransport(node.node_id)
+            t.run(stop_line(t.python, node.root, ref.uid))
+            self.terminate(ref, [node])
         for ref in clusters.values():
             self.cleanup(ref)
 
+    def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        return {}  # this machine is already paid for
+
     def transport(
-        self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions | None = None
+        self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
     ) -> LocalTransport:
         """Nodes share this machine's GPUs: each sees a disjoint slice of them (none when
         there are fewer GPUs than nodes), so no two ranks land on one device."""

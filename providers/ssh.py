@@ -1,9 +1,10 @@
 """The ssh provider: machines the user already has (a lab box, an on-prem rack).
 
-Nothing is created or powered off: `up` claims the hosts for the cluster, `down` stops the
-cluster's processes on them and removes its directories. Hosts listed beyond the node count
-are spares: `create` claims the next free one when a lost node is replaced. Which hosts a
-cluster holds is kept in a small file of this provider's own, since no cloud API can be asked.
+Nothing is created or powered off: `up` claims the hosts for the cluster; at `down` the engine
+stops the cluster's processes on them and this provider removes its directories. Hosts listed
+beyond the node count are spares: `create` claims the next free one when a lost node is
+replaced. Which hosts a cluster holds is kept in a small file of this provider's own, since no
+cloud API can be asked.
 """
 
 from __future__ import annotations
@@ -11,24 +12,25 @@ from __future__ import annotations
 import getpass
 import json
 import re
-import shlex
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from mlcloud.providers.base import (
+    Capabilities,
     ClusterRef,
     Node,
     Prepared,
     ProviderError,
     ProvisionRequest,
+    Resource,
     SshOptions,
 )
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.layout import CTL, tag
+from mlcloud.remote.layout import stop_line
 from mlcloud.remote.shell import path_arg
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError
@@ -68,6 +70,10 @@ def parse_host(text: str) -> Host:
 class SshProvider:
     name: ClassVar[str] = "ssh"
     boot_timeout: ClassVar[float] = 0.0  # the machines are already up
+    capabilities: ClassVar[Capabilities] = Capabilities()  # the user's hosts: never powered off
+
+    def default_region(self) -> str | None:
+        return None
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         return [(None, None)]
@@ -138,10 +144,10 @@ class SshProvider:
                 "the ssh provider runs one node per host (more hosts than nodes: the rest are "
                 "spares)"
             )
-        if request.gpus or request.instance_type or request.spot:
+        if request.gpus or request.instance_type:
             raise UsageError(
-                "the ssh provider uses the hosts as they are: drop resources.gpus, "
-                "resources.instance_type and spot"
+                "the ssh provider uses the hosts as they are: drop resources.gpus and "
+                "resources.instance_type"
             )
 
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
@@ -168,7 +174,8 @@ class SshProvider:
         return [self._node(cluster, i, data["hosts"][i]) for i in data["claimed"]]
 
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
-        """Stop the cluster's processes and remove its directory on each host; hosts stay on.
+        """Remove the cluster's directory on each host (the engine stopped its processes
+        first); hosts stay on.
 
         A host that cannot be reached stays claimed (its processes may still run) and is named
         in the error, so `down` can be run again once it is back; one mlcloud never logged in
@@ -189,14 +196,10 @@ class SshProvider:
                 release(index)  # never logged in there: nothing of the cluster's to remove
                 return None
             t = self.transport(cluster, node, f"node{index}", ssh)
-            root = path_arg(node.root)
-            ctl = f"{root}/{CTL}"
-            prefix = shlex.quote(tag(cluster.uid, index))
             try:
                 t.run(
-                    f"if [ -f {ctl} ]; then {shlex.quote(t.python)} {ctl} cleanup {root} "
-                    f"{prefix}; fi; rm -rf {root}; rmdir {path_arg(node.root.rsplit('/', 1)[0])}"
-                    " 2>/dev/null; true",
+                    f"rm -rf {path_arg(node.root)}; "
+                    f"rmdir {path_arg(node.root.rsplit('/', 1)[0])} 2>/dev/null; true",
                     timeout=120,
                 )
             except RemoteError as e:
@@ -216,6 +219,65 @@ class SshProvider:
 
     def cleanup(self, cluster: ClusterRef) -> None:
         self._registry(cluster).unlink(missing_ok=True)
+
+    # garbage collection: the host registries are what this provider holds, state or not
+
+    def discover(self, region: str | None) -> list[Resource]:
+        """Every host a registry in this home says a cluster holds, whatever state says."""
+        from mlcloud import paths
+
+        owner = paths.home_id()
+        found = []
+        for f in sorted((paths.home() / "ssh").glob("*.json")):
+            uid = f.stem
+            ref = ClusterRef(uid.rsplit("-", 1)[0], uid, owner)  # the uid is NAME-RANDOM
+            created = f.stat().st_mtime
+            for node in self.list(ref):
+                index = node.root.rsplit("-", 1)[1]
+                found.append(
+                    Resource(
+                        self.name,
+                        "host",
+                        f"{uid}/node-{index}",
+                        uid,
+                        ref.name,
+                        owner,
+                        "",
+                        created=created,
+                    )
+                )
+        return found
+
+    def delete(self, resources: list[Resource]) -> None:
+        """Stop the cluster's processes on each host, remove its directories, release the
+        hosts: with no state there is no engine teardown to have stopped them."""
+        by_cluster: dict[str, list[Resource]] = {}
+        for r in resources:
+            by_cluster.setdefault(r.cluster_uid, []).append(r)
+        for uid, items in by_cluster.items():
+            ref = ClusterRef(items[0].cluster_name, uid, items[0].owner)
+            data = self._read(ref)
+            ssh = SshOptions(**data.get("ssh", {}))
+            wanted = {r.id.rpartition("/")[2] for r in items}
+            nodes = [n for n in self.list(ref) if n.root.rsplit("/", 1)[1] in wanted]
+            reached = [n for n in nodes if int(n.root.rsplit("-", 1)[1]) in data["reached"]]
+
+            def stop(node: Node, ref: ClusterRef = ref, ssh: SshOptions = ssh) -> None:
+                t = self.transport(ref, node, node.node_id, ssh)
+                try:
+                    t.run(stop_line(t.python, node.root, ref.uid), timeout=120)
+                except RemoteError:
+                    pass  # unreachable: terminate says so, and keeps the host claimed
+                finally:
+                    t.close()
+
+            fan_out(stop, reached)  # a host never logged in to runs nothing of the cluster's
+            self.terminate(ref, nodes)
+            if not self.list(ref):
+                self.cleanup(ref)
+
+    def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        return {}  # the user's own machines: nothing to price
 
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions

@@ -428,15 +428,15 @@ class Agent:
             if not waiter:
                 node_ctl._signal(pid, signal.SIGTERM)
 
-    def shut_down(self, cfg, kind, reason, now):
-        """Record why, then stop: the job gets SIGTERM and STOP_GRACE to checkpoint, every
-        process of the cluster on this node ends, and a cloud node powers off (the instance
-        terminates); an ssh host or this machine (local) is never powered off."""
+    def shut_down(self, cfg, kind, reason, now, grace=STOP_GRACE):
+        """Record why, then stop: the job gets SIGTERM and `grace` seconds to checkpoint, every
+        process of the cluster on this node ends, and a machine mlcloud owns powers off (the
+        instance terminates); an ssh host or this machine (local) is never powered off."""
         node_ctl._atomic_write(
             os.path.join(self.dir, "stopped"),
             json.dumps({"time": now, "kind": kind, "reason": reason}),
         )
-        cloud = cfg.get("provider") in CLOUDS and may_power_off(cfg)
+        cloud = cfg.get("owns_machines") and may_power_off(cfg)
         self.event(
             cfg,
             kind,
@@ -444,7 +444,7 @@ class Agent:
             + ("powering the node off" if cloud else "stopping the cluster's processes"),
             now,
         )
-        node_ctl.kill(cfg["tag"], grace=STOP_GRACE)
+        node_ctl.kill(cfg["tag"], grace=grace)
         if cloud:
             power_off()
 
@@ -515,9 +515,25 @@ def start(root):
         node_ctl._atomic_write(pid_path, str(proc.pid))
         print(proc.pid)
     due = cfg.get("deadline")
-    if due and cfg.get("provider") == "aws" and may_power_off(cfg):
+    if due and cfg.get("owns_machines") and may_power_off(cfg):
         # the budget also holds if the agent dies: a shutdown the OS has scheduled
         power_off(max(1, int((due - time.time()) // 60)))
+
+
+def stop(root, kind, reason, grace):
+    """A controller's rule stops the node (idle, budget) the way this agent stops it itself:
+    the running agent ends first (it must not act on what it sees ending), then the same
+    shut_down, so the stop record and the event are where `status` and `events` look. A node
+    that stopped itself already keeps its own record."""
+    root = os.path.abspath(root)
+    if os.path.exists(os.path.join(root, "agent", "stopped")):
+        return
+    node_ctl.stop_agent(root)
+    agent = Agent(root)
+    cfg = agent.config()
+    if cfg is None:
+        sys.exit("agent: no config.json")
+    agent.shut_down(cfg, kind, reason, time.time(), grace)
 
 
 if __name__ == "__main__":
@@ -526,5 +542,7 @@ if __name__ == "__main__":
         start(args[0])
     elif cmd == "run":
         run(args[0])
+    elif cmd == "stop":
+        stop(args[0], args[1], args[2], float(args[3]))
     else:
         sys.exit(f"agent: unknown command {cmd!r}")

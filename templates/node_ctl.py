@@ -12,7 +12,6 @@ exit_code; failure.json names the first failing rank; `cancelled` marks a job st
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -408,10 +407,10 @@ def stop_agent(root):
 
 
 def cleanup(root, prefix):
-    """Stop everything the cluster started on this node and remove its directory."""
+    """Stop everything the cluster started on this node, its agent first (so it does not act
+    on what it sees ending); the directory is the provider's to remove."""
     stop_agent(root)
     kill(prefix, grace=5.0)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def freeport():

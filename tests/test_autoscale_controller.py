@@ -1,6 +1,8 @@
 """The controller over the local provider, in process: it writes the heartbeat and reads the
 agent's samples (the node-side contract, written here as an agent would), and applies the
-budget stop and the idle teardown through `down`; each decision is an event."""
+budget stop and the idle teardown as the node agents do (machines mlcloud does not own stop
+their processes and keep their directories; machines it owns are terminated); each decision
+is an event."""
 
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ import json
 import time
 from pathlib import Path
 
-from mlcloud import cluster, state
+from conftest import tagged_pids
+from mlcloud.providers.base import Capabilities
+from mlcloud.providers.local import LocalProvider
+
+from mlcloud import cluster, nodeevents, state
 from mlcloud.autoscale import policy as pol
 from mlcloud.autoscale.controller import Controller
 from mlcloud.autoscale.probe import parse_samples, since
@@ -45,23 +51,53 @@ def test_a_pass_writes_heartbeats_and_holds_back_when_healthy():
     cluster.down(store, "ok", PlainReporter(quiet=True))
 
 
-def test_budget_stop_tears_the_cluster_down_with_its_reason():
+def _stopped_as_the_agents_stop(store: state.Store, name: str, kind: str) -> None:
+    """Local nodes: processes ended, nodes marked terminated with the agent's stop record and
+    event, billing closed, directories kept (checkpoints, events) until `down`."""
+    rec = store.get_cluster(name)
+    assert rec is not None and rec.status == state.UP
+    assert all(n.status == "terminated" for n in rec.nodes)
+    for n in rec.nodes:
+        assert json.loads((Path(n.root) / "agent" / "stopped").read_text())["kind"] == kind
+    assert tagged_pids(f"{rec.uid}.") == []
+    assert not any(
+        _alive(int((Path(n.root) / "agent" / "agent.pid").read_text())) for n in rec.nodes
+    )
+    per_node = [e for e in nodeevents.log(store, rec) if e.kind == kind and e.node is not None]
+    assert sorted(e.node for e in per_node) == [0, 1]
+    assert "stopping the cluster's processes" in per_node[0].message
+    assert nodeevents.stop_reasons(nodeevents.log(store, rec))  # what `status NAME` shows
+    assert all(i.end is not None for i in store.billing(name))
+    again = Controller(store, cluster.open_cluster(store, name), PlainReporter(quiet=True))
+    assert again.step().actions == () and again.gone  # a later pass (cron) leaves it be
+    cluster.down(store, name, PlainReporter(quiet=True))
+    assert not any(Path(n.root).exists() for n in rec.nodes)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_budget_stop_stops_the_cluster_with_its_reason():
     # 2 nodes x $3600/h: $1 a second each; max_cost $5 is spent within a few seconds
     store, h = _up("money", price=3600.0, max_cost=5.0)
     ctl = Controller(store, h, PlainReporter(quiet=True))
     assert ctl.policy.max_cost == 5.0
     assert ctl.step(time.time()).kinds() in ([], [pol.BUDGET_STOP])
     deadline = time.time() + 10
-    while store.get_cluster("money") is not None and time.time() < deadline:
+    while not ctl.gone and time.time() < deadline:
         ctl.step(time.time())
         time.sleep(0.2)
-    assert store.get_cluster("money") is None and ctl.gone
-    kinds = [k for _, k, _ in store.events("money")]
-    assert pol.BUDGET_STOP in kinds
-    (msg,) = [m for _, k, m in store.events("money") if k == pol.BUDGET_STOP]
+    assert ctl.gone
+    (msg,) = [m for _, k, m in store.events("money") if k == pol.BUDGET_STOP][:1]
     assert "of max_cost $5.00" in msg
     spent = sum(i.price * ((i.end or 0) - i.start) / 3600 for i in store.billing("money"))
     assert spent <= 5.0 + 2 * 2  # stopped one poll early, give or take a slow pass here
+    _stopped_as_the_agents_stop(store, "money", pol.BUDGET_STOP)
 
 
 def test_idle_teardown_from_the_agents_samples():
@@ -71,9 +107,28 @@ def test_idle_teardown_from_the_agents_samples():
         _samples(n.root, [(now - 10, "busy"), (now - 4, "idle"), (now - 2, "idle")])
     ctl = Controller(store, h, PlainReporter(quiet=True))
     assert ctl.step(now).kinds() == [pol.IDLE_DOWN]
-    assert store.get_cluster("idle") is None
-    (msg,) = [m for _, k, m in store.events("idle") if k == pol.IDLE_DOWN]
+    (msg,) = [m for _, k, m in store.events("idle") if k == pol.IDLE_DOWN][:1]  # the controller's
     assert "idle for 0.05 min" in msg
+    _stopped_as_the_agents_stop(store, "idle", pol.IDLE_DOWN)
+
+
+class _Owned(LocalProvider):
+    """The local provider as if its nodes were machines mlcloud made (a cloud's)."""
+
+    capabilities = Capabilities(owns_machines=True)
+
+
+def test_idle_teardown_terminates_machines_mlcloud_owns(monkeypatch):
+    owned = _Owned()
+    monkeypatch.setattr("mlcloud.providers.get", lambda name: owned)
+    # the agents' own idle stop (30 s) must not race the controller's `down` here
+    store, h = _up("owned", price=0.0, idle_minutes=0.5)
+    now = time.time()
+    for n in h.nodes:
+        _samples(n.root, [(now - 40, "idle"), (now - 2, "idle")])
+    assert Controller(store, h, PlainReporter(quiet=True)).step(now).kinds() == [pol.IDLE_DOWN]
+    assert store.get_cluster("owned") is None  # terminated, as `down` does
+    assert not any(Path(n.root).exists() for n in h.nodes)
 
 
 def test_idle_holds_back_while_a_node_is_busy():
@@ -96,3 +151,17 @@ def test_samples_parse_and_runs():
     )
     assert [x.time for x in s] == [1, 2, 3] and s[0].step == 5 and s[0].job_state == "running"
     assert since(tuple(s), "idle") == 2 and since(tuple(s), "busy") is None
+
+
+def test_a_node_that_stopped_itself_keeps_its_own_stop_record():
+    store, h = _up("self", price=0.0, idle_minutes=0.5)  # the real agents stay out of it
+    now = time.time()
+    for n in h.nodes:
+        _samples(n.root, [(now - 40, "idle"), (now - 2, "idle")])
+    own = {"time": now - 1, "kind": "budget_stop", "reason": "the node's own"}
+    (Path(h.nodes[0].root) / "agent" / "stopped").write_text(json.dumps(own))
+    assert Controller(store, h, PlainReporter(quiet=True)).step(now).kinds() == [pol.IDLE_DOWN]
+    assert json.loads((Path(h.nodes[0].root) / "agent" / "stopped").read_text()) == own
+    kinds = json.loads((Path(h.nodes[1].root) / "agent" / "stopped").read_text())["kind"]
+    assert kinds == pol.IDLE_DOWN
+    cluster.down(store, "self", PlainReporter(quiet=True))

@@ -280,6 +280,31 @@ def test_no_capacity_in_the_region_moves_to_the_next_and_cleans_up(aws, mlcloud_
     assert kinds == ["instance", "instance", "key-pair", "security-group"]  # moto: no PG
 
 
+def test_failover_across_regions_keeps_one_cluster_key(aws, mlcloud_home, monkeypatch):
+    """The key file is the engine's: the region left behind loses its key pair, not the key,
+    so every region gets the same public key; `down` removes the file at the end."""
+    from mlcloud import keys
+
+    hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
+    imported: list[bytes] = []
+    for region in ("us-east-1", "us-west-2"):
+        hook(
+            aws,
+            "provide-client-params.ec2.ImportKeyPair",
+            lambda params, **_: imported.append(params["PublicKeyMaterial"]),
+            region,
+        )
+    engine_uses(aws, monkeypatch)
+    store = state.open_store()
+    spec = two_nodes("p4d.24xlarge")
+    rec = cluster.up(store, "k2", spec, PlainReporter(quiet=True), fallback_regions=("us-west-2",))
+    assert rec.spec["region"] == "us-west-2"
+    path, public = keys.ensure_cluster_key(rec.uid)
+    assert imported == [public.encode(), public.encode()]
+    cluster.down(store, "k2", PlainReporter(quiet=True))
+    assert not path.exists()
+
+
 class Killed(BaseException):
     """`up` dying on the spot (kill -9): no rollback runs, state stays as it was."""
 

@@ -77,7 +77,25 @@ def test_local_nodes_found_and_removed_after_state_is_lost(mlcloud_home):
         job.wait()
 
 
-def test_gc_of_a_provider_that_holds_nothing_is_one_line():
-    r = run_cli("gc", "--provider", "ssh")
+def test_ssh_hosts_of_a_forgotten_cluster_are_found_and_released(mlcloud_home):
+    """The ssh provider's registry is what it holds: a cluster state forgot is found there,
+    and its hosts released (one never logged in to is not even asked)."""
+    registry = mlcloud_home / "ssh"
+    registry.mkdir(mode=0o700, parents=True)
+    uid = "gone-0123abcd"
+    (registry / f"{uid}.json").write_text(
+        json.dumps({"hosts": ["u@127.0.0.9:1", "u@127.0.0.10:1"], "claimed": [0], "reached": []})
+    )
+    r = run_cli("gc", "--provider", "ssh", "--json")
+    assert r.returncode == 0, r.stderr
+    (orphan,) = json.loads(r.stdout)["orphans"]
+    assert orphan["id"] == f"{uid}/node-0" and orphan["this_home"]
+    r = run_cli("gc", "--provider", "ssh", "--yes", "--min-age", "0")
+    assert r.returncode == 0 and "deleted 1" in r.stdout, r.stdout + r.stderr
+    assert not (registry / f"{uid}.json").exists()
+
+
+def test_gc_of_an_unknown_provider_is_one_line():
+    r = run_cli("gc", "--provider", "nope")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "gc knows local, aws, gce" in r.stderr
+    assert "unknown provider 'nope'" in r.stderr

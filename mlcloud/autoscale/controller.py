@@ -1,6 +1,7 @@
 """The controller: each pass gathers a snapshot (provider listing, reachability and agent
 samples, job, money), asks the pure policy, and applies its plan through the same engine
-path as `up` and `train` (cluster.add_nodes, launch.prepare_nodes/launch_on, cluster.down).
+path as `up` and `train` (cluster.add_nodes, launch.prepare_nodes/launch_on, and
+cluster.stop_by_rule, the node agents' own stop).
 Every decision is an event with its reason."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mlcloud.cluster import Handle
 from mlcloud.cost import accrued
 from mlcloud.errors import MlcloudError
 from mlcloud.locks import cluster_lock
+from mlcloud.nodeevents import TERMINATED
 from mlcloud.parallel import fan_out
 from mlcloud.report import Reporter
 
@@ -119,6 +121,9 @@ class Controller:
     def step(self, now: float | None = None) -> pol.Plan:
         """One pass: gather, decide, apply; returns the plan applied."""
         now = time.time() if now is None else now
+        if self.h.nodes and all(n.status == TERMINATED for n in self.h.nodes):
+            self.gone = True  # stopped by a rule, here or by the agents: the rest is `down`'s
+            return pol.Plan()
         snap = self.snapshot(now)
         plan = pol.decide(snap, self.policy, now)
         if plan.actions:
@@ -143,7 +148,9 @@ class Controller:
         for a in rest:
             if a.kind in (pol.BUDGET_STOP, pol.IDLE_DOWN):
                 self._event(a.kind, a.reason)
-                self._teardown(grace=BUDGET_GRACE if a.kind == pol.BUDGET_STOP else 0.0)
+                self._teardown(
+                    a.kind, a.reason, grace=BUDGET_GRACE if a.kind == pol.BUDGET_STOP else 0.0
+                )
                 return
             if a.kind == pol.STALL:
                 self._event("stall", a.reason)
@@ -184,7 +191,7 @@ class Controller:
 
         def terminate() -> None:
             try:
-                h.provider.terminate(h.ref, [node])
+                cluster.terminate(h.provider, h.ref, [node], h.record)
             except MlcloudError as e:
                 errors.append(str(e))
 
@@ -321,12 +328,13 @@ class Controller:
 
         fan_out(one, list(positions))
 
-    def _teardown(self, grace: float) -> None:
-        """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then `down`."""
+    def _teardown(self, kind: str, reason: str, grace: float) -> None:
+        """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then stop the cluster
+        as its agents would (cluster.stop_by_rule)."""
         if grace and self._running_job() is not None:
             self._stop_job(range(len(self.h.nodes)), grace=grace)
         self.gone = True
-        cluster.down(self.store, self.h.record.name, self.report)
+        cluster.stop_by_rule(self.store, self.h, kind, reason, self.report)
 
     # -- the loop
 

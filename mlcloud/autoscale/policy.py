@@ -15,7 +15,7 @@ GONE = frozenset({"terminated", "shutting-down", "stopping", "stopped", "missing
 
 # Action kinds, in the order the controller applies them.
 BUDGET_STOP = "budget_stop"  # checkpoint (SIGTERM), grace, terminate the cluster
-IDLE_DOWN = "idle_down"  # no job and every node idle for idle_minutes: terminate
+IDLE_DOWN = "idle_teardown"  # no job, every node idle for idle_minutes: stop (as agents)
 STALL = "stall"  # report a stalled job (event only)
 STALL_STOP = "stall_stop"  # stop a stalled job (on_stall: stop)
 RESTART = "restart"  # the head is gone: restart the job from its newest checkpoint, new head

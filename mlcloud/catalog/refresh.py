@@ -7,19 +7,26 @@ import csv
 import io
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from mlcloud.catalog import COLUMNS, SHIPPED, Offer, built, read, refreshed_path
 
+if TYPE_CHECKING:
+    from mlcloud.providers.aws import AwsProvider
+    from mlcloud.providers.base import Provider
 
-def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
+
+def refresh_aws(provider: AwsProvider, now: datetime | None = None) -> tuple[int, int]:
     """(rows refreshed, rows kept as shipped); writes the refreshed AWS catalog."""
     now = now or datetime.now(timezone.utc)
     rows = [o for o in read(SHIPPED) if o.provider == "aws"]
-    prices = provider.prices(sorted({(o.instance_type, o.region) for o in rows}))
+    pairs = sorted({(o.instance_type, o.region) for o in rows})
+    prices, spots = provider.prices(pairs), provider.spot_prices(pairs)
     fresh: list[Offer] = []
     refreshed = 0
     for o in rows:
-        on_demand, spot = prices.get((o.instance_type, o.region), (None, None))
+        on_demand = prices.get((o.instance_type, o.region))
+        spot = spots.get((o.instance_type, o.region))
         if on_demand is None:
             fresh.append(replace(o, note=(o.note + "; " if o.note else "") + "not refreshed"))
             continue
@@ -45,7 +52,7 @@ def refresh_aws(provider, now: datetime | None = None) -> tuple[int, int]:
     return refreshed, len(rows) - refreshed
 
 
-def refresh_gce(provider, now: datetime | None = None) -> tuple[int, int]:
+def refresh_gce(provider: Provider, now: datetime | None = None) -> tuple[int, int]:
     """(rows refreshed, rows kept as shipped); writes the refreshed GCE catalog. Only
     on-demand prices: Spot figures stay as shipped."""
     now = now or datetime.now(timezone.utc)

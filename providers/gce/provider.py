@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
 from mlcloud.providers.base import (
+    Capabilities,
     CapacityError,
     ClusterRef,
     Node,
@@ -59,6 +60,11 @@ class Settings:
 class GceProvider:
     name: ClassVar[str] = "gce"
     boot_timeout: ClassVar[float] = 900.0  # the driver install on first boot takes minutes
+    # maxRunDuration: GCE deletes the VMs at the budget's deadline whatever runs on them;
+    # compact placement policies and stop/start are GCE's but not this provider's
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        spot=True, self_deadline=True, owns_machines=True
+    )
 
     def __init__(self) -> None:
         self._apis: dict[tuple[str, str | None], Api] = {}

@@ -1,0 +1,111 @@
+"""The Provider contract is whole: every built-in has every member with the Protocol's
+parameters and declares its capabilities; the engine reads those, not provider names."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tagged_pids
+from mlcloud.providers.base import Capabilities, ClusterRef, Node, Provider
+from mlcloud.providers.local import LocalProvider
+
+from mlcloud import cluster, providers, state
+from mlcloud.errors import UsageError
+from mlcloud.report import PlainReporter
+from mlcloud.spec import TaskSpec
+
+MEMBERS = sorted(
+    name for name, value in vars(Provider).items() if callable(value) and not name.startswith("_")
+)
+
+
+@pytest.mark.parametrize("name", ["local", "ssh", "aws", "gce"])
+def test_every_builtin_has_every_member_with_the_protocols_parameters(name):
+    p = providers.get(name)
+    assert isinstance(type(p).capabilities, Capabilities)
+    assert isinstance(p.name, str) and isinstance(p.boot_timeout, float)
+    assert {"default_region", "discover", "delete", "prices", "transport"} <= set(MEMBERS)
+    for member in MEMBERS:
+        want = list(inspect.signature(getattr(Provider, member)).parameters)
+        have = list(inspect.signature(getattr(type(p), member)).parameters)
+        assert have == want, f"{name}.{member}{have} is not the Protocol's {want}"
+        for param in inspect.signature(getattr(type(p), member)).parameters.values():
+            assert param.default is inspect.Parameter.empty or param.name == "self", (
+                f"{name}.{member}: {param.name} has a default the Protocol lacks"
+            )
+
+
+def test_capabilities_as_declared():
+    local, ssh, aws = (type(providers.get(n)).capabilities for n in ("local", "ssh", "aws"))
+    assert local == ssh == Capabilities()
+    assert aws.owns_machines and aws.spot and aws.placement and not aws.self_deadline
+    gce = type(providers.get("gce")).capabilities
+    assert gce.owns_machines and gce.spot and gce.self_deadline and not gce.placement
+    assert providers.get("local").prices([("x", "y")]) == {}
+
+
+def test_nothing_probes_a_provider_with_hasattr():
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("mlcloud", "cli"):
+        for f in (root / folder).rglob("*.py"):
+            text = f.read_text()
+            assert "hasattr(p," not in text and "Collector" not in text, f
+
+
+def test_spot_is_refused_where_the_provider_has_none():
+    spec = TaskSpec(provider="local", nodes=1, spot=True)
+    with pytest.raises(UsageError, match="the local provider has no spot nodes"):
+        cluster.up(state.open_store(), "nospot", spec, PlainReporter(quiet=True))
+    assert state.open_store().get_cluster("nospot") is None
+
+
+class _Plain(LocalProvider):
+    """A provider whose terminate only removes what it holds, as the contract asks."""
+
+    def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
+        import shutil
+
+        for n in nodes:
+            shutil.rmtree(n.root)
+
+
+def test_the_engine_stops_the_processes_on_machines_it_does_not_own(monkeypatch, mlcloud_home):
+    plain = _Plain()
+    monkeypatch.setattr("mlcloud.providers.get", lambda name: plain)
+    store = state.open_store()
+    rec = cluster.up(store, "procs", TaskSpec(provider="local", nodes=2), PlainReporter(quiet=True))
+    job = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"],
+        env={**os.environ, "MLCLOUD_PROC_TAG": f"{rec.uid}.1.1."},
+    )
+    try:
+        cluster.down(store, "procs", PlainReporter(quiet=True))
+        assert job.wait(timeout=15) is not None  # stopped by tag, by the engine
+        assert tagged_pids(f"{rec.uid}.") == []
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+
+
+def test_a_node_added_later_has_its_agent_tag_its_own_processes(mlcloud_home):
+    """The agent stops the processes tagged as launch tags its node's jobs (by its node-K
+    directory): a node added after node 0 must not stop node 0's on a shared machine."""
+    import json
+
+    store = state.open_store()
+    rep = PlainReporter(quiet=True)
+    rec = cluster.up(store, "grow", TaskSpec(provider="local", nodes=1), rep)
+    h = cluster.open_cluster(store, "grow")
+    try:
+        (new,) = cluster.add_nodes(store, h, 1, rep)
+        conf = json.loads((Path(new.root) / "agent" / "config.json").read_text())
+        assert conf["tag"] == f"{rec.uid}.1."
+    finally:
+        h.close()
+        cluster.down(store, "grow", rep)
