@@ -33,8 +33,8 @@ from mlcloud.errors import (
 _SDKS = {
     "botocore": "aws",
     "boto3": "aws",
-    "google.api_core": "gcp",
-    "google.auth": "gcp",
+    "google.api_core": "gce",
+    "google.auth": "gce",
     "paramiko": "ssh",
 }
 
