@@ -59,6 +59,8 @@ def test_create_list_delete_through_the_real_client(gce_env, mlcloud_home):
     assert ssh["sourceRanges"] == ["127.0.0.1/32"] and ssh["targetTags"] == [rules.tag(REF.uid)]
     assert internal["sourceTags"] == internal["targetTags"] == [rules.tag(REF.uid)]
     assert not any("0.0.0.0/0" in f.get("sourceRanges", []) for f in fake.firewalls())
+    assert p.prepare(REF, request()).request == req  # idempotent: a resumed `up`
+    assert len(fake.firewalls()) == 2
     # one bulkInsert for both, with a request id
     inserts = fake.calls("POST", r"/instances/bulkInsert$")
     assert len(inserts) == 1 and inserts[0].request_id

@@ -115,6 +115,7 @@ def test_request_ids_are_uuids_fixed_by_the_attempt():
         ),
         ("QUOTA_EXCEEDED", "Quota 'NVIDIA_T4_GPUS' exceeded. Limit: 0.0", "quota"),
         ("rateLimitExceeded", "Rate Limit Exceeded", "rate"),
+        ("RESOURCE_ALREADY_EXISTS", "The resource already exists", "exists"),
         ("RESOURCE_NOT_FOUND", "The resource was not found", None),
     ],
 )

@@ -32,7 +32,11 @@ class RateLimited(ProviderError):
 
 
 class NotFound(ProviderError):
-    """The resource does not exist (deleting it again, looking before making it)."""
+    """The resource does not exist (deleting it again)."""
+
+
+class AlreadyExists(ProviderError):
+    """A resource of that name exists (making it again, on a resumed `up`)."""
 
 
 def credentials() -> tuple[Any, str | None]:
@@ -157,6 +161,8 @@ def typed(
         return CapacityError(zone or "", f"GCE {zone}: {text}")
     if "rate" in kinds:
         return RateLimited(f"{what}: throttled: {text}")
+    if "exists" in kinds:
+        return AlreadyExists(f"{what}: {text}")
     return ProviderError(f"{what} failed in {zone or region or 'global'}: {text}")
 
 
@@ -191,6 +197,8 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
         if kind & {"quota", "capacity", "rate"}:
             region = rules.region_of(where) if where else None
             raise typed(failures, where, region, f"gce: {operation}") from e
+        if isinstance(e, gexc.Conflict):
+            raise AlreadyExists(f"gce: {operation}{place}: {message}") from e
         if isinstance(e, gexc.NotFound):
             raise NotFound(f"gce: {operation}{place}: {message}") from e
         if isinstance(e, gexc.Unauthenticated):

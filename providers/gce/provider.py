@@ -450,13 +450,11 @@ class GceProvider:
         self._until_gone(api, cluster, {name for name, _ in left})
 
     def _firewall(self, api: Api, body: dict) -> None:
-        """Make the rule, or widen an existing one's sources to the caller's (a new address
-        on a resumed `up`); sources are only ever added."""
-        from mlcloud.providers.gce.api import NotFound
+        """Make the rule; one that exists (a resumed `up`) has its sources widened to the
+        caller's (a new address); sources are only ever added."""
+        from mlcloud.providers.gce.api import AlreadyExists
 
         try:
-            have = api.call("firewalls", "get", None, project=api.project, firewall=body["name"])
-        except NotFound:
             op = api.call(
                 "firewalls",
                 "insert_unary",
@@ -467,6 +465,8 @@ class GceProvider:
             )
             api.wait(op, None, None)
             return
+        except AlreadyExists:
+            have = api.call("firewalls", "get", None, project=api.project, firewall=body["name"])
         missing = set(body.get("source_ranges", [])) - set(have.source_ranges)
         if missing:
             wider = sorted(set(have.source_ranges) | missing)

@@ -27,6 +27,7 @@ HYPERDISK_ONLY = ("a3-ultragpu", "a4-")
 CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"}
 QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded"}
 RATE_CODES = {"rateLimitExceeded", "RATE_LIMIT_EXCEEDED", "userRateLimitExceeded"}
+EXISTS_CODES = {"alreadyExists", "RESOURCE_ALREADY_EXISTS"}
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 _NAMESPACE = uuid.UUID("5b0b6a39-7f0e-4a36-9a1b-6d1f2f8c0e51")  # mlcloud's request ids
 
@@ -202,11 +203,13 @@ def firewall_owner(description: str) -> tuple[str, str] | None:
 
 
 def classify(code: str, message: str) -> str | None:
-    """'capacity', 'quota', 'rate' or None for one error of an operation or a call."""
+    """'capacity', 'quota', 'rate', 'exists' or None for one error of an operation or a call."""
     if code in CAPACITY_CODES or re.search(r"(not supported|does not exist) in zone", message):
         return "capacity"
     if code in QUOTA_CODES or "quota" in code.lower():
         return "quota"
     if code in RATE_CODES:
         return "rate"
+    if code in EXISTS_CODES:
+        return "exists"
     return None
