@@ -69,7 +69,7 @@ def instance_name(uid: str, k: int) -> str:
 
 
 def firewall_names(uid: str) -> tuple[str, str]:
-    return f"mlcloud-{uid}-ssh", f"mlcloud-{uid}-internal"
+    return f"mlcloud-{uid}-ssh", f"mlcloud-{uid}-int"  # 63 at most for a 40-char name
 
 
 def request_id(uid: str, attempt: str) -> str:
