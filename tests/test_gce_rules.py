@@ -8,7 +8,7 @@ import re
 
 import pytest
 from conftest import run_cli
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from mlcloud.providers.gce import rules
 
@@ -24,6 +24,7 @@ cluster_names = st.from_regex(r"[a-z][a-z0-9-]{0,39}", fullmatch=True).filter(
 
 
 @given(cluster_names, st.binary(min_size=4, max_size=4), st.text(min_size=1, max_size=80))
+@example("a" * 40, b"\0" * 4, "Home ID")  # the longest name
 def test_labels_and_names_are_valid_for_any_cluster(name, suffix, home):
     check_cluster_name(name)
     uid = f"{name}-{suffix.hex()}"  # as cluster.up makes it
