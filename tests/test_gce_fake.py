@@ -38,7 +38,7 @@ class Clients:
 
     def instance(self, name: str, zone: str = ZONE, labels=None, **extra):
         c = self.c
-        return c.Instance(
+        fields = dict(
             name=name,
             machine_type=f"zones/{zone}/machineTypes/n1-standard-8",
             labels=labels or {"mlcloud-cluster": "c-1"},
@@ -62,8 +62,9 @@ class Clients:
                 )
             ],
             metadata=c.Metadata(items=[c.Items(key="install-nvidia-driver", value="True")]),
-            **{"scheduling": c.Scheduling(on_host_maintenance="TERMINATE"), **extra},
+            scheduling=c.Scheduling(on_host_maintenance="TERMINATE"),
         )
+        return c.Instance(**{**fields, **extra})
 
     def insert(self, inst, zone: str = ZONE, request_id: str | None = None):
         req = self.c.InsertInstanceRequest(
@@ -244,6 +245,13 @@ def test_firewalls_insert_get_list_delete(gce, gce_env):
     internal = c.Firewall(name="open", allowed=[c.Allowed(I_p_protocol="all")])
     gce.firewalls.insert_unary(project=gce.project, firewall_resource=internal)
     assert gce.firewalls.get(project=gce.project, firewall="open").source_ranges == ["0.0.0.0/0"]
+    wider = c.Firewall(source_ranges=["198.51.100.7/32", "192.0.2.9/32"])
+    op = gce.firewalls.patch_unary(
+        project=gce.project, firewall="mlcloud-c-1-ssh", firewall_resource=wider
+    )
+    gce.global_ops.wait(project=gce.project, operation=op.name)
+    got = gce.firewalls.get(project=gce.project, firewall="mlcloud-c-1-ssh")
+    assert len(got.source_ranges) == 2 and list(got.target_tags) == ["mlcloud-c-1"]
     req = c.ListFirewallsRequest(project=gce.project, filter="name = mlcloud-*")
     assert [f.name for f in gce.firewalls.list(request=req)] == ["mlcloud-c-1-ssh"]
     for name in ("mlcloud-c-1-ssh", "open"):
@@ -279,6 +287,12 @@ def test_invalid_requests_answer_400(gce):
         gce.instance("vm-1", labels={"Mlcloud-Cluster": "x"}),  # label keys are lowercase
         gce.instance("Bad_Name"),
         gce.instance("vm-2", scheduling=gce.c.Scheduling(on_host_maintenance="MIGRATE")),
+        gce.instance(  # GPUs built into the machine type cannot live-migrate either
+            "vm-4",
+            machine_type=f"zones/{ZONE}/machineTypes/a2-highgpu-1g",
+            guest_accelerators=[],
+            scheduling=gce.c.Scheduling(),
+        ),
     ]
     for inst in bad:
         with pytest.raises(BadRequest):

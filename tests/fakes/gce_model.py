@@ -22,6 +22,8 @@ API = "https://www.googleapis.com/compute/v1"
 NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 TAG_RE = NAME_RE
 METADATA_KEY_RE = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+# machine families whose GPUs come built in: they cannot live-migrate either
+GPU_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 CATALOG = Path(__file__).resolve().parents[2] / "mlcloud" / "catalog" / "data" / "gpu_offers.csv"
 # zones beyond the catalog's GPU zones that every project sees
 BASE_ZONES = (
@@ -367,7 +369,8 @@ def build_instance(
         accels.append(
             {"acceleratorType": f"{base}/acceleratorTypes/{kind}", "acceleratorCount": count}
         )
-    scheduling = check_scheduling(body.get("scheduling"), bool(accels), f"{field}.scheduling")
+    gpus = bool(accels) or machine.startswith(GPU_FAMILIES)
+    scheduling = check_scheduling(body.get("scheduling"), gpus, f"{field}.scheduling")
     labels = body.get("labels") or {}
     check_labels(labels, f"{field}.labels")
     tags = (body.get("tags") or {}).get("items") or []
@@ -489,3 +492,58 @@ def build_instance(
     if body.get("hostname"):
         instance["hostname"] = body["hostname"]
     return instance
+
+
+def build_firewall(project: str, body: dict) -> dict:
+    """A Firewall resource from an insert (or a patched rule), validated as GCE does. An
+    ingress rule without sources gets GCE's default: 0.0.0.0/0, the whole Internet."""
+    name = body.get("name")
+    check_name(name, "resource.name")
+    allowed, denied = body.get("allowed") or [], body.get("denied") or []
+    if bool(allowed) == bool(denied):
+        raise invalid("resource", name, "Exactly one of 'allowed' or 'denied' must be set.")
+    for i, rule in enumerate(allowed + denied):
+        if not rule.get("IPProtocol"):
+            raise invalid(f"resource.allowed[{i}].IPProtocol", "", "Required.")
+    direction = body.get("direction", "INGRESS")
+    if direction not in ("INGRESS", "EGRESS"):
+        raise invalid("resource.direction", direction, "Must be INGRESS or EGRESS.")
+    check_cidrs(body.get("sourceRanges"), "resource.sourceRanges")
+    check_cidrs(body.get("destinationRanges"), "resource.destinationRanges")
+    for key in ("targetTags", "sourceTags"):
+        for tag in body.get(key) or []:
+            check_name(tag, f"resource.{key}")
+    network = resolve_partial(body.get("network") or "global/networks/default", project)
+    if not network.startswith("projects/"):
+        network = f"projects/{project}/{network}"
+    fw = {
+        "kind": "compute#firewall",
+        "id": new_id(),
+        "creationTimestamp": now_rfc3339(),
+        "name": name,
+        "description": body.get("description", ""),
+        "network": f"{API}/{network}",
+        "priority": int(body.get("priority", 1000)),
+        "direction": direction,
+        "logConfig": {"enable": False},
+        "disabled": bool(body.get("disabled", False)),
+        "selfLink": f"{API}/projects/{project}/global/firewalls/{name}",
+    }
+    for key in (
+        "allowed",
+        "denied",
+        "targetTags",
+        "sourceTags",
+        "destinationRanges",
+        "targetServiceAccounts",
+        "sourceServiceAccounts",
+    ):
+        if body.get(key):
+            fw[key] = body[key]
+    ranges = body.get("sourceRanges")
+    sources = ranges or body.get("sourceTags") or body.get("sourceServiceAccounts")
+    if direction == "INGRESS" and not sources:
+        ranges = ["0.0.0.0/0"]
+    if ranges:
+        fw["sourceRanges"] = ranges
+    return fw

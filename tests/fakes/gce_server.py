@@ -30,7 +30,7 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
 Served: instances insert (requestId: a repeat returns the same operation, no second VM),
 bulkInsert (count, minCount, namePattern ####, instanceProperties, perInstanceProperties),
 get, list (filter, maxResults, pageToken), delete, aggregatedList; zone and global
-operations get and wait; firewalls insert/get/list/delete; images get and getFromFamily
+operations get and wait; firewalls insert/get/list/patch/delete; images get and getFromFamily
 (deeplearning-platform-release: pytorch-latest-gpu, ...); zones and regions get/list (the
 catalog's GCP zones and common ones). Instances go PROVISIONING -> STAGING -> RUNNING over
 `op_seconds`, get natIPs from 203.0.113.0/24 (documentation ranges; tests reach nodes through
@@ -91,6 +91,7 @@ _ROUTES = [
     ("POST", _P + r"/global/firewalls", "insert_firewall"),
     ("GET", _P + r"/global/firewalls/(?P<name>[^/]+)", "get_firewall"),
     ("DELETE", _P + r"/global/firewalls/(?P<name>[^/]+)", "delete_firewall"),
+    ("PATCH", _P + r"/global/firewalls/(?P<name>[^/]+)", "patch_firewall"),
     ("GET", _P + r"/global/images/family/(?P<family>[^/]+)", "image_from_family"),
     ("GET", _P + r"/global/images/(?P<name>[^/]+)", "get_image"),
     ("GET", _P + r"/zones", "list_zones"),
@@ -173,6 +174,8 @@ class GceFake(Compute):
             return self.get_firewall(p, a["name"])
         if name == "delete_firewall":
             return self.delete_firewall(p, a["name"], rid, caller)
+        if name == "patch_firewall":
+            return self.patch_firewall(p, a["name"], body or {}, rid, caller)
         if name == "image_from_family":
             return self.image_from_family(p, a["family"])
         if name == "get_image":
@@ -277,6 +280,9 @@ def _handler_for(fake: GceFake):
 
         def do_DELETE(self):
             self._serve("DELETE")
+
+        def do_PATCH(self):
+            self._serve("PATCH")
 
     return Handler
 

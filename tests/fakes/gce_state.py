@@ -21,9 +21,8 @@ from .gce_model import (
     API,
     ApiError,
     already_exists,
+    build_firewall,
     build_instance,
-    check_cidrs,
-    check_name,
     check_request_id,
     duration_seconds,
     fingerprint,
@@ -635,61 +634,32 @@ class Compute:
             replay = self._replay(project, rid)
             if replay:
                 return replay
-            name = body.get("name")
-            check_name(name, "resource.name")
+            fw = build_firewall(project, body)
+            name = fw["name"]
             if (project, name) in self._firewalls:
                 raise already_exists(f"projects/{project}/global/firewalls/{name}")
-            allowed, denied = body.get("allowed") or [], body.get("denied") or []
-            if bool(allowed) == bool(denied):
-                raise invalid("resource", name, "Exactly one of 'allowed' or 'denied' must be set.")
-            for i, rule in enumerate(allowed + denied):
-                if not rule.get("IPProtocol"):
-                    raise invalid(f"resource.allowed[{i}].IPProtocol", "", "Required.")
-            direction = body.get("direction", "INGRESS")
-            check_cidrs(body.get("sourceRanges"), "resource.sourceRanges")
-            check_cidrs(body.get("destinationRanges"), "resource.destinationRanges")
-            for key in ("targetTags", "sourceTags"):
-                for tag in body.get(key) or []:
-                    check_name(tag, f"resource.{key}")
-            network = resolve_partial(body.get("network") or "global/networks/default", project)
-            if not network.startswith("projects/"):
-                network = f"projects/{project}/{network}"
-            fw = {
-                "kind": "compute#firewall",
-                "id": new_id(),
-                "creationTimestamp": now_rfc3339(),
-                "name": name,
-                "description": body.get("description", ""),
-                "network": f"{API}/{network}",
-                "priority": int(body.get("priority", 1000)),
-                "direction": direction,
-                "logConfig": {"enable": False},
-                "disabled": bool(body.get("disabled", False)),
-                "selfLink": f"{API}/projects/{project}/global/firewalls/{name}",
-            }
-            for key in (
-                "allowed",
-                "denied",
-                "targetTags",
-                "sourceTags",
-                "destinationRanges",
-                "targetServiceAccounts",
-                "sourceServiceAccounts",
-            ):
-                if body.get(key):
-                    fw[key] = body[key]
-            ranges = body.get("sourceRanges")
-            if (
-                direction == "INGRESS"
-                and not ranges
-                and not body.get("sourceTags")
-                and not body.get("sourceServiceAccounts")
-            ):
-                ranges = ["0.0.0.0/0"]  # GCE's default: open to the world
-            if ranges:
-                fw["sourceRanges"] = ranges
             self._firewalls[(project, name)] = fw
             op = self._new_op(project, "global", "insert", fw["selfLink"], caller, rid)
+            op.resource["targetId"] = fw["id"]
+            self._at(self.op_seconds, lambda: self._finish(op))
+            return dict(op.resource)
+
+    def patch_firewall(self, project: str, name: str, body: dict, rid: str | None, caller):
+        """JSON merge patch of a rule, as firewalls.patch does; the name cannot change."""
+        with self._cond:
+            self._advance()
+            replay = self._replay(project, rid)
+            if replay:
+                return replay
+            fw = self._firewalls.get((project, name))
+            if fw is None:
+                raise not_found(f"projects/{project}/global/firewalls/{name}")
+            if body.get("name", name) != name:
+                raise invalid("resource.name", body["name"], "A rule cannot be renamed.")
+            merged = build_firewall(project, {**fw, **body})
+            merged.update(id=fw["id"], creationTimestamp=fw["creationTimestamp"])
+            self._firewalls[(project, name)] = merged
+            op = self._new_op(project, "global", "patch", fw["selfLink"], caller, rid)
             op.resource["targetId"] = fw["id"]
             self._at(self.op_seconds, lambda: self._finish(op))
             return dict(op.resource)
