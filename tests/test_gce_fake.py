@@ -479,3 +479,42 @@ def test_fake_as_a_process_with_remote_control(gce_fake_process):
     inserts = env.fake.calls("POST", r"/instances$")
     assert len(inserts) == 2 and all(c.request_id for c in inserts)
     assert not env.fake.is_empty()
+
+
+def test_billing_catalog_skus_rebuild_the_shipped_prices(gce_env):
+    """The Cloud Billing Catalog API at the fake's address: Compute Engine SKUs, paged, with
+    on-demand, Spot and commitment rates; the smallest T4 shape adds up to the catalog's."""
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    session = AuthorizedSession(creds)
+    url = f"{gce_env.url}/v1/services/6F81-5844-456A/skus"
+    params, skus, pages = {"currencyCode": "USD", "pageSize": 400}, [], 0
+    while True:
+        page = session.get(url, params=params, timeout=10).json()
+        skus += page["skus"]
+        pages += 1
+        if not page["nextPageToken"]:
+            break
+        params["pageToken"] = page["nextPageToken"]
+    session.close()
+    assert pages > 1
+
+    def rate(prefix: str, usage: str = "OnDemand") -> float:
+        (sku,) = [
+            s
+            for s in skus
+            if s["description"].startswith(prefix + " running in ")
+            and s["category"]["usageType"] == usage
+            and "us-central1" in s["serviceRegions"]
+        ]
+        price = sku["pricingInfo"][0]["pricingExpression"]["tieredRates"][-1]["unitPrice"]
+        return int(price["units"]) + price["nanos"] / 1e9
+
+    core, ram = rate("N1 Predefined Instance Core"), rate("N1 Predefined Instance Ram")
+    t4 = rate("Nvidia Tesla T4 GPU")
+    assert core == pytest.approx(0.031611) and ram == pytest.approx(0.004237)
+    assert 8 * core + 30 * ram + t4 == pytest.approx(0.729998)  # n1-standard-8+T4:1 shipped
+    assert rate("Spot Preemptible Nvidia Tesla T4 GPU", "Preemptible") < t4
+    assert any(s["category"]["usageType"] == "Commit1Yr" for s in skus)

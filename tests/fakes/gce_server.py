@@ -36,6 +36,16 @@ catalog's GCP zones and common ones). Instances go PROVISIONING -> STAGING -> RU
 `op_seconds`, get natIPs from 203.0.113.0/24 (documentation ranges; tests reach nodes through
 a proxy command, never these) and networkIPs from 10.128.0.0/9. Errors come in Google's JSON
 error format (404 notFound, 409 alreadyExists, 400 invalid, 401, 403, 429).
+
+The same address also serves the Cloud Billing Catalog API's Compute Engine SKUs
+(`GET /v1/services/6F81-5844-456A/skus`, paged): core, RAM and GPU prices per region, made
+from the shipped catalog (see gce_billing.py), for `catalog refresh --provider gce`.
+
+GCE behaviours the fake keeps, worth knowing when writing the provider: an insert's call
+succeeds and its operation fails (capacity, quota); a repeated requestId returns the first
+operation, failed or not (GCE keeps them for at least 60 min), so a retry after a failure
+needs a new id; `list` without `maxResults` pages at 500; an ingress firewall rule with no
+sources is open to 0.0.0.0/0; deleting an instance shows STOPPING until the operation ends.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .gce_auth import Authority
+from .gce_billing import compute_skus, page_of_skus
 from .gce_model import ApiError
 from .gce_state import Call, Compute
 
@@ -100,6 +111,8 @@ _ROUTES = [
     ("GET", _P + r"/regions/(?P<region>[^/]+)", "get_region"),
 ]
 _ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in _ROUTES]
+# the Cloud Billing Catalog API (prices), served at the same address
+_BILLING = re.compile(r"/v1/services/([^/]+)/skus")
 
 
 class GceFake(Compute):
@@ -114,6 +127,7 @@ class GceFake(Compute):
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
+        self._skus: list[dict] | None = None
 
     def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
         """A service-account key file this fake trusts (token_uri: its /token); the email."""
@@ -138,6 +152,11 @@ class GceFake(Compute):
 
     # -- dispatch -----------------------------------------------------------------------
     def handle(self, method: str, path: str, query: dict, body: dict | None, caller: str) -> dict:
+        billing = _BILLING.fullmatch(path) if method == "GET" else None
+        if billing:
+            if self._skus is None:
+                self._skus = compute_skus()
+            return page_of_skus(self._skus, billing.group(1), query)
         for m, rx, name in _ROUTES:
             match = rx.fullmatch(path) if m == method else None
             if match:
