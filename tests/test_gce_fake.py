@@ -518,3 +518,18 @@ def test_billing_catalog_skus_rebuild_the_shipped_prices(gce_env):
     assert 8 * core + 30 * ram + t4 == pytest.approx(0.729998)  # n1-standard-8+T4:1 shipped
     assert rate("Spot Preemptible Nvidia Tesla T4 GPU", "Preemptible") < t4
     assert any(s["category"]["usageType"] == "Commit1Yr" for s in skus)
+
+
+def test_injected_call_failures_and_revoked_credentials(gce, gce_env):
+    from google.api_core.exceptions import Forbidden, Unauthorized
+
+    fake = gce_env.fake
+    fake.fail_calls(1, 503, "backendError", method="GET")
+    assert gce.names() == []  # the client retries a GET on 503 by itself
+    assert [c.status for c in fake.calls("GET")] == [503, 200]
+    fake.fail_calls(1, 403, "forbidden", method="POST")
+    with pytest.raises(Forbidden, match="permission"):
+        gce.insert(gce.instance("vm-1"))
+    fake.revoke_credentials()
+    with pytest.raises(Unauthorized):  # an HTTP 401 is Unauthorized, not its Unauthenticated
+        gce.names()

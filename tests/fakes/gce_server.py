@@ -16,6 +16,8 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
                                                # ZONE_RESOURCE_POOL_EXHAUSTED, no VM left
         fake.quota("us-central1", limit=0)     # QUOTA_EXCEEDED in the operation (sync=True: 403)
         fake.rate_limit(2, method="POST")      # the next 2 POSTs answer 429 rateLimitExceeded
+        fake.fail_calls(1, 403, "forbidden")   # any status/reason (503 backendError default)
+        fake.revoke_credentials()              # every key and token so far: 401 from now on
         fake.slow(5)                           # operations from now on take 5 s
         fake.unsupported("us-central1-a", "nvidia-tesla-t4")  # 400 "does not exist in zone"
         fake.preempt("us-central1-a", "vm-1")  # Spot reclaim (DELETE or STOP per the VM)
@@ -74,6 +76,8 @@ CONTROL = (
     "unsupported",
     "quota",
     "rate_limit",
+    "fail_calls",
+    "revoke_credentials",
     "slow",
     "preempt",
     "add_image",
@@ -128,6 +132,10 @@ class GceFake(Compute):
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
         self._skus: list[dict] | None = None
+
+    def revoke_credentials(self) -> None:
+        """Every key file and token issued so far is refused from now on (401)."""
+        self.authority.revoke()
 
     def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
         """A service-account key file this fake trusts (token_uri: its /token); the email."""
@@ -271,16 +279,10 @@ def _handler_for(fake: GceFake):
                 call.status = 401
                 self._reply(401, err.body())
                 return
-            if fake.throttled(method, url.path):
-                err = ApiError(
-                    429,
-                    "rateLimitExceeded",
-                    "Rate Limit Exceeded",
-                    domain="usageLimits",
-                    status="RESOURCE_EXHAUSTED",
-                )
-                call.status = 429
-                self._reply(429, err.body())
+            err = fake.injected_failure(method, url.path)
+            if err is not None:
+                call.status = err.code
+                self._reply(err.code, err.body())
                 return
             try:
                 result = fake.handle(method, url.path, query, body, caller)

@@ -95,7 +95,8 @@ class Compute:
         self._capacity_details: set[str] = set()
         self._unsupported: set[tuple[str, str]] = set()  # (zone, machine or accelerator type)
         self._quotas: dict[str, _Quota] = {}  # region -> quota
-        self._rate_limits: list[list] = []  # [remaining, method, path-regex]
+        # injected call failures: [remaining, method, path regex, status, reason, message]
+        self._failures: list[list] = []
         self._log: list[Call] = []
 
     # -- the Python API: faults ---------------------------------------------------------
@@ -129,8 +130,28 @@ class Compute:
     def rate_limit(self, calls: int = 1, method: str | None = None, path: str | None = None):
         """The next `calls` API calls (matching `method` and the regex `path`) get 429
         rateLimitExceeded."""
+        self.fail_calls(calls, 429, "rateLimitExceeded", method, path)
+
+    def fail_calls(
+        self,
+        calls: int = 1,
+        status: int = 503,
+        reason: str = "backendError",
+        method: str | None = None,
+        path: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """The next `calls` matching API calls answer `status` with `reason`: 503
+        backendError (the client retries GETs on its own), 403 forbidden (a missing IAM
+        permission), 429 rateLimitExceeded, ..."""
+        default = {
+            429: "Rate Limit Exceeded",
+            403: "Required 'compute.instances.create' permission for the project",
+            503: "Internal error. Please try again.",
+        }
+        text = message or default.get(status, reason)
         with self._cond:
-            self._rate_limits.append([calls, method, path])
+            self._failures.append([calls, method, path, status, reason, text])
 
     def slow(self, seconds: float) -> None:
         """Operations started from now on take `seconds`."""
@@ -213,18 +234,20 @@ class Compute:
         with self._cond:
             self._log.append(call)
 
-    def throttled(self, method: str, path: str) -> bool:
-        """Consume one injected 429 that matches this call."""
+    def injected_failure(self, method: str, path: str) -> ApiError | None:
+        """Consume one injected failure that matches this call (see fail_calls)."""
         with self._cond:
-            for rule in self._rate_limits:
+            for rule in self._failures:
+                remaining, want_method, want_path, status, reason, message = rule
                 if (
-                    rule[0] > 0
-                    and rule[1] in (None, method)
-                    and (rule[2] is None or re.search(rule[2], path))
+                    remaining > 0
+                    and want_method in (None, method)
+                    and (want_path is None or re.search(want_path, path))
                 ):
                     rule[0] -= 1
-                    return True
-            return False
+                    extra = {"429": {"domain": "usageLimits", "status": "RESOURCE_EXHAUSTED"}}
+                    return ApiError(status, reason, message, **extra.get(str(status), {}))
+            return None
 
     def _known_zone(self, project: str, zone: str) -> None:
         if zone not in self._zone_ids:
