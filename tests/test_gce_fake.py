@@ -177,6 +177,10 @@ def test_repeated_request_id_returns_the_same_operation(gce, gce_env):
         gce.insert(gce.instance("vm-1"))
     with pytest.raises(BadRequest, match="requestId"):
         gce.insert(gce.instance("vm-2"), request_id="not-a-uuid")
+    # GCE keeps a requestId (at least 60 min); after that it starts a new operation
+    gce_env.fake.request_id_ttl = 0
+    with pytest.raises(Conflict):
+        gce.insert(gce.instance("vm-1"), request_id=rid)
 
 
 def test_bulk_insert_names_and_properties(gce, gce_env):
@@ -479,6 +483,8 @@ def test_fake_as_a_process_with_remote_control(gce_fake_process):
     inserts = env.fake.calls("POST", r"/instances$")
     assert len(inserts) == 2 and all(c.request_id for c in inserts)
     assert not env.fake.is_empty()
+    env.fake.reset()
+    assert env.fake.is_empty() and env.fake.calls() == []
 
 
 def test_billing_catalog_skus_rebuild_the_shipped_prices(gce_env):

@@ -75,16 +75,21 @@ class _Quota:
 class Compute:
     """Everything the fake holds; the fault-injection methods are its Python API."""
 
-    def __init__(self, op_seconds: float = 0.2, wait_cap: float = 120.0):
+    def __init__(
+        self, op_seconds: float = 0.2, wait_cap: float = 120.0, request_id_ttl: float = 3600.0
+    ):
         self.op_seconds = op_seconds  # how long operations take (PROVISIONING..RUNNING)
         self.wait_cap = wait_cap  # operations.wait returns by then even if not DONE (GCE: 2 min)
+        # how long a requestId replays its first operation (GCE: at least 60 min)
+        self.request_id_ttl = request_id_ttl
         self._cond = threading.Condition()
         self._events: list = []  # heap of (when, seq, fn)
         self._seq = itertools.count()
         self._instances: dict[tuple[str, str, str], dict] = {}  # (project, zone, name)
         self._firewalls: dict[tuple[str, str], dict] = {}  # (project, name)
         self._ops: dict[tuple[str, str, str], _Op] = {}  # (project, scope, name)
-        self._by_request: dict[tuple[str, str], _Op] = {}  # (project, requestId)
+        # (project, requestId) -> (operation, when first seen)
+        self._by_request: dict[tuple[str, str], tuple[_Op, float]] = {}
         self._images = public_images()
         self._zones = known_zones()
         self._zone_ids = {z: new_id() for z in self._zones}
@@ -176,10 +181,10 @@ class Compute:
             self._images.append(image_resource(project, name, family or name, disk_gb))
 
     def reset(self) -> None:
-        """Forget all resources, faults and the log (the images and zones stay)."""
+        """Forget all resources, faults, custom images and the log."""
         with self._cond:
-            keep = (self.op_seconds, self.wait_cap)
-            self.__init__(*keep)
+            keep = (self.op_seconds, self.wait_cap, self.request_id_ttl)
+            Compute.__init__(self, *keep)
 
     # -- the Python API: what is there --------------------------------------------------
     def calls(self, method: str | None = None, path: str | None = None) -> list[Call]:
@@ -276,7 +281,7 @@ class Compute:
         op = _Op(res, scope)
         self._ops[(project, scope, name)] = op
         if rid:
-            self._by_request[(project, rid)] = op
+            self._by_request[(project, rid)] = (op, time.monotonic())
         return op
 
     def _finish(self, op: _Op, error: dict | None = None, http=(None, None)) -> None:
@@ -288,8 +293,10 @@ class Compute:
     def _replay(self, project: str, rid: str | None) -> dict | None:
         """The operation a repeated requestId already started (GCE ignores the repeat)."""
         check_request_id(rid)
-        op = self._by_request.get((project, rid)) if rid else None
-        return dict(op.resource) if op else None
+        seen = self._by_request.get((project, rid)) if rid else None
+        if seen is None or time.monotonic() - seen[1] > self.request_id_ttl:
+            return None
+        return dict(seen[0].resource)
 
     def get_operation(self, project: str, scope: str, name: str, wait: bool = False) -> dict:
         deadline = time.monotonic() + self.wait_cap
