@@ -436,11 +436,15 @@ def test_rate_limit_answers_429_then_recovers(gce, gce_env):
 
 
 def test_unsupported_type_in_zone_and_spot_preemption(gce, gce_env):
-    from google.api_core.exceptions import BadRequest
+    from google.api_core.exceptions import BadRequest, NotFound
 
     gce_env.fake.unsupported(ZONE, "nvidia-tesla-t4")
-    with pytest.raises(BadRequest, match="does not exist in zone"):
+    with pytest.raises(NotFound, match=f"zones/{ZONE}/acceleratorTypes/nvidia-tesla-t4"):
         gce.insert(gce.instance("vm-1"))
+    gce_env.fake.unsupported(ZONE, "n1-standard-8")
+    with pytest.raises(BadRequest, match=f"does not exist in zone '{ZONE}'"):
+        gce.insert(gce.instance("vm-1", guest_accelerators=[]))
+    assert gce_env.fake.instances() == []
     zone = "us-central1-b"
     spot = gce.c.Scheduling(
         provisioning_model="SPOT",

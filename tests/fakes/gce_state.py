@@ -120,7 +120,10 @@ class Compute:
             self._capacity_details.discard(zone)
 
     def unsupported(self, zone: str, kind: str) -> None:
-        """The machine type or accelerator type `kind` does not exist in `zone` (a 400)."""
+        """The machine type or accelerator type `kind` is not offered in `zone`, answered as
+        GCE does: a machine type with 400 "Machine type with name 'K' does not exist in zone
+        'Z'", an accelerator type with 404 "The resource '.../zones/Z/acceleratorTypes/K'
+        was not found" (at the insert call, no operation)."""
         with self._cond:
             self._unsupported.add((zone, kind))
 
@@ -388,11 +391,10 @@ class Compute:
         cap = self._capacity.get(zone)
         if cap is not None and cap < count:
             if zone in self._capacity_details:
-                accel = (sample.get("guestAccelerators") or [{}])[0]
-                what = last(sample["machineType"])
-                if accel:
+                what = f"{last(sample['machineType'])} VM instance"
+                for accel in sample.get("guestAccelerators", [])[:1]:
                     gpus = f"{accel['acceleratorCount']} {last(accel['acceleratorType'])}"
-                    what += f" VM instance with {gpus} accelerator(s)"
+                    what += f" with {gpus} accelerator(s)"
                 msg = (
                     f"A {what} is currently unavailable in the {zone} zone. Alternatively, you "
                     "can try your request again with a different VM hardware configuration or "
@@ -419,11 +421,7 @@ class Compute:
         for acc in instance.get("guestAccelerators", []):
             kind = last(acc["acceleratorType"])
             if (zone, kind) in self._unsupported:
-                raise invalid(
-                    "resource.guestAccelerators[0].acceleratorType",
-                    f"projects/{instance['zone'].split('/projects/')[1].split('/')[0]}/zones/{zone}/acceleratorTypes/{kind}",
-                    f"Accelerator type '{kind}' does not exist in zone '{zone}'.",
-                )
+                raise not_found(resolve_partial(acc["acceleratorType"], ""))
 
     def _place(self, project: str, zone: str, instance: dict, delay: float) -> None:
         """The instance exists now (PROVISIONING), STAGING halfway, RUNNING at `delay`."""
