@@ -13,7 +13,8 @@ import base64
 import csv
 import hashlib
 
-from .gce_model import CATALOG, ApiError, invalid
+from .gce_catalog import CATALOG
+from .gce_model import ApiError, invalid
 
 COMPUTE_SERVICE = "6F81-5844-456A"
 # (vCPU-h, GiB-h) on-demand and Spot, per family; N1 as the catalog's notes give them

@@ -66,8 +66,9 @@ from pathlib import Path
 
 from .gce_auth import Authority
 from .gce_billing import compute_skus, page_of_skus
+from .gce_compute import Compute
 from .gce_model import ApiError
-from .gce_state import Call, Compute
+from .gce_state import Call
 
 DEFAULT_PROJECT = "mlcloud-test"
 # the Python API reachable over /_fake/<name> (for a fake in another process)
