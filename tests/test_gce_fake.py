@@ -368,6 +368,12 @@ def test_exhausted_zone_ends_the_operation_with_the_error_and_no_vm(gce, gce_env
     assert not gce.wait(
         gce.insert(gce.instance("vm-1", zone=other), zone=other), other
     ).error.errors
+    # a repeated requestId replays the failed operation, even once the zone has room again
+    rid = str(uuid.uuid4())
+    failed = gce.wait(gce.insert(gce.instance("vm-9"), request_id=rid))
+    gce_env.fake.set_capacity(ZONE, None)
+    again = gce.wait(gce.insert(gce.instance("vm-9"), request_id=rid))
+    assert again.name == failed.name and again.error.errors[0].code == failed.error.errors[0].code
     gce_env.fake.exhaust(other, details=True)
     done = gce.wait(gce.insert(gce.instance("vm-2", zone=other), zone=other), other)
     assert done.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"
@@ -462,7 +468,7 @@ def test_unsupported_type_in_zone_and_spot_preemption(gce, gce_env):
     ]
 
 
-def test_max_run_duration_needs_a_termination_action(gce):
+def test_max_run_duration_needs_a_termination_action_and_ends_the_vm(gce, gce_env):
     from google.api_core.exceptions import BadRequest
 
     sched = gce.c.Scheduling(
@@ -474,6 +480,10 @@ def test_max_run_duration_needs_a_termination_action(gce):
     gce.wait(gce.insert(gce.instance("vm-1", scheduling=sched)))
     vm = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
     assert vm.scheduling.max_run_duration.seconds == 3600
+    gce_env.fake.advance_clock(3000)
+    assert gce.names() == ["vm-1"]
+    gce_env.fake.advance_clock(600)  # the cloud ends it, whatever runs on it
+    assert gce.names() == []
 
 
 def test_fake_as_a_process_with_remote_control(gce_fake_process):

@@ -19,6 +19,8 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
         fake.fail_calls(1, 403, "forbidden")   # any status/reason (503 backendError default)
         fake.revoke_credentials()              # every key and token so far: 401 from now on
         fake.slow(5)                           # operations from now on take 5 s
+        fake.advance_clock(3600)               # what falls due within an hour happens now
+                                               # (e.g. maxRunDuration deletes its VMs)
         fake.unsupported("us-central1-a", "nvidia-tesla-t4")  # no such type in the zone:
                                                # 404 for accelerators, 400 for machine types
         fake.preempt("us-central1-a", "vm-1")  # Spot reclaim (DELETE or STOP per the VM)
@@ -81,6 +83,7 @@ CONTROL = (
     "fail_calls",
     "revoke_credentials",
     "slow",
+    "advance_clock",
     "preempt",
     "add_image",
     "reset",

@@ -74,7 +74,8 @@ class ComputeState:
         # how long a requestId replays its first operation (GCE: at least 60 min)
         self.request_id_ttl = request_id_ttl
         self._cond = threading.Condition()
-        self._events: list = []  # heap of (when, seq, fn)
+        self._events: list = []  # heap of (when, seq, fn), when on the fake's clock
+        self._offset = 0.0  # the fake's clock runs this far ahead (advance_clock)
         self._seq = itertools.count()
         self._instances: dict[tuple[str, str, str], dict] = {}  # (project, zone, name)
         self._firewalls: dict[tuple[str, str], dict] = {}  # (project, name)
@@ -215,12 +216,22 @@ class ComputeState:
         return not self.instances() and not self.firewalls()
 
     # -- time ---------------------------------------------------------------------------
+    def advance_clock(self, seconds: float) -> None:
+        """Move the fake's clock forward: what falls due within `seconds` happens now
+        (operations ending, a maxRunDuration deleting its VM, requestIds expiring)."""
+        with self._cond:
+            self._offset += seconds
+            self._advance()
+
+    def _now(self) -> float:
+        return time.monotonic() + self._offset
+
     def _at(self, delay: float, fn) -> None:
-        heapq.heappush(self._events, (time.monotonic() + delay, next(self._seq), fn))
+        heapq.heappush(self._events, (self._now() + delay, next(self._seq), fn))
         self._cond.notify_all()
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self._now()
         while self._events and self._events[0][0] <= now:
             _, _, fn = heapq.heappop(self._events)
             fn()
@@ -273,7 +284,7 @@ class ComputeState:
         op = _Op(res, scope)
         self._ops[(project, scope, name)] = op
         if rid:
-            self._by_request[(project, rid)] = (op, time.monotonic())
+            self._by_request[(project, rid)] = (op, self._now())
         return op
 
     def _finish(self, op: _Op, error: dict | None = None, http=(None, None)) -> None:
@@ -286,7 +297,7 @@ class ComputeState:
         """The operation a repeated requestId already started (GCE ignores the repeat)."""
         check_request_id(rid)
         seen = self._by_request.get((project, rid)) if rid else None
-        if seen is None or time.monotonic() - seen[1] > self.request_id_ttl:
+        if seen is None or self._now() - seen[1] > self.request_id_ttl:
             return None
         return dict(seen[0].resource)
 
@@ -301,7 +312,7 @@ class ComputeState:
                 left = deadline - time.monotonic()
                 if not wait or op.resource["status"] == "DONE" or left <= 0:
                     return dict(op.resource)
-                nxt = self._events[0][0] - time.monotonic() if self._events else left
+                nxt = self._events[0][0] - self._now() if self._events else left
                 self._cond.wait(max(0.001, min(left, nxt)))
 
     # -- addresses ----------------------------------------------------------------------
