@@ -11,6 +11,8 @@ import urllib.request
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ZONE = "us-central1-a"
 DL_FAMILY = "projects/deeplearning-platform-release/global/images/family/pytorch-latest-gpu"
@@ -553,3 +555,21 @@ def test_injected_call_failures_and_revoked_credentials(gce, gce_env):
     fake.revoke_credentials()
     with pytest.raises(Unauthorized):  # an HTTP 401 is Unauthorized, not its Unauthenticated
         gce.names()
+
+
+LABEL_VALUE = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", max_size=63)
+
+
+@settings(max_examples=60, deadline=None)
+@given(LABEL_VALUE, LABEL_VALUE)
+def test_label_filters_match_exactly_the_valued_label(value, other):
+    """The fake's filter as the provider's label filters use it: any valid value, quoted."""
+    from fakes.gce_filter import compile_filter
+
+    def vm(v):
+        return {"name": "x", "labels": {"mlcloud-cluster": v}}
+
+    match = compile_filter(f'labels.mlcloud-cluster = "{value}"')
+    assert match(vm(value)) and match(vm(other)) == (value == other)
+    assert compile_filter("labels.mlcloud-cluster:*")(vm(value))
+    assert not compile_filter("labels.mlcloud-owner:*")(vm(value))
