@@ -14,6 +14,7 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
         # `insert(...).result()`: that polls compute.googleapis.com.
         fake.exhaust("us-central1-a")          # inserts there end DONE with
                                                # ZONE_RESOURCE_POOL_EXHAUSTED, no VM left
+        fake.set_capacity("us-central1-b", 3)  # 3 more VMs fit there (bulkInsert: minCount)
         fake.quota("us-central1", limit=0)     # QUOTA_EXCEEDED in the operation (sync=True: 403)
         fake.rate_limit(2, method="POST")      # the next 2 POSTs answer 429 rateLimitExceeded
         fake.fail_calls(1, 403, "forbidden")   # any status/reason (503 backendError default)
@@ -50,7 +51,10 @@ GCE behaviours the fake keeps, worth knowing when writing the provider: an inser
 succeeds and its operation fails (capacity, quota); a repeated requestId returns the first
 operation, failed or not (GCE keeps them for at least 60 min), so a retry after a failure
 needs a new id; `list` without `maxResults` pages at 500; an ingress firewall rule with no
-sources is open to 0.0.0.0/0; deleting an instance shows STOPPING until the operation ends.
+sources is open to 0.0.0.0/0; deleting an instance shows STOPPING until the operation ends; a
+type the zone does not offer fails the call (machine type: 400 "... does not exist in zone";
+GPU: "The resource '.../acceleratorTypes/K' was not found"); a 401 raises api_core's
+Unauthorized (the REST transport never raises its subclass Unauthenticated).
 """
 
 from __future__ import annotations
