@@ -573,3 +573,17 @@ def test_label_filters_match_exactly_the_valued_label(value, other):
     assert match(vm(value)) and match(vm(other)) == (value == other)
     assert compile_filter("labels.mlcloud-cluster:*")(vm(value))
     assert not compile_filter("labels.mlcloud-owner:*")(vm(value))
+
+
+def test_a_body_the_fake_cannot_read_is_a_500_not_a_hang_up(gce_env):
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/compute"])
+    session = AuthorizedSession(creds)
+    url = f"{gce_env.url}/compute/v1/projects/{gce_env.project}/zones/{ZONE}/instances"
+    machine = f"zones/{ZONE}/machineTypes/n1-standard-8"
+    body = {"name": "vm-1", "machineType": machine, "disks": "not-a-list"}
+    r = session.post(url, json=body, timeout=10)
+    session.close()
+    assert r.status_code == 500 and "AttributeError" in r.json()["error"]["message"]

@@ -65,6 +65,7 @@ import os
 import re
 import signal
 import threading
+import traceback
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -298,6 +299,12 @@ def _handler_for(fake: GceFake):
             except ApiError as e:
                 call.status = e.code
                 self._reply(e.code, e.body())
+                return
+            except Exception as e:  # a body the fake cannot read: say so instead of hanging up
+                traceback.print_exc()
+                err = ApiError(500, "backendError", f"fake GCE server: {type(e).__name__}: {e}")
+                call.status = 500
+                self._reply(500, err.body())
                 return
             call.status = 200
             self._reply(200, result)
