@@ -95,14 +95,23 @@ def gce(gce_env) -> Clients:
 
 
 def test_insert_wait_get_list_delete(gce, gce_env):
+    fake = gce_env.fake
+    fake.slow(60)  # operations end when the test moves the fake's clock, not before
+
+    def status():
+        return gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1").status
+
     op = gce.insert(gce.instance("vm-1"))
     assert op.status == gce.c.Operation.Status.RUNNING
     first = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
     assert first.status == "PROVISIONING"  # visible before the operation ends, as on GCE
+    fake.advance_clock(30)
+    assert status() == "STAGING"
+    fake.advance_clock(30)
     done = gce.wait(op)
     assert not done.error.errors and done.target_id == first.id
     vm = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
-    assert vm.status == "RUNNING"
+    assert vm.status == "RUNNING" and done.progress == 100
     assert vm.zone.endswith(f"/projects/{gce.project}/zones/{ZONE}")
     assert vm.machine_type.endswith(f"/zones/{ZONE}/machineTypes/n1-standard-8")
     nic = vm.network_interfaces[0]
@@ -117,9 +126,10 @@ def test_insert_wait_get_list_delete(gce, gce_env):
 
     assert gce.names() == ["vm-1"]
     delete = gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="vm-1")
-    assert gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1").status == "STOPPING"
+    assert status() == "STOPPING"
+    fake.advance_clock(60)
     assert not gce.wait(delete).error.errors
-    assert gce.names() == [] and gce_env.fake.is_empty()
+    assert gce.names() == [] and fake.is_empty()
     from google.api_core.exceptions import NotFound
 
     with pytest.raises(NotFound, match="vm-1' was not found"):
