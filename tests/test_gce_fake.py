@@ -597,3 +597,29 @@ def test_a_body_the_fake_cannot_read_is_a_500_not_a_hang_up(gce_env):
     r = session.post(url, json=body, timeout=10)
     session.close()
     assert r.status_code == 500 and "AttributeError" in r.json()["error"]["message"]
+
+
+def test_stop_and_start_keep_the_disk_and_change_the_address(gce, gce_env):
+    fake = gce_env.fake
+    gce.wait(gce.insert(gce.instance("vm-1")))
+
+    def vm():
+        return gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
+
+    first = vm().network_interfaces[0]
+    gce.wait(gce.instances.stop_unary(project=gce.project, zone=ZONE, instance="vm-1"))
+    stopped = vm()
+    assert (
+        stopped.status == "TERMINATED"
+        and not stopped.network_interfaces[0].access_configs[0].nat_i_p
+    )
+    fake.exhaust(ZONE)  # a stopped GPU VM may find no room to start again
+    op = gce.wait(gce.instances.start_unary(project=gce.project, zone=ZONE, instance="vm-1"))
+    assert op.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED" and vm().status == "TERMINATED"
+    fake.set_capacity(ZONE, None)
+    gce.wait(gce.instances.start_unary(project=gce.project, zone=ZONE, instance="vm-1"))
+    again = vm()
+    assert (
+        again.status == "RUNNING" and again.network_interfaces[0].network_i_p == first.network_i_p
+    )
+    assert again.network_interfaces[0].access_configs[0].nat_i_p  # a new ephemeral address

@@ -16,6 +16,7 @@ from .gce_model import (
     invalid,
     last,
     not_found,
+    now_rfc3339,
     region_of,
     resolve_partial,
 )
@@ -191,10 +192,7 @@ class Compute(ComputeState):
         with self._cond:
             self._advance()
             self._known_zone(project, zone)
-            inst = self._instances.get((project, zone, name))
-            if inst is None:
-                raise not_found(f"projects/{project}/zones/{zone}/instances/{name}")
-            return dict(inst)
+            return dict(self._instance(project, zone, name))
 
     def delete_instance(self, project: str, zone: str, name: str, rid: str | None, caller) -> dict:
         with self._cond:
@@ -204,9 +202,7 @@ class Compute(ComputeState):
             if replay:
                 return replay
             key = (project, zone, name)
-            inst = self._instances.get(key)
-            if inst is None:
-                raise not_found(f"projects/{project}/zones/{zone}/instances/{name}")
+            inst = self._instance(project, zone, name)
             op = self._new_op(project, f"zones/{zone}", "delete", inst["selfLink"], caller, rid)
             op.resource["targetId"] = inst["id"]
             inst["status"] = "STOPPING"
@@ -219,6 +215,66 @@ class Compute(ComputeState):
 
             self._at(self.op_seconds, gone)
             return dict(op.resource)
+
+    def stop_instance(self, project: str, zone: str, name: str, rid: str | None, caller) -> dict:
+        """STOPPING, then TERMINATED with its disks kept and its external address released."""
+        with self._cond:
+            self._advance()
+            self._known_zone(project, zone)
+            replay = self._replay(project, rid)
+            if replay:
+                return replay
+            inst = self._instance(project, zone, name)
+            op = self._new_op(project, f"zones/{zone}", "stop", inst["selfLink"], caller, rid)
+            op.resource["targetId"] = inst["id"]
+            if inst["status"] != "TERMINATED":
+                inst["status"] = "STOPPING"
+
+            def stopped():
+                if inst["status"] == "STOPPING":
+                    inst["status"] = "TERMINATED"
+                    self._release_addresses(inst)
+                self._finish(op)
+
+            self._at(self.op_seconds, stopped)
+            return dict(op.resource)
+
+    def start_instance(self, project: str, zone: str, name: str, rid: str | None, caller) -> dict:
+        """A stopped VM starts again (new external address) if the zone has room for it; a
+        GPU VM may not: the operation then fails with ZONE_RESOURCE_POOL_EXHAUSTED."""
+        with self._cond:
+            self._advance()
+            self._known_zone(project, zone)
+            replay = self._replay(project, rid)
+            if replay:
+                return replay
+            inst = self._instance(project, zone, name)
+            op = self._new_op(project, f"zones/{zone}", "start", inst["selfLink"], caller, rid)
+            op.resource["targetId"] = inst["id"]
+            failure = None
+            if inst["status"] == "TERMINATED":
+                cap = self._capacity.get(zone)
+                if cap is not None and cap < 1:
+                    failure = self._placement_error(project, zone, 1, inst)
+                else:
+                    if cap is not None:
+                        self._capacity[zone] -= 1
+                    self._assign_public(inst)
+                    inst["status"] = "STAGING"
+            self._at(self.op_seconds, lambda: self._started(inst, op, failure))
+            return dict(op.resource)
+
+    def _started(self, inst: dict, op, failure) -> None:
+        if inst["status"] == "STAGING":
+            inst["status"] = "RUNNING"
+            inst["lastStartTimestamp"] = now_rfc3339()
+        self._finish(op, *(failure or (None, (None, None))))
+
+    def _instance(self, project: str, zone: str, name: str) -> dict:
+        inst = self._instances.get((project, zone, name))
+        if inst is None:
+            raise not_found(f"projects/{project}/zones/{zone}/instances/{name}")
+        return inst
 
     def list_instances(self, project: str, zone: str, query: dict) -> dict:
         with self._cond:

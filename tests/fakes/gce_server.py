@@ -35,7 +35,7 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
 
 Served: instances insert (requestId: a repeat returns the same operation, no second VM),
 bulkInsert (count, minCount, namePattern ####, instanceProperties, perInstanceProperties),
-get, list (filter, maxResults, pageToken), delete, aggregatedList; zone and global
+get, list (filter, maxResults, pageToken), delete, stop, start, aggregatedList; zone and global
 operations get and wait; firewalls insert/get/list/patch/delete; images get and getFromFamily
 (deeplearning-platform-release: pytorch-latest-gpu, ...); zones and regions get/list (the
 catalog's GCP zones and common ones). Instances go PROVISIONING -> STAGING -> RUNNING over
@@ -107,6 +107,8 @@ _ROUTES = [
     ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/bulkInsert", "bulk_insert"),
     ("GET", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "get_instance"),
     ("DELETE", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "delete_instance"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)/stop", "stop_instance"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)/start", "start_instance"),
     ("GET", _P + r"/aggregated/instances", "aggregated_instances"),
     ("GET", _P + r"/zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)", "zone_op"),
     ("POST", _P + r"/zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)/wait", "zone_op_wait"),
@@ -196,6 +198,10 @@ class GceFake(Compute):
             return self.get_instance(p, a["zone"], a["name"])
         if name == "delete_instance":
             return self.delete_instance(p, a["zone"], a["name"], rid, caller)
+        if name == "stop_instance":
+            return self.stop_instance(p, a["zone"], a["name"], rid, caller)
+        if name == "start_instance":
+            return self.start_instance(p, a["zone"], a["name"], rid, caller)
         if name == "aggregated_instances":
             return self.aggregated_instances(p, query)
         if name in ("zone_op", "zone_op_wait"):

@@ -320,6 +320,11 @@ class ComputeState:
         for nic in instance["networkInterfaces"]:
             n = next(self._private)
             nic["networkIP"] = f"10.{128 + (n >> 16) % 64}.{(n >> 8) & 255}.{n & 255}"
+        self._assign_public(instance)
+
+    def _assign_public(self, instance: dict) -> None:
+        """Ephemeral external addresses: a new one at each start, as on GCE."""
+        for nic in instance["networkInterfaces"]:
             for ac in nic["accessConfigs"]:
                 if not self._public_free:
                     raise ApiError(403, "quotaExceeded", "Quota 'IN_USE_ADDRESSES' exceeded.")
