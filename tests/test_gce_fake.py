@@ -11,6 +11,8 @@ import urllib.request
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ZONE = "us-central1-a"
 DL_FAMILY = "projects/deeplearning-platform-release/global/images/family/pytorch-latest-gpu"
@@ -38,7 +40,7 @@ class Clients:
 
     def instance(self, name: str, zone: str = ZONE, labels=None, **extra):
         c = self.c
-        return c.Instance(
+        fields = dict(
             name=name,
             machine_type=f"zones/{zone}/machineTypes/n1-standard-8",
             labels=labels or {"mlcloud-cluster": "c-1"},
@@ -62,8 +64,9 @@ class Clients:
                 )
             ],
             metadata=c.Metadata(items=[c.Items(key="install-nvidia-driver", value="True")]),
-            **{"scheduling": c.Scheduling(on_host_maintenance="TERMINATE"), **extra},
+            scheduling=c.Scheduling(on_host_maintenance="TERMINATE"),
         )
+        return c.Instance(**{**fields, **extra})
 
     def insert(self, inst, zone: str = ZONE, request_id: str | None = None):
         req = self.c.InsertInstanceRequest(
@@ -92,14 +95,23 @@ def gce(gce_env) -> Clients:
 
 
 def test_insert_wait_get_list_delete(gce, gce_env):
+    fake = gce_env.fake
+    fake.slow(60)  # operations end when the test moves the fake's clock, not before
+
+    def status():
+        return gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1").status
+
     op = gce.insert(gce.instance("vm-1"))
     assert op.status == gce.c.Operation.Status.RUNNING
     first = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
     assert first.status == "PROVISIONING"  # visible before the operation ends, as on GCE
+    fake.advance_clock(30)
+    assert status() == "STAGING"
+    fake.advance_clock(30)
     done = gce.wait(op)
     assert not done.error.errors and done.target_id == first.id
     vm = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
-    assert vm.status == "RUNNING"
+    assert vm.status == "RUNNING" and done.progress == 100
     assert vm.zone.endswith(f"/projects/{gce.project}/zones/{ZONE}")
     assert vm.machine_type.endswith(f"/zones/{ZONE}/machineTypes/n1-standard-8")
     nic = vm.network_interfaces[0]
@@ -114,9 +126,10 @@ def test_insert_wait_get_list_delete(gce, gce_env):
 
     assert gce.names() == ["vm-1"]
     delete = gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="vm-1")
-    assert gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1").status == "STOPPING"
+    assert status() == "STOPPING"
+    fake.advance_clock(60)
     assert not gce.wait(delete).error.errors
-    assert gce.names() == [] and gce_env.fake.is_empty()
+    assert gce.names() == [] and fake.is_empty()
     from google.api_core.exceptions import NotFound
 
     with pytest.raises(NotFound, match="vm-1' was not found"):
@@ -176,6 +189,10 @@ def test_repeated_request_id_returns_the_same_operation(gce, gce_env):
         gce.insert(gce.instance("vm-1"))
     with pytest.raises(BadRequest, match="requestId"):
         gce.insert(gce.instance("vm-2"), request_id="not-a-uuid")
+    # GCE keeps a requestId (at least 60 min); after that it starts a new operation
+    gce_env.fake.request_id_ttl = 0
+    with pytest.raises(Conflict):
+        gce.insert(gce.instance("vm-1"), request_id=rid)
 
 
 def test_bulk_insert_names_and_properties(gce, gce_env):
@@ -244,6 +261,13 @@ def test_firewalls_insert_get_list_delete(gce, gce_env):
     internal = c.Firewall(name="open", allowed=[c.Allowed(I_p_protocol="all")])
     gce.firewalls.insert_unary(project=gce.project, firewall_resource=internal)
     assert gce.firewalls.get(project=gce.project, firewall="open").source_ranges == ["0.0.0.0/0"]
+    wider = c.Firewall(source_ranges=["198.51.100.7/32", "192.0.2.9/32"])
+    op = gce.firewalls.patch_unary(
+        project=gce.project, firewall="mlcloud-c-1-ssh", firewall_resource=wider
+    )
+    gce.global_ops.wait(project=gce.project, operation=op.name)
+    got = gce.firewalls.get(project=gce.project, firewall="mlcloud-c-1-ssh")
+    assert len(got.source_ranges) == 2 and list(got.target_tags) == ["mlcloud-c-1"]
     req = c.ListFirewallsRequest(project=gce.project, filter="name = mlcloud-*")
     assert [f.name for f in gce.firewalls.list(request=req)] == ["mlcloud-c-1-ssh"]
     for name in ("mlcloud-c-1-ssh", "open"):
@@ -279,6 +303,12 @@ def test_invalid_requests_answer_400(gce):
         gce.instance("vm-1", labels={"Mlcloud-Cluster": "x"}),  # label keys are lowercase
         gce.instance("Bad_Name"),
         gce.instance("vm-2", scheduling=gce.c.Scheduling(on_host_maintenance="MIGRATE")),
+        gce.instance(  # GPUs built into the machine type cannot live-migrate either
+            "vm-4",
+            machine_type=f"zones/{ZONE}/machineTypes/a2-highgpu-1g",
+            guest_accelerators=[],
+            scheduling=gce.c.Scheduling(),
+        ),
     ]
     for inst in bad:
         with pytest.raises(BadRequest):
@@ -350,6 +380,12 @@ def test_exhausted_zone_ends_the_operation_with_the_error_and_no_vm(gce, gce_env
     assert not gce.wait(
         gce.insert(gce.instance("vm-1", zone=other), zone=other), other
     ).error.errors
+    # a repeated requestId replays the failed operation, even once the zone has room again
+    rid = str(uuid.uuid4())
+    failed = gce.wait(gce.insert(gce.instance("vm-9"), request_id=rid))
+    gce_env.fake.set_capacity(ZONE, None)
+    again = gce.wait(gce.insert(gce.instance("vm-9"), request_id=rid))
+    assert again.name == failed.name and again.error.errors[0].code == failed.error.errors[0].code
     gce_env.fake.exhaust(other, details=True)
     done = gce.wait(gce.insert(gce.instance("vm-2", zone=other), zone=other), other)
     assert done.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"
@@ -418,11 +454,15 @@ def test_rate_limit_answers_429_then_recovers(gce, gce_env):
 
 
 def test_unsupported_type_in_zone_and_spot_preemption(gce, gce_env):
-    from google.api_core.exceptions import BadRequest
+    from google.api_core.exceptions import BadRequest, NotFound
 
     gce_env.fake.unsupported(ZONE, "nvidia-tesla-t4")
-    with pytest.raises(BadRequest, match="does not exist in zone"):
+    with pytest.raises(NotFound, match=f"zones/{ZONE}/acceleratorTypes/nvidia-tesla-t4"):
         gce.insert(gce.instance("vm-1"))
+    gce_env.fake.unsupported(ZONE, "n1-standard-8")
+    with pytest.raises(BadRequest, match=f"does not exist in zone '{ZONE}'"):
+        gce.insert(gce.instance("vm-1", guest_accelerators=[]))
+    assert gce_env.fake.instances() == []
     zone = "us-central1-b"
     spot = gce.c.Scheduling(
         provisioning_model="SPOT",
@@ -440,7 +480,7 @@ def test_unsupported_type_in_zone_and_spot_preemption(gce, gce_env):
     ]
 
 
-def test_max_run_duration_needs_a_termination_action(gce):
+def test_max_run_duration_needs_a_termination_action_and_ends_the_vm(gce, gce_env):
     from google.api_core.exceptions import BadRequest
 
     sched = gce.c.Scheduling(
@@ -452,6 +492,10 @@ def test_max_run_duration_needs_a_termination_action(gce):
     gce.wait(gce.insert(gce.instance("vm-1", scheduling=sched)))
     vm = gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
     assert vm.scheduling.max_run_duration.seconds == 3600
+    gce_env.fake.advance_clock(3000)
+    assert gce.names() == ["vm-1"]
+    gce_env.fake.advance_clock(600)  # the cloud ends it, whatever runs on it
+    assert gce.names() == []
 
 
 def test_fake_as_a_process_with_remote_control(gce_fake_process):
@@ -465,3 +509,117 @@ def test_fake_as_a_process_with_remote_control(gce_fake_process):
     inserts = env.fake.calls("POST", r"/instances$")
     assert len(inserts) == 2 and all(c.request_id for c in inserts)
     assert not env.fake.is_empty()
+    env.fake.reset()
+    assert env.fake.is_empty() and env.fake.calls() == []
+
+
+def test_billing_catalog_skus_rebuild_the_shipped_prices(gce_env):
+    """The Cloud Billing Catalog API at the fake's address: Compute Engine SKUs, paged, with
+    on-demand, Spot and commitment rates; the smallest T4 shape adds up to the catalog's."""
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    session = AuthorizedSession(creds)
+    url = f"{gce_env.url}/v1/services/6F81-5844-456A/skus"
+    params, skus, pages = {"currencyCode": "USD", "pageSize": 400}, [], 0
+    while True:
+        page = session.get(url, params=params, timeout=10).json()
+        skus += page["skus"]
+        pages += 1
+        if not page["nextPageToken"]:
+            break
+        params["pageToken"] = page["nextPageToken"]
+    session.close()
+    assert pages > 1
+
+    def rate(prefix: str, usage: str = "OnDemand") -> float:
+        (sku,) = [
+            s
+            for s in skus
+            if s["description"].startswith(prefix + " running in ")
+            and s["category"]["usageType"] == usage
+            and "us-central1" in s["serviceRegions"]
+        ]
+        price = sku["pricingInfo"][0]["pricingExpression"]["tieredRates"][-1]["unitPrice"]
+        return int(price["units"]) + price["nanos"] / 1e9
+
+    core, ram = rate("N1 Predefined Instance Core"), rate("N1 Predefined Instance Ram")
+    t4 = rate("Nvidia Tesla T4 GPU")
+    assert core == pytest.approx(0.031611) and ram == pytest.approx(0.004237)
+    assert 8 * core + 30 * ram + t4 == pytest.approx(0.729998)  # n1-standard-8+T4:1 shipped
+    assert rate("Spot Preemptible Nvidia Tesla T4 GPU", "Preemptible") < t4
+    assert any(s["category"]["usageType"] == "Commit1Yr" for s in skus)
+
+
+def test_injected_call_failures_and_revoked_credentials(gce, gce_env):
+    from google.api_core.exceptions import Forbidden, Unauthorized
+
+    fake = gce_env.fake
+    fake.fail_calls(1, 503, "backendError", method="GET")
+    assert gce.names() == []  # the client retries a GET on 503 by itself
+    assert [c.status for c in fake.calls("GET")] == [503, 200]
+    fake.fail_calls(1, 403, "forbidden", method="POST")
+    with pytest.raises(Forbidden, match="permission"):
+        gce.insert(gce.instance("vm-1"))
+    fake.revoke_credentials()
+    with pytest.raises(Unauthorized):  # an HTTP 401 is Unauthorized, not its Unauthenticated
+        gce.names()
+
+
+LABEL_VALUE = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", max_size=63)
+
+
+@settings(max_examples=60, deadline=None)
+@given(LABEL_VALUE, LABEL_VALUE)
+def test_label_filters_match_exactly_the_valued_label(value, other):
+    """The fake's filter as the provider's label filters use it: any valid value, quoted."""
+    from fakes.gce_filter import compile_filter
+
+    def vm(v):
+        return {"name": "x", "labels": {"mlcloud-cluster": v}}
+
+    match = compile_filter(f'labels.mlcloud-cluster = "{value}"')
+    assert match(vm(value)) and match(vm(other)) == (value == other)
+    assert compile_filter("labels.mlcloud-cluster:*")(vm(value))
+    assert not compile_filter("labels.mlcloud-owner:*")(vm(value))
+
+
+def test_a_body_the_fake_cannot_read_is_a_500_not_a_hang_up(gce_env):
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/compute"])
+    session = AuthorizedSession(creds)
+    url = f"{gce_env.url}/compute/v1/projects/{gce_env.project}/zones/{ZONE}/instances"
+    machine = f"zones/{ZONE}/machineTypes/n1-standard-8"
+    body = {"name": "vm-1", "machineType": machine, "disks": "not-a-list"}
+    r = session.post(url, json=body, timeout=10)
+    session.close()
+    assert r.status_code == 500 and "AttributeError" in r.json()["error"]["message"]
+
+
+def test_stop_and_start_keep_the_disk_and_change_the_address(gce, gce_env):
+    fake = gce_env.fake
+    gce.wait(gce.insert(gce.instance("vm-1")))
+
+    def vm():
+        return gce.instances.get(project=gce.project, zone=ZONE, instance="vm-1")
+
+    first = vm().network_interfaces[0]
+    gce.wait(gce.instances.stop_unary(project=gce.project, zone=ZONE, instance="vm-1"))
+    stopped = vm()
+    assert (
+        stopped.status == "TERMINATED"
+        and not stopped.network_interfaces[0].access_configs[0].nat_i_p
+    )
+    fake.exhaust(ZONE)  # a stopped GPU VM may find no room to start again
+    op = gce.wait(gce.instances.start_unary(project=gce.project, zone=ZONE, instance="vm-1"))
+    assert op.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED" and vm().status == "TERMINATED"
+    fake.set_capacity(ZONE, None)
+    gce.wait(gce.instances.start_unary(project=gce.project, zone=ZONE, instance="vm-1"))
+    again = vm()
+    assert (
+        again.status == "RUNNING" and again.network_interfaces[0].network_i_p == first.network_i_p
+    )
+    assert again.network_interfaces[0].access_configs[0].nat_i_p  # a new ephemeral address

@@ -60,6 +60,11 @@ class Authority:
             self._keys[email] = key.public_key()
         return email
 
+    def revoke(self) -> None:
+        with self._lock:
+            self._keys.clear()
+            self._tokens.clear()
+
     def _verify_jwt(self, token: str) -> dict | None:
         """The claims of a JWT signed (RS256) by a trusted key and not expired, else None."""
         from cryptography.exceptions import InvalidSignature

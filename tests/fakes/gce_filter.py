@@ -1,11 +1,17 @@
-"""The `filter` of Compute list calls: `labels.k = "v"`, `status != RUNNING`, `name eq inst-.*`,
+"""How Compute list calls select and page: the `filter` (`labels.k = "v"`, ...) and
+`maxResults` / `pageToken`.
+
+The filter: `labels.k = "v"`, `status != RUNNING`, `name eq inst-.*`,
 `labels.k:*`, joined by AND / OR / juxtaposition, parenthesized, NOT. A syntax error is the
 API's 400, so a provider sending a malformed filter finds out here, not in production."""
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import re
+
+from .gce_model import fingerprint, invalid
 
 _TOKEN = re.compile(
     r'\s*(?:(?P<paren>[()])|(?P<str>"(?:[^"\\]|\\.)*")|(?P<op>!=|>=|<=|=|:|>|<)'
@@ -161,3 +167,38 @@ def compile_filter(text: str | None):
     if parser.i != len(parser.t):
         raise FilterError(f"unexpected {parser.t[parser.i][1]!r} in the filter")
     return pred
+
+
+def select(items: list[dict], query: dict) -> list[dict]:
+    try:
+        pred = compile_filter(query.get("filter"))
+    except FilterError as e:
+        raise invalid(
+            "filter", query.get("filter"), f"Invalid list filter expression: {e}"
+        ) from None
+    return [i for i in items if pred(i)]
+
+
+def paginate(items: list[dict], query: dict) -> tuple[list[dict], str | None]:
+    """maxResults (0..500, default 500) and an opaque pageToken, as the API pages."""
+    try:
+        size = int(query.get("maxResults") or 500)
+    except ValueError:
+        raise invalid("maxResults", query.get("maxResults"), "Must be an integer.") from None
+    if not 0 <= size <= 500:
+        raise invalid("maxResults", size, "Must be between 0 and 500.")
+    size = size or 500
+    start = 0
+    if query.get("pageToken"):
+        try:
+            start = int(base64.urlsafe_b64decode(query["pageToken"]).decode().split(":")[1])
+        except (ValueError, IndexError):
+            raise invalid("pageToken", query["pageToken"], "Invalid page token.") from None
+    page = items[start : start + size]
+    more = start + size < len(items)
+    token = (
+        base64.urlsafe_b64encode(f"offset:{start + size}:{fingerprint()}".encode()).decode()
+        if more
+        else None
+    )
+    return page, token

@@ -1,4 +1,4 @@
-"""Compute API v1 resources as GCE returns them: URLs, validation rules, zones, images.
+"""Compute API v1 resources as GCE returns them: URLs, errors, validation, request bodies.
 
 Pure functions over JSON dicts (camelCase, int64 as strings), no server state. The rules
 checked are GCE's (names, labels, tags, URL forms, GPUs need onHostMaintenance TERMINATE,
@@ -9,26 +9,19 @@ that passes here sends what the real API accepts.
 from __future__ import annotations
 
 import base64
-import csv
 import ipaddress
 import re
 import secrets
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 # selfLinks name the real API, as GCE writes them; nothing here ever dereferences one
 API = "https://www.googleapis.com/compute/v1"
 NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 TAG_RE = NAME_RE
 METADATA_KEY_RE = re.compile(r"[a-zA-Z0-9_-]{1,128}")
-CATALOG = Path(__file__).resolve().parents[2] / "mlcloud" / "catalog" / "data" / "gpu_offers.csv"
-# zones beyond the catalog's GPU zones that every project sees
-BASE_ZONES = (
-    "us-central1-a us-central1-b us-central1-c us-central1-f us-east1-b us-east1-c us-east1-d "
-    "us-east4-a us-east4-b us-east4-c us-west1-a us-west1-b us-west1-c europe-west4-a "
-    "europe-west4-b europe-west4-c asia-east1-a asia-east1-b asia-east1-c"
-).split()
+# machine families whose GPUs come built in: they cannot live-migrate either
+GPU_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 
 
 class ApiError(Exception):
@@ -80,107 +73,6 @@ def region_of(zone: str) -> str:
 
 def last(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
-
-
-def known_zones() -> list[str]:
-    """The catalog's GCP zones and common ones: any zone the catalog offers exists here."""
-    zones = set(BASE_ZONES)
-    if CATALOG.exists():
-        with CATALOG.open() as f:
-            rows = csv.DictReader(line for line in f if not line.startswith("#"))
-            for row in rows:
-                if row.get("provider") == "gcp":
-                    zones.update(z for z in (row.get("zones") or "").split(";") if z)
-    return sorted(zones)
-
-
-def zone_resource(project: str, zone: str, zid: str) -> dict:
-    region = region_of(zone)
-    return {
-        "kind": "compute#zone",
-        "id": zid,
-        "creationTimestamp": "1969-12-31T16:00:00.000-08:00",
-        "name": zone,
-        "description": zone,
-        "status": "UP",
-        "region": f"{API}/projects/{project}/regions/{region}",
-        "selfLink": f"{API}/projects/{project}/zones/{zone}",
-        "availableCpuPlatforms": ["Intel Cascade Lake", "Intel Ice Lake", "AMD Milan"],
-        "supportsPzs": False,
-    }
-
-
-def region_resource(project: str, region: str, zones: list[str], rid: str) -> dict:
-    return {
-        "kind": "compute#region",
-        "id": rid,
-        "creationTimestamp": "1969-12-31T16:00:00.000-08:00",
-        "name": region,
-        "description": region,
-        "status": "UP",
-        "zones": [f"{API}/projects/{project}/zones/{z}" for z in zones],
-        "selfLink": f"{API}/projects/{project}/regions/{region}",
-        "supportsPzs": False,
-    }
-
-
-def image_resource(project: str, name: str, family: str, disk_gb: int, deprecated=False) -> dict:
-    image = {
-        "kind": "compute#image",
-        "id": new_id(),
-        "creationTimestamp": now_rfc3339(),
-        "name": name,
-        "description": f"{family} image",
-        "sourceType": "RAW",
-        "status": "READY",
-        "archiveSizeBytes": str(disk_gb * 2**28),
-        "diskSizeGb": str(disk_gb),
-        "family": family,
-        "selfLink": f"{API}/projects/{project}/global/images/{name}",
-        "labelFingerprint": "42WmSpB8rSM=",
-        "guestOsFeatures": [{"type": "UEFI_COMPATIBLE"}, {"type": "GVNIC"}],
-        "storageLocations": ["us"],
-        "architecture": "X86_64",
-    }
-    if deprecated:
-        image["deprecated"] = {"state": "DEPRECATED"}
-    return image
-
-
-def public_images() -> list[dict]:
-    """Deep Learning VM families (and two OS images): an older deprecated image and the newest."""
-    dl = "deeplearning-platform-release"
-    families = {
-        (dl, "pytorch-latest-gpu", 50): (
-            "pytorch-latest-gpu-v20260101",
-            "pytorch-latest-gpu-v20261115",
-        ),
-        (dl, "pytorch-latest-cpu", 50): (
-            "pytorch-latest-cpu-v20260101",
-            "pytorch-latest-cpu-v20261115",
-        ),
-        (dl, "pytorch-2-7-cu128-ubuntu-2204-nvidia-570", 50): (
-            "pytorch-2-7-cu128-ubuntu-2204-nvidia-570-v20260101",
-            "pytorch-2-7-cu128-ubuntu-2204-nvidia-570-v20261115",
-        ),
-        (dl, "common-cu128-ubuntu-2204-nvidia-570", 50): (
-            "common-cu128-ubuntu-2204-nvidia-570-v20260101",
-            "common-cu128-ubuntu-2204-nvidia-570-v20261115",
-        ),
-        ("debian-cloud", "debian-12", 10): (
-            "debian-12-bookworm-v20260101",
-            "debian-12-bookworm-v20261110",
-        ),
-        ("ubuntu-os-cloud", "ubuntu-2204-lts", 10): (
-            "ubuntu-2204-jammy-v20260101",
-            "ubuntu-2204-jammy-v20261112",
-        ),
-    }
-    out = []
-    for (project, family, gb), (old, new) in families.items():
-        out.append(image_resource(project, old, family, gb, deprecated=True))
-        out.append(image_resource(project, new, family, gb))
-    return out
 
 
 def resolve_partial(url: str, project: str) -> str:
@@ -367,7 +259,8 @@ def build_instance(
         accels.append(
             {"acceleratorType": f"{base}/acceleratorTypes/{kind}", "acceleratorCount": count}
         )
-    scheduling = check_scheduling(body.get("scheduling"), bool(accels), f"{field}.scheduling")
+    gpus = bool(accels) or machine.startswith(GPU_FAMILIES)
+    scheduling = check_scheduling(body.get("scheduling"), gpus, f"{field}.scheduling")
     labels = body.get("labels") or {}
     check_labels(labels, f"{field}.labels")
     tags = (body.get("tags") or {}).get("items") or []
@@ -489,3 +382,58 @@ def build_instance(
     if body.get("hostname"):
         instance["hostname"] = body["hostname"]
     return instance
+
+
+def build_firewall(project: str, body: dict) -> dict:
+    """A Firewall resource from an insert (or a patched rule), validated as GCE does. An
+    ingress rule without sources gets GCE's default: 0.0.0.0/0, the whole Internet."""
+    name = body.get("name")
+    check_name(name, "resource.name")
+    allowed, denied = body.get("allowed") or [], body.get("denied") or []
+    if bool(allowed) == bool(denied):
+        raise invalid("resource", name, "Exactly one of 'allowed' or 'denied' must be set.")
+    for i, rule in enumerate(allowed + denied):
+        if not rule.get("IPProtocol"):
+            raise invalid(f"resource.allowed[{i}].IPProtocol", "", "Required.")
+    direction = body.get("direction", "INGRESS")
+    if direction not in ("INGRESS", "EGRESS"):
+        raise invalid("resource.direction", direction, "Must be INGRESS or EGRESS.")
+    check_cidrs(body.get("sourceRanges"), "resource.sourceRanges")
+    check_cidrs(body.get("destinationRanges"), "resource.destinationRanges")
+    for key in ("targetTags", "sourceTags"):
+        for tag in body.get(key) or []:
+            check_name(tag, f"resource.{key}")
+    network = resolve_partial(body.get("network") or "global/networks/default", project)
+    if not network.startswith("projects/"):
+        network = f"projects/{project}/{network}"
+    fw = {
+        "kind": "compute#firewall",
+        "id": new_id(),
+        "creationTimestamp": now_rfc3339(),
+        "name": name,
+        "description": body.get("description", ""),
+        "network": f"{API}/{network}",
+        "priority": int(body.get("priority", 1000)),
+        "direction": direction,
+        "logConfig": {"enable": False},
+        "disabled": bool(body.get("disabled", False)),
+        "selfLink": f"{API}/projects/{project}/global/firewalls/{name}",
+    }
+    for key in (
+        "allowed",
+        "denied",
+        "targetTags",
+        "sourceTags",
+        "destinationRanges",
+        "targetServiceAccounts",
+        "sourceServiceAccounts",
+    ):
+        if body.get(key):
+            fw[key] = body[key]
+    ranges = body.get("sourceRanges")
+    sources = ranges or body.get("sourceTags") or body.get("sourceServiceAccounts")
+    if direction == "INGRESS" and not sources:
+        ranges = ["0.0.0.0/0"]
+    if ranges:
+        fw["sourceRanges"] = ranges
+    return fw

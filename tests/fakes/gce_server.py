@@ -14,10 +14,16 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
         # `insert(...).result()`: that polls compute.googleapis.com.
         fake.exhaust("us-central1-a")          # inserts there end DONE with
                                                # ZONE_RESOURCE_POOL_EXHAUSTED, no VM left
+        fake.set_capacity("us-central1-b", 3)  # 3 more VMs fit there (bulkInsert: minCount)
         fake.quota("us-central1", limit=0)     # QUOTA_EXCEEDED in the operation (sync=True: 403)
         fake.rate_limit(2, method="POST")      # the next 2 POSTs answer 429 rateLimitExceeded
+        fake.fail_calls(1, 403, "forbidden")   # any status/reason (503 backendError default)
+        fake.revoke_credentials()              # every key and token so far: 401 from now on
         fake.slow(5)                           # operations from now on take 5 s
-        fake.unsupported("us-central1-a", "nvidia-tesla-t4")  # 400 "does not exist in zone"
+        fake.advance_clock(3600)               # what falls due within an hour happens now
+                                               # (e.g. maxRunDuration deletes its VMs)
+        fake.unsupported("us-central1-a", "nvidia-tesla-t4")  # no such type in the zone:
+                                               # 404 for accelerators, 400 for machine types
         fake.preempt("us-central1-a", "vm-1")  # Spot reclaim (DELETE or STOP per the VM)
         fake.instances(), fake.firewalls(), fake.is_empty()
         fake.calls("POST", r"/instances$")     # the request log: method, path, query, body
@@ -29,13 +35,26 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
 
 Served: instances insert (requestId: a repeat returns the same operation, no second VM),
 bulkInsert (count, minCount, namePattern ####, instanceProperties, perInstanceProperties),
-get, list (filter, maxResults, pageToken), delete, aggregatedList; zone and global
-operations get and wait; firewalls insert/get/list/delete; images get and getFromFamily
+get, list (filter, maxResults, pageToken), delete, stop, start, aggregatedList; zone and global
+operations get and wait; firewalls insert/get/list/patch/delete; images get and getFromFamily
 (deeplearning-platform-release: pytorch-latest-gpu, ...); zones and regions get/list (the
 catalog's GCP zones and common ones). Instances go PROVISIONING -> STAGING -> RUNNING over
 `op_seconds`, get natIPs from 203.0.113.0/24 (documentation ranges; tests reach nodes through
 a proxy command, never these) and networkIPs from 10.128.0.0/9. Errors come in Google's JSON
 error format (404 notFound, 409 alreadyExists, 400 invalid, 401, 403, 429).
+
+The same address also serves the Cloud Billing Catalog API's Compute Engine SKUs
+(`GET /v1/services/6F81-5844-456A/skus`, paged): core, RAM and GPU prices per region, made
+from the shipped catalog (see gce_billing.py), for `catalog refresh --provider gce`.
+
+GCE behaviours the fake keeps, worth knowing when writing the provider: an insert's call
+succeeds and its operation fails (capacity, quota); a repeated requestId returns the first
+operation, failed or not (GCE keeps them for at least 60 min), so a retry after a failure
+needs a new id; `list` without `maxResults` pages at 500; an ingress firewall rule with no
+sources is open to 0.0.0.0/0; deleting an instance shows STOPPING until the operation ends; a
+type the zone does not offer fails the call (machine type: 400 "... does not exist in zone";
+GPU: "The resource '.../acceleratorTypes/K' was not found"); a 401 raises api_core's
+Unauthorized (the REST transport never raises its subclass Unauthenticated).
 """
 
 from __future__ import annotations
@@ -46,14 +65,17 @@ import os
 import re
 import signal
 import threading
+import traceback
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .gce_auth import Authority
+from .gce_billing import compute_skus, page_of_skus
+from .gce_compute import Compute
 from .gce_model import ApiError
-from .gce_state import Call, Compute
+from .gce_state import Call
 
 DEFAULT_PROJECT = "mlcloud-test"
 # the Python API reachable over /_fake/<name> (for a fake in another process)
@@ -63,7 +85,10 @@ CONTROL = (
     "unsupported",
     "quota",
     "rate_limit",
+    "fail_calls",
+    "revoke_credentials",
     "slow",
+    "advance_clock",
     "preempt",
     "add_image",
     "reset",
@@ -82,6 +107,8 @@ _ROUTES = [
     ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/bulkInsert", "bulk_insert"),
     ("GET", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "get_instance"),
     ("DELETE", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "delete_instance"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)/stop", "stop_instance"),
+    ("POST", _P + r"/zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)/start", "start_instance"),
     ("GET", _P + r"/aggregated/instances", "aggregated_instances"),
     ("GET", _P + r"/zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)", "zone_op"),
     ("POST", _P + r"/zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)/wait", "zone_op_wait"),
@@ -91,6 +118,7 @@ _ROUTES = [
     ("POST", _P + r"/global/firewalls", "insert_firewall"),
     ("GET", _P + r"/global/firewalls/(?P<name>[^/]+)", "get_firewall"),
     ("DELETE", _P + r"/global/firewalls/(?P<name>[^/]+)", "delete_firewall"),
+    ("PATCH", _P + r"/global/firewalls/(?P<name>[^/]+)", "patch_firewall"),
     ("GET", _P + r"/global/images/family/(?P<family>[^/]+)", "image_from_family"),
     ("GET", _P + r"/global/images/(?P<name>[^/]+)", "get_image"),
     ("GET", _P + r"/zones", "list_zones"),
@@ -99,6 +127,8 @@ _ROUTES = [
     ("GET", _P + r"/regions/(?P<region>[^/]+)", "get_region"),
 ]
 _ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in _ROUTES]
+# the Cloud Billing Catalog API (prices), served at the same address
+_BILLING = re.compile(r"/v1/services/([^/]+)/skus")
 
 
 class GceFake(Compute):
@@ -113,6 +143,11 @@ class GceFake(Compute):
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
+        self._skus: list[dict] | None = None
+
+    def revoke_credentials(self) -> None:
+        """Every key file and token issued so far is refused from now on (401)."""
+        self.authority.revoke()
 
     def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
         """A service-account key file this fake trusts (token_uri: its /token); the email."""
@@ -137,6 +172,11 @@ class GceFake(Compute):
 
     # -- dispatch -----------------------------------------------------------------------
     def handle(self, method: str, path: str, query: dict, body: dict | None, caller: str) -> dict:
+        billing = _BILLING.fullmatch(path) if method == "GET" else None
+        if billing:
+            if self._skus is None:
+                self._skus = compute_skus()
+            return page_of_skus(self._skus, billing.group(1), query)
         for m, rx, name in _ROUTES:
             match = rx.fullmatch(path) if m == method else None
             if match:
@@ -158,6 +198,10 @@ class GceFake(Compute):
             return self.get_instance(p, a["zone"], a["name"])
         if name == "delete_instance":
             return self.delete_instance(p, a["zone"], a["name"], rid, caller)
+        if name == "stop_instance":
+            return self.stop_instance(p, a["zone"], a["name"], rid, caller)
+        if name == "start_instance":
+            return self.start_instance(p, a["zone"], a["name"], rid, caller)
         if name == "aggregated_instances":
             return self.aggregated_instances(p, query)
         if name in ("zone_op", "zone_op_wait"):
@@ -173,6 +217,8 @@ class GceFake(Compute):
             return self.get_firewall(p, a["name"])
         if name == "delete_firewall":
             return self.delete_firewall(p, a["name"], rid, caller)
+        if name == "patch_firewall":
+            return self.patch_firewall(p, a["name"], body or {}, rid, caller)
         if name == "image_from_family":
             return self.image_from_family(p, a["family"])
         if name == "get_image":
@@ -249,22 +295,22 @@ def _handler_for(fake: GceFake):
                 call.status = 401
                 self._reply(401, err.body())
                 return
-            if fake.throttled(method, url.path):
-                err = ApiError(
-                    429,
-                    "rateLimitExceeded",
-                    "Rate Limit Exceeded",
-                    domain="usageLimits",
-                    status="RESOURCE_EXHAUSTED",
-                )
-                call.status = 429
-                self._reply(429, err.body())
+            err = fake.injected_failure(method, url.path)
+            if err is not None:
+                call.status = err.code
+                self._reply(err.code, err.body())
                 return
             try:
                 result = fake.handle(method, url.path, query, body, caller)
             except ApiError as e:
                 call.status = e.code
                 self._reply(e.code, e.body())
+                return
+            except Exception as e:  # a body the fake cannot read: say so instead of hanging up
+                traceback.print_exc()
+                err = ApiError(500, "backendError", f"fake GCE server: {type(e).__name__}: {e}")
+                call.status = 500
+                self._reply(500, err.body())
                 return
             call.status = 200
             self._reply(200, result)
@@ -277,6 +323,9 @@ def _handler_for(fake: GceFake):
 
         def do_DELETE(self):
             self._serve("DELETE")
+
+        def do_PATCH(self):
+            self._serve("PATCH")
 
     return Handler
 

@@ -7,7 +7,6 @@ in the background and a client killed mid-way leaves exactly what GCE would have
 
 from __future__ import annotations
 
-import base64
 import heapq
 import itertools
 import re
@@ -16,28 +15,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .gce_filter import FilterError, compile_filter
+from .gce_catalog import image_resource, known_zones, public_images
 from .gce_model import (
     API,
     ApiError,
-    already_exists,
-    build_instance,
-    check_cidrs,
-    check_name,
     check_request_id,
-    duration_seconds,
-    fingerprint,
     invalid,
-    known_zones,
     last,
     new_id,
     not_found,
     now_rfc3339,
-    public_images,
     region_of,
-    region_resource,
     resolve_partial,
-    zone_resource,
 )
 
 # fake public addresses come from the documentation ranges (RFC 5737): never routable
@@ -73,19 +62,26 @@ class _Quota:
     sync: bool  # answer 403 on the call instead of failing the operation
 
 
-class Compute:
-    """Everything the fake holds; the fault-injection methods are its Python API."""
+class ComputeState:
+    """What the fake holds, its clock and its faults; the public methods are its Python API
+    (the API's handlers are in gce_compute.Compute)."""
 
-    def __init__(self, op_seconds: float = 0.2, wait_cap: float = 120.0):
+    def __init__(
+        self, op_seconds: float = 0.2, wait_cap: float = 120.0, request_id_ttl: float = 3600.0
+    ):
         self.op_seconds = op_seconds  # how long operations take (PROVISIONING..RUNNING)
         self.wait_cap = wait_cap  # operations.wait returns by then even if not DONE (GCE: 2 min)
+        # how long a requestId replays its first operation (GCE: at least 60 min)
+        self.request_id_ttl = request_id_ttl
         self._cond = threading.Condition()
-        self._events: list = []  # heap of (when, seq, fn)
+        self._events: list = []  # heap of (when, seq, fn), when on the fake's clock
+        self._offset = 0.0  # the fake's clock runs this far ahead (advance_clock)
         self._seq = itertools.count()
         self._instances: dict[tuple[str, str, str], dict] = {}  # (project, zone, name)
         self._firewalls: dict[tuple[str, str], dict] = {}  # (project, name)
         self._ops: dict[tuple[str, str, str], _Op] = {}  # (project, scope, name)
-        self._by_request: dict[tuple[str, str], _Op] = {}  # (project, requestId)
+        # (project, requestId) -> (operation, when first seen)
+        self._by_request: dict[tuple[str, str], tuple[_Op, float]] = {}
         self._images = public_images()
         self._zones = known_zones()
         self._zone_ids = {z: new_id() for z in self._zones}
@@ -96,7 +92,8 @@ class Compute:
         self._capacity_details: set[str] = set()
         self._unsupported: set[tuple[str, str]] = set()  # (zone, machine or accelerator type)
         self._quotas: dict[str, _Quota] = {}  # region -> quota
-        self._rate_limits: list[list] = []  # [remaining, method, path-regex]
+        # injected call failures: [remaining, method, path regex, status, reason, message]
+        self._failures: list[list] = []
         self._log: list[Call] = []
 
     # -- the Python API: faults ---------------------------------------------------------
@@ -115,7 +112,10 @@ class Compute:
             self._capacity_details.discard(zone)
 
     def unsupported(self, zone: str, kind: str) -> None:
-        """The machine type or accelerator type `kind` does not exist in `zone` (a 400)."""
+        """The machine type or accelerator type `kind` is not offered in `zone`, answered as
+        GCE does: a machine type with 400 "Machine type with name 'K' does not exist in zone
+        'Z'", an accelerator type with 404 "The resource '.../zones/Z/acceleratorTypes/K'
+        was not found" (at the insert call, no operation)."""
         with self._cond:
             self._unsupported.add((zone, kind))
 
@@ -130,8 +130,28 @@ class Compute:
     def rate_limit(self, calls: int = 1, method: str | None = None, path: str | None = None):
         """The next `calls` API calls (matching `method` and the regex `path`) get 429
         rateLimitExceeded."""
+        self.fail_calls(calls, 429, "rateLimitExceeded", method, path)
+
+    def fail_calls(
+        self,
+        calls: int = 1,
+        status: int = 503,
+        reason: str = "backendError",
+        method: str | None = None,
+        path: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """The next `calls` matching API calls answer `status` with `reason`: 503
+        backendError (the client retries GETs on its own), 403 forbidden (a missing IAM
+        permission), 429 rateLimitExceeded, ..."""
+        default = {
+            429: "Rate Limit Exceeded",
+            403: "Required 'compute.instances.create' permission for the project",
+            503: "Internal error. Please try again.",
+        }
+        text = message or default.get(status, reason)
         with self._cond:
-            self._rate_limits.append([calls, method, path])
+            self._failures.append([calls, method, path, status, reason, text])
 
     def slow(self, seconds: float) -> None:
         """Operations started from now on take `seconds`."""
@@ -150,16 +170,14 @@ class Compute:
 
     def add_image(self, project: str, name: str, family: str | None = None, disk_gb: int = 10):
         """A custom image (e.g. a spec's `image:`) in `project`."""
-        from .gce_model import image_resource
-
         with self._cond:
             self._images.append(image_resource(project, name, family or name, disk_gb))
 
     def reset(self) -> None:
-        """Forget all resources, faults and the log (the images and zones stay)."""
+        """Forget all resources, faults, custom images and the log."""
         with self._cond:
-            keep = (self.op_seconds, self.wait_cap)
-            self.__init__(*keep)
+            keep = (self.op_seconds, self.wait_cap, self.request_id_ttl)
+            ComputeState.__init__(self, *keep)
 
     # -- the Python API: what is there --------------------------------------------------
     def calls(self, method: str | None = None, path: str | None = None) -> list[Call]:
@@ -198,12 +216,22 @@ class Compute:
         return not self.instances() and not self.firewalls()
 
     # -- time ---------------------------------------------------------------------------
+    def advance_clock(self, seconds: float) -> None:
+        """Move the fake's clock forward: what falls due within `seconds` happens now
+        (operations ending, a maxRunDuration deleting its VM, requestIds expiring)."""
+        with self._cond:
+            self._offset += seconds
+            self._advance()
+
+    def _now(self) -> float:
+        return time.monotonic() + self._offset
+
     def _at(self, delay: float, fn) -> None:
-        heapq.heappush(self._events, (time.monotonic() + delay, next(self._seq), fn))
+        heapq.heappush(self._events, (self._now() + delay, next(self._seq), fn))
         self._cond.notify_all()
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self._now()
         while self._events and self._events[0][0] <= now:
             _, _, fn = heapq.heappop(self._events)
             fn()
@@ -214,18 +242,20 @@ class Compute:
         with self._cond:
             self._log.append(call)
 
-    def throttled(self, method: str, path: str) -> bool:
-        """Consume one injected 429 that matches this call."""
+    def injected_failure(self, method: str, path: str) -> ApiError | None:
+        """Consume one injected failure that matches this call (see fail_calls)."""
         with self._cond:
-            for rule in self._rate_limits:
+            for rule in self._failures:
+                remaining, want_method, want_path, status, reason, message = rule
                 if (
-                    rule[0] > 0
-                    and rule[1] in (None, method)
-                    and (rule[2] is None or re.search(rule[2], path))
+                    remaining > 0
+                    and want_method in (None, method)
+                    and (want_path is None or re.search(want_path, path))
                 ):
                     rule[0] -= 1
-                    return True
-            return False
+                    extra = {"429": {"domain": "usageLimits", "status": "RESOURCE_EXHAUSTED"}}
+                    return ApiError(status, reason, message, **extra.get(str(status), {}))
+            return None
 
     def _known_zone(self, project: str, zone: str) -> None:
         if zone not in self._zone_ids:
@@ -254,7 +284,7 @@ class Compute:
         op = _Op(res, scope)
         self._ops[(project, scope, name)] = op
         if rid:
-            self._by_request[(project, rid)] = op
+            self._by_request[(project, rid)] = (op, self._now())
         return op
 
     def _finish(self, op: _Op, error: dict | None = None, http=(None, None)) -> None:
@@ -266,8 +296,10 @@ class Compute:
     def _replay(self, project: str, rid: str | None) -> dict | None:
         """The operation a repeated requestId already started (GCE ignores the repeat)."""
         check_request_id(rid)
-        op = self._by_request.get((project, rid)) if rid else None
-        return dict(op.resource) if op else None
+        seen = self._by_request.get((project, rid)) if rid else None
+        if seen is None or self._now() - seen[1] > self.request_id_ttl:
+            return None
+        return dict(seen[0].resource)
 
     def get_operation(self, project: str, scope: str, name: str, wait: bool = False) -> dict:
         deadline = time.monotonic() + self.wait_cap
@@ -280,7 +312,7 @@ class Compute:
                 left = deadline - time.monotonic()
                 if not wait or op.resource["status"] == "DONE" or left <= 0:
                     return dict(op.resource)
-                nxt = self._events[0][0] - time.monotonic() if self._events else left
+                nxt = self._events[0][0] - self._now() if self._events else left
                 self._cond.wait(max(0.001, min(left, nxt)))
 
     # -- addresses ----------------------------------------------------------------------
@@ -288,6 +320,11 @@ class Compute:
         for nic in instance["networkInterfaces"]:
             n = next(self._private)
             nic["networkIP"] = f"10.{128 + (n >> 16) % 64}.{(n >> 8) & 255}.{n & 255}"
+        self._assign_public(instance)
+
+    def _assign_public(self, instance: dict) -> None:
+        """Ephemeral external addresses: a new one at each start, as on GCE."""
+        for nic in instance["networkInterfaces"]:
             for ac in nic["accessConfigs"]:
                 if not self._public_free:
                     raise ApiError(403, "quotaExceeded", "Quota 'IN_USE_ADDRESSES' exceeded.")
@@ -299,34 +336,7 @@ class Compute:
                 if ac.get("natIP"):
                     self._public_free.append(ac.pop("natIP"))
 
-    # -- instances ----------------------------------------------------------------------
-    def _find_image(self, ref: str) -> dict:
-        path = resolve_partial(ref, "")
-        m = re.fullmatch(r"projects/([^/]+)/global/images/(family/)?([^/]+)", path)
-        if not m:
-            raise invalid(
-                "sourceImage", ref, "Must be a URL to a valid Compute resource of the correct type."
-            )
-        project, family, name = m.groups()
-        if family:
-            return self._image_from_family(project, name)
-        for image in self._images:
-            if image["selfLink"].endswith(f"/projects/{project}/global/images/{name}"):
-                return image
-        raise not_found(f"projects/{project}/global/images/{name}")
-
-    def _image_from_family(self, project: str, family: str) -> dict:
-        found = [
-            i
-            for i in self._images
-            if i["family"] == family
-            and f"/projects/{project}/" in i["selfLink"]
-            and "deprecated" not in i
-        ]
-        if not found:
-            raise not_found(f"projects/{project}/global/images/family/{family}")
-        return found[-1]
-
+    # -- placement and the cloud's own actions -------------------------------------
     def _placement_error(self, project: str, zone: str, count: int, sample: dict) -> tuple | None:
         """Why `count` more VMs cannot go to this zone now: (error, http) for the operation,
         or None; a sync quota answers at once (ApiError)."""
@@ -359,11 +369,10 @@ class Compute:
         cap = self._capacity.get(zone)
         if cap is not None and cap < count:
             if zone in self._capacity_details:
-                accel = (sample.get("guestAccelerators") or [{}])[0]
-                what = last(sample["machineType"])
-                if accel:
+                what = f"{last(sample['machineType'])} VM instance"
+                for accel in sample.get("guestAccelerators", [])[:1]:
                     gpus = f"{accel['acceleratorCount']} {last(accel['acceleratorType'])}"
-                    what += f" VM instance with {gpus} accelerator(s)"
+                    what += f" with {gpus} accelerator(s)"
                 msg = (
                     f"A {what} is currently unavailable in the {zone} zone. Alternatively, you "
                     "can try your request again with a different VM hardware configuration or "
@@ -390,35 +399,7 @@ class Compute:
         for acc in instance.get("guestAccelerators", []):
             kind = last(acc["acceleratorType"])
             if (zone, kind) in self._unsupported:
-                raise invalid(
-                    "resource.guestAccelerators[0].acceleratorType",
-                    f"projects/{instance['zone'].split('/projects/')[1].split('/')[0]}/zones/{zone}/acceleratorTypes/{kind}",
-                    f"Accelerator type '{kind}' does not exist in zone '{zone}'.",
-                )
-
-    def _place(self, project: str, zone: str, instance: dict, delay: float) -> None:
-        """The instance exists now (PROVISIONING), STAGING halfway, RUNNING at `delay`."""
-        key = (project, zone, instance["name"])
-        self._assign_addresses(instance)
-        self._instances[key] = instance
-        if self._capacity.get(zone) is not None:
-            self._capacity[zone] -= 1
-
-        def status(value):
-            def set_status():
-                if self._instances.get(key) is instance and instance["status"] in (
-                    "PROVISIONING",
-                    "STAGING",
-                ):
-                    instance["status"] = value
-
-            return set_status
-
-        self._at(delay / 2, status("STAGING"))
-        self._at(delay, status("RUNNING"))
-        run = duration_seconds(instance["scheduling"].get("maxRunDuration"))
-        if run is not None:
-            self._at(run, lambda: self._terminate_by_cloud(*key, expect=instance))
+                raise not_found(resolve_partial(acc["acceleratorType"], ""))
 
     def _terminate_by_cloud(self, project, zone, name, expect=None) -> None:
         """The cloud ends a VM (Spot reclaim, maxRunDuration): DELETE or STOP."""
@@ -431,392 +412,3 @@ class Compute:
             del self._instances[key]
         else:
             inst["status"] = "TERMINATED"
-
-    def insert_instance(self, project: str, zone: str, body: dict, rid: str | None, caller) -> dict:
-        with self._cond:
-            self._advance()
-            self._known_zone(project, zone)
-            replay = self._replay(project, rid)
-            if replay:
-                return replay
-            instance = build_instance(
-                project, zone, body, self._find_image, field="resource", bare_refs=False
-            )
-            if (project, zone, instance["name"]) in self._instances:
-                raise already_exists(
-                    f"projects/{project}/zones/{zone}/instances/{instance['name']}"
-                )
-            self._check_supported(zone, instance)
-            failure = self._placement_error(project, zone, 1, instance)
-            op = self._new_op(project, f"zones/{zone}", "insert", instance["selfLink"], caller, rid)
-            delay = self.op_seconds
-            if failure:
-                self._at(delay, lambda: self._finish(op, *failure))
-            else:
-                op.resource["targetId"] = instance["id"]
-                self._place(project, zone, instance, delay)
-                self._at(delay, lambda: self._finish(op))
-            return dict(op.resource)
-
-    def bulk_insert(self, project: str, zone: str, body: dict, rid: str | None, caller) -> dict:
-        with self._cond:
-            self._advance()
-            self._known_zone(project, zone)
-            replay = self._replay(project, rid)
-            if replay:
-                return replay
-            props = body.get("instanceProperties")
-            if not props:
-                raise invalid(
-                    "resource.instanceProperties", "", "Required (no instance templates here)."
-                )
-            per = body.get("perInstanceProperties") or {}
-            count = int(body.get("count") or len(per))
-            min_count = int(body.get("minCount") or count)
-            if count < 1 or not 1 <= min_count <= count or len(per) > count:
-                raise invalid(
-                    "resource.count",
-                    count,
-                    "Must be at least 1, >= minCount and >= the named instances.",
-                )
-            names = list(per)
-            pattern = body.get("namePattern")
-            if len(names) < count:
-                if not pattern or not re.fullmatch(r"[a-z][-a-z0-9]*#{1,18}[-a-z0-9]*", pattern):
-                    raise invalid(
-                        "resource.namePattern", pattern or "", "Must hold one run of '#' (1 to 18)."
-                    )
-                names += self._pattern_names(project, zone, pattern, count - len(names), set(names))
-            instances = []
-            for name in names:
-                one = dict(props, name=name)
-                if (per.get(name) or {}).get("hostname"):
-                    one["hostname"] = per[name]["hostname"]
-                inst = build_instance(
-                    project, zone, one, self._find_image, "resource.instanceProperties", True
-                )
-                if (project, zone, name) in self._instances:
-                    raise already_exists(f"projects/{project}/zones/{zone}/instances/{name}")
-                instances.append(inst)
-            self._check_supported(zone, instances[0])
-            cap = self._capacity.get(zone)
-            fit = count if cap is None else min(count, cap)
-            failure = self._placement_error(project, zone, count, instances[0])
-            if failure and failure[0]["code"].startswith("ZONE_RESOURCE") and fit >= min_count:
-                failure = None  # minCount is met: make what fits
-            elif failure:
-                fit = 0
-            target = f"{API}/projects/{project}/zones/{zone}/instances"
-            op = self._new_op(project, f"zones/{zone}", "bulkInsert", target, caller, rid)
-            status = {
-                "status": "CREATING",
-                "targetVmCount": count,
-                "createdVmCount": 0,
-                "failedToCreateVmCount": 0,
-                "deletedVmCount": 0,
-            }
-            op.resource["instancesBulkInsertOperationMetadata"] = {
-                "perLocationStatus": {f"zones/{zone}": status}
-            }
-            delay = self.op_seconds
-            for inst in instances[:fit]:
-                self._place(project, zone, inst, delay)
-
-            def done():
-                status.update(status="DONE", createdVmCount=fit, failedToCreateVmCount=count - fit)
-                self._finish(op, *(failure or (None, (None, None))))
-
-            self._at(delay, done)
-            return dict(op.resource)
-
-    def _pattern_names(self, project, zone, pattern, n, taken) -> list[str]:
-        """GCE's rule: numbering starts after the highest existing match of the pattern."""
-        run = re.search(r"#+", pattern)
-        width, head, tail = len(run.group()), pattern[: run.start()], pattern[run.end() :]
-        rx = re.compile(re.escape(head) + rf"(\d{{{width}}})" + re.escape(tail))
-        top = 0
-        for p, z, name in list(self._instances) + [(project, zone, t) for t in taken]:
-            m = rx.fullmatch(name) if (p, z) == (project, zone) else None
-            if m:
-                top = max(top, int(m.group(1)))
-        return [f"{head}{i:0{width}d}{tail}" for i in range(top + 1, top + 1 + n)]
-
-    def get_instance(self, project: str, zone: str, name: str) -> dict:
-        with self._cond:
-            self._advance()
-            self._known_zone(project, zone)
-            inst = self._instances.get((project, zone, name))
-            if inst is None:
-                raise not_found(f"projects/{project}/zones/{zone}/instances/{name}")
-            return dict(inst)
-
-    def delete_instance(self, project: str, zone: str, name: str, rid: str | None, caller) -> dict:
-        with self._cond:
-            self._advance()
-            self._known_zone(project, zone)
-            replay = self._replay(project, rid)
-            if replay:
-                return replay
-            key = (project, zone, name)
-            inst = self._instances.get(key)
-            if inst is None:
-                raise not_found(f"projects/{project}/zones/{zone}/instances/{name}")
-            op = self._new_op(project, f"zones/{zone}", "delete", inst["selfLink"], caller, rid)
-            op.resource["targetId"] = inst["id"]
-            inst["status"] = "STOPPING"
-
-            def gone():
-                if self._instances.get(key) is inst:
-                    self._release_addresses(inst)
-                    del self._instances[key]
-                self._finish(op)
-
-            self._at(self.op_seconds, gone)
-            return dict(op.resource)
-
-    def list_instances(self, project: str, zone: str, query: dict) -> dict:
-        with self._cond:
-            self._advance()
-            self._known_zone(project, zone)
-            items = [
-                i for (p, z, _), i in sorted(self._instances.items()) if (p, z) == (project, zone)
-            ]
-            page, token = _page(_filtered(items, query), query)
-            out = {
-                "kind": "compute#instanceList",
-                "id": f"projects/{project}/zones/{zone}/instances",
-                "selfLink": f"{API}/projects/{project}/zones/{zone}/instances",
-            }
-            if page:
-                out["items"] = [dict(i) for i in page]
-            if token:
-                out["nextPageToken"] = token
-            return out
-
-    def aggregated_instances(self, project: str, query: dict) -> dict:
-        with self._cond:
-            self._advance()
-            items = [
-                i
-                for (p, _, _), i in sorted(
-                    self._instances.items(), key=lambda kv: (kv[0][1], kv[0][2])
-                )
-                if p == project
-            ]
-            page, token = _page(_filtered(items, query), query)
-            scopes: dict[str, dict] = {}
-            for zone in self._zones:
-                found = [dict(i) for i in page if last(i["zone"]) == zone]
-                if found:
-                    scopes[f"zones/{zone}"] = {"instances": found}
-                else:
-                    scopes[f"zones/{zone}"] = {
-                        "warning": {
-                            "code": "NO_RESULTS_ON_PAGE",
-                            "message": f"There are no results for scope 'zones/{zone}' "
-                            "on this page.",
-                            "data": [{"key": "scope", "value": f"zones/{zone}"}],
-                        }
-                    }
-            out = {
-                "kind": "compute#instanceAggregatedList",
-                "id": f"projects/{project}/aggregated/instances",
-                "items": scopes,
-                "selfLink": f"{API}/projects/{project}/aggregated/instances",
-            }
-            if token:
-                out["nextPageToken"] = token
-            return out
-
-    # -- firewalls ----------------------------------------------------------------------
-    def insert_firewall(self, project: str, body: dict, rid: str | None, caller) -> dict:
-        with self._cond:
-            self._advance()
-            replay = self._replay(project, rid)
-            if replay:
-                return replay
-            name = body.get("name")
-            check_name(name, "resource.name")
-            if (project, name) in self._firewalls:
-                raise already_exists(f"projects/{project}/global/firewalls/{name}")
-            allowed, denied = body.get("allowed") or [], body.get("denied") or []
-            if bool(allowed) == bool(denied):
-                raise invalid("resource", name, "Exactly one of 'allowed' or 'denied' must be set.")
-            for i, rule in enumerate(allowed + denied):
-                if not rule.get("IPProtocol"):
-                    raise invalid(f"resource.allowed[{i}].IPProtocol", "", "Required.")
-            direction = body.get("direction", "INGRESS")
-            check_cidrs(body.get("sourceRanges"), "resource.sourceRanges")
-            check_cidrs(body.get("destinationRanges"), "resource.destinationRanges")
-            for key in ("targetTags", "sourceTags"):
-                for tag in body.get(key) or []:
-                    check_name(tag, f"resource.{key}")
-            network = resolve_partial(body.get("network") or "global/networks/default", project)
-            if not network.startswith("projects/"):
-                network = f"projects/{project}/{network}"
-            fw = {
-                "kind": "compute#firewall",
-                "id": new_id(),
-                "creationTimestamp": now_rfc3339(),
-                "name": name,
-                "description": body.get("description", ""),
-                "network": f"{API}/{network}",
-                "priority": int(body.get("priority", 1000)),
-                "direction": direction,
-                "logConfig": {"enable": False},
-                "disabled": bool(body.get("disabled", False)),
-                "selfLink": f"{API}/projects/{project}/global/firewalls/{name}",
-            }
-            for key in (
-                "allowed",
-                "denied",
-                "targetTags",
-                "sourceTags",
-                "destinationRanges",
-                "targetServiceAccounts",
-                "sourceServiceAccounts",
-            ):
-                if body.get(key):
-                    fw[key] = body[key]
-            ranges = body.get("sourceRanges")
-            if (
-                direction == "INGRESS"
-                and not ranges
-                and not body.get("sourceTags")
-                and not body.get("sourceServiceAccounts")
-            ):
-                ranges = ["0.0.0.0/0"]  # GCE's default: open to the world
-            if ranges:
-                fw["sourceRanges"] = ranges
-            self._firewalls[(project, name)] = fw
-            op = self._new_op(project, "global", "insert", fw["selfLink"], caller, rid)
-            op.resource["targetId"] = fw["id"]
-            self._at(self.op_seconds, lambda: self._finish(op))
-            return dict(op.resource)
-
-    def get_firewall(self, project: str, name: str) -> dict:
-        with self._cond:
-            self._advance()
-            fw = self._firewalls.get((project, name))
-            if fw is None:
-                raise not_found(f"projects/{project}/global/firewalls/{name}")
-            return dict(fw)
-
-    def delete_firewall(self, project: str, name: str, rid: str | None, caller) -> dict:
-        with self._cond:
-            self._advance()
-            replay = self._replay(project, rid)
-            if replay:
-                return replay
-            fw = self._firewalls.get((project, name))
-            if fw is None:
-                raise not_found(f"projects/{project}/global/firewalls/{name}")
-            op = self._new_op(project, "global", "delete", fw["selfLink"], caller, rid)
-            op.resource["targetId"] = fw["id"]
-
-            def gone():
-                if self._firewalls.get((project, name)) is fw:
-                    del self._firewalls[(project, name)]
-                self._finish(op)
-
-            self._at(self.op_seconds, gone)
-            return dict(op.resource)
-
-    def list_firewalls(self, project: str, query: dict) -> dict:
-        with self._cond:
-            self._advance()
-            items = [f for (p, _), f in sorted(self._firewalls.items()) if p == project]
-            page, token = _page(_filtered(items, query), query)
-            out = {
-                "kind": "compute#firewallList",
-                "id": f"projects/{project}/global/firewalls",
-                "selfLink": f"{API}/projects/{project}/global/firewalls",
-            }
-            if page:
-                out["items"] = [dict(f) for f in page]
-            if token:
-                out["nextPageToken"] = token
-            return out
-
-    # -- images, zones, regions ---------------------------------------------------------
-    def image_from_family(self, project: str, family: str) -> dict:
-        with self._cond:
-            return dict(self._image_from_family(project, family))
-
-    def get_image(self, project: str, name: str) -> dict:
-        with self._cond:
-            return dict(self._find_image(f"projects/{project}/global/images/{name}"))
-
-    def get_zone(self, project: str, zone: str) -> dict:
-        self._known_zone(project, zone)
-        return zone_resource(project, zone, self._zone_ids[zone])
-
-    def list_zones(self, project: str, query: dict) -> dict:
-        items = [zone_resource(project, z, self._zone_ids[z]) for z in self._zones]
-        page, token = _page(_filtered(items, query), query)
-        out = {
-            "kind": "compute#zoneList",
-            "id": f"projects/{project}/zones",
-            "items": page,
-            "selfLink": f"{API}/projects/{project}/zones",
-        }
-        if token:
-            out["nextPageToken"] = token
-        return out
-
-    def _region(self, project: str, region: str) -> dict:
-        zones = [z for z in self._zones if region_of(z) == region]
-        return region_resource(project, region, zones, self._region_ids[region])
-
-    def get_region(self, project: str, region: str) -> dict:
-        if region not in self._region_ids:
-            raise not_found(f"projects/{project}/regions/{region}")
-        return self._region(project, region)
-
-    def list_regions(self, project: str, query: dict) -> dict:
-        items = [self._region(project, r) for r in sorted(self._region_ids)]
-        page, token = _page(_filtered(items, query), query)
-        out = {
-            "kind": "compute#regionList",
-            "id": f"projects/{project}/regions",
-            "items": page,
-            "selfLink": f"{API}/projects/{project}/regions",
-        }
-        if token:
-            out["nextPageToken"] = token
-        return out
-
-
-def _filtered(items: list[dict], query: dict) -> list[dict]:
-    try:
-        pred = compile_filter(query.get("filter"))
-    except FilterError as e:
-        raise invalid(
-            "filter", query.get("filter"), f"Invalid list filter expression: {e}"
-        ) from None
-    return [i for i in items if pred(i)]
-
-
-def _page(items: list[dict], query: dict) -> tuple[list[dict], str | None]:
-    """maxResults (0..500, default 500) and an opaque pageToken, as the API pages."""
-    try:
-        size = int(query.get("maxResults") or 500)
-    except ValueError:
-        raise invalid("maxResults", query.get("maxResults"), "Must be an integer.") from None
-    if not 0 <= size <= 500:
-        raise invalid("maxResults", size, "Must be between 0 and 500.")
-    size = size or 500
-    start = 0
-    if query.get("pageToken"):
-        try:
-            start = int(base64.urlsafe_b64decode(query["pageToken"]).decode().split(":")[1])
-        except (ValueError, IndexError):
-            raise invalid("pageToken", query["pageToken"], "Invalid page token.") from None
-    page = items[start : start + size]
-    more = start + size < len(items)
-    token = (
-        base64.urlsafe_b64encode(f"offset:{start + size}:{fingerprint()}".encode()).decode()
-        if more
-        else None
-    )
-    return page, token
