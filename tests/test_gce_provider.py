@@ -123,9 +123,10 @@ def test_partial_capacity_is_all_or_nothing(gce_env, mlcloud_home):
     assert fake.instances() == []
 
 
-def test_type_not_in_zone_is_capacity(gce_env, mlcloud_home):
+@pytest.mark.parametrize("kind", ["nvidia-tesla-t4", "n1-standard-8"])
+def test_type_not_in_zone_is_capacity(gce_env, mlcloud_home, kind):
     fake, p = gce_env.fake, GceProvider()
-    fake.unsupported("us-central1-a", "nvidia-tesla-t4")
+    fake.unsupported("us-central1-a", kind)
     with pytest.raises(CapacityError) as e:
         made(p, request())
     assert e.value.zone == "us-central1-a" and fake.instances() == []

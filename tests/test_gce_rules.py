@@ -114,6 +114,11 @@ def test_request_ids_are_uuids_fixed_by_the_attempt():
             "Machine type a2-highgpu-1g is not supported in zone",
             "capacity",
         ),
+        (
+            "notFound",
+            "The resource 'projects/p/zones/us-east1-c/acceleratorTypes/nvidia-l4' was not found",
+            "capacity",
+        ),
         ("QUOTA_EXCEEDED", "Quota 'NVIDIA_T4_GPUS' exceeded. Limit: 0.0", "quota"),
         ("rateLimitExceeded", "Rate Limit Exceeded", "rate"),
         ("RESOURCE_ALREADY_EXISTS", "The resource already exists", "exists"),

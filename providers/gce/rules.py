@@ -28,6 +28,12 @@ CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_
 QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded"}
 RATE_CODES = {"rateLimitExceeded", "RATE_LIMIT_EXCEEDED", "userRateLimitExceeded"}
 EXISTS_CODES = {"alreadyExists", "RESOURCE_ALREADY_EXISTS"}
+# a machine or accelerator type the zone does not offer (GCE: 400 for machine types, 404 for
+# accelerator types): another zone may
+_NOT_IN_ZONE = re.compile(
+    r"(not supported|does not exist) in zone"
+    r"|/zones/[^/]+/(acceleratorTypes|machineTypes)/[^/' ]+' was not found"
+)
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 _NAMESPACE = uuid.UUID("5b0b6a39-7f0e-4a36-9a1b-6d1f2f8c0e51")  # mlcloud's request ids
 
@@ -204,7 +210,7 @@ def firewall_owner(description: str) -> tuple[str, str] | None:
 
 def classify(code: str, message: str) -> str | None:
     """'capacity', 'quota', 'rate', 'exists' or None for one error of an operation or a call."""
-    if code in CAPACITY_CODES or re.search(r"(not supported|does not exist) in zone", message):
+    if code in CAPACITY_CODES or _NOT_IN_ZONE.search(message):
         return "capacity"
     if code in QUOTA_CODES or "quota" in code.lower():
         return "quota"
