@@ -92,3 +92,14 @@ def test_refresh_offline_says_the_shipped_copy_serves(gce_env, monkeypatch):
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: could not refresh gce prices") and "2026-11-27" in r.stderr
     assert run_cli("offers", "T4:1", "--provider", "gce").returncode == 0
+
+
+def test_refresh_against_the_fake_prices_every_shipped_row(gce_env, mlcloud_home, monkeypatch):
+    """The fake's Billing Catalog is made from the shipped catalog: every row gets a price,
+    and a GPU's smallest shape comes back as shipped."""
+    monkeypatch.setenv("MLCLOUD_GCE_BILLING_ENDPOINT", gce_env.url)
+    shipped = catalog.lookup(catalog.load(), "gce", "n1-standard-8+T4:1", "us-central1")
+    refreshed, kept = refresh_gce(GceProvider())
+    assert kept == 0 and refreshed == len([o for o in catalog.load() if o.provider == "gce"])
+    fresh = catalog.lookup(catalog.load(), "gce", "n1-standard-8+T4:1", "us-central1")
+    assert fresh.on_demand == pytest.approx(shipped.on_demand, rel=1e-3)
