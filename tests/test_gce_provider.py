@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -34,9 +35,9 @@ def request(**kw) -> ProvisionRequest:
     return replace(base, **kw)
 
 
-def made(p: GceProvider, req: ProvisionRequest, count: int | None = None):
-    prepared = p.prepare(REF, req).request
-    return prepared, p.create(REF, prepared, count or req.count)
+def made(p: GceProvider, req: ProvisionRequest, ref: ClusterRef = REF):
+    prepared = p.prepare(ref, req).request
+    return prepared, p.create(ref, prepared, req.count)
 
 
 def test_create_list_delete_through_the_real_client(gce_env, mlcloud_home):
@@ -160,8 +161,6 @@ def test_throttled_insert_is_retried_with_the_same_request_id(gce_env, mlcloud_h
 
 
 def test_spot_deletes_on_termination_and_budget_sets_max_run_duration(gce_env, mlcloud_home):
-    import time
-
     fake, p = gce_env.fake, GceProvider()
     _, nodes = made(p, request(count=1, spot=True, deadline=time.time() + 7200))
     s = fake.instances()[0]["scheduling"]
@@ -174,14 +173,25 @@ def test_spot_deletes_on_termination_and_budget_sets_max_run_duration(gce_env, m
 def test_gc_finds_and_deletes_this_homes_orphans(gce_env, mlcloud_home):
     fake, p = gce_env.fake, GceProvider()
     ref = replace(REF, owner=state_owner())
-    p.prepare(ref, request())
-    p.create(ref, p.prepare(ref, request()).request, 2)
+    made(p, request(), ref)
     store = state.open_store()
     found = gc.find(store, "gce", ["us-central1"])
     assert sorted(r.kind for r in found) == ["firewall", "firewall", "instance", "instance"]
     assert {r.cluster_uid for r in found} == {REF.uid} and all(r.owner == ref.owner for r in found)
-    orphans = gc.decide(found, ref.owner, set(), 0, __import__("time").time())
+    orphans = gc.decide(found, ref.owner, set(), 0, time.time())
     assert gc.delete(orphans) and fake.is_empty()
+
+
+def test_doctor_rebuild_recovers_a_cluster_from_its_labels(gce_env, mlcloud_home):
+    from mlcloud import doctor
+
+    p = GceProvider()
+    ref = replace(REF, owner=state_owner())
+    _, nodes = made(p, request(), ref)
+    out = doctor.rebuild(["gce"], [])
+    assert [(c.name, c.uid) for c in out.clusters] == [(REF.name, REF.uid)], out.notes
+    rec = state.open_store().get_cluster(REF.name)
+    assert rec.provider == "gce" and [n.node_id for n in rec.nodes] == [n.node_id for n in nodes]
 
 
 def state_owner() -> str:
