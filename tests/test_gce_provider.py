@@ -91,6 +91,19 @@ def test_bucket_access_is_the_users_said_once(gce_env, mlcloud_home):
     assert p.prepare(REF, replace(req, zone="us-central1-b")).warnings == ()
 
 
+def test_the_specs_project_is_kept_for_later_commands(gce_env, mlcloud_home):
+    fake = gce_env.fake
+    _, nodes = made(GceProvider(), request(count=1, project="other-proj"))
+    assert {vm["selfLink"].split("/projects/")[1].split("/")[0] for vm in fake.instances()} == {
+        "other-proj"
+    }
+    later = GceProvider()  # `down` in another process, GOOGLE_CLOUD_PROJECT elsewhere
+    assert later.list(REF) == nodes
+    later.terminate(REF, nodes)
+    later.cleanup(REF)
+    assert fake.is_empty()
+
+
 def test_list_reads_every_page(gce_env, mlcloud_home, monkeypatch):
     fake, p = gce_env.fake, GceProvider()
     _, nodes = made(p, request(count=3))
