@@ -104,6 +104,15 @@ def test_the_specs_project_is_kept_for_later_commands(gce_env, mlcloud_home):
     assert fake.is_empty()
 
 
+def test_a_resumed_up_from_a_new_address_widens_ssh_never_narrows(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    p.prepare(REF, request())
+    p.prepare(REF, request(ssh=SshOptions(allowed_cidrs=("198.51.100.7/32",))))
+    ssh = next(f for f in fake.firewalls() if f["name"] == rules.firewall_names(REF.uid)[0])
+    assert sorted(ssh["sourceRanges"]) == ["127.0.0.1/32", "198.51.100.7/32"]
+    p.cleanup(REF)
+
+
 def test_list_reads_every_page(gce_env, mlcloud_home, monkeypatch):
     fake, p = gce_env.fake, GceProvider()
     _, nodes = made(p, request(count=3))
