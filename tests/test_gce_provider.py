@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 from conftest import run_cli
 from mlcloud.providers.base import (
+    AuthError,
     CapacityError,
     ClusterRef,
     ProvisionRequest,
@@ -226,3 +227,24 @@ def test_no_credentials_is_one_line(mlcloud_home):
     r = run_cli("up", "x", "--provider", "gce", "--instance-type", T4, "--region", "us-central1")
     assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
     assert "gcloud auth application-default login" in r.stderr
+
+
+def test_a_zone_tried_again_after_it_failed_sends_a_new_request_id(gce_env, mlcloud_home):
+    """GCE answers a repeated request id with the first operation, failure included, for an
+    hour: once capacity is back, `up` again must get VMs, not the old error."""
+    fake, p = gce_env.fake, GceProvider()
+    fake.exhaust("us-central1-a")
+    with pytest.raises(CapacityError):
+        made(p, request())
+    fake.set_capacity("us-central1-a", None)
+    _, nodes = made(p, request())
+    assert len(fake.instances()) == len(nodes) > 0
+    p.terminate(REF, nodes)
+
+
+def test_refused_credentials_are_an_auth_error(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    fake.revoke_credentials()
+    with pytest.raises(AuthError) as e:
+        p.discover("us-central1")
+    assert e.value.exit_code == 5

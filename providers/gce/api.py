@@ -201,7 +201,7 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
             raise AlreadyExists(f"gce: {operation}{place}: {message}") from e
         if isinstance(e, gexc.NotFound):
             raise NotFound(f"gce: {operation}{place}: {message}") from e
-        if isinstance(e, gexc.Unauthenticated):
+        if isinstance(e, gexc.Unauthorized):  # 401; gRPC's Unauthenticated is one
             raise AuthError(
                 f"Google refused the credentials ({message}); {HOW_TO_CONFIGURE}"
             ) from e

@@ -224,6 +224,9 @@ class GceProvider:
             max_run_s=rules.max_run_seconds(request.deadline, time.time()),
         )
         attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
+        failed = _failed_path(cluster.uid)
+        tried = failed.read_text().splitlines() if failed.exists() else []
+        attempt += f"#{tried.count(attempt)}"  # GCE replays a failed id's error for an hour
         body = {
             "count": count,
             "min_count": count,
@@ -243,6 +246,8 @@ class GceProvider:
             api.wait(op, zone, region)
         except (CapacityError, QuotaError):
             self._delete_in(api, cluster, zone)  # a failed attempt leaves nothing behind
+            with failed.open("a") as f:  # so the next try of this zone is a new request
+                f.write(attempt.rpartition("#")[0] + "\n")
             raise
         return self._until_running(api, cluster, set(names))
 
@@ -551,6 +556,11 @@ def _settings_path(uid: str):
     from mlcloud import paths
 
     return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
+
+
+def _failed_path(uid: str):
+    """Attempts GCE refused, one per line: a resent request id would get the old error."""
+    return _settings_path(uid).with_suffix(".failed")
 
 
 def _catalog_zones(instance_type: str, region: str) -> list[str]:
