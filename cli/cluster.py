@@ -493,9 +493,9 @@ def gc(
 
     store = state.open_store()
     me = this_home()
-    found = collector.find(store, provider, region or [])
+    search = collector.find(store, provider, region or [])
     owners = None if all_owners else set(owner or ())
-    orphans = collector.decide(found, me, owners, min_age * 60, time.time())
+    orphans = collector.decide(search.found, me, owners, min_age * 60, time.time())
     deleted = collector.delete(orphans) if yes else []  # before anything says they are gone
     if json:
         output.print_json(
@@ -505,9 +505,12 @@ def gc(
                     {**asdict(o.resource), "this_home": o.mine, "action": o.action} for o in orphans
                 ],
                 "deleted": len(deleted),
+                "skipped": search.skipped,
             }
         )
         return
+    for line in search.skipped:
+        typer.echo(f"warning: {line}", err=True)
     if not orphans:
         print("no orphaned resources")
         return

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlcloud import providers, state
-from mlcloud.providers.base import Resource
+from mlcloud.errors import UsageError
+from mlcloud.providers.base import AuthError, Resource
 
 CLOUDS = ("local", "ssh", "aws", "gce")  # they find what they hold without state
 MIN_AGE_MINUTES = 10.0
@@ -26,17 +27,31 @@ class Orphan:
     action: str  # DELETE, or why it is kept
 
 
-def find(store: state.Store, provider: str | None, regions: list[str]) -> list[Resource]:
-    """Every discoverable resource whose cluster this home's state does not know."""
+@dataclass(frozen=True)
+class Search:
+    found: list[Resource]
+    skipped: list[str]  # clouds not searched, and why (no credentials for them here)
+
+
+def find(store: state.Store, provider: str | None, regions: list[str]) -> Search:
+    """Every discoverable resource whose cluster this home's state does not know. Without a
+    named provider, a cloud this machine has no credentials for is skipped and said, so a
+    user of one cloud can gc without configuring the other."""
     names = [provider] if provider else list(CLOUDS)
     known = {c.uid for c in store.list_clusters()}
     found: list[Resource] = []
+    skipped: list[str] = []
     for name in names:
         p = providers.get(name)
         # machines mlcloud does not own (this one, the user's hosts) are in no region
-        for region in (regions or [None]) if p.capabilities.owns_machines else [None]:
-            found += [r for r in p.discover(region) if r.cluster_uid not in known]
-    return found
+        try:
+            for region in (regions or [None]) if p.capabilities.owns_machines else [None]:
+                found += [r for r in p.discover(region) if r.cluster_uid not in known]
+        except (AuthError, UsageError) as e:  # no credentials, no region or project
+            if provider or (regions and not isinstance(e, AuthError)):
+                raise
+            skipped.append(f"{name}: not searched: {e}")
+    return Search(found, skipped)
 
 
 def decide(

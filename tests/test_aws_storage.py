@@ -199,7 +199,7 @@ def test_gc_finds_and_deletes_a_leaked_role_and_profile(aws, mlcloud_home, monke
     other = ClusterRef("far", "far-00ff00ff", "me-home", "eu-west-1")
     aws.iam.ensure(other, STORAGE, "eu-west-1", aws._tags(other, "x"))
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
-    found = gc.find(state.open_store(), "aws", ["us-east-1"])
+    found = gc.find(state.open_store(), "aws", ["us-east-1"]).found
     assert {(r.kind, r.id, r.cluster_uid) for r in found} == {
         ("iam-role", f"mlcloud-{leaked.uid}", leaked.uid),
         ("instance-profile", f"mlcloud-{leaked.uid}", leaked.uid),

@@ -99,3 +99,19 @@ def test_gc_of_an_unknown_provider_is_one_line():
     r = run_cli("gc", "--provider", "nope")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "unknown provider 'nope'" in r.stderr
+
+
+def test_gc_without_a_provider_skips_clouds_it_has_no_credentials_for(mlcloud_home, monkeypatch):
+    """A user of one cloud runs `gc` without configuring the other: the clouds with no
+    credentials here are said and skipped, the rest is searched."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(mlcloud_home / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(mlcloud_home / "none"))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    r = run_cli("gc", "--json")
+    assert r.returncode == 0, r.stderr
+    skipped = json.loads(r.stdout)["skipped"]
+    assert [s.split(":")[0] for s in skipped] == ["aws", "gce"], skipped
+    r = run_cli("gc", "--provider", "gce")
+    assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr

@@ -198,7 +198,7 @@ def test_gc_finds_and_deletes_this_homes_orphans(gce_env, mlcloud_home):
     ref = replace(REF, owner=state_owner())
     made(p, request(), ref)
     store = state.open_store()
-    found = gc.find(store, "gce", ["us-central1"])
+    found = gc.find(store, "gce", ["us-central1"]).found
     assert sorted(r.kind for r in found) == ["firewall", "firewall", "instance", "instance"]
     assert {r.cluster_uid for r in found} == {REF.uid} and all(r.owner == ref.owner for r in found)
     orphans = gc.decide(found, ref.owner, set(), 0, time.time())
