@@ -79,6 +79,16 @@ def test_files_arrive_intact_and_a_second_pull_sends_only_what_changed(node, tmp
     assert tree(dest) == {**want, **tree(node)}  # a file deleted there stays here
 
 
+def test_a_file_deleted_or_cut_short_here_comes_again(node, tmp_path):
+    dest = tmp_path / "dest"
+    pull(node, dest)
+    (dest / "model.bin").unlink()
+    (dest / "sub" / "deep" / "log.txt").write_text("cut")
+    again = pull(node, dest)
+    assert (again.files, again.unchanged) == (2, 3)
+    assert tree(dest) == tree(node)
+
+
 def test_the_newest_complete_checkpoint_comes_with_checkpoints(node, tmp_path):
     (tmp_path / "bigdisk").mkdir()  # the checkpoint directory may be a link to a big disk
     ckpt = tmp_path / "node" / "checkpoints"

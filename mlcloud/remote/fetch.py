@@ -15,14 +15,17 @@ so before a byte is written here:
 - a file's mode is never the node's: 0755 if it was an ordinary executable (owner exec bit,
   no set-uid, set-gid or sticky bit, not world-writable), else 0644.
 Files already here are never deleted: a node whose disk was emptied leaves the results alone.
+One deleted or cut short here since the last pull comes again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +90,7 @@ def fetch(
         raise Refused(f"{label}: cannot pull into {dest}: {e}") from None
     except OSError as e:
         raise MlcloudError(f"{label}: cannot create {dest}: {e.strerror}") from None
-    have = load(tree.read(MANIFEST) or b"{}")
+    have = _present(dest, load(tree.read(MANIFEST) or b"{}"))
     received = 0
     written = 0
     try:
@@ -125,6 +128,21 @@ def fetch(
         gone=tuple(gone),
         checkpoint=listed["checkpoint"],
     )
+
+
+def _present(dest: Path, have: Manifest) -> Manifest:
+    """The record of earlier pulls, less what is no longer here as it was written (deleted,
+    cut short or replaced since): that comes again. A look, never a write: a symlink on the
+    way only makes a file come again, and the write refuses it."""
+    kept = {}
+    for path, entry in have.items():
+        try:
+            st = os.lstat(dest / path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+            kept[path] = entry
+    return kept
 
 
 def _command(transport: Transport) -> str:
