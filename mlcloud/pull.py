@@ -7,6 +7,7 @@ nodes and the places, and records each pull in state."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from mlcloud.remote.fetch import Progress
 from mlcloud.report import Reporter
 
 DEFAULT_MAX_SIZE = 50 * 1024**3  # per node: past it a pull is a mistake to catch (--max-size)
+SETTLE_S = 10.0  # an interrupted pull waits this long at most for its nodes' writers to unwind
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ class Pulled:
     job_id: int
     dest: str
     nodes: tuple[NodePull, ...]
+
+
+class _Busy(threading.Condition):
+    """How many nodes are being pulled now."""
+
+    count = 0
 
 
 def default_dest(name: str, job_id: int) -> Path:
@@ -84,6 +92,16 @@ def pull(
         report.info(f"pulling job {job.job_id}'s outputs from {len(indices)} node(s) into {where}")
 
         def one(i: int) -> NodePull | MlcloudError:
+            with busy:
+                busy.count += 1
+            try:
+                return pull_node(i)
+            finally:
+                with busy:
+                    busy.count -= 1
+                    busy.notify_all()
+
+        def pull_node(i: int) -> NodePull | MlcloudError:
             root, t = h.nodes[i].root, h.transports[i]
             request = {
                 "output": launch.output_dir(root, job.job_id),
@@ -105,7 +123,15 @@ def pull(
                 got.checkpoint,
             )
 
-        results = fan_out(one, indices)
+        busy = _Busy()
+        try:
+            results = fan_out(one, indices)
+        except BaseException:
+            # Ctrl-C: the workers stop at their next block and remove the file each was
+            # writing; wait for that, or the process exits with temporaries left in DEST
+            with busy:
+                busy.wait_for(lambda: busy.count == 0, timeout=SETTLE_S)
+            raise
         done = [r for r in results if isinstance(r, NodePull)]
         if done:
             store.record_pull(

@@ -250,6 +250,41 @@ def test_pull_refuses_clearly(local):
     assert run_cli("pull", "nope").returncode == 1
 
 
+def test_ctrl_c_during_a_pull_leaves_no_temporaries_in_dest(local, tmp_path):
+    """The interrupt reaches the main thread while the nodes' writers are mid-file: each
+    removes its temporary before the pull gives up (workers are daemon threads)."""
+    import signal
+    import threading
+
+    from mlcloud import paths, pull, state
+    from mlcloud.report import PlainReporter
+
+    assert run_cli("up", "int", "--provider", "local", "--nodes", "2", "--yes").returncode == 0
+    store = state.open_store()
+    rec = store.get_cluster("int")
+    store.new_job("int", rec.uid, "train.py", 2, 1, paths.logs_dir("int"))
+    for n in rec.nodes:
+        out = Path(n.root) / "jobs" / "1" / "outputs"
+        out.mkdir(parents=True)
+        (out / "weights.bin").write_bytes(os.urandom(20_000_000))
+
+    once = threading.Lock()
+
+    class Interrupt:
+        def start(self, total):
+            pass
+
+        def advance(self, n):
+            if once.acquire(blocking=False):
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the terminal sends it
+
+    dest = tmp_path / "res"
+    with pytest.raises(KeyboardInterrupt):
+        pull.pull(store, "int", dest, report=PlainReporter(), progress=lambda _: Interrupt())
+    store.close()
+    assert sorted(p.name for p in dest.rglob("*") if p.is_file()) == [fetch.MANIFEST] * 2
+
+
 def test_train_pull_that_fails_keeps_the_cluster_despite_down(local, tmp_path):
     """Outputs that did not come home are not deleted: --down waits for a pull that works."""
     assert run_cli("up", "keep", "--provider", "local", "--yes").returncode == 0

@@ -376,8 +376,13 @@ def _frame(label: str, raw: bytes) -> dict:
 
 def _verified(reader: _Reader, n: int, h, f: _File, path: str, label: str, progress):
     """The file's bytes, hashed on the way; a digest other than the one listed (when the node
-    listed one) refuses the file before it takes its name."""
+    listed one) refuses the file before it takes its name. An interrupted pull stops between
+    blocks, so the writer removes its temporary."""
+    from mlcloud.parallel import Cancelled, cancelled
+
     for block in reader.body(n):
+        if cancelled():
+            raise Cancelled()
         h.update(block)
         if progress is not None:
             progress.advance(len(block))
