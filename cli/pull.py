@@ -76,6 +76,8 @@ def show(done, rep, json: bool) -> None:
                 f"(only regular files come home): {', '.join(n.skipped[:3])}"
                 + (" ..." if len(n.skipped) > 3 else "")
             )
+        if done.checkpoints and n.checkpoint is None:
+            rep.warn(f"node{n.node}: no checkpoint found in its checkpoint directory")
         if n.gone:
             rep.warn(f"node{n.node}: {len(n.gone)} file(s) deleted on the node while pulling")
     rep.info(f"job {done.job_id} of {done.cluster} pulled into {done.dest}")

@@ -39,6 +39,7 @@ class Pulled:
     job_id: int
     dest: str
     nodes: tuple[NodePull, ...]
+    checkpoints: bool = False  # asked for: a node without one is said
 
 
 class _Busy(threading.Condition):
@@ -147,7 +148,7 @@ def pull(
             if len(failed) > 1 and len(first.args) == 1:
                 first.args = (f"{first} (and {len(failed) - 1} more node(s) failed)",)
             raise first
-        return Pulled(name, job.job_id, str(where), tuple(done))
+        return Pulled(name, job.job_id, str(where), tuple(done), checkpoints)
     finally:
         h.close()
 

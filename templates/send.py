@@ -65,18 +65,20 @@ def walk(root, prefix, out, skipped):
 
 
 def newest_checkpoint(ckpt_dir):
-    """The entry with the highest step number in its name (ckpt-00000300.pt, step_300/);
-    hidden and temporary names are checkpoints still being written, and are passed over."""
+    """The entry with the highest step number in its name (ckpt-00000300.pt, step_300/), or,
+    where no name has one (a job that overwrites model.pt), the newest; hidden and temporary
+    names are checkpoints still being written, and are passed over."""
     best = None
     try:
         entries = list(os.scandir(ckpt_dir))
     except (FileNotFoundError, NotADirectoryError):
         return None
     for e in entries:
-        steps = re.findall(r"\d+", e.name)
-        if not steps or TEMP_NAME.search(e.name) or e.is_symlink():
+        if TEMP_NAME.search(e.name) or e.is_symlink():
             continue
-        key = (int(steps[-1]), e.stat(follow_symlinks=False).st_mtime_ns, e.name)
+        steps = re.findall(r"\d+", e.name)
+        numbered = (1, int(steps[-1])) if steps else (0, 0)
+        key = (numbered, e.stat(follow_symlinks=False).st_mtime_ns, e.name)
         if best is None or key > best:
             best = key
     return None if best is None else best[2]

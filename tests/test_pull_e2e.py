@@ -342,6 +342,7 @@ def test_progress_bars_on_a_terminal_only(local, tmp_path):
     assert proc.wait(timeout=60) == 0
     os.close(main)
     assert "node0" in shown.decode(errors="replace") and "3.0 MB" in shown.decode(errors="replace")
-    plain = run_cli("pull", "bars", str(tmp_path / "plain"))
+    plain = run_cli("pull", "bars", str(tmp_path / "plain"), "--checkpoints")
     assert plain.returncode == 0 and "3.0 MB" not in plain.stderr and "━" not in plain.stderr
     assert "node0: 1 file(s), 2.9 MiB received" in plain.stderr
+    assert "node0: no checkpoint found" in plain.stderr  # asked for, and none there

@@ -107,6 +107,18 @@ def test_the_newest_complete_checkpoint_comes_with_checkpoints(node, tmp_path):
     assert (dest / "checkpoints" / "step_300" / "shard0").read_text() == "s0"
 
 
+def test_a_checkpoint_without_a_step_number_is_the_newest_entry(node, tmp_path):
+    """A job's own format: one file overwritten in place, next to an older one."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "best.pt").write_bytes(b"old")
+    os.utime(ckpt / "best.pt", (1, 1))
+    (ckpt / "model.pt").write_bytes(b"weights")
+    got = pull(node, tmp_path / "dest", checkpoints=str(ckpt))
+    assert got.checkpoint == "model.pt"
+    assert (tmp_path / "dest" / "checkpoints" / "model.pt").read_bytes() == b"weights"
+
+
 def test_over_the_cap_is_refused_before_anything_travels(node, tmp_path):
     with pytest.raises(UsageError, match=r"node0: .* over the limit of 100.0 KiB \(model.bin"):
         pull(node, tmp_path / "dest", cap=100 * 1024)
