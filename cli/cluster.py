@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -339,12 +340,18 @@ def down(
             )
     finally:
         output.close(rep)
+    first = failed[0] if len(targets) == 1 and failed else None
+    if failed and not first:
+        first = MlcloudError(
+            f"{len(failed)} of {len(targets)} cluster(s) not torn down (see above)"
+        )
     if json:
         output.print_json({"clusters": done})
-    if failed:
-        if len(targets) == 1:
-            raise failed[0]
-        raise MlcloudError(f"{len(failed)} of {len(targets)} cluster(s) not torn down (see above)")
+        if first:  # said in the document above: stdout holds one JSON document
+            print(f"error: {first}", file=sys.stderr)
+            raise typer.Exit(first.exit_code)
+    if first:
+        raise first
 
 
 def status(

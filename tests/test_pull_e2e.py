@@ -78,6 +78,35 @@ def test_train_pull_pull_again_and_train_pull_down(make_ssh_nodes, tmp_path):
         assert (got / "weights.bin").stat().st_size == 1_500_000
 
 
+def test_a_node_that_is_down_fails_the_pull_in_one_line_and_the_others_come_home(
+    make_ssh_nodes, tmp_path
+):
+    from mlcloud import paths, state
+
+    nodes = make_ssh_nodes(2)
+    assert run_cli(*ssh_up_args(nodes, "lab")).returncode == 0
+    store = state.open_store()
+    rec = store.get_cluster("lab")
+    store.new_job("lab", rec.uid, "train.py", 2, 1, paths.logs_dir("lab"))
+    store.close()
+    for n in rec.nodes:
+        out = Path(n.root) / "jobs" / "1" / "outputs"
+        out.mkdir(parents=True)
+        (out / "model.pt").write_text(f"node{n.idx}")
+    nodes.kill(1)
+    r = run_cli("pull", "lab", str(tmp_path / "res"))
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: node1 (")
+    assert "unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "res" / "node0" / "model.pt").read_text() == "node0"
+
+    r = run_cli("down", "lab", "--yes", "--json")  # stdout is one JSON document all the same
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: node1 (")
+    (gone,) = json.loads(r.stdout)["clusters"]
+    assert (gone["status"], gone["unpulled_job"]) == ("failed", 1)
+    nodes.restart(1)
+    assert run_cli("down", "lab", "--yes").returncode == 0
+
+
 HOSTILE = r"""
 import json, os, sys
 req = json.loads(sys.stdin.buffer.read())
