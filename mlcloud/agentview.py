@@ -152,6 +152,28 @@ def parse_event(d: dict) -> Event:
     )
 
 
+def parse_samples(text: str) -> tuple[Sample, ...]:
+    """The samples in (a tail of) samples.jsonl, oldest first; a line cut short by a write
+    under way, or one that is not a sample, is skipped."""
+    rows = []
+    for x in _lines(text):
+        try:
+            rows.append(parse_sample(x))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return tuple(rows)
+
+
+def since(rows: tuple[Sample, ...], verdict: str) -> float | None:
+    """Start of the unbroken run of `verdict` that the newest sample ends, or None."""
+    start = None
+    for s in reversed(rows):
+        if s.verdict != verdict:
+            break
+        start = s.time
+    return start
+
+
 _SEP = "@mlcloud-agent-file"
 
 
@@ -185,10 +207,4 @@ def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 
             events.append(parse_event(e))
         except (KeyError, TypeError, ValueError):
             continue
-    rows = []
-    for x in _lines(parts[2]):
-        try:
-            rows.append(parse_sample(x))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return NodeView(node, stopped, tuple(events), tuple(rows))
+    return NodeView(node, stopped, tuple(events), parse_samples(parts[2]))

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from mlcloud import cluster, launch, state
+from mlcloud.agentview import since
 from mlcloud.autoscale import policy as pol
-from mlcloud.autoscale.probe import detach, probe, since
+from mlcloud.autoscale.probe import detach, probe
 from mlcloud.cluster import Handle
 from mlcloud.cost import accrued
 from mlcloud.errors import MlcloudError
