@@ -306,17 +306,13 @@ def add_nodes(
     else:
         raise _refused(refusals, f"{count} more x {request.instance_type or 'node'}")
     report.step(f"bootstrapping {len(nodes)} new node(s)")
-    from mlcloud.cost import accrued, hourly
-
     billing = [i for i in store.billing(h.record.name) if i.uid == h.ref.uid]
     price = billing[-1].price if billing else 0.0
     # the new agents get the cluster's rules, and a deadline for what is left of the budget
     # at the rate after this resize
-    now = time.time()
-    due = None
-    if spec.autoscale.max_cost is not None:
-        left = spec.autoscale.max_cost - accrued(billing, now)
-        due = agentview.deadline(max(left, 0.0), hourly(billing) + price * len(nodes), now)
+    due = agentview.budget_deadline(
+        spec.autoscale.max_cost, billing, time.time(), joining=price * len(nodes)
+    )
     records = bootstrap(h.provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     start = max((n.idx for n in h.nodes), default=-1) + 1
     records = [replace(r, idx=start + k) for k, r in enumerate(records)]

@@ -24,10 +24,12 @@ class Probe:
 
 
 def _command(root: str, now: float) -> str:
+    # Only where the agent's directory is: a node whose directory was removed (terminated,
+    # cleaned up) must not be made again by a probe, or the provider would list it as alive.
     agent = f"{path_arg(root)}/{agentview.DIR}"
     return (
-        f"mkdir -p {agent} && echo {now:.0f} > {agent}/.heartbeat.tmp "
-        f"&& mv -f {agent}/.heartbeat.tmp {agent}/heartbeat && echo {MARK} "
+        f"if [ -d {agent} ]; then echo {now:.0f} > {agent}/.heartbeat.tmp "
+        f"&& mv -f {agent}/.heartbeat.tmp {agent}/heartbeat; fi; echo {MARK} "
         f"&& tail -n {WINDOW} {agent}/samples.jsonl 2>/dev/null; true"
     )
 
