@@ -17,7 +17,7 @@ from conftest import MLCLOUD, run_cli, ssh_up_args, tagged_pids
 
 pytestmark = pytest.mark.e2e
 
-IDLE_S, POLL_S = 6.0, 1.0
+IDLE_S, POLL_S = 4.0, 1.0
 SLACK_S = 2.0  # scheduling on a loaded test machine
 
 
@@ -53,7 +53,10 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
     spec.write_text(f"autoscale:\n  idle_minutes: {IDLE_S / 60}\n  poll_seconds: {POLL_S}\n")
     project = tmp_path / "proj"
     project.mkdir()
-    (project / "job.py").write_text("import time\ntime.sleep(14)\nprint('job done', flush=True)\n")
+    job_s = 2 * IDLE_S + 1
+    (project / "job.py").write_text(
+        f"import time\ntime.sleep({job_s})\nprint('job done', flush=True)\n"
+    )
     r = run_cli("up", "idle", "-f", str(spec), "--yes")
     assert r.returncode == 0, r.stderr
     uid = _uid("idle")
