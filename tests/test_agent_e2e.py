@@ -101,13 +101,13 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
 
 
 def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
-    """A fake price (36 $/h a node) and max_cost give a deadline 30 s out; the agent stops
+    """A fake price (36 $/h a node) and max_cost give a deadline 20 s out; the agent stops
     the job there with SIGTERM, and the template's final checkpoint is on disk."""
     from mlcloud import cluster, state
     from mlcloud.report import PlainReporter
     from mlcloud.spec import AutoscaleSpec, TaskSpec
 
-    price, budget_s = 36.0, 30.0
+    price, budget_s = 36.0, 20.0
     spec = TaskSpec(
         provider="local",
         autoscale=AutoscaleSpec(max_cost=price * budget_s / 3600, poll_seconds=POLL_S),
