@@ -60,7 +60,7 @@ def mlcloud_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     # After a node's job fails, the others run on this long before they are stopped (15 s by
     # default; torchrun can sit in its exit barrier meanwhile): the same path at a test's pace.
-    monkeypatch.setenv("MLCLOUD_FAIL_GRACE", "5")
+    monkeypatch.setenv("MLCLOUD_FAIL_GRACE", "3")
     return home
 
 
