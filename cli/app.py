@@ -36,6 +36,9 @@ def _root(
 ) -> None:
     if debug:
         os.environ["MLCLOUD_DEBUG"] = "1"
+    from mlcloud import timeouts
+
+    timeouts.check()
 
 
 def _register() -> None:

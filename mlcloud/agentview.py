@@ -9,6 +9,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
+from mlcloud.cost import Interval, accrued, hourly
 from mlcloud.remote.layout import tag
 from mlcloud.remote.transport import RemoteError, Transport
 from mlcloud.spec import AutoscaleSpec
@@ -30,6 +31,28 @@ def deadline(max_cost: float | None, per_hour: float, start: float) -> float | N
     if max_cost is None or per_hour <= 0:
         return None
     return start + max_cost / per_hour * 3600
+
+
+def budget_deadline(
+    max_cost: float | None, billing: list[Interval], now: float, joining: float = 0.0
+) -> float | None:
+    """When what is left of max_cost is spent at the rate of the nodes billing now, plus
+    `joining` $/h for nodes about to join; None when there is no budget or no rate."""
+    if max_cost is None:
+        return None
+    return deadline(max(max_cost - accrued(billing, now), 0.0), hourly(billing) + joining, now)
+
+
+def set_deadline(t: Transport, root: str, due: float | None) -> None:
+    """Give a node's agent a new budget deadline (it re-reads config.json every poll).
+    Raises RemoteError when the node cannot be asked or has no agent config."""
+    path = f"{root}/{DIR}/config.json"
+    raw = t.get(path)
+    if raw is None:
+        raise RemoteError(f"{t.label}: no agent config at {path}")
+    conf = json.loads(raw)
+    conf["deadline"] = due
+    t.put(json.dumps(conf).encode(), path, mode=0o600)
 
 
 def config(
@@ -157,6 +180,28 @@ def parse_event(d: dict) -> Event:
     )
 
 
+def parse_samples(text: str) -> tuple[Sample, ...]:
+    """The samples in (a tail of) samples.jsonl, oldest first; a line cut short by a write
+    under way, or one that is not a sample, is skipped."""
+    rows = []
+    for x in _lines(text):
+        try:
+            rows.append(parse_sample(x))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return tuple(rows)
+
+
+def since(rows: tuple[Sample, ...], verdict: str) -> float | None:
+    """Start of the unbroken run of `verdict` that the newest sample ends, or None."""
+    start = None
+    for s in reversed(rows):
+        if s.verdict != verdict:
+            break
+        start = s.time
+    return start
+
+
 _SEP = "@mlcloud-agent-file"
 
 
@@ -190,10 +235,4 @@ def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 
             events.append(parse_event(e))
         except (KeyError, TypeError, ValueError):
             continue
-    rows = []
-    for x in _lines(parts[2]):
-        try:
-            rows.append(parse_sample(x))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return NodeView(node, stopped, tuple(events), tuple(rows))
+    return NodeView(node, stopped, tuple(events), parse_samples(parts[2]))

@@ -304,17 +304,13 @@ def add_nodes(
     spec = TaskSpec.from_dict({**h.record.spec, "envs": {}})
     request = replace(request_for(spec, count), image=h.record.spec.get("image"))
     request = replace(request, ssh=ssh_options(h.record.spec))
-    from mlcloud.cost import accrued, hourly
-
     billing = [i for i in store.billing(h.record.name) if i.uid == h.ref.uid]
     price = billing[-1].price if billing else 0.0
     # the new agents (and clouds that end VMs themselves) get the cluster's rules, and a
     # deadline for what is left of the budget at the rate after this resize
-    now = time.time()
-    due = None
-    if spec.autoscale.max_cost is not None:
-        left = spec.autoscale.max_cost - accrued(billing, now)
-        due = agentview.deadline(max(left, 0.0), hourly(billing) + price * count, now)
+    due = agentview.budget_deadline(
+        spec.autoscale.max_cost, billing, time.time(), joining=price * count
+    )
     request = replace(request, deadline=due if h.provider.capabilities.self_deadline else None)
     places, _ = _places(store, h.provider, h.ref, request)
     refusals: list[CapacityError | QuotaError] = []

@@ -16,14 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from mlcloud import launch, outcome, state
+from mlcloud import launch, outcome, state, timeouts
 from mlcloud.cluster import Handle
 from mlcloud.errors import MlcloudError
 from mlcloud.outcome import LOST, NodeEnd
 
-# After one node fails, the others get this long to fail on their own before being killed;
-# torchrun can otherwise sit 300 s in its exit barrier after a worker aborts.
-FAIL_GRACE = 15.0
+# After one node fails, the others get FAIL_GRACE s (mlcloud/timeouts.py, default 15) to fail on
+# their own before being killed; torchrun can otherwise sit 300 s in its exit barrier after a
+# worker aborts.
 # After one node succeeds, the others get this long to finish.
 DONE_GRACE = 60.0
 # After stopping the rest, how long to wait for them to report before calling them lost.
@@ -221,7 +221,8 @@ class Driver:
                 if not ended:  # none yet, or the ends seen were forgotten (a restart)
                     deadline = stopped_at = None
                 elif deadline is None:
-                    grace = FAIL_GRACE if any(e.code for e in ended) else DONE_GRACE
+                    failed = any(e.code for e in ended)
+                    grace = timeouts.seconds("FAIL_GRACE") if failed else DONE_GRACE
                     deadline = now + grace
                 pending = [i for i in self.following if i not in self.ends]
                 if stopped_at is not None and now >= stopped_at + STOP_WAIT:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlcloud import timeouts
 from mlcloud.errors import BusyError, MlcloudError
 
 SCHEMA = """
@@ -177,8 +178,10 @@ class ClusterExists(MlcloudError):
 class Store:
     """One connection to the state database; cheap to open, safe across processes."""
 
-    def __init__(self, path: Path, busy_timeout: float = 10.0):
+    def __init__(self, path: Path, busy_timeout: float | None = None):
         self.path = path
+        if busy_timeout is None:
+            busy_timeout = timeouts.seconds("DB_BUSY_TIMEOUT")
         self._busy_timeout = busy_timeout
         try:
             self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)

@@ -449,6 +449,16 @@ class Agent:
             power_off()
 
 
+def rearm(cfg, armed):
+    """A new budget deadline (the controller resized the cluster) also moves the shutdown the
+    OS has scheduled at start, on an EC2 node this agent may power off: `shutdown -h +M`
+    replaces the pending one. Returns the deadline now armed."""
+    due = cfg.get("deadline")
+    if due and due != armed and cfg.get("provider") == "aws" and may_power_off(cfg):
+        power_off(max(1, int((due - time.time()) // 60)))
+    return due
+
+
 def run(root):
     """The agent's loop; ends when the node stopped or its directory went away (cleanup)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -459,10 +469,12 @@ def run(root):
     if os.path.exists(os.path.join(agent.dir, "stopped")):
         return  # this node already stopped itself; a restart must not revive it
     agent.event(cfg, "agent_start", f"agent {os.getpid()} watching node {cfg.get('node')}")
+    armed = cfg.get("deadline")  # start() armed it
     while True:
         cfg = agent.config() or cfg
         if not os.path.isdir(agent.dir):
             return
+        armed = rearm(cfg, armed)
         now = time.time()
         try:
             fired = agent.step(cfg, now)

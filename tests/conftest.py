@@ -58,6 +58,9 @@ def mlcloud_home(tmp_path, monkeypatch) -> Path:
     # The tests' own environment, not this machine's: PYTHONUNBUFFERED makes print() write
     # text and newline apart, which no user's job should depend on either way.
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    # After a node's job fails, the others run on this long before they are stopped (15 s by
+    # default; torchrun can sit in its exit barrier meanwhile): the same path at a test's pace.
+    monkeypatch.setenv("MLCLOUD_FAIL_GRACE", "3")
     return home
 
 

@@ -1,6 +1,8 @@
 """K sshd nodes, each in a network namespace of its own, on one bridge: every node has its own
-address in one subnet, so the nodes reach each other (rendezvous, gloo) and one node can be
-killed whole (`kill(i)`: SIGKILL to every process in its namespace) without touching the rest.
+address in one subnet, so the nodes reach each other (rendezvous, gloo), and a test can kill
+one whole (`kill(i)`: SIGKILL to every process in its namespace) or cut it off silently
+(`cut(i)`: its link goes down, packets are dropped without a reset, as when a spot instance is
+reclaimed or a link fails) without touching the rest.
 
 Needs root and iproute2. Addresses come from 198.18.0.0/15 (reserved for benchmarks, never
 routed): reachable from this machine only. One client key logs in everywhere. Everything is
@@ -12,23 +14,44 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from netns import _ip, available  # noqa: F401 (available: for the tests' skip)
 from sshnodes import SYSTEM_PATH
+
+PORT = 22
+
+
+def available() -> bool:
+    return os.getuid() == 0 and shutil.which("ip") is not None and os.path.exists("/usr/sbin/sshd")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
 
 
 class NsBridge:
+    """`with NsBridge(k, workdir) as b:` b.hosts, b.targets, b.client_key, b.subnet,
+    b.kill(i), b.cut(i), b.pids(i)."""
+
     def __init__(self, count: int, workdir: Path):
         self.workdir = Path(workdir).absolute()
         token = secrets.token_hex(3)
         self.token = token
         self.bridge = f"mlb{token}"
-        third = int(token[:2], 16)
+        third = int(token[:2], 16)  # spreads parallel runs over 198.18.0-255.x
         self.subnet = f"198.18.{third}.0/24"
         self.gateway = f"198.18.{third}.1"
         self.hosts = [f"198.18.{third}.{i + 2}" for i in range(count)]
@@ -49,16 +72,16 @@ class NsBridge:
 
     @property
     def targets(self) -> list[str]:
-        return [f"root@{h}:22" for h in self.hosts]
+        return [f"root@{h}:{PORT}" for h in self.hosts]
+
+    def _links(self, i: int) -> tuple[str, str]:
+        """(outer, inner) ends of node i's veth pair; the inner one lives in its namespace."""
+        return f"mbo{self.token}{i}", f"mbi{self.token}{i}"
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)],
-            check=True,
-            capture_output=True,
-        )
+        _keygen(self.client_key)
         (self.workdir / "authorized_keys").write_text(
             self.client_key.with_suffix(".pub").read_text()
         )
@@ -66,7 +89,7 @@ class NsBridge:
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, (ns, host) in enumerate(zip(self.namespaces, self.hosts, strict=True)):
-            outer, inner = f"mbo{self.token}{i}", f"mbi{self.token}{i}"
+            outer, inner = self._links(i)
             _ip("netns", "add", ns)
             _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
             _ip("link", "set", inner, "netns", ns)
@@ -83,17 +106,13 @@ class NsBridge:
         d = self.workdir / f"node{i}"
         d.mkdir(exist_ok=True)
         host_key = d / "host_ed25519"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
-            check=True,
-            capture_output=True,
-        )
+        _keygen(host_key)
         config = d / "sshd_config"
         config.write_text(
             "\n".join(
                 [
                     f"ListenAddress {self.hosts[i]}",
-                    "Port 22",
+                    f"Port {PORT}",
                     f"HostKey {host_key}",
                     f"PidFile {d / 'sshd.pid'}",
                     f"AuthorizedKeysFile {self.workdir / 'authorized_keys'}",
@@ -122,12 +141,12 @@ class NsBridge:
     def _await(self, i: int) -> None:
         deadline = time.monotonic() + 10
         while True:
-            probe = subprocess.run(
-                ["ip", "netns", "exec", self.namespaces[i], "ss", "-Hltn", "sport = :22"],
+            listening = subprocess.run(
+                ["ip", "netns", "exec", self.namespaces[i], "ss", "-Hltn", f"sport = :{PORT}"],
                 capture_output=True,
                 text=True,
             )
-            if self.hosts[i] in probe.stdout:
+            if self.hosts[i] in listening.stdout:
                 return
             if self._sshd[i].poll() is not None or time.monotonic() > deadline:
                 log = (self.workdir / f"node{i}" / "sshd.log").read_text(errors="replace")
@@ -152,6 +171,10 @@ class NsBridge:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
 
+    def cut(self, i: int) -> None:
+        """Drop every packet to and from node i from now on, silently (no RST, no ICMP)."""
+        _ip("-n", self.namespaces[i], "link", "set", self._links(i)[1], "down")
+
     def close(self) -> None:
         for i in range(len(self.namespaces)):
             with contextlib.suppress(subprocess.SubprocessError, OSError):
@@ -160,7 +183,7 @@ class NsBridge:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
         for i, ns in enumerate(self.namespaces):
-            for args in (("link", "del", f"mbo{self.token}{i}"), ("netns", "del", ns)):
+            for args in (("link", "del", self._links(i)[0]), ("netns", "del", ns)):
                 with contextlib.suppress(subprocess.CalledProcessError):
                     _ip(*args)
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -259,3 +259,17 @@ def test_a_node_directory_being_removed_is_not_written_again(tmp_path):
     with pytest.raises(agent.NodeRemoved):
         a.step(cfg, time.time())
     assert list((root / "agent").iterdir()) == []
+
+
+def test_a_new_deadline_moves_the_scheduled_shutdown(monkeypatch):
+    """The controller resized the cluster: an EC2 node's `shutdown -h +M` follows the new
+    deadline (it replaces the pending one); an unchanged deadline, or a node that is not the
+    instance the metadata server describes, schedules nothing."""
+    scheduled = []
+    monkeypatch.setattr(agent, "power_off", scheduled.append)
+    monkeypatch.setattr(agent, "may_power_off", lambda cfg: cfg["node_id"] == "i-1")
+    cfg = {"provider": "aws", "node_id": "i-1", "deadline": time.time() + 3600 + 30}
+    assert agent.rearm(cfg, cfg["deadline"]) == cfg["deadline"] and scheduled == []
+    assert agent.rearm(cfg, time.time() + 600) == cfg["deadline"] and scheduled == [60]
+    assert agent.rearm({**cfg, "node_id": "i-2"}, None) and scheduled == [60]
+    assert agent.rearm({**cfg, "provider": "ssh"}, None) and scheduled == [60]

@@ -54,6 +54,25 @@ def test_read_over_a_transport(tmp_path):
     assert s.verdict == "busy" and s.cpu_percent == 12.5
 
 
+def test_samples_parse_and_runs():
+    """One reader of samples.jsonl for `status` and the controller's probe."""
+    s = agentview.parse_samples(
+        "\n".join(
+            [
+                '{"time": 1, "verdict": "busy", "job": {"id": 1, "state": "running", "step": 5}}',
+                "garbage",
+                '{"time": 2, "verdict": "idle", "job": null}',
+                '{"time": 2.5, "verdict": "idle", "gpus": [7]}',  # not a sample
+                '{"time": 3, "verdict": "idle"}',
+                '{"time": 4, "verd',  # a line the agent is still writing
+            ]
+        )
+    )
+    assert [x.time for x in s] == [1, 2, 3] and s[0].job == agentview.JobSample(1, "running", 5)
+    assert agentview.since(s, "idle") == 2 and agentview.since(s, "busy") is None
+    assert agentview.since((), "idle") is None
+
+
 def test_read_a_node_without_an_agent(tmp_path):
     view = agentview.read(LocalTransport("node0"), str(tmp_path), 0, samples=5)
     assert view == agentview.NodeView(0, None, (), ())

@@ -17,7 +17,6 @@ from mlcloud.providers.local import LocalProvider
 from mlcloud import cluster, nodeevents, state
 from mlcloud.autoscale import policy as pol
 from mlcloud.autoscale.controller import Controller
-from mlcloud.autoscale.probe import parse_samples, since
 from mlcloud.report import PlainReporter
 from mlcloud.spec import AutoscaleSpec, TaskSpec
 
@@ -138,19 +137,6 @@ def test_idle_holds_back_while_a_node_is_busy():
     _samples(h.nodes[1].root, [(now - 10, "idle"), (now - 1, "busy")])
     assert Controller(store, h, PlainReporter(quiet=True)).step(now).actions == ()
     cluster.down(store, "busy", PlainReporter(quiet=True))
-
-
-def test_samples_parse_and_runs():
-    s = parse_samples(
-        [
-            '{"time": 1, "verdict": "busy", "job": {"id": 1, "state": "running", "step": 5}}',
-            "garbage",
-            '{"time": 2, "verdict": "idle", "job": null}',
-            '{"time": 3, "verdict": "idle"}',
-        ]
-    )
-    assert [x.time for x in s] == [1, 2, 3] and s[0].step == 5 and s[0].job_state == "running"
-    assert since(tuple(s), "idle") == 2 and since(tuple(s), "busy") is None
 
 
 def test_a_node_that_stopped_itself_keeps_its_own_stop_record():

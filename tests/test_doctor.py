@@ -150,9 +150,10 @@ def test_corrupt_database_rebuilt_from_local_node_directories(mlcloud_home):
     assert report["rebuild"]["moved_to"] is None
 
 
-def test_busy_database_is_never_moved_aside(mlcloud_home):
+def test_busy_database_is_never_moved_aside(mlcloud_home, monkeypatch):
     import sqlite3
 
+    monkeypatch.setenv("MLCLOUD_DB_BUSY_TIMEOUT", "2")  # default 10 s: found busy sooner
     assert run_cli("up", "busy", "--nodes", "1", "--yes").returncode == 0
     db = sqlite3.connect(mlcloud_home / "state.db", isolation_level=None)
     db.execute("PRAGMA locking_mode=EXCLUSIVE")

@@ -152,13 +152,14 @@ def test_train_killed_during_setup_is_reported_not_waited_on(project, mlcloud_ho
 
 def test_a_busy_state_database_does_not_lose_the_end(project, mlcloud_home, monkeypatch):
     monkeypatch.setenv("LINES", "4")
+    monkeypatch.setenv("MLCLOUD_DB_BUSY_TIMEOUT", "2")  # default 10 s: the same path, sooner
     up("busy", nodes=1)
     proc = train(project, "busy", "-e", "LINES", "lines.py")
     wait_for(lambda: running("busy"))
     db = sqlite3.connect(mlcloud_home / "state.db", isolation_level=None)
     db.execute("BEGIN IMMEDIATE")  # the job ends while another writer holds the database
     try:
-        time.sleep(16)
+        time.sleep(8)  # the job ends (~1.2 s), its write outwaits the busy timeout
     finally:
         db.execute("ROLLBACK")
         db.close()

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from mlcloud import cluster, launch, state
+from mlcloud import agentview, cluster, launch, state
 from mlcloud.autoscale import policy as pol
-from mlcloud.autoscale.probe import detach, probe, since
+from mlcloud.autoscale.probe import detach, probe
 from mlcloud.cluster import Handle
 from mlcloud.cost import accrued
 from mlcloud.errors import MlcloudError
@@ -88,8 +88,8 @@ class Controller:
                     _status(listed.get(rec.node_id)),
                     self.misses[rec.node_id],
                     newest,
-                    since(p.samples, "idle"),
-                    since(p.samples, "stalled"),
+                    agentview.since(p.samples, "idle"),
+                    agentview.since(p.samples, "stalled"),
                 )
             )
         self.misses = {k: v for k, v in self.misses.items() if k in listed or v}
@@ -224,6 +224,24 @@ class Controller:
             t.close()
         self.h.record = fresh.record
         self.h.transports[:] = transports
+        self._rebudget()
+
+    def _rebudget(self) -> None:
+        """After a resize, every node's agent gets the budget deadline at the new rate (what
+        is left of max_cost over what the nodes now bill per hour)."""
+        if self.policy.max_cost is None:
+            return
+        h = self.h
+        billing = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
+        due = agentview.budget_deadline(self.policy.max_cost, billing, time.time())
+
+        def one(i: int) -> None:
+            try:
+                agentview.set_deadline(h.transports[i], h.nodes[i].root, due)
+            except (MlcloudError, ValueError) as e:
+                self.report.warn(f"node{i}: the budget deadline was not updated: {e}")
+
+        fan_out(one, list(range(len(h.nodes))))
 
     def _replace(self, i: int, rejoin: bool) -> bool:
         """A new node in place of node i; the job (elastic) starts on it and rejoins. False

@@ -1,12 +1,13 @@
 """One round trip per node and pass: write the controller's heartbeat where the node agent
 looks for it, and read the agent's newest samples back (the node-side contract of
-`<root>/agent/`). A node that does not answer in time counts as unreachable this pass."""
+`<root>/agent/`, read by mlcloud.agentview). A node that does not answer in time counts as
+unreachable this pass."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from mlcloud import agentview
 from mlcloud.remote.shell import path_arg
 from mlcloud.remote.transport import Transport
 
@@ -16,27 +17,19 @@ TIMEOUT = 4.0  # an answer slower than this is no answer: detection stays within
 
 
 @dataclass(frozen=True)
-class Sample:
-    """The parts of an agent sample the controller decides on."""
-
-    time: float
-    verdict: str | None
-    job_state: str | None
-    step: int | None
-
-
-@dataclass(frozen=True)
 class Probe:
     reachable: bool
-    samples: tuple[Sample, ...] = ()
+    samples: tuple[agentview.Sample, ...] = ()
     error: str | None = None
 
 
 def _command(root: str, now: float) -> str:
-    agent = f"{path_arg(root)}/agent"
+    # Only where the agent's directory is: a node whose directory was removed (terminated,
+    # cleaned up) must not be made again by a probe, or the provider would list it as alive.
+    agent = f"{path_arg(root)}/{agentview.DIR}"
     return (
-        f"mkdir -p {agent} && echo {now:.0f} > {agent}/.heartbeat.tmp "
-        f"&& mv -f {agent}/.heartbeat.tmp {agent}/heartbeat && echo {MARK} "
+        f"if [ -d {agent} ]; then echo {now:.0f} > {agent}/.heartbeat.tmp "
+        f"&& mv -f {agent}/.heartbeat.tmp {agent}/heartbeat; fi; echo {MARK} "
         f"&& tail -n {WINDOW} {agent}/samples.jsonl 2>/dev/null; true"
     )
 
@@ -49,38 +42,13 @@ def probe(t: Transport, root: str, now: float, timeout: float = TIMEOUT) -> Prob
     lines = result.stdout.splitlines()
     if MARK not in lines:
         return Probe(False, error=(result.stderr.strip() or "no answer")[:200])
-    return Probe(True, tuple(parse_samples(lines[lines.index(MARK) + 1 :])))
-
-
-def parse_samples(lines: list[str]) -> list[Sample]:
-    """Agent samples, oldest first; a line cut short by a concurrent write is skipped."""
-    out = []
-    for line in lines:
-        try:
-            d = json.loads(line)
-            job = d.get("job") or {}
-            out.append(
-                Sample(float(d["time"]), d.get("verdict"), job.get("state"), job.get("step"))
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return out
-
-
-def since(samples: tuple[Sample, ...], verdict: str) -> float | None:
-    """Start of the unbroken run of `verdict` that the newest sample ends, or None."""
-    start = None
-    for s in reversed(samples):
-        if s.verdict != verdict:
-            break
-        start = s.time
-    return start
+    return Probe(True, agentview.parse_samples("\n".join(lines[lines.index(MARK) + 1 :])))
 
 
 def detach(t: Transport, root: str) -> None:
     """Remove the heartbeat: a controller that ends cleanly disarms the agent's lost-heartbeat
     rule instead of leaving it to fire."""
     try:
-        t.run(f"rm -f {path_arg(root)}/agent/heartbeat", timeout=TIMEOUT)
+        t.run(f"rm -f {path_arg(root)}/{agentview.DIR}/heartbeat", timeout=TIMEOUT)
     except Exception:  # noqa: BLE001 (an unreachable node has no heartbeat to keep anyway)
         pass

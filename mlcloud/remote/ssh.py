@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlcloud import timeouts
 from mlcloud.errors import UsageError
 from mlcloud.remote.transport import (
     LostError,
@@ -31,8 +32,8 @@ from mlcloud.remote.transport import (
 )
 
 CONNECT_TIMEOUT = 15.0
-HEARTBEAT_EVERY = 5.0  # seconds between heartbeats on a connection
-HEARTBEAT_TIMEOUT = 15.0  # no answer for this long: the node is gone (lost within ~20 s)
+# Heartbeats: every SSH_HEARTBEAT_EVERY s (default 5); no answer within SSH_HEARTBEAT_TIMEOUT s
+# (default 15): the node is gone, lost within ~20 s. Both in mlcloud/timeouts.py.
 STREAM_IDLE_TIMEOUT = 300.0  # a streamed command silent this long is stalled (hashing is slower)
 
 
@@ -115,7 +116,11 @@ class SshTransport:
                 return self._transport
             if self._lost is not None:  # the node went silent: say so, do not hang again
                 raise LostError(f"{self._where()}: {self._lost}")
-            # a bad key file is the user's to fix, whatever the state of the network
+            # a bad key file or setting is the user's to fix, whatever the state of the network
+            beat = (
+                timeouts.seconds("SSH_HEARTBEAT_EVERY"),
+                timeouts.seconds("SSH_HEARTBEAT_TIMEOUT"),
+            )
             candidates = [load_identity(t.identity_file)] if t.identity_file else None
             try:
                 if t.proxy_command:
@@ -158,27 +163,26 @@ class SshTransport:
             self._transport = transport
             threading.Thread(
                 target=self._heartbeat,
-                args=(transport, self._stop_heartbeat),
+                args=(transport, self._stop_heartbeat, *beat),
                 name=f"heartbeat-{self.label}",
                 daemon=True,
             ).start()
             return transport
 
-    def _heartbeat(self, transport, stop: threading.Event) -> None:
-        """Ask for an answer every HEARTBEAT_EVERY s; close the connection when none comes."""
+    def _heartbeat(self, transport, stop: threading.Event, every: float, timeout: float) -> None:
+        """Ask for an answer every `every` s; close the connection when none comes in
+        `timeout` s."""
         import paramiko
 
-        while not stop.wait(HEARTBEAT_EVERY) and transport.is_active():
+        while not stop.wait(every) and transport.is_active():
             try:
-                transport.open_session(timeout=HEARTBEAT_TIMEOUT).close()
+                transport.open_session(timeout=timeout).close()
             except paramiko.ChannelException:
                 continue  # refused (sshd's MaxSessions): an answer all the same
             except (paramiko.SSHException, OSError, EOFError):
                 if stop.is_set() or not transport.is_active():
                     return  # closed on purpose, or the connection already reported its end
-                self._lost = (
-                    f"no answer for {HEARTBEAT_TIMEOUT:.0f} s: the node or its network is gone"
-                )
+                self._lost = f"no answer for {timeout:g} s: the node or its network is gone"
                 transport.close()  # wakes every operation waiting on it
                 return
 

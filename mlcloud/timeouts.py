@@ -1,0 +1,47 @@
+"""Waits the environment may change: MLCLOUD_<NAME>=SECONDS replaces a default. A slow link
+wants longer ones; the test suite runs the same code at a test's pace with shorter ones.
+
+Each is read where it is used, so a change applies to the next use. `check()` refuses a bad
+value up front (the CLI calls it before any command), in one line naming the variable."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from mlcloud.errors import UsageError
+
+# name -> (default seconds, what it is)
+DEFAULTS = {
+    "SSH_HEARTBEAT_EVERY": (5.0, "the time between heartbeats on an SSH connection"),
+    "SSH_HEARTBEAT_TIMEOUT": (
+        15.0,
+        "how long a heartbeat may go unanswered: then the node is lost",
+    ),
+    "FAIL_GRACE": (15.0, "how long the other nodes may run on once one node's job failed"),
+    "DB_BUSY_TIMEOUT": (10.0, "how long to wait for a state database another process holds"),
+}
+
+
+def seconds(name: str) -> float:
+    """MLCLOUD_<name> if set (a positive number of seconds), else its default."""
+    default, what = DEFAULTS[name]
+    raw = os.environ.get(f"MLCLOUD_{name}", "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(
+            f"MLCLOUD_{name}={raw!r}: expected a positive number of seconds, {what} "
+            f"(default {default:g}); fix or unset it"
+        )
+    return value
+
+
+def check() -> None:
+    """Refuse a bad value of any of them now rather than mid-command."""
+    for name in DEFAULTS:
+        seconds(name)

@@ -1,0 +1,35 @@
+"""Waits the environment may change (mlcloud/timeouts.py): defaults, replacements, and a bad
+value refused in one line before any command runs."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+from mlcloud import timeouts
+from mlcloud.errors import UsageError
+
+
+def test_defaults_and_replacements(monkeypatch):
+    for name in timeouts.DEFAULTS:
+        monkeypatch.delenv(f"MLCLOUD_{name}", raising=False)
+    # a silent node is lost within the 30 s the README promises
+    assert timeouts.seconds("SSH_HEARTBEAT_EVERY") + timeouts.seconds("SSH_HEARTBEAT_TIMEOUT") < 30
+    assert timeouts.seconds("FAIL_GRACE") == 15.0
+    monkeypatch.setenv("MLCLOUD_FAIL_GRACE", " 2.5 ")
+    assert timeouts.seconds("FAIL_GRACE") == 2.5
+    for bad in ("x", "0", "-1", "nan", "inf"):
+        monkeypatch.setenv("MLCLOUD_DB_BUSY_TIMEOUT", bad)
+        with pytest.raises(UsageError, match=r"MLCLOUD_DB_BUSY_TIMEOUT=.*positive number"):
+            timeouts.check()
+
+
+def test_the_cli_refuses_a_bad_value_in_one_line(monkeypatch):
+    monkeypatch.setenv("MLCLOUD_SSH_HEARTBEAT_TIMEOUT", "soon")
+    r = run_cli("status")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: MLCLOUD_SSH_HEARTBEAT_TIMEOUT='soon': expected a positive number of seconds, "
+        "how long a heartbeat may go unanswered: then the node is lost (default 15); "
+        "fix or unset it"
+    )
