@@ -55,8 +55,40 @@ def ensure_cluster_key(uid: str) -> tuple[Path, str]:
     return path, f"{public} mlcloud-{uid}"
 
 
+def peer_key_path(uid: str) -> Path:
+    return paths.private_dir(paths.home() / "keys") / f"{uid}.peer.ed25519"
+
+
+def ensure_peer_key(uid: str) -> tuple[bytes, str]:
+    """(OpenSSH private key, public key line) of the key a cluster's nodes reach each other
+    with to pass the workdir on (mlcloud/remote/fanout.py). Apart from the login key: it goes
+    to the relaying node, and the nodes let it run their receiver and nothing else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = peer_key_path(uid)
+    try:
+        data = path.read_bytes()
+        private = serialization.load_ssh_private_key(data, password=None)
+    except FileNotFoundError:
+        private = Ed25519PrivateKey.generate()
+        data = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return data, public.decode()
+
+
 def delete_cluster_key(uid: str) -> None:
     cluster_key_path(uid).unlink(missing_ok=True)
+    peer_key_path(uid).unlink(missing_ok=True)
 
 
 def fingerprint(key) -> str:

@@ -410,8 +410,16 @@ def stop_agent(root):
 def cleanup(root, prefix):
     """Stop everything the cluster started on this node and remove its directory."""
     stop_agent(root)
+    _forget_peer_key(root)
     kill(prefix, grace=5.0)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _forget_peer_key(root):
+    """Take back the line the workdir fan-out added to sshd's authorized keys (fanout.py)."""
+    fanout = os.path.join(root, "bin", "fanout.py")
+    if os.path.isfile(fanout):
+        subprocess.run([sys.executable, "-I", "-S", fanout, "forget", root], check=False)
 
 
 def freeport():

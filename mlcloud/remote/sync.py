@@ -342,8 +342,15 @@ _packs: dict[tuple, bytes] = {}
 _packs_lock = threading.Lock()
 
 
-def push(transport, src: Path, remote_dir: str) -> SyncStats:
-    """Sync src to remote_dir over a transport that can run a command with stdin.
+def push(
+    transport,
+    src: Path,
+    remote_dir: str,
+    remote: Manifest | None = None,
+    local: Manifest | None = None,
+) -> SyncStats:
+    """Sync src to remote_dir over a transport that can run a command with stdin; remote (the
+    node's manifest) and local (src's) when the caller has them already.
 
     Nodes in the same state get the same stream, built once per process."""
     import shlex
@@ -351,17 +358,11 @@ def push(transport, src: Path, remote_dir: str) -> SyncStats:
     from mlcloud import templates
     from mlcloud.remote.transport import check
 
-    remote = load(transport.get(f"{remote_dir}/{MANIFEST}") or b"{}")
-    local = _scan_once(src, remote)
-    send, delete = diff(local, remote)
-    if not send and not delete:
-        return SyncStats(0, 0, 0)
-    key = (str(src), tuple(send), tuple(delete), dump(local))
-    with _packs_lock:
-        payload = _packs.get(key)
-        if payload is None:
-            _packs.clear()  # keep one stream: enough for nodes synced side by side
-            payload = _packs[key] = pack(src, send, delete, local)
+    if remote is None:
+        remote = load(transport.get(f"{remote_dir}/{MANIFEST}") or b"{}")
+    payload, stats = stream(src, remote, local)
+    if payload is None:
+        return stats
     receiver = templates.path("receive.py").read_text()
     # -I -S: the receiver needs only the standard library; skipping site saves ~40 ms a node
     cmd = (
@@ -369,4 +370,23 @@ def push(transport, src: Path, remote_dir: str) -> SyncStats:
         f"{shlex.quote(remote_dir)}"
     )
     check(transport.run(cmd, stdin=payload), transport, "syncing the workdir")
-    return SyncStats(len(send), sum(local[p].size for p in send), len(delete))
+    return stats
+
+
+def stream(
+    src: Path, remote: Manifest, local: Manifest | None = None
+) -> tuple[bytes | None, SyncStats]:
+    """The stream that turns a node holding `remote` into a mirror of src (None when nothing
+    changed), and what it carries. Built once per process for nodes in the same state."""
+    local = _scan_once(src, remote) if local is None else local
+    send, delete = diff(local, remote)
+    stats = SyncStats(len(send), sum(local[p].size for p in send), len(delete))
+    if not send and not delete:
+        return None, stats
+    key = (str(src), tuple(send), tuple(delete), dump(local))
+    with _packs_lock:
+        payload = _packs.get(key)
+        if payload is None:
+            _packs.clear()  # keep one stream: enough for nodes synced side by side
+            payload = _packs[key] = pack(src, send, delete, local)
+    return payload, stats

@@ -22,6 +22,7 @@ class SyncStats:
     files_sent: int
     bytes_sent: int
     files_deleted: int
+    relayed: bool = False  # passed on by another node: none of it crossed this machine's link
 
 
 class RemoteError(MlcloudError):

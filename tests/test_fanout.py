@@ -1,0 +1,215 @@
+"""Ship once over the slow link: the client streams the workdir to one node, which passes it on
+to the others over SSH with the cluster's peer key (mlcloud/remote/fanout.py,
+templates/fanout.py). Real sshd nodes; the client's bytes are counted on its sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from mlcloud.remote import sync
+from mlcloud.remote.fanout import Target, sync_nodes
+from mlcloud.remote.ssh import SshTarget, SshTransport
+
+MB = 1_000_000
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Bytes this process writes to its SSH sockets, counted as they go."""
+    total = [0]
+    real = socket.create_connection
+
+    class Counting:
+        def __init__(self, sock):
+            self._sock = sock
+
+        def send(self, data):
+            n = self._sock.send(data)
+            total[0] += n
+            return n
+
+        def sendall(self, data):
+            total[0] += len(data)
+            return self._sock.sendall(data)
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Counting(real(*a, **k)))
+    return total
+
+
+def cluster(nodes, tmp_path, count=None):
+    """A target per sshd node: one cluster directory on this machine, a node directory each."""
+    return [
+        Target(
+            SshTransport(
+                SshTarget(n.host, n.port, n.user, identity_file=str(nodes.client_key)),
+                f"node{i}",
+            ),
+            str(tmp_path / "cluster" / f"node-{i}"),
+        )
+        for i, n in enumerate(nodes.nodes[:count])
+    ]
+
+
+def workdir(root, files=8, size=MB // 2):
+    root.mkdir()
+    for i in range(files):
+        (root / f"w{i}.bin").write_bytes(os.urandom(size))  # incompressible: bytes are bytes
+    (root / "train.py").write_text("print('hi')\n")
+    return root
+
+
+def manifests(targets):
+    return [
+        {p: e.digest for p, e in sync.load((sync_dir(t) / sync.MANIFEST).read_bytes()).items()}
+        for t in targets
+    ]
+
+
+def sync_dir(t):
+    from pathlib import Path
+
+    return Path(t.dest)
+
+
+def close(targets):
+    for t in targets:
+        t.transport.close()
+
+
+def test_client_sends_the_workdir_once_and_every_node_ends_the_same(make_ssh_nodes, tmp_path, sent):
+    nodes = make_ssh_nodes(4)
+    src = workdir(tmp_path / "src")
+    size = 8 * (MB // 2)
+    targets = cluster(nodes, tmp_path)
+    notes: list[str] = []
+    try:
+        stats = sync_nodes(targets, src, "fan-1", notes.append)
+        assert notes == []
+        assert [s.relayed for s in stats] == [False, True, True, True]
+        # once, plus the probe, the programs installed on each node and SSH's own framing
+        assert sent[0] < 1.1 * size + 150_000, sent[0]
+        want = {p: e.digest for p, e in sync.scan(src).items()}
+        assert manifests(targets) == [want] * 4
+        assert all(
+            (sync_dir(t) / "w3.bin").read_bytes() == (src / "w3.bin").read_bytes() for t in targets
+        )
+
+        # a re-sync sends what changed, once
+        (src / "w0.bin").write_bytes(os.urandom(MB))
+        (src / "w1.bin").unlink()
+        sent[0] = 0
+        stats = sync_nodes(targets, src, "fan-1", notes.append)
+        assert [(s.files_sent, s.files_deleted, s.relayed) for s in stats] == [
+            (1, 1, False),
+            *[(1, 1, True)] * 3,
+        ]
+        assert MB < sent[0] < 1.1 * MB + 30_000, sent[0]
+        want = {p: e.digest for p, e in sync.scan(src).items()}
+        assert manifests(targets) == [want] * 4 and notes == []
+    finally:
+        close(targets)
+
+    # the private key went to the relay only; the others let it run their receiver, no more
+    peer_keys = [
+        (tmp_path / "cluster" / f"node-{i}" / "peer/id_ed25519").exists() for i in range(4)
+    ]
+    assert peer_keys == [True, False, False, False]
+    line = (nodes.node_dir(2) / "authorized_keys").read_text()
+    assert line.startswith('restrict,command="exec ') and line.count("\n") == 1
+    key = tmp_path / "cluster" / "node-0" / "peer/id_ed25519"
+    options = nodes.ssh_options()
+    options[options.index("-i") + 1] = str(key)  # the peer key alone
+    argv = ["ssh", *options, f"{nodes.user}@{nodes.hosts[2]}"]
+    for command in (f"touch {tmp_path}/pwned", "../../etc"):
+        r = subprocess.run([*argv, command], capture_output=True, text=True, input="", timeout=30)
+        assert r.returncode == 3 and "refused" in r.stderr, r
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_peer_that_fails_mid_fanout_is_synced_from_the_client(make_ssh_nodes, tmp_path, sent):
+    nodes = make_ssh_nodes(4)
+    src = workdir(tmp_path / "src")
+    targets = cluster(nodes, tmp_path)
+    try:
+        sync_nodes(targets, src, "fan-2")
+        # node2: the relay cannot log in there any more (reachable from the client only);
+        # node3: its receiver dies after the first 64 KiB of the stream
+        (nodes.node_dir(2) / "authorized_keys").write_text("")
+        keys = nodes.node_dir(3) / "authorized_keys"
+        public = keys.read_text().split('" ', 1)[1]
+        dies = "echo '{\\\"manifest\\\": {}}'; head -c 65536 >/dev/null; kill -9 $$"
+        keys.write_text(f'restrict,command="{dies}" {public}')
+        for i in range(4):
+            (src / f"w{i}.bin").write_bytes(os.urandom(MB // 2))
+        notes: list[str] = []
+        sent[0] = 0
+        stats = sync_nodes(targets, src, "fan-2", notes.append)
+        assert [s.relayed for s in stats] == [False, True, False, False]
+        assert [n.split(":")[0] for n in notes] == ["node2", "node3"], notes
+        assert "sending it from here" in notes[0]
+        assert 3 * 2 * MB < sent[0] < 3.3 * 2 * MB, sent[0]  # the relay, node2 and node3
+        want = {p: e.digest for p, e in sync.scan(src).items()}
+        assert manifests(targets) == [want] * 4
+    finally:
+        close(targets)
+
+
+def test_falls_back_to_client_fanout_when_nodes_cannot_reach_each_other(
+    make_ssh_nodes, tmp_path, sent
+):
+    nodes = make_ssh_nodes(3)
+    src = workdir(tmp_path / "src")
+    targets = cluster(nodes, tmp_path)
+    want = lambda: {p: e.digest for p, e in sync.scan(src).items()}  # noqa: E731
+    try:
+        # the fan-out cannot be set up on any node (its authorized keys file is a directory)
+        for i in range(3):
+            nodes.node_dir(i).joinpath("authorized_keys").mkdir()
+        notes: list[str] = []
+        stats = sync_nodes(targets, src, "fan-3", notes.append)
+        assert not any(s.relayed for s in stats)
+        assert len(notes) == 3 and all("sending the workdir to it from here" in n for n in notes)
+        assert 3 * 4 * MB < sent[0] < 3.3 * 4 * MB
+        assert manifests(targets) == [want()] * 3
+
+        # set up, then no peer lets the relay in any more: each is synced from the client
+        for i in range(3):
+            nodes.node_dir(i).joinpath("authorized_keys").rmdir()
+        (src / "w0.bin").write_bytes(os.urandom(MB))
+        assert [s.relayed for s in sync_nodes(targets, src, "fan-3")] == [False, True, True]
+        for i in range(3):
+            nodes.node_dir(i).joinpath("authorized_keys").write_text("")
+        (src / "w0.bin").write_bytes(os.urandom(MB))
+        notes.clear()
+        sent[0] = 0
+        stats = sync_nodes(targets, src, "fan-3", notes.append)
+        assert not any(s.relayed for s in stats)
+        assert [n.split(":")[0] for n in notes] == ["node1", "node2"], notes
+        assert 3 * MB < sent[0] < 3.3 * MB
+        assert manifests(targets) == [want()] * 3
+    finally:
+        close(targets)
+
+
+def test_a_small_change_goes_straight_to_each_node(make_ssh_nodes, tmp_path):
+    nodes = make_ssh_nodes(2)
+    src = workdir(tmp_path / "src", files=1, size=1000)
+    targets = cluster(nodes, tmp_path)
+    try:
+        stats = sync_nodes(targets, src, "fan-4")
+    finally:
+        close(targets)
+    assert not any(s.relayed for s in stats)
+    assert not (tmp_path / "cluster" / "node-0" / "peer").exists()  # nothing installed
+    assert json.loads((sync_dir(targets[1]) / sync.MANIFEST).read_text()).keys() == {
+        "w0.bin",
+        "train.py",
+    }
