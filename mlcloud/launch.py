@@ -207,10 +207,9 @@ def prepare_nodes(h: Handle, req: JobRequest, nodes: list[int], report: Reporter
     sent = sum(s.files_sent for s in stats)
     relayed = sum(s.relayed for s in stats)
     report.info(
-        f"synced: {sent} file(s), "
+        f"synced: {sent} file(s), {sum(s.files_deleted for s in stats)} deleted, "
         f"{sum(s.bytes_sent for s in stats if not s.relayed) / 1e6:.1f} MB sent from here"
         + (f" ({relayed} node(s) served by a peer)" if relayed else "")
-        + f", {sum(s.files_deleted for s in stats)} deleted"
     )
     digest = setup_hash(req)
     if digest:

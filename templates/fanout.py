@@ -11,7 +11,8 @@ it imports), and runs it with the node's interpreter (mlcloud/remote/fanout.py):
       ~/.ssh/authorized_keys), `restrict` and a forced command `fanout.py serve ROOT`, marked
       with ROOT so `forget` finds it. STAMP (what was installed) is written last.
   fanout.py forget ROOT
-      Remove that line (node_ctl.py's cleanup runs it at teardown).
+      Remove that line and STAMP (node_ctl.py's cleanup runs it when the cluster's processes
+      are stopped).
   fanout.py serve ROOT
       The forced command: print this node's manifest as one JSON line, then apply the stream
       on stdin as receive.py does. $SSH_ORIGINAL_COMMAND may name another node directory of
@@ -336,6 +337,10 @@ def main(argv):
         authorize(root, argv[2], argv[3])
     elif cmd == "forget":
         _rewrite_keys(root, None)
+        try:
+            os.unlink(os.path.join(root, STAMP))  # a node that lives on is set up again
+        except FileNotFoundError:
+            pass
     elif cmd == "serve":
         serve(root)
     elif cmd == "relay":

@@ -18,6 +18,16 @@ from mlcloud.remote.ssh import SshTarget, SshTransport
 MB = 1_000_000
 
 
+def MARK_OF(root: str) -> str:  # noqa: N802
+    return f"mlcloud-peer:{root}"
+
+
+def state_path():
+    from mlcloud import paths
+
+    return paths.home() / "state.db"
+
+
 @pytest.fixture
 def sent(monkeypatch):
     """Bytes this process writes to its SSH sockets, counted as they go."""
@@ -213,3 +223,43 @@ def test_a_small_change_goes_straight_to_each_node(make_ssh_nodes, tmp_path):
         "w0.bin",
         "train.py",
     }
+
+
+def test_train_sync_relays_through_the_head_and_down_takes_the_key_back(make_ssh_nodes, tmp_path):
+    """The engine's path (`launch.prepare_nodes`, as `train` runs it) on a cluster `up` made;
+    `down` removes the peer key's line from every node."""
+    from conftest import run_cli, ssh_up_args
+
+    from mlcloud import cluster, keys, launch, state
+    from mlcloud.report import PlainReporter
+
+    nodes = make_ssh_nodes(3)
+    assert run_cli(*ssh_up_args(nodes, "fan")).returncode == 0
+    src = workdir(tmp_path / "src", files=3)
+    store = state.Store(state_path())
+    h = cluster.open_cluster(store, "fan")
+    messages: list[str] = []
+
+    class Report(PlainReporter):
+        def info(self, message: str) -> None:
+            messages.append(message)
+
+    try:
+        req = launch.JobRequest(src, "train.py", (), None, {}, None, None)
+        launch.prepare_nodes(h, req, [0, 1, 2], Report(), print)
+    finally:
+        h.close()
+    assert messages == [
+        "synced: 12 file(s), 0 deleted, 1.5 MB sent from here (2 node(s) served by a peer)"
+    ]
+    roots = [n.root for n in h.nodes]
+    want = {p: e.digest for p, e in sync.scan(src).items()}
+    assert manifests([Target(t, r) for t, r in zip(h.transports, roots, strict=True)]) == [want] * 3
+    assert all(
+        MARK_OF(r) in (nodes.node_dir(i) / "authorized_keys").read_text()
+        for i, r in enumerate(roots)
+    )
+    assert keys.peer_key_path(h.record.uid).exists()
+
+    assert run_cli("down", "fan", "--yes").returncode == 0
+    assert all((nodes.node_dir(i) / "authorized_keys").read_text() == "" for i in range(3))
