@@ -76,7 +76,7 @@ def _rewrite_keys(root, line):
                 old = f.read().splitlines()
         except FileNotFoundError:
             old = []
-        kept = [x for x in old if not x.endswith(" " + MARK + root)]
+        kept = [x for x in old if not x.endswith(" " + MARK + root) and not _stale(x)]
         if line is None and len(kept) == len(old):
             return
         tmp = path + ".mlcloud-tmp"
@@ -84,6 +84,13 @@ def _rewrite_keys(root, line):
         with os.fdopen(fd, "w") as f:
             f.write("".join(x + "\n" for x in kept + ([line] if line else [])))
         os.replace(tmp, path)
+
+
+def _stale(line):
+    """A line of ours for a node directory that is gone (removed without `forget`): sshd takes
+    the first line with a key, so one left over would shadow a new node's."""
+    _, mark, root = line.rpartition(" " + MARK)
+    return bool(mark) and not os.path.isdir(root)
 
 
 def authorize(root, public, stamp):

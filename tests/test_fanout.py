@@ -263,3 +263,39 @@ def test_train_sync_relays_through_the_head_and_down_takes_the_key_back(make_ssh
 
     assert run_cli("down", "fan", "--yes").returncode == 0
     assert all((nodes.node_dir(i) / "authorized_keys").read_text() == "" for i in range(3))
+
+
+def test_authorize_replaces_lines_of_node_directories_that_are_gone(tmp_path, monkeypatch):
+    """sshd takes the first line with a key: a line left for a removed node directory would
+    shadow the new node's, so installing drops such lines (and never another cluster's)."""
+    import shutil
+    import sys
+
+    from mlcloud import templates
+
+    keys_file = tmp_path / "ssh" / "authorized_keys"
+    keys_file.parent.mkdir()
+    keys_file.write_text("ssh-ed25519 AAAAuser user@laptop\n")
+    monkeypatch.setenv("MLCLOUD_AUTHORIZED_KEYS", str(keys_file))
+
+    def authorize(root):
+        (root / "peer").mkdir(parents=True)
+        shutil.copy(templates.path("fanout.py"), tmp_path / "fanout.py")
+        shutil.copy(templates.path("receive.py"), tmp_path / "receive.py")
+        argv = [sys.executable, "-I", "-S", str(tmp_path / "fanout.py"), "authorize", str(root)]
+        subprocess.run([*argv, "ssh-ed25519 AAAApeer", "s1"], check=True)
+
+    old, new, other = (
+        tmp_path / "a" / "node-0",
+        tmp_path / "b" / "node-0",
+        tmp_path / "c" / "node-0",
+    )
+    authorize(old)
+    authorize(other)
+    shutil.rmtree(old)
+    authorize(new)
+    lines = keys_file.read_text().splitlines()
+    assert lines[0] == "ssh-ed25519 AAAAuser user@laptop"
+    assert [x.rsplit(" ", 1)[1] for x in lines[1:]] == [MARK_OF(str(other)), MARK_OF(str(new))]
+    assert 'command="exec ' in lines[2] and lines[2].startswith("restrict,")
+    assert (new / "peer" / "stamp").read_text() == "s1"

@@ -67,7 +67,9 @@ def sync_nodes(
     """Make every target's workdir mirror src; the stats say what each node received, and
     note hears why a node was synced from here after all. The workdir is relayed when sending
     it to each node would cost this machine's link relay_above bytes more than sending it once."""
-    if len(targets) < 2 or not all(isinstance(t.transport, SshTransport) for t in targets):
+    if len(targets) < 2 or not all(
+        isinstance(t.transport, SshTransport) and t.root.startswith("/") for t in targets
+    ):
         return fan_out(lambda i: targets[i].transport.sync(src, targets[i].dest), _all(targets))
     probes = fan_out(lambda i: _probe(targets[i]), _all(targets))
     local = sync.scan(src, previous=probes[0].manifest)
