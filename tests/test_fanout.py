@@ -8,6 +8,8 @@ import json
 import os
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,8 +86,6 @@ def manifests(targets):
 
 
 def sync_dir(t):
-    from pathlib import Path
-
     return Path(t.dest)
 
 
@@ -269,7 +269,6 @@ def test_authorize_replaces_lines_of_node_directories_that_are_gone(tmp_path, mo
     """sshd takes the first line with a key: a line left for a removed node directory would
     shadow the new node's, so installing drops such lines (and never another cluster's)."""
     import shutil
-    import sys
 
     from mlcloud import templates
 
@@ -299,3 +298,27 @@ def test_authorize_replaces_lines_of_node_directories_that_are_gone(tmp_path, mo
     assert [x.rsplit(" ", 1)[1] for x in lines[1:]] == [MARK_OF(str(other)), MARK_OF(str(new))]
     assert 'command="exec ' in lines[2] and lines[2].startswith("restrict,")
     assert (new / "peer" / "stamp").read_text() == "s1"
+
+
+def test_a_relay_without_an_ssh_client_leaves_the_client_to_send(make_ssh_nodes, tmp_path, sent):
+    """Nodes whose PATH has everything but OpenSSH's client: no relay, each node from here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name != "ssh" and not (bin_dir / name).exists():
+                (bin_dir / name).symlink_to(os.path.join(folder, name))
+    python_dir = os.path.dirname(os.path.abspath(sys.executable))
+    nodes = make_ssh_nodes(2, env_path=f"{python_dir}:{bin_dir}")
+    src = workdir(tmp_path / "src", files=2)
+    targets = cluster(nodes, tmp_path)
+    notes: list[str] = []
+    try:
+        stats = sync_nodes(targets, src, "fan-5", notes.append)
+    finally:
+        close(targets)
+    assert notes == [
+        "node0 has no ssh client to pass the workdir on; sending it to each node from here"
+    ]
+    assert not any(s.relayed for s in stats) and 2 * MB < sent[0] < 2.2 * MB
+    assert manifests(targets) == [{p: e.digest for p, e in sync.scan(src).items()}] * 2
