@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mlcloud import keys
 from mlcloud.parallel import fan_out
 from mlcloud.remote import sync
 from mlcloud.remote.shell import quote
@@ -78,14 +79,15 @@ def sync_nodes(
     direct = set(need)
     relaying = len(need) > 1 and (len(need) - 1) * stats[need[0]].bytes_sent >= relay_above
     if relaying and probes[need[0]].has_ssh:
-        relay, peers = need[0], [i for i in need[1:] if _known_host(targets[i], probes[i])]
-        private, public = _peer_key(uid)
+        known = {i: _known_host(targets[i], probes[i]) for i in need[1:]}
+        relay, peers = need[0], [i for i in need[1:] if known[i]]
+        private, public = keys.ensure_peer_key(uid)
         refused = _install(targets, probes, [relay, *peers], relay, private, public)
         for _, why in sorted(refused.items()):
             note(f"{why}; sending the workdir to it from here")
         peers = [i for i in peers if i not in refused]
         if peers and relay not in refused:
-            failed = _relay(targets, probes, relay, peers, src, local)
+            failed = _relay(targets, probes, relay, peers, known, src, local)
             for i, why in sorted(failed.items()):
                 label, via = targets[i].transport.label, targets[relay].transport.label
                 note(f"{label}: not reached from {via} ({why}); sending it from here")
@@ -111,13 +113,6 @@ def _all(targets: list[Target]) -> list[int]:
 def _stats(local: sync.Manifest, remote: sync.Manifest) -> SyncStats:
     send, delete = sync.diff(local, remote)
     return SyncStats(len(send), sum(local[p].size for p in send), len(delete))
-
-
-def _peer_key(uid: str) -> tuple[bytes, str]:
-    from mlcloud import keys
-
-    private, public = keys.ensure_peer_key(uid)
-    return private, public
 
 
 def _probe(t: Target) -> Probe:
@@ -152,8 +147,6 @@ def _known_host(t: Target, probe: Probe) -> str | None:
     """The known_hosts lines the relay checks this peer against: its host key as pinned here,
     under the address it answered on. None when either is unknown."""
     import paramiko
-
-    from mlcloud import keys
 
     if probe.address is None or "\n" in t.root:
         return None
@@ -226,6 +219,7 @@ def _relay(
     probes: list[Probe],
     relay: int,
     peers: list[int],
+    known: dict[int, str | None],
     src: Path,
     local: sync.Manifest,
 ) -> dict[int, str]:
@@ -244,7 +238,7 @@ def _relay(
             }
             for i in peers
         ],
-        "known_hosts": "".join(_known_host(targets[i], probes[i]) or "" for i in peers),
+        "known_hosts": "".join(known[i] or "" for i in peers),
     }
     root = quote(t.root)
     cmd = f"{quote(t.transport.python)} -I -S {root}/bin/fanout.py relay {root}"
