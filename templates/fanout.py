@@ -312,6 +312,10 @@ def relay(root):
         stdin.tee(tee)
         try:
             count = receive(tree, stdin)
+        except BaseException:
+            for p in tee:  # a writer blocked on a slow peer must not hold the end below
+                p.fail("this node's copy failed")
+            raise
         finally:
             stdin.peers = ()
             for p in tee:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,14 @@ def manifests(targets):
 
 def sync_dir(t):
     return Path(t.dest)
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def close(targets):
@@ -322,3 +331,32 @@ def test_a_relay_without_an_ssh_client_leaves_the_client_to_send(make_ssh_nodes,
     ]
     assert not any(s.relayed for s in stats) and 2 * MB < sent[0] < 2.2 * MB
     assert manifests(targets) == [{p: e.digest for p, e in sync.scan(src).items()}] * 2
+
+
+def test_when_the_relay_cannot_take_the_workdir_the_sync_fails_and_nothing_is_left_running(
+    make_ssh_nodes, tmp_path
+):
+    from mlcloud.remote.transport import RemoteError
+
+    nodes = make_ssh_nodes(3)
+    src = workdir(tmp_path / "src", files=4)
+    targets = cluster(nodes, tmp_path)
+    blocker = sync_dir(targets[0]) / "w3.bin" / "job-output"  # a directory where a file goes
+    blocker.mkdir(parents=True)
+    try:
+        with pytest.raises(RemoteError, match=r"node0: syncing the workdir failed .*refused"):
+            sync_nodes(targets, src, "fan-6")
+    finally:
+        close(targets)
+    # the peers' receivers see their stream end, remove what they were writing, and exit
+    deadline = time.monotonic() + 10
+    while [p for i in range(3) for p in nodes.pids(i) if b"fanout.py" in cmdline(p)]:
+        assert time.monotonic() < deadline, "a receiver or the relay is still running"
+        time.sleep(0.05)
+    want = {p: e.digest for p, e in sync.scan(src).items()}
+    assert not (sync_dir(targets[0]) / sync.MANIFEST).exists()
+    for i in (1, 2):  # a peer's copy is whole (it had the stream before the relay failed), or
+        # it has none: nothing half-written either way
+        assert list(sync_dir(targets[i]).rglob("*.mlcloud-tmp")) == []
+        if (sync_dir(targets[i]) / sync.MANIFEST).exists():
+            assert manifests([targets[i]]) == [want]
