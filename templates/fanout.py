@@ -27,9 +27,9 @@ it imports), and runs it with the node's interpreter (mlcloud/remote/fanout.py):
       client's to sync. Exits as receive.py does when this node's own copy fails.
 """
 
+import collections
 import json
 import os
-import queue
 import re
 import shlex
 import signal
@@ -47,7 +47,9 @@ KEY = "peer/id_ed25519"
 STAMP = "peer/stamp"
 MARK = "mlcloud-peer:"
 HELLO_TIMEOUT = 30.0  # connect (ConnectTimeout below) plus the peer's interpreter starting
-QUEUE_CHUNKS = 16  # what a slow peer may lag behind the client's stream, in chunks of <= 1 MiB
+# How far a peer may lag behind the client's stream: the nodes do not all get the CPU at the
+# same moments, and a short leash makes the whole chain wait for the slowest at every step.
+LAG_BYTES = 32 << 20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -144,6 +146,32 @@ def serve(root):
     print(count)
 
 
+class Lag:
+    """The bytes a peer has yet to take, up to LAG_BYTES (put waits beyond it); None ends it."""
+
+    def __init__(self):
+        self.items = collections.deque()
+        self.size = 0
+        self.cond = threading.Condition()
+
+    def put(self, data):
+        with self.cond:
+            while self.size > LAG_BYTES:
+                self.cond.wait()
+            self.items.append(data)
+            self.size += len(data) if data else 0
+            self.cond.notify_all()
+
+    def get(self):
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            data = self.items.popleft()
+            self.size -= len(data) if data else 0
+            self.cond.notify_all()
+            return data
+
+
 class Peer:
     """One `ssh peer serve` session: the peer's manifest, then a stream written from a thread."""
 
@@ -174,7 +202,7 @@ class Peer:
         self.why = None
         self.err = b""
         self.greeted = threading.Event()
-        self.queue = queue.Queue(QUEUE_CHUNKS)
+        self.queue = Lag()
         self.writer = None
         self.readers = [
             threading.Thread(target=self._read_out, daemon=True),
