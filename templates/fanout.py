@@ -28,6 +28,7 @@ it imports), and runs it with the node's interpreter (mlcloud/remote/fanout.py):
 """
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -128,22 +129,28 @@ def serve(root):
         sys.stderr.write(f"mlcloud fanout: refused: {name!r} is no node of this cluster here\n")
         sys.exit(3)
     dest = os.path.join(parent, name, "workdir")
-    tree = None
-    try:
+    with _failures(dest):
         tree = Tree(dest)
-        sys.stdout.write(json.dumps({"manifest": _load(tree.read(MANIFEST))}) + "\n")
-        sys.stdout.flush()
-        count = receive(tree, Stream(sys.stdin.fileno()))
+        try:
+            sys.stdout.write(json.dumps({"manifest": _load(tree.read(MANIFEST))}) + "\n")
+            sys.stdout.flush()
+            count = receive(tree, Stream(sys.stdin.fileno()))
+        finally:
+            tree.close()
+    print(count)
+
+
+@contextlib.contextmanager
+def _failures(where):
+    """This node's copy failed: one line on stderr and receive.py's exit codes."""
+    try:
+        yield
     except Refused as e:
         sys.stderr.write(f"mlcloud sync: refused: {e}\n")
         sys.exit(3)
     except (Failed, OSError) as e:
-        sys.stderr.write(f"mlcloud sync: failed in {dest}: {e}; the partial file was removed\n")
+        sys.stderr.write(f"mlcloud sync: failed in {where}: {e}; the partial file was removed\n")
         sys.exit(4)
-    finally:
-        if tree is not None:
-            tree.close()
-    print(count)
 
 
 class Lag:
@@ -321,10 +328,16 @@ def relay(root):
     except (ValueError, KeyError, TypeError):
         sys.stderr.write("mlcloud sync: refused: no relay header\n")
         sys.exit(3)
-    known_path = os.path.join(root, "peer", "known_hosts")
-    fd = os.open(known_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(known)
+    with _failures(root):
+        known_path = os.path.join(root, "peer", "known_hosts")
+        fd = os.open(known_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(known)
+        _pass_on(root, stdin, specs, known_path)
+
+
+def _pass_on(root, stdin, specs, known_path):
+    """Apply the stream here and pass it on to every peer; print what became of each."""
     peers, tree = [], None
     try:
         tree = Tree(os.path.join(root, "workdir"))
@@ -353,12 +366,6 @@ def relay(root):
             if p.why is None and p not in tee:
                 p.start(_chunks_of(tree, manifest, p.manifest))
         failed = {p.name: why for p in peers if (why := p.finish()) is not None}
-    except Refused as e:
-        sys.stderr.write(f"mlcloud sync: refused: {e}\n")
-        sys.exit(3)
-    except (Failed, OSError) as e:
-        sys.stderr.write(f"mlcloud sync: failed in {root}: {e}; the partial file was removed\n")
-        sys.exit(4)
     finally:
         for p in peers:  # this node failed or was interrupted: end what still runs
             if p.proc.poll() is None:
