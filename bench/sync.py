@@ -13,6 +13,7 @@ interleaved round-robin (order rotated every round) so machine noise hits all ca
   first sync       into empty node directories, fresh connections (as a new cluster's first
                    `mlcloud train`: probe, install of the relay, scan/hash, pack, send, relay):
     rsync -az to 1 node            the baseline: `rsync -az -e ssh src/ node0:dest/`
+    mlcloud to 1 node              mlcloud's own cost per node, for scale
     rsync -az to each of N         N rsyncs from the client, side by side
     mlcloud to N (fan-out)         mlcloud.remote.fanout.sync_nodes: the client sends to one
                                    node, which passes it on to the others over SSH
@@ -316,11 +317,12 @@ def main() -> int:
             for n in sizes:
                 keys = {
                     "rs1": "rsync -az to 1 node",
+                    "one": "mlcloud to 1 node",
                     "rsn": f"rsync -az to each of {n}",
                     "fan": f"mlcloud to {n} (fan-out)",
                     "dir": f"mlcloud to {n} (direct)",
                 }
-                names = ["rs1", "rsn", "fan"] + (["dir"] if opts.direct else [])
+                names = ["rs1", "one", "rsn", "fan"] + (["dir"] if opts.direct else [])
                 times: dict[str, list[float]] = {k: [] for k in names}
                 cpu: dict[str, list[float]] = {k: [] for k in names}
                 bytes_: dict[str, list[int]] = {k: [] for k in names}
@@ -328,6 +330,7 @@ def main() -> int:
                     base = remote / f"n{n}-r{r}"
                     cases = {
                         "rs1": (lambda d: rsync(0, d[0]), [base / "rs1" / "node-0"]),
+                        "one": (lambda d: mlcloud_sync(d, relay=False), [base / "one" / "node-0"]),
                         "rsn": (rsync_each, [base / "rsn" / f"node-{i}" for i in range(n)]),
                         "fan": (
                             lambda d: mlcloud_sync(d, relay=True),
