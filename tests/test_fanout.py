@@ -360,3 +360,15 @@ def test_when_the_relay_cannot_take_the_workdir_the_sync_fails_and_nothing_is_le
         assert list(sync_dir(targets[i]).rglob("*.mlcloud-tmp")) == []
         if (sync_dir(targets[i]) / sync.MANIFEST).exists():
             assert manifests([targets[i]]) == [want]
+
+
+def test_nodes_on_this_machine_sync_as_before(tmp_path):
+    """The local provider's nodes share the client's disk: each is synced in place, no relay."""
+    from mlcloud.remote.local import LocalTransport
+
+    src = workdir(tmp_path / "src", files=2, size=1000)
+    targets = [Target(LocalTransport(f"node{i}"), str(tmp_path / f"node-{i}")) for i in range(3)]
+    stats = sync_nodes(targets, src, "fan-7", relay_above=0)
+    assert [(s.files_sent, s.relayed) for s in stats] == [(3, False)] * 3
+    assert manifests(targets) == [{p: e.digest for p, e in sync.scan(src).items()}] * 3
+    assert not any((tmp_path / f"node-{i}" / "bin").exists() for i in range(3))
