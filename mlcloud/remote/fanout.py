@@ -12,6 +12,7 @@ directories on this machine (local) sync as before.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -226,7 +227,7 @@ def _relay(
     """Send the stream to the relay, which applies it and passes it on; the peers it could not
     serve, and why, for the caller to sync directly."""
     t = targets[relay]
-    payload, _ = sync.stream(src, probes[relay].manifest, local)
+    send, delete = sync.diff(local, probes[relay].manifest)
     by_name = {targets[i].name: i for i in peers}
     config = {
         "peers": [
@@ -242,7 +243,10 @@ def _relay(
     }
     root = quote(t.root)
     cmd = f"{quote(t.transport.python)} -I -S {root}/bin/fanout.py relay {root}"
-    stdin = json.dumps(config).encode() + b"\n" + (payload or b"")
+    # sent as it is packed: the client compresses while the nodes receive
+    stdin = itertools.chain(
+        [json.dumps(config).encode() + b"\n"], sync.frames(src, send, delete, local)
+    )
     result = check(t.transport.run(cmd, stdin=stdin), t.transport, "syncing the workdir")
     try:
         failed = json.loads(result.stdout.strip().splitlines()[-1])["failed"]

@@ -12,6 +12,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,9 +290,14 @@ def _open_source(src: Path, rel: str):
 
 
 def pack(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> bytes:
-    """One stream for a node: a JSON header line ({"delete", "manifest"}), then per file a JSON
-    line ({"p": path, "n": bytes that follow, "z": zlib?, "x": executable?}) and its bytes,
-    then {"end": count}.
+    """The whole stream for a node (frames, joined)."""
+    return b"".join(frames(src, send, delete, manifest))
+
+
+def frames(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> Iterator[bytes]:
+    """One stream for a node, in pieces, each out as soon as it is ready: a JSON header line
+    ({"delete", "manifest"}), then per file a JSON line ({"p": path, "n": bytes that follow,
+    "z": zlib?, "x": executable?}) and its bytes, then {"end": count}.
 
     A file is compressed (zlib level 1, on all cores: zlib releases the GIL) only when its
     first 16 KiB compress; random weights and images go as they are, where tar.gz spent most
@@ -319,10 +325,13 @@ def pack(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> b
         "delete": delete,
         "manifest": {p: [e.size, e.mtime_ns, e.digest] for p, e in manifest.items()},
     }
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        frames = list(pool.map(frame, send))
-    end = json.dumps({"end": len(send)}).encode() + b"\n"
-    return b"".join([json.dumps(header).encode() + b"\n", *frames, end])
+    yield json.dumps(header).encode() + b"\n"
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    try:
+        yield from pool.map(frame, send)
+    finally:
+        pool.shutdown(cancel_futures=True)  # the reader gave up: compress nothing more
+    yield json.dumps({"end": len(send)}).encode() + b"\n"
 
 
 _scans: dict[str, tuple[float, Manifest]] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,9 +47,10 @@ class Transport(Protocol):
         *,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
     ) -> RunResult:
-        """Run a shell command; with on_line, stdout is streamed line by line instead of kept."""
+        """Run a shell command; with on_line, stdout is streamed line by line instead of kept.
+        stdin may come in pieces (sent as they are made)."""
 
     def put(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Write a file on the node atomically with the given mode (secrets: 0600)."""
