@@ -372,3 +372,25 @@ def test_nodes_on_this_machine_sync_as_before(tmp_path):
     assert [(s.files_sent, s.relayed) for s in stats] == [(3, False)] * 3
     assert manifests(targets) == [{p: e.digest for p, e in sync.scan(src).items()}] * 3
     assert not any((tmp_path / f"node-{i}" / "bin").exists() for i in range(3))
+
+
+def test_a_home_another_thread_made_meanwhile_is_taken(tmp_path, monkeypatch):
+    """The fan-out's probes make the first connections of a fresh home side by side, and each
+    asks for the home: one made by another thread between two looks is a directory, not "a
+    file"."""
+    from mlcloud import paths
+
+    home = tmp_path / "fresh"
+
+    class Racing(type(home)):
+        looked = False
+
+        def is_dir(self):
+            if not Racing.looked:  # not there at the first look; another thread makes it
+                Racing.looked = True
+                os.mkdir(self)
+                return False
+            return super().is_dir()
+
+    monkeypatch.setattr(paths, "home_path", lambda: Racing(home))
+    assert paths.home() == home
