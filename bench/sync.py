@@ -287,7 +287,8 @@ def main() -> int:
                 try:
                     # a cluster each: one peer key, its nodes in one directory
                     uid = f"bench-{roots[0].parent.parent.name}-{roots[0].parent.name}"
-                    fanout.sync_nodes(ts, src, uid, print, relay_above=0 if relay else 1 << 62)
+                    above = fanout.RELAY_ABOVE if relay else 1 << 62  # as `train` does, or never
+                    fanout.sync_nodes(ts, src, uid, print, relay_above=above)
                 finally:
                     for t in ts:
                         t.transport.close()
