@@ -1,38 +1,49 @@
-"""Workdir sync to real sshd nodes: mlcloud's delta sync against `rsync -az` over OpenSSH.
+"""Workdir sync to real sshd nodes: mlcloud's shipped-once fan-out against `rsync -az` over OpenSSH.
 
 Run from the repository root with the project's venv:
 
-    .venv/bin/python bench/sync.py [--runs N] [--nodes N] [--mb 100] [--files 2000]
+    .venv/bin/python bench/sync.py [--runs N] [--nodes 4,8] [--mb 200] [--files 5000]
 
 Builds a deterministic workdir (random.Random(--seed)): about half its bytes code-like text
 (.py, .md, .yaml, .json, .csv; compressible) and half random binary (.npy, .pt, .bin, .png;
-incompressible), many small files and a few large ones. Starts N real OpenSSH ``sshd`` nodes
-on 127.0.0.2.. (tests/sshnodes.py) and measures, interleaved round-robin (order rotated every
-round) so machine noise hits all cases alike:
+incompressible), many small files and a few large ones. Starts max(--nodes) real OpenSSH
+``sshd`` nodes on 127.0.0.2.. (tests/sshnodes.py) and, for each cluster size N, measures
+interleaved round-robin (order rotated every round) so machine noise hits all cases alike:
 
-  (a) first sync   fresh SshTransports, fan_out(transport.sync) into empty directories on
-                   all N nodes (connect + manifest + scan/hash + pack + send + extract),
-                   against `rsync -az -e ssh src/ node0:dest/` to ONE node; target <= 1.5x;
-  (b) re-sync      one file changed, then the same again into the synced directories (fresh
-                   transports, as a new `mlcloud train` does) against `rsync -az` of the same
-                   tree into its synced copy on one node; target <= 1.0x.
+  first sync       into empty node directories, fresh connections (as a new cluster's first
+                   `mlcloud train`: probe, install of the relay, scan/hash, pack, send, relay):
+    rsync -az to 1 node            the baseline: `rsync -az -e ssh src/ node0:dest/`
+    mlcloud to 1 node              mlcloud's own cost per node, for scale
+    rsync -az to each of N         N rsyncs from the client, side by side
+    mlcloud to N (fan-out)         mlcloud.remote.fanout.sync_nodes: the client sends to one
+                                   node, which passes it on to the others over SSH
+    mlcloud to N (direct)          the same sync with the fan-out off (the client sends to
+                                   each node; --no-direct skips it)
 
-  info             a first sync by mlcloud to ONE node (--no-single skips it): mlcloud's cost
-                   per node, since here the N nodes share this machine's CPUs with the client.
+and the bytes the client sent in each, against the workdir's size (mlcloud's counted on its
+sockets, rsync's from `--stats`). Goal: mlcloud to the whole cluster at or below rsync to one.
+
+  re-sync          one file changed each round, synced again into the synced copies (fresh
+                   connections, as a new `mlcloud train` does): mlcloud to N against rsync
+                   -az to one node; goal at or below it.
+
+What this proves and what it cannot: the client's bytes are measured, so "the uplink carries
+the workdir once, whatever N" holds as measured. Time cannot show the win a real cluster sees:
+here the "private network" and the client's "uplink" are the same loopback, and every node's
+sshd, decryption and writes share this machine's CPUs with the client, so the time to N nodes
+grows with N for every method; on real machines each node brings its own CPU and disk, and the
+client's link, not loopback, is what direct sends divide by N.
 
 mlcloud caches a sync stream (and whatever else it keeps in mlcloud.remote.sync) per process;
-the bench reloads that module before every timed case, so each mlcloud sync is timed as a new
-process would run it. Every first sync lands in a new directory, removed after it is checked.
-After every sync the remote trees are checked against the source (file list, sizes, and the
-content hash of a sample of files plus the changed one). The "cpu s" column is the CPU time
-the whole machine used during the case (client, sshd, receivers).
+the bench reloads that module before every timed case. Every first sync lands in new
+directories, removed after they are checked against the source (file list, sizes, and the
+content hash of a sample of files). "cpu s" is the CPU time the whole machine used.
 
 The workdir and the nodes' directories live in /dev/shm when it has room (--tmp to choose):
 the nodes share one disk here, which real nodes do not.
 
-Prints median wall times and ratios; exits 1 if a target is missed. The sshd nodes are stopped
-on every exit path (error, Ctrl-C, SIGTERM). Standard library only, plus mlcloud and
-tests/sshnodes.py.
+Prints median wall times, ratios to rsync to one node, and bytes; exits 1 if the goal is
+missed. The sshd nodes are stopped on every exit path (error, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -56,8 +67,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-FIRST_TARGET = 1.5  # mlcloud to N nodes / rsync to one node
-RESYNC_TARGET = 1.0
 MANIFEST = ".mlcloud-manifest.json"  # mlcloud's own file in the synced directory
 
 TEXT_KINDS = [(".py", 0.6), (".md", 0.1), (".yaml", 0.1), (".json", 0.1), (".csv", 0.1)]
@@ -185,18 +194,47 @@ def default_tmp(need: float) -> str | None:
 # ---- the bench -------------------------------------------------------------------------------
 
 
+class Counter:
+    """Bytes this process sends on the sockets it opens from now on (mlcloud's SSH links)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sent = 0
+        real = socket.create_connection
+        counter = self
+
+        class Counting:
+            def __init__(self, sock):
+                self._sock = sock
+
+            def send(self, data):
+                n = self._sock.send(data)
+                counter.sent += n
+                return n
+
+            def sendall(self, data):
+                counter.sent += len(data)
+                return self._sock.sendall(data)
+
+            def __getattr__(self, name):
+                return getattr(self._sock, name)
+
+        socket.create_connection = lambda *a, **k: Counting(real(*a, **k))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="timed rounds (median)")
-    parser.add_argument("--nodes", type=int, default=4, help="sshd nodes mlcloud syncs to")
-    parser.add_argument("--mb", type=float, default=100, help="workdir size, MB (10^6 bytes)")
-    parser.add_argument("--files", type=int, default=2000, help="files in the workdir")
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds (median)")
+    parser.add_argument("--nodes", default="4,8", help="cluster sizes, comma-separated")
+    parser.add_argument("--mb", type=float, default=200, help="workdir size, MB (10^6 bytes)")
+    parser.add_argument("--files", type=int, default=5000, help="files in the workdir")
     parser.add_argument("--seed", type=int, default=0, help="workdir content seed")
     parser.add_argument(
-        "--no-single",
-        dest="single",
+        "--no-direct",
+        dest="direct",
         action="store_false",
-        help="skip the info case: a first sync by mlcloud to one node",
+        help="skip mlcloud's sync with the fan-out off",
     )
     parser.add_argument(
         "--tmp",
@@ -204,8 +242,10 @@ def main() -> int:
         "room, else the system temp dir)",
     )
     opts = parser.parse_args()
+    sizes = sorted({int(x) for x in opts.nodes.split(",")})
     signal.signal(signal.SIGTERM, _sigterm)
-    where = opts.tmp or default_tmp(opts.mb * 1e6 * (opts.nodes + 3) * 1.2)
+    most = max(sizes)
+    where = opts.tmp or default_tmp(opts.mb * 1e6 * (2 * most + 3) * 1.2)
 
     with tempfile.TemporaryDirectory(prefix="mlcloud-bench-sync-", dir=where) as tmp_name:
         tmp = Path(tmp_name)
@@ -213,10 +253,11 @@ def main() -> int:
         os.environ.pop("MLCLOUD_DEBUG", None)
         from sshnodes import SshNodes
 
-        from mlcloud.parallel import fan_out
+        from mlcloud.remote import fanout
         from mlcloud.remote import sync as mlsync
         from mlcloud.remote.ssh import SshTarget, SshTransport
 
+        counter = Counter()
         src = tmp / "src"
         t0 = time.perf_counter()
         info = make_workdir(src, int(opts.mb * 1e6), opts.files, opts.seed)
@@ -230,136 +271,157 @@ def main() -> int:
         rng = random.Random(opts.seed + 1)
         remote = tmp / "remote"  # what the nodes write to (same filesystem, own directories)
 
-        with SshNodes(opts.nodes, tmp / "ssh") as nodes:
-            n = opts.nodes
+        with SshNodes(most, tmp / "ssh") as nodes:
             key = str(nodes.client_key)
             targets = [
                 SshTarget(host=x.host, port=x.port, user=x.user, identity_file=key)
                 for x in nodes.nodes
             ]
-            node0 = nodes.nodes[0]
             rsync_e = shlex.join(["ssh", *nodes.ssh_options()])
 
-            def mlcloud_sync(dests: list[Path]) -> None:
-                ts = [SshTransport(targets[i], label=f"node{i}") for i in range(len(dests))]
+            def mlcloud_sync(roots: list[Path], relay: bool) -> None:
+                ts = [
+                    fanout.Target(SshTransport(targets[i], label=f"node{i}"), str(roots[i]))
+                    for i in range(len(roots))
+                ]
                 try:
-                    fan_out(lambda i: ts[i].sync(src, str(dests[i])), list(range(len(dests))))
+                    # a cluster each: one peer key, its nodes in one directory
+                    uid = f"bench-{roots[0].parent.parent.name}-{roots[0].parent.name}"
+                    above = fanout.RELAY_ABOVE if relay else 1 << 62  # as `train` does, or never
+                    fanout.sync_nodes(ts, src, uid, print, relay_above=above)
                 finally:
                     for t in ts:
-                        t.close()
+                        t.transport.close()
 
-            def rsync(dest: Path) -> None:
+            def rsync(i: int, dest: Path) -> int:
+                """rsync to node i; the bytes it sent."""
+                node = nodes.nodes[i]
                 dest.parent.mkdir(parents=True, exist_ok=True)  # rsync makes only the last
-                cmd = [
-                    "rsync",
-                    "-az",
-                    "-e",
-                    rsync_e,
-                    f"{src}/",
-                    f"{node0.user}@{node0.host}:{dest}/",
-                ]
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                cmd = ["rsync", "-az", "--stats", "-e", rsync_e, f"{src}/"]
+                cmd.append(f"{node.user}@{node.host}:{dest}/")
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
                 if p.returncode != 0:
                     raise RuntimeError(f"rsync exited {p.returncode}: {p.stderr}")
+                for line in p.stdout.splitlines():
+                    if line.startswith("Total bytes sent:"):
+                        return int(line.split(":")[1].replace(",", ""))
+                return 0
 
-            def sample(extra: list[str]) -> list[str]:
-                return rng.sample(sorted(src_tree), 12) + extra
+            def rsync_each(dests: list[Path]) -> int:
+                from concurrent.futures import ThreadPoolExecutor
 
-            # Untimed: pin host keys, import paramiko, and sync the re-sync targets once.
-            re_ml = [remote / f"n{i}" / "resync" for i in range(n)]
-            re_rs = remote / "rsync" / "resync"
-            mlcloud_sync(re_ml)
-            rsync(re_rs)
-            for d in [*re_ml, re_rs]:
-                verify(src, src_tree, d, sample([]))
+                with ThreadPoolExecutor(len(dests)) as pool:
+                    return sum(pool.map(rsync, range(len(dests)), dests))
 
-            first_rs_k, first_ml_k = (
-                "(a) first sync, rsync -az to 1 node",
-                f"(a) first sync, mlcloud to {n} nodes",
-            )
-            re_rs_k, re_ml_k = (
-                "(b) re-sync, rsync -az to 1 node",
-                f"(b) re-sync, mlcloud to {n} nodes",
-            )
-            one_k = "info: first sync, mlcloud to 1 node"
-            names = [first_rs_k, first_ml_k, re_rs_k, re_ml_k] + ([one_k] if opts.single else [])
-            short = {
-                first_rs_k: "first rsync",
-                first_ml_k: "first mlcloud",
-                re_rs_k: "re rsync",
-                re_ml_k: "re mlcloud",
-                one_k: "first mlcloud 1 node",
-            }
-            times: dict[str, list[float]] = {k: [] for k in names}
-            cpu: dict[str, list[float]] = {k: [] for k in names}
-            for r in range(opts.runs):
-                # One changed file per round: new content, new size, new mtime.
-                changed = rng.choice(info["text_paths"])
-                with (src / changed).open("ab") as f:
-                    f.write(f"# changed in round {r}\n".encode())
-                src_tree = tree(src)
-                first_ml = [remote / f"n{i}" / f"first-{r}" for i in range(n)]
-                first_rs = remote / "rsync" / f"first-{r}"
-                one = remote / "one" / f"first-{r}"
-                cases = {
-                    first_rs_k: (rsync, first_rs, [first_rs]),
-                    first_ml_k: (mlcloud_sync, first_ml, first_ml),
-                    re_rs_k: (rsync, re_rs, [re_rs]),
-                    re_ml_k: (mlcloud_sync, re_ml, re_ml),
-                    one_k: (mlcloud_sync, [one], [one]),
+            # Untimed: pin host keys, import paramiko.
+            warm = [remote / "warm" / f"node-{i}" for i in range(most)]
+            mlcloud_sync(warm, relay=True)
+            shutil.rmtree(remote / "warm")
+
+            results: dict[int, dict[str, tuple[str, list[float], list[float], list[int]]]] = {}
+            for n in sizes:
+                keys = {
+                    "rs1": "rsync -az to 1 node",
+                    "one": "mlcloud to 1 node",
+                    "rsn": f"rsync -az to each of {n}",
+                    "fan": f"mlcloud to {n} (fan-out)",
+                    "dir": f"mlcloud to {n} (direct)",
+                    "rsr": "re-sync, rsync -az to 1 node",
+                    "rer": f"re-sync, mlcloud to {n}",
                 }
-                order = names[r % len(names) :] + names[: r % len(names)]
-                for name in order:
-                    fn, arg, dests = cases[name]
-                    # Time each mlcloud sync as a new process runs it: no stream or scan that
-                    # an earlier call cached in mlcloud.remote.sync's module state.
-                    importlib.reload(mlsync)
-                    c0, t0 = machine_cpu(), time.perf_counter()
-                    fn(arg)
-                    times[name].append(time.perf_counter() - t0)
-                    cpu[name].append(machine_cpu() - c0)
-                    for d in dests:
-                        verify(src, src_tree, d, sample([changed]))
-                for d in [*first_ml, first_rs, one]:
-                    shutil.rmtree(d, ignore_errors=True)  # every first sync is really first
-                print(
-                    f"round {r + 1}/{opts.runs}: "
-                    + ", ".join(f"{short[k]} {times[k][-1]:.2f}s" for k in names),
-                    flush=True,
-                )
+                names = ["rs1", "one", "rsn", "fan"] + (["dir"] if opts.direct else [])
+                names += ["rsr", "rer"]
+                # Untimed: the re-sync cases start from synced copies; each round changes one
+                # file (new content, size and mtime) and syncs again (fresh connections).
+                re_rs = remote / f"n{n}-resync" / "rs" / "node-0"
+                re_ml = [remote / f"n{n}-resync" / "ml" / f"node-{i}" for i in range(n)]
+                rsync(0, re_rs)
+                mlcloud_sync(re_ml, relay=True)
+                times: dict[str, list[float]] = {k: [] for k in names}
+                cpu: dict[str, list[float]] = {k: [] for k in names}
+                bytes_: dict[str, list[int]] = {k: [] for k in names}
+                for r in range(opts.runs):
+                    changed = rng.choice(info["text_paths"])
+                    with (src / changed).open("ab") as f:
+                        f.write(f"# changed in round {r} of N={n}\n".encode())
+                    src_tree = tree(src)
+                    base = remote / f"n{n}-r{r}"
+                    cases = {
+                        "rs1": (lambda d: rsync(0, d[0]), [base / "rs1" / "node-0"]),
+                        "one": (lambda d: mlcloud_sync(d, relay=False), [base / "one" / "node-0"]),
+                        "rsn": (rsync_each, [base / "rsn" / f"node-{i}" for i in range(n)]),
+                        "fan": (
+                            lambda d: mlcloud_sync(d, relay=True),
+                            [base / "fan" / f"node-{i}" for i in range(n)],
+                        ),
+                        "dir": (
+                            lambda d: mlcloud_sync(d, relay=False),
+                            [base / "dir" / f"node-{i}" for i in range(n)],
+                        ),
+                        "rsr": (lambda d: rsync(0, d[0]), [re_rs]),
+                        "rer": (lambda d: mlcloud_sync(d, relay=True), re_ml),
+                    }
+                    order = names[r % len(names) :] + names[: r % len(names)]
+                    for name in order:
+                        fn, dests = cases[name]
+                        importlib.reload(mlsync)
+                        importlib.reload(fanout)
+                        counter.sent = 0
+                        c0, t0 = machine_cpu(), time.perf_counter()
+                        got = fn(dests)
+                        times[name].append(time.perf_counter() - t0)
+                        cpu[name].append(machine_cpu() - c0)
+                        bytes_[name].append(got if name.startswith("rs") else counter.sent)
+                        for d in dests:
+                            # rsync writes into the directory, mlcloud into its workdir/
+                            verify(
+                                src,
+                                src_tree,
+                                d if name.startswith("rs") else d / "workdir",
+                                [*rng.sample(sorted(src_tree), 12), changed],
+                            )
+                        if not name.startswith("re") and name != "rsr":
+                            shutil.rmtree(base / name)
+                    print(
+                        f"N={n} round {r + 1}/{opts.runs}: "
+                        + ", ".join(f"{keys[k]} {times[k][-1]:.2f}s" for k in names),
+                        flush=True,
+                    )
+                results[n] = {k: (keys[k], times[k], cpu[k], bytes_[k]) for k in names}
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    width = max(len(k) for k in med)
     print(
         f"\nsync of {len(src_tree)} files / {total / 1e6:.0f} MB over real sshd "
         f"({opts.runs} rounds, round-robin)"
     )
+    width = max(len(row[0]) for rows in results.values() for row in rows.values())
     print(
-        f"{'case':<{width}}  {'median s':>8}  {'min s':>6}  {'max s':>6}  {'vs rsync':>8}"
-        f"  {'cpu s':>6}"
+        f"{'case':<{width}}  {'median s':>8}  {'min s':>6}  {'max s':>6}  {'vs rsync->1':>11}"
+        f"  {'cpu s':>6}  {'client sent':>11}"
     )
-    for k in names:
-        base = med[re_rs_k] if k.startswith("(b)") else med[first_rs_k]
-        print(
-            f"{k:<{width}}  {med[k]:8.2f}  {min(times[k]):6.2f}  {max(times[k]):6.2f}  "
-            f"{med[k] / base:7.2f}x  {cpu_med[k]:6.2f}"
-        )
+    failures = []
+    for n, rows in results.items():
+        for key, (label, times, cpu, sent) in rows.items():
+            base = statistics.median(rows["rsr" if key in ("rsr", "rer") else "rs1"][1])
+            med = statistics.median(times)
+            print(
+                f"{label:<{width}}  {med:8.2f}  {min(times):6.2f}  {max(times):6.2f}  "
+                f"{med / base:10.2f}x  {statistics.median(cpu):6.2f}  "
+                f"{statistics.median(sent) / total:10.2f}x"
+            )
+        ratio = statistics.median(rows["fan"][1]) / statistics.median(rows["rs1"][1])
+        verdict = "ok" if ratio <= 1.0 else "MISSED"
+        print(f"N={n}: mlcloud to {n} nodes {ratio:.2f}x rsync to 1 (goal <= 1.0x) {verdict}")
+        if ratio > 1.0:
+            failures.append(f"N={n} {ratio:.2f}x")
+        ratio = statistics.median(rows["rer"][1]) / statistics.median(rows["rsr"][1])
+        verdict = "ok" if ratio <= 1.0 else "MISSED"
+        print(f"N={n}: re-sync, mlcloud to {n} {ratio:.2f}x rsync to 1 (goal <= 1.0x) {verdict}\n")
+        if ratio > 1.0:
+            failures.append(f"N={n} re-sync {ratio:.2f}x")
     print(
         f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs; cpu s = CPU time of the whole"
-        " machine during the case: client, sshd and receivers; the nodes share these CPUs)"
+        " machine during the case; client sent = bytes the client sent / workdir size)"
     )
-
-    failures = []
-    for k, base, target in (
-        (first_ml_k, first_rs_k, FIRST_TARGET),
-        (re_ml_k, re_rs_k, RESYNC_TARGET),
-    ):
-        ratio = med[k] / med[base]
-        verdict = "ok" if ratio <= target else "MISSED"
-        print(f"{k}: {ratio:.2f}x rsync (target <= {target:.1f}x) {verdict}")
-        if ratio > target:
-            failures.append(f"{k} {ratio:.2f}x")
     if failures:
         print("\nFAIL: " + "; ".join(failures))
         return 1

@@ -29,34 +29,57 @@ def cluster_key_path(uid: str) -> Path:
 
 def ensure_cluster_key(uid: str) -> tuple[Path, str]:
     """(private key path, OpenSSH public key line); generated once, private file 0600."""
+    path = cluster_key_path(uid)
+    if path.exists() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path, f"{_public(_key_at(path))} mlcloud-{uid}"
+
+
+def peer_key_path(uid: str) -> Path:
+    return paths.private_dir(paths.home() / "keys") / f"{uid}.peer.ed25519"
+
+
+def ensure_peer_key(uid: str) -> tuple[bytes, str]:
+    """(OpenSSH private key, public key) of the key a cluster's nodes reach each other with to
+    pass the workdir on (mlcloud/remote/fanout.py). Apart from the login key: it goes to the
+    relaying node, and the nodes let it run their receiver and nothing else."""
+    path = peer_key_path(uid)
+    private = _key_at(path)
+    return path.read_bytes(), _public(private)
+
+
+def _key_at(path: Path):
+    """The ed25519 private key in path, generated there (0600) if there is none."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    path = cluster_key_path(uid)
     if path.exists():
-        if path.stat().st_mode & 0o077:
-            path.chmod(0o600)
-        private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    else:
-        private = Ed25519PrivateKey.generate()
-        data = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    public = (
+        return serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    private = Ed25519PrivateKey.generate()
+    data = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return private
+
+
+def _public(private) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return (
         private.public_key()
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         .decode()
     )
-    return path, f"{public} mlcloud-{uid}"
 
 
 def delete_cluster_key(uid: str) -> None:
     cluster_key_path(uid).unlink(missing_ok=True)
+    peer_key_path(uid).unlink(missing_ok=True)
 
 
 def fingerprint(key) -> str:

@@ -213,14 +213,17 @@ class Rendezvous:
 def prepare_nodes(h: Handle, req: JobRequest, nodes: list[int], report: Reporter, emit) -> None:
     """Sync the workdir to these nodes and run setup there: for a new job, and for a node
     that joins one (a replacement)."""
+    from mlcloud.remote.fanout import Target, sync_nodes
+
     report.step(f"syncing {req.workdir} to {len(nodes)} node(s)")
-    stats = fan_out(
-        lambda i: h.transports[i].sync(req.workdir, f"{h.nodes[i].root}/workdir"), nodes
-    )
+    targets = [Target(h.transports[i], h.nodes[i].root) for i in nodes]
+    stats = sync_nodes(targets, req.workdir, h.record.uid, report.info)
     sent = sum(s.files_sent for s in stats)
+    relayed = sum(s.relayed for s in stats)
     report.info(
-        f"synced: {sent} file(s), {sum(s.bytes_sent for s in stats) / 1e6:.1f} MB sent, "
-        f"{sum(s.files_deleted for s in stats)} deleted"
+        f"synced: {sent} file(s), {sum(s.files_deleted for s in stats)} deleted, "
+        f"{sum(s.bytes_sent for s in stats if not s.relayed) / 1e6:.1f} MB sent from here"
+        + (f" ({relayed} node(s) served by a peer)" if relayed else "")
     )
     digest = setup_hash(req)
     if digest:

@@ -35,7 +35,7 @@ def home() -> Path:
             f"mlcloud's home {path} links to {os.readlink(path)}, which does not exist; "
             "create it or set MLCLOUD_HOME to a directory"
         )
-    if path.exists():
+    if path.exists() and not path.is_dir():  # a directory by now: made by another thread
         raise MlcloudError(
             f"mlcloud's home {path} is a file, not a directory; move it aside or set "
             "MLCLOUD_HOME to a directory"

@@ -410,7 +410,15 @@ def cleanup(root, prefix):
     """Stop everything the cluster started on this node, its agent first (so it does not act
     on what it sees ending); the directory is the provider's to remove."""
     stop_agent(root)
+    _forget_peer_key(root)
     kill(prefix, grace=5.0)
+
+
+def _forget_peer_key(root):
+    """Take back the line the workdir fan-out added to sshd's authorized keys (fanout.py)."""
+    fanout = os.path.join(root, "bin", "fanout.py")
+    if os.path.isfile(fanout):
+        subprocess.run([sys.executable, "-I", "-S", fanout, "forget", root], check=False)
 
 
 def freeport():

@@ -106,6 +106,14 @@ class Tree:
 
     def read(self, name):
         """A file's bytes, or None; a symlink counts as missing."""
+        f = self.open(name)
+        if f is None:
+            return None
+        with f:
+            return f.read()
+
+    def open(self, name):
+        """A file opened for reading, or None; a symlink counts as missing."""
         found = self._dir(name, create=False)
         if found is None:
             return None
@@ -113,8 +121,7 @@ class Tree:
             fd = os.open(found[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=found[0])
         except OSError:
             return None
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+        return os.fdopen(fd, "rb")
 
     def delete(self, name):
         """Remove a file (or the symlink in its place); a directory there is left alone."""
@@ -190,18 +197,21 @@ class Stream:
             if end >= 0:
                 line, self.pos = self.buf[self.pos : end + 1], end + 1
                 return line
-            data = os.read(self.fd, CHUNK)
+            data = self._read(CHUNK)
             if not data:
                 line, self.buf, self.pos = self.buf[self.pos :], b"", 0
                 return line
             self.buf, self.pos = self.buf[self.pos :] + data, 0
 
+    def _read(self, n):
+        return os.read(self.fd, n)
+
     def read(self, n):
         """Up to n bytes, fewer when fewer have arrived; b"" at the end of the stream."""
         if self.pos == len(self.buf):
             if n >= CHUNK:
-                return os.read(self.fd, n)
-            self.buf, self.pos = os.read(self.fd, CHUNK), 0
+                return self._read(n)
+            self.buf, self.pos = self._read(CHUNK), 0
         out = self.buf[self.pos : self.pos + n]
         self.pos += len(out)
         return out

@@ -232,7 +232,14 @@ class SshNodes:
         os.chmod(path, 0o600)
 
     def _config(self, index: int) -> str:
-        setenv = [f"PATH={self.env_path}", f"{TAG_VAR}={self.tag(index)}"]
+        # each node its own authorized keys file beside the shared one, as separate machines
+        # have: where the workdir fan-out lets the cluster's peer key in
+        own_keys = self.node_dir(index) / "authorized_keys"
+        setenv = [
+            f"PATH={self.env_path}",
+            f"{TAG_VAR}={self.tag(index)}",
+            f"MLCLOUD_AUTHORIZED_KEYS={own_keys}",
+        ]
         if self.skip_rc:
             setenv.append("SHLVL=1")  # bash sees itself nested and skips ~/.bashrc
         lines = [
@@ -240,7 +247,7 @@ class SshNodes:
             f"Port {self.port}",
             f"HostKey {self.host_key_path(index)}",
             f"PidFile {self.pid_path(index)}",
-            f"AuthorizedKeysFile {self.workdir / 'authorized_keys'}",
+            f"AuthorizedKeysFile {self.workdir / 'authorized_keys'} {own_keys}",
             "UsePAM no",
             "StrictModes no",
             "PasswordAuthentication no",

@@ -163,6 +163,24 @@ CASES = [
     # grow and shrink (elastic 1:3, $3.6/h per node)
     ("grow-toward-max", snap(2, min_nodes=1, max_nodes=3), Policy(), [GROW]),
     ("grow-holds-at-max", snap(3, min_nodes=1, max_nodes=3), Policy(), []),
+    (
+        "grow-holds-after-a-refusal",
+        snap(2, min_nodes=1, max_nodes=3, grow_refusals=1, grow_refused_at=NOW - 30),
+        Policy(),
+        [],
+    ),
+    (
+        "grow-again-after-the-backoff",
+        snap(2, min_nodes=1, max_nodes=3, grow_refusals=1, grow_refused_at=NOW - 61),
+        Policy(),
+        [GROW],
+    ),
+    (
+        "grow-backoff-doubles",
+        snap(2, min_nodes=1, max_nodes=3, grow_refusals=3, grow_refused_at=NOW - 200),
+        Policy(),
+        [],
+    ),
     ("grow-holds-no-spare", snap(2, min_nodes=1, max_nodes=3, spares=0), Policy(), []),
     ("grow-holds-no-job", snap(2, job=None, min_nodes=1, max_nodes=3), Policy(), []),
     (

@@ -46,6 +46,7 @@ class Controller:
         self.policy = pol.Policy.from_spec(h.record.spec)
         self.on_join, self.on_restart = on_join, on_restart
         self.misses: dict[str, int] = self._load_misses()
+        self.grow_refusals, self.grow_refused_at = self._load_refusals()
         self.gone = False  # the cluster was torn down by a decision
         self.busy = threading.Event()  # set while a plan is being applied
 
@@ -67,8 +68,28 @@ class Controller:
 
         if self.gone:
             self._misses_path().unlink(missing_ok=True)
+            self._misses_path().with_suffix(".grow").unlink(missing_ok=True)
             return
         atomic.write(self._misses_path(), json.dumps(self.misses).encode())
+
+    def _load_refusals(self) -> tuple[int, float | None]:
+        try:
+            n, at = json.loads(self._misses_path().with_suffix(".grow").read_text())
+            return int(n), float(at)
+        except (OSError, ValueError, TypeError):
+            return 0, None
+
+    def _refused(self, now: float | None) -> None:
+        """Count a refused growth (now) or reset after one that worked (None)."""
+        from mlcloud import atomic
+
+        self.grow_refusals = self.grow_refusals + 1 if now is not None else 0
+        self.grow_refused_at = now
+        path = self._misses_path().with_suffix(".grow")
+        if now is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic.write(path, json.dumps([self.grow_refusals, now]).encode())
 
     # -- gather
 
@@ -110,6 +131,8 @@ class Controller:
             max_nodes=high,
             spares=spares(h.ref) if spares else None,
             ended_at=job.ended if job is not None else None,
+            grow_refusals=self.grow_refusals,
+            grow_refused_at=self.grow_refused_at,
         )
 
     def _job(self) -> state.JobRecord | None:
@@ -267,8 +290,11 @@ class Controller:
             try:
                 new = cluster.add_nodes(self.store, self.h, 1, self.report)
             except MlcloudError as e:
-                self._event("scale up", f"no node added: {e}")
+                self._refused(time.time())
+                wait = pol.grow_backoff(self.grow_refusals)
+                self._event("scale up", f"no node added: {e}; next try in {wait:.0f} s")
                 return
+            self._refused(None)
             self._set_nodes([*self.h.nodes, *new])
         self._join([len(self.h.nodes) - 1])
 

@@ -56,6 +56,8 @@ class Snapshot:
     max_nodes: int
     spares: int | None = None  # ssh: free hosts; None: a cloud (capacity is found by asking)
     ended_at: float | None = None  # when the last job ended (idle teardown counts from there)
+    grow_refusals: int = 0  # growth refused in a row (no capacity, quota)
+    grow_refused_at: float | None = None  # when the last refusal came
 
     @property
     def rate(self) -> float:
@@ -114,6 +116,17 @@ def _projected(snap: Snapshot, nodes: int) -> float | None:
     if snap.job is None or not snap.job.running or snap.job.remaining_s is None:
         return None
     return snap.cost_so_far + snap.node_rate * nodes * snap.job.remaining_s / 3600
+
+
+GROW_BACKOFF_S = 60.0  # after a refused growth, wait this long, doubling per refusal
+GROW_BACKOFF_MAX_S = 900.0
+
+
+def grow_backoff(refusals: int) -> float:
+    """Seconds to hold growth back after `refusals` refusals in a row."""
+    if refusals <= 0:
+        return 0.0
+    return min(GROW_BACKOFF_S * 2 ** (refusals - 1), GROW_BACKOFF_MAX_S)
 
 
 def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
@@ -209,6 +222,10 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
                 )
             )
             return Plan(tuple(actions))
+    if snap.grow_refused_at is not None and now < snap.grow_refused_at + grow_backoff(
+        snap.grow_refusals
+    ):
+        return Plan(tuple(actions))  # the cloud said no a moment ago: not every poll again
     if size < snap.max_nodes and (spares is None or spares > 0):
         bigger = _projected(snap, size + 1)
         if policy.max_cost is None or (bigger is not None and bigger <= policy.max_cost):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,12 +27,14 @@ class LocalTransport:
         *,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
     ) -> RunResult:
         argv = ["bash", "-c", command]
         # the user's own SSH session says nothing about the node: keep it out
         env = {k: v for k, v in os.environ.items() if not k.startswith("SSH_")} | self.env
         assert on_line is None or stdin is None, "streaming runs take no input"
+        if stdin is not None and not isinstance(stdin, bytes):
+            stdin = b"".join(stdin)
         # its own process group, so a timeout or an interrupt ends the command and everything
         # it started, not only bash
         proc = subprocess.Popen(

@@ -16,7 +16,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +251,7 @@ class SshTransport:
         *,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
     ) -> RunResult:
         transport = self._connect()
         try:
@@ -261,13 +261,17 @@ class SshTransport:
                 # a memoryview: paramiko's sendall slices what is left after every packet,
                 # which on bytes copies the rest each time (quadratic in the payload)
                 try:
-                    chan.sendall(memoryview(stdin))
+                    for chunk in [stdin] if isinstance(stdin, bytes) else stdin:
+                        chan.sendall(memoryview(chunk))
                     chan.shutdown_write()
                 except OSError:
                     if not chan.exit_status_ready():
                         raise
                     # the command ended before reading it all (a sync refused or out of
                     # disk): its exit code and stderr, read below, say why
+                except BaseException:
+                    chan.close()  # the input could not be made: the command sees it end
+                    raise
             out, err = io.BytesIO(), io.BytesIO()
             pending = b""
 

@@ -12,6 +12,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,24 +290,34 @@ def _open_source(src: Path, rel: str):
 
 
 def pack(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> bytes:
-    """One stream for a node: a JSON header line ({"delete", "manifest"}), then per file a JSON
-    line ({"p": path, "n": bytes that follow, "z": zlib?, "x": executable?}) and its bytes,
-    then {"end": count}.
+    """The whole stream for a node (frames, joined)."""
+    return b"".join(frames(src, send, delete, manifest))
 
-    A file is compressed (zlib level 1, on all cores: zlib releases the GIL) only when a sample
-    of it compresses; random weights and images go as they are, where tar.gz spent most of
-    its time compressing what does not compress."""
+
+def frames(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> Iterator[bytes]:
+    """One stream for a node, in pieces, each out as soon as it is ready: a JSON header line
+    ({"delete", "manifest"}), then per file a JSON line ({"p": path, "n": bytes that follow,
+    "z": zlib?, "x": executable?}) and its bytes, then {"end": count}.
+
+    A file is compressed (zlib level 1, on all cores: zlib releases the GIL) only when its
+    first 16 KiB compress; random weights and images go as they are, where tar.gz spent most
+    of its time compressing what does not compress. The test is the start of the compression
+    itself: nothing is compressed twice."""
     import zlib
     from concurrent.futures import ThreadPoolExecutor
+
+    sample = 16384
 
     def frame(rel: str) -> bytes:
         with _open_source(src, rel) as f:
             data = f.read()
             executable = bool(os.fstat(f.fileno()).st_mode & 0o111)
-        sample = data[:65536]
-        z = len(data) > 256 and len(zlib.compress(sample, 1)) < 0.9 * len(sample)
-        if z:
-            data = zlib.compress(data, 1)
+        z = False
+        if len(data) > 256:
+            c = zlib.compressobj(1)
+            head = c.compress(memoryview(data)[:sample]) + c.flush(zlib.Z_SYNC_FLUSH)
+            if len(head) < 0.9 * min(len(data), sample):
+                data, z = head + c.compress(memoryview(data)[sample:]) + c.flush(), True
         meta = {"p": rel, "n": len(data), "z": z, "x": executable}
         return json.dumps(meta).encode() + b"\n" + data
 
@@ -314,10 +325,13 @@ def pack(src: Path, send: list[str], delete: list[str], manifest: Manifest) -> b
         "delete": delete,
         "manifest": {p: [e.size, e.mtime_ns, e.digest] for p, e in manifest.items()},
     }
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        frames = list(pool.map(frame, send))
-    end = json.dumps({"end": len(send)}).encode() + b"\n"
-    return b"".join([json.dumps(header).encode() + b"\n", *frames, end])
+    yield json.dumps(header).encode() + b"\n"
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    try:
+        yield from pool.map(frame, send)
+    finally:
+        pool.shutdown(cancel_futures=True)  # the reader gave up: compress nothing more
+    yield json.dumps({"end": len(send)}).encode() + b"\n"
 
 
 _scans: dict[str, tuple[float, Manifest]] = {}
@@ -342,8 +356,15 @@ _packs: dict[tuple, bytes] = {}
 _packs_lock = threading.Lock()
 
 
-def push(transport, src: Path, remote_dir: str) -> SyncStats:
-    """Sync src to remote_dir over a transport that can run a command with stdin.
+def push(
+    transport,
+    src: Path,
+    remote_dir: str,
+    remote: Manifest | None = None,
+    local: Manifest | None = None,
+) -> SyncStats:
+    """Sync src to remote_dir over a transport that can run a command with stdin; remote (the
+    node's manifest) and local (src's) when the caller has them already.
 
     Nodes in the same state get the same stream, built once per process."""
     import shlex
@@ -351,17 +372,11 @@ def push(transport, src: Path, remote_dir: str) -> SyncStats:
     from mlcloud import templates
     from mlcloud.remote.transport import check
 
-    remote = load(transport.get(f"{remote_dir}/{MANIFEST}") or b"{}")
-    local = _scan_once(src, remote)
-    send, delete = diff(local, remote)
-    if not send and not delete:
-        return SyncStats(0, 0, 0)
-    key = (str(src), tuple(send), tuple(delete), dump(local))
-    with _packs_lock:
-        payload = _packs.get(key)
-        if payload is None:
-            _packs.clear()  # keep one stream: enough for nodes synced side by side
-            payload = _packs[key] = pack(src, send, delete, local)
+    if remote is None:
+        remote = load(transport.get(f"{remote_dir}/{MANIFEST}") or b"{}")
+    payload, stats = stream(src, remote, local)
+    if payload is None:
+        return stats
     receiver = templates.path("receive.py").read_text()
     # -I -S: the receiver needs only the standard library; skipping site saves ~40 ms a node
     cmd = (
@@ -369,4 +384,23 @@ def push(transport, src: Path, remote_dir: str) -> SyncStats:
         f"{shlex.quote(remote_dir)}"
     )
     check(transport.run(cmd, stdin=payload), transport, "syncing the workdir")
-    return SyncStats(len(send), sum(local[p].size for p in send), len(delete))
+    return stats
+
+
+def stream(
+    src: Path, remote: Manifest, local: Manifest | None = None
+) -> tuple[bytes | None, SyncStats]:
+    """The stream that turns a node holding `remote` into a mirror of src (None when nothing
+    changed), and what it carries. Built once per process for nodes in the same state."""
+    local = _scan_once(src, remote) if local is None else local
+    send, delete = diff(local, remote)
+    stats = SyncStats(len(send), sum(local[p].size for p in send), len(delete))
+    if not send and not delete:
+        return None, stats
+    key = (str(src), tuple(send), tuple(delete), dump(local))
+    with _packs_lock:
+        payload = _packs.get(key)
+        if payload is None:
+            _packs.clear()  # keep one stream: enough for nodes synced side by side
+            payload = _packs[key] = pack(src, send, delete, local)
+    return payload, stats

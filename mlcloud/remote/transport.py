@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ class SyncStats:
     files_sent: int
     bytes_sent: int
     files_deleted: int
+    relayed: bool = False  # passed on by another node: none of it crossed this machine's link
 
 
 class RemoteError(MlcloudError):
@@ -57,9 +58,10 @@ class Transport(Protocol):
         *,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
     ) -> RunResult:
-        """Run a shell command; with on_line, stdout is streamed line by line instead of kept."""
+        """Run a shell command; with on_line, stdout is streamed line by line instead of kept.
+        stdin may come in pieces (sent as they are made)."""
 
     def stream(self, command: str, stdin: bytes = b"") -> AbstractContextManager[Pipe]:
         """Run a shell command whose stdout is read as it comes, unbounded and binary (files
