@@ -7,9 +7,11 @@ it imports), and runs it with the node's interpreter (mlcloud/remote/fanout.py):
 
   fanout.py authorize ROOT PUBLIC STAMP
       Let the cluster's peer key in, to receive a workdir and nothing else: one line in the
-      file sshd reads this user's keys from (MLCLOUD_AUTHORIZED_KEYS, else
+      file sshd reads this user's keys from (MLCLOUD_AUTHORIZED_KEYS, else the first
+      AuthorizedKeysFile of the config of the sshd serving this session, by default
       ~/.ssh/authorized_keys), `restrict` and a forced command `fanout.py serve ROOT`, marked
-      with ROOT so `forget` finds it. STAMP (what was installed) is written last.
+      with ROOT so `forget` finds it (the file is noted in ROOT/peer/keys_file). STAMP (what
+      was installed) is written last.
   fanout.py forget ROOT
       Remove that line and STAMP (node_ctl.py's cleanup runs it when the cluster's processes
       are stopped).
@@ -46,6 +48,7 @@ from receive import MANIFEST, Failed, Refused, Stream, Tree, receive  # noqa: E4
 
 KEY = "peer/id_ed25519"
 STAMP = "peer/stamp"
+KEYS_FILE = "peer/keys_file"  # where authorize put the line, for forget
 MARK = "mlcloud-peer:"
 HELLO_TIMEOUT = 30.0  # connect (ConnectTimeout below) plus the peer's interpreter starting
 # How far a peer may lag behind the client's stream: the nodes do not all get the CPU at the
@@ -58,19 +61,86 @@ def _stop(signum, frame):
     raise SystemExit(128 + signum)  # unwind: the file being written is removed, peers stopped
 
 
-def _keys_file():
-    return os.environ.get("MLCLOUD_AUTHORIZED_KEYS") or os.path.expanduser("~/.ssh/authorized_keys")
+def _keys_file(root):
+    """The file this node's sshd reads the user's keys from: the one an earlier `authorize`
+    used for ROOT, MLCLOUD_AUTHORIZED_KEYS, else the first AuthorizedKeysFile of the config
+    the daemon serving this session runs with (`sshd -f`, or the default config)."""
+    try:
+        with open(os.path.join(root, KEYS_FILE)) as f:
+            noted = f.read()
+    except OSError:
+        noted = ""
+    if noted:
+        return noted
+    home = os.path.expanduser("~")
+    named = os.environ.get("MLCLOUD_AUTHORIZED_KEYS")
+    if named:
+        return named
+    first = _authorized_keys_files(_sshd_config())[0]
+    subst = {"%%": "%", "%h": home, "%u": _user(), "%U": str(os.getuid())}
+    path = re.sub("%[%huU]", lambda m: subst[m.group()], first)
+    return os.path.join(home, path)  # relative: to the home directory, as sshd reads it
+
+
+def _user():
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _sshd_config():
+    """The config file of the sshd this process runs under: its `-f`, found by walking up the
+    process tree, else the default one."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                # the listener shows its command line as its title, in one string
+                words = f.read().replace(b"\0", b" ").decode(errors="replace").split()
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if not words or not os.path.basename(words[0]).startswith("sshd"):
+            continue
+        for i, word in enumerate(words):
+            if word == "-f" and i + 1 < len(words):
+                return words[i + 1]
+        if not words[0].endswith(":") or "[listener]" in words:
+            break  # the daemon itself, started without -f (a session's title is "sshd...:")
+    return "/etc/ssh/sshd_config"
+
+
+def _authorized_keys_files(config):
+    """AuthorizedKeysFile as the config sets it for every user (the first value sshd reads,
+    before any Match block), or sshd's default."""
+    try:
+        with open(config) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0].lower() == "match":
+            break
+        if words[0].lower() == "authorizedkeysfile" and len(words) > 1:
+            files = [w for w in words[1:] if w.lower() != "none"]
+            if files:
+                return files
+    return [".ssh/authorized_keys"]
 
 
 def _rewrite_keys(root, line):
     """Drop ROOT's line from the authorized keys file, then add `line` unless None; under a
-    lock, written beside and renamed over, so no reader sees half a file."""
+    lock, written beside and renamed over, so no reader sees half a file. Returns the file."""
     import fcntl
 
-    path = _keys_file()
+    path = _keys_file(root)
     folder = os.path.dirname(path)
     if line is None and not os.path.exists(path):
-        return
+        return path
     os.makedirs(folder, mode=0o700, exist_ok=True)
     with open(os.path.join(folder, ".mlcloud-peer.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -81,12 +151,13 @@ def _rewrite_keys(root, line):
             old = []
         kept = [x for x in old if not x.endswith(" " + MARK + root) and not _stale(x)]
         if line is None and len(kept) == len(old):
-            return
+            return path
         tmp = path + ".mlcloud-tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("".join(x + "\n" for x in kept + ([line] if line else [])))
         os.replace(tmp, path)
+    return path
 
 
 def _stale(line):
@@ -104,7 +175,10 @@ def authorize(root, public, stamp):
         sys.exit("mlcloud fanout: refused: a newline in the node's paths")
     # sshd's option syntax: a double quote inside command="..." is written \"
     quoted = command.replace('"', '\\"')
-    _rewrite_keys(root, f'restrict,command="{quoted}" {public} {MARK}{root}')
+    path = _rewrite_keys(root, f'restrict,command="{quoted}" {public} {MARK}{root}')
+    fd = os.open(os.path.join(root, KEYS_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:  # `forget` may run where no sshd is above it (an agent)
+        f.write(path)
     fd = os.open(os.path.join(root, STAMP), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(stamp)
