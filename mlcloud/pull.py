@@ -7,18 +7,17 @@ nodes and the places, and records each pull in state."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud import state
 from mlcloud.errors import MlcloudError, NotFoundError, UsageError
-from mlcloud.remote.fetch import Progress
+from mlcloud.remote.fetch import WRITING, Progress
 from mlcloud.report import Reporter
 
 DEFAULT_MAX_SIZE = 50 * 1024**3  # per node: past it a pull is a mistake to catch (--max-size)
-SETTLE_S = 10.0  # an interrupted pull waits this long at most for its nodes' writers to unwind
+SETTLE_S = 10.0  # an interrupted pull waits this long at most for its writers to unwind
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,6 @@ class Pulled:
     dest: str
     nodes: tuple[NodePull, ...]
     checkpoints: bool = False  # asked for: a node without one is said
-
-
-class _Busy(threading.Condition):
-    """How many nodes are being pulled now."""
-
-    count = 0
 
 
 def default_dest(name: str, job_id: int) -> Path:
@@ -93,16 +86,6 @@ def pull(
         report.info(f"pulling job {job.job_id}'s outputs from {len(indices)} node(s) into {where}")
 
         def one(i: int) -> NodePull | MlcloudError:
-            with busy:
-                busy.count += 1
-            try:
-                return pull_node(i)
-            finally:
-                with busy:
-                    busy.count -= 1
-                    busy.notify_all()
-
-        def pull_node(i: int) -> NodePull | MlcloudError:
             root, t = h.nodes[i].root, h.transports[i]
             request = {
                 "output": launch.output_dir(root, job.job_id),
@@ -124,14 +107,12 @@ def pull(
                 got.checkpoint,
             )
 
-        busy = _Busy()
         try:
             results = fan_out(one, indices)
         except BaseException:
             # Ctrl-C: the workers stop at their next block and remove the file each was
             # writing; wait for that, or the process exits with temporaries left in DEST
-            with busy:
-                busy.wait_for(lambda: busy.count == 0, timeout=SETTLE_S)
+            WRITING.settle(SETTLE_S)
             raise
         done = [r for r in results if isinstance(r, NodePull)]
         if done:

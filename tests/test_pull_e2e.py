@@ -311,7 +311,7 @@ def test_ctrl_c_during_a_pull_leaves_no_temporaries_in_dest(local, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pull.pull(store, "int", dest, report=PlainReporter(), progress=lambda _: Interrupt())
     store.close()
-    assert sorted(p.name for p in dest.rglob("*") if p.is_file()) == [fetch.MANIFEST] * 2
+    assert {p.name for p in dest.rglob("*") if p.is_file()} <= {fetch.MANIFEST}
 
 
 def test_train_pull_that_fails_keeps_the_cluster_despite_down(local, tmp_path):

@@ -26,12 +26,14 @@ import os
 import shlex
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.parallel import Cancelled, cancelled
 from mlcloud.remote.sync import MANIFEST, Entry, Manifest, dump, human, load
 from mlcloud.remote.transport import RemoteError, Transport
 
@@ -57,6 +59,30 @@ class Fetched:
     skipped: tuple[str, ...]  # what the node holds that cannot travel (symlinks, devices)
     gone: tuple[str, ...]  # listed, then deleted on the node before it was sent
     checkpoint: str | None  # the newest complete checkpoint's name, when asked for
+
+
+class _Writing:
+    """How many files pulls are writing now, in any thread: an interrupted pull waits for its
+    workers to remove their temporaries (they stop between blocks), not for slow listings."""
+
+    def __init__(self) -> None:
+        self.cond, self.count = threading.Condition(), 0
+
+    def __enter__(self) -> None:
+        with self.cond:
+            self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        with self.cond:
+            self.count -= 1
+            self.cond.notify_all()
+
+    def settle(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.count == 0, timeout=timeout)
+
+
+WRITING = _Writing()
 
 
 class Refused(MlcloudError):
@@ -347,7 +373,10 @@ def _receive(
                 body_bytes += n
                 h = hashlib.blake2b(digest_size=16)
                 chunks = _verified(reader, n, h, f, path, label, progress)
-                tree.write(path, chunks, _mode(f), f.mtime_ns)
+                with WRITING:
+                    if cancelled():  # interrupted: no new temporary once the pull settles
+                        raise Cancelled()
+                    tree.write(path, chunks, _mode(f), f.mtime_ns)
                 have[path] = Entry(f.size, f.mtime_ns or 0, h.hexdigest())
                 written += 1
         except _Truncated:
@@ -378,8 +407,6 @@ def _verified(reader: _Reader, n: int, h, f: _File, path: str, label: str, progr
     """The file's bytes, hashed on the way; a digest other than the one listed (when the node
     listed one) refuses the file before it takes its name. An interrupted pull stops between
     blocks, so the writer removes its temporary."""
-    from mlcloud.parallel import Cancelled, cancelled
-
     for block in reader.body(n):
         if cancelled():
             raise Cancelled()
