@@ -126,8 +126,11 @@ def pull(
         failed = [r for r in results if isinstance(r, MlcloudError)]
         if failed:
             first = failed[0]
-            if len(failed) > 1 and len(first.args) == 1:
-                first.args = (f"{first} (and {len(failed) - 1} more node(s) failed)",)
+            if len(first.args) == 1:
+                more = f" (and {len(failed) - 1} more node(s) failed)" if len(failed) > 1 else ""
+                came = ", ".join(f"node{r.node}" for r in done)
+                home = f"; {came} pulled into {where}" if done else ""
+                first.args = (f"{first}{more}{home}",)
             raise first
         return Pulled(name, job.job_id, str(where), tuple(done), checkpoints)
     finally:

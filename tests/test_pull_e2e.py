@@ -97,6 +97,7 @@ def test_a_node_that_is_down_fails_the_pull_in_one_line_and_the_others_come_home
     r = run_cli("pull", "lab", str(tmp_path / "res"))
     assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: node1 (")
     assert "unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().endswith(f"; node0 pulled into {tmp_path / 'res'}")
     assert (tmp_path / "res" / "node0" / "model.pt").read_text() == "node0"
 
     r = run_cli("down", "lab", "--yes", "--json")  # stdout is one JSON document all the same
