@@ -25,6 +25,10 @@ OPERATION_TIMEOUT_S = 900.0
 CALL_TIMEOUT_S = 60.0
 WAIT_TIMEOUT_S = 150.0
 PAGE_SIZE = 500  # GCE's most per list page
+# operations.wait "might return after zero seconds", not done: one answered sooner than
+# EARLY_S is followed by a pause, so waiting never becomes a busy loop of calls
+EARLY_S = 2.0
+PAUSES_S = (0.2, 0.5, 1.0, 2.0)  # quick at first, then every 2 s
 
 
 class RateLimited(ProviderError):
@@ -106,12 +110,14 @@ class Api:
 
         done = compute_v1.Operation.Status.DONE
         deadline = time.monotonic() + OPERATION_TIMEOUT_S
+        pauses = iter(PAUSES_S)
         while op.status != done:
             if time.monotonic() > deadline:
                 raise ProviderError(
                     f"gce: operation {op.name} not done after "
                     f"{OPERATION_TIMEOUT_S:.0f} s; check it in the console"
                 )
+            started = time.monotonic()
             if zone:
                 op = self.call(
                     "zone_operations",
@@ -125,6 +131,8 @@ class Api:
                 op = self.call(
                     "global_operations", "wait", None, project=self.project, operation=op.name
                 )
+            if op.status != done and time.monotonic() - started < EARLY_S:
+                time.sleep(next(pauses, PAUSES_S[-1]))
         failures = [(e.code, e.message) for e in op.error.errors] if op.error else []
         if failures:
             raise typed(failures, zone, region, f"gce: {op.operation_type or 'operation'}")

@@ -149,18 +149,28 @@ class GceProvider:
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """The asked zone; else the zones the catalog lists for the type in the region (the
-        Zones API when it lists none), then those of each fallback region, in order."""
+        Zones API when it lists none), then those of each fallback region, in order. A zone or
+        region GCE does not know is bad input, said before anything is made."""
+        from mlcloud.providers.gce.api import NotFound
+
         region = self._region(request)
-        if request.zone:
-            return [(region, request.zone)]
         api = self.api(Settings(request.project, request.api_endpoint))
+        how = f"in project {api.project}; pick one of `gcloud compute"
+        if request.zone:
+            try:
+                api.call("zones", "get", None, project=api.project, zone=request.zone)
+            except NotFound:
+                raise UsageError(f"no GCE zone {request.zone!r} {how} zones list`") from None
+            return [(region, request.zone)]
         places: list[tuple[str | None, str | None]] = []
         for r in [region, *(f for f in request.fallback_regions if f != region)]:
-            zones = _catalog_zones(request.instance_type or "", r) or sorted(
-                z.name
-                for z in api.paged("zones", "list", project=api.project)
-                if z.name.startswith(f"{r}-") and z.status == "UP"
-            )
+            zones = _catalog_zones(request.instance_type or "", r)
+            if not zones:
+                listed = api.paged("zones", "list", project=api.project)
+                known = [z for z in listed if z.name.startswith(f"{r}-")]
+                if not known:  # not "no capacity in any place tried"
+                    raise UsageError(f"no GCE region {r!r} {how} regions list`")
+                zones = sorted(z.name for z in known if z.status == "UP")
             places += [(r, z) for z in zones]
         return places
 

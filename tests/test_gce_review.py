@@ -1,0 +1,37 @@
+"""The GCE provider against answers a documented-correct Compute API may give that our fake
+did not give by default: waits that return at once, unknown regions and zones."""
+
+from __future__ import annotations
+
+import pytest
+from mlcloud.providers.gce import GceProvider
+from test_gce_provider import made, request
+
+from mlcloud.errors import UsageError
+
+
+def test_a_wait_answered_at_once_not_done_is_not_a_busy_loop(gce_env, mlcloud_home):
+    """operations.wait "might return after zero seconds" (Google's docs): the provider pauses
+    between such answers instead of calling again at once, dozens of times a second."""
+    fake, p = gce_env.fake, GceProvider()
+    fake.wait_cap, fake.op_seconds = 0.0, 0.6  # every wait answers at once, RUNNING
+    made(p, request(count=1))  # two firewall inserts and one bulkInsert: three operations
+    waits = fake.calls("POST", r"/wait$")
+    assert 3 <= len(waits) <= 15, len(waits)
+
+
+def test_an_unknown_region_is_bad_input_not_no_capacity(gce_env, mlcloud_home):
+    p = GceProvider()
+    req = request(zone=None, region="nowhere1", instance_type="n1-standard-4")
+    with pytest.raises(UsageError, match="no GCE region 'nowhere1'"):
+        p.placements(req)
+    ok = p.placements(request(zone=None, instance_type="n1-standard-4"))
+    assert ok and all(r == "us-central1" and z.startswith("us-central1-") for r, z in ok)
+
+
+def test_an_unknown_zone_is_bad_input_before_anything_is_made(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    with pytest.raises(UsageError, match="no GCE zone 'us-central1-q'") as e:
+        p.placements(request(zone="us-central1-q"))
+    assert e.value.exit_code == 2 and fake.is_empty()
+    assert p.placements(request()) == [("us-central1", "us-central1-a")]
