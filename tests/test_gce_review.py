@@ -4,8 +4,8 @@ did not give by default: waits that return at once, unknown regions and zones.""
 from __future__ import annotations
 
 import pytest
-from mlcloud.providers.gce import GceProvider
-from test_gce_provider import made, request
+from mlcloud.providers.gce import GceProvider, api
+from test_gce_provider import REF, made, request
 
 from mlcloud.errors import UsageError
 
@@ -35,3 +35,18 @@ def test_an_unknown_zone_is_bad_input_before_anything_is_made(gce_env, mlcloud_h
         p.placements(request(zone="us-central1-q"))
     assert e.value.exit_code == 2 and fake.is_empty()
     assert p.placements(request()) == [("us-central1", "us-central1-a")]
+
+
+def test_a_5xx_google_asks_to_retry_is_retried_with_the_same_request_id(
+    gce_env, mlcloud_home, monkeypatch
+):
+    """503 backendError: "retry using exponential backoff" (Google's docs); the client
+    retries only GETs on its own, so a bulkInsert or an operation wait failed `up`."""
+    monkeypatch.setattr(api, "BACKOFF_S", 0.01)
+    fake, p = gce_env.fake, GceProvider()
+    req = p.prepare(REF, request()).request
+    fake.fail_calls(1, 503, method="POST", path=r"/bulkInsert$")
+    fake.fail_calls(1, 500, "internalError", method="POST", path=r"/wait$")
+    assert len(p.create(REF, req, 2)) == 2
+    inserts = fake.calls("POST", r"/bulkInsert$")
+    assert [c.status for c in inserts] == [503, 200] and len({c.request_id for c in inserts}) == 1

@@ -19,7 +19,7 @@ HOW_TO_CONFIGURE = (
     "to a service-account key file"
 )
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
-RATE_RETRIES = 4  # a throttled call is tried this many times in all, backing off
+RATE_RETRIES = 4  # a throttled (or 5xx) call is tried this many times in all, backing off
 BACKOFF_S = 1.0  # then 2 s, 4 s
 OPERATION_TIMEOUT_S = 900.0
 CALL_TIMEOUT_S = 60.0
@@ -31,8 +31,12 @@ EARLY_S = 2.0
 PAUSES_S = (0.2, 0.5, 1.0, 2.0)  # quick at first, then every 2 s
 
 
-class RateLimited(ProviderError):
-    """429 or rateLimitExceeded: worth a retry after a pause."""
+class Transient(ProviderError):
+    """A 5xx Google asks to retry with backoff (backendError): worth a retry after a pause."""
+
+
+class RateLimited(Transient):
+    """429 or rateLimitExceeded."""
 
 
 class NotFound(ProviderError):
@@ -87,8 +91,8 @@ class Api:
         return self._clients[kind]
 
     def call(self, kind: str, method: str, where: str | None, **request: Any) -> Any:
-        """One call, retried with backoff while GCE throttles (a request id in `request`
-        makes a retried insert safe)."""
+        """One call, retried with backoff while GCE throttles or answers 5xx (a request id in
+        `request` makes a retried insert or delete safe)."""
         for attempt in range(RATE_RETRIES):
             try:
                 with errors(f"{kind} {method}", where):
@@ -96,7 +100,7 @@ class Api:
                     # an operation's wait answers within two minutes, done or not
                     timeout = WAIT_TIMEOUT_S if method == "wait" else CALL_TIMEOUT_S
                     return fn(request=request, timeout=timeout)
-            except RateLimited:
+            except Transient:
                 if attempt == RATE_RETRIES - 1:
                     raise
                 time.sleep(BACKOFF_S * 2**attempt)
@@ -218,7 +222,10 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
                 f"gce: {operation}{place}: permission denied ({message}); give "
                 "the credentials' account the Compute Admin role"
             ) from e
-        raise ProviderError(f"gce: {operation}{place} failed: {message}; {debug}") from e
+        failed = f"gce: {operation}{place} failed: {message}; {debug}"
+        if isinstance(e, gexc.ServerError):  # 500, 502, 503, 504
+            raise Transient(failed) from e
+        raise ProviderError(failed) from e
     except aexc.TransportError as e:
         raise ProviderError(
             f"gce: {operation}{place}: cannot reach Google ({_short(str(e))});"
