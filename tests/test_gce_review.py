@@ -50,3 +50,24 @@ def test_a_5xx_google_asks_to_retry_is_retried_with_the_same_request_id(
     assert len(p.create(REF, req, 2)) == 2
     inserts = fake.calls("POST", r"/bulkInsert$")
     assert [c.status for c in inserts] == [503, 200] and len({c.request_id for c in inserts}) == 1
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "https://www.googleapis.com/compute/v1/projects/my-proj/global/images/family/my-fam",
+        "projects/my-proj/global/images/family/my-fam",
+    ],
+)
+def test_an_image_family_given_as_a_full_url_is_looked_up(gce_env, mlcloud_home, image):
+    """The console and `gcloud --uri` give full URLs; one of a family used to reach the
+    client as a project named "https://..." (a ValueError traceback)."""
+    fake, p = gce_env.fake, GceProvider()
+    fake.add_image("my-proj", "my-img-v2", family="my-fam", disk_gb=50)
+    req = p.prepare(REF, request(count=1, image=image)).request
+    assert req.image == "projects/my-proj/global/images/my-img-v2"
+
+
+def test_an_image_that_names_nothing_is_one_line_of_bad_input(gce_env, mlcloud_home):
+    with pytest.raises(UsageError, match="image 'my-proj/my-fam'"):
+        GceProvider().prepare(REF, request(image="my-proj/my-fam"))

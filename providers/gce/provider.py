@@ -181,19 +181,10 @@ class GceProvider:
         request = replace(
             request, ssh=replace(request.ssh, user=request.ssh.user or rules.DEFAULT_USER)
         )
-        if not request.image:
-            family = self._image_from_family(api, rules.DLVM_PROJECT, rules.DLVM_FAMILY)
-            request = replace(request, image=family)
-        elif "/" not in request.image:  # an image of the project, by name
-            request = replace(
-                request, image=f"projects/{api.project}/global/images/{request.image}"
-            )
-        elif "/family/" in request.image:
-            project, _, family = request.image.partition("/global/images/family/")
-            request = replace(
-                request,
-                image=self._image_from_family(api, project.removeprefix("projects/"), family),
-            )
+        project, name, family = rules.image_ref(request.image, api.project)
+        if family:  # pinned to the family's newest image, for a resumed `up`
+            name = self._image_from_family(api, project, family)
+        request = replace(request, image=name)
         cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)

@@ -7,6 +7,8 @@ import hashlib
 import re
 import uuid
 
+from mlcloud.errors import UsageError
+
 DEFAULT_USER = "mlcloud"  # created by the guest agent from the ssh-keys metadata
 DISK_GB = 200
 DLVM_PROJECT = "deeplearning-platform-release"
@@ -82,6 +84,26 @@ def request_id(uid: str, attempt: str) -> str:
     """A UUID (GCE's request id format) fixed by the cluster and the attempt: a retried or
     resumed insert sends the same one, so GCE makes the VMs once."""
     return str(uuid.uuid5(_NAMESPACE, f"{uid}:{attempt}"))
+
+
+def image_ref(image: str | None, project: str) -> tuple[str, str, str | None]:
+    """(project, image path, family to look up) for `image:` as users write it: NAME (of the
+    project), projects/P/global/images/NAME or .../family/F, or a full URL of either; none:
+    the Deep Learning VM family."""
+    if not image:
+        return DLVM_PROJECT, "", DLVM_FAMILY
+    if re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", image):
+        return project, f"projects/{project}/global/images/{image}", None
+    m = re.search(r"(?:^|/)projects/([^/]+)/global/images/(family/)?([^/]+)$", image)
+    if not m:
+        raise UsageError(
+            f"image {image!r}: name one as NAME, projects/PROJECT/global/images/NAME or "
+            "projects/PROJECT/global/images/family/FAMILY"
+        )
+    owner, family, name = m.groups()
+    if family:
+        return owner, "", name
+    return owner, f"projects/{owner}/global/images/{name}", None
 
 
 def split_type(instance_type: str) -> tuple[str, list[tuple[str, int]]]:
