@@ -71,3 +71,31 @@ def test_an_image_family_given_as_a_full_url_is_looked_up(gce_env, mlcloud_home,
 def test_an_image_that_names_nothing_is_one_line_of_bad_input(gce_env, mlcloud_home):
     with pytest.raises(UsageError, match="image 'my-proj/my-fam'"):
         GceProvider().prepare(REF, request(image="my-proj/my-fam"))
+
+
+def test_down_after_up_was_killed_mid_bulk_insert_waits_for_its_vms(
+    gce_env, mlcloud_home, monkeypatch
+):
+    """GCE makes a bulkInsert's VMs as the operation runs: `down` right after an `up` killed
+    while it waited lists none, yet they come. It waits for the operation, then deletes."""
+    fake, p = gce_env.fake, GceProvider()
+    req = p.prepare(REF, request()).request
+    fake.late_bulk_instances, fake.op_seconds = True, 0.5
+
+    def killed(self, op, zone, region):
+        if zone:  # the bulkInsert's wait: the process dies here (no finally runs on SIGKILL)
+            raise SystemExit(137)
+        return real_wait(self, op, zone, region)
+
+    real_wait = api.Api.wait
+    monkeypatch.setattr(api.Api, "wait", killed)
+    with pytest.raises(SystemExit):
+        p.create(REF, req, 2)
+    monkeypatch.setattr(api.Api, "wait", real_wait)
+    fake.op_seconds = 0.1  # the bulkInsert still takes its 0.5 s
+    later = GceProvider()  # `down` in a new process
+    assert later.list(REF) == []  # nothing listed yet
+    later.cleanup(REF)
+    assert fake.is_empty()
+    fake.advance_clock(5)
+    assert fake.is_empty(), fake.instances()

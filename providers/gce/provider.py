@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -188,7 +189,8 @@ class GceProvider:
         cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)
-        warnings = () if self._storage_warned else _storage_warnings(request)
+        uris = () if self._storage_warned else (*request.storage.write, *request.storage.read)
+        warnings = rules.storage_warnings(uris)
         self._storage_warned |= bool(warnings)  # once, not again for each zone tried
         return Prepared(request, warnings)
 
@@ -206,7 +208,7 @@ class GceProvider:
             if rules.instance_name(cluster.uid, k) not in taken:
                 names.append(rules.instance_name(cluster.uid, k))
             k += 1
-        from mlcloud import keys
+        from mlcloud import atomic, keys
 
         public = (
             _public_key_of(request.ssh.identity_file)
@@ -234,6 +236,7 @@ class GceProvider:
             "per_instance_properties": {n: {"name": n} for n in names},
             "instance_properties": props,
         }
+        pending = _settings_path(cluster.uid).with_suffix(".pending")
         try:
             op = api.call(
                 "instances",
@@ -244,9 +247,14 @@ class GceProvider:
                 request_id=rules.request_id(cluster.uid, attempt),
                 bulk_insert_instance_resource_resource=body,
             )
+            # GCE makes the VMs as the operation runs (none may be listed yet): an `up` killed
+            # while it waits leaves it to `down` to wait for, then delete what it made
+            atomic.write(pending, json.dumps([zone, op.name]).encode())
             api.wait(op, zone, region)
+            pending.unlink()
         except (CapacityError, QuotaError):
             self._delete_in(api, cluster, zone)  # a failed attempt leaves nothing behind
+            pending.unlink(missing_ok=True)
             with failed.open("a") as f:  # so the next try of this zone is a new request
                 f.write(attempt.rpartition("#")[0] + "\n")
             raise
@@ -270,6 +278,16 @@ class GceProvider:
 
     def cleanup(self, cluster: ClusterRef) -> None:
         api = self._api_of(cluster)
+        pending = _settings_path(cluster.uid).with_suffix(".pending")
+        if pending.exists():  # a bulkInsert whose `up` was killed: its VMs may come yet
+            zone, op = json.loads(pending.read_text())
+            with suppress(ProviderError):  # failed or not (or forgotten), delete what it made
+                op = api.call(
+                    "zone_operations", "get", zone, project=api.project, zone=zone, operation=op
+                )
+                api.wait(op, zone, None)
+            self._delete_in(api, cluster, zone)
+            pending.unlink()
         for name in rules.firewall_names(cluster.uid):
             self._delete_firewall(api, name)
         _settings_path(cluster.uid).unlink(missing_ok=True)  # prepare writes it again
@@ -527,14 +545,6 @@ class GceProvider:
                 "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
             )
         return f"{address}/32"
-
-
-def _storage_warnings(request: ProvisionRequest) -> tuple[str, ...]:
-    return tuple(
-        f"storage {uri}: a GCE cluster's nodes run without a service account, so mlcloud "
-        "gives them no bucket credentials; grant them access yourself"
-        for uri in (*request.storage.write, *request.storage.read)
-    )
 
 
 def _pause(polls) -> float:

@@ -224,6 +224,14 @@ def firewalls(uid: str, owner: str, cidrs: list[str]) -> list[dict]:
     ]
 
 
+def storage_warnings(uris: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(
+        f"storage {uri}: a GCE cluster's nodes run without a service account, so mlcloud "
+        "gives them no bucket credentials; grant them access yourself"
+        for uri in uris
+    )
+
+
 def firewall_owner(description: str) -> tuple[str, str] | None:
     """(cluster uid, owner) from a rule's description, None if mlcloud did not make it."""
     m = re.match(r"mlcloud cluster=(\S+) owner=(\S+):", description or "")
