@@ -99,3 +99,14 @@ def test_down_after_up_was_killed_mid_bulk_insert_waits_for_its_vms(
     assert fake.is_empty()
     fake.advance_clock(5)
     assert fake.is_empty(), fake.instances()
+
+
+def test_the_same_vm_names_made_again_are_a_new_request(gce_env, mlcloud_home):
+    """A replaced node gets its old name back: the same attempt's request id would get GCE's
+    old (done) operation for an hour, and no VM."""
+    fake, p = gce_env.fake, GceProvider()
+    for _ in range(2):
+        _, nodes = made(p, request())
+        assert len(fake.instances()) == len(nodes) == 2
+        p.terminate(REF, nodes)
+    assert len({c.request_id for c in fake.calls("POST", r"/bulkInsert$")}) == 2

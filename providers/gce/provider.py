@@ -73,8 +73,6 @@ class GceProvider:
         self._zones: dict[str, str] = {}  # VM name -> zone, as last listed
         self._storage_warned = False
 
-    # settings, credentials, clients
-
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
 
@@ -227,9 +225,9 @@ class GceProvider:
             max_run_s=rules.max_run_seconds(request.deadline, time.time()),
         )
         attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
-        failed = _failed_path(cluster.uid)
-        tried = failed.read_text().splitlines() if failed.exists() else []
-        attempt += f"#{tried.count(attempt)}"  # GCE replays a failed id's error for an hour
+        answered = _answered_path(cluster.uid)
+        tried = answered.read_text().splitlines() if answered.exists() else []
+        attempt += f"#{tried.count(attempt)}"  # GCE replays an id's answer for an hour
         body = {
             "count": count,
             "min_count": count,
@@ -247,17 +245,16 @@ class GceProvider:
                 request_id=rules.request_id(cluster.uid, attempt),
                 bulk_insert_instance_resource_resource=body,
             )
-            # GCE makes the VMs as the operation runs (none may be listed yet): an `up` killed
-            # while it waits leaves it to `down` to wait for, then delete what it made
+            # VMs come as it runs: an `up` killed now leaves `down` to wait, then delete them
             atomic.write(pending, json.dumps([zone, op.name]).encode())
             api.wait(op, zone, region)
             pending.unlink()
         except (CapacityError, QuotaError):
             self._delete_in(api, cluster, zone)  # a failed attempt leaves nothing behind
             pending.unlink(missing_ok=True)
-            with failed.open("a") as f:  # so the next try of this zone is a new request
-                f.write(attempt.rpartition("#")[0] + "\n")
+            _answered(answered, attempt)  # so the next try of this zone is a new request
             raise
+        _answered(answered, attempt)  # so are these names again (a node replaced later)
         return self._until_running(api, cluster, set(names))
 
     def list(self, cluster: ClusterRef) -> list[Node]:
@@ -569,9 +566,14 @@ def _settings_path(uid: str):
     return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
 
 
-def _failed_path(uid: str):
-    """Attempts GCE refused, one per line: a resent request id would get the old error."""
-    return _settings_path(uid).with_suffix(".failed")
+def _answered_path(uid: str):
+    """Attempts GCE answered, one per line: their request ids would get the old answer."""
+    return _settings_path(uid).with_suffix(".answered")
+
+
+def _answered(path, attempt: str) -> None:
+    with path.open("a") as f:
+        f.write(attempt.rpartition("#")[0] + "\n")
 
 
 def _catalog_zones(instance_type: str, region: str) -> list[str]:
