@@ -110,3 +110,12 @@ def test_the_same_vm_names_made_again_are_a_new_request(gce_env, mlcloud_home):
         assert len(fake.instances()) == len(nodes) == 2
         p.terminate(REF, nodes)
     assert len({c.request_id for c in fake.calls("POST", r"/bulkInsert$")}) == 2
+
+
+def test_a_zone_outside_the_region_is_bad_input(gce_env, mlcloud_home):
+    """VMs made in us-central1-a for a cluster of region us-east1 were listed (and so
+    deleted by `down`) nowhere: they ran on, unseen."""
+    p = GceProvider()
+    with pytest.raises(UsageError, match="zone us-central1-a is not in region us-east1"):
+        p.check(request(region="us-east1", zone="us-central1-a"))
+    assert gce_env.fake.is_empty()

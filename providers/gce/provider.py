@@ -17,7 +17,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
@@ -78,6 +77,11 @@ class GceProvider:
 
     def _region(self, request: ProvisionRequest) -> str:
         zone = request.zone
+        if zone and request.region and rules.region_of(zone) != request.region:
+            raise UsageError(  # its VMs would be listed (and so deleted) in neither
+                f"zone {zone} is not in region {request.region}; pass a zone of "
+                f"{request.region}, or --region {rules.region_of(zone)}"
+            )
         region = request.region or (rules.region_of(zone) if zone else self.default_region())
         if not region:
             raise UsageError(
@@ -327,7 +331,7 @@ class GceProvider:
                         uid.rpartition("-")[0],
                         home,
                         "global",
-                        created=_epoch(f.creation_timestamp),
+                        created=rules.epoch(f.creation_timestamp),
                     )
                 )
         for scope, i in api.paged(
@@ -345,7 +349,7 @@ class GceProvider:
                     i.labels.get("mlcloud-name", ""),
                     i.labels.get("mlcloud-owner", ""),
                     rules.region_of(zone),
-                    created=_epoch(i.creation_timestamp),
+                    created=rules.epoch(i.creation_timestamp),
                 )
             )
         return found
@@ -590,10 +594,3 @@ def _public_key_of(identity_file: str) -> str:
 
     key = load_identity(identity_file)
     return f"{key.get_name()} {key.get_base64()}"
-
-
-def _epoch(stamp: str) -> float | None:
-    try:
-        return datetime.fromisoformat(stamp).timestamp() if stamp else None
-    except ValueError:
-        return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from datetime import datetime
 
 from mlcloud.errors import UsageError
 
@@ -230,6 +231,14 @@ def storage_warnings(uris: tuple[str, ...]) -> tuple[str, ...]:
         "gives them no bucket credentials; grant them access yourself"
         for uri in uris
     )
+
+
+def epoch(stamp: str) -> float | None:
+    """GCE's creationTimestamp (RFC 3339) in seconds since the epoch."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
 
 
 def firewall_owner(description: str) -> tuple[str, str] | None:
