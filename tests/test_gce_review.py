@@ -4,6 +4,7 @@ did not give by default: waits that return at once, unknown regions and zones.""
 from __future__ import annotations
 
 import pytest
+from mlcloud.providers.base import AuthError
 from mlcloud.providers.gce import GceProvider, api
 from test_gce_provider import REF, made, request
 
@@ -119,3 +120,17 @@ def test_a_zone_outside_the_region_is_bad_input(gce_env, mlcloud_home):
     with pytest.raises(UsageError, match="zone us-central1-a is not in region us-east1"):
         p.check(request(region="us-east1", zone="us-central1-a"))
     assert gce_env.fake.is_empty()
+
+
+def test_a_project_without_the_compute_api_says_to_enable_it(gce_env, mlcloud_home):
+    """403 accessNotConfigured is no missing role: the fix is enabling the API."""
+    gce_env.fake.fail_calls(
+        1,
+        403,
+        "accessNotConfigured",
+        message="Compute Engine API has not been used in project 123 before or it is "
+        "disabled. Enable it by visiting https://console.developers.google.com/apis/api/"
+        "compute.googleapis.com/overview?project=123 then retry.",
+    )
+    with pytest.raises(AuthError, match="gcloud services enable compute.googleapis.com"):
+        GceProvider().placements(request(zone=None, instance_type="n1-standard-4"))

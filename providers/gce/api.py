@@ -217,6 +217,11 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
             raise AuthError(
                 f"Google refused the credentials ({message}); {HOW_TO_CONFIGURE}"
             ) from e
+        if {"accessNotConfigured", "SERVICE_DISABLED"} & set(codes):
+            raise AuthError(
+                f"gce: the Compute Engine API is not enabled for the project ({message}); "
+                "run `gcloud services enable compute.googleapis.com`"
+            ) from e
         if isinstance(e, gexc.PermissionDenied):
             raise AuthError(
                 f"gce: {operation}{place}: permission denied ({message}); give "
