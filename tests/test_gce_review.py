@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from mlcloud.providers.base import AuthError
-from mlcloud.providers.gce import GceProvider, api
+from mlcloud.providers.gce import GceProvider, api, rules
+from mlcloud.providers.gce.provider import Settings
 from test_gce_provider import REF, made, request
 
 from mlcloud.errors import UsageError
@@ -134,3 +135,32 @@ def test_a_project_without_the_compute_api_says_to_enable_it(gce_env, mlcloud_ho
     )
     with pytest.raises(AuthError, match="gcloud services enable compute.googleapis.com"):
         GceProvider().placements(request(zone=None, instance_type="n1-standard-4"))
+
+
+def test_a_labelled_vm_of_another_name_does_not_crash_listing(gce_env, mlcloud_home):
+    """The console's "create similar" copies a VM's labels: a clone its user named is a VM of
+    the cluster to list (and delete on `down`), not a ValueError traceback."""
+    p, zone = GceProvider(), "us-central1-a"
+    _, nodes = made(p, request(count=1))
+    clone = rules.instance_properties(
+        instance_type="n1-standard-4",
+        image=f"projects/{rules.DLVM_PROJECT}/global/images/family/{rules.DLVM_FAMILY}",
+        disk_gb=None,
+        labels=rules.labels(REF.uid, REF.name, REF.owner),
+        tag=rules.tag(REF.uid),
+        user="me",
+        public_key="ssh-ed25519 AAAA",
+        spot=False,
+        max_run_s=None,
+    )
+    clone["disks"][0]["initialize_params"]["disk_type"] = f"zones/{zone}/diskTypes/pd-balanced"
+    clone.update(name="debug-clone", machine_type=f"zones/{zone}/machineTypes/n1-standard-4")
+    a = p.api(Settings())
+    op = a.call(
+        "instances", "insert_unary", zone, project=a.project, zone=zone, instance_resource=clone
+    )
+    a.wait(op, zone, None)
+    listed = p.list(REF)
+    assert [n.node_id for n in listed] == [nodes[0].node_id, "debug-clone"]
+    p.terminate(REF, listed)
+    assert gce_env.fake.instances() == []

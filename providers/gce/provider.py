@@ -419,7 +419,10 @@ class GceProvider:
                     i.status.lower(),
                 )
             )
-        return sorted(found, key=lambda n: int(n.node_id.rpartition("-")[2]))
+        ours = f"mlcloud-{cluster.uid}-"  # by index, then other names (a clone keeps labels)
+        return sorted(
+            found, key=lambda n: (n.node_id[: len(ours)] != ours, len(n.node_id), n.node_id)
+        )
 
     def _until_running(self, api: Api, cluster: ClusterRef, names: set[str]) -> list[Node]:
         deadline, polls = time.monotonic() + RUNNING_TIMEOUT_S, iter(POLLS_S)
