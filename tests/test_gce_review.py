@@ -1,5 +1,7 @@
 """The GCE provider against answers a documented-correct Compute API may give that our fake
-did not give by default: waits that return at once, unknown regions and zones."""
+did not give by default (waits that return at once, 5xx to retry, VMs made as a bulkInsert
+runs, a disabled API, labelled clones), and against what users type (unknown or mismatched
+zones and regions, image URLs)."""
 
 from __future__ import annotations
 
