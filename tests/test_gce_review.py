@@ -166,3 +166,14 @@ def test_a_labelled_vm_of_another_name_does_not_crash_listing(gce_env, mlcloud_h
     assert [n.node_id for n in listed] == [nodes[0].node_id, "debug-clone"]
     p.terminate(REF, listed)
     assert gce_env.fake.instances() == []
+
+
+@pytest.mark.parametrize("kind", ["n1-standard-8+T4:x", "n1-standard-8+", "n1-standard-8+T4:0"])
+def test_a_malformed_instance_type_is_one_line_before_anything_is_made(
+    gce_env, mlcloud_home, kind
+):
+    """`+T4:x` was a ValueError ("internal error, a bug in mlcloud") after the firewall
+    rules were made; `+` or `:0` a 400 from the insert."""
+    with pytest.raises(UsageError, match="instance type"):
+        GceProvider().check(request(instance_type=kind))
+    assert gce_env.fake.is_empty()

@@ -149,6 +149,7 @@ class GceProvider:
             raise UsageError(
                 "spot_max_price: GCE Spot VMs have no bid price; drop it (Spot is priced by GCE)"
             )
+        rules.split_type(request.instance_type)  # a malformed type: one line, before anything
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """The asked zone; else the zones the catalog lists for the type in the region (the
@@ -229,7 +230,7 @@ class GceProvider:
             max_run_s=rules.max_run_seconds(request.deadline, time.time()),
         )
         attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
-        answered = _answered_path(cluster.uid)
+        answered = _settings_path(cluster.uid).with_suffix(".answered")
         tried = answered.read_text().splitlines() if answered.exists() else []
         attempt += f"#{tried.count(attempt)}"  # GCE replays an id's answer for an hour
         body = {
@@ -573,12 +574,8 @@ def _settings_path(uid: str):
     return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
 
 
-def _answered_path(uid: str):
-    """Attempts GCE answered, one per line: their request ids would get the old answer."""
-    return _settings_path(uid).with_suffix(".answered")
-
-
 def _answered(path, attempt: str) -> None:
+    """Attempts GCE answered, one per line: their request ids would get the old answer."""
     with path.open("a") as f:
         f.write(attempt.rpartition("#")[0] + "\n")
 

@@ -110,12 +110,18 @@ def image_ref(image: str | None, project: str) -> tuple[str, str, str | None]:
 def split_type(instance_type: str) -> tuple[str, list[tuple[str, int]]]:
     """`n1-standard-16+T4:4` -> ("n1-standard-16", [("nvidia-tesla-t4", 4)]); a type with
     its GPUs built in (a2, a3, g2) has no guest accelerators to ask for."""
-    machine, plus, gpus = instance_type.partition("+")
-    if not plus:
+    m = re.fullmatch(
+        r"([a-z][-a-z0-9]*)(?:\+([A-Za-z0-9][-A-Za-z0-9]*)(?::([1-9]\d?))?)?", instance_type
+    )
+    if not m:
+        raise UsageError(
+            f"instance type {instance_type!r}: write a GCE machine type, with its GPUs after + "
+            "if it takes guest accelerators (n1-standard-16+T4:4, a2-highgpu-8g)"
+        )
+    machine, model, count = m.groups()
+    if not model:
         return machine, []
-    model, _, count = gpus.partition(":")
-    accelerator = ACCELERATORS.get(model.upper(), model.lower())
-    return machine, [(accelerator, int(count or 1))]
+    return machine, [(ACCELERATORS.get(model.upper(), model.lower()), int(count or 1))]
 
 
 def has_gpus(instance_type: str) -> bool:
