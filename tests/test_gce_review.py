@@ -169,11 +169,19 @@ def test_a_labelled_vm_of_another_name_does_not_crash_listing(gce_env, mlcloud_h
 
 
 @pytest.mark.parametrize("kind", ["n1-standard-8+T4:x", "n1-standard-8+", "n1-standard-8+T4:0"])
-def test_a_malformed_instance_type_is_one_line_before_anything_is_made(
-    gce_env, mlcloud_home, kind
-):
+def test_a_malformed_instance_type_is_one_line_before_anything_is_made(gce_env, mlcloud_home, kind):
     """`+T4:x` was a ValueError ("internal error, a bug in mlcloud") after the firewall
     rules were made; `+` or `:0` a 400 from the insert."""
     with pytest.raises(UsageError, match="instance type"):
         GceProvider().check(request(instance_type=kind))
     assert gce_env.fake.is_empty()
+
+
+def test_a_key_file_that_is_not_json_is_one_plain_line(tmp_path, monkeypatch):
+    key = tmp_path / "key.json"
+    key.write_text("{")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    with pytest.raises(AuthError) as e:
+        api.credentials()
+    assert f"File {key} is not a valid json file." in str(e.value)
+    assert "JSONDecodeError" not in str(e.value) and e.value.exit_code == 5

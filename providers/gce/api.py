@@ -56,8 +56,9 @@ def credentials() -> tuple[Any, str | None]:
     try:
         return google.auth.default(scopes=SCOPES)
     except DefaultCredentialsError as e:
+        why = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # not a tuple's repr
         raise AuthError(
-            f"no usable Google Cloud credentials ({_short(str(e))}); {HOW_TO_CONFIGURE}"
+            f"no usable Google Cloud credentials ({_short(why)}); {HOW_TO_CONFIGURE}"
         ) from None
 
 
