@@ -75,6 +75,9 @@ class GceProvider:
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
 
+    def configured(self) -> bool:
+        return rules.adc_present(os.environ)
+
     def _region(self, request: ProvisionRequest) -> str:
         zone = request.zone
         if zone and request.region and rules.region_of(zone) != request.region:
