@@ -58,11 +58,14 @@ class Plan:
 
 
 def clouds(offers: list[catalog.Offer]) -> list[str]:
-    """Providers that can take a GPU ask: in the catalog and installed."""
+    """Providers that can take a GPU ask: in the catalog and installed, and of those the ones
+    this machine has credentials for when it has any (an AWS user asking for A100:8 is not
+    sent to a cheaper cloud they cannot use)."""
     from mlcloud import providers
 
-    in_catalog = {o.provider for o in offers}
-    return sorted(in_catalog & set(providers.names()))
+    in_catalog = sorted({o.provider for o in offers} & set(providers.names()))
+    usable = [name for name in in_catalog if providers.get(name).configured()]
+    return usable or in_catalog
 
 
 def make(

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
@@ -96,6 +97,14 @@ HOW_TO_CONFIGURE = (
 # A few seconds against an endpoint that only fails, yet throttling (RequestLimitExceeded)
 # still gets three retries with jittered backoff; a ClientToken makes a retried launch safe.
 RETRIES = {"mode": "standard", "max_attempts": 4}
+# signs of credentials besides the files (an instance or container role shows none of these)
+CREDENTIAL_ENVS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30
 
@@ -146,6 +155,16 @@ class AwsProvider:
 
     def default_region(self) -> str | None:
         return self.region()
+
+    def configured(self) -> bool:
+        home = Path(os.environ.get("HOME", "~")).expanduser()
+        files = (
+            os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / ".aws" / "credentials",
+            os.environ.get("AWS_CONFIG_FILE") or home / ".aws" / "config",
+        )
+        return any(os.environ.get(v) for v in CREDENTIAL_ENVS) or any(
+            Path(f).is_file() for f in files
+        )
 
     def region(self, request_region: str | None = None) -> str:
         with _sdk_errors("configuration", None):

@@ -167,6 +167,10 @@ class Provider(Protocol):
     def default_region(self) -> str | None:
         """Where a cluster goes when neither the spec nor the flags say (None: no regions)."""
 
+    def configured(self) -> bool:
+        """Whether this machine shows credentials for the provider (environment or files, no
+        network call), so a GPU ask prefers the clouds the user can use."""
+
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """(region, zone) pairs to try in order; the engine moves on when one has no capacity."""
 

@@ -34,6 +34,9 @@ class LocalProvider:
     def default_region(self) -> str | None:
         return None
 
+    def configured(self) -> bool:
+        return True
+
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         return [(None, None)]
 

@@ -75,6 +75,9 @@ class SshProvider:
     def default_region(self) -> str | None:
         return None
 
+    def configured(self) -> bool:
+        return True
+
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         return [(None, None)]
 

@@ -174,13 +174,18 @@ def test_throttled_insert_is_retried_with_the_same_request_id(gce_env, mlcloud_h
     nodes = p.create(REF, req, 2)
     inserts = fake.calls("POST", r"/bulkInsert$")
     assert [c.status for c in inserts] == [429, 429, 200]
+    ids = {c.request_id for c in inserts}
     assert len({c.request_id for c in inserts}) == 1 and len(nodes) == 2
-    # the same attempt again (a resumed `up`) sends the same id: GCE makes nothing twice
+    # an attempt GCE never answered, tried again (a resumed `up`), sends the same id: GCE
+    # makes nothing twice; one it answered is not sent again (it would get the old answer)
     p.terminate(REF, nodes)
+    fake.clear_calls()
     fake.rate_limit(api.RATE_RETRIES, method="POST", path=r"/bulkInsert$")
     with pytest.raises(api.RateLimited):
         p.create(REF, req, 2)
-    assert len({c.request_id for c in fake.calls("POST", r"/bulkInsert$")}) == 1
+    assert len(p.create(REF, req, 2)) == 2
+    again = fake.calls("POST", r"/bulkInsert$")
+    assert len({c.request_id for c in again}) == 1 and again[0].request_id not in ids
 
 
 def test_spot_deletes_on_termination_and_budget_sets_max_run_duration(gce_env, mlcloud_home):

@@ -10,6 +10,7 @@ import pytest
 from conftest import run_cli
 from hypothesis import example, given
 from hypothesis import strategies as st
+from mlcloud.providers import aws
 from mlcloud.providers.gce import rules
 
 from mlcloud import catalog, plan
@@ -129,13 +130,39 @@ def test_operation_errors_are_classified(code, message, kind):
     assert rules.classify(code, message) == kind
 
 
-def test_gpu_asks_resolve_across_aws_and_gce():
+def test_gpu_asks_resolve_across_aws_and_gce(monkeypatch, tmp_path):
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # both clouds usable here
     ask = TaskSpec(resources=Resources(gpus=GpuSpec("A100", 8)))
     spec, p = plan.make(ask, default_region=lambda _: None)
     assert (p.provider, p.instance_type) == ("gce", "a2-highgpu-8g") and spec.provider == "gce"
     assert p.fallback_regions  # the same type elsewhere, for failover
     t4 = catalog.find(catalog.load(), GpuSpec("T4", 4), provider="gce")[0]
     assert t4.instance_type == "n1-standard-16+T4:4" and t4.zones
+
+
+def test_a_gpu_ask_goes_to_the_clouds_this_machine_has_credentials_for(monkeypatch, tmp_path):
+    """GCE is cheaper for A100:8, but a user with only AWS credentials gets AWS; with none
+    at all, the cheapest cloud (and its credentials error at `up`)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(home / "gcloud"))
+    for var in ("GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    for var in aws.CREDENTIAL_ENVS:
+        monkeypatch.delenv(var, raising=False)
+    ask = TaskSpec(resources=Resources(gpus=GpuSpec("A100", 8)))
+    assert plan.make(ask, default_region=lambda _: None)[1].provider == "gce"
+    (home / ".aws").mkdir()
+    (home / ".aws" / "credentials").write_text("[default]\n")
+    assert plan.make(ask, default_region=lambda _: None)[1].provider == "aws"
+    (home / ".aws" / "credentials").unlink()
+    (home / "gcloud").mkdir()
+    (home / "gcloud" / "application_default_credentials.json").write_text("{}")
+    assert plan.make(ask, default_region=lambda _: None)[1].provider == "gce"
 
 
 def test_offers_lists_both_clouds():

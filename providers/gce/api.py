@@ -19,16 +19,24 @@ HOW_TO_CONFIGURE = (
     "to a service-account key file"
 )
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
-RATE_RETRIES = 4  # a throttled call is tried this many times in all, backing off
+RATE_RETRIES = 4  # a throttled (or 5xx) call is tried this many times in all, backing off
 BACKOFF_S = 1.0  # then 2 s, 4 s
 OPERATION_TIMEOUT_S = 900.0
 CALL_TIMEOUT_S = 60.0
 WAIT_TIMEOUT_S = 150.0
 PAGE_SIZE = 500  # GCE's most per list page
+# operations.wait "might return after zero seconds", not done: one answered sooner than
+# EARLY_S is followed by a pause, so waiting never becomes a busy loop of calls
+EARLY_S = 2.0
+PAUSES_S = (0.2, 0.5, 1.0, 2.0)  # quick at first, then every 2 s
 
 
-class RateLimited(ProviderError):
-    """429 or rateLimitExceeded: worth a retry after a pause."""
+class Transient(ProviderError):
+    """A 5xx Google asks to retry with backoff (backendError): worth a retry after a pause."""
+
+
+class RateLimited(Transient):
+    """429 or rateLimitExceeded."""
 
 
 class NotFound(ProviderError):
@@ -48,8 +56,9 @@ def credentials() -> tuple[Any, str | None]:
     try:
         return google.auth.default(scopes=SCOPES)
     except DefaultCredentialsError as e:
+        why = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)  # not a tuple's repr
         raise AuthError(
-            f"no usable Google Cloud credentials ({_short(str(e))}); {HOW_TO_CONFIGURE}"
+            f"no usable Google Cloud credentials ({_short(why)}); {HOW_TO_CONFIGURE}"
         ) from None
 
 
@@ -83,8 +92,8 @@ class Api:
         return self._clients[kind]
 
     def call(self, kind: str, method: str, where: str | None, **request: Any) -> Any:
-        """One call, retried with backoff while GCE throttles (a request id in `request`
-        makes a retried insert safe)."""
+        """One call, retried with backoff while GCE throttles or answers 5xx (a request id in
+        `request` makes a retried insert or delete safe)."""
         for attempt in range(RATE_RETRIES):
             try:
                 with errors(f"{kind} {method}", where):
@@ -92,7 +101,7 @@ class Api:
                     # an operation's wait answers within two minutes, done or not
                     timeout = WAIT_TIMEOUT_S if method == "wait" else CALL_TIMEOUT_S
                     return fn(request=request, timeout=timeout)
-            except RateLimited:
+            except Transient:
                 if attempt == RATE_RETRIES - 1:
                     raise
                 time.sleep(BACKOFF_S * 2**attempt)
@@ -106,12 +115,14 @@ class Api:
 
         done = compute_v1.Operation.Status.DONE
         deadline = time.monotonic() + OPERATION_TIMEOUT_S
+        pauses = iter(PAUSES_S)
         while op.status != done:
             if time.monotonic() > deadline:
                 raise ProviderError(
                     f"gce: operation {op.name} not done after "
                     f"{OPERATION_TIMEOUT_S:.0f} s; check it in the console"
                 )
+            started = time.monotonic()
             if zone:
                 op = self.call(
                     "zone_operations",
@@ -125,6 +136,8 @@ class Api:
                 op = self.call(
                     "global_operations", "wait", None, project=self.project, operation=op.name
                 )
+            if op.status != done and time.monotonic() - started < EARLY_S:
+                time.sleep(next(pauses, PAUSES_S[-1]))
         failures = [(e.code, e.message) for e in op.error.errors] if op.error else []
         if failures:
             raise typed(failures, zone, region, f"gce: {op.operation_type or 'operation'}")
@@ -205,12 +218,20 @@ def errors(operation: str, where: str | None) -> Iterator[None]:
             raise AuthError(
                 f"Google refused the credentials ({message}); {HOW_TO_CONFIGURE}"
             ) from e
+        if {"accessNotConfigured", "SERVICE_DISABLED"} & set(codes):
+            raise AuthError(
+                f"gce: the Compute Engine API is not enabled for the project ({message}); "
+                "run `gcloud services enable compute.googleapis.com`"
+            ) from e
         if isinstance(e, gexc.PermissionDenied):
             raise AuthError(
                 f"gce: {operation}{place}: permission denied ({message}); give "
                 "the credentials' account the Compute Admin role"
             ) from e
-        raise ProviderError(f"gce: {operation}{place} failed: {message}; {debug}") from e
+        failed = f"gce: {operation}{place} failed: {message}; {debug}"
+        if isinstance(e, gexc.ServerError):  # 500, 502, 503, 504
+            raise Transient(failed) from e
+        raise ProviderError(failed) from e
     except aexc.TransportError as e:
         raise ProviderError(
             f"gce: {operation}{place}: cannot reach Google ({_short(str(e))});"

@@ -15,8 +15,8 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
@@ -72,13 +72,19 @@ class GceProvider:
         self._zones: dict[str, str] = {}  # VM name -> zone, as last listed
         self._storage_warned = False
 
-    # settings, credentials, clients
-
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
 
+    def configured(self) -> bool:
+        return rules.adc_present(os.environ)
+
     def _region(self, request: ProvisionRequest) -> str:
         zone = request.zone
+        if zone and request.region and rules.region_of(zone) != request.region:
+            raise UsageError(  # its VMs would be listed (and so deleted) in neither
+                f"zone {zone} is not in region {request.region}; pass a zone of "
+                f"{request.region}, or --region {rules.region_of(zone)}"
+            )
         region = request.region or (rules.region_of(zone) if zone else self.default_region())
         if not region:
             raise UsageError(
@@ -146,21 +152,32 @@ class GceProvider:
             raise UsageError(
                 "spot_max_price: GCE Spot VMs have no bid price; drop it (Spot is priced by GCE)"
             )
+        rules.split_type(request.instance_type)  # a malformed type: one line, before anything
 
     def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
         """The asked zone; else the zones the catalog lists for the type in the region (the
-        Zones API when it lists none), then those of each fallback region, in order."""
+        Zones API when it lists none), then those of each fallback region, in order. A zone or
+        region GCE does not know is bad input, said before anything is made."""
+        from mlcloud.providers.gce.api import NotFound
+
         region = self._region(request)
-        if request.zone:
-            return [(region, request.zone)]
         api = self.api(Settings(request.project, request.api_endpoint))
+        how = f"in project {api.project}; pick one of `gcloud compute"
+        if request.zone:
+            try:
+                api.call("zones", "get", None, project=api.project, zone=request.zone)
+            except NotFound:
+                raise UsageError(f"no GCE zone {request.zone!r} {how} zones list`") from None
+            return [(region, request.zone)]
         places: list[tuple[str | None, str | None]] = []
         for r in [region, *(f for f in request.fallback_regions if f != region)]:
-            zones = _catalog_zones(request.instance_type or "", r) or sorted(
-                z.name
-                for z in api.paged("zones", "list", project=api.project)
-                if z.name.startswith(f"{r}-") and z.status == "UP"
-            )
+            zones = _catalog_zones(request.instance_type or "", r)
+            if not zones:
+                listed = api.paged("zones", "list", project=api.project)
+                known = [z for z in listed if z.name.startswith(f"{r}-")]
+                if not known:  # not "no capacity in any place tried"
+                    raise UsageError(f"no GCE region {r!r} {how} regions list`")
+                zones = sorted(z.name for z in known if z.status == "UP")
             places += [(r, z) for z in zones]
         return places
 
@@ -171,23 +188,15 @@ class GceProvider:
         request = replace(
             request, ssh=replace(request.ssh, user=request.ssh.user or rules.DEFAULT_USER)
         )
-        if not request.image:
-            family = self._image_from_family(api, rules.DLVM_PROJECT, rules.DLVM_FAMILY)
-            request = replace(request, image=family)
-        elif "/" not in request.image:  # an image of the project, by name
-            request = replace(
-                request, image=f"projects/{api.project}/global/images/{request.image}"
-            )
-        elif "/family/" in request.image:
-            project, _, family = request.image.partition("/global/images/family/")
-            request = replace(
-                request,
-                image=self._image_from_family(api, project.removeprefix("projects/"), family),
-            )
+        project, name, family = rules.image_ref(request.image, api.project)
+        if family:  # pinned to the family's newest image, for a resumed `up`
+            name = self._image_from_family(api, project, family)
+        request = replace(request, image=name)
         cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)
-        warnings = () if self._storage_warned else _storage_warnings(request)
+        uris = () if self._storage_warned else (*request.storage.write, *request.storage.read)
+        warnings = rules.storage_warnings(uris)
         self._storage_warned |= bool(warnings)  # once, not again for each zone tried
         return Prepared(request, warnings)
 
@@ -205,7 +214,7 @@ class GceProvider:
             if rules.instance_name(cluster.uid, k) not in taken:
                 names.append(rules.instance_name(cluster.uid, k))
             k += 1
-        from mlcloud import keys
+        from mlcloud import atomic, keys
 
         public = (
             _public_key_of(request.ssh.identity_file)
@@ -224,15 +233,16 @@ class GceProvider:
             max_run_s=rules.max_run_seconds(request.deadline, time.time()),
         )
         attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
-        failed = _failed_path(cluster.uid)
-        tried = failed.read_text().splitlines() if failed.exists() else []
-        attempt += f"#{tried.count(attempt)}"  # GCE replays a failed id's error for an hour
+        answered = _settings_path(cluster.uid).with_suffix(".answered")
+        tried = answered.read_text().splitlines() if answered.exists() else []
+        attempt += f"#{tried.count(attempt)}"  # GCE replays an id's answer for an hour
         body = {
             "count": count,
             "min_count": count,
             "per_instance_properties": {n: {"name": n} for n in names},
             "instance_properties": props,
         }
+        pending = _settings_path(cluster.uid).with_suffix(".pending")
         try:
             op = api.call(
                 "instances",
@@ -243,12 +253,16 @@ class GceProvider:
                 request_id=rules.request_id(cluster.uid, attempt),
                 bulk_insert_instance_resource_resource=body,
             )
+            # VMs come as it runs: an `up` killed now leaves `down` to wait, then delete them
+            atomic.write(pending, json.dumps([zone, op.name]).encode())
             api.wait(op, zone, region)
+            pending.unlink()
         except (CapacityError, QuotaError):
             self._delete_in(api, cluster, zone)  # a failed attempt leaves nothing behind
-            with failed.open("a") as f:  # so the next try of this zone is a new request
-                f.write(attempt.rpartition("#")[0] + "\n")
+            pending.unlink(missing_ok=True)
+            _answered(answered, attempt)  # so the next try of this zone is a new request
             raise
+        _answered(answered, attempt)  # so are these names again (a node replaced later)
         return self._until_running(api, cluster, set(names))
 
     def list(self, cluster: ClusterRef) -> list[Node]:
@@ -269,6 +283,16 @@ class GceProvider:
 
     def cleanup(self, cluster: ClusterRef) -> None:
         api = self._api_of(cluster)
+        pending = _settings_path(cluster.uid).with_suffix(".pending")
+        if pending.exists():  # a bulkInsert whose `up` was killed: its VMs may come yet
+            zone, op = json.loads(pending.read_text())
+            with suppress(ProviderError):  # failed or not (or forgotten), delete what it made
+                op = api.call(
+                    "zone_operations", "get", zone, project=api.project, zone=zone, operation=op
+                )
+                api.wait(op, zone, None)
+            self._delete_in(api, cluster, zone)
+            pending.unlink()
         for name in rules.firewall_names(cluster.uid):
             self._delete_firewall(api, name)
         _settings_path(cluster.uid).unlink(missing_ok=True)  # prepare writes it again
@@ -311,7 +335,7 @@ class GceProvider:
                         uid.rpartition("-")[0],
                         home,
                         "global",
-                        created=_epoch(f.creation_timestamp),
+                        created=rules.epoch(f.creation_timestamp),
                     )
                 )
         for scope, i in api.paged(
@@ -329,7 +353,7 @@ class GceProvider:
                     i.labels.get("mlcloud-name", ""),
                     i.labels.get("mlcloud-owner", ""),
                     rules.region_of(zone),
-                    created=_epoch(i.creation_timestamp),
+                    created=rules.epoch(i.creation_timestamp),
                 )
             )
         return found
@@ -399,7 +423,10 @@ class GceProvider:
                     i.status.lower(),
                 )
             )
-        return sorted(found, key=lambda n: int(n.node_id.rpartition("-")[2]))
+        ours = f"mlcloud-{cluster.uid}-"  # by index, then other names (a clone keeps labels)
+        return sorted(
+            found, key=lambda n: (n.node_id[: len(ours)] != ours, len(n.node_id), n.node_id)
+        )
 
     def _until_running(self, api: Api, cluster: ClusterRef, names: set[str]) -> list[Node]:
         deadline, polls = time.monotonic() + RUNNING_TIMEOUT_S, iter(POLLS_S)
@@ -528,14 +555,6 @@ class GceProvider:
         return f"{address}/32"
 
 
-def _storage_warnings(request: ProvisionRequest) -> tuple[str, ...]:
-    return tuple(
-        f"storage {uri}: a GCE cluster's nodes run without a service account, so mlcloud "
-        "gives them no bucket credentials; grant them access yourself"
-        for uri in (*request.storage.write, *request.storage.read)
-    )
-
-
 def _pause(polls) -> float:
     return next(polls, POLLS_S[-1])
 
@@ -558,9 +577,10 @@ def _settings_path(uid: str):
     return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
 
 
-def _failed_path(uid: str):
-    """Attempts GCE refused, one per line: a resent request id would get the old error."""
-    return _settings_path(uid).with_suffix(".failed")
+def _answered(path, attempt: str) -> None:
+    """Attempts GCE answered, one per line: their request ids would get the old answer."""
+    with path.open("a") as f:
+        f.write(attempt.rpartition("#")[0] + "\n")
 
 
 def _catalog_zones(instance_type: str, region: str) -> list[str]:
@@ -577,10 +597,3 @@ def _public_key_of(identity_file: str) -> str:
 
     key = load_identity(identity_file)
     return f"{key.get_name()} {key.get_base64()}"
-
-
-def _epoch(stamp: str) -> float | None:
-    try:
-        return datetime.fromisoformat(stamp).timestamp() if stamp else None
-    except ValueError:
-        return None

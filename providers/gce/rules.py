@@ -4,8 +4,13 @@ which operation errors mean "no capacity here" or "over quota". Nothing here cal
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import uuid
+from collections.abc import Mapping
+from datetime import datetime
+
+from mlcloud.errors import UsageError
 
 DEFAULT_USER = "mlcloud"  # created by the guest agent from the ssh-keys metadata
 DISK_GB = 200
@@ -84,15 +89,41 @@ def request_id(uid: str, attempt: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{uid}:{attempt}"))
 
 
+def image_ref(image: str | None, project: str) -> tuple[str, str, str | None]:
+    """(project, image path, family to look up) for `image:` as users write it: NAME (of the
+    project), projects/P/global/images/NAME or .../family/F, or a full URL of either; none:
+    the Deep Learning VM family."""
+    if not image:
+        return DLVM_PROJECT, "", DLVM_FAMILY
+    if re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", image):
+        return project, f"projects/{project}/global/images/{image}", None
+    m = re.search(r"(?:^|/)projects/([^/]+)/global/images/(family/)?([^/]+)$", image)
+    if not m:
+        raise UsageError(
+            f"image {image!r}: name one as NAME, projects/PROJECT/global/images/NAME or "
+            "projects/PROJECT/global/images/family/FAMILY"
+        )
+    owner, family, name = m.groups()
+    if family:
+        return owner, "", name
+    return owner, f"projects/{owner}/global/images/{name}", None
+
+
 def split_type(instance_type: str) -> tuple[str, list[tuple[str, int]]]:
     """`n1-standard-16+T4:4` -> ("n1-standard-16", [("nvidia-tesla-t4", 4)]); a type with
     its GPUs built in (a2, a3, g2) has no guest accelerators to ask for."""
-    machine, plus, gpus = instance_type.partition("+")
-    if not plus:
+    m = re.fullmatch(
+        r"([a-z][-a-z0-9]*)(?:\+([A-Za-z0-9][-A-Za-z0-9]*)(?::([1-9]\d?))?)?", instance_type
+    )
+    if not m:
+        raise UsageError(
+            f"instance type {instance_type!r}: write a GCE machine type, with its GPUs after + "
+            "if it takes guest accelerators (n1-standard-16+T4:4, a2-highgpu-8g)"
+        )
+    machine, model, count = m.groups()
+    if not model:
         return machine, []
-    model, _, count = gpus.partition(":")
-    accelerator = ACCELERATORS.get(model.upper(), model.lower())
-    return machine, [(accelerator, int(count or 1))]
+    return machine, [(ACCELERATORS.get(model.upper(), model.lower()), int(count or 1))]
 
 
 def has_gpus(instance_type: str) -> bool:
@@ -202,6 +233,22 @@ def firewalls(uid: str, owner: str, cidrs: list[str]) -> list[dict]:
     ]
 
 
+def storage_warnings(uris: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(
+        f"storage {uri}: a GCE cluster's nodes run without a service account, so mlcloud "
+        "gives them no bucket credentials; grant them access yourself"
+        for uri in uris
+    )
+
+
+def epoch(stamp: str) -> float | None:
+    """GCE's creationTimestamp (RFC 3339) in seconds since the epoch."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
+
+
 def firewall_owner(description: str) -> tuple[str, str] | None:
     """(cluster uid, owner) from a rule's description, None if mlcloud did not make it."""
     m = re.match(r"mlcloud cluster=(\S+) owner=(\S+):", description or "")
@@ -219,3 +266,14 @@ def classify(code: str, message: str) -> str | None:
     if code in EXISTS_CODES:
         return "exists"
     return None
+
+
+def adc_present(env: Mapping[str, str]) -> bool:
+    """Whether Application Default Credentials are set up here, by their files (a key file, or
+    gcloud's ADC file): no metadata-server probe, which costs seconds off Google Cloud."""
+    if env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return True
+    config = env.get("CLOUDSDK_CONFIG") or os.path.join(
+        env.get("HOME", os.path.expanduser("~")), ".config", "gcloud"
+    )
+    return os.path.isfile(os.path.join(config, "application_default_credentials.json"))

@@ -166,8 +166,15 @@ class Compute(ComputeState):
                 "perLocationStatus": {f"zones/{zone}": status}
             }
             delay = self.op_seconds
-            for inst in instances[:fit]:
-                self._place(project, zone, inst, delay)
+
+            def place():
+                for inst in instances[:fit]:
+                    self._place(project, zone, inst, delay)
+
+            if self.late_bulk_instances:  # GCE makes them as the operation runs
+                self._at(delay, place)
+            else:
+                place()
 
             def done():
                 status.update(status="DONE", createdVmCount=fit, failedToCreateVmCount=count - fit)

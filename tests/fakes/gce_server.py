@@ -134,8 +134,14 @@ _BILLING = re.compile(r"/v1/services/([^/]+)/skus")
 class GceFake(Compute):
     """The fake Compute API served over HTTP on 127.0.0.1 (port 0: a free one)."""
 
-    def __init__(self, port: int = 0, op_seconds: float = 0.2, require_auth: bool = True):
-        super().__init__(op_seconds=op_seconds)
+    def __init__(
+        self,
+        port: int = 0,
+        op_seconds: float = 0.2,
+        require_auth: bool = True,
+        wait_cap: float = 120.0,
+    ):
+        super().__init__(op_seconds=op_seconds, wait_cap=wait_cap)
         self.require_auth = require_auth
         self.authority = Authority()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))

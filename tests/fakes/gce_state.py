@@ -71,6 +71,9 @@ class ComputeState:
     ):
         self.op_seconds = op_seconds  # how long operations take (PROVISIONING..RUNNING)
         self.wait_cap = wait_cap  # operations.wait returns by then even if not DONE (GCE: 2 min)
+        # a bulkInsert's VMs are listed only as its operation ends (GCE makes them as it runs;
+        # the default lists them at once)
+        self.late_bulk_instances = False
         # how long a requestId replays its first operation (GCE: at least 60 min)
         self.request_id_ttl = request_id_ttl
         self._cond = threading.Condition()
