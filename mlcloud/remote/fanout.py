@@ -27,9 +27,10 @@ from mlcloud.remote.transport import RemoteError, SyncStats, Transport, check
 
 MARK = "@mlcloud:"
 PROBE_END = f"{MARK}manifest"
-# Below this much more to send, a direct sync to each node costs less than the relay's SSH
-# sessions between nodes (about a second): a small change goes straight to every node.
-RELAY_ABOVE = 1_000_000
+# Relay once it saves this machine's link this much: below it, a direct sync to each node
+# costs less than the relay's SSH sessions between nodes (about a second), so a change of a
+# few files goes straight to every node; above it the client sends about 1x, whatever N.
+RELAY_ABOVE = 256_000
 
 
 @dataclass(frozen=True)
