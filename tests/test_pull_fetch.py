@@ -221,4 +221,5 @@ def test_modes_never_carry_set_uid_or_world_writable_exec(hostile, tmp_path):
     )
     pull(tmp_path / "out", tmp_path / "dest")
     got = {p: stat.S_IMODE((tmp_path / "dest" / p).stat().st_mode) for p in modes}
-    assert got == {"a": 0o644, "b": 0o644, "c": 0o644, "d": 0o644, "e": 0o755, "f": 0o644}
+    # a file others could not read on the node stays private here (e: 0700, f: 0600)
+    assert got == {"a": 0o644, "b": 0o644, "c": 0o644, "d": 0o644, "e": 0o700, "f": 0o600}

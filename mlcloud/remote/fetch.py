@@ -13,7 +13,8 @@ so before a byte is written here:
   with O_NOFOLLOW, a fresh temporary renamed over the target), so pull never creates a
   symlink and never follows one, planted or the user's;
 - a file's mode is never the node's: 0755 if it was an ordinary executable (owner exec bit,
-  no set-uid, set-gid or sticky bit, not world-writable), else 0644.
+  no set-uid, set-gid or sticky bit, not world-writable), else 0644; a file others could
+  not read on the node (0600, 0700) is 0600 or 0700 here.
 Files already here are never deleted: a node whose disk was emptied leaves the results alone.
 One deleted or cut short here since the last pull comes again.
 """
@@ -420,4 +421,5 @@ def _verified(reader: _Reader, n: int, h, f: _File, path: str, label: str, progr
 
 def _mode(f: _File) -> int:
     ordinary_exec = f.mode & 0o100 and not f.mode & 0o7002
-    return 0o755 if ordinary_exec else 0o644
+    mode = 0o755 if ordinary_exec else 0o644
+    return mode if f.mode & 0o044 else mode & 0o700  # private on the node, private here
