@@ -122,14 +122,20 @@ def _reconcile(store: state.Store, job: state.JobRecord, h: Handle) -> state.Job
     order = sorted(ends, key=lambda i: (nodes[i].get("ended_at") or 0.0, i))
     result = outcome.decide(job.job_id, ends, order)
     rebuild_log(h, job, [result.line + " (read from the nodes)"])
-    return _record(store, job, result.status, result.exit_code)
+    # when it ended on the nodes, not when this looked (a pull made in between counts)
+    ended = min(max((float(n.get("ended_at") or 0.0) for n in nodes), default=0.0), time.time())
+    return _record(store, job, result.status, result.exit_code, ended or None)
 
 
 def _record(
-    store: state.Store, job: state.JobRecord, status: str, code: int | None
+    store: state.Store,
+    job: state.JobRecord,
+    status: str,
+    code: int | None,
+    ended: float | None = None,
 ) -> state.JobRecord:
     store.update_job(
-        job.cluster, job.uid, job.job_id, status=status, exit_code=code, ended=time.time()
+        job.cluster, job.uid, job.job_id, status=status, exit_code=code, ended=ended or time.time()
     )
     store.event(job.cluster, "job", f"job {job.job_id} {status} ({code}), read from the nodes")
     return _get(store, job)

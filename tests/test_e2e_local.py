@@ -199,3 +199,26 @@ def test_a_job_nobody_follows_any_more_is_reported(project, mlcloud_home):
     uid = status()["clusters"][0]["uid"]
     assert run_cli("down", "orphan", "--yes").returncode == 0
     assert tagged_pids(f"{uid}.") == []
+
+
+def test_a_job_pulled_before_anyone_read_its_end_counts_as_pulled(project, mlcloud_home):
+    """Its driver gone, a job's end is read from the nodes later (by `status` here): the end
+    is when it ended there, so the pull made in between still counts."""
+    assert run_cli("up", "late", "--nodes", "1").returncode == 0
+    r = run_cli("train", "late", "-w", str(project), "--detach", "train.py", "--", "--steps", "5")
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(mlcloud_home / "state.db") as db:
+        (driver,) = db.execute("SELECT driver_pid FROM jobs").fetchone()
+    os.kill(driver, signal.SIGKILL)
+    uid = status()["clusters"][0]["uid"]
+    ended = next((mlcloud_home / "local" / uid).glob("node-0/jobs/1")) / "exit_code"
+    deadline = time.time() + 60
+    while not ended.exists():
+        assert time.time() < deadline, "the job did not end"
+        time.sleep(0.2)
+    r = run_cli("pull", "late", str(mlcloud_home.parent / "results"))
+    assert r.returncode == 0, r.stderr
+    assert status()["clusters"][0]["jobs"][0]["status"] == "SUCCEEDED"  # read now, after the pull
+    r = run_cli("down", "late", "--yes", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [c.get("unpulled_job") for c in json.loads(r.stdout)["clusters"]] == [None]
