@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,10 +98,19 @@ def walk(home: Path, tmp: Path, must_fail: bool, names: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def work(tmp_path) -> Path:
+def work(tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "train.py").write_text("print('hi')\n")
-    return tmp_path / "work"
+    yield tmp_path / "work"
+    # a home too damaged for `down` leaves its node's agent: end what runs from it
+    home = str(tmp_path / "home").encode()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if entry.isdigit() and home in f.read():
+                    os.kill(int(entry), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def make_cluster(home: Path, tmp: Path) -> None:
