@@ -28,7 +28,8 @@ def events(
 
     check_cluster_name(name)
     store = state.open_store()
-    shown = 0
+    # what was printed, not how many: a node's event merged late sorts before ones shown already
+    shown: set = set()
     while True:
         rec = store.get_cluster(name)
         if rec is None:
@@ -37,7 +38,8 @@ def events(
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
         nodeevents.gather(store, rec)
         log = nodeevents.log(store, rec)
-        new, shown = log[shown:], len(log)
+        new = [e for e in log if e not in shown]
+        shown.update(new)
         if json and not follow:
             output.print_json([_json(e) for e in log])
             return
