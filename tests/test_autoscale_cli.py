@@ -1,0 +1,38 @@
+"""`mlcloud autoscale` on a local cluster whose nodes stopped themselves (the agent's own stop,
+no controller running): it reports them stopped, and decides nothing more."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.e2e  # starts the node agent
+
+
+def test_once_after_the_nodes_stopped_themselves(mlcloud_home):
+    from mlcloud.cli.app import app
+
+    from mlcloud import cluster, state
+    from mlcloud.report import PlainReporter
+    from mlcloud.spec import TaskSpec
+
+    store = state.open_store()
+    rec = cluster.up(store, "self", TaskSpec(provider="local"), PlainReporter(quiet=True))
+    root = rec.nodes[0].root
+    why = "idle for 30.0 min"
+    subprocess.run(  # what the agent's dead-man switch runs, local state not told
+        [sys.executable, "bin/agent.py", "stop", ".", "idle_teardown", why, "0"],
+        cwd=root,
+        check=True,
+    )
+    for _ in range(2):  # and a second pass (cron) says the same
+        r = CliRunner().invoke(app, ["autoscale", "self", "--once"])
+        assert r.exit_code == 0, r.output
+        assert "every node is stopped" in r.output and "healthy" not in r.output, r.output
+    # the agent's stop is the one event of it: the controller decided no teardown of its own
+    log = store.event_log("self", rec.uid)
+    assert [(k, n) for _, k, n, _ in log if k == "idle_teardown"] == [("idle_teardown", 0)], log
+    cluster.down(store, "self", PlainReporter(quiet=True))
