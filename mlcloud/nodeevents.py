@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from mlcloud import agentview, state
 from mlcloud.agentview import Event, NodeView, Stopped
-from mlcloud.errors import MlcloudError
+from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
 
 TERMINATED = "terminated"
@@ -64,3 +64,17 @@ def stop_reasons(events: list[Event]) -> dict[int, str]:
     return {
         e.node: f"{e.kind}: {e.message}" for e in events if e.kind in kinds and e.node is not None
     }
+
+
+def refuse_stopped(store: state.Store, rec: state.ClusterRecord) -> None:
+    """A job on a node its agent (or a rule) stopped would run with no agent watching it: no
+    idle teardown, no budget deadline. Refuse in one line, with the reason and the way out."""
+    stopped = [n.idx for n in rec.nodes if n.status == TERMINATED]
+    if not stopped:
+        return
+    i = stopped[0]
+    why = stop_reasons(log(store, rec)).get(i, "stopped")
+    raise UsageError(
+        f"cluster {rec.name}: node{i} was stopped ({why.split(';')[0]}); "
+        f"`mlcloud down {rec.name}`, then `mlcloud up {rec.name}` for a new cluster"
+    )

@@ -1,10 +1,11 @@
-"""`mlcloud autoscale` on a local cluster whose nodes stopped themselves (the agent's own stop,
-no controller running): it reports them stopped, and decides nothing more."""
+"""A local cluster whose nodes stopped themselves (the agent's own stop, no controller
+running): `autoscale` reports them stopped and decides nothing more; `train` refuses."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,10 +13,11 @@ from typer.testing import CliRunner
 pytestmark = pytest.mark.e2e  # starts the node agent
 
 
-def test_once_after_the_nodes_stopped_themselves(mlcloud_home):
+def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
     from mlcloud.cli.app import app
 
     from mlcloud import cluster, state
+    from mlcloud.errors import UsageError
     from mlcloud.report import PlainReporter
     from mlcloud.spec import TaskSpec
 
@@ -35,4 +37,12 @@ def test_once_after_the_nodes_stopped_themselves(mlcloud_home):
     # the agent's stop is the one event of it: the controller decided no teardown of its own
     log = store.event_log("self", rec.uid)
     assert [(k, n) for _, k, n, _ in log if k == "idle_teardown"] == [("idle_teardown", 0)], log
+    # a job there would run with no agent watching it (no idle teardown, no budget): refused
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "job.py").write_text("print('ran')\n")
+    r = CliRunner().invoke(app, ["train", "self", "-w", str(tmp_path / "w"), "job.py"])
+    assert isinstance(r.exception, UsageError), r.output  # exit 2, one line
+    assert "node0 was stopped (idle_teardown" in str(r.exception)
+    assert "mlcloud down self" in str(r.exception)
+    assert not list(Path(root, "jobs").iterdir())
     cluster.down(store, "self", PlainReporter(quiet=True))
