@@ -158,8 +158,8 @@ class Controller:
         self._save_misses()
         return plan
 
-    def _event(self, kind: str, message: str) -> None:
-        self.store.event(self.h.record.name, kind, message)
+    def _event(self, kind: str, message: str, node: int | None = None) -> None:
+        self.store.event(self.h.record.name, kind, message, node)
         self.report.info(message)
 
     def _apply(self, plan: pol.Plan) -> None:
@@ -181,19 +181,19 @@ class Controller:
                 self._event("stall", a.reason + ": stopping the job")
                 self._stop_job(range(len(self.h.nodes)), grace=10.0)
             elif a.kind == pol.REPLACE:
-                self._event("node lost", a.reason)
+                self._event("node lost", a.reason, a.node)
                 assert a.node is not None
                 if not self._replace(a.node, rejoin=not restart):
                     dropped.append(a.node)
             elif a.kind == pol.DROP:
-                self._event("node lost", a.reason)
+                self._event("node lost", a.reason, a.node)
                 assert a.node is not None
                 dropped.append(a.node)
             elif a.kind == pol.GROW:
                 self._event("scale up", a.reason)
                 self._grow()
             elif a.kind == pol.SHRINK:
-                self._event("scale down", a.reason)
+                self._event("scale down", a.reason, a.node)
                 assert a.node is not None
                 self._stop_job([a.node], grace=BUDGET_GRACE)
                 dropped.append(a.node)
@@ -275,12 +275,12 @@ class Controller:
             try:
                 (new,) = cluster.add_nodes(self.store, self.h, 1, self.report)
             except MlcloudError as e:
-                self._event("node lost", f"node{i} could not be replaced: {e}")
+                self._event("node lost", f"node{i} could not be replaced: {e}", i)
                 return False
             records = list(self.h.nodes)
             records[i] = new
             self._set_nodes(records)
-        self._event("node replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}")
+        self._event("node replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}", i)
         if rejoin:
             self._join([i])
         return True
@@ -323,7 +323,7 @@ class Controller:
         launch.launch_on(self.h, req, job.job_id, positions, rdzv)
         for i in positions:
             self._event(
-                "node joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}"
+                "node joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}", i
             )
             if self.on_join:
                 self.on_join(i)
