@@ -585,6 +585,14 @@ class Store:
         )
         return {r["node"] for r in rows}
 
+    def last_uid(self, cluster: str) -> str | None:
+        """The uid of the newest incarnation of a cluster that left events (it may be gone)."""
+        rows = self._read(
+            "SELECT uid FROM events WHERE cluster=? AND uid != '' ORDER BY id DESC LIMIT 1",
+            (cluster,),
+        )
+        return rows[0]["uid"] if rows else None
+
     def event_log(self, cluster: str, uid: str) -> list[tuple[float, str, int | None, str]]:
         """(time, kind, node, message) of one incarnation of a cluster, oldest first."""
         rows = self._read(
