@@ -6,11 +6,12 @@ Every decision is an event with its reason."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from mlcloud import agentview, cluster, launch, state
@@ -69,6 +70,7 @@ class Controller:
         if self.gone:
             self._misses_path().unlink(missing_ok=True)
             self._misses_path().with_suffix(".grow").unlink(missing_ok=True)
+            self._misses_path().with_suffix(".lock").unlink(missing_ok=True)
             return
         atomic.write(self._misses_path(), json.dumps(self.misses).encode())
 
@@ -144,19 +146,43 @@ class Controller:
     def step(self, now: float | None = None) -> pol.Plan:
         """One pass: gather, decide, apply; returns the plan applied."""
         now = time.time() if now is None else now
-        if self.h.nodes and all(n.status == TERMINATED for n in self.h.nodes):
-            self.gone = True  # stopped by a rule, here or by the agents: the rest is `down`'s
-            return pol.Plan()
-        snap = self.snapshot(now)
-        plan = pol.decide(snap, self.policy, now)
-        if plan.actions:
-            self.busy.set()
-            try:
-                self._apply(plan)
-            finally:
-                self.busy.clear()
-        self._save_misses()
+        with self._pass_lock():
+            self._reload()
+            if self.gone or (self.h.nodes and all(n.status == TERMINATED for n in self.h.nodes)):
+                self.gone = True  # stopped by a rule, here or by the agents: the rest is `down`'s
+                return pol.Plan()
+            snap = self.snapshot(now)
+            plan = pol.decide(snap, self.policy, now)
+            if plan.actions:
+                self.busy.set()
+                try:
+                    self._apply(plan)
+                finally:
+                    self.busy.clear()
+            self._save_misses()
         return plan
+
+    @contextlib.contextmanager
+    def _pass_lock(self) -> Iterator[None]:
+        """One pass at a time per cluster, whichever process runs it (`train`'s controller and
+        a cron `autoscale --once`): the second waits, then decides on what the first did."""
+        import fcntl
+
+        with open(self._misses_path().with_suffix(".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _reload(self) -> None:
+        """Another controller may have replaced, dropped or stopped nodes since this one last
+        looked: decide on the nodes state has now, not on a stale copy (a loss replaced twice
+        left the first replacement running, forgotten by state)."""
+        rec = self.store.get_cluster(self.h.record.name)
+        if rec is None or rec.uid != self.h.record.uid:
+            self.gone = True
+            return
+        seen = [(n.node_id, n.status) for n in self.h.nodes]
+        if [(n.node_id, n.status) for n in rec.nodes] != seen:
+            self._refresh()
 
     def _event(self, kind: str, message: str, node: int | None = None) -> None:
         self.store.event(self.h.record.name, kind, message, node)
@@ -233,6 +259,11 @@ class Controller:
         so a driver sharing it follows the same nodes."""
         records = [replace(r, idx=i) for i, r in enumerate(records)]
         self.store.set_nodes(self.h.record.name, records)
+        self._refresh()
+        self._rebudget()
+
+    def _refresh(self) -> None:
+        """The handle follows state's nodes, in place (a driver sharing it follows the same)."""
         fresh = cluster.open_cluster(self.store, self.h.record.name)
         # nodes that stay keep their connection (a driver may be following over it)
         old = {r.node_id: t for r, t in zip(self.h.nodes, self.h.transports, strict=True)}
@@ -247,7 +278,6 @@ class Controller:
             t.close()
         self.h.record = fresh.record
         self.h.transports[:] = transports
-        self._rebudget()
 
     def _rebudget(self) -> None:
         """After a resize, every node's agent gets the budget deadline at the new rate (what
