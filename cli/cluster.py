@@ -385,7 +385,18 @@ def status(
     now = time.time()
     billing = store.billing(name)
     if json:
-        output.print_json(views.status_json(clusters, jobs, billing, now))
+        out = views.status_json(clusters, jobs, billing, now)
+        if name:  # as the text shows: why a node stopped, and the newest events
+            events = nodeevents.log(store, clusters[0])
+            reasons = nodeevents.stop_reasons(events)
+            for n in out["clusters"][0]["nodes"]:
+                if n["status"] == "terminated" and n["index"] in reasons:
+                    n["reason"] = reasons[n["index"]]
+            out["clusters"][0]["events"] = [
+                {"time": views.iso(e.time), "kind": e.kind, "node": e.node, "message": e.message}
+                for e in events[-10:]
+            ]
+        output.print_json(out)
         return
     if not clusters:
         print("no clusters; create one with `mlcloud up NAME`")

@@ -3,6 +3,7 @@ running): `autoscale` reports them stopped and decides nothing more; `train` ref
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
     # the agent's stop is the one event of it: the controller decided no teardown of its own
     log = store.event_log("self", rec.uid)
     assert [(k, n) for _, k, n, _ in log if k == "idle_teardown"] == [("idle_teardown", 0)], log
+    # `status --json` says what the text says: the node's reason, the newest events
+    r = CliRunner().invoke(app, ["status", "self", "--json"])
+    (c,) = json.loads(r.output)["clusters"]
+    assert c["nodes"][0]["status"] == "terminated", c
+    assert c["nodes"][0]["reason"].startswith(f"idle_teardown: {why}"), c
+    assert c["events"][-1]["kind"] == "idle_teardown" and c["events"][-1]["node"] == 0
+    assert c["events"][-1]["time"].endswith("+00:00")
     # a job there would run with no agent watching it (no idle teardown, no budget): refused
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "job.py").write_text("print('ran')\n")
