@@ -150,6 +150,10 @@ def up(
     name = cluster_name(name, spec.name)
     store = state.open_store()
     existing = store.get_cluster(name)
+    if existing is not None:  # its nodes stopped: "up" would be a word, not a cluster
+        from mlcloud import nodeevents
+
+        nodeevents.refuse_stopped(store, existing)
     # compute goes to the data: --near, else the spec's storage.data
     data = locate(near) if near else locate_data(spec.storage.data, output.reporter(json).warn)
     spec, plan = planner.make(spec, _default_region, max_hours, data)

@@ -53,4 +53,6 @@ def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
     assert "node0 was stopped (idle_teardown" in str(r.exception)
     assert "mlcloud down self" in str(r.exception)
     assert not list(Path(root, "jobs").iterdir())
+    r = CliRunner().invoke(app, ["up", "self", "--provider", "local", "--yes"])
+    assert isinstance(r.exception, UsageError), r.output  # not "cluster self is up"
     cluster.down(store, "self", PlainReporter(quiet=True))
