@@ -33,6 +33,8 @@ def autoscale(
     try:
         if once:
             plan = ctl.step()
+            if not ctl.gone:  # one pass is no controller the agents should wait for: a cron
+                ctl.detach()  # hour apart would read as a lost heartbeat and stop the nodes
             if not plan.actions:
                 print(
                     stopped

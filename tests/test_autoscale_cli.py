@@ -56,3 +56,22 @@ def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
     r = CliRunner().invoke(app, ["up", "self", "--provider", "local", "--yes"])
     assert isinstance(r.exception, UsageError), r.output  # not "cluster self is up"
     cluster.down(store, "self", PlainReporter(quiet=True))
+
+
+def test_once_leaves_no_heartbeat_behind(mlcloud_home):
+    """`--once` from cron an hour apart: a heartbeat left by one pass would read as a lost
+    controller after heartbeat_minutes (15), and the agents would stop a cluster mid-job."""
+    from mlcloud.cli.app import app
+
+    from mlcloud import cluster, state
+    from mlcloud.report import PlainReporter
+    from mlcloud.spec import TaskSpec
+
+    store = state.open_store()
+    rec = cluster.up(store, "cron", TaskSpec(provider="local"), PlainReporter(quiet=True))
+    try:
+        r = CliRunner().invoke(app, ["autoscale", "cron", "--once"])
+        assert r.exit_code == 0 and "nothing to do" in r.output, r.output
+        assert not Path(rec.nodes[0].root, "agent", "heartbeat").exists()
+    finally:
+        cluster.down(store, "cron", PlainReporter(quiet=True))
