@@ -430,11 +430,10 @@ class Controller:
                 self.detach()
 
     def detach(self) -> None:
-        """Leaving: take the heartbeats away, so the agents do not count this controller lost."""
-        fan_out(
-            lambda i: detach(self.h.transports[i], self.h.nodes[i].root),
-            list(range(len(self.h.nodes))),
-        )
+        """Leaving: take the heartbeats away, so the agents do not count this controller lost
+        (not waiting on a node that did not answer the last pass: it got no heartbeat)."""
+        answered = [i for i, n in enumerate(self.h.nodes) if not self.misses.get(n.node_id, 0)]
+        fan_out(lambda i: detach(self.h.transports[i], self.h.nodes[i].root), answered)
 
 
 def _status(listed: str | None) -> str:
