@@ -173,6 +173,12 @@ def up(
         what = "an unpriced" if plan.per_hour is None else f"${plan.per_hour:.2f}/h"
         output.confirm(f"launch {plan.nodes} x {plan.instance_type} ({what})?", yes)
     rep = output.reporter(quiet=json)
+    if existing is None and spec.autoscale.max_cost is not None and not plan.per_hour:
+        print(
+            f"warning: autoscale.max_cost is set but {plan.provider} nodes have no price here: "
+            "no budget stop will happen (idle and heartbeat rules still apply)",
+            file=sys.stderr,
+        )
     try:
         rec = cluster.up(
             store,

@@ -75,3 +75,20 @@ def test_once_leaves_no_heartbeat_behind(mlcloud_home):
         assert not Path(rec.nodes[0].root, "agent", "heartbeat").exists()
     finally:
         cluster.down(store, "cron", PlainReporter(quiet=True))
+
+
+def test_a_budget_on_unpriced_nodes_is_warned_of(tmp_path, mlcloud_home):
+    """local and ssh nodes cost nothing here: a max_cost there would never stop anything."""
+    from mlcloud.cli.app import app
+
+    from mlcloud import cluster, state
+    from mlcloud.report import PlainReporter
+
+    spec = tmp_path / "mlcloud.yaml"
+    spec.write_text("provider: local\nautoscale:\n  max_cost: 5\n")
+    r = CliRunner().invoke(app, ["up", "free", "-f", str(spec), "--yes"])
+    try:
+        assert r.exit_code == 0, r.output
+        assert "autoscale.max_cost is set but local nodes have no price" in r.output
+    finally:
+        cluster.down(state.open_store(), "free", PlainReporter(quiet=True))
