@@ -42,6 +42,9 @@ def test_a_silent_node_its_cloud_lists_as_gone_is_terminated(monkeypatch):
     assert [i.end is None for i in billing] == [False, True]  # node0 bills no more
     assert nodeevents.gather(store, rec) == {}  # asked once: no second event
     assert sum(e.kind == "terminated" for e in nodeevents.log(store, rec)) == 1
-    monkeypatch.undo()
-    monkeypatch.setattr("mlcloud.providers.get", lambda name: owned)
+    # down leaves an owned machine's processes to its cloud: end node1's agent as one would
+    from mlcloud.templates import node_ctl
+
+    node_ctl.stop_agent(rec.nodes[1].root)
     cluster.down(store, "ec2", QUIET)
+    assert owned.list(h.ref) == []
