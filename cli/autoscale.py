@@ -14,20 +14,37 @@ def autoscale(
 ) -> None:
     """Watch a cluster: replace lost nodes, resize an elastic job, stop at the budget or
     when idle. Every decision is an event (`mlcloud status NAME`)."""
-    from mlcloud import cluster, state
+    from mlcloud import cluster, nodeevents, state
     from mlcloud.autoscale.controller import Controller
+    from mlcloud.names import check_cluster_name
     from mlcloud.report import PlainReporter
 
+    check_cluster_name(name)
     store = state.open_store()
+    rec = store.get_cluster(name)
+    if rec is not None:  # nodes that stopped themselves are stopped, not idle nodes to stop
+        nodeevents.gather(store, rec)
     h = cluster.open_cluster(store, name)
     ctl = Controller(store, h, PlainReporter())
+    stopped = (
+        f"{name}: every node is stopped (`mlcloud status {name}` says why); "
+        f"`mlcloud down {name}` removes the cluster"
+    )
     try:
         if once:
             plan = ctl.step()
+            if not ctl.gone:  # one pass is no controller the agents should wait for: a cron
+                ctl.detach()  # hour apart would read as a lost heartbeat and stop the nodes
             if not plan.actions:
-                print(f"{name}: nothing to do ({len(h.nodes)} node(s) healthy)")
+                print(
+                    stopped
+                    if ctl.gone
+                    else f"{name}: nothing to do ({len(h.nodes)} node(s) healthy)"
+                )
             return
         print(f"controlling {name} every {interval or ctl.policy.poll_seconds:g} s; Ctrl-C stops")
         ctl.run(interval)
+        if ctl.gone:
+            print(stopped)
     finally:
         h.close()

@@ -150,6 +150,10 @@ def up(
     name = cluster_name(name, spec.name)
     store = state.open_store()
     existing = store.get_cluster(name)
+    if existing is not None:  # its nodes stopped: "up" would be a word, not a cluster
+        from mlcloud import nodeevents
+
+        nodeevents.refuse_stopped(store, existing)
     # compute goes to the data: --near, else the spec's storage.data
     data = locate(near) if near else locate_data(spec.storage.data, output.reporter(json).warn)
     spec, plan = planner.make(spec, _default_region, max_hours, data)
@@ -169,6 +173,12 @@ def up(
         what = "an unpriced" if plan.per_hour is None else f"${plan.per_hour:.2f}/h"
         output.confirm(f"launch {plan.nodes} x {plan.instance_type} ({what})?", yes)
     rep = output.reporter(quiet=json)
+    if existing is None and spec.autoscale.max_cost is not None and not plan.per_hour:
+        print(
+            f"warning: autoscale.max_cost is set but {plan.provider} nodes have no price here: "
+            "no budget stop will happen (idle and heartbeat rules still apply)",
+            file=sys.stderr,
+        )
     try:
         rec = cluster.up(
             store,
@@ -385,7 +395,18 @@ def status(
     now = time.time()
     billing = store.billing(name)
     if json:
-        output.print_json(views.status_json(clusters, jobs, billing, now))
+        out = views.status_json(clusters, jobs, billing, now)
+        if name:  # as the text shows: why a node stopped, and the newest events
+            events = nodeevents.log(store, clusters[0])
+            reasons = nodeevents.stop_reasons(events)
+            for n in out["clusters"][0]["nodes"]:
+                if n["status"] == "terminated" and n["index"] in reasons:
+                    n["reason"] = reasons[n["index"]]
+            out["clusters"][0]["events"] = [
+                {"time": views.iso(e.time), "kind": e.kind, "node": e.node, "message": e.message}
+                for e in events[-10:]
+            ]
+        output.print_json(out)
         return
     if not clusters:
         print("no clusters; create one with `mlcloud up NAME`")

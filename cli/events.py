@@ -23,21 +23,26 @@ def events(
     budget stop, stalls, preemption notices, each with its reason. With --json, one JSON
     array (with --follow: one JSON object a line)."""
     from mlcloud import nodeevents, state
+    from mlcloud.agentview import Event
     from mlcloud.errors import NotFoundError
     from mlcloud.names import check_cluster_name
 
     check_cluster_name(name)
     store = state.open_store()
-    shown = 0
+    # what was printed, not how many: a node's event merged late sorts before ones shown already
+    shown: set = set()
     while True:
         rec = store.get_cluster(name)
-        if rec is None:
-            if shown:  # torn down while followed
-                return
-            raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
-        nodeevents.gather(store, rec)
-        log = nodeevents.log(store, rec)
-        new, shown = log[shown:], len(log)
+        if rec is None:  # torn down (by `down`, or a budget stop on a cloud): its last events
+            uid = store.last_uid(name)
+            if uid is None:
+                raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
+            log = [Event(*row) for row in store.event_log(name, uid)]
+        else:
+            nodeevents.gather(store, rec)
+            log = nodeevents.log(store, rec)
+        new = [e for e in log if e not in shown]
+        shown.update(new)
         if json and not follow:
             output.print_json([_json(e) for e in log])
             return
@@ -46,7 +51,7 @@ def events(
                 print(jsonlib.dumps(_json(e)), flush=True)
             else:
                 print(_line(e), flush=True)
-        if not follow:
+        if not follow or rec is None:
             if not log:
                 print(f"no events for {name} yet")
             return

@@ -75,7 +75,7 @@ def train(
     """Ship the workdir and run SCRIPT with torchrun on every node (rendezvous at the head).
 
     Put the script's own options after `--`: mlcloud train demo train.py -- --steps 500"""
-    from mlcloud import cluster, launch, paths, state, views
+    from mlcloud import cluster, launch, nodeevents, paths, state, views
     from mlcloud.driver import Driver
     from mlcloud.errors import UsageError
     from mlcloud.locks import cluster_lock
@@ -113,6 +113,11 @@ def train(
     launch.validate(req)
     store = state.open_store()
     h = cluster.open_cluster(store, name)
+    try:
+        nodeevents.refuse_stopped(store, h.record)
+    except BaseException:
+        h.close()
+        raise
     rep = output.reporter()
     sink = _printer(sys.stderr if json_out else sys.stdout)
     code = 1

@@ -4,12 +4,17 @@ log (once each), and a node whose dead-man switch fired is marked terminated wit
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from mlcloud import agentview, state
 from mlcloud.agentview import Event, NodeView, Stopped
-from mlcloud.errors import MlcloudError
+from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
+
+if TYPE_CHECKING:
+    from mlcloud.cluster import Handle
 
 TERMINATED = "terminated"
 ASK_TIMEOUT = 5.0  # seconds per node: `status` stays quick when a node does not answer
@@ -18,7 +23,8 @@ ASK_TIMEOUT = 5.0  # seconds per node: `status` stays quick when a node does not
 def gather(store: state.Store, rec: state.ClusterRecord) -> dict[int, Stopped]:
     """Ask the nodes still thought running (in parallel, briefly) for their agent's events and
     stop record; merge them into state. Returns the nodes found stopped. A node that cannot be
-    asked is left as it was (the controller tells lost nodes apart)."""
+    asked is left as it was (the controller tells lost nodes apart), unless it is a machine
+    mlcloud owns that its cloud lists as gone."""
     if rec.status != state.UP:
         return {}
     from mlcloud.cluster import open_cluster
@@ -33,21 +39,53 @@ def gather(store: state.Store, rec: state.ClusterRecord) -> dict[int, Stopped]:
             except MlcloudError:
                 return None
 
-        views = [v for v in fan_out(one, live) if v is not None]
+        answers = fan_out(one, live)
+        views = [v for v in answers if v is not None]
+        silent = [i for i, v in zip(live, answers, strict=True) if v is None]
+        gone = _gone_from_the_cloud(h, silent)
     finally:
         h.close()
     store.merge_events(
         rec.name,
         rec.uid,
-        [(e.time, e.kind, e.node, e.message) for v in views for e in v.events],
+        [(e.time, e.kind, e.node, e.message) for v in views for e in v.events]
+        + [(g.time, g.kind, i, g.reason) for i, g in gone.items()],
     )
-    stopped = {v.node: v.stopped for v in views if v.stopped is not None}
+    stopped = {v.node: v.stopped for v in views if v.stopped is not None} | gone
+    for i, g in gone.items():
+        store.close_node_billing(rec.uid, rec.nodes[i].node_id, g.time)
     if stopped:
         nodes = [replace(n, status=TERMINATED) if n.idx in stopped else n for n in rec.nodes]
         store.set_nodes(rec.name, nodes)
         if all(n.status == TERMINATED for n in nodes):
             store.close_billing(rec.uid, max(s.time for s in stopped.values()))
     return stopped
+
+
+def _gone_from_the_cloud(h: Handle, silent: list[int]) -> dict[int, Stopped]:
+    """A machine mlcloud owns that does not answer and that its cloud lists as terminated (or
+    no longer lists) is terminated: an EC2 node whose agent powered it off takes its stop
+    record with it, so the cloud's word is all there is. Asked only when a node is silent."""
+    if not silent or not h.provider.capabilities.owns_machines:
+        return {}
+    from mlcloud.autoscale.policy import GONE
+
+    try:
+        listed = {n.node_id: n.status for n in h.provider.list(h.ref)}
+    except MlcloudError:
+        return {}
+    now = time.time()
+    out = {}
+    for i in silent:
+        status = listed.get(h.nodes[i].node_id, "missing") or "running"
+        if status in GONE:
+            why = (
+                f"the provider lists it as {status} and it does not answer: it stopped itself "
+                "(idle, budget or lost heartbeat: its record went with the machine) or was "
+                "reclaimed"
+            )
+            out[i] = Stopped(now, TERMINATED, why)
+    return out
 
 
 def log(store: state.Store, rec: state.ClusterRecord) -> list[Event]:
@@ -60,7 +98,21 @@ def log(store: state.Store, rec: state.ClusterRecord) -> list[Event]:
 
 def stop_reasons(events: list[Event]) -> dict[int, str]:
     """node -> why its agent stopped it, from the events (the last stop event of each node)."""
-    kinds = {"idle_teardown", "budget_stop", "heartbeat_lost"}
+    kinds = {"idle_teardown", "budget_stop", "heartbeat_lost", TERMINATED}
     return {
         e.node: f"{e.kind}: {e.message}" for e in events if e.kind in kinds and e.node is not None
     }
+
+
+def refuse_stopped(store: state.Store, rec: state.ClusterRecord) -> None:
+    """A job on a node its agent (or a rule) stopped would run with no agent watching it: no
+    idle teardown, no budget deadline. Refuse in one line, with the reason and the way out."""
+    stopped = [n.idx for n in rec.nodes if n.status == TERMINATED]
+    if not stopped:
+        return
+    i = stopped[0]
+    why = stop_reasons(log(store, rec)).get(i, "stopped")
+    raise UsageError(
+        f"cluster {rec.name}: node{i} was stopped ({why.split(';')[0]}); "
+        f"`mlcloud down {rec.name}`, then `mlcloud up {rec.name}` for a new cluster"
+    )

@@ -265,6 +265,7 @@ class _Where:
 
 _YAML_MAP = "tag:yaml.org,2002:map"
 _YAML_SEQ = "tag:yaml.org,2002:seq"
+_YAML_SEXAGESIMAL = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
 def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
@@ -282,6 +283,10 @@ def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
         built: dict[int, Any] = {}
 
         def scalar(node: yaml.Node) -> Any:
+            if node.tag in _YAML_SEXAGESIMAL and ":" in node.value:
+                # YAML 1.1 reads a plain 2:4 as base 60 (124); YAML 1.2 and every user read
+                # text: `nodes: 2:4` is MIN:MAX, never 124 nodes
+                return node.value
             try:
                 return loader.construct_object(node, deep=True)
             except ValueError as e:  # e.g. a timestamp like 2024-13-45

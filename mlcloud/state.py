@@ -515,16 +515,24 @@ class Store:
 
     # events
 
-    def event(self, cluster: str, kind: str, message: str) -> None:
+    def event(self, cluster: str, kind: str, message: str, node: int | None = None) -> None:
+        """Record an event; node: the position of the node it is about, where one applies."""
         with self.tx() as db:
             row = db.execute("SELECT uid FROM clusters WHERE name=?", (cluster,)).fetchone()
-            self._event(db, cluster, row["uid"] if row else "", kind, message)
+            self._event(db, cluster, row["uid"] if row else "", kind, message, node)
 
     @staticmethod
-    def _event(db: sqlite3.Connection, cluster: str, uid: str, kind: str, message: str) -> None:
+    def _event(
+        db: sqlite3.Connection,
+        cluster: str,
+        uid: str,
+        kind: str,
+        message: str,
+        node: int | None = None,
+    ) -> None:
         db.execute(
-            "INSERT INTO events (cluster, uid, time, kind, message) VALUES (?,?,?,?,?)",
-            (cluster, uid, time.time(), kind, message),
+            "INSERT INTO events (cluster, uid, time, kind, message, node) VALUES (?,?,?,?,?,?)",
+            (cluster, uid, time.time(), kind, message, node),
         )
 
     def events(self, cluster: str) -> list[tuple[float, str, str]]:
@@ -576,6 +584,14 @@ class Store:
             (cluster, uid, job_id, since),
         )
         return {r["node"] for r in rows}
+
+    def last_uid(self, cluster: str) -> str | None:
+        """The uid of the newest incarnation of a cluster that left events (it may be gone)."""
+        rows = self._read(
+            "SELECT uid FROM events WHERE cluster=? AND uid != '' ORDER BY id DESC LIMIT 1",
+            (cluster,),
+        )
+        return rows[0]["uid"] if rows else None
 
     def event_log(self, cluster: str, uid: str) -> list[tuple[float, str, int | None, str]]:
         """(time, kind, node, message) of one incarnation of a cluster, oldest first."""

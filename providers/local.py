@@ -72,8 +72,9 @@ class LocalProvider:
         return Prepared(request)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
-        have = len(self.list(cluster))
-        nodes = [self._node(cluster, have + i) for i in range(count)]
+        # numbered after the highest: a lost node-0 beside a live node-1 is replaced by node-2
+        first = max((int(n.node_id.rpartition("-")[2]) for n in self.list(cluster)), default=-1)
+        nodes = [self._node(cluster, first + 1 + i) for i in range(count)]
         for n in nodes:
             Path(n.root).mkdir(parents=True, mode=0o700)
         return nodes

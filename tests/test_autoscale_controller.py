@@ -122,6 +122,15 @@ def test_idle_teardown_terminates_machines_mlcloud_owns(monkeypatch):
     monkeypatch.setattr("mlcloud.providers.get", lambda name: owned)
     # the agents' own idle stop (30 s) must not race the controller's `down` here
     store, h = _up("owned", price=0.0, idle_minutes=0.5)
+    # `down` leaves the processes of a machine it owns to the cloud's termination, which the
+    # local provider does not do: a live agent's first write raced the directory's removal
+    from mlcloud.templates import node_ctl
+
+    for n in h.nodes:
+        pid = int((Path(n.root) / "agent" / "agent.pid").read_text())
+        node_ctl.stop_agent(n.root)
+        while node_ctl._alive(pid):
+            time.sleep(0.05)
     now = time.time()
     for n in h.nodes:
         _samples(n.root, [(now - 40, "idle"), (now - 2, "idle")])

@@ -35,7 +35,8 @@ def test_a_dropped_node_moves_the_survivors_budget_deadline():
     assert abs(_deadline(h.nodes[0].root) - (t0 + 1800)) < 5
     survivor = h.nodes[0].root
 
-    h.provider.terminate(h.ref, [cluster.provider_node(h.nodes[1])])  # node1 vanishes
+    # node1 vanishes, its processes first (a live agent's write raced the directory's removal)
+    cluster.terminate(h.provider, h.ref, [cluster.provider_node(h.nodes[1])], h.record)
     plan = Controller(store, h, QUIET).step(time.time())
     assert plan.kinds() == [pol.DROP]
     assert [n.root for n in h.nodes] == [survivor]

@@ -41,6 +41,21 @@ def test_spec_elastic_nodes_round_trip(tmp_path):
     assert (fixed.min_nodes, fixed.nodes, fixed.elastic) == (None, 2, False)
 
 
+def test_spec_unquoted_range_is_min_max_not_base_60(tmp_path):
+    """YAML 1.1 reads a plain `2:4` as 124 (base 60): a user who leaves out the quotes must get
+    MIN:MAX, not 124 nodes; other numeric fields refuse such text in one line."""
+    f = tmp_path / "mlcloud.yaml"
+    f.write_text("name: ok\nnodes: 2:4\n")
+    spec = load_spec(f)
+    assert (spec.min_nodes, spec.nodes) == (2, 4)
+    f.write_text("name: ok\nnodes: 4:2\n")
+    with pytest.raises(UsageError, match=r"mlcloud.yaml:2: nodes: .*MIN:MAX.*'4:2'"):
+        load_spec(f)
+    f.write_text("autoscale:\n  idle_minutes: 1:30\n")
+    with pytest.raises(UsageError, match=r"autoscale.idle_minutes: must be a number.*'1:30'"):
+        load_spec(f)
+
+
 def test_spec_bad_range_names_the_line(tmp_path):
     f = tmp_path / "mlcloud.yaml"
     f.write_text('name: ok\nnodes: "4:2"\n')

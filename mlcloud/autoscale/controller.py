@@ -6,11 +6,12 @@ Every decision is an event with its reason."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from mlcloud import agentview, cluster, launch, state
@@ -69,6 +70,7 @@ class Controller:
         if self.gone:
             self._misses_path().unlink(missing_ok=True)
             self._misses_path().with_suffix(".grow").unlink(missing_ok=True)
+            self._misses_path().with_suffix(".lock").unlink(missing_ok=True)
             return
         atomic.write(self._misses_path(), json.dumps(self.misses).encode())
 
@@ -144,22 +146,46 @@ class Controller:
     def step(self, now: float | None = None) -> pol.Plan:
         """One pass: gather, decide, apply; returns the plan applied."""
         now = time.time() if now is None else now
-        if self.h.nodes and all(n.status == TERMINATED for n in self.h.nodes):
-            self.gone = True  # stopped by a rule, here or by the agents: the rest is `down`'s
-            return pol.Plan()
-        snap = self.snapshot(now)
-        plan = pol.decide(snap, self.policy, now)
-        if plan.actions:
-            self.busy.set()
-            try:
-                self._apply(plan)
-            finally:
-                self.busy.clear()
-        self._save_misses()
+        with self._pass_lock():
+            self._reload()
+            if self.gone or (self.h.nodes and all(n.status == TERMINATED for n in self.h.nodes)):
+                self.gone = True  # stopped by a rule, here or by the agents: the rest is `down`'s
+                return pol.Plan()
+            snap = self.snapshot(now)
+            plan = pol.decide(snap, self.policy, now)
+            if plan.actions:
+                self.busy.set()
+                try:
+                    self._apply(plan)
+                finally:
+                    self.busy.clear()
+            self._save_misses()
         return plan
 
-    def _event(self, kind: str, message: str) -> None:
-        self.store.event(self.h.record.name, kind, message)
+    @contextlib.contextmanager
+    def _pass_lock(self) -> Iterator[None]:
+        """One pass at a time per cluster, whichever process runs it (`train`'s controller and
+        a cron `autoscale --once`): the second waits, then decides on what the first did."""
+        import fcntl
+
+        with open(self._misses_path().with_suffix(".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _reload(self) -> None:
+        """Another controller may have replaced, dropped or stopped nodes since this one last
+        looked: decide on the nodes state has now, not on a stale copy (a loss replaced twice
+        left the first replacement running, forgotten by state)."""
+        rec = self.store.get_cluster(self.h.record.name)
+        if rec is None or rec.uid != self.h.record.uid:
+            self.gone = True
+            return
+        seen = [(n.node_id, n.status) for n in self.h.nodes]
+        if [(n.node_id, n.status) for n in rec.nodes] != seen:
+            self._refresh()
+
+    def _event(self, kind: str, message: str, node: int | None = None) -> None:
+        self.store.event(self.h.record.name, kind, message, node)
         self.report.info(message)
 
     def _apply(self, plan: pol.Plan) -> None:
@@ -181,19 +207,19 @@ class Controller:
                 self._event("stall", a.reason + ": stopping the job")
                 self._stop_job(range(len(self.h.nodes)), grace=10.0)
             elif a.kind == pol.REPLACE:
-                self._event("node lost", a.reason)
+                self._event("node lost", a.reason, a.node)
                 assert a.node is not None
                 if not self._replace(a.node, rejoin=not restart):
                     dropped.append(a.node)
             elif a.kind == pol.DROP:
-                self._event("node lost", a.reason)
+                self._event("node lost", a.reason, a.node)
                 assert a.node is not None
                 dropped.append(a.node)
             elif a.kind == pol.GROW:
                 self._event("scale up", a.reason)
                 self._grow()
             elif a.kind == pol.SHRINK:
-                self._event("scale down", a.reason)
+                self._event("scale down", a.reason, a.node)
                 assert a.node is not None
                 self._stop_job([a.node], grace=BUDGET_GRACE)
                 dropped.append(a.node)
@@ -233,6 +259,11 @@ class Controller:
         so a driver sharing it follows the same nodes."""
         records = [replace(r, idx=i) for i, r in enumerate(records)]
         self.store.set_nodes(self.h.record.name, records)
+        self._refresh()
+        self._rebudget()
+
+    def _refresh(self) -> None:
+        """The handle follows state's nodes, in place (a driver sharing it follows the same)."""
         fresh = cluster.open_cluster(self.store, self.h.record.name)
         # nodes that stay keep their connection (a driver may be following over it)
         old = {r.node_id: t for r, t in zip(self.h.nodes, self.h.transports, strict=True)}
@@ -247,7 +278,6 @@ class Controller:
             t.close()
         self.h.record = fresh.record
         self.h.transports[:] = transports
-        self._rebudget()
 
     def _rebudget(self) -> None:
         """After a resize, every node's agent gets the budget deadline at the new rate (what
@@ -275,12 +305,12 @@ class Controller:
             try:
                 (new,) = cluster.add_nodes(self.store, self.h, 1, self.report)
             except MlcloudError as e:
-                self._event("node lost", f"node{i} could not be replaced: {e}")
+                self._event("node lost", f"node{i} could not be replaced: {e}", i)
                 return False
             records = list(self.h.nodes)
             records[i] = new
             self._set_nodes(records)
-        self._event("node replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}")
+        self._event("node replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}", i)
         if rejoin:
             self._join([i])
         return True
@@ -323,7 +353,7 @@ class Controller:
         launch.launch_on(self.h, req, job.job_id, positions, rdzv)
         for i in positions:
             self._event(
-                "node joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}"
+                "node joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}", i
             )
             if self.on_join:
                 self.on_join(i)
@@ -400,11 +430,10 @@ class Controller:
                 self.detach()
 
     def detach(self) -> None:
-        """Leaving: take the heartbeats away, so the agents do not count this controller lost."""
-        fan_out(
-            lambda i: detach(self.h.transports[i], self.h.nodes[i].root),
-            list(range(len(self.h.nodes))),
-        )
+        """Leaving: take the heartbeats away, so the agents do not count this controller lost
+        (not waiting on a node that did not answer the last pass: it got no heartbeat)."""
+        answered = [i for i, n in enumerate(self.h.nodes) if not self.misses.get(n.node_id, 0)]
+        fan_out(lambda i: detach(self.h.transports[i], self.h.nodes[i].root), answered)
 
 
 def _status(listed: str | None) -> str:
