@@ -9,7 +9,7 @@ Each run: three sshd nodes in network namespaces of their own (tests/nsbridge.py
 a 0.1 s pause per step, a checkpoint every 20 steps, every step logged); at step 70, `kill -9`
 of everything on the victim node. Measured per run:
 
-  detection  kill -> the controller's `node lost` line in train's output (target <= 15 s)
+  detection  kill -> the controller's lost-node line in train's output (target <= 15 s)
   recovered  kill -> the first step logged after the job resumed
   work lost  steps done before the kill that were done again (last step logged before the
              kill minus the step resumed from; at most one checkpoint interval, 20)

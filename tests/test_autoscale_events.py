@@ -22,7 +22,7 @@ def test_a_replaced_node_is_named_in_its_events():
     try:
         assert Controller(store, h, QUIET).step(time.time()).kinds() == [pol.REPLACE]
         mine = {k: n for _, k, n, _ in store.event_log("ev", h.record.uid)}
-        assert mine["node lost"] == 1 and mine["node replaced"] == 1, mine
+        assert mine["node_lost"] == 1 and mine["node_replaced"] == 1, mine
     finally:
         h.close()
         cluster.down(store, "ev", QUIET)

@@ -39,8 +39,8 @@ def test_once_replaces_a_lost_node_with_a_spare(make_ssh_nodes):
     assert "unreachable for 2 consecutive checks" in r.stderr
 
     events = [(k, m) for _, k, m in state.open_store().events("el")]
-    assert ("node lost", next(m for k, m in events if k == "node lost")) in events
-    assert any(k == "node replaced" and "127.0.0.4" in m for k, m in events), events
+    assert ("node_lost", next(m for k, m in events if k == "node_lost")) in events
+    assert any(k == "node_replaced" and "127.0.0.4" in m for k, m in events), events
     # the new node is a full node: bootstrapped, reachable, nothing more to do
     r = run_cli("exec", "el", "--", "hostname -I || true")
     assert r.returncode == 0, r.stderr

@@ -27,7 +27,7 @@ def test_follow_prints_a_late_merged_older_event_once(mlcloud_home, monkeypatch)
         looks.append(1)
         if len(looks) == 1:  # the agent's event, 5 s older than what was printed
             store.merge_events("fol", "fol-1", [(t0 - 5, "idle_teardown", 0, "idle for 1 min")])
-            store.event("fol", "scale up", "one node more")
+            store.event("fol", "scale_up", "one node more")
         else:  # torn down while followed: the loop ends
             store.delete_cluster("fol")
 
@@ -35,7 +35,7 @@ def test_follow_prints_a_late_merged_older_event_once(mlcloud_home, monkeypatch)
     r = CliRunner().invoke(app, ["events", "fol", "--follow", "--json"])
     assert r.exit_code == 0, r.output
     kinds = [json.loads(line)["kind"] for line in r.output.splitlines()]
-    assert sorted(kinds) == ["deleted", "idle_teardown", "intent", "scale up"], kinds
+    assert sorted(kinds) == ["deleted", "idle_teardown", "intent", "scale_up"], kinds
 
 
 def test_a_torn_down_clusters_events_are_still_shown(mlcloud_home):

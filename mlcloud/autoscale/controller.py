@@ -207,19 +207,19 @@ class Controller:
                 self._event("stall", a.reason + ": stopping the job")
                 self._stop_job(range(len(self.h.nodes)), grace=10.0)
             elif a.kind == pol.REPLACE:
-                self._event("node lost", a.reason, a.node)
+                self._event("node_lost", a.reason, a.node)
                 assert a.node is not None
                 if not self._replace(a.node, rejoin=not restart):
                     dropped.append(a.node)
             elif a.kind == pol.DROP:
-                self._event("node lost", a.reason, a.node)
+                self._event("node_lost", a.reason, a.node)
                 assert a.node is not None
                 dropped.append(a.node)
             elif a.kind == pol.GROW:
-                self._event("scale up", a.reason)
+                self._event("scale_up", a.reason)
                 self._grow()
             elif a.kind == pol.SHRINK:
-                self._event("scale down", a.reason, a.node)
+                self._event("scale_down", a.reason, a.node)
                 assert a.node is not None
                 self._stop_job([a.node], grace=BUDGET_GRACE)
                 dropped.append(a.node)
@@ -305,12 +305,12 @@ class Controller:
             try:
                 (new,) = cluster.add_nodes(self.store, self.h, 1, self.report)
             except MlcloudError as e:
-                self._event("node lost", f"node{i} could not be replaced: {e}", i)
+                self._event("node_lost", f"node{i} could not be replaced: {e}", i)
                 return False
             records = list(self.h.nodes)
             records[i] = new
             self._set_nodes(records)
-        self._event("node replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}", i)
+        self._event("node_replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}", i)
         if rejoin:
             self._join([i])
         return True
@@ -322,7 +322,7 @@ class Controller:
             except MlcloudError as e:
                 self._refused(time.time())
                 wait = pol.grow_backoff(self.grow_refusals)
-                self._event("scale up", f"no node added: {e}; next try in {wait:.0f} s")
+                self._event("scale_up", f"no node added: {e}; next try in {wait:.0f} s")
                 return
             self._refused(None)
             self._set_nodes([*self.h.nodes, *new])
@@ -353,7 +353,7 @@ class Controller:
         launch.launch_on(self.h, req, job.job_id, positions, rdzv)
         for i in positions:
             self._event(
-                "node joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}", i
+                "node_joined", f"node{i} ({self.h.nodes[i].node_id}) joined job {job.job_id}", i
             )
             if self.on_join:
                 self.on_join(i)
