@@ -92,6 +92,30 @@ CASES = [
         [REPLACE, DROP],
     ),
     (
+        "no-job-rest-idle-dropped-not-replaced",  # the agents' idle stops, one after the other
+        snap(nodes=(node(0, idle_since=NOW - 1795), node(1, status="terminated")), job=DONE),
+        Policy(),  # idle 30 min: node1's agent stopped it a moment before node0's will
+        [DROP],
+    ),
+    (
+        "no-job-rest-idle-briefly-replaced",  # a fresh cluster losing a node before its job
+        snap(nodes=(node(0, idle_since=NOW - 60), node(1, status="terminated")), job=None),
+        Policy(),
+        [REPLACE],
+    ),
+    (
+        "no-job-all-gone-dropped-not-replaced",
+        snap(nodes=(node(0, status="terminated"), node(1, status="terminated")), job=None),
+        Policy(),
+        [DROP, DROP],
+    ),
+    (
+        "no-job-rest-busy-replaced",
+        snap(nodes=(node(0, verdict="busy"), node(1, status="terminated")), job=None),
+        Policy(),
+        [REPLACE],
+    ),
+    (
         "replace-lost-off",
         snap(nodes=(node(0), node(1, status="terminated"))),
         Policy(replace_lost=False),

@@ -196,14 +196,33 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
                 0,
             )
         )
+    # No job, and the nodes still up idle for about idle_minutes: the lost ones stopped
+    # themselves (the agents' idle switch, one after the other); a replacement would only idle
+    # out in turn. A node lost from a cluster idle for less than that is replaced.
+    quiet = (
+        not running
+        and policy.idle_minutes is not None
+        and all(
+            n.idle_since is not None
+            and now - n.idle_since >= policy.idle_minutes * 60 - 2 * policy.poll_seconds
+            for n in snap.nodes
+            if not lost_reason(n, policy)
+        )
+    )
     for n, why in lost:
-        can = policy.replace_lost and (spares is None or spares > 0)
+        can = policy.replace_lost and (spares is None or spares > 0) and not quiet
         if can:
             if spares is not None:
                 spares -= 1
             actions.append(Action(REPLACE, f"node{n.idx} ({n.node_id}) lost: {why}", n.idx))
         else:
-            because = "replace_lost is off" if not policy.replace_lost else "no spare left"
+            because = (
+                "no job runs and the other nodes are idle: not replaced"
+                if quiet
+                else "replace_lost is off"
+                if not policy.replace_lost
+                else "no spare left"
+            )
             actions.append(Action(DROP, f"node{n.idx} ({n.node_id}) lost: {why}; {because}", n.idx))
     if lost or not running or snap.min_nodes == snap.max_nodes:
         return Plan(tuple(actions))
