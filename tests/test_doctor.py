@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import boto3
 import pytest
-from conftest import run_cli, ssh_up_args
+from conftest import run_cli, ssh_up_args, tagged_pids
 from test_cli_imports import HEAVY, PROBE
 
 
@@ -74,6 +75,12 @@ def test_node_directory_gone_is_reported(mlcloud_home):
     assert run_cli("up", "gone", "--nodes", "2", "--yes").returncode == 0
     try:
         node1 = next((mlcloud_home / "local").glob("gone-*/node-1"))
+        uid = node1.parent.name
+        for pid in tagged_pids(f"{uid}.1."):  # its agent, which would write into it meanwhile
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while tagged_pids(f"{uid}.1.") and time.time() < deadline:
+            time.sleep(0.05)
         shutil.rmtree(node1)
         r, report = doctor()
         assert r.returncode == 1 and not report["ok"]
