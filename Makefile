@@ -35,7 +35,7 @@ demo: $(STAMP)
 	trap '$(MLCLOUD) down $(DEMO) --yes; rm -rf "$$dir"' EXIT; \
 	$(MLCLOUD) init "$$dir/project"; \
 	$(MLCLOUD) up $(DEMO) -f "$$dir/project/mlcloud.yaml" --yes; \
-	$(MLCLOUD) train $(DEMO) -f "$$dir/project/mlcloud.yaml"; \
+	$(MLCLOUD) train $(DEMO) -f "$$dir/project/mlcloud.yaml" --pull="$$dir/results"; \
 	$(MLCLOUD) status $(DEMO)
 
 lint: $(STAMP)
