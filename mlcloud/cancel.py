@@ -8,9 +8,9 @@ import shlex
 import time
 
 from mlcloud import launch, reconcile, state
-from mlcloud.cluster import open_cluster
+from mlcloud.cluster import find_job, open_cluster
 from mlcloud.driver import STOP_WAIT
-from mlcloud.errors import MlcloudError, NotFoundError
+from mlcloud.errors import MlcloudError
 from mlcloud.parallel import fan_out
 
 GRACE = 30.0
@@ -22,13 +22,7 @@ def cancel(
     """(the job as recorded afterwards, whether it was still running to be cancelled)."""
     h = open_cluster(store, name)
     try:
-        job = store.get_job(name, job_id, h.record.uid)
-        if job is None:
-            raise NotFoundError(
-                f"no job {job_id} on cluster {name!r}"
-                if job_id is not None
-                else f"no jobs on cluster {name!r} yet"
-            )
+        job = find_job(store, h, job_id)
         job = reconcile.reconcile(store, job, h)
         if job.status in state.JOB_DONE:
             return job, False

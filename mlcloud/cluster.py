@@ -94,6 +94,22 @@ def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
     return Handle(rec, provider, ref, transports)
 
 
+def find_job(
+    store: state.Store, h: Handle, job_id: int | None, none_yet: str = ""
+) -> state.JobRecord:
+    """The cluster's job `job_id` (None: the newest of this incarnation), or one line saying
+    there is none."""
+    name = h.record.name
+    job = store.get_job(name, job_id, h.record.uid)
+    if job is None:
+        raise NotFoundError(
+            f"no job {job_id} on cluster {name!r}"
+            if job_id is not None
+            else f"no jobs on cluster {name!r} yet{none_yet}"
+        )
+    return job
+
+
 def ssh_options(spec: dict) -> SshOptions:
     """SSH settings from a spec as stored in state."""
     d = dict(spec.get("ssh") or {})

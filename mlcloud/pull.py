@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud import state
-from mlcloud.errors import MlcloudError, NotFoundError, UsageError
+from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.remote.fetch import WRITING, Progress
 from mlcloud.report import Reporter
 
@@ -67,13 +67,7 @@ def pull(
 
     h = cluster.open_cluster(store, name)
     try:
-        job = store.get_job(name, job_id, h.record.uid)
-        if job is None:
-            raise NotFoundError(
-                f"no job {job_id} on cluster {name!r}"
-                if job_id is not None
-                else f"no jobs on cluster {name!r} yet: nothing to pull"
-            )
+        job = cluster.find_job(store, h, job_id, ": nothing to pull")
         indices = list(range(len(h.nodes)))
         if node is not None:
             if node not in indices:
