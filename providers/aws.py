@@ -489,18 +489,18 @@ class AwsProvider:
         ):
             for i in r["Instances"]:
                 found.append(
-                    _resource(
+                    aws_iam.tagged(
                         "instance", i["InstanceId"], i.get("Tags"), region, i.get("LaunchTime")
                     )
                 )
         for g in self._call(region, "describe_security_groups", Filters=f)["SecurityGroups"]:
-            found.append(_resource("security-group", g["GroupId"], g.get("Tags"), region))
+            found.append(aws_iam.tagged("security-group", g["GroupId"], g.get("Tags"), region))
         for k in self._call(region, "describe_key_pairs", Filters=f).get("KeyPairs", []):
             found.append(
-                _resource("key-pair", k["KeyName"], k.get("Tags"), region, k.get("CreateTime"))
+                aws_iam.tagged("key-pair", k["KeyName"], k.get("Tags"), region, k.get("CreateTime"))
             )
         for p in self._placement_groups(region, f):
-            found.append(_resource("placement-group", p["GroupName"], p.get("Tags"), region))
+            found.append(aws_iam.tagged("placement-group", p["GroupName"], p.get("Tags"), region))
         return found + self.iam.discover(region)
 
     def delete(self, resources: list[Resource]) -> None:
@@ -1000,20 +1000,3 @@ def _public_key_of(identity_file: str) -> str:
 
     key = load_identity(identity_file)
     return f"{key.get_name()} {key.get_base64()}"
-
-
-def _resource(kind: str, rid: str, tags: list | None, region: str, created: Any = None) -> Resource:
-    from mlcloud.providers.base import Resource
-
-    t = {x["Key"]: x["Value"] for x in tags or []}
-    return Resource(
-        "aws",
-        kind,
-        rid,
-        t.get("mlcloud-cluster", ""),
-        t.get("mlcloud-name", ""),
-        t.get("mlcloud-owner", ""),
-        region,
-        t.get("mlcloud-identity", ""),
-        created.timestamp() if created is not None else None,
-    )

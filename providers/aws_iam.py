@@ -177,13 +177,13 @@ class Iam:
             return []
         for role in roles:
             tags = self.call("list_role_tags", RoleName=role["RoleName"]).get("Tags", [])
-            found.append(_resource(ROLE, role["RoleName"], tags, role.get("CreateDate"), region))
+            found.append(tagged(ROLE, role["RoleName"], tags, region, role.get("CreateDate")))
         for p in self._paged("list_instance_profiles", "InstanceProfiles"):
             name = p["InstanceProfileName"]
             # listings leave tags out; GetInstanceProfile has them
             got = self.call("get_instance_profile", InstanceProfileName=name)["InstanceProfile"]
             tags = got.get("Tags", [])
-            found.append(_resource(PROFILE, name, tags, p.get("CreateDate"), region))
+            found.append(tagged(PROFILE, name, tags, region, p.get("CreateDate")))
         return [r for r in found if r.cluster_uid and r.region == region]
 
     def delete_found(self, resources: list[Resource]) -> None:
@@ -238,12 +238,14 @@ def _code(error: BaseException) -> str:
     return response.get("Error", {}).get("Code", "")
 
 
-def _resource(kind: str, name: str, tags: list[dict], created: Any, region: str) -> Resource:
-    t = {x["Key"]: x["Value"] for x in tags}
+def tagged(kind: str, rid: str, tags: list | None, region: str, created: Any = None) -> Resource:
+    """An AWS resource (EC2 or IAM) as `gc` sees it, from its mlcloud tags; a global IAM
+    resource names its region in a tag of its own."""
+    t = {x["Key"]: x["Value"] for x in tags or []}
     return Resource(
         "aws",
         kind,
-        name,
+        rid,
         t.get("mlcloud-cluster", ""),
         t.get("mlcloud-name", ""),
         t.get("mlcloud-owner", ""),
