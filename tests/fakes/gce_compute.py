@@ -290,17 +290,10 @@ class Compute(ComputeState):
             items = [
                 i for (p, z, _), i in sorted(self._instances.items()) if (p, z) == (project, zone)
             ]
-            page, token = paginate(select(items, query), query)
-            out = {
-                "kind": "compute#instanceList",
-                "id": f"projects/{project}/zones/{zone}/instances",
-                "selfLink": f"{API}/projects/{project}/zones/{zone}/instances",
-            }
-            if page:
-                out["items"] = [dict(i) for i in page]
-            if token:
-                out["nextPageToken"] = token
-            return out
+            page = [dict(i) for i in select(items, query)]
+            return list_page(
+                "instanceList", f"projects/{project}/zones/{zone}/instances", page, query
+            )
 
     def aggregated_instances(self, project: str, query: dict) -> dict:
         with self._cond:
@@ -406,17 +399,8 @@ class Compute(ComputeState):
         with self._cond:
             self._advance()
             items = [f for (p, _), f in sorted(self._firewalls.items()) if p == project]
-            page, token = paginate(select(items, query), query)
-            out = {
-                "kind": "compute#firewallList",
-                "id": f"projects/{project}/global/firewalls",
-                "selfLink": f"{API}/projects/{project}/global/firewalls",
-            }
-            if page:
-                out["items"] = [dict(f) for f in page]
-            if token:
-                out["nextPageToken"] = token
-            return out
+            page = [dict(f) for f in select(items, query)]
+            return list_page("firewallList", f"projects/{project}/global/firewalls", page, query)
 
     # -- images, zones, regions ---------------------------------------------------------
     def image_from_family(self, project: str, family: str) -> dict:
@@ -433,16 +417,7 @@ class Compute(ComputeState):
 
     def list_zones(self, project: str, query: dict) -> dict:
         items = [zone_resource(project, z, self._zone_ids[z]) for z in self._zones]
-        page, token = paginate(select(items, query), query)
-        out = {
-            "kind": "compute#zoneList",
-            "id": f"projects/{project}/zones",
-            "items": page,
-            "selfLink": f"{API}/projects/{project}/zones",
-        }
-        if token:
-            out["nextPageToken"] = token
-        return out
+        return list_page("zoneList", f"projects/{project}/zones", select(items, query), query)
 
     def _region(self, project: str, region: str) -> dict:
         zones = [z for z in self._zones if region_of(z) == region]
@@ -455,13 +430,16 @@ class Compute(ComputeState):
 
     def list_regions(self, project: str, query: dict) -> dict:
         items = [self._region(project, r) for r in sorted(self._region_ids)]
-        page, token = paginate(select(items, query), query)
-        out = {
-            "kind": "compute#regionList",
-            "id": f"projects/{project}/regions",
-            "items": page,
-            "selfLink": f"{API}/projects/{project}/regions",
-        }
-        if token:
-            out["nextPageToken"] = token
-        return out
+        return list_page("regionList", f"projects/{project}/regions", select(items, query), query)
+
+
+def list_page(kind: str, path: str, items: list[dict], query: dict) -> dict:
+    """One page of a list response, as the API shapes it: `items` only when the page has
+    some, `nextPageToken` only when more follow."""
+    page, token = paginate(items, query)
+    out: dict = {"kind": f"compute#{kind}", "id": path, "selfLink": f"{API}/{path}"}
+    if page:
+        out["items"] = page
+    if token:
+        out["nextPageToken"] = token
+    return out
