@@ -6,7 +6,7 @@ Run from the repository root with the project's venv:
 
 Starts the tests' fake Compute API on loopback (tests/fakes/gce_server.py) with a throwaway
 service-account key, and drives GceProvider through the real google-cloud-compute client
-exactly as the engine does (mlcloud/cluster.py):
+exactly as the engine does (mlcloud/provision/lifecycle.py):
 
   up    check, placements, then for the first place prepare, list, create(N); SSH
         bootstrap is out of scope (not an API call);

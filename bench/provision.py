@@ -7,7 +7,7 @@ Run from the repository root with the project's venv:
 Starts a plain moto EC2 server on loopback (ThreadedMotoServer, reached through
 AWS_ENDPOINT_URL; it lacks placement groups, so N >= 2 goes without one after one failed
 DescribePlacementGroups, as on users' CI) and drives AwsProvider exactly as the engine does
-(mlcloud/cluster.py):
+(mlcloud/provision/lifecycle.py):
 
   up    `up` + `_provision`, cloud part only: check, placements, then for the first place
         prepare, list, create(N - listed); SSH bootstrap is out of scope (not measured);
@@ -119,7 +119,7 @@ def counted_provider(phase: Phase):
 
 
 def up(name: str, uid: str, n: int) -> tuple[Phase, list]:
-    """The provider calls of cluster.up/_provision for a new cluster, up to (not incl.) SSH."""
+    """The provider calls of lifecycle.up/_provision for a new cluster, up to (not incl.) SSH."""
     from mlcloud.providers.base import ClusterRef, ProvisionRequest, SshOptions
 
     phase = Phase()
@@ -131,7 +131,7 @@ def up(name: str, uid: str, n: int) -> tuple[Phase, list]:
         region=REGION,
         ssh=SshOptions(allowed_cidrs=("127.0.0.1/32",)),
     )
-    p.check(request)  # cluster.up, before the intent row
+    p.check(request)  # lifecycle.up, before the intent row
     ref = ClusterRef(name, uid, "bench")  # a new cluster: no region chosen yet
     region, zone = p.placements(request)[0]  # the first place has capacity in moto
     here = replace(ref, region=region)
@@ -148,7 +148,7 @@ def up(name: str, uid: str, n: int) -> tuple[Phase, list]:
 
 
 def down(name: str, uid: str) -> Phase:
-    """The provider calls of cluster._teardown (the ref as `_ref` rebuilds it from state)."""
+    """The provider calls of lifecycle._teardown (the ref as `ref_of` rebuilds it from state)."""
     from mlcloud.providers.base import ClusterRef
 
     phase = Phase()

@@ -36,7 +36,7 @@ def _root(
 ) -> None:
     if debug:
         os.environ["MLCLOUD_DEBUG"] = "1"
-    from mlcloud import timeouts
+    from mlcloud.state import timeouts
 
     timeouts.check()
 

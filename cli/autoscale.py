@@ -14,17 +14,17 @@ def autoscale(
 ) -> None:
     """Watch a cluster: replace lost nodes, resize an elastic job, stop at the budget or
     when idle. Every decision is an event (`mlcloud status NAME`)."""
-    from mlcloud import cluster, nodeevents, state
-    from mlcloud.autoscale.controller import Controller
-    from mlcloud.names import check_cluster_name
+    from mlcloud import state
+    from mlcloud.control import nodeevents
+    from mlcloud.control.controller import Controller
+    from mlcloud.provision import handle
     from mlcloud.report import PlainReporter
+    from mlcloud.spec.task import check_cluster_name
 
     check_cluster_name(name)
     store = state.open_store()
-    rec = store.get_cluster(name)
-    if rec is not None:  # nodes that stopped themselves are stopped, not idle nodes to stop
-        nodeevents.gather(store, rec)
-    h = cluster.open_cluster(store, name)
+    h = handle.open_cluster(store, name)
+    nodeevents.gather(store, h)  # nodes that stopped themselves are stopped, not idle to stop
     ctl = Controller(store, h, PlainReporter())
     stopped = (
         f"{name}: every node is stopped (`mlcloud status {name}` says why); "

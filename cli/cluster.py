@@ -14,12 +14,12 @@ from mlcloud.cli import options, output
 def load(file: Path | None, ssh: dict | None = None, **overrides):
     """The spec from -f (if any) with command-line flags laid over it."""
     from mlcloud.errors import UsageError
-    from mlcloud.spec import TaskSpec, load_spec
+    from mlcloud.spec.task import TaskSpec, load_spec
 
     spec = load_spec(file) if file else TaskSpec()
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "nodes" in changes:
-        from mlcloud.spec import parse_nodes
+        from mlcloud.spec.task import parse_nodes
 
         if changes["nodes"].lstrip("-").isdigit() and int(changes["nodes"]) < 1:
             raise UsageError(f"--nodes: must be 1 or more, got {changes['nodes']}")
@@ -43,7 +43,7 @@ def _nodes_option(value: str | None) -> str | None:
 
 def cluster_name(name: str | None, spec_name: str | None) -> str:
     from mlcloud.errors import UsageError
-    from mlcloud.names import check_cluster_name
+    from mlcloud.spec.task import check_cluster_name
 
     chosen = name or spec_name
     if not chosen:
@@ -112,10 +112,13 @@ def up(
     json: bool = options.JSON,
 ) -> None:
     """Create a cluster, or finish creating one that an earlier `up` left half made."""
-    from mlcloud import cluster, state, views
-    from mlcloud import plan as planner
-    from mlcloud.locality import locate, locate_data
-    from mlcloud.spec import check_cidr
+    from mlcloud.cli import views
+
+    from mlcloud import state
+    from mlcloud.provision import lifecycle
+    from mlcloud.spec import plan as planner
+    from mlcloud.spec.locality import locate, locate_data
+    from mlcloud.spec.task import check_cidr
 
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
     spec = load(
@@ -144,14 +147,14 @@ def up(
     if instance_type:
         spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
     if gpus:
-        from mlcloud.spec import parse_gpus
+        from mlcloud.spec.task import parse_gpus
 
         spec = replace(spec, resources=replace(spec.resources, gpus=parse_gpus(gpus)))
     name = cluster_name(name, spec.name)
     store = state.open_store()
     existing = store.get_cluster(name)
     if existing is not None:  # its nodes stopped: "up" would be a word, not a cluster
-        from mlcloud import nodeevents
+        from mlcloud.control import nodeevents
 
         nodeevents.refuse_stopped(store, existing)
     # compute goes to the data: --near, else the spec's storage.data
@@ -164,7 +167,7 @@ def up(
 
         providers.get(plan.provider).check(
             replace(
-                cluster.request_for(spec, spec.node_count), fallback_regions=plan.fallback_regions
+                lifecycle.request_for(spec, spec.node_count), fallback_regions=plan.fallback_regions
             )
         )
     if not json and existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
@@ -180,7 +183,7 @@ def up(
             file=sys.stderr,
         )
     try:
-        rec = cluster.up(
+        rec = lifecycle.up(
             store,
             name,
             spec,
@@ -206,7 +209,7 @@ def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
     """A spec file's proxy command runs on this machine: a person confirms it once."""
     import sys
 
-    from mlcloud import trust
+    from mlcloud.provision import trust
 
     def ask(question: str) -> bool:
         return typer.confirm(question, default=False, err=True)
@@ -284,9 +287,10 @@ def down(
     json: bool = options.JSON,
 ) -> None:
     """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat."""
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.errors import MlcloudError, UsageError
-    from mlcloud.names import check_cluster_name
+    from mlcloud.provision import lifecycle
+    from mlcloud.spec.task import check_cluster_name
 
     if bool(names) == all_:
         raise UsageError("name the clusters to tear down, or pass --all (not both)")
@@ -300,7 +304,7 @@ def down(
         else:
             print("no clusters to tear down")
         return
-    from mlcloud.pull import unpulled
+    from mlcloud.jobs.pull import unpulled
 
     unseen = {n: unpulled(store, n) for n in targets}
     never = [f"job {j} of {n}" for n, j in unseen.items() if j is not None]
@@ -318,7 +322,7 @@ def down(
     try:
         for n in targets:  # one cluster failing must not leave the others running
             try:
-                gone = cluster.down(store, n, rep, purge=purge)
+                gone = lifecycle.down(store, n, rep, purge=purge)
             except MlcloudError as e:
                 done.append(
                     {"name": n, "status": "failed", "error": str(e), "unpulled_job": unseen[n]}
@@ -371,9 +375,12 @@ def status(
     """List clusters with their nodes and jobs, from local state (no cloud calls); a job that
     no mlcloud process follows any more is read from its nodes. With NAME, the nodes' agents
     are asked too: a node that shut itself down shows as terminated, with the reason."""
-    from mlcloud import nodeevents, state, views
+    from mlcloud.cli import views
+
+    from mlcloud import state
+    from mlcloud.control import nodeevents
     from mlcloud.errors import NotFoundError
-    from mlcloud.names import check_cluster_name
+    from mlcloud.spec.task import check_cluster_name
 
     store = state.open_store()
     if name:
@@ -381,7 +388,7 @@ def status(
         rec = store.get_cluster(name)
         if rec is None:
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
-        if nodeevents.gather(store, rec):
+        if nodeevents.refresh(store, rec):
             rec = store.get_cluster(name) or rec
         clusters, jobs = [rec], store.jobs(name, rec.uid)
     else:
@@ -389,7 +396,7 @@ def status(
         current = {c.uid for c in clusters}  # an old incarnation's jobs are not this cluster's
         jobs = [j for j in store.jobs() if j.uid in current]
     if any(j.status not in state.JOB_DONE for j in jobs):  # unfollowed ones: ask their nodes
-        from mlcloud import reconcile
+        from mlcloud.jobs import reconcile
 
         jobs = [reconcile.reconcile(store, j) for j in jobs]
     now = time.time()
@@ -473,10 +480,11 @@ def ssh(
     """Open an interactive shell on a node, in the job's working directory."""
     import os
 
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.errors import UsageError
+    from mlcloud.provision import handle
 
-    h = cluster.open_cluster(state.open_store(), name)
+    h = handle.open_cluster(state.open_store(), name)
     if node >= len(h.nodes):
         raise UsageError(f"--node {node}: cluster {name} has nodes 0 to {len(h.nodes) - 1}")
     argv = h.transports[node].interactive(f"{h.nodes[node].root}/workdir")
@@ -515,9 +523,9 @@ def gc(
     younger than --min-age. Resources without mlcloud's tags are never touched."""
     from dataclasses import asdict
 
-    from mlcloud import gc as collector
     from mlcloud import state
-    from mlcloud.cluster import owner as this_home
+    from mlcloud.provision import gc as collector
+    from mlcloud.provision.handle import owner as this_home
 
     store = state.open_store()
     me = this_home()

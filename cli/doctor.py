@@ -37,8 +37,8 @@ def doctor(
     json: bool = options.JSON,
 ) -> None:
     """Check the home, the state database, the locks and the clusters' nodes."""
-    from mlcloud import doctor as engine
-    from mlcloud import gc
+    from mlcloud.provision import doctor as engine
+    from mlcloud.provision import gc
 
     done = None
     if rebuild:

@@ -22,10 +22,11 @@ def events(
     """Show a cluster's events (time in UTC, kind, node, message): scaling, idle teardown,
     budget stop, stalls, preemption notices, each with its reason. With --json, one JSON
     array (with --follow: one JSON object a line)."""
-    from mlcloud import nodeevents, state
-    from mlcloud.agentview import Event
+    from mlcloud import state
+    from mlcloud.control import nodeevents
+    from mlcloud.control.agentview import Event
     from mlcloud.errors import NotFoundError
-    from mlcloud.names import check_cluster_name
+    from mlcloud.spec.task import check_cluster_name
 
     check_cluster_name(name)
     store = state.open_store()
@@ -39,7 +40,7 @@ def events(
                 raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")
             log = [Event(*row) for row in store.event_log(name, uid)]
         else:
-            nodeevents.gather(store, rec)
+            nodeevents.refresh(store, rec)
             log = nodeevents.log(store, rec)
         new = [e for e in log if e not in shown]
         shown.update(new)
@@ -59,13 +60,13 @@ def events(
 
 
 def _json(e) -> dict:
-    from mlcloud.views import iso
+    from mlcloud.cli.views import iso
 
     return {"time": iso(e.time), "kind": e.kind, "node": e.node, "message": e.message}
 
 
 def _line(e) -> str:
-    from mlcloud.views import iso
+    from mlcloud.cli.views import iso
 
     node = "-" if e.node is None else f"node{e.node}"
     return f"{iso(e.time)}  {e.kind:<15} {node:<6} {e.message}"

@@ -163,6 +163,6 @@ def write_traceback(e: BaseException) -> str:
 
 
 def _home_logs() -> str:
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return str(paths.private_dir(paths.home() / "logs"))

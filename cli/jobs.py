@@ -75,12 +75,17 @@ def train(
     """Ship the workdir and run SCRIPT with torchrun on every node (rendezvous at the head).
 
     Put the script's own options after `--`: mlcloud train demo train.py -- --steps 500"""
-    from mlcloud import cluster, launch, nodeevents, paths, state, views
-    from mlcloud.driver import Driver
+    from mlcloud.cli import views
+
+    from mlcloud import state
+    from mlcloud.control import nodeevents
     from mlcloud.errors import UsageError
-    from mlcloud.locks import cluster_lock
+    from mlcloud.jobs import launch
+    from mlcloud.jobs.driver import Driver
+    from mlcloud.provision import handle, lifecycle
     from mlcloud.remote.sync import Limits
-    from mlcloud.spec import parse_env
+    from mlcloud.spec.task import parse_env
+    from mlcloud.state import cluster_lock, paths
 
     if pull_to is not None and detach:
         raise UsageError(
@@ -101,7 +106,7 @@ def train(
         else spec.train.args
     )
     req = launch.JobRequest(
-        workdir=cluster.workdir_of(spec),
+        workdir=handle.workdir_of(spec),
         script=script,
         args=args,
         nproc_per_node=nproc_per_node or spec.train.nproc_per_node,
@@ -112,7 +117,7 @@ def train(
     )
     launch.validate(req)
     store = state.open_store()
-    h = cluster.open_cluster(store, name)
+    h = handle.open_cluster(store, name)
     try:
         nodeevents.refuse_stopped(store, h.record)
     except BaseException:
@@ -182,7 +187,7 @@ def train(
         if down and not detach:
             rep = output.reporter()
             try:
-                cluster.down(store, name, rep)
+                lifecycle.down(store, name, rep)
                 rep.info(f"cluster {name} is down")
             finally:
                 output.close(rep)
@@ -218,8 +223,8 @@ def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
     When not everything came home, --down keeps the cluster."""
     from mlcloud.cli.pull import Bars, show
 
-    from mlcloud import pull
     from mlcloud.errors import MlcloudError
+    from mlcloud.jobs import pull
 
     rep = output.reporter()
     bars = Bars() if output.fancy() else None
@@ -244,8 +249,9 @@ def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
 
 def _refuse_second_job(store, h) -> None:
     """One job at a time: its nodes, ports and checkpoints are the cluster's."""
-    from mlcloud import reconcile, state
+    from mlcloud import state
     from mlcloud.errors import BusyError
+    from mlcloud.jobs import reconcile
 
     for j in store.jobs(h.record.name, h.record.uid):
         if j.status in state.JOB_DONE:
@@ -260,8 +266,9 @@ def _refuse_second_job(store, h) -> None:
 
 def _start_failure_status(h, job_id: int, error: BaseException) -> str:
     """CANCELLED for Ctrl-C or a `cancel` that reached the nodes first, else FAILED."""
-    from mlcloud import reconcile, state
+    from mlcloud import state
     from mlcloud.errors import MlcloudError
+    from mlcloud.jobs import reconcile
 
     if isinstance(error, KeyboardInterrupt):
         return state.JOB_CANCELLED
@@ -274,8 +281,8 @@ def _start_failure_status(h, job_id: int, error: BaseException) -> str:
 
 def _stop_quietly(h, job_id: int) -> None:
     """Stop a job that failed to start on every node, without hiding why it failed."""
-    from mlcloud import launch
     from mlcloud.errors import MlcloudError
+    from mlcloud.jobs import launch
     from mlcloud.parallel import fan_out
 
     def one(i: int) -> None:
@@ -307,7 +314,7 @@ def _printer(stream):
 
 def _spawn_driver(name: str, job, down: bool) -> int:
     log = open(job.log_path + ".driver", "ab")  # noqa: SIM115 (handed to the child)
-    argv = [sys.executable, "-m", "mlcloud.driver", name, str(job.job_id)]
+    argv = [sys.executable, "-m", "mlcloud.jobs.driver", name, str(job.job_id)]
     proc = subprocess.Popen(
         argv + (["--down"] if down else []),
         stdin=subprocess.DEVNULL,
@@ -327,9 +334,10 @@ def logs(
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code.
 
     A job no mlcloud process follows any more is read from its nodes (output and end)."""
-    from mlcloud import reconcile, state
+    from mlcloud import state
     from mlcloud.errors import NotFoundError
-    from mlcloud.names import check_cluster_name
+    from mlcloud.jobs import reconcile
+    from mlcloud.spec.task import check_cluster_name
 
     check_cluster_name(name)
     store = state.open_store()
@@ -420,13 +428,13 @@ class _Tail:
 def _adopt(store, job, shown: dict[str, int]) -> bool:
     """Follow a job its first follower left, from its nodes, to its end; False if another
     command adopted it first. Ctrl-C stops following, not the job."""
-    from mlcloud import cluster
-    from mlcloud.driver import Driver
+    from mlcloud.jobs.driver import Driver
+    from mlcloud.provision import handle
 
     if not store.claim_job(job.cluster, job.uid, job.job_id, job.driver_pid, os.getpid()):
         return False
     nodes = {int(k[5:-1]): v for k, v in shown.items() if k.startswith("[node")}
-    h = cluster.open_cluster(store, job.cluster)
+    h = handle.open_cluster(store, job.cluster)
     try:
         Driver(store, h, job, _printer(sys.stdout), adopt=True, shown=nodes).run(
             stop_on_interrupt=False
@@ -454,8 +462,10 @@ def cancel(
     """Stop a job on every node: SIGTERM (the template checkpoints), SIGKILL after --grace.
 
     Works for a detached job, and for one whose mlcloud process is gone."""
-    from mlcloud import state, views
-    from mlcloud.cancel import cancel as cancel_job
+    from mlcloud.cli import views
+
+    from mlcloud import state
+    from mlcloud.jobs.cancel import cancel as cancel_job
 
     store = state.open_store()
     j, stopped = cancel_job(store, name, job, grace)
@@ -480,11 +490,12 @@ def exec_(
 
     Exits non-zero if any node failed. Returns when the shell exits: background processes
     (`cmd &`) should send their output to a file."""
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.parallel import fan_out
+    from mlcloud.provision import handle
 
     store = state.open_store()
-    h = cluster.open_cluster(store, name)
+    h = handle.open_cluster(store, name)
     line = command[0] if len(command) == 1 else shlex.join(command)
     lock = threading.Lock()
     say = _printer(sys.stdout)

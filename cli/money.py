@@ -15,8 +15,8 @@ def gpus(
     json: bool = options.JSON,
 ) -> None:
     """GPU models in the catalog with the counts per machine and price ranges per GPU."""
-    from mlcloud import catalog
-    from mlcloud.spec import GpuSpec
+    from mlcloud.spec import catalog
+    from mlcloud.spec.task import GpuSpec
 
     offers = catalog.load()
     names = catalog.models(offers)
@@ -73,9 +73,9 @@ def offers(
     """Machines that carry the GPUs asked for, cheapest first."""
     import math
 
-    from mlcloud import catalog
     from mlcloud.errors import UsageError
-    from mlcloud.spec import parse_gpus
+    from mlcloud.spec import catalog
+    from mlcloud.spec.task import parse_gpus
 
     if max_price is not None and not (math.isfinite(max_price) and max_price > 0):
         raise UsageError(
@@ -147,8 +147,8 @@ def offers(
 
 def cost(json: bool = options.JSON) -> None:
     """What each cluster has cost, torn-down ones included, with totals by provider and month."""
-    from mlcloud import cost as money
     from mlcloud import state
+    from mlcloud.spec import cost as money
 
     store = state.open_store()
     intervals = store.billing()
@@ -207,7 +207,7 @@ def cost(json: bool = options.JSON) -> None:
 @catalog_app.command("show")
 def catalog_show() -> None:
     """Where the catalog's figures come from and how old they are."""
-    from mlcloud import catalog
+    from mlcloud.spec import catalog
 
     for line in catalog.header():
         print(line)
@@ -224,9 +224,10 @@ def catalog_refresh(
     """Fetch current prices (AWS: Price List API and spot price history; GCE: Cloud Billing
     Catalog API) into $MLCLOUD_HOME; they then take the place of the shipped figures for that
     provider."""
-    from mlcloud import catalog, providers
-    from mlcloud.catalog.refresh import refresh_aws, refresh_gce
+    from mlcloud import providers
     from mlcloud.errors import MlcloudError, UsageError
+    from mlcloud.spec import catalog
+    from mlcloud.spec.catalog.refresh import refresh_aws, refresh_gce
 
     refresh = {"aws": refresh_aws, "gce": refresh_gce}.get(provider)
     if refresh is None:

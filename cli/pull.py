@@ -32,8 +32,8 @@ def pull(
 ) -> None:
     """Copy each node's MLCLOUD_OUTPUT_DIR of a job to DEST/node<i>/, sending only what
     changed since the last pull. Only regular files come home; nothing lands outside DEST."""
-    from mlcloud import pull as engine
     from mlcloud import state
+    from mlcloud.jobs import pull as engine
     from mlcloud.remote.sync import parse_size
 
     cap = parse_size(max_size, "--max-size")

@@ -344,7 +344,7 @@ class AwsProvider:
         ids = [n.node_id for n in nodes]
         self._call(region, "terminate_instances", InstanceIds=ids)
         self._wait(region, ids, "instance_terminated")
-        from mlcloud import keys
+        from mlcloud.remote import keys
 
         keys.forget(ids)
 
@@ -364,7 +364,7 @@ class AwsProvider:
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
     ) -> SshTransport:
-        from mlcloud import keys
+        from mlcloud.remote import keys
 
         identity = ssh.identity_file or str(keys.cluster_key_path(cluster.uid))
         return SshTransport(
@@ -641,7 +641,7 @@ class AwsProvider:
         return max(images, key=lambda i: i.get("CreationDate", ""))
 
     def _key_pair(self, cluster: ClusterRef, region: str, ssh: SshOptions) -> None:
-        from mlcloud import keys
+        from mlcloud.remote import keys
 
         name = f"mlcloud-{cluster.uid}"
         if self._call(region, "describe_key_pairs", Filters=self._filter(cluster)).get("KeyPairs"):
@@ -908,7 +908,7 @@ def _close(word: str, known: set[str]) -> str:
 
 
 def _catalog_aws() -> list:
-    from mlcloud import catalog
+    from mlcloud.spec import catalog
 
     return [o for o in catalog.load() if o.provider == "aws"]
 

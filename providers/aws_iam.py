@@ -16,7 +16,7 @@ from typing import Any
 
 from mlcloud.providers.base import ClusterRef, ProviderError, Resource, StorageAccess
 
-from mlcloud import buckets
+from mlcloud.spec import buckets
 
 PATH = "/mlcloud/"
 POLICY_NAME = "mlcloud-storage"

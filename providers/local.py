@@ -22,8 +22,8 @@ from mlcloud.providers.base import (
 )
 
 from mlcloud.errors import UsageError
-from mlcloud.remote.layout import stop_line
 from mlcloud.remote.local import LocalTransport
+from mlcloud.remote.shell import stop_line
 
 
 class LocalProvider:
@@ -42,7 +42,7 @@ class LocalProvider:
 
     @staticmethod
     def _base(cluster: ClusterRef) -> Path:
-        from mlcloud import paths
+        from mlcloud.state import paths
 
         return paths.home() / "local" / cluster.uid
 
@@ -100,7 +100,7 @@ class LocalProvider:
 
     def discover(self, region: str | None) -> list[Resource]:
         """Every node directory under this home's local/<uid>/, whatever state says."""
-        from mlcloud import paths
+        from mlcloud.state import paths
 
         base = paths.home() / "local"
         if not base.is_dir():

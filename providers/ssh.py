@@ -30,8 +30,7 @@ from mlcloud.providers.base import (
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.layout import stop_line
-from mlcloud.remote.shell import path_arg
+from mlcloud.remote.shell import path_arg, stop_line
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError
 
@@ -86,7 +85,7 @@ class SshProvider:
 
     @staticmethod
     def _registry(cluster: ClusterRef) -> Path:
-        from mlcloud import paths
+        from mlcloud.state import paths
 
         return paths.private_dir(paths.home() / "ssh") / f"{cluster.uid}.json"
 
@@ -107,7 +106,7 @@ class SshProvider:
         return data
 
     def _write(self, cluster: ClusterRef, data: dict) -> None:
-        from mlcloud import atomic
+        from mlcloud.state import atomic
 
         atomic.write(self._registry(cluster), json.dumps(data).encode())
 
@@ -227,7 +226,7 @@ class SshProvider:
 
     def discover(self, region: str | None) -> list[Resource]:
         """Every host a registry in this home says a cluster holds, whatever state says."""
-        from mlcloud import paths
+        from mlcloud.state import paths
 
         owner = paths.home_id()
         found = []

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import MLCLOUD, run_cli, ssh_up_args, tagged_pids
 
+from mlcloud.provision import lifecycle
+
 pytestmark = pytest.mark.e2e
 
 IDLE_S, POLL_S = 4.0, 1.0
@@ -103,9 +105,9 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
 def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
     """A fake price (36 $/h a node) and max_cost give a deadline 20 s out; the agent stops
     the job there with SIGTERM, and the template's final checkpoint is on disk."""
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.report import PlainReporter
-    from mlcloud.spec import AutoscaleSpec, TaskSpec
+    from mlcloud.spec.task import AutoscaleSpec, TaskSpec
 
     price, budget_s = 36.0, 20.0
     spec = TaskSpec(
@@ -114,7 +116,7 @@ def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
     )
     store = state.open_store()
     t0 = time.time()
-    rec = cluster.up(store, "budget", spec, PlainReporter(quiet=True), price=price)
+    rec = lifecycle.up(store, "budget", spec, PlainReporter(quiet=True), price=price)
     root = _node_root(mlcloud_home, rec.uid)
     config = json.loads((root / "agent" / "config.json").read_text())
     assert abs(config["deadline"] - (t0 + budget_s)) < 5

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 
-from mlcloud import agentview
+from mlcloud.control import agentview
+from mlcloud.provision import bootstrap
 from mlcloud.remote.local import LocalTransport
-from mlcloud.spec import AutoscaleSpec
+from mlcloud.spec.task import AutoscaleSpec
 
 
 def test_deadline_from_budget_and_rate():
-    assert agentview.deadline(10.0, 20.0, 1000.0) == 1000.0 + 1800
-    assert agentview.deadline(None, 20.0, 1000.0) is None
-    assert agentview.deadline(10.0, 0.0, 1000.0) is None  # nothing billed: no deadline
+    assert bootstrap.deadline(10.0, 20.0, 1000.0) == 1000.0 + 1800
+    assert bootstrap.deadline(None, 20.0, 1000.0) is None
+    assert bootstrap.deadline(10.0, 0.0, 1000.0) is None  # nothing billed: no deadline
 
 
 def test_config_carries_the_rules_and_the_node():
     auto = AutoscaleSpec(idle_minutes=0.5, on_stall="stop", poll_seconds=2)
-    c = agentview.config(auto, "aws", "c-1234", 2, "i-0abc", True, 99.0)
+    c = bootstrap.config(auto, "aws", "c-1234", 2, "i-0abc", True, 99.0)
     assert c["idle_minutes"] == 0.5 and c["on_stall"] == "stop" and c["poll_seconds"] == 2
     assert c["tag"] == "c-1234.2." and c["node"] == 2 and c["deadline"] == 99.0
     assert c["node_id"] == "i-0abc" and c["spot"] is True
@@ -81,10 +82,9 @@ def test_read_a_node_without_an_agent(tmp_path):
 def test_metadata_endpoints_are_the_clouds_unless_replaced(monkeypatch):
     """Emulated cloud nodes (moto + sshd here) must never have their agent ask the real
     169.254.169.254: the suite replaces the endpoints, and a user's emulator can too."""
-    from mlcloud import agentview
 
     monkeypatch.delenv("MLCLOUD_METADATA_AWS")
     monkeypatch.delenv("MLCLOUD_METADATA_GCE")
-    assert agentview.metadata_endpoints() == agentview.METADATA
+    assert bootstrap.metadata_endpoints() == bootstrap.METADATA
     monkeypatch.setenv("MLCLOUD_METADATA_AWS", "http://127.0.0.1:9")
-    assert agentview.metadata_endpoints()["aws"] == "http://127.0.0.1:9"
+    assert bootstrap.metadata_endpoints()["aws"] == "http://127.0.0.1:9"

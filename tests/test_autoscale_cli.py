@@ -11,19 +11,21 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mlcloud.provision import lifecycle
+
 pytestmark = pytest.mark.e2e  # starts the node agent
 
 
 def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
     from mlcloud.cli.app import app
 
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.errors import UsageError
     from mlcloud.report import PlainReporter
-    from mlcloud.spec import TaskSpec
+    from mlcloud.spec.task import TaskSpec
 
     store = state.open_store()
-    rec = cluster.up(store, "self", TaskSpec(provider="local"), PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "self", TaskSpec(provider="local"), PlainReporter(quiet=True))
     root = rec.nodes[0].root
     why = "idle for 30.0 min"
     subprocess.run(  # what the agent's dead-man switch runs, local state not told
@@ -55,7 +57,7 @@ def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
     assert not list(Path(root, "jobs").iterdir())
     r = CliRunner().invoke(app, ["up", "self", "--provider", "local", "--yes"])
     assert isinstance(r.exception, UsageError), r.output  # not "cluster self is up"
-    cluster.down(store, "self", PlainReporter(quiet=True))
+    lifecycle.down(store, "self", PlainReporter(quiet=True))
 
 
 def test_once_leaves_no_heartbeat_behind(mlcloud_home):
@@ -63,25 +65,25 @@ def test_once_leaves_no_heartbeat_behind(mlcloud_home):
     controller after heartbeat_minutes (15), and the agents would stop a cluster mid-job."""
     from mlcloud.cli.app import app
 
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.report import PlainReporter
-    from mlcloud.spec import TaskSpec
+    from mlcloud.spec.task import TaskSpec
 
     store = state.open_store()
-    rec = cluster.up(store, "cron", TaskSpec(provider="local"), PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "cron", TaskSpec(provider="local"), PlainReporter(quiet=True))
     try:
         r = CliRunner().invoke(app, ["autoscale", "cron", "--once"])
         assert r.exit_code == 0 and "nothing to do" in r.output, r.output
         assert not Path(rec.nodes[0].root, "agent", "heartbeat").exists()
     finally:
-        cluster.down(store, "cron", PlainReporter(quiet=True))
+        lifecycle.down(store, "cron", PlainReporter(quiet=True))
 
 
 def test_a_budget_on_unpriced_nodes_is_warned_of(tmp_path, mlcloud_home):
     """local and ssh nodes cost nothing here: a max_cost there would never stop anything."""
     from mlcloud.cli.app import app
 
-    from mlcloud import cluster, state
+    from mlcloud import state
     from mlcloud.report import PlainReporter
 
     spec = tmp_path / "mlcloud.yaml"
@@ -91,4 +93,4 @@ def test_a_budget_on_unpriced_nodes_is_warned_of(tmp_path, mlcloud_home):
         assert r.exit_code == 0, r.output
         assert "autoscale.max_cost is set but local nodes have no price" in r.output
     finally:
-        cluster.down(state.open_store(), "free", PlainReporter(quiet=True))
+        lifecycle.down(state.open_store(), "free", PlainReporter(quiet=True))

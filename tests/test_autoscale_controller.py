@@ -14,18 +14,20 @@ from conftest import tagged_pids
 from mlcloud.providers.base import Capabilities
 from mlcloud.providers.local import LocalProvider
 
-from mlcloud import cluster, nodeevents, state
-from mlcloud.autoscale import policy as pol
-from mlcloud.autoscale.controller import Controller
+from mlcloud import state
+from mlcloud.control import nodeevents
+from mlcloud.control import policy as pol
+from mlcloud.control.controller import Controller
+from mlcloud.provision import handle, lifecycle
 from mlcloud.report import PlainReporter
-from mlcloud.spec import AutoscaleSpec, TaskSpec
+from mlcloud.spec.task import AutoscaleSpec, TaskSpec
 
 
-def _up(name: str, price: float, **auto) -> tuple[state.Store, cluster.Handle]:
+def _up(name: str, price: float, **auto) -> tuple[state.Store, handle.Handle]:
     spec = TaskSpec(provider="local", nodes=2, autoscale=AutoscaleSpec(**auto))
     store = state.open_store()
-    cluster.up(store, name, spec, PlainReporter(quiet=True), price=price)
-    return store, cluster.open_cluster(store, name)
+    lifecycle.up(store, name, spec, PlainReporter(quiet=True), price=price)
+    return store, handle.open_cluster(store, name)
 
 
 def _samples(root: str, verdicts: list[tuple[float, str]]) -> None:
@@ -47,7 +49,7 @@ def test_a_pass_writes_heartbeats_and_holds_back_when_healthy():
         assert abs(float((Path(n.root) / "agent" / "heartbeat").read_text()) - now) < 1
     ctl.detach()  # a controller that leaves takes its heartbeat away
     assert not any((Path(n.root) / "agent" / "heartbeat").exists() for n in h.nodes)
-    cluster.down(store, "ok", PlainReporter(quiet=True))
+    lifecycle.down(store, "ok", PlainReporter(quiet=True))
 
 
 def _stopped_as_the_agents_stop(store: state.Store, name: str, kind: str) -> None:
@@ -67,9 +69,9 @@ def _stopped_as_the_agents_stop(store: state.Store, name: str, kind: str) -> Non
     assert "stopping the cluster's processes" in per_node[0].message
     assert nodeevents.stop_reasons(nodeevents.log(store, rec))  # what `status NAME` shows
     assert all(i.end is not None for i in store.billing(name))
-    again = Controller(store, cluster.open_cluster(store, name), PlainReporter(quiet=True))
+    again = Controller(store, handle.open_cluster(store, name), PlainReporter(quiet=True))
     assert again.step().actions == () and again.gone  # a later pass (cron) leaves it be
-    cluster.down(store, name, PlainReporter(quiet=True))
+    lifecycle.down(store, name, PlainReporter(quiet=True))
     assert not any(Path(n.root).exists() for n in rec.nodes)
 
 
@@ -145,7 +147,7 @@ def test_idle_holds_back_while_a_node_is_busy():
     _samples(h.nodes[0].root, [(now - 10, "idle"), (now - 1, "idle")])
     _samples(h.nodes[1].root, [(now - 10, "idle"), (now - 1, "busy")])
     assert Controller(store, h, PlainReporter(quiet=True)).step(now).actions == ()
-    cluster.down(store, "busy", PlainReporter(quiet=True))
+    lifecycle.down(store, "busy", PlainReporter(quiet=True))
 
 
 def test_a_node_that_stopped_itself_keeps_its_own_stop_record():
@@ -159,4 +161,4 @@ def test_a_node_that_stopped_itself_keeps_its_own_stop_record():
     assert json.loads((Path(h.nodes[0].root) / "agent" / "stopped").read_text()) == own
     kinds = json.loads((Path(h.nodes[1].root) / "agent" / "stopped").read_text())["kind"]
     assert kinds == pol.IDLE_DOWN
-    cluster.down(store, "self", PlainReporter(quiet=True))
+    lifecycle.down(store, "self", PlainReporter(quiet=True))

@@ -5,27 +5,28 @@ from __future__ import annotations
 
 import time
 
-from mlcloud import cluster, state
-from mlcloud.autoscale import policy as pol
-from mlcloud.autoscale.controller import Controller
+from mlcloud import state
+from mlcloud.control import policy as pol
+from mlcloud.control.controller import Controller
+from mlcloud.provision import handle, lifecycle
 from mlcloud.report import PlainReporter
-from mlcloud.spec import TaskSpec
+from mlcloud.spec.task import TaskSpec
 
 QUIET = PlainReporter(quiet=True)
 
 
 def test_a_replaced_node_is_named_in_its_events():
     store = state.open_store()
-    cluster.up(store, "ev", TaskSpec(provider="local", nodes=2), QUIET)
-    h = cluster.open_cluster(store, "ev")
-    cluster.terminate(h.provider, h.ref, [cluster.provider_node(h.nodes[1])], h.record)
+    lifecycle.up(store, "ev", TaskSpec(provider="local", nodes=2), QUIET)
+    h = handle.open_cluster(store, "ev")
+    lifecycle.terminate(h.provider, h.ref, [handle.provider_node(h.nodes[1])], h.record)
     try:
         assert Controller(store, h, QUIET).step(time.time()).kinds() == [pol.REPLACE]
         mine = {k: n for _, k, n, _ in store.event_log("ev", h.record.uid)}
         assert mine["node_lost"] == 1 and mine["node_replaced"] == 1, mine
     finally:
         h.close()
-        cluster.down(store, "ev", QUIET)
+        lifecycle.down(store, "ev", QUIET)
 
 
 def test_a_second_controller_does_not_replace_a_node_again():
@@ -33,10 +34,10 @@ def test_a_second_controller_does_not_replace_a_node_again():
     view of the cluster is stale once the first replaced a node; it must not replace the same
     loss again (which left the first replacement running, forgotten by state)."""
     store = state.open_store()
-    cluster.up(store, "two", TaskSpec(provider="local", nodes=2), QUIET)
-    first, second = cluster.open_cluster(store, "two"), cluster.open_cluster(store, "two")
-    cluster.terminate(
-        first.provider, first.ref, [cluster.provider_node(first.nodes[0])], first.record
+    lifecycle.up(store, "two", TaskSpec(provider="local", nodes=2), QUIET)
+    first, second = handle.open_cluster(store, "two"), handle.open_cluster(store, "two")
+    lifecycle.terminate(
+        first.provider, first.ref, [handle.provider_node(first.nodes[0])], first.record
     )
     try:
         assert Controller(store, first, QUIET).step(time.time()).kinds() == [pol.REPLACE]
@@ -47,17 +48,17 @@ def test_a_second_controller_does_not_replace_a_node_again():
     finally:
         first.close()
         second.close()
-        cluster.down(store, "two", QUIET)
+        lifecycle.down(store, "two", QUIET)
 
 
 def test_the_head_lost_on_local_is_replaced():
     """node-0's directory gone, node-1 left: the replacement is a new directory (node-2), not
     node-1 made again over the survivor."""
     store = state.open_store()
-    cluster.up(store, "head", TaskSpec(provider="local", nodes=2), QUIET)
-    h = cluster.open_cluster(store, "head")
+    lifecycle.up(store, "head", TaskSpec(provider="local", nodes=2), QUIET)
+    h = handle.open_cluster(store, "head")
     survivor = h.nodes[1].node_id
-    cluster.terminate(h.provider, h.ref, [cluster.provider_node(h.nodes[0])], h.record)
+    lifecycle.terminate(h.provider, h.ref, [handle.provider_node(h.nodes[0])], h.record)
     try:
         assert Controller(store, h, QUIET).step(time.time()).kinds() == [pol.REPLACE]
         ids = [n.node_id for n in store.get_cluster("head").nodes]
@@ -65,4 +66,4 @@ def test_the_head_lost_on_local_is_replaced():
         assert sorted(n.node_id for n in h.provider.list(h.ref)) == sorted(ids)
     finally:
         h.close()
-        cluster.down(store, "head", QUIET)
+        lifecycle.down(store, "head", QUIET)

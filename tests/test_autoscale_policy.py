@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from mlcloud.autoscale.policy import (
+from mlcloud.control.policy import (
     BUDGET_STOP,
     DROP,
     GROW,

@@ -8,13 +8,14 @@ import json
 import time
 from pathlib import Path
 
-from mlcloud import agentview, cluster, state
-from mlcloud.autoscale import policy as pol
-from mlcloud.autoscale.controller import Controller
-from mlcloud.autoscale.probe import probe
+from mlcloud import state
+from mlcloud.control import policy as pol
+from mlcloud.control.agentview import probe
+from mlcloud.control.controller import Controller
+from mlcloud.provision import bootstrap, handle, lifecycle
 from mlcloud.remote.local import LocalTransport
 from mlcloud.report import PlainReporter
-from mlcloud.spec import AutoscaleSpec, TaskSpec
+from mlcloud.spec.task import AutoscaleSpec, TaskSpec
 
 QUIET = PlainReporter(quiet=True)
 
@@ -30,13 +31,13 @@ def test_a_dropped_node_moves_the_survivors_budget_deadline():
     )
     store = state.open_store()
     t0 = time.time()
-    cluster.up(store, "money", spec, QUIET, price=1.0)
-    h = cluster.open_cluster(store, "money")
+    lifecycle.up(store, "money", spec, QUIET, price=1.0)
+    h = handle.open_cluster(store, "money")
     assert abs(_deadline(h.nodes[0].root) - (t0 + 1800)) < 5
     survivor = h.nodes[0].root
 
     # node1 vanishes, its processes first (a live agent's write raced the directory's removal)
-    cluster.terminate(h.provider, h.ref, [cluster.provider_node(h.nodes[1])], h.record)
+    lifecycle.terminate(h.provider, h.ref, [handle.provider_node(h.nodes[1])], h.record)
     plan = Controller(store, h, QUIET).step(time.time())
     assert plan.kinds() == [pol.DROP]
     assert [n.root for n in h.nodes] == [survivor]
@@ -44,9 +45,9 @@ def test_a_dropped_node_moves_the_survivors_budget_deadline():
     billing = [i for i in store.billing("money") if i.uid == h.record.uid]
     assert sum(i.end is None for i in billing) == 1
     due = _deadline(survivor)
-    assert abs(due - agentview.budget_deadline(1.0, billing, time.time())) < 5
+    assert abs(due - bootstrap.budget_deadline(1.0, billing, time.time())) < 5
     assert due > t0 + 3500  # what is left of $1 at $1/h, not the 2-node rate's 30 min
-    cluster.down(store, "money", QUIET)
+    lifecycle.down(store, "money", QUIET)
 
 
 def test_a_probe_never_makes_a_removed_node_again(tmp_path):

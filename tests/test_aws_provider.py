@@ -18,10 +18,11 @@ from mlcloud.providers.base import (
 )
 from moto import mock_aws
 
-from mlcloud import cluster, state
+from mlcloud import state
 from mlcloud.errors import UsageError
+from mlcloud.provision import handle, lifecycle
 from mlcloud.report import PlainReporter
-from mlcloud.spec import Resources, SshSpec, TaskSpec
+from mlcloud.spec.task import Resources, SshSpec, TaskSpec
 
 REF = ClusterRef("c1", "c1-0123abcd", "alice", "us-east-1")
 SSH = SshOptions(allowed_cidrs=("203.0.113.4/32",))
@@ -128,11 +129,11 @@ def request(**kw) -> ProvisionRequest:
 
 
 def engine_uses(aws: AwsProvider, monkeypatch) -> None:
-    """Run the real engine (cluster.up) on this provider; bootstrap, which needs SSH to the
+    """Run the real engine (lifecycle.up) on this provider; bootstrap, which needs SSH to the
     nodes, is the one step left out: these tests are about what reaches EC2."""
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
     monkeypatch.setattr(
-        "mlcloud.cluster.bootstrap",
+        "mlcloud.provision.bootstrap.bootstrap",
         lambda p, ref, nodes, ssh, *agent: [
             state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
             for i, n in enumerate(nodes)
@@ -208,7 +209,7 @@ def test_capacity_in_zone_a_granted_in_b_nothing_left_behind(aws, mlcloud_home, 
     engine_uses(aws, monkeypatch)
     spec = two_nodes("g5.xlarge")
     store = state.open_store()
-    rec = cluster.up(store, "c2", spec, PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "c2", spec, PlainReporter(quiet=True))
     zones = [p["Placement"]["AvailabilityZone"] for p in aws.sent]
     assert zones == ["us-east-1a", "us-east-1b"]
     assert aws.sent[0]["ClientToken"] != aws.sent[1]["ClientToken"]  # a fresh token per try
@@ -223,7 +224,7 @@ def test_no_capacity_anywhere_is_one_clear_error_and_nothing_left(aws, mlcloud_h
     spec = two_nodes("p4d.24xlarge")
     store = state.open_store()
     with pytest.raises(CapacityError, match="no capacity for 2 x p4d.24xlarge in us-east-1a"):
-        cluster.up(store, "c3", spec, PlainReporter(quiet=True))
+        lifecycle.up(store, "c3", spec, PlainReporter(quiet=True))
     assert store.get_cluster("c3") is None
     assert aws.discover("us-east-1") == []  # security group, key pair, placement group gone
 
@@ -271,7 +272,7 @@ def test_no_capacity_in_the_region_moves_to_the_next_and_cleans_up(aws, mlcloud_
     hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
     engine_uses(aws, monkeypatch)
     spec = two_nodes("p4d.24xlarge")
-    rec = cluster.up(
+    rec = lifecycle.up(
         state.open_store(), "c4", spec, PlainReporter(quiet=True), fallback_regions=("us-west-2",)
     )
     assert rec.spec["region"] == "us-west-2" and len(rec.nodes) == 2
@@ -283,7 +284,7 @@ def test_no_capacity_in_the_region_moves_to_the_next_and_cleans_up(aws, mlcloud_
 def test_failover_across_regions_keeps_one_cluster_key(aws, mlcloud_home, monkeypatch):
     """The key file is the engine's: the region left behind loses its key pair, not the key,
     so every region gets the same public key; `down` removes the file at the end."""
-    from mlcloud import keys
+    from mlcloud.remote import keys
 
     hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
     imported: list[bytes] = []
@@ -297,11 +298,13 @@ def test_failover_across_regions_keeps_one_cluster_key(aws, mlcloud_home, monkey
     engine_uses(aws, monkeypatch)
     store = state.open_store()
     spec = two_nodes("p4d.24xlarge")
-    rec = cluster.up(store, "k2", spec, PlainReporter(quiet=True), fallback_regions=("us-west-2",))
+    rec = lifecycle.up(
+        store, "k2", spec, PlainReporter(quiet=True), fallback_regions=("us-west-2",)
+    )
     assert rec.spec["region"] == "us-west-2"
     path, public = keys.ensure_cluster_key(rec.uid)
     assert imported == [public.encode(), public.encode()]
-    cluster.down(store, "k2", PlainReporter(quiet=True))
+    lifecycle.down(store, "k2", PlainReporter(quiet=True))
     assert not path.exists()
 
 
@@ -323,11 +326,11 @@ def test_default_ami_is_the_ubuntu_build_though_al2023_is_newer(aws, mlcloud_hom
     engine_uses(aws, monkeypatch)
     spec = replace(two_nodes("g5.xlarge"), nodes=1)
     store = state.open_store()
-    rec = cluster.up(store, "ami", spec, PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "ami", spec, PlainReporter(quiet=True))
     assert aws.sent[-1]["ImageId"] == "ami-0dlami2025"
     # the login user reaches every later command through the recorded spec
     assert rec.spec["ssh"]["user"] == "ubuntu" and rec.spec["image"] == "ami-0dlami2025"
-    h = cluster.open_cluster(store, "ami")
+    h = handle.open_cluster(store, "ami")
     assert h.transports[0].target.user == "ubuntu"
     h.close()
 
@@ -373,13 +376,13 @@ def test_no_placement_groups_warns_once_and_goes_without(aws, mlcloud_home, monk
     report = PlainReporter(quiet=True)
     warned = warnings_of(report)
     store = state.open_store()
-    rec = cluster.up(store, "nopg", two_nodes("g5.xlarge"), report)
+    rec = lifecycle.up(store, "nopg", two_nodes("g5.xlarge"), report)
     assert zones == ["us-east-1a", "us-east-1b"] and len(rec.nodes) == 2
     assert all("GroupName" not in p.get("Placement", {}) for p in aws.sent)
     pg = [w for w in warned if "placement group" in w]
     assert len(pg) == 1 and "go without" in pg[0] and "\n" not in pg[0]  # once, two prepares
     assert len(aws.discover("us-east-1")) == 4  # 2 instances, key pair, security group
-    assert cluster.down(store, "nopg", PlainReporter(quiet=True))
+    assert lifecycle.down(store, "nopg", PlainReporter(quiet=True))
     assert aws.discover("us-east-1") == []
 
 
@@ -389,10 +392,10 @@ def test_placement_group_used_and_removed_where_the_endpoint_has_them(
     groups = with_placement_groups(aws)
     engine_uses(aws, monkeypatch)
     store = state.open_store()
-    rec = cluster.up(store, "pg", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "pg", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
     assert aws.sent[-1]["Placement"]["GroupName"] == f"mlcloud-{rec.uid}"
     assert "placement-group" in {r.kind for r in aws.discover("us-east-1")}
-    assert cluster.down(store, "pg", PlainReporter(quiet=True))
+    assert lifecycle.down(store, "pg", PlainReporter(quiet=True))
     assert groups == {}
 
 
@@ -412,12 +415,14 @@ def test_resumed_up_sends_the_same_client_token(aws, mlcloud_home, monkeypatch):
 
     hook(aws, "before-call.ec2.RunInstances", kill_after_sending)
     engine_uses(aws, monkeypatch)
-    monkeypatch.setattr("mlcloud.cluster._rollback", lambda *a: None)  # kill -9: no rollback
+    monkeypatch.setattr(
+        "mlcloud.provision.lifecycle._rollback", lambda *a: None
+    )  # kill -9: no rollback
     store = state.open_store()
     with pytest.raises(Killed):
-        cluster.up(store, "resume", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
+        lifecycle.up(store, "resume", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
     assert store.get_cluster("resume").spec["zone"] == "us-east-1b"
-    rec = cluster.up(store, "resume", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "resume", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
     assert tokens[2] == tokens[1]  # same zone, same token
     assert tokens[1][0] == "us-east-1b" and tokens[0][1] != tokens[1][1]
     assert rec.spec["zone"] == "us-east-1b" and len(rec.nodes) == 2
@@ -497,7 +502,7 @@ def test_quota_moves_to_the_next_region_skipping_its_other_zones(aws, mlcloud_ho
         lambda params, **_: west.append(params),
         "us-west-2",
     )
-    rec = cluster.up(
+    rec = lifecycle.up(
         state.open_store(),
         "quota",
         two_nodes("p4d.24xlarge"),
@@ -521,13 +526,13 @@ def test_quota_everywhere_exits_4_capacity_somewhere_exits_3(aws, mlcloud_home, 
     store = state.open_store()
     args = (two_nodes("p4d.24xlarge"), PlainReporter(quiet=True))
     with pytest.raises(QuotaError) as e:
-        cluster.up(store, "q4", *args, fallback_regions=("us-west-2",))
+        lifecycle.up(store, "q4", *args, fallback_regions=("us-west-2",))
     assert e.value.exit_code == EXIT_QUOTA
     assert str(e.value).startswith("over quota for 2 x p4d.24xlarge in us-east-1, us-west-2:")
     assert store.get_cluster("q4") is None
     west[0] = "InsufficientInstanceCapacity"
     with pytest.raises(CapacityError) as e:
-        cluster.up(store, "q3", *args, fallback_regions=("us-west-2",))
+        lifecycle.up(store, "q3", *args, fallback_regions=("us-west-2",))
     assert e.value.exit_code == EXIT_CAPACITY
     assert "us-west-2a, us-west-2b" in str(e.value) and "over quota in us-east-1" in str(e.value)
 

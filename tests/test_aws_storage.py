@@ -12,9 +12,10 @@ from mlcloud.providers.aws import AwsProvider
 from mlcloud.providers.base import ClusterRef, ProvisionRequest, SshOptions, StorageAccess
 from moto import mock_aws
 
-from mlcloud import cluster, gc, state
+from mlcloud import state
+from mlcloud.provision import gc, lifecycle
 from mlcloud.report import PlainReporter
-from mlcloud.spec import Resources, SshSpec, StorageSpec, TaskSpec
+from mlcloud.spec.task import Resources, SshSpec, StorageSpec, TaskSpec
 
 REF = ClusterRef("c1", "c1-0123abcd", "alice", "us-east-1")
 STORAGE = StorageAccess(
@@ -160,7 +161,7 @@ def engine_uses(aws: AwsProvider, monkeypatch) -> None:
     """The real engine on this provider; bootstrap (SSH to the nodes) is left out."""
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
     monkeypatch.setattr(
-        "mlcloud.cluster.bootstrap",
+        "mlcloud.provision.bootstrap.bootstrap",
         lambda p, ref, nodes, ssh, *agent: [
             state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
             for i, n in enumerate(nodes)
@@ -179,7 +180,7 @@ def test_up_attaches_the_profile_and_down_removes_role_and_profile(aws, mlcloud_
         storage=StorageSpec(checkpoints="s3://my-ckpts/runs", data=("s3://corpus-eu/shards",)),
     )
     store = state.open_store()
-    rec = cluster.up(store, "st", spec, PlainReporter())
+    rec = lifecycle.up(store, "st", spec, PlainReporter())
     name = aws_iam.name_of(rec.uid)
     (instance,) = [
         i
@@ -187,10 +188,10 @@ def test_up_attaches_the_profile_and_down_removes_role_and_profile(aws, mlcloud_
         for i in r["Instances"]
     ]
     assert instance["IamInstanceProfile"]["Arn"].endswith(f"instance-profile/mlcloud/{name}")
-    cluster.down(store, "st", PlainReporter())
+    lifecycle.down(store, "st", PlainReporter())
     assert iam(aws).list_roles(PathPrefix="/mlcloud/")["Roles"] == []
     assert iam(aws).list_instance_profiles()["InstanceProfiles"] == []
-    cluster.down(store, "st", PlainReporter())  # again: nothing left, no error
+    lifecycle.down(store, "st", PlainReporter())  # again: nothing left, no error
 
 
 def test_gc_finds_and_deletes_a_leaked_role_and_profile(aws, mlcloud_home, monkeypatch):

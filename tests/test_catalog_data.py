@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlcloud.catalog import snapshot
+from mlcloud.spec.catalog import snapshot
 
 SHIPPED = Path(snapshot.__file__).parent / "data" / "gpu_offers.csv"
 # The project's shared price snapshot; tests/data/prices is a verbatim copy of it, so the

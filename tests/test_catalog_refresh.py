@@ -10,8 +10,8 @@ from conftest import run_cli
 from mlcloud.providers.aws import AwsProvider
 from moto import mock_aws
 
-from mlcloud import catalog
-from mlcloud.catalog.refresh import refresh_aws
+from mlcloud.spec import catalog
+from mlcloud.spec.catalog.refresh import refresh_aws
 
 
 def price_list(itype: str, region: str, usd: str) -> str:

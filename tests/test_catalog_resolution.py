@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from mlcloud import catalog, plan
 from mlcloud.errors import UsageError
-from mlcloud.spec import GpuSpec, Resources, TaskSpec, parse_gpus
+from mlcloud.spec import catalog, plan
+from mlcloud.spec.task import GpuSpec, Resources, TaskSpec, parse_gpus
 
 OFFERS = catalog.load()
 
@@ -106,7 +106,7 @@ def test_refreshed_rows_replace_a_providers_shipped_rows(mlcloud_home):
 
 
 def test_compute_goes_to_the_data_region_when_it_can():
-    from mlcloud.locality import DataPlace
+    from mlcloud.spec.locality import DataPlace
 
     ask = TaskSpec(provider="aws", resources=Resources(gpus=GpuSpec("A100", 8)))
     _, anywhere = plan.make(ask, default_region=lambda p: None)
@@ -121,7 +121,7 @@ def test_near_accepts_regions_and_buckets(aws_env):
     from moto import mock_aws
 
     from mlcloud.errors import UsageError
-    from mlcloud.locality import DataPlace, locate
+    from mlcloud.spec.locality import DataPlace, locate
 
     assert locate("us-west-2") == DataPlace(None, "us-west-2")
     with mock_aws():

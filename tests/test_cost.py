@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from mlcloud.cost import Interval, accrued, by_month, hourly
+from mlcloud.spec.cost import Interval, accrued, by_month, hourly
 
 H = 3600.0
 

@@ -63,7 +63,7 @@ def test_healthy_home_with_a_local_cluster(mlcloud_home):
 
 
 def test_a_home_mlcloud_made_has_nothing_to_warn_about(mlcloud_home):
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     paths.logs_dir("c1")  # what `train` makes: logs/ and logs/c1
     r, report = doctor()
@@ -237,7 +237,7 @@ def _live(ids: list[str]) -> int:
 
 @pytest.mark.e2e
 def test_rebuild_from_cloud_tags_takes_only_this_homes_clusters(moto_server, mlcloud_home):
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     me = paths.home_id()  # the home's id, made with it: what `up` tags clusters with
     mine = _tagged_instances("gpu-0a1b2c3d", "gpu", me, 2)

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 from mlcloud.providers.base import ProvisionRequest, SshOptions
 
-from mlcloud import launch, state
-from mlcloud.cluster import Handle
+from mlcloud import state
 from mlcloud.errors import UsageError
-from mlcloud.spec import TaskSpec, load_spec, parse_nodes
+from mlcloud.jobs import launch
+from mlcloud.provision.handle import Handle
+from mlcloud.spec.task import TaskSpec, load_spec, parse_nodes
 
 
 @pytest.mark.parametrize(

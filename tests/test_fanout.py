@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mlcloud.provision import handle
 from mlcloud.remote import sync
 from mlcloud.remote.fanout import Target, sync_nodes
 from mlcloud.remote.ssh import SshTarget, SshTransport
@@ -26,7 +27,7 @@ def MARK_OF(root: str) -> str:  # noqa: N802
 
 
 def state_path():
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return paths.home() / "state.db"
 
@@ -239,14 +240,16 @@ def test_train_sync_relays_through_the_head_and_down_takes_the_key_back(make_ssh
     `down` removes the peer key's line from every node."""
     from conftest import run_cli, ssh_up_args
 
-    from mlcloud import cluster, keys, launch, state
+    from mlcloud import state
+    from mlcloud.jobs import launch
+    from mlcloud.remote import keys
     from mlcloud.report import PlainReporter
 
     nodes = make_ssh_nodes(3)
     assert run_cli(*ssh_up_args(nodes, "fan")).returncode == 0
     src = workdir(tmp_path / "src", files=3)
     store = state.Store(state_path())
-    h = cluster.open_cluster(store, "fan")
+    h = handle.open_cluster(store, "fan")
     messages: list[str] = []
 
     class Report(PlainReporter):
@@ -378,7 +381,7 @@ def test_a_home_another_thread_made_meanwhile_is_taken(tmp_path, monkeypatch):
     """The fan-out's probes make the first connections of a fresh home side by side, and each
     asks for the home: one made by another thread between two looks is a directory, not "a
     file"."""
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     home = tmp_path / "fresh"
 

@@ -11,7 +11,7 @@ import sys
 from conftest import run_cli, tagged_pids
 from mlcloud.providers.base import Resource
 
-from mlcloud.gc import DELETE, decide
+from mlcloud.provision.gc import DELETE, decide
 
 ME, OTHER, NOW = "home-me", "home-other", 10_000.0
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import MLCLOUD, relay_pool, run_cli
 
-from mlcloud import catalog
+from mlcloud.spec import catalog
 
 pytestmark = pytest.mark.e2e
 T4 = "n1-standard-8+T4:1"

@@ -19,7 +19,8 @@ from mlcloud.providers.base import (
 )
 from mlcloud.providers.gce import GceProvider, api, rules
 
-from mlcloud import gc, state
+from mlcloud import state
+from mlcloud.provision import gc
 
 REF = ClusterRef("demo", "demo-0123abcd", "home1", "us-central1")
 T4 = "n1-standard-8+T4:1"
@@ -211,7 +212,7 @@ def test_gc_finds_and_deletes_this_homes_orphans(gce_env, mlcloud_home):
 
 
 def test_doctor_rebuild_recovers_a_cluster_from_its_labels(gce_env, mlcloud_home):
-    from mlcloud import doctor
+    from mlcloud.provision import doctor
 
     p = GceProvider()
     ref = replace(REF, owner=state_owner())
@@ -223,7 +224,7 @@ def test_doctor_rebuild_recovers_a_cluster_from_its_labels(gce_env, mlcloud_home
 
 
 def state_owner() -> str:
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return paths.home_id()
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import run_cli
 from mlcloud.providers.gce import GceProvider
 
-from mlcloud import catalog
-from mlcloud.catalog.refresh import refresh_gce
+from mlcloud.spec import catalog
+from mlcloud.spec.catalog.refresh import refresh_gce
 
 
 def sku(description: str, usd: float, region: str = "us-central1", usage="OnDemand") -> dict:

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from mlcloud.providers import aws
 from mlcloud.providers.gce import rules
 
-from mlcloud import catalog, plan
-from mlcloud.names import check_cluster_name
-from mlcloud.spec import GpuSpec, Resources, TaskSpec
+from mlcloud.spec import catalog, plan
+from mlcloud.spec.task import GpuSpec, Resources, TaskSpec, check_cluster_name
 
 LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 GCE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -28,7 +27,7 @@ cluster_names = st.from_regex(r"[a-z][a-z0-9-]{0,39}", fullmatch=True).filter(
 @example("a" * 40, b"\0" * 4, "Home ID")  # the longest name
 def test_labels_and_names_are_valid_for_any_cluster(name, suffix, home):
     check_cluster_name(name)
-    uid = f"{name}-{suffix.hex()}"  # as cluster.up makes it
+    uid = f"{name}-{suffix.hex()}"  # as lifecycle.up makes it
     for value in rules.labels(uid, name, home).values():
         assert LABEL_VALUE.fullmatch(value), value
     assert rules.labels(uid, name, home)["mlcloud-cluster"] == uid  # uids are valid as they are

@@ -1,6 +1,6 @@
 """How a job's end is told from its nodes' ends (pure: the driver and reconciliation share it)."""
 
-from mlcloud.outcome import KILLED, LOST, NodeEnd, decide
+from mlcloud.jobs.outcome import KILLED, LOST, NodeEnd, decide
 
 
 def test_success():

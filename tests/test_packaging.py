@@ -45,7 +45,7 @@ def test_wheel_is_self_contained(tmp_path):
         "mlcloud/templates/node_ctl.py",
         "mlcloud/templates/receive.py",
         "mlcloud/templates/send.py",
-        "mlcloud/catalog/data/gpu_offers.csv",
+        "mlcloud/spec/catalog/data/gpu_offers.csv",
         "mlcloud/cli/app.py",
         "mlcloud/providers/aws.py",
     ):

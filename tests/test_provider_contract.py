@@ -14,10 +14,11 @@ from conftest import tagged_pids
 from mlcloud.providers.base import Capabilities, ClusterRef, Node, Provider
 from mlcloud.providers.local import LocalProvider
 
-from mlcloud import cluster, providers, state
+from mlcloud import providers, state
 from mlcloud.errors import UsageError
+from mlcloud.provision import handle, lifecycle
 from mlcloud.report import PlainReporter
-from mlcloud.spec import TaskSpec
+from mlcloud.spec.task import TaskSpec
 
 MEMBERS = sorted(
     name for name, value in vars(Provider).items() if callable(value) and not name.startswith("_")
@@ -60,7 +61,7 @@ def test_nothing_probes_a_provider_with_hasattr():
 def test_spot_is_refused_where_the_provider_has_none():
     spec = TaskSpec(provider="local", nodes=1, spot=True)
     with pytest.raises(UsageError, match="the local provider has no spot nodes"):
-        cluster.up(state.open_store(), "nospot", spec, PlainReporter(quiet=True))
+        lifecycle.up(state.open_store(), "nospot", spec, PlainReporter(quiet=True))
     assert state.open_store().get_cluster("nospot") is None
 
 
@@ -78,13 +79,15 @@ def test_the_engine_stops_the_processes_on_machines_it_does_not_own(monkeypatch,
     plain = _Plain()
     monkeypatch.setattr("mlcloud.providers.get", lambda name: plain)
     store = state.open_store()
-    rec = cluster.up(store, "procs", TaskSpec(provider="local", nodes=2), PlainReporter(quiet=True))
+    rec = lifecycle.up(
+        store, "procs", TaskSpec(provider="local", nodes=2), PlainReporter(quiet=True)
+    )
     job = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(300)"],
         env={**os.environ, "MLCLOUD_PROC_TAG": f"{rec.uid}.1.1."},
     )
     try:
-        cluster.down(store, "procs", PlainReporter(quiet=True))
+        lifecycle.down(store, "procs", PlainReporter(quiet=True))
         assert job.wait(timeout=15) is not None  # stopped by tag, by the engine
         assert tagged_pids(f"{rec.uid}.") == []
     finally:
@@ -100,12 +103,12 @@ def test_a_node_added_later_has_its_agent_tag_its_own_processes(mlcloud_home):
 
     store = state.open_store()
     rep = PlainReporter(quiet=True)
-    rec = cluster.up(store, "grow", TaskSpec(provider="local", nodes=1), rep)
-    h = cluster.open_cluster(store, "grow")
+    rec = lifecycle.up(store, "grow", TaskSpec(provider="local", nodes=1), rep)
+    h = handle.open_cluster(store, "grow")
     try:
-        (new,) = cluster.add_nodes(store, h, 1, rep)
+        (new,) = lifecycle.add_nodes(store, h, 1, rep)
         conf = json.loads((Path(new.root) / "agent" / "config.json").read_text())
         assert conf["tag"] == f"{rec.uid}.1."
     finally:
         h.close()
-        cluster.down(store, "grow", rep)
+        lifecycle.down(store, "grow", rep)

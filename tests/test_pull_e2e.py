@@ -81,7 +81,8 @@ def test_train_pull_pull_again_and_train_pull_down(make_ssh_nodes, tmp_path):
 def test_a_node_that_is_down_fails_the_pull_in_one_line_and_the_others_come_home(
     make_ssh_nodes, tmp_path
 ):
-    from mlcloud import paths, state
+    from mlcloud import state
+    from mlcloud.state import paths
 
     nodes = make_ssh_nodes(2)
     assert run_cli(*ssh_up_args(nodes, "lab")).returncode == 0
@@ -242,7 +243,8 @@ def local():
 
 
 def test_down_says_when_the_newest_jobs_outputs_were_never_pulled(local, tmp_path):
-    from mlcloud import paths, state
+    from mlcloud import state
+    from mlcloud.state import paths
 
     assert run_cli("up", "loc", "--provider", "local", "--nodes", "2", "--yes").returncode == 0
     store = state.open_store()
@@ -286,8 +288,10 @@ def test_ctrl_c_during_a_pull_leaves_no_temporaries_in_dest(local, tmp_path):
     import signal
     import threading
 
-    from mlcloud import paths, pull, state
+    from mlcloud import state
+    from mlcloud.jobs import pull
     from mlcloud.report import PlainReporter
+    from mlcloud.state import paths
 
     assert run_cli("up", "int", "--provider", "local", "--nodes", "2", "--yes").returncode == 0
     store = state.open_store()
@@ -339,7 +343,8 @@ def test_progress_bars_on_a_terminal_only(local, tmp_path):
 
     from conftest import MLCLOUD
 
-    from mlcloud import paths, state
+    from mlcloud import state
+    from mlcloud.state import paths
 
     assert run_cli("up", "bars", "--provider", "local", "--yes").returncode == 0
     store = state.open_store()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from mlcloud import pull, state
+from mlcloud import state
+from mlcloud.jobs import pull
 
 
 def _cluster(home, nodes: int = 2) -> state.Store:

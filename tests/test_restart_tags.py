@@ -18,8 +18,9 @@ from types import SimpleNamespace
 
 from conftest import tagged_pids
 
-from mlcloud import launch, state, templates
-from mlcloud.cluster import Handle
+from mlcloud import state, templates
+from mlcloud.jobs import launch
+from mlcloud.provision.handle import Handle
 
 CTL = str(templates.path("node_ctl.py"))
 

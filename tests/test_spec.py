@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 
 from mlcloud import templates
 from mlcloud.errors import UsageError
-from mlcloud.names import check_cluster_name
-from mlcloud.spec import (
+from mlcloud.spec.task import (
     AutoscaleSpec,
     GceSpec,
     GpuSpec,
     Resources,
     TaskSpec,
     TrainSpec,
+    check_cluster_name,
     load_spec,
     parse_env,
     parse_gpus,

@@ -16,7 +16,7 @@ from conftest import MLCLOUD, run_cli, ssh_up_args
 from mlcloud.providers.base import ClusterRef, SshOptions
 from mlcloud.providers.ssh import SshProvider
 
-from mlcloud import cluster
+from mlcloud.provision import bootstrap
 from mlcloud.remote.transport import RemoteError
 
 NO_TORCH = "/usr/bin/python3"  # the system interpreter here, as on a Deep Learning AMI
@@ -33,14 +33,14 @@ def boot(nodes, ref, **ssh):
     provider = SshProvider()
     found = [provider._node(ref, i, n.target) for i, n in enumerate(nodes.nodes)]
     options = SshOptions(identity_file=str(nodes.client_key), **ssh)
-    return cluster.bootstrap(provider, ref, found, options)
+    return bootstrap.bootstrap(provider, ref, found, options)
 
 
 def test_the_first_candidate_that_has_torch_is_recorded(make_ssh_nodes, ref, monkeypatch, tmp_path):
     nodes = make_ssh_nodes(2)
     assert subprocess.run([NO_TORCH, "-c", "import torch"], capture_output=True).returncode
     monkeypatch.setattr(
-        cluster, "PYTHON_CANDIDATES", (str(tmp_path / "absent"), NO_TORCH, sys.executable)
+        bootstrap, "PYTHON_CANDIDATES", (str(tmp_path / "absent"), NO_TORCH, sys.executable)
     )
     records = boot(nodes, ref)
     assert [r.python for r in records] == [sys.executable] * 2
@@ -113,7 +113,7 @@ def test_a_first_up_on_an_unreachable_host_leaves_nothing(make_ssh_nodes):
 
 def test_a_first_up_refused_by_the_host_leaves_nothing(make_ssh_nodes):
     """Reachable, but the key is not accepted: nothing of the cluster's was ever put there."""
-    from mlcloud import keys
+    from mlcloud.remote import keys
 
     nodes = make_ssh_nodes(1)
     wrong, _ = keys.ensure_cluster_key("not-authorized")
@@ -199,9 +199,9 @@ def test_a_failing_proxy_command_is_one_line_without_paramiko_logs(make_ssh_node
 
 BOOTING = """
 import sys, time
-from mlcloud import cluster
 from mlcloud.providers.base import ClusterRef, SshOptions
 from mlcloud.providers.ssh import SshProvider
+from mlcloud.provision import bootstrap
 
 class Booting(SshProvider):
     boot_timeout = 600.0  # as a cloud's: wait for sshd to come up
@@ -211,7 +211,7 @@ nodes = [provider._node(ref, i, f"127.0.0.248:{port}") for i, port in enumerate(
 print("waiting", flush=True)
 t0 = time.monotonic()
 try:
-    cluster.bootstrap(provider, ref, nodes, SshOptions(identity_file=sys.argv[1]))
+    bootstrap.bootstrap(provider, ref, nodes, SshOptions(identity_file=sys.argv[1]))
 except KeyboardInterrupt:
     print(f"interrupted after {time.monotonic() - t0:.2f}", flush=True)
 """
@@ -222,7 +222,7 @@ def test_ctrl_c_while_waiting_for_ssh_returns_within_2s(count, tmp_path):
     """A cloud node that never answers: the 600 s wait for its sshd ends at Ctrl-C."""
     import signal
 
-    from mlcloud import keys
+    from mlcloud.remote import keys
 
     key, _ = keys.ensure_cluster_key("booting")
     proc = subprocess.Popen(
@@ -244,18 +244,17 @@ def test_a_wrong_login_user_is_told_soon_not_at_the_boot_timeout(make_ssh_nodes,
     from mlcloud.providers.base import ClusterRef, SshOptions
     from mlcloud.providers.ssh import SshProvider
 
-    from mlcloud import cluster
     from mlcloud.remote.transport import RemoteError
 
     class Booting(SshProvider):
         boot_timeout = 600.0
 
-    monkeypatch.setattr(cluster, "AUTH_WINDOW", 3.0)
+    monkeypatch.setattr(bootstrap, "AUTH_WINDOW", 3.0)
     nodes = make_ssh_nodes(1)
     node = nodes.nodes[0]
     provider, ref = Booting(), ClusterRef("wrong", "wrong-1", "me")
     targets = [provider._node(ref, 0, f"nosuchuser@{node.host}:{node.port}")]
     t0 = time.monotonic()
     with pytest.raises(RemoteError, match="authentication refused for user 'nosuchuser'"):
-        cluster.bootstrap(provider, ref, targets, SshOptions(identity_file=str(nodes.client_key)))
+        bootstrap.bootstrap(provider, ref, targets, SshOptions(identity_file=str(nodes.client_key)))
     assert time.monotonic() - t0 < 3.0 + 10

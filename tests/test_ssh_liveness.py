@@ -14,6 +14,7 @@ import time
 import nsbridge
 import pytest
 
+from mlcloud.provision import handle, lifecycle
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import LostError
 
@@ -112,10 +113,11 @@ def test_the_driver_records_a_silent_single_node_lost(ns_node, quick, tmp_path):
     import shutil
     from pathlib import Path
 
-    from mlcloud import cluster, launch, state
-    from mlcloud.driver import LOST, Driver
+    from mlcloud import state
+    from mlcloud.jobs import launch
+    from mlcloud.jobs.driver import LOST, Driver
     from mlcloud.report import PlainReporter
-    from mlcloud.spec import SshSpec, TaskSpec
+    from mlcloud.spec.task import SshSpec, TaskSpec
 
     spec = TaskSpec(
         provider="ssh",
@@ -123,9 +125,9 @@ def test_the_driver_records_a_silent_single_node_lost(ns_node, quick, tmp_path):
         ssh=SshSpec(identity_file=str(ns_node.client_key)),
     )
     store = state.open_store()
-    rec = cluster.up(store, "solo", spec, PlainReporter(quiet=True))
+    rec = lifecycle.up(store, "solo", spec, PlainReporter(quiet=True))
     try:
-        h = cluster.open_cluster(store, "solo")
+        h = handle.open_cluster(store, "solo")
         jd = launch.job_dir(h.nodes[0].root, 1)
         # a job as node_ctl leaves it: a live waiter and an output log
         h.transports[0].run(

@@ -34,8 +34,8 @@ def test_bad_hosts_say_the_form(text):
 
 
 def test_a_type_without_a_provider_asks_for_one():
-    from mlcloud import plan
-    from mlcloud.spec import GpuSpec, Resources, TaskSpec
+    from mlcloud.spec import plan
+    from mlcloud.spec.task import GpuSpec, Resources, TaskSpec
 
     spec = TaskSpec(resources=Resources(gpus=GpuSpec("A100", 8), instance_type="p4d.24xlarge"))
     with pytest.raises(UsageError, match="needs a provider: add --provider aws"):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mlcloud import keys
 from mlcloud.errors import MlcloudError
 from mlcloud.parallel import fan_out
+from mlcloud.remote import keys
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError
 

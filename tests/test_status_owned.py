@@ -7,10 +7,12 @@ from __future__ import annotations
 from mlcloud.providers.base import Capabilities
 from mlcloud.providers.local import LocalProvider
 
-from mlcloud import agentview, cluster, nodeevents, state
+from mlcloud import state
+from mlcloud.control import agentview, nodeevents
+from mlcloud.provision import handle, lifecycle
 from mlcloud.remote.transport import RemoteError
 from mlcloud.report import PlainReporter
-from mlcloud.spec import TaskSpec
+from mlcloud.spec.task import TaskSpec
 
 QUIET = PlainReporter(quiet=True)
 
@@ -23,9 +25,9 @@ def test_a_silent_node_its_cloud_lists_as_gone_is_terminated(monkeypatch):
     owned = _Owned()
     monkeypatch.setattr("mlcloud.providers.get", lambda name: owned)
     store = state.open_store()
-    cluster.up(store, "ec2", TaskSpec(provider="local", nodes=2), QUIET, price=1.0)
-    h = cluster.open_cluster(store, "ec2")
-    owned.terminate(h.ref, [cluster.provider_node(h.nodes[0])])  # shutdown -h now: gone
+    lifecycle.up(store, "ec2", TaskSpec(provider="local", nodes=2), QUIET, price=1.0)
+    h = handle.open_cluster(store, "ec2")
+    owned.terminate(h.ref, [handle.provider_node(h.nodes[0])])  # shutdown -h now: gone
     h.close()
 
     def silent(t, root, node, samples=0, timeout=10.0):
@@ -33,18 +35,18 @@ def test_a_silent_node_its_cloud_lists_as_gone_is_terminated(monkeypatch):
 
     monkeypatch.setattr(agentview, "read", silent)
     rec = store.get_cluster("ec2")
-    assert set(nodeevents.gather(store, rec)) == {0}  # node1 is silent but listed: left as is
+    assert set(nodeevents.refresh(store, rec)) == {0}  # node1 is silent but listed: left as is
     rec = store.get_cluster("ec2")
     assert [n.status for n in rec.nodes] == ["terminated", "running"]
     why = nodeevents.stop_reasons(nodeevents.log(store, rec))
     assert "provider lists it as missing" in why[0] and 1 not in why
     billing = [i for i in store.billing("ec2") if i.uid == rec.uid]
     assert [i.end is None for i in billing] == [False, True]  # node0 bills no more
-    assert nodeevents.gather(store, rec) == {}  # asked once: no second event
+    assert nodeevents.refresh(store, rec) == {}  # asked once: no second event
     assert sum(e.kind == "terminated" for e in nodeevents.log(store, rec)) == 1
     # down leaves an owned machine's processes to its cloud: end node1's agent as one would
     from mlcloud.templates import node_ctl
 
     node_ctl.stop_agent(rec.nodes[1].root)
-    cluster.down(store, "ec2", QUIET)
+    lifecycle.down(store, "ec2", QUIET)
     assert owned.list(h.ref) == []

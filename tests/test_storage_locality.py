@@ -11,7 +11,7 @@ from conftest import run_cli
 from moto import mock_aws
 
 from mlcloud.errors import UsageError
-from mlcloud.locality import DataPlace, locate, locate_data
+from mlcloud.spec.locality import DataPlace, locate, locate_data
 
 
 @pytest.fixture

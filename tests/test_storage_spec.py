@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from mlcloud import buckets
 from mlcloud.errors import UsageError
-from mlcloud.spec import StorageSpec, TaskSpec, load_spec
+from mlcloud.spec import buckets
+from mlcloud.spec.task import StorageSpec, TaskSpec, load_spec
 
 
 def load(tmp_path, text):
@@ -87,7 +87,7 @@ def _handle(spec: dict):
     from types import SimpleNamespace
 
     from mlcloud import state
-    from mlcloud.cluster import Handle
+    from mlcloud.provision.handle import Handle
 
     node = state.NodeRecord(0, "i-1", "10.0.0.1", "10.0.0.1", "/r/n0", 0, None, "running", "py")
     rec = state.ClusterRecord("lab", "lab-1", "aws", "UP", spec, "o", 0, 0, (node,))
@@ -97,7 +97,7 @@ def _handle(spec: dict):
 def test_the_job_gets_the_checkpoint_uri_and_none_of_the_callers_credentials(monkeypatch):
     from pathlib import Path
 
-    from mlcloud import launch
+    from mlcloud.jobs import launch
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(var, "client-secret")

@@ -1,4 +1,4 @@
-"""Waits the environment may change (mlcloud/timeouts.py): defaults, replacements, and a bad
+"""Waits the environment may change (mlcloud/state/timeouts.py): defaults, replacements, and a bad
 value refused in one line before any command runs."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from mlcloud import timeouts
 from mlcloud.errors import UsageError
+from mlcloud.state import timeouts
 
 
 def test_defaults_and_replacements(monkeypatch):

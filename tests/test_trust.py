@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import MLCLOUD, run_cli
 
-from mlcloud import trust
 from mlcloud.errors import UsageError
+from mlcloud.provision import trust
 
 RELAY = Path(__file__).parent / "tcp_relay.py"
 

@@ -1,7 +1,7 @@
 """Ship the workdir once over this machine's link: the client streams it to one node (the
 relay: the first that needs it, the head on a first sync) and the relay passes it on to the
 others over the cluster's own network (templates/fanout.py), with the same manifest and delta
-rules. The relay reaches its peers with the cluster's peer key (mlcloud/keys.py), which the
+rules. The relay reaches its peers with the cluster's peer key (mlcloud/remote/keys.py), which the
 nodes accept for their receiver only, and checks them against the host keys pinned here.
 
 A peer the relay could not serve is synced from here, and so is every node when the relay
@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mlcloud import keys
 from mlcloud.parallel import fan_out
-from mlcloud.remote import sync
+from mlcloud.remote import keys, sync
 from mlcloud.remote.shell import quote
 from mlcloud.remote.ssh import SshTransport
 from mlcloud.remote.transport import RemoteError, SyncStats, Transport, check

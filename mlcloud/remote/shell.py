@@ -13,3 +13,37 @@ def path_arg(path: str) -> str:
 
 
 quote = shlex.quote
+
+
+CTL = "bin/node_ctl.py"  # the node controller, relative to a node's root
+
+
+def tag(uid: str, node: int, job_id: int | None = None) -> str:
+    """The MLCLOUD_PROC_TAG value of a job's processes on a node, or (no job) the prefix that
+    matches every process the cluster started there."""
+    return f"{uid}.{node}." + ("" if job_id is None else f"{job_id}.")
+
+
+def node_number(root: str) -> int | None:
+    """K of a node root named `.../node-K`: processes are tagged by their node's directory,
+    so a spare that replaced another node keeps its own number."""
+    last = root.rstrip("/").rsplit("/", 1)[-1]
+    k = last[len("node-") :]
+    return int(k) if last.startswith("node-") and k.isdigit() else None
+
+
+def stop_line(python: str, root: str, uid: str) -> str:
+    """The shell line that ends every process the cluster started on a node, its agent
+    included, where node_ctl was ever installed; the node's directory stays."""
+    number = node_number(root)
+    if number is None:
+        raise ValueError(f"not a node root: {root}")
+    ctl = f"{path_arg(root)}/{CTL}"
+    return (
+        f"if [ -f {ctl} ]; then {quote(python)} {ctl} cleanup {path_arg(root)} "
+        f"{quote(tag(uid, number))}; fi"
+    )
+
+
+AGENT = "bin/agent.py"  # relative to a node's root, beside node_ctl.py
+DIR = "agent"  # the agent's files, relative to a node's root

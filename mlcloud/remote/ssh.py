@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlcloud import timeouts
 from mlcloud.errors import UsageError
 from mlcloud.remote.transport import (
     LostError,
@@ -30,6 +29,7 @@ from mlcloud.remote.transport import (
     SyncStats,
     UnreachableError,
 )
+from mlcloud.state import timeouts
 
 CONNECT_TIMEOUT = 15.0
 # Heartbeats: every SSH_HEARTBEAT_EVERY s (default 5); no answer within SSH_HEARTBEAT_TIMEOUT s
@@ -107,7 +107,7 @@ class SshTransport:
     def _connect(self):
         import paramiko
 
-        from mlcloud import keys
+        from mlcloud.remote import keys
 
         t = self.target
         _quiet_paramiko()
@@ -376,7 +376,7 @@ class SshTransport:
 
     def interactive(self, cwd: str) -> list[str]:
         """OpenSSH argv for a login shell in cwd, held to mlcloud's pinned host key."""
-        from mlcloud import keys
+        from mlcloud.remote import keys
         from mlcloud.remote.shell import path_arg
 
         self.run("true")  # connect once with paramiko: pins the key if this is first contact

@@ -33,7 +33,7 @@ GPU_SKUS = {
 
 def on_demand(credentials: Any, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
     """(machine type, region) -> USD/h, for those whose parts all have a price."""
-    from mlcloud import catalog
+    from mlcloud.spec import catalog
 
     shapes = {(o.instance_type, o.region): o for o in catalog.load() if o.provider == "gce"}
     skus = list(_skus(credentials))

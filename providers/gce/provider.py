@@ -214,7 +214,8 @@ class GceProvider:
             if rules.instance_name(cluster.uid, k) not in taken:
                 names.append(rules.instance_name(cluster.uid, k))
             k += 1
-        from mlcloud import atomic, keys
+        from mlcloud.remote import keys
+        from mlcloud.state import atomic
 
         public = (
             _public_key_of(request.ssh.identity_file)
@@ -277,7 +278,7 @@ class GceProvider:
             self._zones.update({name: zone for zone, name in self._instances(api, cluster)})
         self._delete(api, [(name, self._zones[name]) for name in names if name in self._zones])
         self._until_gone(api, cluster, names)
-        from mlcloud import keys
+        from mlcloud.remote import keys
 
         keys.forget(sorted(names))
 
@@ -300,7 +301,7 @@ class GceProvider:
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
     ) -> SshTransport:
-        from mlcloud import keys
+        from mlcloud.remote import keys
 
         return SshTransport(
             SshTarget(
@@ -572,7 +573,7 @@ def _public_address_lookup() -> str | None:
 
 
 def _settings_path(uid: str):
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
 
@@ -584,7 +585,7 @@ def _answered(path, attempt: str) -> None:
 
 
 def _catalog_zones(instance_type: str, region: str) -> list[str]:
-    from mlcloud import catalog
+    from mlcloud.spec import catalog
 
     for o in catalog.load():
         if o.provider == "gce" and o.instance_type == instance_type and o.region == region:

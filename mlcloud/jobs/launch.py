@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud import state
-from mlcloud.buckets import checkpoint_uri
-from mlcloud.cluster import Handle
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.layout import CTL, node_number, tag
+from mlcloud.provision.handle import Handle
+from mlcloud.remote.shell import CTL, node_number, tag
 from mlcloud.remote.sync import Limits, check_workdir
 from mlcloud.remote.transport import check
 from mlcloud.report import Reporter
+from mlcloud.spec.buckets import checkpoint_uri
 
 MAX_RESTARTS = 0
 # An elastic job restarts its workers at every membership change (a node lost, one joining).
@@ -90,7 +90,7 @@ def node_tag(h: Handle, i: int, job_id: int | None = None) -> str:
 
 def elastic_range(h: Handle) -> tuple[int, int] | None:
     """(MIN, MAX) when the cluster was made with `--nodes MIN:MAX`, else None."""
-    from mlcloud.spec import parse_nodes
+    from mlcloud.spec.task import parse_nodes
 
     nodes = h.record.spec.get("nodes")
     if not isinstance(nodes, str):
@@ -265,7 +265,7 @@ def _request_path(job: state.JobRecord) -> Path:
 def save_request(job: state.JobRecord, req: JobRequest, rdzv: Rendezvous) -> None:
     """Keep what started the job (0600, next to its log): recovery starts the same job on a
     replacement node without the command line that made it."""
-    from mlcloud import atomic
+    from mlcloud.state import atomic
 
     data = {
         "workdir": str(req.workdir),

@@ -74,7 +74,7 @@ def money_by_cluster(
     clusters: list[state.ClusterRecord], billing: list, now: float
 ) -> dict[str, tuple[float, float]]:
     """name -> ($/h now, $ so far) for the clusters' current incarnations."""
-    from mlcloud.cost import accrued, hourly
+    from mlcloud.spec.cost import accrued, hourly
 
     out = {}
     for c in clusters:

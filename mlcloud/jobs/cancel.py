@@ -7,11 +7,12 @@ from __future__ import annotations
 import shlex
 import time
 
-from mlcloud import launch, reconcile, state
-from mlcloud.cluster import find_job, open_cluster
-from mlcloud.driver import STOP_WAIT
+from mlcloud import state
 from mlcloud.errors import MlcloudError
+from mlcloud.jobs import launch, reconcile
+from mlcloud.jobs.driver import STOP_WAIT
 from mlcloud.parallel import fan_out
+from mlcloud.provision.handle import find_job, open_cluster
 
 GRACE = 30.0
 

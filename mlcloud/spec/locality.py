@@ -127,7 +127,7 @@ def _gcs_region(bucket: str, session, where: str) -> str:
 
 
 def _cache_path():
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return paths.home() / "cache" / "buckets.json"
 
@@ -151,7 +151,7 @@ def _cached(key: str) -> str | None:
 
 def _remember(key: str, region: str) -> None:
     """Best effort: a home that cannot take the file only costs a lookup next time."""
-    from mlcloud import atomic, paths
+    from mlcloud.state import atomic, paths
 
     try:
         path = _cache_path()

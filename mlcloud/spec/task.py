@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from mlcloud.errors import UsageError
-from mlcloud.names import check_cluster_name
 
 _GPU_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -76,7 +75,7 @@ class SshSpec:
 @dataclass(frozen=True)
 class StorageSpec:
     """Buckets the nodes use (README, "Buckets"): checkpoints read and written, data only read.
-    Each is a checked `s3://bucket/prefix` or `gs://bucket/prefix` (mlcloud/buckets.py)."""
+    Each is a checked `s3://bucket/prefix` or `gs://bucket/prefix` (mlcloud/spec/buckets.py)."""
 
     checkpoints: str | None = None
     data: tuple[str, ...] = ()
@@ -566,7 +565,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
 def _storage(storage: dict, where: _Where) -> StorageSpec:
     """Bucket URIs, each checked (scheme, bucket naming rules, prefix) and written back in one
     canonical form; the first bad one is named with its field."""
-    from mlcloud import buckets
+    from mlcloud.spec import buckets
 
     def uri(value: Any, key: str) -> str:
         if not isinstance(value, str) or not value.strip():
@@ -664,3 +663,17 @@ def _scalar(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
+
+
+NAME_RULE = "a letter first, then lowercase letters, digits and hyphens, at most 40 characters"
+_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
+
+
+def check_cluster_name(name: str) -> str:
+    """Return the name if valid, else raise a UsageError that states the rule."""
+    if not _NAME_RE.fullmatch(name) or name.endswith("-"):
+        raise UsageError(
+            f"invalid cluster name {name!r}: use {NAME_RULE}, not ending in a hyphen "
+            "(e.g. 'llm-train-2')"
+        )
+    return name

@@ -16,10 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from mlcloud import launch, outcome, state, timeouts
-from mlcloud.cluster import Handle
+from mlcloud import state
 from mlcloud.errors import MlcloudError
-from mlcloud.outcome import LOST, NodeEnd
+from mlcloud.jobs import launch, outcome
+from mlcloud.jobs.outcome import LOST, NodeEnd
+from mlcloud.provision import handle, lifecycle
+from mlcloud.provision.handle import Handle
+from mlcloud.state import timeouts
 
 # After one node fails, the others get FAIL_GRACE s (mlcloud/timeouts.py, default 15) to fail on
 # their own before being killed; torchrun can otherwise sit 300 s in its exit barrier after a
@@ -169,7 +172,7 @@ class Driver:
         rejoin the job, a lost head restarts it; its decisions show in the job's output."""
 
         def loop() -> None:
-            from mlcloud.autoscale.controller import Controller
+            from mlcloud.control.controller import Controller
 
             store = state.open_store()  # a connection of this thread's own
             try:
@@ -291,7 +294,7 @@ def controlled(h: Handle) -> bool:
     gets a controller while followed (the defaults alone are the agents' to enforce)."""
     from dataclasses import asdict
 
-    from mlcloud.spec import AutoscaleSpec
+    from mlcloud.spec.task import AutoscaleSpec
 
     auto = h.record.spec.get("autoscale") or {}
     defaults = asdict(AutoscaleSpec())
@@ -328,13 +331,13 @@ def _parse_end(code: int, stderr: str) -> NodeEnd:
 
 
 def main(argv: list[str]) -> int:
-    """Background driver for `train --detach`: python -m mlcloud.driver CLUSTER JOB [--down]."""
-    from mlcloud import cluster
+    """Background driver for `train --detach`:
+    python -m mlcloud.jobs.driver CLUSTER JOB [--down]."""
     from mlcloud.report import PlainReporter
 
     name, job_id, down_after = argv[0], int(argv[1]), "--down" in argv
     store = state.open_store()
-    h = cluster.open_cluster(store, name)
+    h = handle.open_cluster(store, name)
     job = store.get_job(name, job_id, h.record.uid)
     assert job is not None
     try:
@@ -342,7 +345,7 @@ def main(argv: list[str]) -> int:
     finally:
         h.close()
         if down_after:
-            cluster.down(store, name, PlainReporter(quiet=True))
+            lifecycle.down(store, name, PlainReporter(quiet=True))
 
 
 if __name__ == "__main__":

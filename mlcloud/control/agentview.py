@@ -5,88 +5,11 @@ stop record), read over a node's Transport. Used by `status`, `events` and the c
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from dataclasses import dataclass
 
-from mlcloud.cost import Interval, accrued, hourly
-from mlcloud.remote.layout import tag
+from mlcloud.remote.shell import DIR, path_arg
 from mlcloud.remote.transport import RemoteError, Transport
-from mlcloud.spec import AutoscaleSpec
-
-AGENT = "bin/agent.py"  # relative to a node's root, beside node_ctl.py
-DIR = "agent"  # the agent's files, relative to a node's root
-METADATA = {"aws": "http://169.254.169.254", "gce": "http://metadata.google.internal"}
-
-
-def metadata_endpoints() -> dict[str, str]:
-    """Where the agents ask their cloud's metadata server. MLCLOUD_METADATA_AWS/_GCE replace
-    the real ones (a local stand-in: emulated clouds, whose nodes are not cloud machines)."""
-    return {k: os.environ.get(f"MLCLOUD_METADATA_{k.upper()}", v) for k, v in METADATA.items()}
-
-
-def deadline(max_cost: float | None, per_hour: float, start: float) -> float | None:
-    """Unix time at which max_cost is spent at per_hour (the whole cluster's $/h); None when
-    there is no budget or nothing is billed."""
-    if max_cost is None or per_hour <= 0:
-        return None
-    return start + max_cost / per_hour * 3600
-
-
-def budget_deadline(
-    max_cost: float | None, billing: list[Interval], now: float, joining: float = 0.0
-) -> float | None:
-    """When what is left of max_cost is spent at the rate of the nodes billing now, plus
-    `joining` $/h for nodes about to join; None when there is no budget or no rate."""
-    if max_cost is None:
-        return None
-    return deadline(max(max_cost - accrued(billing, now), 0.0), hourly(billing) + joining, now)
-
-
-def set_deadline(t: Transport, root: str, due: float | None) -> None:
-    """Give a node's agent a new budget deadline (it re-reads config.json every poll).
-    Raises RemoteError when the node cannot be asked or has no agent config."""
-    path = f"{root}/{DIR}/config.json"
-    raw = t.get(path)
-    if raw is None:
-        raise RemoteError(f"{t.label}: no agent config at {path}")
-    conf = json.loads(raw)
-    conf["deadline"] = due
-    t.put(json.dumps(conf).encode(), path, mode=0o600)
-
-
-def config(
-    auto: AutoscaleSpec,
-    provider: str,
-    uid: str,
-    node: int,
-    node_id: str,
-    spot: bool,
-    due: float | None,
-    owns_machines: bool = False,
-    number: int | None = None,
-) -> dict[str, object]:
-    """config.json for one node's agent (it re-reads it every poll). node_id lets a cloud
-    node's agent make sure the metadata server describes this very instance before it powers
-    anything off; spot turns on the polling of preemption notices; owns_machines (the
-    provider's capability) says whether stopping the node powers it off; number is the K of
-    the node's `node-K` directory, which its processes are tagged by (default: node)."""
-    return {
-        "poll_seconds": auto.poll_seconds,
-        "idle_minutes": auto.idle_minutes,
-        "idle_util_percent": auto.idle_util_percent,
-        "stall_minutes": auto.stall_minutes,
-        "on_stall": auto.on_stall,
-        "heartbeat_minutes": auto.heartbeat_minutes,
-        "deadline": due,
-        "provider": provider,
-        "node": node,
-        "tag": tag(uid, node if number is None else number),
-        "metadata": metadata_endpoints(),
-        "node_id": node_id,
-        "spot": spot,
-        "owns_machines": owns_machines,
-    }
 
 
 @dataclass(frozen=True)
@@ -236,3 +159,46 @@ def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 
         except (KeyError, TypeError, ValueError):
             continue
     return NodeView(node, stopped, tuple(events), parse_samples(parts[2]))
+
+
+MARK = "@mlcloud:probe"
+WINDOW = 120  # samples read per pass: at the default 5 s poll, the last 10 minutes
+TIMEOUT = 4.0  # an answer slower than this is no answer: detection stays within 15 s
+
+
+@dataclass(frozen=True)
+class Probe:
+    reachable: bool
+    samples: tuple[Sample, ...] = ()
+    error: str | None = None
+
+
+def _command(root: str, now: float) -> str:
+    # Only where the agent's directory is: a node whose directory was removed (terminated,
+    # cleaned up) must not be made again by a probe, or the provider would list it as alive.
+    agent = f"{path_arg(root)}/{DIR}"
+    return (
+        f"if [ -d {agent} ]; then echo {now:.0f} > {agent}/.heartbeat.tmp "
+        f"&& mv -f {agent}/.heartbeat.tmp {agent}/heartbeat; fi; echo {MARK} "
+        f"&& tail -n {WINDOW} {agent}/samples.jsonl 2>/dev/null; true"
+    )
+
+
+def probe(t: Transport, root: str, now: float, timeout: float = TIMEOUT) -> Probe:
+    try:
+        result = t.run(_command(root, now), timeout=timeout)
+    except Exception as e:  # noqa: BLE001 (any failure to answer is what is measured)
+        return Probe(False, error=str(e) or type(e).__name__)
+    lines = result.stdout.splitlines()
+    if MARK not in lines:
+        return Probe(False, error=(result.stderr.strip() or "no answer")[:200])
+    return Probe(True, parse_samples("\n".join(lines[lines.index(MARK) + 1 :])))
+
+
+def detach(t: Transport, root: str) -> None:
+    """Remove the heartbeat: a controller that ends cleanly disarms the agent's lost-heartbeat
+    rule instead of leaving it to fire."""
+    try:
+        t.run(f"rm -f {path_arg(root)}/{DIR}/heartbeat", timeout=TIMEOUT)
+    except Exception:  # noqa: BLE001 (an unreachable node has no heartbeat to keep anyway)
+        pass

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mlcloud import catalog
 from mlcloud.errors import UsageError
-from mlcloud.locality import DataPlace, egress_per_gb
-from mlcloud.spec import TaskSpec
+from mlcloud.spec import catalog
+from mlcloud.spec.locality import DataPlace, egress_per_gb
+from mlcloud.spec.task import TaskSpec
 
 LOCAL_PROVIDERS = ("local", "ssh")  # machines already paid for: nothing to price
 MAX_FALLBACK_REGIONS = 3  # regions tried after the cheapest one has no capacity

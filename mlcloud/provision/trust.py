@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mlcloud import paths
 from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.state import paths
 
 FILE = "trusted.json"
 

@@ -13,8 +13,8 @@ import os
 import threading
 from pathlib import Path
 
-from mlcloud import paths
 from mlcloud.errors import MlcloudError
+from mlcloud.state import paths
 
 _pin_lock = threading.Lock()
 
@@ -141,7 +141,7 @@ def forget(identities: list[str]) -> None:
 def _save(hosts, path: Path) -> None:
     """paramiko's save writes in place: a kill mid-write would lose every pin. Write beside
     it, then rename over it."""
-    from mlcloud import atomic
+    from mlcloud.state import atomic
 
     try:
         with atomic.replacing(path) as tmp:

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlcloud.catalog import COLUMNS
+from mlcloud.spec.catalog import COLUMNS
 
 BUILD_DATE = "2026-11-27"
 AWS_SOURCE = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud.errors import UsageError
-from mlcloud.spec import GpuSpec
+from mlcloud.spec.task import GpuSpec
 
 SHIPPED = Path(__file__).parent / "data" / "gpu_offers.csv"
 # The price lists name clouds (gcp); offers name the provider that serves them (gce).
@@ -54,7 +54,7 @@ class Offer:
 
 
 def refreshed_path(provider: str) -> Path:
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return paths.home() / "catalog" / f"{provider}.csv"
 

@@ -1,7 +1,7 @@
 """The controller: each pass gathers a snapshot (provider listing, reachability and agent
 samples, job, money), asks the pure policy, and applies its plan through the same engine
-path as `up` and `train` (cluster.add_nodes, launch.prepare_nodes/launch_on, and
-cluster.stop_by_rule, the node agents' own stop).
+path as `up` and `train` (lifecycle.add_nodes, launch.prepare_nodes/launch_on, and
+controller.stop_by_rule, the node agents' own stop).
 Every decision is an event with its reason."""
 
 from __future__ import annotations
@@ -14,16 +14,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from mlcloud import agentview, cluster, launch, state
-from mlcloud.autoscale import policy as pol
-from mlcloud.autoscale.probe import detach, probe
-from mlcloud.cluster import Handle
-from mlcloud.cost import accrued
+from mlcloud import state
+from mlcloud.control import agentview
+from mlcloud.control import policy as pol
+from mlcloud.control.agentview import detach, probe
+from mlcloud.control.nodeevents import TERMINATED
 from mlcloud.errors import MlcloudError
-from mlcloud.locks import cluster_lock
-from mlcloud.nodeevents import TERMINATED
+from mlcloud.jobs import launch
 from mlcloud.parallel import fan_out
+from mlcloud.provision import bootstrap, handle, lifecycle
+from mlcloud.provision.handle import Handle
+from mlcloud.provision.lifecycle import down
+from mlcloud.remote import shell
+from mlcloud.remote.shell import path_arg, quote
+from mlcloud.remote.transport import RemoteError, check
 from mlcloud.report import Reporter
+from mlcloud.spec.cost import accrued
+from mlcloud.state import cluster_lock
 
 RETIRE_WAIT = 20.0  # how long a lost node's teardown may take before the pass goes on
 BUDGET_GRACE = 30.0  # SIGTERM to SIGKILL at a budget stop: the template checkpoints meanwhile
@@ -54,7 +61,7 @@ class Controller:
     # -- state kept between passes (a `--once` from cron picks up where the last one left)
 
     def _misses_path(self):
-        from mlcloud import paths
+        from mlcloud.state import paths
 
         return paths.private_dir(paths.home() / "autoscale") / f"{self.h.record.uid}.json"
 
@@ -65,7 +72,7 @@ class Controller:
             return {}
 
     def _save_misses(self) -> None:
-        from mlcloud import atomic
+        from mlcloud.state import atomic
 
         if self.gone:
             self._misses_path().unlink(missing_ok=True)
@@ -83,7 +90,7 @@ class Controller:
 
     def _refused(self, now: float | None) -> None:
         """Count a refused growth (now) or reset after one that worked (None)."""
-        from mlcloud import atomic
+        from mlcloud.state import atomic
 
         self.grow_refusals = self.grow_refusals + 1 if now is not None else 0
         self.grow_refused_at = now
@@ -235,12 +242,12 @@ class Controller:
         """A node leaves the cluster: terminated where the provider can (a lost ssh host stays
         claimed until it answers again, for `down`), and its billing closed."""
         h = self.h
-        node = cluster.provider_node(rec)
+        node = handle.provider_node(rec)
         errors: list[str] = []
 
         def terminate() -> None:
             try:
-                cluster.terminate(h.provider, h.ref, [node], h.record)
+                lifecycle.terminate(h.provider, h.ref, [node], h.record)
             except MlcloudError as e:
                 errors.append(str(e))
 
@@ -264,7 +271,7 @@ class Controller:
 
     def _refresh(self) -> None:
         """The handle follows state's nodes, in place (a driver sharing it follows the same)."""
-        fresh = cluster.open_cluster(self.store, self.h.record.name)
+        fresh = handle.open_cluster(self.store, self.h.record.name)
         # nodes that stay keep their connection (a driver may be following over it)
         old = {r.node_id: t for r, t in zip(self.h.nodes, self.h.transports, strict=True)}
         transports = []
@@ -286,11 +293,11 @@ class Controller:
             return
         h = self.h
         billing = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
-        due = agentview.budget_deadline(self.policy.max_cost, billing, time.time())
+        due = bootstrap.budget_deadline(self.policy.max_cost, billing, time.time())
 
         def one(i: int) -> None:
             try:
-                agentview.set_deadline(h.transports[i], h.nodes[i].root, due)
+                bootstrap.set_deadline(h.transports[i], h.nodes[i].root, due)
             except (MlcloudError, ValueError) as e:
                 self.report.warn(f"node{i}: the budget deadline was not updated: {e}")
 
@@ -303,7 +310,7 @@ class Controller:
         with cluster_lock(self.h.record.name):
             self._retire(lost)
             try:
-                (new,) = cluster.add_nodes(self.store, self.h, 1, self.report)
+                (new,) = lifecycle.add_nodes(self.store, self.h, 1, self.report)
             except MlcloudError as e:
                 self._event("node_lost", f"node{i} could not be replaced: {e}", i)
                 return False
@@ -318,7 +325,7 @@ class Controller:
     def _grow(self) -> None:
         with cluster_lock(self.h.record.name):
             try:
-                new = cluster.add_nodes(self.store, self.h, 1, self.report)
+                new = lifecycle.add_nodes(self.store, self.h, 1, self.report)
             except MlcloudError as e:
                 self._refused(time.time())
                 wait = pol.grow_backoff(self.grow_refusals)
@@ -404,11 +411,11 @@ class Controller:
 
     def _teardown(self, kind: str, reason: str, grace: float) -> None:
         """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then stop the cluster
-        as its agents would (cluster.stop_by_rule)."""
+        as its agents would (stop_by_rule below)."""
         if grace and self._running_job() is not None:
             self._stop_job(range(len(self.h.nodes)), grace=grace)
         self.gone = True
-        cluster.stop_by_rule(self.store, self.h, kind, reason, self.report)
+        stop_by_rule(self.store, self.h, kind, reason, self.report)
 
     # -- the loop
 
@@ -441,3 +448,34 @@ def _status(listed: str | None) -> str:
     if listed is None:
         return "missing"
     return listed or "running"
+
+
+STOP_GRACE = 10.0  # a rule's stop: SIGTERM to SIGKILL on each node (the job checkpointed before)
+
+
+def stop_by_rule(store: state.Store, h: Handle, kind: str, reason: str, report: Reporter) -> None:
+    """A rule (idle, budget) ends the cluster, from the controller as the node agents end it
+    themselves: machines mlcloud owns are terminated (`down`); elsewhere (local, ssh) each
+    node's agent stop runs, which ends the cluster's processes and writes the stop record and
+    the event where `status` and `events` read them, and the nodes are marked stopped. Their
+    directories (checkpoints, events) stay until `down`."""
+    if h.provider.capabilities.owns_machines:
+        down(store, h.record.name, report)
+        return
+    line = f"{shell.AGENT} stop . {quote(kind)} {quote(reason)} {STOP_GRACE}"
+
+    def one(i: int) -> None:
+        t = h.transports[i]
+        try:
+            r = t.run(
+                f"cd {path_arg(h.nodes[i].root)} && {quote(t.python)} {line}",
+                timeout=STOP_GRACE + 60,
+            )
+            check(r, t, "stopping the node")
+        except RemoteError as e:  # a node lost meanwhile: status shows it as last seen
+            report.warn(str(e))
+
+    fan_out(one, list(range(len(h.nodes))))
+    from mlcloud.control import nodeevents
+
+    nodeevents.gather(store, h)

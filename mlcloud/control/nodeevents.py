@@ -8,43 +8,48 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from mlcloud import agentview, state
-from mlcloud.agentview import Event, NodeView, Stopped
+from mlcloud import state
+from mlcloud.control import agentview
+from mlcloud.control.agentview import Event, NodeView, Stopped
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
 
 if TYPE_CHECKING:
-    from mlcloud.cluster import Handle
+    from mlcloud.provision.handle import Handle
 
 TERMINATED = "terminated"
 ASK_TIMEOUT = 5.0  # seconds per node: `status` stays quick when a node does not answer
 
 
-def gather(store: state.Store, rec: state.ClusterRecord) -> dict[int, Stopped]:
-    """Ask the nodes still thought running (in parallel, briefly) for their agent's events and
-    stop record; merge them into state. Returns the nodes found stopped. A node that cannot be
-    asked is left as it was (the controller tells lost nodes apart), unless it is a machine
-    mlcloud owns that its cloud lists as gone."""
+def refresh(store: state.Store, rec: state.ClusterRecord) -> dict[int, Stopped]:
+    """`gather` for a caller that holds no Handle (`status`, `events`): opens the cluster only
+    when it is UP, and closes it again."""
     if rec.status != state.UP:
         return {}
-    from mlcloud.cluster import open_cluster
+    from mlcloud.provision.handle import open_cluster
 
-    h = open_cluster(store, rec.name)
-    try:
-        live = [n.idx for n in rec.nodes if n.status != TERMINATED]
+    with open_cluster(store, rec.name) as h:
+        return gather(store, h)
 
-        def one(i: int) -> NodeView | None:
-            try:
-                return agentview.read(h.transports[i], h.nodes[i].root, i, timeout=ASK_TIMEOUT)
-            except MlcloudError:
-                return None
 
-        answers = fan_out(one, live)
-        views = [v for v in answers if v is not None]
-        silent = [i for i, v in zip(live, answers, strict=True) if v is None]
-        gone = _gone_from_the_cloud(h, silent)
-    finally:
-        h.close()
+def gather(store: state.Store, h: Handle) -> dict[int, Stopped]:
+    """Ask the nodes still thought running (in parallel, briefly) for their agent's events and
+    stop record; merge them into state and into `h.record`. Returns the nodes found stopped. A
+    node that cannot be asked is left as it was (the controller tells lost nodes apart),
+    unless it is a machine mlcloud owns that its cloud lists as gone."""
+    rec = h.record
+    live = [n.idx for n in rec.nodes if n.status != TERMINATED]
+
+    def one(i: int) -> NodeView | None:
+        try:
+            return agentview.read(h.transports[i], h.nodes[i].root, i, timeout=ASK_TIMEOUT)
+        except MlcloudError:
+            return None
+
+    answers = fan_out(one, live)
+    views = [v for v in answers if v is not None]
+    silent = [i for i, v in zip(live, answers, strict=True) if v is None]
+    gone = _gone_from_the_cloud(h, silent)
     store.merge_events(
         rec.name,
         rec.uid,
@@ -57,6 +62,7 @@ def gather(store: state.Store, rec: state.ClusterRecord) -> dict[int, Stopped]:
     if stopped:
         nodes = [replace(n, status=TERMINATED) if n.idx in stopped else n for n in rec.nodes]
         store.set_nodes(rec.name, nodes)
+        h.record = replace(rec, nodes=tuple(nodes))
         if all(n.status == TERMINATED for n in nodes):
             store.close_billing(rec.uid, max(s.time for s in stopped.values()))
     return stopped
@@ -68,7 +74,7 @@ def _gone_from_the_cloud(h: Handle, silent: list[int]) -> dict[int, Stopped]:
     record with it, so the cloud's word is all there is. Asked only when a node is silent."""
     if not silent or not h.provider.capabilities.owns_machines:
         return {}
-    from mlcloud.autoscale.policy import GONE
+    from mlcloud.control.policy import GONE
 
     try:
         listed = {n.node_id: n.status for n in h.provider.list(h.ref)}

@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlcloud import paths, state
+from mlcloud import state
 from mlcloud.errors import MlcloudError
+from mlcloud.provision import handle
+from mlcloud.state import paths
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 PRIVATE = ("keys", "ssh", "locks", "logs")  # directories that hold secrets or other users' eyes
@@ -191,13 +193,12 @@ def check_locks(locks: Path, clusters: set[str] | None) -> list[Check]:
 def check_nodes(store: state.Store, timeout: float) -> list[Check]:
     """Ask every node of every cluster to run `true`, all at once; a node that has not
     answered within `timeout` is reported, and its thread is left behind (daemon)."""
-    from mlcloud import cluster
     from mlcloud.remote.shell import path_arg
 
     jobs: list[tuple[str, str, object, str]] = []
     for rec in store.list_clusters():
         try:
-            h = cluster.open_cluster(store, rec.name, need_up=False)
+            h = handle.open_cluster(store, rec.name, need_up=False)
         except MlcloudError as e:
             jobs.append((rec.name, "-", e, ""))
             continue
@@ -283,7 +284,7 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
     with its nodes for each cluster this home made that the given providers still hold. A
     healthy database (a wiped one that a later command recreated) keeps its rows and gains
     the clusters it does not know."""
-    from mlcloud import gc
+    from mlcloud.provision import gc
 
     home = paths.home()
     db = home / "state.db"
@@ -404,8 +405,7 @@ def _cloud(provider: str, regions: list[str], owner: str, notes: list[str]) -> l
 
 
 def _record(store: state.Store, f: _Found, owner: str, out: Rebuild) -> None:
-    from mlcloud.names import check_cluster_name
-    from mlcloud.spec import SshSpec, TaskSpec
+    from mlcloud.spec.task import SshSpec, TaskSpec, check_cluster_name
 
     try:
         check_cluster_name(f.name)

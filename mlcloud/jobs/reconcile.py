@@ -13,11 +13,12 @@ import os
 import shlex
 import time
 
-from mlcloud import launch, outcome, state
-from mlcloud.cluster import Handle, open_cluster
+from mlcloud import state
 from mlcloud.errors import MlcloudError
-from mlcloud.outcome import NodeEnd
+from mlcloud.jobs import launch, outcome
+from mlcloud.jobs.outcome import NodeEnd
 from mlcloud.parallel import fan_out
+from mlcloud.provision.handle import Handle, open_cluster
 
 UNREACHABLE = "unreachable"
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from mlcloud import agentview, keys, providers, state
-from mlcloud.cost import Interval
-from mlcloud.errors import MlcloudError, NotFoundError, UsageError
-from mlcloud.locks import cluster_lock
-from mlcloud.names import check_cluster_name
-from mlcloud.parallel import fan_out, pause
+from mlcloud import providers, state
+from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.parallel import fan_out
 from mlcloud.providers.base import (
     CapacityError,
     ClusterRef,
@@ -25,96 +20,17 @@ from mlcloud.providers.base import (
     SshOptions,
     StorageAccess,
 )
-from mlcloud.remote.layout import CTL, node_number, stop_line
-from mlcloud.remote.shell import path_arg, quote
+from mlcloud.provision import bootstrap
+from mlcloud.provision.handle import Handle, owner, ref_of, ssh_options
+from mlcloud.remote import keys
+from mlcloud.remote.shell import stop_line
 from mlcloud.remote.transport import (
-    LostError,
     RemoteError,
-    Transport,
-    UnreachableError,
-    check,
 )
 from mlcloud.report import Reporter
-from mlcloud.spec import AutoscaleSpec, TaskSpec
-
-
-@dataclass
-class Handle:
-    """A cluster from state with its provider and a transport per node, ready to use."""
-
-    record: state.ClusterRecord
-    provider: Provider
-    ref: ClusterRef
-    transports: list[Transport]
-
-    @property
-    def nodes(self) -> tuple[state.NodeRecord, ...]:
-        return self.record.nodes
-
-    def ctl(self, i: int) -> str:
-        """The shell prefix that runs node_ctl.py on node i."""
-        import shlex
-
-        t = self.transports[i]
-        return f"{shlex.quote(t.python)} {shlex.quote(self.nodes[i].root + '/' + CTL)}"
-
-    def close(self) -> None:
-        for t in self.transports:
-            t.close()
-
-
-def _ref(rec: state.ClusterRecord) -> ClusterRef:
-    return ClusterRef(rec.name, rec.uid, rec.owner, rec.spec.get("region"))
-
-
-def provider_node(n: state.NodeRecord) -> Node:
-    """A node as its provider knows it, from state."""
-    return Node(n.node_id, n.ip, n.private_ip, n.root, n.status)
-
-
-def open_cluster(store: state.Store, name: str, need_up: bool = True) -> Handle:
-    check_cluster_name(name)
-    rec = store.get_cluster(name)
-    if rec is None:
-        raise NotFoundError(
-            f"no cluster named {name!r}; see `mlcloud status` or create it with `mlcloud up {name}`"
-        )
-    if need_up and rec.status != state.UP:
-        raise MlcloudError(
-            f"cluster {name!r} is {rec.status}, not UP; run `mlcloud up {name}` "
-            f"to finish provisioning or `mlcloud down {name}`"
-        )
-    provider = providers.get(rec.provider)
-    ref = _ref(rec)
-    ssh = ssh_options(rec.spec)
-    transports = [provider.transport(ref, provider_node(n), f"node{n.idx}", ssh) for n in rec.nodes]
-    for t, n in zip(transports, rec.nodes, strict=True):
-        if n.python:  # found at bootstrap; clusters made before the probe keep the default
-            t.python = n.python
-    return Handle(rec, provider, ref, transports)
-
-
-def find_job(
-    store: state.Store, h: Handle, job_id: int | None, none_yet: str = ""
-) -> state.JobRecord:
-    """The cluster's job `job_id` (None: the newest of this incarnation), or one line saying
-    there is none."""
-    name = h.record.name
-    job = store.get_job(name, job_id, h.record.uid)
-    if job is None:
-        raise NotFoundError(
-            f"no job {job_id} on cluster {name!r}"
-            if job_id is not None
-            else f"no jobs on cluster {name!r} yet{none_yet}"
-        )
-    return job
-
-
-def ssh_options(spec: dict) -> SshOptions:
-    """SSH settings from a spec as stored in state."""
-    d = dict(spec.get("ssh") or {})
-    d["allowed_cidrs"] = tuple(d.get("allowed_cidrs") or ())
-    return SshOptions(**{k: d.get(k) for k in SshOptions.__dataclass_fields__})
+from mlcloud.spec.cost import Interval
+from mlcloud.spec.task import TaskSpec, check_cluster_name
+from mlcloud.state import cluster_lock
 
 
 def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
@@ -179,7 +95,7 @@ def up(
                     f"cluster {name!r} is being torn down; run "
                     f"`mlcloud down {name}` to finish, then `up` again"
                 )
-            ref = _ref(existing)
+            ref = ref_of(existing)
             report.info(f"resuming the provisioning of {name} (found in state as INIT)")
         else:
             ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner())
@@ -190,7 +106,7 @@ def up(
         except BaseException as e:
             if existing is None:
                 rec = store.get_cluster(name)
-                _rollback(store, provider, _ref(rec) if rec else ref, report, e, attempt)
+                _rollback(store, provider, ref_of(rec) if rec else ref, report, e, attempt)
             raise
 
 
@@ -219,7 +135,7 @@ def _provision(
     places, resumed_image = _places(store, provider, ref, request)
     # the budget's deadline: the node agents enforce it, and a cloud that ends VMs itself
     # (capabilities.self_deadline: GCE maxRunDuration) is told it at create
-    due = agentview.deadline(spec.autoscale.max_cost, price * want, time.time())
+    due = bootstrap.deadline(spec.autoscale.max_cost, price * want, time.time())
     own_deadline = due if provider.capabilities.self_deadline else None
     refusals: list[CapacityError | QuotaError] = []
     over_quota: set[str | None] = set()
@@ -265,7 +181,7 @@ def _provision(
         terminate(provider, here, nodes[want:], store.get_cluster(ref.name))
         nodes = nodes[:want]
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
-    records = bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
+    records = bootstrap.bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     store.set_nodes(ref.name, records)
     _bill(store, provider.name, here, records, request.instance_type or "", price)
     store.set_status(ref.name, state.UP)
@@ -324,7 +240,7 @@ def add_nodes(
     price = billing[-1].price if billing else 0.0
     # the new agents (and clouds that end VMs themselves) get the cluster's rules, and a
     # deadline for what is left of the budget at the rate after this resize
-    due = agentview.budget_deadline(
+    due = bootstrap.budget_deadline(
         spec.autoscale.max_cost, billing, time.time(), joining=price * count
     )
     request = replace(request, deadline=due if h.provider.capabilities.self_deadline else None)
@@ -345,7 +261,7 @@ def add_nodes(
     else:
         raise _refused(refusals, f"{count} more x {request.instance_type or 'node'}")
     report.step(f"bootstrapping {len(nodes)} new node(s)")
-    records = bootstrap(h.provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
+    records = bootstrap.bootstrap(h.provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     start = max((n.idx for n in h.nodes), default=-1) + 1
     records = [replace(r, idx=start + k) for k, r in enumerate(records)]
     _bill(store, h.provider.name, here, records, request.instance_type or "", price)
@@ -393,156 +309,6 @@ def _refused(refusals: list[CapacityError | QuotaError], what: str) -> ProviderE
         f"no capacity for {what} in {', '.join(full) or 'any place tried'}{also}; "
         "try another instance type or region",
     )
-
-
-# Where torch lives on the images users start from: the AWS Deep Learning AMIs keep it apart
-# from the system python3, older GCE Deep Learning VMs in conda.
-PYTHON_CANDIDATES = ("/opt/pytorch/bin/python", "/opt/conda/bin/python", "python3")
-# How long a booting node's "authentication refused" is waited out (cloud-init installing the
-# key): past that it is a wrong user or key, and the user hears it now, not at the boot timeout.
-AUTH_WINDOW = 90.0
-MARK = "@mlcloud:"  # bootstrap output lines carry it; anything else (a chatty ~/.bashrc) is noise
-
-
-def bootstrap(
-    provider: Provider,
-    ref: ClusterRef,
-    nodes: list[Node],
-    ssh: SshOptions,
-    autoscale: AutoscaleSpec | None = None,
-    due: float | None = None,
-    spot: bool = False,
-) -> list[state.NodeRecord]:
-    """Make each node's directories, install the node controller and the node agent (its
-    config: autoscale's rules and the budget deadline `due`), find the Python that has torch,
-    detect the GPUs and start the agent with that Python, in one round trip per node, waiting
-    for a new machine's sshd; a root under ~/ is resolved."""
-    from mlcloud import templates
-
-    ctl_source = templates.path("node_ctl.py").read_bytes()
-    agent_source = templates.path("agent.py").read_bytes()
-    auto = autoscale or AutoscaleSpec()
-
-    def one(i: int) -> state.NodeRecord:
-        node = nodes[i]
-        t = provider.transport(ref, node, f"node{i}", ssh)
-        # ssh.python is the user's word; the local provider's nodes are this machine
-        pythons = (
-            (ssh.python,)
-            if ssh.python
-            else (t.python,)
-            if provider.name == "local"
-            else PYTHON_CANDIDATES
-        )
-        conf = agentview.config(
-            auto,
-            provider.name,
-            ref.uid,
-            i,
-            node.node_id,
-            spot,
-            due,
-            provider.capabilities.owns_machines,
-            node_number(node.root),  # as launch tags the node's jobs: a spare keeps its own
-        )
-        cmd = _bootstrap_script(node.root, pythons, (len(ctl_source), len(agent_source)))
-        deadline = time.monotonic() + provider.boot_timeout
-        refused_since: float | None = None
-        try:
-            while True:
-                try:
-                    stdin = ctl_source + agent_source + json.dumps(conf).encode()
-                    result = t.run(cmd, stdin=stdin, timeout=120)
-                    break
-                except RemoteError as e:
-                    # a new instance: sshd not up yet, up before cloud-init installed the key,
-                    # or dropping connections while it starts
-                    now = time.monotonic()
-                    refused = "authentication refused" in str(e)
-                    if refused and refused_since is None:
-                        refused_since = now
-                    booting = isinstance(e, (UnreachableError, LostError)) or (
-                        # the key lands seconds after sshd answers; a wrong user never does
-                        refused and now - (refused_since or now) < AUTH_WINDOW
-                    )
-                    if not booting or now > deadline:
-                        raise
-                    pause(2)  # an interrupted `up` ends this wait at once
-        finally:
-            t.close()
-        check(result, t, "bootstrapping the node")
-        found = _markers(result.stdout)
-        where = f"node{i} ({node.ip})"
-        if not {"ssh", "root", "python"} <= found.keys():
-            noise = next((x for x in result.stdout.splitlines() if x.strip()), "nothing")
-            raise RemoteError(
-                f"{where}: bootstrap output not understood (first line: {noise[:80]!r}); "
-                "check that the login shell runs commands as given"
-            )
-        if not found["python"]:
-            raise RemoteError(
-                f"{where}: no Python with torch found (tried {', '.join(pythons)}); set "
-                "ssh.python in the spec to the interpreter that has torch"
-            )
-        try:
-            gpus = json.loads(found.get("gpus", ""))
-        except ValueError:
-            raise RemoteError(f"{where}: the GPU probe printed {found.get('gpus')!r}") from None
-        seen_as = found["ssh"].split()
-        # The address the node itself holds (the server side of SSH_CONNECTION) is the one its
-        # peers reach for rendezvous; the provider's view can differ (NAT, proxies).
-        private_ip = seen_as[2] if len(seen_as) == 4 else node.private_ip
-        return state.NodeRecord(
-            i,
-            node.node_id,
-            node.ip,
-            private_ip,
-            found["root"],
-            gpus["count"],
-            gpus["model"],
-            node.status,
-            found["python"],
-        )
-
-    return fan_out(one, list(range(len(nodes))))
-
-
-def _bootstrap_script(root_path: str, pythons: tuple[str, ...], sizes: tuple[int, int]) -> str:
-    """The one command bootstrap runs; stdin holds node_ctl.py, agent.py (of the given sizes)
-    and the agent's config. It reports in MARK lines."""
-    root = path_arg(root_path)
-    agent_dir = f"{root}/{agentview.DIR}"
-    # torch is looked up, not imported: an import takes seconds, and on a fresh cloud volume
-    # (blocks fetched lazily from a snapshot) tens of seconds per interpreter tried
-    has_torch = quote("import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)")
-    return (
-        f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir {agent_dir} "
-        f"&& chmod 700 {root} && head -c {sizes[0]} > {root}/{CTL} "
-        f"&& head -c {sizes[1]} > {root}/{agentview.AGENT} "
-        f"&& cat > {agent_dir}/config.json && cd {root} || exit 1\n"
-        f'echo "{MARK}ssh=${{SSH_CONNECTION:-}}"\n'
-        f'echo "{MARK}root=$(pwd -P)"\n'
-        f"for c in {' '.join(quote(p) for p in pythons)}; do\n"
-        f'  p=$(command -v "$c") || continue\n'
-        f'  "$p" -c {has_torch} </dev/null >/dev/null 2>&1 || continue\n'
-        f'  echo "{MARK}python=$p"\n'
-        f'  g=$("$p" {CTL} gpus) || exit 1\n'
-        f'  echo "{MARK}gpus=$g"\n'
-        f'  echo "{MARK}agent=$("$p" {agentview.AGENT} start "$(pwd -P)")"\n'
-        f"  exit 0\n"
-        f"done\n"
-        f'echo "{MARK}python="\n'
-    )
-
-
-def _markers(stdout: str) -> dict[str, str]:
-    """KEY=VALUE from the lines that start with MARK (the last one of a key wins)."""
-    found = {}
-    for line in stdout.splitlines():
-        if line.startswith(MARK):
-            key, _, value = line[len(MARK) :].partition("=")
-            found[key] = value.strip()
-    return found
 
 
 def _rollback(
@@ -603,7 +369,7 @@ def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -
         provider: Provider | None = None
         try:
             provider = providers.get(rec.provider)
-            _teardown(store, provider, _ref(rec))
+            _teardown(store, provider, ref_of(rec))
         except Exception as e:
             if not purge:
                 raise
@@ -611,7 +377,7 @@ def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -
             report.warn(f"{why}; --purge: forgetting {name} anyway, check what is left by hand")
             try:
                 if provider is not None:
-                    provider.cleanup(_ref(rec))
+                    provider.cleanup(ref_of(rec))
             except Exception as cleanup_error:  # noqa: BLE001 (said, then forgotten)
                 report.warn(f"cleanup: {cleanup_error or type(cleanup_error).__name__}")
             store.close_billing(rec.uid, time.time())
@@ -657,37 +423,6 @@ def stop_processes(
     fan_out(one, nodes)
 
 
-STOP_GRACE = 10.0  # a rule's stop: SIGTERM to SIGKILL on each node (the job checkpointed before)
-
-
-def stop_by_rule(store: state.Store, h: Handle, kind: str, reason: str, report: Reporter) -> None:
-    """A rule (idle, budget) ends the cluster, from the controller as the node agents end it
-    themselves: machines mlcloud owns are terminated (`down`); elsewhere (local, ssh) each
-    node's agent stop runs, which ends the cluster's processes and writes the stop record and
-    the event where `status` and `events` read them, and the nodes are marked stopped. Their
-    directories (checkpoints, events) stay until `down`."""
-    if h.provider.capabilities.owns_machines:
-        down(store, h.record.name, report)
-        return
-    line = f"{agentview.AGENT} stop . {quote(kind)} {quote(reason)} {STOP_GRACE}"
-
-    def one(i: int) -> None:
-        t = h.transports[i]
-        try:
-            r = t.run(
-                f"cd {path_arg(h.nodes[i].root)} && {quote(t.python)} {line}",
-                timeout=STOP_GRACE + 60,
-            )
-            check(r, t, "stopping the node")
-        except RemoteError as e:  # a node lost meanwhile: status shows it as last seen
-            report.warn(str(e))
-
-    fan_out(one, list(range(len(h.nodes))))
-    from mlcloud import nodeevents
-
-    nodeevents.gather(store, h.record)
-
-
 def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
     live = provider.list(ref)
     if live:
@@ -705,15 +440,3 @@ def _teardown(store: state.Store, provider: Provider, ref: ClusterRef) -> None:
         if job.status not in state.JOB_DONE:
             store.update_job(ref.name, ref.uid, job.job_id, status=state.JOB_CANCELLED)
     store.delete_cluster(ref.name)
-
-
-def owner() -> str:
-    """Who made a cluster: this home's id, so `gc` never takes another home's clusters for
-    orphans, even those of another CI runner under the same OS user."""
-    from mlcloud import paths
-
-    return paths.home_id()
-
-
-def workdir_of(spec: TaskSpec) -> Path:
-    return Path(spec.workdir) if spec.workdir else Path.cwd()

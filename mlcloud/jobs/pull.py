@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlcloud import state
 from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.provision import handle
 from mlcloud.remote.fetch import WRITING, Progress
 from mlcloud.report import Reporter
 
@@ -61,13 +62,13 @@ def pull(
 
     Nodes pulled whole are recorded even when another failed; then the first failure is
     raised (fan_out's rule)."""
-    from mlcloud import cluster, launch
+    from mlcloud.jobs import launch
     from mlcloud.parallel import fan_out
     from mlcloud.remote.fetch import fetch
 
-    h = cluster.open_cluster(store, name)
+    h = handle.open_cluster(store, name)
     try:
-        job = cluster.find_job(store, h, job_id, ": nothing to pull")
+        job = handle.find_job(store, h, job_id, ": nothing to pull")
         indices = list(range(len(h.nodes)))
         if node is not None:
             if node not in indices:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from mlcloud.catalog import COLUMNS, SHIPPED, Offer, built, read, refreshed_path
+from mlcloud.spec.catalog import COLUMNS, SHIPPED, Offer, built, read, refreshed_path
 
 if TYPE_CHECKING:
     from mlcloud.providers.aws import AwsProvider

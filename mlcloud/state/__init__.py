@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlcloud import timeouts
 from mlcloud.errors import BusyError, MlcloudError
+from mlcloud.state import timeouts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (
@@ -491,7 +491,7 @@ class Store:
             )
 
     def billing(self, cluster: str | None = None) -> list:
-        from mlcloud.cost import Interval
+        from mlcloud.spec.cost import Interval
 
         rows = (
             self._read("SELECT * FROM billing ORDER BY id")
@@ -663,6 +663,26 @@ def pid_alive(pid: int) -> bool:
 
 
 def open_store() -> Store:
-    from mlcloud import paths
+    from mlcloud.state import paths
 
     return Store(paths.home() / "state.db")
+
+
+@contextmanager
+def cluster_lock(name: str, timeout: float = 30.0) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    from mlcloud.state import paths
+
+    lock = FileLock(str(paths.locks_dir() / f"{name}.lock"), mode=0o600)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise BusyError(
+            f"cluster {name!r} is busy: another mlcloud command (up, down or a job launch) "
+            f"held its lock for {timeout:.0f}s; retry when it finishes"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

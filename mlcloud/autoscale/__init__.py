@@ -1,1 +1,0 @@
-"""Elastic control: the pure policy and the controller that gathers, decides and applies."""

@@ -1,0 +1,2 @@
+"""Elastic control: the node agents' view, the pure policy, and the controller that gathers,
+decides and applies."""
