@@ -163,17 +163,17 @@ def classify(samples, now, stall_seconds, idle_util):
     return "busy", "job running"
 
 
-def deadman(now, cfg, idle_since, heartbeat):
-    """(kind, reason) when the node must stop, else None: past the budget deadline, a
-    controller's heartbeat older than heartbeat_minutes (only once one was written), or idle
-    since idle_since for idle_minutes."""
+def deadman(now, cfg, idle_since, silence):
+    """(kind, reason) when the node must stop, else None: past the budget deadline, no
+    controller heartbeat for heartbeat_minutes (silence: seconds since the last one arrived,
+    None until a controller attached), or idle since idle_since for idle_minutes."""
     deadline = cfg.get("deadline")
     if deadline is not None and now >= deadline:
         return "budget_stop", "the budget deadline passed (autoscale.max_cost spent)"
     beat = cfg.get("heartbeat_minutes", 15) * 60
-    if heartbeat is not None and now - heartbeat >= beat:
+    if silence is not None and silence >= beat:
         return "heartbeat_lost", (
-            f"no heartbeat from the controller for {(now - heartbeat) / 60:.1f} min "
+            f"no heartbeat from the controller for {silence / 60:.1f} min "
             f"(heartbeat_minutes: {cfg.get('heartbeat_minutes', 15):g})"
         )
     idle = cfg.get("idle_minutes", 30) * 60
@@ -280,8 +280,11 @@ class NodeRemoved(Exception):
 class Agent:
     """The loop's memory: the window of samples and what was already said or done."""
 
-    def __init__(self, root):
+    def __init__(self, root, clock=time.monotonic):
         self.root = root
+        self.clock = clock  # heartbeats are timed on it: no other machine's clock is read
+        self.beat = None  # (inode, mtime_ns) of the heartbeat file last seen
+        self.beat_at = None  # self.clock() when that heartbeat arrived
         self.dir = os.path.join(root, "agent")
         self.samples = collections.deque(maxlen=WINDOW)
         self.lines = 0  # lines in samples.jsonl, to trim it now and then
@@ -408,15 +411,26 @@ class Agent:
                 )
                 if running:
                     self.terminate_job(cfg, job["id"])
-        beat = os.path.join(self.dir, "heartbeat")
-        heartbeat = None
+        return deadman(now, cfg, self.idle_since, self.silence())
+
+    def silence(self):
+        """Seconds since the controller's last heartbeat arrived, None while none is there
+        (never attached, or detached). A heartbeat is a new file each time (written beside,
+        then renamed): a new inode or mtime is a new beat, timed on this node's monotonic
+        clock, so a controller whose clock is off by any amount reads the same. What the file
+        says (the controller's time) is only for people."""
         try:
-            with open(beat) as f:
-                heartbeat = float(f.read().strip() or 0)
-        except (OSError, ValueError):
-            if os.path.exists(beat):  # being written: its mtime is as good
-                heartbeat = os.path.getmtime(beat)
-        return deadman(now, cfg, self.idle_since, heartbeat)
+            st = os.stat(os.path.join(self.dir, "heartbeat"))
+        except OSError:
+            self.beat = self.beat_at = None
+            return None
+        seen = (st.st_ino, st.st_mtime_ns)
+        if seen != self.beat:
+            # the first one this agent sees may have arrived before it started: its age on
+            # this node's own wall clock (the file's mtime was set here)
+            age = 0.0 if self.beat is not None else max(0.0, time.time() - st.st_mtime)
+            self.beat, self.beat_at = seen, self.clock() - age
+        return self.clock() - self.beat_at
 
     @staticmethod
     def _job_tag(cfg, job_id):

@@ -38,8 +38,8 @@ def test_deadline_fires_once_passed_and_not_before():
 
 def test_lost_heartbeat_fires_only_once_a_controller_attached():
     assert agent.deadman(10**6, CFG, None, None) is None  # no heartbeat file: rule not armed
-    assert agent.deadman(2000 + 899, CFG, None, 2000) is None
-    kind, reason = agent.deadman(2000 + 900, CFG, None, 2000)
+    assert agent.deadman(2000, CFG, None, 899) is None  # 899 s of silence
+    kind, reason = agent.deadman(2000, CFG, None, 900)
     assert kind == "heartbeat_lost" and "15.0 min" in reason
 
 
@@ -217,17 +217,21 @@ def test_the_agent_arms_the_heartbeat_rule_once_the_file_exists(tmp_path):
     root = tmp_path / "node-0"
     (root / "agent").mkdir(parents=True)
     a = agent.Agent(str(root))
+    clock = [1000.0]
+    a.clock = lambda: clock[0]
     cfg = {"provider": "local", "node": 0, "tag": "uid-3.0.", "heartbeat_minutes": 1}
     now = time.time()
     assert a.step(cfg, now) is None  # no controller ever attached
-    (root / "agent" / "heartbeat").write_text(str(now - 30))
+    (root / "agent" / "heartbeat").write_text(str(now))
+    assert a.step(cfg, now) is None  # armed, fresh
+    clock[0] += 59
     assert a.step(cfg, now) is None  # fresh enough
-    (root / "agent" / "heartbeat").write_text(str(now - 61))
+    clock[0] += 1
     kind, reason = a.step(cfg, now)
     assert kind == "heartbeat_lost" and "1.0 min" in reason
     assert [json.loads(x)["verdict"] for x in (root / "agent" / "samples.jsonl").open()] == [
         "idle"
-    ] * 3
+    ] * 4
 
 
 def test_the_samples_on_disk_stay_a_bounded_window(tmp_path, monkeypatch):
@@ -273,3 +277,49 @@ def test_a_new_deadline_moves_the_scheduled_shutdown(monkeypatch):
     assert agent.rearm(cfg, time.time() + 600) == cfg["deadline"] and scheduled == [60]
     assert agent.rearm({**cfg, "node_id": "i-2"}, None) and scheduled == [60]
     assert agent.rearm({**cfg, "provider": "ssh"}, None) and scheduled == [60]
+
+
+def _beat(path, says):
+    """A controller's heartbeat as it writes one: a new file renamed over the old."""
+    tmp = path.with_name(".heartbeat.tmp")
+    tmp.write_text(f"{says:.3f}")
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("skew_minutes", [-20, 20])
+def test_a_controller_whose_clock_is_off_never_stops_the_node(tmp_path, skew_minutes):
+    """The heartbeat is timed on the node's own monotonic clock from when it arrived: a
+    controller 20 minutes behind or ahead (past heartbeat_minutes both ways) reads as
+    on time while it beats, and as lost once it stops, after heartbeat_minutes."""
+    root = tmp_path / "node-0"
+    (root / "agent").mkdir(parents=True)
+    a = agent.Agent(str(root))
+    clock = [500.0]
+    a.clock = lambda: clock[0]
+    cfg = {"provider": "local", "node": 0, "tag": "uid-3.0.", "heartbeat_minutes": 15}
+    beat = root / "agent" / "heartbeat"
+    for _ in range(5):  # a controller beating every 5 s with its skewed clock
+        _beat(beat, time.time() + skew_minutes * 60)
+        assert a.step(cfg, time.time()) is None
+        clock[0] += 5
+    clock[0] += 15 * 60 - 5 - 0.1
+    assert a.step(cfg, time.time()) is None  # just under 15 min since the last beat
+    clock[0] += 0.1
+    kind, reason = a.step(cfg, time.time())
+    assert kind == "heartbeat_lost" and "15.0 min" in reason
+
+
+def test_a_heartbeat_older_than_the_agent_counts_from_when_it_was_written(tmp_path):
+    """An agent restarted under a silent controller does not start the count again: the first
+    heartbeat it sees is as old as its file (mtime: this node's clock), not new."""
+    root = tmp_path / "node-0"
+    (root / "agent").mkdir(parents=True)
+    beat = root / "agent" / "heartbeat"
+    _beat(beat, 0.0)
+    written = time.time() - 61
+    os.utime(beat, (written, written))
+    a = agent.Agent(str(root))
+    cfg = {"provider": "local", "node": 0, "tag": "uid-3.0.", "heartbeat_minutes": 1}
+    assert a.step(cfg, time.time())[0] == "heartbeat_lost"
+    beat.unlink()  # a controller that left took it away: the rule is disarmed
+    assert a.step(cfg, time.time()) is None
