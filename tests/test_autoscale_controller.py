@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from conftest import tagged_pids
 from mlcloud.providers.base import Capabilities
 from mlcloud.providers.local import LocalProvider
@@ -162,3 +163,26 @@ def test_a_node_that_stopped_itself_keeps_its_own_stop_record():
     kinds = json.loads((Path(h.nodes[1].root) / "agent" / "stopped").read_text())["kind"]
     assert kinds == pol.IDLE_DOWN
     lifecycle.down(store, "self", PlainReporter(quiet=True))
+
+
+def test_a_joining_node_gets_the_job_environment_from_a_node_not_from_a_file(monkeypatch):
+    """The saved request keeps the environment's names only; the values a replacement needs
+    come back from a node that runs the job (its job.json), else from the controller's own
+    environment, else one line naming what is missing."""
+    from mlcloud.errors import MlcloudError
+    from mlcloud.jobs import launch
+
+    store, h = _up("envs", 0.0)
+    try:
+        jd = Path(launch.job_dir(h.nodes[1].root, 1))
+        jd.mkdir(parents=True)
+        (jd / "job.json").write_text(json.dumps({"env": {"TOKEN": "s3cr3t", "OMP": "1"}}))
+        assert launch.job_env(h, 1, ["TOKEN"], [0, 1]) == {"TOKEN": "s3cr3t"}  # node0 has none
+        monkeypatch.setenv("TOKEN", "from-here")
+        assert launch.job_env(h, 1, ["TOKEN"], [0]) == {"TOKEN": "from-here"}
+        monkeypatch.delenv("TOKEN")
+        with pytest.raises(MlcloudError, match=r"no node left holds its environment \(TOKEN\)"):
+            launch.job_env(h, 1, ["TOKEN"], [0])
+    finally:
+        h.close()
+        lifecycle.down(store, "envs", PlainReporter(quiet=True))

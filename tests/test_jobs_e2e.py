@@ -295,6 +295,15 @@ def test_env_from_the_local_environment_and_never_stored(project, mlcloud_home, 
     r = run_cli("train", "envs", "-f", str(project / "mlcloud.yaml"), "-e", "TOKEN", "env.py")
     assert r.returncode == 0, r.stderr
     assert "token=from-the-shell" in r.stdout
+    held = [
+        f
+        for f in mlcloud_home.rglob("*")
+        if f.is_file()
+        and f.relative_to(mlcloud_home).parts[0] != "local"  # the node's own job.json
+        and f.suffix != ".log"  # what the job printed
+        and b"from-the-shell" in f.read_bytes()
+    ]
+    assert held == []
     monkeypatch.delenv("TOKEN")
     r = run_cli("train", "envs", "-w", str(project), "-e", "TOKEN", "env.py")
     assert r.returncode == 2

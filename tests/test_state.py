@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +131,25 @@ def test_env_values_are_never_stored(mlcloud_home):
     s.db.close()
     data = b"".join(p.read_bytes() for p in mlcloud_home.glob("state.db*"))
     assert b"s3cr3t" not in data and b"also-secret" not in data
+
+
+def test_version_5_request_files_lose_their_env_values(mlcloud_home, tmp_path):
+    """Saved job requests of older versions held the --env values: the migration keeps the
+    names only, and a request file that is gone is no error."""
+    import json
+
+    s = _store(mlcloud_home)
+    job = s.new_job("a", "a-1", "train.py", 1, 1, tmp_path)
+    gone = s.new_job("a", "a-1", "train.py", 1, 1, tmp_path)
+    request = Path(job.log_path + ".request.json")
+    request.write_text(json.dumps({"script": "t.py", "envs": {"TOKEN": "s3cr3t", "B": "x"}}))
+    s.db.execute("PRAGMA user_version=5")
+    s.db.commit()
+    s.close()
+    assert gone.log_path != job.log_path
+    s = state.Store(mlcloud_home / "state.db")
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == state.SCHEMA_VERSION
+    assert json.loads(request.read_text()) == {"script": "t.py", "env_names": ["B", "TOKEN"]}
 
 
 def test_version_3_events_get_a_node_and_node_events_merge_once(mlcloud_home):

@@ -356,6 +356,8 @@ class Controller:
         if running is None or launch.elastic_range(self.h) is None:
             return
         job, req, rdzv = running
+        others = [i for i in range(len(self.h.nodes)) if i not in positions]
+        req = replace(req, envs=launch.job_env(self.h, job.job_id, list(req.envs), others))
         launch.prepare_nodes(self.h, req, positions, self.report, lambda i, line: None)
         launch.launch_on(self.h, req, job.job_id, positions, rdzv)
         for i in positions:
@@ -375,6 +377,7 @@ class Controller:
         job, req, rdzv = running
         h = self.h
         everyone = list(range(len(h.nodes)))
+        req = replace(req, envs=launch.job_env(h, job.job_id, list(req.envs), everyone))
         self._stop_job(everyone, grace=10.0)
 
         def reset(i: int) -> None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud import state
-from mlcloud.errors import UsageError
+from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
 from mlcloud.provision.handle import Handle
 from mlcloud.remote.shell import CTL, node_number, tag
 from mlcloud.remote.sync import Limits, check_workdir
-from mlcloud.remote.transport import check
+from mlcloud.remote.transport import RemoteError, check
 from mlcloud.report import Reporter
 from mlcloud.spec.buckets import checkpoint_uri
 
@@ -264,7 +265,8 @@ def _request_path(job: state.JobRecord) -> Path:
 
 def save_request(job: state.JobRecord, req: JobRequest, rdzv: Rendezvous) -> None:
     """Keep what started the job (0600, next to its log): recovery starts the same job on a
-    replacement node without the command line that made it."""
+    replacement node without the command line that made it. The environment's names only:
+    its values (`--env` secrets among them) stay on the nodes (`job_env` reads them back)."""
     from mlcloud.state import atomic
 
     data = {
@@ -272,7 +274,7 @@ def save_request(job: state.JobRecord, req: JobRequest, rdzv: Rendezvous) -> Non
         "script": req.script,
         "args": list(req.args),
         "nproc_per_node": req.nproc_per_node,
-        "envs": req.envs,
+        "env_names": sorted(req.envs),
         "setup": req.setup,
         "checkpoint_dir": req.checkpoint_dir,
         "rendezvous": {"port": rdzv.port, "number": rdzv.number, "nproc": rdzv.nproc},
@@ -281,7 +283,8 @@ def save_request(job: state.JobRecord, req: JobRequest, rdzv: Rendezvous) -> Non
 
 
 def load_request(job: state.JobRecord) -> tuple[JobRequest, Rendezvous] | None:
-    """The saved request and rendezvous of a job, or None (started by an older mlcloud)."""
+    """The saved request and rendezvous of a job, or None (started by an older mlcloud). Its
+    `envs` map each name to "": fill them with `job_env` before starting it anywhere."""
     try:
         d = json.loads(_request_path(job).read_text())
     except (OSError, ValueError):
@@ -291,11 +294,34 @@ def load_request(job: state.JobRecord) -> tuple[JobRequest, Rendezvous] | None:
         script=d["script"],
         args=tuple(d["args"]),
         nproc_per_node=d["nproc_per_node"],
-        envs=dict(d["envs"]),
+        envs=dict.fromkeys(d["env_names"], ""),
         setup=d["setup"],
         checkpoint_dir=d["checkpoint_dir"],
     )
     return req, Rendezvous(**d["rendezvous"])
+
+
+def job_env(h: Handle, job_id: int, names: list[str], nodes: list[int]) -> dict[str, str]:
+    """The values of a running job's environment, read back from the first of `nodes` whose
+    job.json answers (0600 there; never kept here), else from this process's environment (a
+    controller that was given them). One line naming what is missing when neither has it."""
+    if not names:
+        return {}
+    for i in nodes:
+        try:
+            raw = h.transports[i].get(f"{job_dir(h.nodes[i].root, job_id)}/job.json")
+            env = json.loads(raw)["env"] if raw else None
+        except (RemoteError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(env, dict) and all(n in env for n in names):
+            return {n: str(env[n]) for n in names}
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise MlcloudError(
+            f"job {job_id}: no node left holds its environment ({', '.join(missing)}); "
+            "set those variables where the controller runs, or start the job again"
+        )
+    return {n: os.environ[n] for n in names}
 
 
 def _setup(h: Handle, i: int, setup: str, digest: str, emit) -> None:

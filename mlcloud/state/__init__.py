@@ -94,7 +94,9 @@ CREATE TABLE IF NOT EXISTS pulls (
 # 2: billing; 3: jobs belong to a cluster's incarnation, node interpreter; 4: events name
 # the node they come from (the node agents' events are merged in); 5: pulls (a job's outputs
 # brought home, per node), so `down` can say what was never pulled
-SCHEMA_VERSION = 5
+# 6: saved job requests keep their environment's names only (the values, --env secrets among
+# them, are scrubbed from the files older versions wrote)
+SCHEMA_VERSION = 6
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
@@ -239,10 +241,28 @@ class Store:
                     if statement.strip():
                         self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if 0 < version < 6:
+                self._scrub_requests()
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def _scrub_requests(self) -> None:
+        """Rewrite each saved job request that still holds its environment's values with the
+        names only (version 6); a file that is gone or unreadable is left as it is."""
+        from mlcloud.state import atomic
+
+        for (log_path,) in self.db.execute("SELECT log_path FROM jobs"):
+            path = Path(log_path + ".request.json")
+            try:
+                d = json.loads(path.read_text())
+                if "envs" not in d:
+                    continue
+                d["env_names"] = sorted(d.pop("envs"))
+                atomic.write(path, json.dumps(d).encode())
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
 
     def close(self) -> None:
         self.db.close()
