@@ -291,3 +291,42 @@ def test_policy_from_spec():
     )
     assert p.max_cost == 5.0 and p.idle_minutes == 30.0 and p.poll_seconds == 5.0
     assert Policy.from_spec({}) == Policy()
+
+
+def test_failed_passes_back_off_doubling_to_five_minutes():
+    from mlcloud.control.policy import pass_wait
+
+    assert [pass_wait(f, 5.0) for f in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert pass_wait(0, 600.0) == 600.0  # a slower poll than the cap stays as it is
+    assert pass_wait(3, 600.0) == 600.0
+
+
+def test_the_controller_waits_longer_after_each_failed_pass_and_resets(monkeypatch):
+    """run() with passes that fail three times, then succeed: the waits double, then fall
+    back to the poll interval (a fake stop event records them instead of sleeping)."""
+    from mlcloud.control.controller import Controller
+    from mlcloud.errors import MlcloudError
+
+    outcomes = [MlcloudError("x")] * 3 + [None, None]
+    waits: list[float] = []
+
+    class Stop:
+        def is_set(self) -> bool:
+            return not outcomes
+
+        def wait(self, seconds: float) -> None:
+            waits.append(round(seconds))
+
+    class Quiet:
+        def warn(self, message: str) -> None: ...
+
+    def step(self):
+        outcome = outcomes.pop(0)
+        if outcome:
+            raise outcome
+
+    ctl = Controller.__new__(Controller)
+    ctl.gone, ctl.report, ctl.detach = False, Quiet(), lambda: None
+    monkeypatch.setattr(Controller, "step", step)
+    ctl.run(interval=5.0, stop=Stop())
+    assert waits == [10, 20, 40, 5, 5]

@@ -424,17 +424,22 @@ class Controller:
 
     def run(self, interval: float | None = None, stop: threading.Event | None = None) -> None:
         """Pass after pass every `interval` s (default: poll_seconds) until `stop` is set or
-        the cluster was torn down; a pass that fails is reported and the next one tries again."""
+        the cluster was torn down; a pass that fails is reported and the next one waits twice
+        as long as the last, up to 5 minutes (policy.pass_wait)."""
         stop = stop or threading.Event()
         every = interval or self.policy.poll_seconds
+        failures = 0
         try:
             while not stop.is_set() and not self.gone:
                 began = time.monotonic()
                 try:
                     self.step()
+                    failures = 0
                 except MlcloudError as e:
-                    self.report.warn(f"autoscale pass failed: {e}")
-                stop.wait(max(0.0, every - (time.monotonic() - began)))
+                    failures += 1
+                    wait = pol.pass_wait(failures, every)
+                    self.report.warn(f"autoscale pass failed: {e}; next pass in {wait:.0f}s")
+                stop.wait(max(0.0, pol.pass_wait(failures, every) - (time.monotonic() - began)))
         finally:
             if not self.gone:
                 self.detach()

@@ -129,6 +129,16 @@ def grow_backoff(refusals: int) -> float:
     return min(GROW_BACKOFF_S * 2 ** (refusals - 1), GROW_BACKOFF_MAX_S)
 
 
+PASS_BACKOFF_MAX_S = 300.0  # a controller whose passes keep failing asks at most every 5 min
+
+
+def pass_wait(failures: int, every: float) -> float:
+    """Seconds from one controller pass to the next after `failures` failed passes in a row:
+    the poll interval, doubled per failure, capped (a cloud or node refusing every pass is not
+    asked again every poll)."""
+    return min(every * 2**failures, max(every, PASS_BACKOFF_MAX_S))
+
+
 def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
     """What to do this pass, with why. A budget stop or an idle teardown is the whole plan."""
     running = snap.job is not None and snap.job.running
