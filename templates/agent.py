@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import node_ctl  # noqa: E402  (copied beside this file)
 
 WINDOW = 720  # samples kept: an hour at the default poll
+EVENTS_MAX = 256 * 1024  # bytes of events.jsonl kept on the node (its newest half once past)
 STOP_GRACE = 60.0  # seconds a job has to checkpoint after SIGTERM before it is killed
 CLOUDS = ("aws", "gce")
 DEFAULT_METADATA = {"aws": "http://169.254.169.254", "gce": "http://metadata.google.internal"}
@@ -306,6 +307,22 @@ class Agent:
             "message": message,
         }
         self._append("events.jsonl", json.dumps(record) + "\n")
+        self._trim_events()
+
+    def _trim_events(self):
+        """Keep events.jsonl under EVENTS_MAX bytes: past it, its newest half stays (whole
+        lines). Readers take its tail only (EVENTS_READ bytes) and merge each event once, so
+        what was trimmed was read long before."""
+        path = os.path.join(self.dir, "events.jsonl")
+        try:
+            if os.path.getsize(path) <= EVENTS_MAX:
+                return
+            with open(path, "rb") as f:
+                f.seek(-(EVENTS_MAX // 2), os.SEEK_END)
+                tail = f.read()
+        except OSError:
+            return
+        node_ctl._atomic_write(path, tail[tail.find(b"\n") + 1 :].decode(errors="replace"))
 
     def _append(self, name, text):
         """Append to one of the agent's files. Only its first write may create it: a file gone

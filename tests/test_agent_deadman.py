@@ -323,3 +323,20 @@ def test_a_heartbeat_older_than_the_agent_counts_from_when_it_was_written(tmp_pa
     assert a.step(cfg, time.time())[0] == "heartbeat_lost"
     beat.unlink()  # a controller that left took it away: the rule is disarmed
     assert a.step(cfg, time.time()) is None
+
+
+def test_events_on_the_node_stay_bounded(tmp_path, monkeypatch):
+    """events.jsonl never grows past EVENTS_MAX: its newest half is kept, in whole lines."""
+    monkeypatch.setattr(agent, "EVENTS_MAX", 4096)
+    root = tmp_path / "node-0"
+    (root / "agent").mkdir(parents=True)
+    a = agent.Agent(str(root))
+    cfg = {"node": 0}
+    for i in range(400):
+        a.event(cfg, "stall", f"event {i}", now=1000.0 + i)
+    path = root / "agent" / "events.jsonl"
+    assert path.stat().st_size <= 4096
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[-1]["message"] == "event 399"
+    assert [e["time"] for e in lines] == sorted(e["time"] for e in lines)
+    assert len(lines) > 10
