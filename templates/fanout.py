@@ -22,9 +22,11 @@ it imports), and runs it with the node's interpreter (mlcloud/remote/fanout.py):
   fanout.py relay ROOT
       stdin: a JSON line ({"peers": [{"name", "host", "port", "user"}], "known_hosts"}), then
       the client's stream. Opens `ssh peer serve` to every peer at once, with the cluster's
-      private key and the peers' host keys as the client pinned them. A peer whose manifest
-      matches this node's gets the client's stream as it arrives (tee); any other gets, once
-      this node's copy is complete, a stream of what it lacks, read from this node's copy.
+      private key and the peers' host keys as the client pinned them, while this node's own
+      copy begins: what arrives meanwhile is queued for the peers. A peer whose manifest
+      matches this node's gets the client's stream as it arrives (tee), in the codec the
+      client chose; any other gets, once this node's copy is complete, a stream of what it
+      lacks, read from this node's copy.
       Prints {"count": files written here, "failed": {name: why}}; a failed peer is the
       client's to sync. Exits as receive.py does when this node's own copy fails.
 """
@@ -39,7 +41,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 sys.dont_write_bytecode = True  # nothing left in bin/ but what was installed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script dir out
@@ -228,29 +229,42 @@ def _failures(where):
 
 
 class Lag:
-    """The bytes a peer has yet to take, up to LAG_BYTES (put waits beyond it); None ends it."""
+    """The bytes a peer has yet to take, up to LAG_BYTES (put waits beyond it); None ends it.
+    Dropped (the peer failed, or takes another stream), it holds nothing and put never waits:
+    the tee must never wait on such a peer."""
 
     def __init__(self):
         self.items = collections.deque()
         self.size = 0
+        self.dropped = False
         self.cond = threading.Condition()
 
     def put(self, data):
         with self.cond:
-            while self.size > LAG_BYTES:
+            while self.size > LAG_BYTES and not self.dropped:
                 self.cond.wait()
-            self.items.append(data)
-            self.size += len(data) if data else 0
-            self.cond.notify_all()
+            if not self.dropped:
+                self.items.append(data)
+                self.size += len(data) if data else 0
+                self.cond.notify_all()
 
     def get(self):
         with self.cond:
-            while not self.items:
+            while not self.items and not self.dropped:
                 self.cond.wait()
+            if self.dropped:
+                return None
             data = self.items.popleft()
             self.size -= len(data) if data else 0
             self.cond.notify_all()
             return data
+
+    def drop(self):
+        with self.cond:
+            self.dropped = True
+            self.items.clear()
+            self.size = 0
+            self.cond.notify_all()
 
 
 class Peer:
@@ -307,31 +321,48 @@ class Peer:
     def fail(self, why):
         if self.why is None:
             self.why = why
+        self.queue.drop()
         if self.proc.poll() is None:
             self.proc.kill()
 
-    def start(self, chunks, drain=False):
-        """Write chunks (an iterable of bytes) to the peer from a thread; with drain, what
-        follows a failure is still taken from chunks (the tee must never wait on a peer)."""
+    def start(self, before, dest, copied):
+        """Write the peer's stream from a thread (_stream); before: this node's digests
+        before the client's stream, dest: this node's copy, copied: set once it is whole."""
 
         def write():
             try:
-                for chunk in chunks:
+                for chunk in self._stream(before, dest, copied):
                     self.proc.stdin.write(chunk)
                 self.proc.stdin.close()
             except OSError as e:  # the peer went away: finish() says why, from its stderr
                 self.fail(f"the stream broke off ({e.strerror or e})")
-                for _ in chunks if drain else ():
-                    pass
             except (Refused, Failed) as e:
                 self.fail(f"reading this node's copy: {e}")
 
         self.writer = threading.Thread(target=write, daemon=True)
         self.writer.start()
 
-    def queued(self):
-        while (chunk := self.queue.get()) is not None:
-            yield chunk
+    def _stream(self, before, dest, copied):
+        """The client's stream as it arrives (queued from its first byte, while this session
+        opened) when the peer's greeting shows it held what this node held; else, once this
+        node's copy is whole, what the peer lacks, read from that copy (a Tree of its own:
+        peers are served side by side)."""
+        if not self.greeted.wait(HELLO_TIMEOUT) or self.manifest is None:
+            self.fail("no answer")
+            return
+        if _digests(self.manifest) == before:
+            while (chunk := self.queue.get()) is not None:
+                yield chunk
+            return
+        self.queue.drop()
+        copied.wait()
+        if self.why is not None:  # this node's copy failed
+            return
+        tree = Tree(dest)
+        try:
+            yield from _chunks_of(tree, _load(tree.read(MANIFEST)), self.manifest)
+        finally:
+            tree.close()
 
     def finish(self):
         """None when the peer took its stream, else why not."""
@@ -412,33 +443,26 @@ def relay(root):
 
 def _pass_on(root, stdin, specs, known_path):
     """Apply the stream here and pass it on to every peer; print what became of each."""
-    peers, tree = [], None
+    dest = os.path.join(root, "workdir")
+    peers, tree, copied = [], None, threading.Event()
     try:
-        tree = Tree(os.path.join(root, "workdir"))
+        tree = Tree(dest)
         peers = [Peer(s, os.path.join(root, KEY), known_path) for s in specs]
         before = _digests(_load(tree.read(MANIFEST)))
-        deadline = time.monotonic() + HELLO_TIMEOUT
+        stdin.tee(peers)
         for p in peers:
-            if not p.greeted.wait(max(0.0, deadline - time.monotonic())) or p.manifest is None:
-                p.fail("no answer")
-        tee = [p for p in peers if p.why is None and _digests(p.manifest) == before]
-        for p in tee:
-            p.start(p.queued(), drain=True)
-        stdin.tee(tee)
+            p.start(before, dest, copied)
         try:
             count = receive(tree, stdin)
         except BaseException:
-            for p in tee:  # a writer blocked on a slow peer must not hold the end below
+            for p in peers:  # a writer blocked on a slow peer must not hold the end below
                 p.fail("this node's copy failed")
             raise
         finally:
             stdin.peers = ()
-            for p in tee:
+            for p in peers:
                 p.queue.put(None)
-        manifest = _load(tree.read(MANIFEST))
-        for p in peers:
-            if p.why is None and p not in tee:
-                p.start(_chunks_of(tree, manifest, p.manifest))
+            copied.set()
         failed = {p.name: why for p in peers if (why := p.finish()) is not None}
     finally:
         for p in peers:  # this node failed or was interrupted: end what still runs

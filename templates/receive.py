@@ -4,7 +4,9 @@ Run as `python3 -I -S -c <this file> DEST`; standard library only. The stream (b
 mlcloud/remote/sync.py `pack`) is a JSON header line ({"delete": [...], "manifest": {...}}),
 then per file a JSON line ({"p": path, "n": size, "z": zlib?, "x": executable?}) and its
 bytes, then {"end": count}. Only regular files can be expressed; a path that is absolute or
-has `..` is refused before anything is written or deleted.
+has `..` is refused before anything is written or deleted. A stream whose first line is
+{"codec": "zstd"} is that stream compressed as one zstd frame, which the client sends only to
+a node whose Python decodes zstd (compression.zstd from 3.14, or the zstandard module).
 
 Whatever the job left in DEST is distrusted: everything below DEST is reached through
 directory descriptors opened with O_NOFOLLOW, so a symlinked directory is refused rather
@@ -209,12 +211,48 @@ class Stream:
     def read(self, n):
         """Up to n bytes, fewer when fewer have arrived; b"" at the end of the stream."""
         if self.pos == len(self.buf):
-            if n >= CHUNK:
-                return self._read(n)
-            self.buf, self.pos = self._read(CHUNK), 0
-        out = self.buf[self.pos : self.pos + n]
+            self.buf, self.pos = self._read(max(n, CHUNK)), 0
+        out = self.buf[self.pos : self.pos + n]  # all of buf: the same object, not a copy
         self.pos += len(out)
         return out
+
+
+class Unzstd(Stream):
+    """What follows {"codec": "zstd"} in a stream, decoded; a piece may be larger than asked."""
+
+    def __init__(self, raw):
+        super().__init__(None)
+        self.raw, self.decoder = raw, _zstd()
+
+    def _read(self, n):
+        while True:
+            block = self.raw.read(n)
+            if not block:
+                return b""  # cut short: the frame it was reading reports a truncated stream
+            try:
+                out = self.decoder.decompress(block)
+            except Exception:  # zstandard.ZstdError, compression.zstd.ZstdError, EOFError
+                raise Refused("corrupt compressed data") from None
+            if out:
+                return out
+
+
+def _zstd():
+    """A zstd decoder from this Python: compression.zstd (3.14), else the zstandard module.
+    Run with -S, site-packages is searched only now, when a stream asks for zstd."""
+    try:
+        from compression import zstd
+    except ImportError:
+        if sys.flags.no_site:
+            import site
+
+            site.main()
+        try:
+            import zstandard
+        except ImportError:
+            raise Refused("the stream is zstd and this Python cannot decode it") from None
+        return zstandard.ZstdDecompressor().decompressobj()
+    return zstd.ZstdDecompressor()
 
 
 def _frame_chunks(stdin, size, compressed):
@@ -253,6 +291,11 @@ def _line(stdin):
 def receive(tree, stdin):
     """Apply one stream to tree; returns the number of files written."""
     header = _line(stdin)
+    if "codec" in header:
+        if header["codec"] != "zstd":
+            raise Refused(f"unknown codec {header['codec']!r}")
+        stdin = Unzstd(stdin)
+        header = _line(stdin)
     manifest = header.get("manifest")
     if not isinstance(manifest, dict) or not isinstance(header.get("delete"), list):
         raise Refused("no stream header")

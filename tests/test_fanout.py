@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sync_stream import shared_content_tree
 
 from mlcloud.provision import handle
 from mlcloud.remote import sync
-from mlcloud.remote.fanout import Target, sync_nodes
+from mlcloud.remote.fanout import ZSTD_CHECK, Target, sync_nodes
 from mlcloud.remote.ssh import SshTarget, SshTransport
 
 MB = 1_000_000
@@ -58,18 +59,38 @@ def sent(monkeypatch):
     return total
 
 
-def cluster(nodes, tmp_path, count=None):
-    """A target per sshd node: one cluster directory on this machine, a node directory each."""
+def cluster(nodes, tmp_path, count=None, python=None):
+    """A target per sshd node: one cluster directory on this machine, a node directory each;
+    python: the interpreter of some nodes, by index (else python3, this venv's)."""
+    python = python or {}
     return [
         Target(
             SshTransport(
-                SshTarget(n.host, n.port, n.user, identity_file=str(nodes.client_key)),
+                SshTarget(
+                    n.host,
+                    n.port,
+                    n.user,
+                    identity_file=str(nodes.client_key),
+                    python=python.get(i, "python3"),
+                ),
                 f"node{i}",
             ),
             str(tmp_path / "cluster" / f"node-{i}"),
         )
         for i, n in enumerate(nodes.nodes[:count])
     ]
+
+
+@pytest.fixture
+def python_without_zstd(tmp_path):
+    """A Python that decodes no zstd: a bare venv of this one's base interpreter."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    python = str(bare / "bin" / "python")
+    check = subprocess.run([python, "-I", "-c", ZSTD_CHECK], capture_output=True)
+    if check.returncode == 0:
+        pytest.skip("this Python's base interpreter decodes zstd")
+    return python
 
 
 def workdir(root, files=8, size=MB // 2):
@@ -397,3 +418,79 @@ def test_a_home_another_thread_made_meanwhile_is_taken(tmp_path, monkeypatch):
 
     monkeypatch.setattr(paths, "home_path", lambda: Racing(home))
     assert paths.home() == home
+
+
+def test_the_stream_is_zstd_where_every_node_it_reaches_decodes_it(
+    make_ssh_nodes, tmp_path, sent, python_without_zstd
+):
+    """The probe asks each node's Python; the relay passes on the stream as it came, so it is
+    zstd only when the relay and its peers all decode it, and a node synced from here gets the
+    codec its own Python decodes."""
+    nodes = make_ssh_nodes(3)
+    src = tmp_path / "src"
+    size = shared_content_tree(src)  # what files share travels once in zstd, not in zlib
+    want = lambda: {p: e.digest for p, e in sync.scan(src).items()}  # noqa: E731
+    targets = cluster(nodes, tmp_path / "a")
+    try:
+        stats = sync_nodes(targets, src, "z-1")
+        assert [s.relayed for s in stats] == [False, True, True]
+        assert sent[0] < 0.3 * size, sent[0]
+        assert manifests(targets) == [want()] * 3
+    finally:
+        close(targets)
+
+    targets = cluster(nodes, tmp_path / "b", python={2: python_without_zstd})
+    notes: list[str] = []
+    try:
+        sent[0] = 0
+        stats = sync_nodes(targets, src, "z-2", notes.append)
+        assert [s.relayed for s in stats] == [False, True, True] and notes == []
+        assert sent[0] > size, sent[0]  # zlib, one file at a time
+        assert manifests(targets) == [want()] * 3
+        (src / "run.sh").write_text("#!/bin/sh\necho changed\n")  # straight to each node
+        stats = sync_nodes(targets, src, "z-2", notes.append)
+        assert [(s.files_sent, s.relayed) for s in stats] == [(1, False)] * 3 and notes == []
+        assert manifests(targets) == [want()] * 3
+    finally:
+        close(targets)
+
+
+def test_a_single_node_gets_the_codec_its_python_decodes(
+    make_ssh_nodes, tmp_path, sent, python_without_zstd
+):
+    nodes = make_ssh_nodes(1)
+    src = tmp_path / "src"
+    size = shared_content_tree(src)
+    want = {p: e.digest for p, e in sync.scan(src).items()}
+    for where, python, small in (("a", "python3", True), ("b", python_without_zstd, False)):
+        targets = cluster(nodes, tmp_path / where, python={0: python})
+        sent[0] = 0
+        try:
+            (stats,) = sync_nodes(targets, src, "z-3")
+        finally:
+            close(targets)
+        assert stats.files_sent == 31 and manifests(targets) == [want]
+        assert (sent[0] < 0.3 * size) if small else (sent[0] > size), (python, sent[0])
+
+
+def test_the_relay_takes_its_copy_while_a_peer_is_slow_to_answer(make_ssh_nodes, tmp_path):
+    """The client's stream is queued for a peer whose session is still opening: the relay's
+    own copy does not wait for it, and the peer still gets the stream whole."""
+    nodes = make_ssh_nodes(3)
+    src = workdir(tmp_path / "src", files=2)
+    targets = cluster(nodes, tmp_path)
+    try:
+        sync_nodes(targets, src, "fan-8")
+        keys = nodes.node_dir(2) / "authorized_keys"
+        keys.write_text(keys.read_text().replace('command="exec ', 'command="sleep 4; exec ', 1))
+        for i in range(2):
+            (src / f"w{i}.bin").write_bytes(os.urandom(MB // 2))
+        start = time.time()
+        stats = sync_nodes(targets, src, "fan-8")
+        assert [s.relayed for s in stats] == [False, True, True]
+        relay_done = (sync_dir(targets[0]) / sync.MANIFEST).stat().st_mtime
+        slow_done = (sync_dir(targets[2]) / sync.MANIFEST).stat().st_mtime
+        assert slow_done >= start + 4 and relay_done < start + 3, (start, relay_done, slow_done)
+        assert manifests(targets) == [{p: e.digest for p, e in sync.scan(src).items()}] * 3
+    finally:
+        close(targets)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from mlcloud import templates
+from mlcloud.errors import UsageError
 from mlcloud.remote import sync
 from mlcloud.remote.local import LocalTransport
 from mlcloud.remote.transport import RemoteError
@@ -282,3 +283,87 @@ def test_a_file_the_job_left_where_a_directory_goes_is_named(tmp_path):
     r = receive(dest, {"delete": [], "manifest": {name: [1, 0, "d"]}}, [frame(name)])
     assert r.returncode == 3 and b"'pkg' on the node is not a directory" in r.stderr
     assert (dest / "pkg").read_text() == "made by the job"
+
+
+# --- zstd: what files share travels once; a node that cannot decode it is never sent it -------
+
+
+def shared_content_tree(root, files=30, size=40_000):
+    """Files that are the same random bytes but for a line: incompressible one by one."""
+    blob = os.urandom(size)
+    for i in range(files):
+        p = root / f"pkg{i % 3}" / f"part{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(f"part {i}\n".encode() + blob)
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    return files * size
+
+
+def run_receiver(dest, stream: bytes, prelude: str = ""):
+    """receive.py as the client runs it on a node: -I -S, the source as a program text."""
+    code = prelude + open(templates.path("receive.py")).read()
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(dest)], input=stream, capture_output=True
+    )
+
+
+def test_a_zstd_stream_carries_what_files_share_once_and_decodes_without_site(tmp_path):
+    src = tmp_path / "src"
+    size = shared_content_tree(src)
+    manifest = sync.scan(src)
+    zlib_stream = sync.pack(src, sorted(manifest), [], manifest)
+    zstd_stream = sync.pack(src, sorted(manifest), [], manifest, sync.ZSTD)
+    assert len(zlib_stream) > size  # one file at a time, random bytes do not compress
+    assert len(zstd_stream) < 0.1 * size
+    assert zstd_stream.startswith(b'{"codec": "zstd"}\n')
+    dest = tmp_path / "dest"
+    r = run_receiver(dest, zstd_stream)  # -S: zstandard is found in site-packages on demand
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == b"31"
+    for rel, entry in manifest.items():
+        assert (dest / rel).read_bytes() == (src / rel).read_bytes()
+        assert (dest / rel).stat().st_mtime_ns == entry.mtime_ns
+    assert (dest / "run.sh").stat().st_mode & 0o111
+    assert sync.load((dest / sync.MANIFEST).read_bytes()) == manifest
+
+
+def test_a_python_without_zstd_refuses_a_zstd_stream_and_writes_nothing(tmp_path):
+    src = tmp_path / "src"
+    shared_content_tree(src, files=3)
+    manifest = sync.scan(src)
+    stream = sync.pack(src, sorted(manifest), [], manifest, sync.ZSTD)
+    # neither zstandard nor 3.14's compression.zstd can be imported
+    blocked = "import sys; sys.modules['zstandard'] = sys.modules['compression'] = None\n"
+    r = run_receiver(tmp_path / "dest", stream, blocked)
+    assert r.returncode == 3 and b"zstd and this Python cannot decode it" in r.stderr
+    assert list((tmp_path / "dest").iterdir()) == []
+    r = run_receiver(tmp_path / "dest", sync.pack(src, sorted(manifest), [], manifest), blocked)
+    assert r.returncode == 0, r.stderr  # zlib: the standard library's
+
+
+def test_a_zstd_stream_cut_short_or_corrupt_or_of_another_codec_is_refused(tmp_path):
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    (src / "big" / "w.bin").write_bytes(os.urandom(3_000_000))  # more than one read
+    manifest = sync.scan(src)
+    stream = sync.pack(src, sorted(manifest), [], manifest, sync.ZSTD)
+    dest = tmp_path / "dest"
+    r = run_receiver(dest, stream[: len(stream) // 2])
+    assert r.returncode == 3 and b"truncated" in r.stderr
+    assert partial_files(dest) == [] and not (dest / sync.MANIFEST).exists()
+    line = len(b'{"codec": "zstd"}\n')
+    r = run_receiver(dest, stream[:line] + b"not zstd at all" + stream[line:])
+    assert r.returncode == 3 and b"corrupt compressed data" in r.stderr
+    r = run_receiver(dest, b'{"codec": "brotli"}\n' + stream[line:])
+    assert r.returncode == 3 and b"unknown codec 'brotli'" in r.stderr
+    assert partial_files(dest) == [] and not (dest / sync.MANIFEST).exists()
+
+
+def test_a_file_deleted_while_the_zstd_stream_is_packed_is_named(tmp_path):
+    src = tmp_path / "src"
+    tree(src, {"a.py": "a", "b.py": "b"})
+    manifest = sync.scan(src)
+    (src / "b.py").unlink()
+    with pytest.raises(UsageError, match=r"b\.py was deleted while syncing"):
+        list(sync.frames(src, sorted(manifest), [], manifest, sync.ZSTD))

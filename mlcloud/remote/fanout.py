@@ -7,6 +7,10 @@ nodes accept for their receiver only, and checks them against the host keys pinn
 A peer the relay could not serve is synced from here, and so is every node when the relay
 has no SSH client or a node's address inside the cluster is unknown. Nodes that are
 directories on this machine (local) sync as before.
+
+The stream is zstd where every node it reaches decodes it (the probe asks each node's
+Python), else zlib: the relay passes it on as it came, and each receiver decodes what the
+stream says.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class Probe:
     has_ssh: bool  # an OpenSSH client to relay with
     has_key: bool  # the peer key, to relay with
     stamp: str  # what fanout.py installed there
+    zstd: bool  # its Python decodes zstd (templates/receive.py)
+
+    @property
+    def codec(self) -> str:
+        return sync.ZSTD if self.zstd else sync.ZLIB
 
 
 def sync_nodes(
@@ -69,7 +78,7 @@ def sync_nodes(
     """Make every target's workdir mirror src; the stats say what each node received, and
     note hears why a node was synced from here after all. The workdir is relayed when sending
     it to each node would cost this machine's link relay_above bytes more than sending it once."""
-    if len(targets) < 2 or not all(
+    if not targets or not all(
         isinstance(t.transport, SshTransport) and t.root.startswith("/") for t in targets
     ):
         return fan_out(lambda i: targets[i].transport.sync(src, targets[i].dest), _all(targets))
@@ -98,7 +107,8 @@ def sync_nodes(
         note(f"{label} has no ssh client to pass the workdir on; sending it to each node from here")
 
     def push(i: int) -> None:
-        sync.push(targets[i].transport, src, targets[i].dest, probes[i].manifest, local)
+        t, probe = targets[i], probes[i]
+        sync.push(t.transport, src, t.dest, probe.manifest, local, probe.codec)
 
     fan_out(push, sorted(direct))
     return [
@@ -116,12 +126,20 @@ def _stats(local: sync.Manifest, remote: sync.Manifest) -> SyncStats:
     return SyncStats(len(send), sum(local[p].size for p in send), len(delete))
 
 
+# Whether the node's Python decodes zstd as templates/receive.py does: with site-packages
+# (the receiver, run with -S, adds them when a stream is zstd).
+ZSTD_CHECK = "try:\n import compression.zstd\nexcept ImportError:\n import zstandard"
+
+
 def _probe(t: Target) -> Probe:
-    """The node's manifest, the address its sshd answered on, and what it has for relaying."""
+    """The node's manifest, the address its sshd answered on, what it has for relaying, and
+    whether its Python decodes zstd."""
     root = quote(t.root)
     cmd = (
         f'echo "{MARK}ssh=${{SSH_CONNECTION:-}}"; '
         f'command -v ssh >/dev/null 2>&1 && echo "{MARK}client"; '
+        f"{quote(t.transport.python)} -I -c {quote(ZSTD_CHECK)} >/dev/null 2>&1 "
+        f'&& echo "{MARK}zstd"; '
         f'[ -f {root}/peer/id_ed25519 ] && echo "{MARK}key"; '
         f'echo "{MARK}stamp=$(cat {root}/peer/stamp 2>/dev/null)"; '
         f'echo "{PROBE_END}"; cat {quote(t.dest)}/{sync.MANIFEST} 2>/dev/null; true'
@@ -141,6 +159,7 @@ def _probe(t: Target) -> Probe:
         "client" in marks,
         "key" in marks,
         marks.get("stamp", ""),
+        "zstd" in marks,
     )
 
 
@@ -225,9 +244,10 @@ def _relay(
     local: sync.Manifest,
 ) -> dict[int, str]:
     """Send the stream to the relay, which applies it and passes it on; the peers it could not
-    serve, and why, for the caller to sync directly."""
+    serve, and why, for the caller to sync directly. zstd when relay and peers decode it."""
     t = targets[relay]
     send, delete = sync.diff(local, probes[relay].manifest)
+    codec = sync.ZSTD if all(probes[i].zstd for i in [relay, *peers]) else sync.ZLIB
     by_name = {targets[i].name: i for i in peers}
     config = {
         "peers": [
@@ -245,7 +265,7 @@ def _relay(
     cmd = f"{quote(t.transport.python)} -I -S {root}/bin/fanout.py relay {root}"
     # sent as it is packed: the client compresses while the nodes receive
     stdin = itertools.chain(
-        [json.dumps(config).encode() + b"\n"], sync.frames(src, send, delete, local)
+        [json.dumps(config).encode() + b"\n"], sync.frames(src, send, delete, local, codec)
     )
     result = check(t.transport.run(cmd, stdin=stdin), t.transport, "syncing the workdir")
     try:
