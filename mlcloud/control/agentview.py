@@ -5,10 +5,9 @@ stop record), read over a node's Transport. Used by `status`, `events` and the c
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass
 
-from mlcloud.remote.shell import DIR, path_arg
+from mlcloud.remote.shell import DIR, path_arg, quote
 from mlcloud.remote.transport import RemoteError, Transport
 
 
@@ -133,13 +132,9 @@ def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 
     Raises RemoteError when the node cannot be asked."""
     d = f"{root}/{DIR}"
     cmd = (
-        f"cat {shlex.quote(d + '/stopped')} 2>/dev/null; echo {_SEP}; "
-        f"cat {shlex.quote(d + '/events.jsonl')} 2>/dev/null; echo {_SEP}; "
-        + (
-            f"tail -n {int(samples)} {shlex.quote(d + '/samples.jsonl')} 2>/dev/null; "
-            if samples
-            else ""
-        )
+        f"cat {quote(d + '/stopped')} 2>/dev/null; echo {_SEP}; "
+        f"cat {quote(d + '/events.jsonl')} 2>/dev/null; echo {_SEP}; "
+        + (f"tail -n {int(samples)} {quote(d + '/samples.jsonl')} 2>/dev/null; " if samples else "")
         + "true"
     )
     r = t.run(cmd, timeout=timeout)
