@@ -286,19 +286,31 @@ def down(
     yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
-    """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat."""
+    """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat; a
+    name state does not know exits 1 (not_found), after the known ones are down."""
     from mlcloud import state
-    from mlcloud.errors import MlcloudError, UsageError
+    from mlcloud.errors import MlcloudError, NotFoundError, UsageError
     from mlcloud.provision import lifecycle
     from mlcloud.spec.task import check_cluster_name
 
     if bool(names) == all_:
         raise UsageError("name the clusters to tear down, or pass --all (not both)")
     store = state.open_store()
-    targets = [c.name for c in store.list_clusters()] if all_ else names or []
-    for n in targets:
+    asked = [c.name for c in store.list_clusters()] if all_ else names or []
+    for n in asked:
         check_cluster_name(n)
+    missing = [] if all_ else [n for n in asked if store.get_cluster(n) is None]
+    unknown = (
+        NotFoundError(
+            f"no cluster named {', '.join(map(repr, missing))}; `mlcloud status` lists them all"
+        )
+        if missing
+        else None
+    )
+    targets = [n for n in asked if n not in missing]
     if not targets:
+        if unknown:
+            raise unknown
         if json:
             output.print_json({"clusters": []})
         else:
@@ -327,7 +339,7 @@ def down(
                 done.append(
                     {"name": n, "status": "failed", "error": str(e), "unpulled_job": unseen[n]}
                 )
-                if len(targets) == 1 and not json:
+                if len(asked) == 1 and not json:
                     raise
                 rep.warn(str(e))
                 failed.append(e)
@@ -354,11 +366,14 @@ def down(
             )
     finally:
         output.close(rep)
-    first = failed[0] if len(targets) == 1 and failed else None
+    done += [{"name": n, "status": "not_found", "unpulled_job": None} for n in missing]
+    first = failed[0] if len(asked) == 1 and failed else None
     if failed and not first:
         first = MlcloudError(
             f"{len(failed)} of {len(targets)} cluster(s) not torn down (see above)"
+            + (f"; {unknown}" if unknown else "")
         )
+    first = first or unknown
     if json:
         output.print_json({"clusters": done})
         if first:  # said in the document above: stdout holds one JSON document

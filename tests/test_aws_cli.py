@@ -99,7 +99,8 @@ def test_up_4_status_down_leaves_nothing(moto_server, make_ssh_nodes, tmp_path):
         "key_pairs": 0,
     }
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
-    assert run_cli("down", "gpu4", "--yes").returncode == 0  # harmless the second time
+    r = run_cli("down", "gpu4", "--yes")  # harmless the second time, and said: not_found
+    assert r.returncode == 1 and "no cluster named 'gpu4'" in r.stderr, r.stderr
 
 
 def test_killed_up_rerun_never_duplicates(moto_server, make_ssh_nodes, tmp_path):
