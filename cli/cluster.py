@@ -530,12 +530,14 @@ def gc(
         callback=options.finite,
         help="Keep clusters younger than this many minutes.",
     ),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list; delete nothing."),
+    yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
-    """Find resources tagged by mlcloud whose cluster is not in local state; delete them only
-    with --yes, and only this home's (other owners' need --all-owners or --owner) and none
-    younger than --min-age. Resources without mlcloud's tags are never touched."""
+    """Find resources tagged by mlcloud whose cluster is not in local state, list them, and
+    delete those marked delete once confirmed: only this home's (other owners' need
+    --all-owners or --owner) and none younger than --min-age. Resources without mlcloud's
+    tags are never touched."""
     from dataclasses import asdict
 
     from mlcloud import state
@@ -547,7 +549,12 @@ def gc(
     search = collector.find(store, provider, region or [])
     owners = None if all_owners else set(owner or ())
     orphans = collector.decide(search.found, me, owners, min_age * 60, time.time())
-    deleted = collector.delete(orphans) if yes else []  # before anything says they are gone
+    ready = sum(o.action == collector.DELETE for o in orphans)
+    if not json:
+        _show_orphans(search.skipped, orphans)
+    if ready and not dry_run:
+        output.confirm(f"delete the {ready} resource(s) marked delete?", yes)
+    deleted = [] if dry_run else collector.delete(orphans)  # before anything says they are gone
     if json:
         output.print_json(
             {
@@ -559,8 +566,18 @@ def gc(
                 "skipped": search.skipped,
             }
         )
-        return
-    for line in search.skipped:
+    elif orphans and dry_run:
+        print(
+            f"rerun without --dry-run to delete the {ready} marked delete"
+            if ready
+            else "nothing to delete (see action)"
+        )
+    elif orphans:
+        print(f"deleted {len(deleted)} resource(s), kept {len(orphans) - len(deleted)}")
+
+
+def _show_orphans(skipped: list[str], orphans) -> None:
+    for line in skipped:
         typer.echo(f"warning: {line}", err=True)
     if not orphans:
         print("no orphaned resources")
@@ -583,10 +600,3 @@ def gc(
             for r in [o.resource]
         ],
     )
-    ready = sum(o.action == collector.DELETE for o in orphans)
-    if yes:
-        print(f"deleted {len(deleted)} resource(s), kept {len(orphans) - len(deleted)}")
-    elif ready:
-        print(f"rerun with --yes to delete the {ready} marked delete")
-    else:
-        print("nothing to delete (see action)")

@@ -285,8 +285,8 @@ def test_gc_all_owners_still_needs_yes_and_age(moto_server, make_ssh_nodes, tmp_
     _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
     assert run_cli(*up_args("theirs", nodes, proxy, 1)).returncode == 0
     monkeypatch.setenv("MLCLOUD_HOME", str(tmp_path / "runner-2"))
-    r = run_cli("gc", "--provider", "aws", "--all-owners", "--min-age", "0")
-    assert r.returncode == 0 and "rerun with --yes to delete the 3" in r.stdout, r.stdout
+    r = run_cli("gc", "--provider", "aws", "--all-owners", "--min-age", "0", "--dry-run")
+    assert r.returncode == 0 and "rerun without --dry-run to delete the 3" in r.stdout, r.stdout
     r = run_cli("gc", "--provider", "aws", "--all-owners", "--yes")  # too young
     assert "deleted 0" in r.stdout and len(live_instances()) == 1
     r = run_cli("gc", "--provider", "aws", "--all-owners", "--yes", "--min-age", "0")
