@@ -286,19 +286,31 @@ def down(
     yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
-    """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat."""
+    """Terminate a cluster's nodes, confirm they are gone, then forget it. Safe to repeat; a
+    name state does not know exits 1 (not_found), after the known ones are down."""
     from mlcloud import state
-    from mlcloud.errors import MlcloudError, UsageError
+    from mlcloud.errors import MlcloudError, NotFoundError, UsageError
     from mlcloud.provision import lifecycle
     from mlcloud.spec.task import check_cluster_name
 
     if bool(names) == all_:
         raise UsageError("name the clusters to tear down, or pass --all (not both)")
     store = state.open_store()
-    targets = [c.name for c in store.list_clusters()] if all_ else names or []
-    for n in targets:
+    asked = [c.name for c in store.list_clusters()] if all_ else names or []
+    for n in asked:
         check_cluster_name(n)
+    missing = [] if all_ else [n for n in asked if store.get_cluster(n) is None]
+    unknown = (
+        NotFoundError(
+            f"no cluster named {', '.join(map(repr, missing))}; `mlcloud status` lists them all"
+        )
+        if missing
+        else None
+    )
+    targets = [n for n in asked if n not in missing]
     if not targets:
+        if unknown:
+            raise unknown
         if json:
             output.print_json({"clusters": []})
         else:
@@ -327,7 +339,7 @@ def down(
                 done.append(
                     {"name": n, "status": "failed", "error": str(e), "unpulled_job": unseen[n]}
                 )
-                if len(targets) == 1 and not json:
+                if len(asked) == 1 and not json:
                     raise
                 rep.warn(str(e))
                 failed.append(e)
@@ -354,11 +366,14 @@ def down(
             )
     finally:
         output.close(rep)
-    first = failed[0] if len(targets) == 1 and failed else None
+    done += [{"name": n, "status": "not_found", "unpulled_job": None} for n in missing]
+    first = failed[0] if len(asked) == 1 and failed else None
     if failed and not first:
         first = MlcloudError(
             f"{len(failed)} of {len(targets)} cluster(s) not torn down (see above)"
+            + (f"; {unknown}" if unknown else "")
         )
+    first = first or unknown
     if json:
         output.print_json({"clusters": done})
         if first:  # said in the document above: stdout holds one JSON document
@@ -515,12 +530,14 @@ def gc(
         callback=options.finite,
         help="Keep clusters younger than this many minutes.",
     ),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Delete what was found."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list; delete nothing."),
+    yes: bool = options.YES,
     json: bool = options.JSON,
 ) -> None:
-    """Find resources tagged by mlcloud whose cluster is not in local state; delete them only
-    with --yes, and only this home's (other owners' need --all-owners or --owner) and none
-    younger than --min-age. Resources without mlcloud's tags are never touched."""
+    """Find resources tagged by mlcloud whose cluster is not in local state, list them, and
+    delete those marked delete once confirmed: only this home's (other owners' need
+    --all-owners or --owner) and none younger than --min-age. Resources without mlcloud's
+    tags are never touched."""
     from dataclasses import asdict
 
     from mlcloud import state
@@ -532,7 +549,12 @@ def gc(
     search = collector.find(store, provider, region or [])
     owners = None if all_owners else set(owner or ())
     orphans = collector.decide(search.found, me, owners, min_age * 60, time.time())
-    deleted = collector.delete(orphans) if yes else []  # before anything says they are gone
+    ready = sum(o.action == collector.DELETE for o in orphans)
+    if not json:
+        _show_orphans(search.skipped, orphans)
+    if ready and not dry_run:
+        output.confirm(f"delete the {ready} resource(s) marked delete?", yes)
+    deleted = [] if dry_run else collector.delete(orphans)  # before anything says they are gone
     if json:
         output.print_json(
             {
@@ -544,8 +566,18 @@ def gc(
                 "skipped": search.skipped,
             }
         )
-        return
-    for line in search.skipped:
+    elif orphans and dry_run:
+        print(
+            f"rerun without --dry-run to delete the {ready} marked delete"
+            if ready
+            else "nothing to delete (see action)"
+        )
+    elif orphans:
+        print(f"deleted {len(deleted)} resource(s), kept {len(orphans) - len(deleted)}")
+
+
+def _show_orphans(skipped: list[str], orphans) -> None:
+    for line in skipped:
         typer.echo(f"warning: {line}", err=True)
     if not orphans:
         print("no orphaned resources")
@@ -568,10 +600,3 @@ def gc(
             for r in [o.resource]
         ],
     )
-    ready = sum(o.action == collector.DELETE for o in orphans)
-    if yes:
-        print(f"deleted {len(deleted)} resource(s), kept {len(orphans) - len(deleted)}")
-    elif ready:
-        print(f"rerun with --yes to delete the {ready} marked delete")
-    else:
-        print("nothing to delete (see action)")

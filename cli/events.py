@@ -13,7 +13,7 @@ def events(
     name: str = typer.Argument(..., help="Cluster."),
     json: bool = options.JSON,
     follow: bool = typer.Option(
-        False, "--follow", "-f", help="Keep asking the nodes and print new events as they come."
+        False, "--follow", "-F", help="Keep asking the nodes and print new events as they come."
     ),
     interval: float = typer.Option(
         2.0, "--interval", min=0.5, help="--follow: seconds between two looks."

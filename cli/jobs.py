@@ -493,10 +493,11 @@ def exec_(
     from mlcloud import state
     from mlcloud.parallel import fan_out
     from mlcloud.provision import handle
+    from mlcloud.remote import shell
 
     store = state.open_store()
     h = handle.open_cluster(store, name)
-    line = command[0] if len(command) == 1 else shlex.join(command)
+    line = command[0] if len(command) == 1 else shell.join(command)
     lock = threading.Lock()
     say = _printer(sys.stdout)
 
@@ -514,7 +515,7 @@ def exec_(
                 pass
 
         r = t.run(
-            f"{h.ctl(i)} exec {shlex.quote(root + '/workdir')} {shlex.quote(line)}", on_line=out
+            f"{h.ctl(i)} exec {shell.quote(root + '/workdir')} {shell.quote(line)}", on_line=out
         )
         if not json_out:
             with lock:

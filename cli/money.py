@@ -205,43 +205,63 @@ def cost(json: bool = options.JSON) -> None:
 
 
 @catalog_app.command("show")
-def catalog_show() -> None:
+def catalog_show(json: bool = options.JSON) -> None:
     """Where the catalog's figures come from and how old they are."""
     from mlcloud.spec import catalog
+    from mlcloud.spec.catalog.refresh import REFRESH
 
-    for line in catalog.header():
+    header = catalog.header()
+    fresh = {p: path for p in REFRESH if (path := catalog.refreshed_path(p)).exists()}
+    if json:
+        output.print_json(
+            {
+                "shipped": {
+                    "path": str(catalog.SHIPPED),
+                    "built": catalog.built(),
+                    "header": header,
+                },
+                "refreshed": {p: str(path) for p, path in fresh.items()},
+            }
+        )
+        return
+    for line in header:
         print(line)
-    for provider in ("aws", "gce"):
-        fresh = catalog.refreshed_path(provider)
-        if fresh.exists():
-            print(f"{provider}: refreshed copy in use: {fresh}")
+    for provider, path in fresh.items():
+        print(f"{provider}: refreshed copy in use: {path}")
 
 
 @catalog_app.command("refresh")
 def catalog_refresh(
-    provider: str = typer.Option("aws", "--provider", "-p", help="Whose prices to refresh."),
+    provider: str | None = typer.Option(
+        None,
+        "--provider",
+        "-p",
+        help="Only this provider (aws or gce; default: each one with credentials here).",
+    ),
 ) -> None:
     """Fetch current prices (AWS: Price List API and spot price history; GCE: Cloud Billing
     Catalog API) into $MLCLOUD_HOME; they then take the place of the shipped figures for that
-    provider."""
-    from mlcloud import providers
-    from mlcloud.errors import MlcloudError, UsageError
+    provider. Without --provider, every cloud this machine has credentials for; the others
+    are named as skipped."""
+    from mlcloud.errors import MlcloudError
     from mlcloud.spec import catalog
-    from mlcloud.spec.catalog.refresh import refresh_aws, refresh_gce
+    from mlcloud.spec.catalog import refresh
 
-    refresh = {"aws": refresh_aws, "gce": refresh_gce}.get(provider)
-    if refresh is None:
-        raise UsageError(
-            f"refresh is available for aws and gce; {provider!r} uses the shipped figures"
+    names, skipped = refresh.chosen(provider)
+    for name in skipped:
+        print(f"{name}: skipped, no credentials here (`--provider {name}` tries anyway)")
+    failed: list[str] = []
+    for name in names:  # one cloud failing does not keep the other's prices old
+        try:
+            refreshed, kept = refresh.refresh(name)
+        except MlcloudError as e:
+            failed.append(str(e))
+            continue
+        print(
+            f"refreshed {refreshed} {name} offer(s), {kept} kept as shipped: "
+            f"{catalog.refreshed_path(name)}"
         )
-    shipped = catalog.built()
-    try:
-        refreshed, kept = refresh(providers.get(provider))
-    except MlcloudError as e:
+    if failed:
         raise MlcloudError(
-            f"could not refresh {provider} prices ({e}); still using the shipped catalog: {shipped}"
-        ) from None
-    print(
-        f"refreshed {refreshed} {provider} offer(s), {kept} kept as shipped: "
-        f"{catalog.refreshed_path(provider)}"
-    )
+            f"{'; '.join(failed)}; still using the shipped catalog: {catalog.built()}"
+        )

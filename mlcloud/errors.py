@@ -6,7 +6,6 @@ command failed, 2 bad input, 3 no capacity anywhere tried, 4 quota, 5 credential
 130 interrupted. `train` and `logs --follow` exit with the job's own code.
 """
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CAPACITY = 3

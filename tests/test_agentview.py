@@ -46,11 +46,12 @@ def test_read_over_a_transport(tmp_path):
         + '{"time": 2, "kind": "idl'  # a line being appended as it is read
     )
     (d / "stopped").write_text(json.dumps({"time": 7.0, "kind": "budget_stop", "reason": "r"}))
-    view = agentview.read(LocalTransport("node1"), str(tmp_path), 1, samples=3)
+    view = agentview.read(LocalTransport("node1"), str(tmp_path), 1)
     assert view.stopped == agentview.Stopped(7.0, "budget_stop", "r")
     assert view.events == (agentview.Event(1.5, "stall", 1, "m"),)
-    assert [s.time for s in view.samples] == [7.0, 8.0, 9.0]
-    s = view.samples[-1]
+    probe = agentview.probe(LocalTransport("node1"), str(tmp_path), 100.0)  # samples: its
+    assert [s.time for s in probe.samples] == [float(t) for t in range(10)]
+    s = probe.samples[-1]
     assert s.job == agentview.JobSample(3, "running", 40) and s.gpus[0].util == 99.0
     assert s.verdict == "busy" and s.cpu_percent == 12.5
 
@@ -75,8 +76,8 @@ def test_samples_parse_and_runs():
 
 
 def test_read_a_node_without_an_agent(tmp_path):
-    view = agentview.read(LocalTransport("node0"), str(tmp_path), 0, samples=5)
-    assert view == agentview.NodeView(0, None, (), ())
+    view = agentview.read(LocalTransport("node0"), str(tmp_path), 0)
+    assert view == agentview.NodeView(0, None, ())
 
 
 def test_metadata_endpoints_are_the_clouds_unless_replaced(monkeypatch):

@@ -3,17 +3,52 @@ running): `autoscale` reports them stopped and decides nothing more; `train` ref
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from mlcloud.cli.app import run
 from typer.testing import CliRunner
 
 from mlcloud.provision import lifecycle
 
 pytestmark = pytest.mark.e2e  # starts the node agent
+
+
+def once_json(name: str) -> dict:
+    """`autoscale NAME --once --json`, in-process: the pass's decisions, with their reasons."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run(["autoscale", name, "--once", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_once_json_gives_each_decision_with_its_reason(mlcloud_home):
+    """A node gone from the provider's listing is replaced: the action, its node and why."""
+    from mlcloud import state
+    from mlcloud.remote.shell import stop_line
+    from mlcloud.report import PlainReporter
+    from mlcloud.spec.task import TaskSpec
+
+    store = state.open_store()
+    rec = lifecycle.up(store, "lossy", TaskSpec(provider="local", nodes=2), PlainReporter(True))
+    try:
+        lost = rec.nodes[1]  # gone with its processes; the local provider lists directories
+        subprocess.run(["sh", "-c", stop_line(lost.python, lost.root, rec.uid)], check=True)
+        shutil.rmtree(lost.root)
+        (action,) = once_json("lossy")["actions"]
+        assert action == {
+            "kind": "replace",
+            "reason": "node1 (local-1) lost: the provider lists it as missing",
+            "node": 1,
+        }
+    finally:
+        lifecycle.down(store, "lossy", PlainReporter(quiet=True))
 
 
 def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
@@ -37,6 +72,7 @@ def test_once_after_the_nodes_stopped_themselves(tmp_path, mlcloud_home):
         r = CliRunner().invoke(app, ["autoscale", "self", "--once"])
         assert r.exit_code == 0, r.output
         assert "every node is stopped" in r.output and "healthy" not in r.output, r.output
+    assert once_json("self") == {"cluster": "self", "stopped": True, "actions": []}
     # the agent's stop is the one event of it: the controller decided no teardown of its own
     log = store.event_log("self", rec.uid)
     assert [(k, n) for _, k, n, _ in log if k == "idle_teardown"] == [("idle_teardown", 0)], log
@@ -75,6 +111,8 @@ def test_once_leaves_no_heartbeat_behind(mlcloud_home):
         r = CliRunner().invoke(app, ["autoscale", "cron", "--once"])
         assert r.exit_code == 0 and "nothing to do" in r.output, r.output
         assert not Path(rec.nodes[0].root, "agent", "heartbeat").exists()
+        assert once_json("cron") == {"cluster": "cron", "stopped": False, "actions": []}
+        assert run(["autoscale", "cron", "--json"]) == 2  # a document per pass: only --once
     finally:
         lifecycle.down(store, "cron", PlainReporter(quiet=True))
 

@@ -24,6 +24,7 @@ from mlcloud.control.policy import (
     decide,
     lost_reason,
 )
+from mlcloud.spec.task import AutoscaleSpec
 
 NOW = 1_000_000.0
 RUNNING = JobView(7, True)
@@ -179,10 +180,10 @@ CASES = [
         [],
     ),
     (
-        "stall-holds-without-stall_minutes",
-        snap(nodes=(node(0, verdict="stalled", stalled_since=NOW - 10_000), node(1))),
+        "stall-report-after-the-specs-default",  # stall_minutes: 10, as the spec's default
+        snap(nodes=(node(0, verdict="stalled", stalled_since=NOW - 601), node(1))),
         Policy(),
-        [],
+        [STALL],
     ),
     # grow and shrink (elastic 1:3, $3.6/h per node)
     ("grow-toward-max", snap(2, min_nodes=1, max_nodes=3), Policy(), [GROW]),
@@ -330,3 +331,12 @@ def test_the_controller_waits_longer_after_each_failed_pass_and_resets(monkeypat
     monkeypatch.setattr(Controller, "step", step)
     ctl.run(interval=5.0, stop=Stop())
     assert waits == [10, 20, 40, 5, 5]
+
+
+def test_policy_defaults_are_the_specs():
+    """One default per setting: a cluster whose stored spec lacks a key (made by an older
+    mlcloud) gets from the controller what the spec (and so the node agent) would give it."""
+    spec = AutoscaleSpec()
+    shared = set(Policy.__dataclass_fields__) & set(AutoscaleSpec.__dataclass_fields__)
+    assert shared == set(Policy.__dataclass_fields__) - {"lost_after"}
+    assert {k: getattr(Policy(), k) for k in shared} == {k: getattr(spec, k) for k in shared}

@@ -99,7 +99,8 @@ def test_up_4_status_down_leaves_nothing(moto_server, make_ssh_nodes, tmp_path):
         "key_pairs": 0,
     }
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
-    assert run_cli("down", "gpu4", "--yes").returncode == 0  # harmless the second time
+    r = run_cli("down", "gpu4", "--yes")  # harmless the second time, and said: not_found
+    assert r.returncode == 1 and "no cluster named 'gpu4'" in r.stderr, r.stderr
 
 
 def test_killed_up_rerun_never_duplicates(moto_server, make_ssh_nodes, tmp_path):
@@ -284,8 +285,8 @@ def test_gc_all_owners_still_needs_yes_and_age(moto_server, make_ssh_nodes, tmp_
     _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
     assert run_cli(*up_args("theirs", nodes, proxy, 1)).returncode == 0
     monkeypatch.setenv("MLCLOUD_HOME", str(tmp_path / "runner-2"))
-    r = run_cli("gc", "--provider", "aws", "--all-owners", "--min-age", "0")
-    assert r.returncode == 0 and "rerun with --yes to delete the 3" in r.stdout, r.stdout
+    r = run_cli("gc", "--provider", "aws", "--all-owners", "--min-age", "0", "--dry-run")
+    assert r.returncode == 0 and "rerun without --dry-run to delete the 3" in r.stdout, r.stdout
     r = run_cli("gc", "--provider", "aws", "--all-owners", "--yes")  # too young
     assert "deleted 0" in r.stdout and len(live_instances()) == 1
     r = run_cli("gc", "--provider", "aws", "--all-owners", "--yes", "--min-age", "0")

@@ -1,16 +1,22 @@
 """`catalog refresh` for AWS: spot history from moto, on-demand prices from an injected Price
-List answer (moto does not serve the Pricing API), and the offline case."""
+List answer (moto does not serve the Pricing API), and the offline case; without --provider,
+each cloud with credentials here (in-process, each refresh a fake); `catalog show --json`."""
 
 from __future__ import annotations
 
 import json
+import os
+import types
 
 import pytest
 from conftest import run_cli
+from mlcloud.cli.app import run
 from mlcloud.providers.aws import AwsProvider
 from moto import mock_aws
 
+from mlcloud.errors import MlcloudError
 from mlcloud.spec import catalog
+from mlcloud.spec.catalog import refresh
 from mlcloud.spec.catalog.refresh import refresh_aws
 
 
@@ -73,3 +79,75 @@ def test_refresh_offline_says_the_shipped_copy_serves(aws_env, monkeypatch):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: could not refresh aws prices") and "2026-11-27" in line
     assert run_cli("offers", "A100:8", "--provider", "aws").returncode == 0
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = run(list(args))
+    return (code, *capsys.readouterr())
+
+
+@pytest.fixture
+def clouds(monkeypatch, tmp_path):
+    """Credentials for no cloud (then `set("aws")`, `set("gce")`); each refresh is a fake."""
+    for var in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    calls: dict[str, object] = {}
+
+    def fake(name: str, answer):
+        def refresh_one(provider):
+            calls[name] = provider.name
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        monkeypatch.setitem(refresh.REFRESH, name, refresh_one)
+
+    fake("aws", (3, 7))
+    fake("gce", (2, 5))
+
+    def set_(name: str) -> None:
+        var = "AWS_ACCESS_KEY_ID" if name == "aws" else "GOOGLE_APPLICATION_CREDENTIALS"
+        monkeypatch.setenv(var, "set")
+
+    return types.SimpleNamespace(set=set_, fake=fake, calls=calls)
+
+
+def test_refresh_without_a_provider_refreshes_each_configured_cloud(clouds, capsys):
+    code, out, err = _cli(capsys, "catalog", "refresh")
+    assert code == 5 and out == "" and clouds.calls == {}
+    assert err.startswith("error: no credentials here for aws or gce") and err.count("\n") == 1
+    clouds.set("gce")
+    code, out, err = _cli(capsys, "catalog", "refresh")
+    assert code == 0 and err == "" and clouds.calls == {"gce": "gce"}
+    assert out.splitlines() == [
+        "aws: skipped, no credentials here (`--provider aws` tries anyway)",
+        f"refreshed 2 gce offer(s), 5 kept as shipped: {catalog.refreshed_path('gce')}",
+    ]
+    clouds.set("aws")
+    clouds.fake("aws", MlcloudError("offline"))
+    code, out, err = _cli(capsys, "catalog", "refresh")  # one failing: the other still goes
+    assert code == 1 and out.startswith("refreshed 2 gce offer(s)")
+    assert err.startswith("error: could not refresh aws prices (offline); still using the ")
+    assert err.count("\n") == 1 and "2026-11-27" in err
+    clouds.calls.clear()
+    assert _cli(capsys, "catalog", "refresh", "-p", "gce")[0] == 0 and clouds.calls == {
+        "gce": "gce"
+    }
+    code, _, err = _cli(capsys, "catalog", "refresh", "-p", "local")
+    assert code == 2 and "'local' uses the shipped figures" in err
+
+
+def test_show_json_names_the_refreshed_copies_in_use(capsys):
+    code, out, _ = _cli(capsys, "catalog", "show", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["refreshed"] == {} and "2026-11-27" in shown["shipped"]["built"]
+    assert shown["shipped"]["header"] == catalog.header()
+    path = catalog.refreshed_path("gce")
+    path.parent.mkdir(parents=True)
+    path.write_text(catalog.SHIPPED.read_text())
+    shown = json.loads(_cli(capsys, "catalog", "show", "--json")[1])
+    assert shown["refreshed"] == {"gce": str(path)}

@@ -112,8 +112,7 @@ ERRORS = [
     ("down-bad-name", ["down", "Bad_Name", "--yes"], 2, "invalid cluster name"),
     ("down-neither", ["down"], 2, "--all"),
     ("down-both", ["down", "ok", "--all", "--yes"], 2, "not both"),
-    ("down-no-tty", ["down", "ok"], 2, "rerun with --yes"),
-    ("down-no-tty-two", ["down", "ok", "other"], 2, "rerun with --yes"),
+    ("down-typo", ["down", "typo"], 1, "no cluster named 'typo'"),  # not_found, nothing asked
     (
         "train-unknown-cluster",
         ["train", "ghost", "train.py", "-w", "{tmp}/work"],
@@ -295,9 +294,14 @@ def test_json_after_double_dash_is_not_ours(cli):
     assert_one_error_line(r, 1, "ghost")
 
 
-def test_down_without_terminal_refuses_even_with_piped_yes(cli):
+def test_down_without_terminal_refuses_even_with_piped_yes(cli, home, monkeypatch):
     """A pipe is not a terminal: `yes | mlcloud down x` must not count as consent."""
+    from mlcloud import state
+
+    monkeypatch.setenv("MLCLOUD_HOME", str(home))
+    state.open_store().create_cluster("ok", "ok-1", "local", {}, "me")  # a row: no nodes
     assert_one_error_line(cli("down", "ok", input="y\n"), 2, "--yes")
+    assert cluster_names(home) == ["ok"]
 
 
 def test_down_without_terminal_keeps_a_real_cluster(cli):

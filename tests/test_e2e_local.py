@@ -93,7 +93,8 @@ def test_up_train_kill_resume_down(project, mlcloud_home):
     assert status()["clusters"] == []
     assert tagged_pids(f"{uid}.") == []
     assert not (mlcloud_home / "local" / uid).exists()
-    assert run_cli("down", "e2e", "--yes").returncode == 0  # idempotent
+    r = run_cli("down", "e2e", "--yes")  # harmless the second time, and said: not_found
+    assert r.returncode == 1 and "no cluster named 'e2e'" in r.stderr, r.stderr
 
 
 def test_racing_up_makes_one_cluster(mlcloud_home):

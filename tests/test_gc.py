@@ -1,5 +1,6 @@
-"""`mlcloud gc`: the ownership and age rule (pure), and the local provider's node directories
-found again, with their processes, once the state database is gone."""
+"""`mlcloud gc`: the ownership and age rule (pure), the question before deleting, and the
+local provider's node directories found again, with their processes, once the state database
+is gone."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 from conftest import run_cli, tagged_pids
+from mlcloud.cli.app import run
 from mlcloud.providers.base import Resource
 
 from mlcloud.provision.gc import DELETE, decide
@@ -115,3 +119,45 @@ def test_gc_without_a_provider_skips_clouds_it_has_no_credentials_for(mlcloud_ho
     assert [s.split(":")[0] for s in skipped] == ["aws", "gce"], skipped
     r = run_cli("gc", "--provider", "gce")
     assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+def test_gc_asks_before_deleting_and_yes_skips_only_the_question(mlcloud_home, capsys, monkeypatch):
+    """Plain `gc` lists, then asks; without a terminal it refuses (never hangs); `--dry-run`
+    only lists; `--yes` deletes without the question, and only what is marked delete."""
+    import typer
+
+    def gc(*args: str) -> tuple[int, str, str]:
+        code = run(["gc", "--provider", "local", *args])
+        return (code, *capsys.readouterr())
+
+    node = mlcloud_home / "local" / "lost-0123abcd" / "node-0"
+    node.mkdir(parents=True)
+    old = time.time() - 3600  # the local provider dates a node by its directory
+    os.utime(node, (old, old))
+    code, out, err = gc()
+    assert code == 2 and "lost-0123abcd/node-0" in out and node.exists()
+    assert err == (
+        "error: delete the 1 resource(s) marked delete? needs confirmation and there is no "
+        "terminal to ask; rerun with --yes\n"
+    )
+    code, out, err = gc("--dry-run")
+    assert code == 0 and out.endswith("rerun without --dry-run to delete the 1 marked delete\n")
+    code, out, _ = gc("--dry-run", "--json", "--yes")
+    assert code == 0 and json.loads(out)["deleted"] == 0 and node.exists()
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    asked = []
+    monkeypatch.setattr(typer, "confirm", lambda q, **_: asked.append(q) or False)
+    code, out, err = gc()  # answered no
+    assert code == 2 and err == "error: cancelled; nothing was changed\n" and node.exists()
+    assert asked == ["delete the 1 resource(s) marked delete?"]
+    monkeypatch.setattr(typer, "confirm", lambda q, **_: pytest.fail(f"asked {q!r}"))
+    code, out, err = gc("--yes", "--min-age", "120")  # too young: kept, nothing to ask
+    assert code == 0 and out.endswith("deleted 0 resource(s), kept 1\n") and node.exists()
+    code, out, err = gc("--yes")
+    assert code == 0 and out.endswith("deleted 1 resource(s), kept 0\n"), out + err
+    assert not node.exists()

@@ -83,6 +83,14 @@ def test_long_gcs_names_need_dots():
     assert str(buckets.parse("gs://bkt/").child("run")) == "gs://bkt/run"
 
 
+def test_each_scheme_names_the_provider_that_serves_it():
+    """gs:// is served by the `gce` provider (GCP is the cloud, not a provider name)."""
+    from mlcloud import providers
+
+    assert buckets.SCHEMES == {"s3": "aws", "gs": "gce"}
+    assert set(buckets.SCHEMES.values()) <= set(providers.names())
+
+
 def _handle(spec: dict):
     from types import SimpleNamespace
 

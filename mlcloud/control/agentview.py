@@ -5,10 +5,9 @@ stop record), read over a node's Transport. Used by `status`, `events` and the c
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass
 
-from mlcloud.remote.shell import DIR, path_arg
+from mlcloud.remote.shell import DIR, path_arg, quote
 from mlcloud.remote.transport import RemoteError, Transport
 
 
@@ -58,12 +57,11 @@ class Stopped:
 
 @dataclass(frozen=True)
 class NodeView:
-    """What one node's agent left: its stop record and events (and samples when asked)."""
+    """What one node's agent left: its stop record and events."""
 
     node: int
     stopped: Stopped | None
     events: tuple[Event, ...]
-    samples: tuple[Sample, ...] = ()
 
 
 def _lines(text: str) -> list[dict]:
@@ -128,24 +126,18 @@ def since(rows: tuple[Sample, ...], verdict: str) -> float | None:
 _SEP = "@mlcloud-agent-file"
 
 
-def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 10.0) -> NodeView:
-    """One round trip: the node's stop record, its events and (samples > 0) its newest samples.
+def read(t: Transport, root: str, node: int, timeout: float = 10.0) -> NodeView:
+    """One round trip: the node's stop record and its events (samples are the probe's).
     Raises RemoteError when the node cannot be asked."""
     d = f"{root}/{DIR}"
     cmd = (
-        f"cat {shlex.quote(d + '/stopped')} 2>/dev/null; echo {_SEP}; "
-        f"cat {shlex.quote(d + '/events.jsonl')} 2>/dev/null; echo {_SEP}; "
-        + (
-            f"tail -n {int(samples)} {shlex.quote(d + '/samples.jsonl')} 2>/dev/null; "
-            if samples
-            else ""
-        )
-        + "true"
+        f"cat {quote(d + '/stopped')} 2>/dev/null; echo {_SEP}; "
+        f"cat {quote(d + '/events.jsonl')} 2>/dev/null; true"
     )
     r = t.run(cmd, timeout=timeout)
     if r.exit_code != 0:
         raise RemoteError(f"{t.label}: reading the agent's files failed: {r.stderr.strip()[-200:]}")
-    parts = (r.stdout.split(_SEP + "\n") + ["", "", ""])[:3]
+    parts = (r.stdout.split(_SEP + "\n") + ["", ""])[:2]
     stopped = None
     s = _lines(parts[0])
     if s and "time" in s[0]:
@@ -158,7 +150,7 @@ def read(t: Transport, root: str, node: int, samples: int = 0, timeout: float = 
             events.append(parse_event(e))
         except (KeyError, TypeError, ValueError):
             continue
-    return NodeView(node, stopped, tuple(events), parse_samples(parts[2]))
+    return NodeView(node, stopped, tuple(events))
 
 
 MARK = "@mlcloud:probe"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -381,7 +380,7 @@ class Controller:
         self._stop_job(everyone, grace=10.0)
 
         def reset(i: int) -> None:
-            jd = shlex.quote(launch.job_dir(h.nodes[i].root, job.job_id))
+            jd = quote(launch.job_dir(h.nodes[i].root, job.job_id))
             h.transports[i].run(
                 f"rm -f {jd}/exit_code {jd}/failure.json {jd}/waiter.pid; "
                 f"mv -f {jd}/output.log {jd}/output.{rdzv.number}.log 2>/dev/null; true"

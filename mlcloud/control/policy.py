@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlcloud.spec.task import AutoscaleSpec
+
 # What a provider listing may say of a node that is gone or going (EC2 states; "missing":
 # the listing no longer has it at all).
 GONE = frozenset({"terminated", "shutting-down", "stopping", "stopped", "missing"})
@@ -65,17 +67,20 @@ class Snapshot:
         return self.node_rate * len(self.nodes)
 
 
+_SPEC = AutoscaleSpec()
+
+
 @dataclass(frozen=True)
 class Policy:
-    """The spec's `autoscale:` keys (defaults as documented in the README)."""
+    """The spec's `autoscale:` keys the controller reads, with the spec's defaults: one
+    default per setting, so a stored spec without a key gets what the node agent gets."""
 
-    poll_seconds: float = 5.0
-    idle_minutes: float | None = 30.0
-    idle_util_percent: float = 5.0
-    stall_minutes: float | None = None
-    on_stall: str = "report"
-    max_cost: float | None = None
-    replace_lost: bool = True
+    poll_seconds: float = _SPEC.poll_seconds
+    idle_minutes: float = _SPEC.idle_minutes
+    stall_minutes: float = _SPEC.stall_minutes
+    on_stall: str = _SPEC.on_stall
+    max_cost: float | None = _SPEC.max_cost
+    replace_lost: bool = _SPEC.replace_lost
     lost_after: int = 2  # consecutive unreachable checks before a node counts as lost
 
     @classmethod
@@ -157,7 +162,7 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
             )
     # Idle: no job and every node idle for idle_minutes (the agent's verdict, or no job since
     # the last one ended when no agent speaks).
-    if not running and policy.idle_minutes is not None and snap.nodes:
+    if not running and snap.nodes:
         window = policy.idle_minutes * 60
         starts = [n.idle_since for n in snap.nodes]
         if snap.ended_at is not None:
@@ -173,7 +178,7 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
             )
     actions: list[Action] = []
     # Stall: a running job whose nodes have said "stalled" for stall_minutes.
-    if running and policy.stall_minutes is not None:
+    if running:
         window = policy.stall_minutes * 60
         stalled = [
             n for n in snap.nodes if n.stalled_since is not None and now - n.stalled_since >= window
@@ -209,15 +214,11 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
     # No job, and the nodes still up idle for about idle_minutes: the lost ones stopped
     # themselves (the agents' idle switch, one after the other); a replacement would only idle
     # out in turn. A node lost from a cluster idle for less than that is replaced.
-    quiet = (
-        not running
-        and policy.idle_minutes is not None
-        and all(
-            n.idle_since is not None
-            and now - n.idle_since >= policy.idle_minutes * 60 - 2 * policy.poll_seconds
-            for n in snap.nodes
-            if not lost_reason(n, policy)
-        )
+    quiet = not running and all(
+        n.idle_since is not None
+        and now - n.idle_since >= policy.idle_minutes * 60 - 2 * policy.poll_seconds
+        for n in snap.nodes
+        if not lost_reason(n, policy)
     )
     for n, why in lost:
         can = policy.replace_lost and (spares is None or spares > 0) and not quiet

@@ -4,7 +4,6 @@ told by the nodes' `cancelled` mark) or none does (the nodes are read here)."""
 
 from __future__ import annotations
 
-import shlex
 import time
 
 from mlcloud import state
@@ -13,6 +12,7 @@ from mlcloud.jobs import launch, reconcile
 from mlcloud.jobs.driver import STOP_WAIT
 from mlcloud.parallel import fan_out
 from mlcloud.provision.handle import find_job, open_cluster
+from mlcloud.remote.shell import quote
 
 GRACE = 30.0
 
@@ -30,8 +30,8 @@ def cancel(
         unreachable: list[str] = []
 
         def one(i: int) -> None:
-            jd = shlex.quote(launch.job_dir(h.nodes[i].root, job.job_id))
-            prefix = shlex.quote(launch.node_tag(h, i, job.job_id))
+            jd = quote(launch.job_dir(h.nodes[i].root, job.job_id))
+            prefix = quote(launch.node_tag(h, i, job.job_id))
             try:
                 h.transports[i].run(f"{h.ctl(i)} cancel {jd} {prefix} {grace}", timeout=grace + 30)
             except MlcloudError as e:

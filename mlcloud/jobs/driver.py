@@ -10,7 +10,6 @@ job: the nodes keep its output and exit code, and reconciliation reads them.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from mlcloud.jobs import launch, outcome
 from mlcloud.jobs.outcome import LOST, NodeEnd
 from mlcloud.provision import handle, lifecycle
 from mlcloud.provision.handle import Handle
+from mlcloud.remote.shell import quote
 from mlcloud.state import timeouts
 
 # After one node fails, the others get FAIL_GRACE s (mlcloud/timeouts.py, default 15) to fail on
@@ -95,7 +95,7 @@ class Driver:
         jd = launch.job_dir(self.h.nodes[i].root, self.job.job_id)
         try:
             result = t.run(
-                f"{self.h.ctl(i)} follow {shlex.quote(jd)}", on_line=lambda line: self.emit(i, line)
+                f"{self.h.ctl(i)} follow {quote(jd)}", on_line=lambda line: self.emit(i, line)
             )
             end = _parse_end(result.exit_code, result.stderr)
             if end.code == outcome.KILLED and end.failure is None:

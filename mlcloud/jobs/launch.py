@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mlcloud import state
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
 from mlcloud.provision.handle import Handle
-from mlcloud.remote.shell import CTL, node_number, tag
+from mlcloud.remote.shell import CTL, node_number, quote, tag
 from mlcloud.remote.sync import Limits, check_workdir
 from mlcloud.remote.transport import RemoteError, check
 from mlcloud.report import Reporter
@@ -247,14 +246,14 @@ def launch_on(h: Handle, req: JobRequest, job_id: int, nodes: list[int], rdzv: R
         spec = node_job(h, req, job_id, i, rdzv.port, rdzv.nproc, rdzv.number)
         check(
             t.run(
-                f"mkdir -p {shlex.quote(jd)} {shlex.quote(spec['checkpoint_dir'])} "
-                f"{shlex.quote(output_dir(h.nodes[i].root, job_id))}"
+                f"mkdir -p {quote(jd)} {quote(spec['checkpoint_dir'])} "
+                f"{quote(output_dir(h.nodes[i].root, job_id))}"
             ),
             t,
             "creating the job directory",
         )
         t.put(json.dumps(spec).encode(), f"{jd}/job.json", mode=0o600)
-        check(t.run(f"{h.ctl(i)} start {shlex.quote(jd)}"), t, "starting the job")
+        check(t.run(f"{h.ctl(i)} start {quote(jd)}"), t, "starting the job")
 
     fan_out(launch, nodes)
 
@@ -328,15 +327,13 @@ def _setup(h: Handle, i: int, setup: str, digest: str, emit) -> None:
     """Run setup once per node per digest. The script goes as a file: in argv, one over
     128 KiB fails with "Argument list too long"."""
     t, root = h.transports[i], h.nodes[i].root
-    marker = shlex.quote(f"{root}/setup/{digest}.done")
+    marker = quote(f"{root}/setup/{digest}.done")
     script = f"{root}/setup/{digest}.sh"
     if t.run(f"test -e {marker}").exit_code == 0:
         return
-    check(t.run(f"mkdir -p {shlex.quote(root + '/setup')}"), t, "setup")
+    check(t.run(f"mkdir -p {quote(root + '/setup')}"), t, "setup")
     t.put(setup.encode(), script, mode=0o600)
-    cmd = (
-        f"cd {shlex.quote(root + '/workdir')} && bash {shlex.quote(script)} 2>&1 && touch {marker}"
-    )
+    cmd = f"cd {quote(root + '/workdir')} && bash {quote(script)} 2>&1 && touch {marker}"
     result = t.run(cmd, on_line=lambda line: emit(i, line))
     check(result, t, "setup")
 
@@ -345,5 +342,5 @@ def kill(h: Handle, i: int, job_id: int, grace: float) -> None:
     """Stop node i's part of a job: SIGTERM (the template checkpoints), SIGKILL after grace."""
     t = h.transports[i]
     t.run(
-        f"{h.ctl(i)} kill {shlex.quote(node_tag(h, i, job_id))} {grace}", timeout=grace + 30
+        f"{h.ctl(i)} kill {quote(node_tag(h, i, job_id))} {grace}", timeout=grace + 30
     )  # a node that stopped answering must not hold the caller

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import time
 
 from mlcloud import state
@@ -19,6 +18,7 @@ from mlcloud.jobs import launch, outcome
 from mlcloud.jobs.outcome import NodeEnd
 from mlcloud.parallel import fan_out
 from mlcloud.provision.handle import Handle, open_cluster
+from mlcloud.remote.shell import quote
 
 UNREACHABLE = "unreachable"
 
@@ -38,7 +38,7 @@ def probe(h: Handle, job_id: int) -> list[dict]:
     def one(i: int) -> dict:
         jd = launch.job_dir(h.nodes[i].root, job_id)
         try:
-            r = h.transports[i].run(f"{h.ctl(i)} probe {shlex.quote(jd)}", timeout=60)
+            r = h.transports[i].run(f"{h.ctl(i)} probe {quote(jd)}", timeout=60)
             if r.exit_code == 0:
                 return json.loads(r.stdout.strip().splitlines()[-1])
         except (MlcloudError, ValueError, IndexError):

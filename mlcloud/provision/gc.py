@@ -16,7 +16,6 @@ from mlcloud.errors import UsageError
 from mlcloud.providers.base import AuthError, Resource
 
 CLOUDS = ("local", "ssh", "aws", "gce")  # they find what they hold without state
-MIN_AGE_MINUTES = 10.0
 DELETE = "delete"
 
 

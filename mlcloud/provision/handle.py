@@ -15,7 +15,7 @@ from mlcloud.providers.base import (
     Provider,
     SshOptions,
 )
-from mlcloud.remote.shell import CTL
+from mlcloud.remote.shell import CTL, quote
 from mlcloud.remote.transport import (
     Transport,
 )
@@ -37,10 +37,8 @@ class Handle:
 
     def ctl(self, i: int) -> str:
         """The shell prefix that runs node_ctl.py on node i."""
-        import shlex
-
         t = self.transports[i]
-        return f"{shlex.quote(t.python)} {shlex.quote(self.nodes[i].root + '/' + CTL)}"
+        return f"{quote(t.python)} {quote(self.nodes[i].root + '/' + CTL)}"
 
     def close(self) -> None:
         for t in self.transports:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import stat
 import threading
@@ -35,6 +34,7 @@ from typing import Protocol
 
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import Cancelled, cancelled
+from mlcloud.remote.shell import quote
 from mlcloud.remote.sync import MANIFEST, Entry, Manifest, dump, human, load
 from mlcloud.remote.transport import RemoteError, Transport
 
@@ -177,7 +177,7 @@ def _command(transport: Transport) -> str:
 
     sender = templates.path("send.py").read_text()
     # -I -S: the sender needs only the standard library; skipping site saves ~40 ms a node
-    return f"{shlex.quote(transport.python)} -I -S -c {shlex.quote(sender)}"
+    return f"{quote(transport.python)} -I -S -c {quote(sender)}"
 
 
 class _Reader:

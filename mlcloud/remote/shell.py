@@ -1,4 +1,7 @@
-"""Building remote shell commands: every interpolated value goes through here, quoted."""
+"""Building remote shell commands: every interpolated value goes through here, quoted, so
+no value (a path, a job's argv, an interpreter) can inject a command on a node. The only
+module of the engine and the providers that may call shlex.quote or shlex.join
+(tests/test_shell.py holds this)."""
 
 import shlex
 
@@ -13,6 +16,7 @@ def path_arg(path: str) -> str:
 
 
 quote = shlex.quote
+join = shlex.join  # an argv as one shell line, every word quoted
 
 
 CTL = "bin/node_ctl.py"  # the node controller, relative to a node's root

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.remote.shell import quote
 from mlcloud.remote.transport import SyncStats
 
 MANIFEST = ".mlcloud-manifest.json"
@@ -448,8 +449,6 @@ def push(
     receiver decodes (zstd when a probe said so).
 
     Nodes in the same state get the same stream, built once per process."""
-    import shlex
-
     from mlcloud import templates
     from mlcloud.remote.transport import check
 
@@ -460,10 +459,7 @@ def push(
         return stats
     receiver = templates.path("receive.py").read_text()
     # -I -S: the receiver needs only the standard library; skipping site saves ~40 ms a node
-    cmd = (
-        f"{shlex.quote(transport.python)} -I -S -c {shlex.quote(receiver)} "
-        f"{shlex.quote(remote_dir)}"
-    )
+    cmd = f"{quote(transport.python)} -I -S -c {quote(receiver)} {quote(remote_dir)}"
     check(transport.run(cmd, stdin=payload), transport, "syncing the workdir")
     return stats
 

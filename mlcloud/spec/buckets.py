@@ -9,7 +9,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-SCHEMES = {"s3": "aws", "gs": "gcp"}  # URI scheme -> the cloud that serves it
+SCHEMES = {"s3": "aws", "gs": "gce"}  # URI scheme -> the provider whose cloud serves it
 _S3_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _GCS_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _S3_BAD_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
@@ -24,10 +24,6 @@ class BucketUri:
     scheme: str  # s3 or gs
     bucket: str
     prefix: str  # without leading or trailing slash; "" for the whole bucket
-
-    @property
-    def cloud(self) -> str:
-        return SCHEMES[self.scheme]
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlcloud.errors import UsageError
+from mlcloud.spec import buckets
 
 CACHE_DAYS = 30  # a bucket deleted and made again elsewhere is found again after this
 
@@ -33,7 +34,7 @@ class DataPlace:
 
 def locate(near: str, aws_session=None, where: str = "--near") -> DataPlace:
     """REGION, s3://bucket[/prefix] or gs://bucket[/prefix] -> where the data is."""
-    for scheme, cloud, lookup in (("s3", "aws", _s3_region), ("gs", "gce", _gcs_region)):
+    for scheme, lookup in (("s3", _s3_region), ("gs", _gcs_region)):
         if near.startswith(f"{scheme}://"):
             bucket = near[len(scheme) + 3 :].split("/", 1)[0]
             key = f"{scheme}://{bucket}"
@@ -46,7 +47,7 @@ def locate(near: str, aws_session=None, where: str = "--near") -> DataPlace:
                     )
                 region = lookup(bucket, aws_session, where)
                 _remember(key, region)
-            return DataPlace(cloud, region)
+            return DataPlace(buckets.SCHEMES[scheme], region)
     if "://" in near or not near.replace("-", "").isalnum():
         raise UsageError(f"{where}: {near!r} is not a region, s3://bucket or gs://bucket")
     return DataPlace(None, near)

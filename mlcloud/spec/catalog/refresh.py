@@ -76,6 +76,46 @@ def refresh_gce(provider: Provider, now: datetime | None = None) -> tuple[int, i
     return len(prices), len(rows) - len(prices)
 
 
+REFRESH = {"aws": refresh_aws, "gce": refresh_gce}  # the providers whose APIs price offers
+
+
+def chosen(named: str | None) -> tuple[list[str], list[str]]:
+    """(the providers to refresh, those skipped for want of credentials here): the one named;
+    else each one this machine has credentials for (`configured()`: no network call). None
+    at all is an AuthError: nothing would be refreshed."""
+    from mlcloud import providers
+    from mlcloud.errors import UsageError
+    from mlcloud.providers.base import AuthError
+
+    if named is not None:
+        if named not in REFRESH:
+            raise UsageError(
+                f"refresh is available for {' and '.join(REFRESH)}; {named!r} uses the "
+                "shipped figures"
+            )
+        return [named], []
+    ready = {name: providers.get(name).configured() for name in REFRESH}
+    names = [n for n, ok in ready.items() if ok]
+    if not names:
+        raise AuthError(
+            f"no credentials here for {' or '.join(REFRESH)} (environment or credential files): "
+            "nothing refreshed; configure one, or name it with --provider to try anyway"
+        )
+    return names, [n for n, ok in ready.items() if not ok]
+
+
+def refresh(name: str) -> tuple[int, int]:
+    """(rows refreshed, rows kept as shipped) of one provider; a failure is an MlcloudError
+    naming the provider."""
+    from mlcloud import providers
+    from mlcloud.errors import MlcloudError
+
+    try:
+        return REFRESH[name](providers.get(name))
+    except MlcloudError as e:
+        raise MlcloudError(f"could not refresh {name} prices ({e})") from None
+
+
 def _write(provider: str, lines: list[str], offers: list[Offer]) -> None:
     """The provider's refreshed catalog, atomically, with where its figures came from."""
     out = io.StringIO()

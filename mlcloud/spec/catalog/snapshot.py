@@ -121,10 +121,6 @@ def _family(instance_type: str) -> str:
     return instance_type.split(".", 1)[0]
 
 
-def _gcp_family(instance_type: str) -> str:
-    return instance_type.rsplit("-", 1)[0]
-
-
 # --- AWS ---------------------------------------------------------------------------------------
 
 
