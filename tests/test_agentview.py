@@ -89,3 +89,19 @@ def test_metadata_endpoints_are_the_clouds_unless_replaced(monkeypatch):
     assert bootstrap.metadata_endpoints() == bootstrap.METADATA
     monkeypatch.setenv("MLCLOUD_METADATA_AWS", "http://127.0.0.1:9")
     assert bootstrap.metadata_endpoints()["aws"] == "http://127.0.0.1:9"
+
+
+def test_read_takes_only_the_tail_of_a_long_event_log(tmp_path, monkeypatch):
+    """A pass reads a fixed number of bytes of events.jsonl, whatever its length: the newest
+    events, the line the byte count cut through left out."""
+    monkeypatch.setattr(agentview, "EVENTS_READ", 1000)
+    d = tmp_path / "agent"
+    d.mkdir()
+    with open(d / "events.jsonl", "w") as f:
+        for i in range(2000):
+            f.write(json.dumps({"time": float(i), "kind": "stall", "node": 0, "message": "m"}))
+            f.write("\n")
+    view = agentview.read(LocalTransport("node0"), str(tmp_path), 0)
+    times = [e.time for e in view.events]
+    assert times[-1] == 1999.0 and 10 < len(times) < 20
+    assert times == [float(t) for t in range(int(times[0]), 2000)]

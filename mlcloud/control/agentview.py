@@ -124,15 +124,18 @@ def since(rows: tuple[Sample, ...], verdict: str) -> float | None:
 
 
 _SEP = "@mlcloud-agent-file"
+EVENTS_READ = 64 * 1024  # bytes of a node's events.jsonl read per pass (its tail)
 
 
 def read(t: Transport, root: str, node: int, timeout: float = 10.0) -> NodeView:
-    """One round trip: the node's stop record and its events (samples are the probe's).
-    Raises RemoteError when the node cannot be asked."""
+    """One round trip: the node's stop record and its newest events, EVENTS_READ bytes at
+    most (each is merged once, so a pass needs only what came since the last; a first line
+    cut by the byte count does not parse and is left out). Samples are the probe's. Raises
+    RemoteError when the node cannot be asked."""
     d = f"{root}/{DIR}"
     cmd = (
         f"cat {quote(d + '/stopped')} 2>/dev/null; echo {_SEP}; "
-        f"cat {quote(d + '/events.jsonl')} 2>/dev/null; true"
+        f"tail -c {EVENTS_READ} {quote(d + '/events.jsonl')} 2>/dev/null; true"
     )
     r = t.run(cmd, timeout=timeout)
     if r.exit_code != 0:
