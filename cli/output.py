@@ -106,9 +106,10 @@ def confirm(question: str, yes: bool) -> None:
         raise UsageError(
             f"{question} needs confirmation and there is no terminal to ask; rerun with --yes"
         )
-    import typer
-
-    if not typer.confirm(question, default=False):
+    # on stderr, all of it (click's prompt writes a space to stdout): stdout stays the --json's
+    sys.stderr.write(f"{question} [y/N]: ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
         raise UsageError("cancelled; nothing was changed")
 
 

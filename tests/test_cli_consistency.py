@@ -61,3 +61,19 @@ def test_down_takes_the_known_ones_down_and_names_the_unknown(capsys):
         ("other", "not_found"),
     ]
     assert store.list_clusters() == []
+
+
+def test_a_question_goes_to_stderr_so_stdout_stays_json(monkeypatch, capsys):
+    """`down --json` or `gc --json` on a terminal: the question must not precede the JSON."""
+    import io
+
+    from mlcloud.cli import output
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("y\n"))
+    output.confirm("tear down demo?", yes=False)
+    out, err = capsys.readouterr()
+    assert out == "" and "tear down demo?" in err
