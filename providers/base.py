@@ -194,7 +194,8 @@ class Provider(Protocol):
 
     def cleanup(self, cluster: ClusterRef) -> None:
         """Delete cluster-wide cloud resources once no node remains; idempotent. Never the
-        cluster's local key file: that is the engine's (mlcloud/remote/keys.py), kept across regions."""
+        cluster's local key file: that is the engine's (mlcloud/remote/keys.py), kept across
+        regions."""
 
     def transport(self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions) -> Transport:
         """How to run commands on and copy files to the node; label names it in messages."""

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from hypothesis import example, given
 from hypothesis import strategies as st
-from mlcloud.providers import aws
+from mlcloud.providers.aws import api as aws
 from mlcloud.providers.gce import rules
 
 from mlcloud.spec import catalog, plan

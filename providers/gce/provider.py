@@ -8,18 +8,16 @@ each (GCE has no bulk delete) and confirms with one listing.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlparse
 
+from mlcloud.providers import caller
 from mlcloud.providers.base import (
     Capabilities,
     CapacityError,
@@ -192,7 +190,8 @@ class GceProvider:
         if family:  # pinned to the family's newest image, for a resumed `up`
             name = self._image_from_family(api, project, family)
         request = replace(request, image=name)
-        cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
+        endpoint = api.endpoint or "https://compute.googleapis.com"
+        cidrs = list(request.ssh.allowed_cidrs) or [caller.cidr(endpoint)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)
         uris = () if self._storage_warned else (*request.storage.write, *request.storage.read)
@@ -218,7 +217,7 @@ class GceProvider:
         from mlcloud.state import atomic
 
         public = (
-            _public_key_of(request.ssh.identity_file)
+            caller.public_key(request.ssh.identity_file)
             if request.ssh.identity_file
             else " ".join(keys.ensure_cluster_key(cluster.uid)[1].split()[:2])  # no comment
         )
@@ -534,42 +533,9 @@ class GceProvider:
         image = api.call("images", "get_from_family", None, project=project, family=family)
         return f"projects/{project}/global/images/{image.name}"
 
-    def caller_cidr(self, api: Api) -> str:
-        """The address GCE sees us from, as a /32: our route's source address toward the
-        endpoint when it is public (or the endpoint is on this machine), else ask."""
-        host = urlparse(api.endpoint or "https://compute.googleapis.com").hostname or ""
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                target = ipaddress.ip_address(socket.gethostbyname(host))
-                s.connect((str(target), 443))  # UDP: sends nothing
-                source = ipaddress.ip_address(s.getsockname()[0])
-            if source.is_global or target.is_loopback:
-                return f"{source}/32"
-        except OSError:
-            pass
-        address = _public_address_lookup()
-        if address is None:
-            raise UsageError(
-                "cannot tell this machine's public address to open SSH to it; "
-                "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
-            )
-        return f"{address}/32"
-
 
 def _pause(polls) -> float:
     return next(polls, POLLS_S[-1])
-
-
-def _public_address_lookup() -> str | None:
-    if os.environ.get("MLCLOUD_OFFLINE"):
-        return None
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=3) as r:  # noqa: S310
-            return str(ipaddress.ip_address(r.read().decode().strip()))
-    except (OSError, ValueError):
-        return None
 
 
 def _settings_path(uid: str):
@@ -591,10 +557,3 @@ def _catalog_zones(instance_type: str, region: str) -> list[str]:
         if o.provider == "gce" and o.instance_type == instance_type and o.region == region:
             return list(o.zones)
     return []
-
-
-def _public_key_of(identity_file: str) -> str:
-    from mlcloud.remote.ssh import load_identity
-
-    key = load_identity(identity_file)
-    return f"{key.get_name()} {key.get_base64()}"
