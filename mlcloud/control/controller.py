@@ -127,7 +127,6 @@ class Controller:
         intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
         open_prices = [i.price for i in intervals if i.end is None]
         low, high = launch.elastic_range(h) or (n, n)
-        spares = getattr(h.provider, "spares", None)
         return pol.Snapshot(
             cluster=h.record.name,
             nodes=tuple(views),
@@ -138,7 +137,7 @@ class Controller:
             node_rate=max(open_prices, default=0.0),
             min_nodes=low,
             max_nodes=high,
-            spares=spares(h.ref) if spares else None,
+            spares=h.provider.spares(h.ref),
             ended_at=job.ended if job is not None else None,
             grow_refusals=self.grow_refusals,
             grow_refused_at=self.grow_refused_at,

@@ -27,6 +27,7 @@ from mlcloud.providers.aws.api import (
 from mlcloud.providers.aws.images import DEFAULT_USER, Images
 from mlcloud.providers.aws.network import Network
 from mlcloud.providers.base import (
+    PYTHONS,
     AuthError,
     Capabilities,
     ClusterRef,
@@ -49,11 +50,9 @@ LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 class AwsProvider:
     name: ClassVar[str] = "aws"
     boot_timeout: ClassVar[float] = 600.0
-    # stop/start is EC2's but not this provider's: its nodes terminate when they shut down
-    # stop/start is EC2's but not this provider's: its nodes terminate when they shut down
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        spot=True, placement=True, owns_machines=True
-    )
+    # its nodes terminate when they shut down (InstanceInitiatedShutdownBehavior)
+    capabilities: ClassVar[Capabilities] = Capabilities(spot=True, owns_machines=True)
+    pythons: ClassVar[tuple[str, ...]] = PYTHONS
 
     def __init__(self) -> None:
         self.api = Api()
@@ -196,6 +195,9 @@ class AwsProvider:
     def list(self, cluster: ClusterRef) -> list[Node]:
         return self._describe(cluster, self.api.region(cluster.region))
 
+    def spares(self, cluster: ClusterRef) -> int | None:
+        return None  # capacity is found by asking EC2
+
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
         if not nodes:
             return
@@ -266,6 +268,9 @@ class AwsProvider:
                 self.api.wait(region, ids, "instance_terminated")
             self.network.delete_found(region, items)
             self.iam.delete_found(items)
+
+    def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
+        return None  # the tags tell all
 
     def _describe(self, cluster: ClusterRef, region: str) -> list[Node]:
         instances = [

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlcloud.providers import caller
 from mlcloud.providers.base import (
+    PYTHONS,
     Capabilities,
     CapacityError,
     ClusterRef,
@@ -58,11 +59,11 @@ class Settings:
 class GceProvider:
     name: ClassVar[str] = "gce"
     boot_timeout: ClassVar[float] = 900.0  # the driver install on first boot takes minutes
-    # maxRunDuration: GCE deletes the VMs at the budget's deadline whatever runs on them;
-    # compact placement policies and stop/start are GCE's but not this provider's
+    # maxRunDuration: GCE deletes the VMs at the budget's deadline whatever runs on them
     capabilities: ClassVar[Capabilities] = Capabilities(
         spot=True, self_deadline=True, owns_machines=True
     )
+    pythons: ClassVar[tuple[str, ...]] = PYTHONS
 
     def __init__(self) -> None:
         self._apis: dict[tuple[str, str | None], Api] = {}
@@ -268,6 +269,9 @@ class GceProvider:
     def list(self, cluster: ClusterRef) -> list[Node]:
         return self._list(self._api_of(cluster), cluster, cluster.region)
 
+    def spares(self, cluster: ClusterRef) -> int | None:
+        return None  # capacity is found by asking GCE
+
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
         if not nodes:
             return
@@ -379,6 +383,9 @@ class GceProvider:
         for r in resources:
             if r.kind == "firewall":
                 self._delete_firewall(api, r.id)
+
+    def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
+        return None  # its project and endpoint it reads again itself
 
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         from mlcloud.providers.gce.billing import on_demand
