@@ -8,7 +8,7 @@ reads only the typed errors below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, get_args
 
 from mlcloud.errors import EXIT_AUTH, EXIT_CAPACITY, EXIT_QUOTA, MlcloudError
 
@@ -99,6 +99,17 @@ class Prepared:
     warnings: tuple[str, ...] = ()
 
 
+# A node's state in mlcloud's own words: each provider maps its cloud's states onto these, so
+# the engine reads no cloud's names. State rows keep them as text.
+NodeStatus = Literal["pending", "running", "stopping", "stopped", "terminated"]
+NODE_STATUSES: tuple[NodeStatus, ...] = get_args(NodeStatus)
+PENDING: NodeStatus = "pending"  # being made (or repaired): not up yet
+RUNNING: NodeStatus = "running"
+STOPPING: NodeStatus = "stopping"  # on its way to stopped or gone
+STOPPED: NodeStatus = "stopped"  # powered off, its disk kept
+TERMINATED: NodeStatus = "terminated"  # gone for good, or (local, ssh) stopped by a rule
+GONE: frozenset[NodeStatus] = frozenset({STOPPING, STOPPED, TERMINATED})  # runs nothing
+
 # Where torch lives on the images users start from: the AWS Deep Learning AMIs keep it apart
 # from the system python3, older GCE Deep Learning VMs in conda.
 PYTHONS = ("/opt/pytorch/bin/python", "/opt/conda/bin/python", "python3")
@@ -112,7 +123,7 @@ class Node:
     ip: str  # where mlcloud reaches the node
     private_ip: str  # where the other nodes reach it (rendezvous, NCCL/gloo)
     root: str  # the node's mlcloud directory: code, jobs, checkpoints
-    status: str = "running"
+    status: NodeStatus = RUNNING
 
 
 @dataclass(frozen=True)

@@ -351,6 +351,16 @@ def test_login_user_follows_an_asked_image(aws):
         user("ami-12345678")
 
 
+def test_every_ec2_state_maps_onto_mlclouds():
+    import botocore.session
+    from mlcloud.providers.aws.provider import STATUS
+    from mlcloud.providers.base import NODE_STATUSES
+
+    ec2 = botocore.session.get_session().get_service_model("ec2")
+    assert set(STATUS) == set(ec2.shape_for("InstanceStateName").enum)
+    assert set(STATUS.values()) == set(NODE_STATUSES)
+
+
 def test_login_user_table():
     from mlcloud.providers.aws.images import login_user
 

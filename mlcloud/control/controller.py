@@ -18,10 +18,10 @@ from mlcloud import state
 from mlcloud.control import agentview
 from mlcloud.control import policy as pol
 from mlcloud.control.agentview import detach, probe
-from mlcloud.control.nodeevents import TERMINATED
 from mlcloud.errors import MlcloudError
 from mlcloud.jobs import launch
 from mlcloud.parallel import fan_out
+from mlcloud.providers.base import TERMINATED
 from mlcloud.provision import bootstrap, handle, lifecycle
 from mlcloud.provision.handle import Handle
 from mlcloud.provision.lifecycle import down
@@ -115,7 +115,7 @@ class Controller:
                 pol.NodeView(
                     i,
                     rec.node_id,
-                    _status(listed.get(rec.node_id)),
+                    listed.get(rec.node_id, pol.MISSING),
                     self.misses[rec.node_id],
                     newest,
                     agentview.since(p.samples, "idle"),
@@ -440,13 +440,6 @@ class Controller:
         (not waiting on a node that did not answer the last pass: it got no heartbeat)."""
         answered = [i for i, n in enumerate(self.h.nodes) if not self.misses.get(n.node_id, 0)]
         fan_out(lambda i: detach(self.h.transports[i], self.h.nodes[i].root), answered)
-
-
-def _status(listed: str | None) -> str:
-    """A node the listing lacks is `missing`; one listed without a state is running."""
-    if listed is None:
-        return "missing"
-    return listed or "running"
 
 
 STOP_GRACE = 10.0  # a rule's stop: SIGTERM to SIGKILL on each node (the job checkpointed before)

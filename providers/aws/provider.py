@@ -32,6 +32,7 @@ from mlcloud.providers.base import (
     Capabilities,
     ClusterRef,
     Node,
+    NodeStatus,
     Prepared,
     ProvisionRequest,
     SshOptions,
@@ -45,6 +46,15 @@ if TYPE_CHECKING:
 
 DISK_GB = 200
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+# EC2's instance states as mlcloud's
+STATUS: dict[str, NodeStatus] = {
+    "pending": "pending",
+    "running": "running",
+    "shutting-down": "stopping",
+    "stopping": "stopping",
+    "stopped": "stopped",
+    "terminated": "terminated",
+}
 
 
 class AwsProvider:
@@ -291,7 +301,7 @@ class AwsProvider:
                 i.get("PublicIpAddress") or i.get("PrivateIpAddress", ""),
                 i.get("PrivateIpAddress", ""),
                 f"~/.mlcloud/{cluster.uid}/{i['InstanceId']}",
-                i["State"]["Name"],
+                STATUS[i["State"]["Name"]],
             )
             for i in instances
         ]

@@ -19,11 +19,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlcloud.providers import caller
 from mlcloud.providers.base import (
+    GONE,
+    PENDING,
     PYTHONS,
+    RUNNING,
     Capabilities,
     CapacityError,
     ClusterRef,
     Node,
+    NodeStatus,
     Prepared,
     ProviderError,
     ProvisionRequest,
@@ -45,6 +49,21 @@ REGION_ENVS = ("CLOUDSDK_COMPUTE_REGION", "GOOGLE_CLOUD_REGION")
 RUNNING_TIMEOUT_S = 600.0
 GONE_TIMEOUT_S = 600.0
 POLLS_S = (0.2, 0.5, 1.0, 2.0)  # between listings: quick at first, then every 2 s
+# GCE's instance states as mlcloud's (TERMINATED is GCE's word for a VM powered off)
+STATUS: dict[str, NodeStatus] = {
+    "PENDING": "pending",
+    "PROVISIONING": "pending",
+    "STAGING": "pending",
+    "REPAIRING": "pending",
+    "RUNNING": "running",
+    "PENDING_STOP": "stopping",
+    "STOPPING": "stopping",
+    "SUSPENDING": "stopping",
+    "DEPROVISIONING": "stopping",
+    "STOPPED": "stopped",
+    "SUSPENDED": "stopped",
+    "TERMINATED": "stopped",
+}
 
 
 @dataclass(frozen=True)
@@ -427,7 +446,7 @@ class GceProvider:
                     public or private,
                     private,
                     f"~/.mlcloud/{cluster.uid}/{i.name}",
-                    i.status.lower(),
+                    STATUS.get(i.status, PENDING),  # a state new to mlcloud: not gone
                 )
             )
         ours = f"mlcloud-{cluster.uid}-"  # by index, then other names (a clone keeps labels)
@@ -439,10 +458,10 @@ class GceProvider:
         deadline, polls = time.monotonic() + RUNNING_TIMEOUT_S, iter(POLLS_S)
         while True:
             nodes = [n for n in self._list(api, cluster, None) if n.node_id in names]
-            if len(nodes) == len(names) and all(n.status == "running" and n.ip for n in nodes):
+            if len(nodes) == len(names) and all(n.status == RUNNING and n.ip for n in nodes):
                 return nodes
             gone = names - {n.node_id for n in nodes}
-            if gone or any(n.status in ("terminated", "stopping") for n in nodes):
+            if gone or any(n.status in GONE for n in nodes):
                 raise ProviderError(
                     f"gce: VM(s) {', '.join(sorted(gone) or names)} ended while "
                     "starting (a Spot VM reclaimed?); try again"
