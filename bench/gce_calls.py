@@ -81,7 +81,7 @@ def main() -> int:
         NO_GCE_CHECK="true",
     )
     from mlcloud.providers.base import ClusterRef, ProvisionRequest, SshOptions
-    from mlcloud.providers.gce import GceProvider
+    from mlcloud.providers.gce.provider import GceProvider
 
     failures = []
     rows = []

@@ -97,11 +97,11 @@ class _Waiting:
 
 def counted_provider(phase: Phase):
     """A fresh AwsProvider whose EC2 client counts every call into `phase`."""
-    from mlcloud.providers.aws import AwsProvider
+    from mlcloud.providers.aws.provider import AwsProvider
 
     t0 = time.perf_counter()
     p = AwsProvider()
-    client = p.client(REGION)  # creates the client: register before its first call
+    client = p.api.client(REGION)  # creates the client: register before its first call
 
     def before_call(model, **_):
         if _Waiting.depth:

@@ -160,7 +160,7 @@ def up(
     # compute goes to the data: --near, else the spec's storage.data
     data = locate(near) if near else locate_data(spec.storage.data, output.reporter(json).warn)
     spec, plan = planner.make(spec, _default_region, max_hours, data)
-    if existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
+    if existing is None and planner.priced(plan.provider):
         # a cloud refuses what it cannot serve (credentials, instance type, region) before
         # the plan is shown and confirmed
         from mlcloud import providers
@@ -170,7 +170,7 @@ def up(
                 lifecycle.request_for(spec, spec.node_count), fallback_regions=plan.fallback_regions
             )
         )
-    if not json and existing is None and plan.provider not in planner.LOCAL_PROVIDERS:
+    if not json and existing is None and planner.priced(plan.provider):
         _show_plan(plan)
     if existing is None and plan.per_hour != 0:
         what = "an unpriced" if plan.per_hour is None else f"${plan.per_hour:.2f}/h"

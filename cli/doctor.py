@@ -21,7 +21,7 @@ def doctor(
         None,
         "--provider",
         "-p",
-        help="--rebuild: only search these providers (repeatable; default: local, ssh, aws).",
+        help="--rebuild: only search these providers (repeatable; default: every provider).",
     ),
     region: list[str] | None = typer.Option(
         None, "--region", help="--rebuild: cloud regions to search (default: the configured one)."
@@ -37,12 +37,12 @@ def doctor(
     json: bool = options.JSON,
 ) -> None:
     """Check the home, the state database, the locks and the clusters' nodes."""
+    from mlcloud import providers
     from mlcloud.provision import doctor as engine
-    from mlcloud.provision import gc
 
     done = None
     if rebuild:
-        chosen = list(dict.fromkeys(provider or ["local", "ssh", *gc.CLOUDS]))
+        chosen = list(dict.fromkeys(provider or providers.names()))
         what = (
             "move the damaged state database aside and rebuild it"
             if engine.database_damaged()

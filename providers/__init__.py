@@ -14,8 +14,8 @@ DEFAULT = "local"
 _BUILTIN = {
     "local": "mlcloud.providers.local:LocalProvider",
     "ssh": "mlcloud.providers.ssh:SshProvider",
-    "aws": "mlcloud.providers.aws:AwsProvider",
-    "gce": "mlcloud.providers.gce:GceProvider",
+    "aws": "mlcloud.providers.aws.provider:AwsProvider",
+    "gce": "mlcloud.providers.gce.provider:GceProvider",
 }
 
 

@@ -8,7 +8,7 @@ reads only the typed errors below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, get_args
 
 from mlcloud.errors import EXIT_AUTH, EXIT_CAPACITY, EXIT_QUOTA, MlcloudError
 
@@ -21,8 +21,6 @@ class Capabilities:
     """What a provider can do, so the engine asks instead of probing with hasattr."""
 
     spot: bool = False  # preemptible/Spot nodes
-    stop_start: bool = False  # nodes can be stopped and started again, keeping their disks
-    placement: bool = False  # nodes can be placed close together (placement group / compact)
     # the cloud itself ends nodes at a deadline nothing on the VM can cancel (GCE
     # scheduling.maxRunDuration)
     self_deadline: bool = False
@@ -101,6 +99,22 @@ class Prepared:
     warnings: tuple[str, ...] = ()
 
 
+# A node's state in mlcloud's own words: each provider maps its cloud's states onto these, so
+# the engine reads no cloud's names. State rows keep them as text.
+NodeStatus = Literal["pending", "running", "stopping", "stopped", "terminated"]
+NODE_STATUSES: tuple[NodeStatus, ...] = get_args(NodeStatus)
+PENDING: NodeStatus = "pending"  # being made (or repaired): not up yet
+RUNNING: NodeStatus = "running"
+STOPPING: NodeStatus = "stopping"  # on its way to stopped or gone
+STOPPED: NodeStatus = "stopped"  # powered off, its disk kept
+TERMINATED: NodeStatus = "terminated"  # gone for good, or (local, ssh) stopped by a rule
+GONE: frozenset[NodeStatus] = frozenset({STOPPING, STOPPED, TERMINATED})  # runs nothing
+
+# Where torch lives on the images users start from: the AWS Deep Learning AMIs keep it apart
+# from the system python3, older GCE Deep Learning VMs in conda.
+PYTHONS = ("/opt/pytorch/bin/python", "/opt/conda/bin/python", "python3")
+
+
 @dataclass(frozen=True)
 class Node:
     """One machine of a cluster as the provider sees it."""
@@ -109,7 +123,7 @@ class Node:
     ip: str  # where mlcloud reaches the node
     private_ip: str  # where the other nodes reach it (rendezvous, NCCL/gloo)
     root: str  # the node's mlcloud directory: code, jobs, checkpoints
-    status: str = "running"
+    status: NodeStatus = RUNNING
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,9 @@ class Provider(Protocol):
     name: ClassVar[str]
     boot_timeout: ClassVar[float]  # how long a new node may take to answer SSH
     capabilities: ClassVar[Capabilities]
+    # the interpreters bootstrap tries, in order, for the one that has torch (unless the spec
+    # names one): PYTHONS on machines mlcloud knows only by their image; local: its own
+    pythons: ClassVar[tuple[str, ...]]
 
     def default_region(self) -> str | None:
         """Where a cluster goes when neither the spec nor the flags say (None: no regions)."""
@@ -187,6 +204,11 @@ class Provider(Protocol):
     def list(self, cluster: ClusterRef) -> list[Node]:
         """The cluster's live nodes, found by tag, in a stable order."""
 
+    def spares(self, cluster: ClusterRef) -> int | None:
+        """How many more nodes `create` can make for the cluster from what it holds (ssh: the
+        hosts listed beyond those claimed), for the controller's replace and grow; None where
+        capacity is found by asking (clouds) or has no set bound (local)."""
+
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
         """Terminate nodes and return once the provider confirms they are gone. Where the
         provider does not own the machines, the engine has stopped the cluster's processes on
@@ -206,6 +228,11 @@ class Provider(Protocol):
 
     def delete(self, resources: list[Resource]) -> None:
         """Delete what discover() found, dependents first; return once they are gone."""
+
+    def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
+        """What it keeps of the request the cluster was made with that the cluster's spec must
+        hold again (ssh: the hosts and SSH settings), for `doctor --rebuild`; None where the
+        resources' tags tell all."""
 
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         """On-demand USD per hour of (instance type, region) pairs, where the provider's own

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +31,7 @@ class LocalProvider:
     name: ClassVar[str] = "local"
     boot_timeout: ClassVar[float] = 0.0  # the machines are already up
     capabilities: ClassVar[Capabilities] = Capabilities()  # this machine is not ours to stop
+    pythons: ClassVar[tuple[str, ...]] = (sys.executable,)  # the nodes are this machine
 
     def default_region(self) -> str | None:
         return None
@@ -86,6 +88,9 @@ class LocalProvider:
         indexes = sorted(int(p.name.split("-")[1]) for p in base.glob("node-*"))
         return [self._node(cluster, i) for i in indexes]
 
+    def spares(self, cluster: ClusterRef) -> int | None:
+        return None  # a node more is a directory more
+
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
         """Remove the node directories (the engine stopped their processes first)."""
         for n in nodes:
@@ -138,6 +143,9 @@ class LocalProvider:
             self.terminate(ref, [node])
         for ref in clusters.values():
             self.cleanup(ref)
+
+    def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
+        return None  # the directories tell all
 
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         return {}  # this machine is already paid for

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from mlcloud.providers.base import (
+    PYTHONS,
     Capabilities,
     ClusterRef,
     Node,
@@ -70,6 +71,7 @@ class SshProvider:
     name: ClassVar[str] = "ssh"
     boot_timeout: ClassVar[float] = 0.0  # the machines are already up
     capabilities: ClassVar[Capabilities] = Capabilities()  # the user's hosts: never powered off
+    pythons: ClassVar[tuple[str, ...]] = PYTHONS
 
     def default_region(self) -> str | None:
         return None
@@ -166,7 +168,7 @@ class SshProvider:
         self._write(cluster, data)
         return [self._node(cluster, i, data["hosts"][i]) for i in free]
 
-    def spares(self, cluster: ClusterRef) -> int:
+    def spares(self, cluster: ClusterRef) -> int | None:
         """Hosts listed but not claimed: what is left to replace lost nodes with."""
         data = self._read(cluster)
         return len(data["hosts"]) - len(data["claimed"])
@@ -277,6 +279,13 @@ class SshProvider:
             self.terminate(ref, nodes)
             if not self.list(ref):
                 self.cleanup(ref)
+
+    def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
+        """The hosts and SSH settings its registry keeps."""
+        data = self._read(cluster)
+        return ProvisionRequest(
+            len(data["claimed"]), hosts=tuple(data["hosts"]), ssh=SshOptions(**data.get("ssh", {}))
+        )
 
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         return {}  # the user's own machines: nothing to price

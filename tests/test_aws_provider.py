@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from mlcloud.providers.aws import AwsProvider
+from mlcloud.providers.aws.provider import AwsProvider
 from mlcloud.providers.base import (
     CapacityError,
     ClusterRef,
@@ -61,7 +61,7 @@ def ec2_error(code: str, status: int = 400):
 
 def hook(p: AwsProvider, event: str, fn, region: str = "us-east-1") -> None:
     """Handlers go on the client: it copied the session's handlers when it was made."""
-    p.client(region).meta.events.register_first(event, fn)
+    p.api.client(region).meta.events.register_first(event, fn)
 
 
 def answer(parsed: dict):
@@ -178,7 +178,7 @@ def test_secure_defaults_in_the_actual_request(aws):
         assert tags["mlcloud-identity"] == "arn:aws:sts::123456789012:user/moto"
     assert {s["ResourceType"] for s in params["TagSpecifications"]} == {"instance", "volume"}
 
-    ec2 = aws.client("us-east-1")
+    ec2 = aws.api.client("us-east-1")
     (sg,) = ec2.describe_security_groups(GroupIds=params["SecurityGroupIds"])["SecurityGroups"]
     rules = sg["IpPermissions"]
     ssh = [r for r in rules if r.get("FromPort") == 22]
@@ -214,7 +214,7 @@ def test_capacity_in_zone_a_granted_in_b_nothing_left_behind(aws, mlcloud_home, 
     assert zones == ["us-east-1a", "us-east-1b"]
     assert aws.sent[0]["ClientToken"] != aws.sent[1]["ClientToken"]  # a fresh token per try
     assert rec.spec["zone"] == "us-east-1b" and len(rec.nodes) == 2
-    reservations = aws.client("us-east-1").describe_instances()["Reservations"]
+    reservations = aws.api.client("us-east-1").describe_instances()["Reservations"]
     assert sum(len(r["Instances"]) for r in reservations) == 2
 
 
@@ -351,8 +351,18 @@ def test_login_user_follows_an_asked_image(aws):
         user("ami-12345678")
 
 
+def test_every_ec2_state_maps_onto_mlclouds():
+    import botocore.session
+    from mlcloud.providers.aws.provider import STATUS
+    from mlcloud.providers.base import NODE_STATUSES
+
+    ec2 = botocore.session.get_session().get_service_model("ec2")
+    assert set(STATUS) == set(ec2.shape_for("InstanceStateName").enum)
+    assert set(STATUS.values()) == set(NODE_STATUSES)
+
+
 def test_login_user_table():
-    from mlcloud.providers.aws import login_user
+    from mlcloud.providers.aws.images import login_user
 
     assert login_user("debian-12-amd64-20250101") == "admin"
     assert login_user("al2023-ami-2023.6.20250101-kernel-6.1-x86_64") == "ec2-user"
@@ -431,7 +441,7 @@ def test_resumed_up_sends_the_same_client_token(aws, mlcloud_home, monkeypatch):
 
 
 def rules_of(aws: AwsProvider, uid: str) -> list[dict]:
-    ec2 = aws.client("us-east-1")
+    ec2 = aws.api.client("us-east-1")
     f = [{"Name": "tag:mlcloud-cluster", "Values": [uid]}]
     (sg,) = ec2.describe_security_groups(Filters=f)["SecurityGroups"]
     return sg["IpPermissions"]
@@ -443,8 +453,8 @@ def ssh_cidrs(rules: list[dict]) -> list[str]:
 
 def test_security_group_repaired_and_extended_on_resume_never_narrowed(aws):
     # a crash between CreateSecurityGroup and AuthorizeSecurityGroupIngress
-    aws.identity("us-east-1")
-    sg = aws._create_security_group(REF, "us-east-1")
+    aws.api.identity("us-east-1")
+    sg = aws.network.create_security_group(REF, "us-east-1")
     assert rules_of(aws, REF.uid) == []
     aws.prepare(REF, request(count=1))
     rules = rules_of(aws, REF.uid)
@@ -453,7 +463,7 @@ def test_security_group_repaired_and_extended_on_resume_never_narrowed(aws):
         g["GroupId"] == sg for r in rules if r["IpProtocol"] == "-1" for g in r["UserIdGroupPairs"]
     )
     # the user's own rule, then an `up` from a new address
-    aws.client("us-east-1").authorize_security_group_ingress(
+    aws.api.client("us-east-1").authorize_security_group_ingress(
         GroupId=sg,
         IpPermissions=[
             {
@@ -475,7 +485,7 @@ def test_security_group_repaired_and_extended_on_resume_never_narrowed(aws):
 
 
 def test_missing_rules():
-    from mlcloud.providers.aws import missing_rules
+    from mlcloud.providers.aws.network import missing_rules
 
     wide = [
         {

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from mlcloud.providers import aws_iam
-from mlcloud.providers.aws import AwsProvider
+from mlcloud.providers.aws import iam as aws_iam
+from mlcloud.providers.aws.provider import AwsProvider
 from mlcloud.providers.base import ClusterRef, ProvisionRequest, SshOptions, StorageAccess
 from moto import mock_aws
 
@@ -48,7 +48,7 @@ def aws(aws_env):
     with mock_aws():
         p = AwsProvider()
         sent: list[dict] = []
-        p.client("us-east-1").meta.events.register_first(
+        p.api.client("us-east-1").meta.events.register_first(
             "provide-client-params.ec2.RunInstances", lambda params, **_: sent.append(params)
         )
         p.sent = sent
@@ -66,7 +66,7 @@ def request(**kw) -> ProvisionRequest:
 
 
 def iam(aws: AwsProvider):
-    return aws.session.client("iam")
+    return aws.api.session.client("iam")
 
 
 def test_role_policy_names_exactly_the_given_prefixes(aws):
@@ -139,7 +139,7 @@ def test_a_fresh_profile_refused_by_ec2_is_retried(aws, monkeypatch):
             )
         return None
 
-    aws.client("us-east-1").meta.events.register_first("before-call.ec2.RunInstances", not_yet)
+    aws.api.client("us-east-1").meta.events.register_first("before-call.ec2.RunInstances", not_yet)
     (node,) = aws.create(REF, prepared.request, 1)
     assert len(refusals) == 2 and node.node_id.startswith("i-")
 
@@ -148,7 +148,7 @@ def test_other_invalid_parameters_are_not_retried(aws, monkeypatch):
     sleeps = []
     monkeypatch.setattr("time.sleep", sleeps.append)
     prepared = aws.prepare(REF, request(storage=STORAGE))
-    aws.client("us-east-1").meta.events.register_first(
+    aws.api.client("us-east-1").meta.events.register_first(
         "before-call.ec2.RunInstances",
         lambda **_: refusal("InvalidParameterValue", "Invalid value for parameter disk"),
     )
@@ -184,7 +184,7 @@ def test_up_attaches_the_profile_and_down_removes_role_and_profile(aws, mlcloud_
     name = aws_iam.name_of(rec.uid)
     (instance,) = [
         i
-        for r in aws.client("us-east-1").describe_instances()["Reservations"]
+        for r in aws.api.client("us-east-1").describe_instances()["Reservations"]
         for i in r["Instances"]
     ]
     assert instance["IamInstanceProfile"]["Arn"].endswith(f"instance-profile/mlcloud/{name}")
@@ -196,9 +196,9 @@ def test_up_attaches_the_profile_and_down_removes_role_and_profile(aws, mlcloud_
 
 def test_gc_finds_and_deletes_a_leaked_role_and_profile(aws, mlcloud_home, monkeypatch):
     leaked = ClusterRef("gone", "gone-00ff00ff", "me-home", "us-east-1")
-    aws.iam.ensure(leaked, STORAGE, "us-east-1", aws._tags(leaked, "x"))
+    aws.iam.ensure(leaked, STORAGE, "us-east-1", aws.api.tags(leaked, "x"))
     other = ClusterRef("far", "far-00ff00ff", "me-home", "eu-west-1")
-    aws.iam.ensure(other, STORAGE, "eu-west-1", aws._tags(other, "x"))
+    aws.iam.ensure(other, STORAGE, "eu-west-1", aws.api.tags(other, "x"))
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
     found = gc.find(state.open_store(), "aws", ["us-east-1"]).found
     assert {(r.kind, r.id, r.cluster_uid) for r in found} == {

@@ -11,7 +11,7 @@ import types
 import pytest
 from conftest import run_cli
 from mlcloud.cli.app import run
-from mlcloud.providers.aws import AwsProvider
+from mlcloud.providers.aws.provider import AwsProvider
 from moto import mock_aws
 
 from mlcloud.errors import MlcloudError
@@ -58,7 +58,7 @@ def answer_get_products(params, **_):
 def test_refresh_writes_fresh_rows_that_win(aws_env, mlcloud_home):
     with mock_aws():
         p = AwsProvider()
-        p.session.events.register("before-call.pricing.GetProducts", answer_get_products)
+        p.api.session.events.register("before-call.pricing.GetProducts", answer_get_products)
         refreshed, kept = refresh_aws(p)
         offers = catalog.load()
     assert refreshed == 3 and kept > 100

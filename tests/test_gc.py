@@ -4,13 +4,13 @@ is gone."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 
-import pytest
 from conftest import run_cli, tagged_pids
 from mlcloud.cli.app import run
 from mlcloud.providers.base import Resource
@@ -121,7 +121,9 @@ def test_gc_without_a_provider_skips_clouds_it_has_no_credentials_for(mlcloud_ho
     assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
 
 
-class _Terminal:
+class _Terminal(io.StringIO):
+    """stdin on a terminal, holding the answers typed there."""
+
     def isatty(self) -> bool:
         return True
 
@@ -129,7 +131,6 @@ class _Terminal:
 def test_gc_asks_before_deleting_and_yes_skips_only_the_question(mlcloud_home, capsys, monkeypatch):
     """Plain `gc` lists, then asks; without a terminal it refuses (never hangs); `--dry-run`
     only lists; `--yes` deletes without the question, and only what is marked delete."""
-    import typer
 
     def gc(*args: str) -> tuple[int, str, str]:
         code = run(["gc", "--provider", "local", *args])
@@ -149,13 +150,13 @@ def test_gc_asks_before_deleting_and_yes_skips_only_the_question(mlcloud_home, c
     assert code == 0 and out.endswith("rerun without --dry-run to delete the 1 marked delete\n")
     code, out, _ = gc("--dry-run", "--json", "--yes")
     assert code == 0 and json.loads(out)["deleted"] == 0 and node.exists()
-    monkeypatch.setattr(sys, "stdin", _Terminal())
-    asked = []
-    monkeypatch.setattr(typer, "confirm", lambda q, **_: asked.append(q) or False)
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
     code, out, err = gc()  # answered no
-    assert code == 2 and err == "error: cancelled; nothing was changed\n" and node.exists()
-    assert asked == ["delete the 1 resource(s) marked delete?"]
-    monkeypatch.setattr(typer, "confirm", lambda q, **_: pytest.fail(f"asked {q!r}"))
+    assert code == 2 and node.exists()
+    assert err == (
+        "delete the 1 resource(s) marked delete? [y/N]: error: cancelled; nothing was changed\n"
+    )
+    monkeypatch.setattr(sys, "stdin", _Terminal(""))  # a question would read no answer: no
     code, out, err = gc("--yes", "--min-age", "120")  # too young: kept, nothing to ask
     assert code == 0 and out.endswith("deleted 0 resource(s), kept 1\n") and node.exists()
     code, out, err = gc("--yes")

@@ -17,7 +17,8 @@ from mlcloud.providers.base import (
     SshOptions,
     StorageAccess,
 )
-from mlcloud.providers.gce import GceProvider, api, rules
+from mlcloud.providers.gce import api, rules
+from mlcloud.providers.gce.provider import GceProvider
 
 from mlcloud import state
 from mlcloud.provision import gc

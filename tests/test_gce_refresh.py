@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from conftest import run_cli
-from mlcloud.providers.gce import GceProvider
+from mlcloud.providers.gce.provider import GceProvider
 
 from mlcloud.spec import catalog
 from mlcloud.spec.catalog.refresh import refresh_gce

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 from mlcloud.providers.base import AuthError
-from mlcloud.providers.gce import GceProvider, api, rules
-from mlcloud.providers.gce.provider import Settings
+from mlcloud.providers.gce import api, rules
+from mlcloud.providers.gce.provider import GceProvider, Settings
 from test_gce_provider import REF, made, request
 
 from mlcloud.errors import UsageError

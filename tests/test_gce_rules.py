@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from hypothesis import example, given
 from hypothesis import strategies as st
-from mlcloud.providers import aws
+from mlcloud.providers.aws import api as aws
 from mlcloud.providers.gce import rules
 
 from mlcloud.spec import catalog, plan
@@ -102,6 +102,15 @@ def test_request_ids_are_uuids_fixed_by_the_attempt():
     assert a == rules.request_id("c-1", "us-central1-a:mlcloud-c-1-0")
     assert a != rules.request_id("c-1", "us-central1-b:mlcloud-c-1-0")
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", a)
+
+
+def test_every_gce_instance_state_maps_onto_mlclouds():
+    from google.cloud import compute_v1
+    from mlcloud.providers.base import GONE
+    from mlcloud.providers.gce.provider import STATUS
+
+    assert set(STATUS) == set(compute_v1.Instance.Status.__members__) - {"UNDEFINED_STATUS"}
+    assert STATUS["RUNNING"] == "running" and STATUS["TERMINATED"] in GONE  # powered off
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def test_wheel_is_self_contained(tmp_path):
         "mlcloud/templates/send.py",
         "mlcloud/spec/catalog/data/gpu_offers.csv",
         "mlcloud/cli/app.py",
-        "mlcloud/providers/aws.py",
+        "mlcloud/providers/aws/provider.py",
     ):
         assert needed in names, needed
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,9 @@ def test_every_builtin_has_every_member_with_the_protocols_parameters(name):
     p = providers.get(name)
     assert isinstance(type(p).capabilities, Capabilities)
     assert isinstance(p.name, str) and isinstance(p.boot_timeout, float)
+    assert type(p).pythons and all(isinstance(x, str) for x in type(p).pythons)
     assert {"default_region", "discover", "delete", "prices", "transport"} <= set(MEMBERS)
+    assert {"spares", "recorded"} <= set(MEMBERS)
     for member in MEMBERS:
         want = list(inspect.signature(getattr(Provider, member)).parameters)
         have = list(inspect.signature(getattr(type(p), member)).parameters)
@@ -42,20 +46,91 @@ def test_every_builtin_has_every_member_with_the_protocols_parameters(name):
 
 
 def test_capabilities_as_declared():
+    assert [f.name for f in fields(Capabilities)] == ["spot", "self_deadline", "owns_machines"]
     local, ssh, aws = (type(providers.get(n)).capabilities for n in ("local", "ssh", "aws"))
     assert local == ssh == Capabilities()
-    assert aws.owns_machines and aws.spot and aws.placement and not aws.self_deadline
+    assert aws.owns_machines and aws.spot and not aws.self_deadline
     gce = type(providers.get("gce")).capabilities
-    assert gce.owns_machines and gce.spot and gce.self_deadline and not gce.placement
+    assert gce.owns_machines and gce.spot and gce.self_deadline
     assert providers.get("local").prices([("x", "y")]) == {}
+    assert providers.get("local").pythons == (sys.executable,)  # the nodes are this machine
 
 
-def test_nothing_probes_a_provider_with_hasattr():
-    root = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
+BUILTIN = r"[\"'](?:local|ssh|aws|gce)[\"']"
+# A provider asked what it has instead of the contract telling (h.provider, p)
+PROBES = [
+    re.compile(r"\b(?:has|get)attr\(\s*(?:[\w.]+\.)?provider\s*,"),
+    re.compile(r"\b(?:has|get)attr\(\s*providers\.get\("),
+    re.compile(r"\bhasattr\(\s*p\s*,"),
+]
+# A decision by a provider's name: `provider.name == ...`, `p == "local"`, `.provider != "ssh"`,
+# `.name in ("aws", ...)`, `LOCAL = ("local", "ssh")`; the catalog's rows are keyed by provider
+# name, which decides nothing
+NAME_CHECKS = [
+    re.compile(r"\bgetattr\(\s*p\s*,"),  # the engine's p is a provider (cli's: a click option)
+    re.compile(r"\bprovider\.name\s*(?:==|!=|in\b|not\s+in\b)"),
+    re.compile(rf"(?:==|!=)\s*{BUILTIN}"),
+    re.compile(rf"{BUILTIN}\s*(?:==|!=)"),
+    re.compile(rf"(?:\.name|\bprovider|\bp)\s+(?:not\s+)?in\s*[(\[{{]\s*{BUILTIN}"),
+    re.compile(rf"[(\[{{]\s*{BUILTIN}\s*,\s*{BUILTIN}"),  # a list of them to check against
+]
+CATALOG = ROOT / "mlcloud" / "spec" / "catalog"
+
+
+def _hits(patterns: list[re.Pattern], folders: tuple[str, ...]) -> list[str]:
+    return [
+        f"{f.relative_to(ROOT)}:{n}: {line.strip()}"
+        for folder in folders
+        for f in sorted((ROOT / folder).rglob("*.py"))
+        if CATALOG not in f.parents
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if any(p.search(line) for p in patterns)
+    ]
+
+
+def test_nothing_probes_a_provider_or_checks_its_name():
+    assert _hits(PROBES, ("mlcloud", "cli")) == []
+    assert _hits(NAME_CHECKS, ("mlcloud",)) == []
     for folder in ("mlcloud", "cli"):
-        for f in (root / folder).rglob("*.py"):
-            text = f.read_text()
-            assert "hasattr(p," not in text and "Collector" not in text, f
+        for f in (ROOT / folder).rglob("*.py"):
+            assert "Collector" not in f.read_text(), f
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'spares = getattr(h.provider, "spares", None)',
+        'if hasattr(p, "discover"):',
+        'getattr(providers.get(name), "spot_prices")',
+        'else (t.python,) if provider.name == "local" else PYTHON_CANDIDATES',
+        'if h.provider.name in ("aws", "gce"):',
+        'if p == "local":',
+        'elif rec.provider != "ssh":',
+        'if "gce" == name:',
+        'if provider in ("local", "ssh"):',
+        'CLOUDS = ("local", "ssh", "aws", "gce")',
+    ],
+)
+def test_the_probe_patterns_catch_probes(line):
+    assert any(p.search(line) for p in PROBES + NAME_CHECKS), line
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'mark = getattr(e, "problem_mark", None)',
+        'event = getattr(_worker, "cancel", None)',
+        "if existing.provider != provider.name:",
+        'f"preparing {provider.name} resources for {ref.name}"',
+        'METADATA = {"aws": "http://169.254.169.254", "gce": "http://metadata.google.internal"}',
+        'PRIVATE = ("keys", "ssh", "locks", "logs")',
+        'for scheme, cloud, lookup in (("s3", "aws", _s3_region), ("gs", "gce", _gcs_region)):',
+        'if not {"ssh", "root", "python"} <= found.keys():',
+    ],
+)
+def test_the_probe_patterns_leave_other_code_alone(line):
+    assert not any(p.search(line) for p in PROBES + NAME_CHECKS), line
 
 
 def test_spot_is_refused_where_the_provider_has_none():

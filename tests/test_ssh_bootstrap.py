@@ -40,7 +40,7 @@ def test_the_first_candidate_that_has_torch_is_recorded(make_ssh_nodes, ref, mon
     nodes = make_ssh_nodes(2)
     assert subprocess.run([NO_TORCH, "-c", "import torch"], capture_output=True).returncode
     monkeypatch.setattr(
-        bootstrap, "PYTHON_CANDIDATES", (str(tmp_path / "absent"), NO_TORCH, sys.executable)
+        SshProvider, "pythons", (str(tmp_path / "absent"), NO_TORCH, sys.executable)
     )
     records = boot(nodes, ref)
     assert [r.python for r in records] == [sys.executable] * 2

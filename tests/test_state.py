@@ -174,3 +174,16 @@ def test_version_3_events_get_a_node_and_node_events_merge_once(mlcloud_home):
         ("stall", 0),
         ("stall", 0),
     ]
+
+
+def test_node_rows_of_older_versions_read_as_mlclouds_states(mlcloud_home):
+    """Rows once kept the cloud's words (EC2's, GCE's lowercased): read as mlcloud's own."""
+    s = _store(mlcloud_home)
+    s.create_cluster("a", "a-1", "aws", {}, "me")
+    words = ["shutting-down", "provisioning", "suspended", "running", "terminated", "odd"]
+    s.set_nodes(
+        "a",
+        [state.NodeRecord(i, f"n{i}", "ip", "ip", "/r", 0, None, w) for i, w in enumerate(words)],
+    )
+    got = [n.status for n in s.get_cluster("a").nodes]
+    assert got == ["stopping", "pending", "stopped", "running", "terminated", "running"]

@@ -17,10 +17,10 @@ from mlcloud import state
 from mlcloud.control import agentview
 from mlcloud.control import policy as pol
 from mlcloud.control.agentview import detach, probe
-from mlcloud.control.nodeevents import TERMINATED
 from mlcloud.errors import MlcloudError
 from mlcloud.jobs import launch
 from mlcloud.parallel import fan_out
+from mlcloud.providers.base import TERMINATED
 from mlcloud.provision import bootstrap, handle, lifecycle
 from mlcloud.provision.handle import Handle
 from mlcloud.provision.lifecycle import down
@@ -114,7 +114,7 @@ class Controller:
                 pol.NodeView(
                     i,
                     rec.node_id,
-                    _status(listed.get(rec.node_id)),
+                    listed.get(rec.node_id, pol.MISSING),
                     self.misses[rec.node_id],
                     newest,
                     agentview.since(p.samples, "idle"),
@@ -126,7 +126,6 @@ class Controller:
         intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
         open_prices = [i.price for i in intervals if i.end is None]
         low, high = launch.elastic_range(h) or (n, n)
-        spares = getattr(h.provider, "spares", None)
         return pol.Snapshot(
             cluster=h.record.name,
             nodes=tuple(views),
@@ -137,7 +136,7 @@ class Controller:
             node_rate=max(open_prices, default=0.0),
             min_nodes=low,
             max_nodes=high,
-            spares=spares(h.ref) if spares else None,
+            spares=h.provider.spares(h.ref),
             ended_at=job.ended if job is not None else None,
             grow_refusals=self.grow_refusals,
             grow_refused_at=self.grow_refused_at,
@@ -448,13 +447,6 @@ class Controller:
         (not waiting on a node that did not answer the last pass: it got no heartbeat)."""
         answered = [i for i, n in enumerate(self.h.nodes) if not self.misses.get(n.node_id, 0)]
         fan_out(lambda i: detach(self.h.transports[i], self.h.nodes[i].root), answered)
-
-
-def _status(listed: str | None) -> str:
-    """A node the listing lacks is `missing`; one listed without a state is running."""
-    if listed is None:
-        return "missing"
-    return listed or "running"
 
 
 STOP_GRACE = 10.0  # a rule's stop: SIGTERM to SIGKILL on each node (the job checkpointed before)

@@ -13,11 +13,11 @@ from mlcloud.control import agentview
 from mlcloud.control.agentview import Event, NodeView, Stopped
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
+from mlcloud.providers.base import TERMINATED
 
 if TYPE_CHECKING:
     from mlcloud.provision.handle import Handle
 
-TERMINATED = "terminated"
 ASK_TIMEOUT = 5.0  # seconds per node: `status` stays quick when a node does not answer
 
 
@@ -74,7 +74,7 @@ def _gone_from_the_cloud(h: Handle, silent: list[int]) -> dict[int, Stopped]:
     record with it, so the cloud's word is all there is. Asked only when a node is silent."""
     if not silent or not h.provider.capabilities.owns_machines:
         return {}
-    from mlcloud.control.policy import GONE
+    from mlcloud.control.policy import GONE, MISSING
 
     try:
         listed = {n.node_id: n.status for n in h.provider.list(h.ref)}
@@ -83,7 +83,7 @@ def _gone_from_the_cloud(h: Handle, silent: list[int]) -> dict[int, Stopped]:
     now = time.time()
     out = {}
     for i in silent:
-        status = listed.get(h.nodes[i].node_id, "missing") or "running"
+        status = listed.get(h.nodes[i].node_id, MISSING)
         if status in GONE:
             why = (
                 f"the provider lists it as {status} and it does not answer: it stopped itself "

@@ -8,12 +8,14 @@ synthetic snapshots and a fake clock. Each action carries the reason that become
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from mlcloud.providers import base
 from mlcloud.spec.task import AutoscaleSpec
 
-# What a provider listing may say of a node that is gone or going (EC2 states; "missing":
-# the listing no longer has it at all).
-GONE = frozenset({"terminated", "shutting-down", "stopping", "stopped", "missing"})
+MISSING = "missing"  # the provider's listing no longer has the node at all
+# What a listing says of a node that is gone or going.
+GONE = base.GONE | {MISSING}
 
 # Action kinds, in the order the controller applies them.
 BUDGET_STOP = "budget_stop"  # checkpoint (SIGTERM), grace, terminate the cluster
@@ -33,7 +35,7 @@ class NodeView:
 
     idx: int  # position in the cluster; 0 is the head (the rendezvous host)
     node_id: str
-    provider_status: str  # from the provider's listing ("running", "terminated", "missing"...)
+    provider_status: base.NodeStatus | Literal["missing"]  # as the provider's listing has it
     unreachable: int = 0  # consecutive failed reachability checks, this one included
     verdict: str | None = None  # the agent's newest: idle|busy|stalled|starting, None: no agent
     idle_since: float | None = None  # start of the agent's unbroken run of idle verdicts

@@ -27,9 +27,6 @@ from mlcloud.remote.transport import (
 from mlcloud.spec.cost import Interval, accrued, hourly
 from mlcloud.spec.task import AutoscaleSpec
 
-# Where torch lives on the images users start from: the AWS Deep Learning AMIs keep it apart
-# from the system python3, older GCE Deep Learning VMs in conda.
-PYTHON_CANDIDATES = ("/opt/pytorch/bin/python", "/opt/conda/bin/python", "python3")
 # How long a booting node's "authentication refused" is waited out (cloud-init installing the
 # key): past that it is a wrong user or key, and the user hears it now, not at the boot timeout.
 AUTH_WINDOW = 90.0
@@ -58,14 +55,7 @@ def bootstrap(
     def one(i: int) -> state.NodeRecord:
         node = nodes[i]
         t = provider.transport(ref, node, f"node{i}", ssh)
-        # ssh.python is the user's word; the local provider's nodes are this machine
-        pythons = (
-            (ssh.python,)
-            if ssh.python
-            else (t.python,)
-            if provider.name == "local"
-            else PYTHON_CANDIDATES
-        )
+        pythons = (ssh.python,) if ssh.python else provider.pythons  # ssh.python: the user's word
         conf = config(
             auto,
             provider.name,

@@ -1,25 +1,25 @@
 """`mlcloud doctor`: check the home, the state database, the locks and the clusters' nodes,
 and rebuild a damaged database from what outlives it.
 
-What outlives a lost state.db: the clouds' tags (providers that can `discover`), the local
-provider's node directories ($MLCLOUD_HOME/local/<uid>/node-i) and the ssh provider's host
-registries ($MLCLOUD_HOME/ssh/<uid>.json). A cluster's uid is `<name>-<hex>`, so its name
-comes back with it. Recovered clusters are rows with their nodes, enough for `down`.
+What outlives a lost state.db: what every registered provider finds without state
+(`discover`: the clouds' tags, the local provider's node directories, the ssh provider's host
+registries), and what a provider keeps of a cluster's spec (`recorded`: the ssh hosts).
+Recovered clusters are rows with their nodes, enough for `down`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlcloud import state
+from mlcloud import providers, state
 from mlcloud.errors import MlcloudError
+from mlcloud.providers.base import ClusterRef, Provider, ProvisionRequest
 from mlcloud.provision import handle
 from mlcloud.state import paths
 
@@ -284,8 +284,6 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
     with its nodes for each cluster this home made that the given providers still hold. A
     healthy database (a wiped one that a later command recreated) keeps its rows and gains
     the clusters it does not know."""
-    from mlcloud.provision import gc
-
     home = paths.home()
     db = home / "state.db"
     out = Rebuild()
@@ -299,18 +297,17 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
     store = state.Store(db)
     try:
         owner = paths.home_id()
+        known = providers.names()
         for p in providers_:
+            if p not in known:
+                out.notes.append(
+                    f"{p}: cannot list what it holds: no such provider "
+                    f"(known: {', '.join(known)}); not searched"
+                )
+                out.unsearched.append(p)
+                continue
             try:
-                if p == "local":
-                    found = _local(home)
-                elif p == "ssh":
-                    found = _ssh(home)
-                elif p in gc.CLOUDS:
-                    found = _cloud(p, regions, owner, out.notes)
-                else:
-                    out.notes.append(f"{p}: cannot list what it holds; not searched")
-                    out.unsearched.append(p)
-                    continue
+                found = _held(providers.get(p), regions, owner, out.notes)
             except Exception as e:  # one provider failing must not stop the others
                 why = " ".join(str(e).split()) or type(e).__name__
                 out.notes.append(f"{p}: not searched ({why})")
@@ -330,77 +327,29 @@ class _Found:
     name: str
     nodes: list  # providers.base.Node
     region: str | None = None
-    hosts: tuple[str, ...] = ()
-    ssh: dict = field(default_factory=dict)
+    request: ProvisionRequest | None = None  # what the provider keeps of the cluster's spec
 
 
-def _name_of(uid: str) -> str:
-    return uid.rsplit("-", 1)[0]
+def _held(p: Provider, regions: list[str], owner: str, notes: list[str]) -> list[_Found]:
+    """This home's clusters among what the provider holds (`discover`), each with its nodes."""
+    from mlcloud.provision import gc
 
-
-def _local(home: Path) -> list[_Found]:
-    from mlcloud.providers.base import ClusterRef
-    from mlcloud.providers.local import LocalProvider
-
-    p = LocalProvider()
-    base = home / "local"
-    found = []
-    for d in sorted(base.iterdir()) if base.is_dir() else []:
-        if d.is_dir():
-            ref = ClusterRef(_name_of(d.name), d.name, "")
-            found.append(_Found("local", d.name, ref.name, p.list(ref)))
-    return found
-
-
-def _ssh(home: Path) -> list[_Found]:
-    from mlcloud.providers.base import ClusterRef
-    from mlcloud.providers.ssh import SshProvider
-
-    p = SshProvider()
-    found = []
-    for f in sorted((home / "ssh").glob("*.json")):
-        uid = f.stem
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        ref = ClusterRef(_name_of(uid), uid, "")
-        found.append(
-            _Found(
-                "ssh",
-                uid,
-                ref.name,
-                p.list(ref),
-                hosts=tuple(data.get("hosts", ())),
-                ssh=data.get("ssh", {}),
-            )
-        )
-    return found
-
-
-def _cloud(provider: str, regions: list[str], owner: str, notes: list[str]) -> list[_Found]:
-    from mlcloud import providers
-    from mlcloud.providers.base import ClusterRef
-
-    p = providers.get(provider)
     by_uid: dict[str, tuple[str, str]] = {}
-    for region in regions or [None]:
-        for r in p.discover(region):
-            if r.owner != owner:
-                if r.cluster_uid not in by_uid:
-                    notes.append(
-                        f"{provider}: cluster {r.cluster_name} ({r.cluster_uid}) belongs to "
-                        "another home; left out"
-                    )
-                by_uid.setdefault(r.cluster_uid, ("", ""))
-                continue
-            by_uid[r.cluster_uid] = (r.cluster_name, r.region)
+    for r in gc.discover(p, regions):
+        if r.owner != owner:
+            if r.cluster_uid not in by_uid:
+                notes.append(
+                    f"{p.name}: cluster {r.cluster_name} ({r.cluster_uid}) belongs to "
+                    "another home; left out"
+                )
+            by_uid.setdefault(r.cluster_uid, ("", ""))
+            continue
+        by_uid[r.cluster_uid] = (r.cluster_name, r.region)
     found = []
     for uid, (name, region) in by_uid.items():
         if name:
-            found.append(
-                _Found(provider, uid, name, p.list(ClusterRef(name, uid, owner, region)), region)
-            )
+            ref = ClusterRef(name, uid, owner, region or None)
+            found.append(_Found(p.name, uid, name, p.list(ref), ref.region, p.recorded(ref)))
     return found
 
 
@@ -420,14 +369,15 @@ def _record(store: state.Store, f: _Found, owner: str, out: Rebuild) -> None:
             "left out (`mlcloud gc` lists it)"
         )
         return
-    ssh = {k: v for k, v in f.ssh.items() if k in SshSpec.__dataclass_fields__}
-    ssh["allowed_cidrs"] = tuple(ssh.get("allowed_cidrs") or ())
+    kept = f.request or ProvisionRequest(len(f.nodes))
+    ssh = asdict(kept.ssh)
+    ssh["allowed_cidrs"] = tuple(ssh["allowed_cidrs"])
     spec = TaskSpec(
         name=f.name,
         provider=f.provider,
         nodes=max(len(f.nodes), 1),
         region=f.region,
-        hosts=f.hosts,
+        hosts=kept.hosts,
         ssh=SshSpec(**ssh),
     ).to_dict()
     store.create_cluster(f.name, f.uid, f.provider, spec, owner)

@@ -1,6 +1,7 @@
-"""Orphan collection: resources that carry mlcloud's tags (or, for the local provider, sit in
-this home's node directories) but whose cluster local state no longer knows (a lost laptop, a
-wiped $MLCLOUD_HOME, a crash between create and record).
+"""Orphan collection: resources that a provider finds without state (by tag in a cloud, in
+this home's node directories or host registries) but whose cluster local state no longer knows
+(a lost laptop, a wiped $MLCLOUD_HOME, a crash between create and record). Every registered
+provider is asked, built in or a plugin's.
 
 Other homes' clusters are never this home's orphans: another CI runner's live cluster is absent
 from this state too. So an orphan is deleted only when this home made it (its owner tag is this
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 
 from mlcloud import providers, state
 from mlcloud.errors import UsageError
-from mlcloud.providers.base import AuthError, Resource
+from mlcloud.providers.base import AuthError, Provider, Resource
 
-CLOUDS = ("local", "ssh", "aws", "gce")  # they find what they hold without state
 DELETE = "delete"
 
 
@@ -36,21 +36,28 @@ def find(store: state.Store, provider: str | None, regions: list[str]) -> Search
     """Every discoverable resource whose cluster this home's state does not know. Without a
     named provider, a cloud this machine has no credentials for is skipped and said, so a
     user of one cloud can gc without configuring the other."""
-    names = [provider] if provider else list(CLOUDS)
+    names = [provider] if provider else providers.names()
     known = {c.uid for c in store.list_clusters()}
     found: list[Resource] = []
     skipped: list[str] = []
     for name in names:
         p = providers.get(name)
-        # machines mlcloud does not own (this one, the user's hosts) are in no region
         try:
-            for region in (regions or [None]) if p.capabilities.owns_machines else [None]:
-                found += [r for r in p.discover(region) if r.cluster_uid not in known]
+            found += [r for r in discover(p, regions) if r.cluster_uid not in known]
         except (AuthError, UsageError) as e:  # no credentials, no region or project
             if provider or (regions and not isinstance(e, AuthError)):
                 raise
             skipped.append(f"{name}: not searched: {e}")
     return Search(found, skipped)
+
+
+def discover(p: Provider, regions: list[str]) -> list[Resource]:
+    """What the provider holds for any cluster, in each region asked (its default: none);
+    machines mlcloud does not own (this one, the user's hosts) are in no region."""
+    found: list[Resource] = []
+    for region in (regions or [None]) if p.capabilities.owns_machines else [None]:
+        found += p.discover(region)
+    return found
 
 
 def decide(

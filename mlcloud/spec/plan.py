@@ -12,7 +12,6 @@ from mlcloud.spec import catalog
 from mlcloud.spec.locality import DataPlace, egress_per_gb
 from mlcloud.spec.task import TaskSpec
 
-LOCAL_PROVIDERS = ("local", "ssh")  # machines already paid for: nothing to price
 MAX_FALLBACK_REGIONS = 3  # regions tried after the cheapest one has no capacity
 
 
@@ -57,6 +56,14 @@ class Plan:
         }
 
 
+def priced(provider: str) -> bool:
+    """Whether the provider's nodes are machines mlcloud pays for (a cloud's), so a plan has a
+    price; this machine and the user's hosts are paid for already."""
+    from mlcloud import providers
+
+    return providers.get(provider).capabilities.owns_machines
+
+
 def clouds(offers: list[catalog.Offer]) -> list[str]:
     """Providers that can take a GPU ask: in the catalog and installed, and of those the ones
     this machine has credentials for when it has any (an AWS user asking for A100:8 is not
@@ -80,7 +87,7 @@ def make(
     provider = spec.provider or ("cloud" if spec.resources.gpus else "local")
     gpus = str(spec.resources.gpus) if spec.resources.gpus else None
     n = spec.node_count
-    if provider in LOCAL_PROVIDERS:
+    if provider != "cloud" and not priced(provider):
         return spec, Plan(provider, None, None, gpus, n, False, 0.0, max_hours)
     if provider == "cloud" and spec.resources.instance_type:
         raise UsageError(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlcloud.errors import BusyError, MlcloudError
+from mlcloud.providers.base import NODE_STATUSES, RUNNING, NodeStatus
 from mlcloud.state import timeouts
 
 SCHEMA = """
@@ -129,6 +130,17 @@ INIT, UP, STOPPING = "INIT", "UP", "STOPPING"
 JOB_STARTING, JOB_RUNNING = "STARTING", "RUNNING"
 JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED = "SUCCEEDED", "FAILED", "CANCELLED"
 JOB_DONE = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
+# A node row's status as read: rows written before mlcloud had states of its own hold the
+# cloud's words (EC2's, GCE's lowercased), read as mlcloud's.
+_NODE_STATUS: dict[str, NodeStatus] = {
+    **{s: s for s in NODE_STATUSES},
+    "shutting-down": "stopping",
+    "provisioning": "pending",
+    "staging": "pending",
+    "repairing": "pending",
+    "suspending": "stopping",
+    "suspended": "stopped",
+}
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,7 @@ class NodeRecord:
     root: str
     gpus: int
     gpu_type: str | None
-    status: str
+    status: NodeStatus
     python: str = ""  # the interpreter that imports torch there, found at bootstrap
 
 
@@ -632,7 +644,7 @@ def _node(r: sqlite3.Row) -> NodeRecord:
         root=r["root"],
         gpus=r["gpus"],
         gpu_type=r["gpu_type"],
-        status=r["status"],
+        status=_NODE_STATUS.get(r["status"], RUNNING),  # a word no built-in wrote: as before
         python=r["python"],
     )
 

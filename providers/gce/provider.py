@@ -8,23 +8,26 @@ each (GCE has no bulk delete) and confirms with one listing.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlparse
 
+from mlcloud.providers import caller
 from mlcloud.providers.base import (
+    GONE,
+    PENDING,
+    PYTHONS,
+    RUNNING,
     Capabilities,
     CapacityError,
     ClusterRef,
     Node,
+    NodeStatus,
     Prepared,
     ProviderError,
     ProvisionRequest,
@@ -46,6 +49,21 @@ REGION_ENVS = ("CLOUDSDK_COMPUTE_REGION", "GOOGLE_CLOUD_REGION")
 RUNNING_TIMEOUT_S = 600.0
 GONE_TIMEOUT_S = 600.0
 POLLS_S = (0.2, 0.5, 1.0, 2.0)  # between listings: quick at first, then every 2 s
+# GCE's instance states as mlcloud's (TERMINATED is GCE's word for a VM powered off)
+STATUS: dict[str, NodeStatus] = {
+    "PENDING": "pending",
+    "PROVISIONING": "pending",
+    "STAGING": "pending",
+    "REPAIRING": "pending",
+    "RUNNING": "running",
+    "PENDING_STOP": "stopping",
+    "STOPPING": "stopping",
+    "SUSPENDING": "stopping",
+    "DEPROVISIONING": "stopping",
+    "STOPPED": "stopped",
+    "SUSPENDED": "stopped",
+    "TERMINATED": "stopped",
+}
 
 
 @dataclass(frozen=True)
@@ -60,11 +78,11 @@ class Settings:
 class GceProvider:
     name: ClassVar[str] = "gce"
     boot_timeout: ClassVar[float] = 900.0  # the driver install on first boot takes minutes
-    # maxRunDuration: GCE deletes the VMs at the budget's deadline whatever runs on them;
-    # compact placement policies and stop/start are GCE's but not this provider's
+    # maxRunDuration: GCE deletes the VMs at the budget's deadline whatever runs on them
     capabilities: ClassVar[Capabilities] = Capabilities(
         spot=True, self_deadline=True, owns_machines=True
     )
+    pythons: ClassVar[tuple[str, ...]] = PYTHONS
 
     def __init__(self) -> None:
         self._apis: dict[tuple[str, str | None], Api] = {}
@@ -192,7 +210,8 @@ class GceProvider:
         if family:  # pinned to the family's newest image, for a resumed `up`
             name = self._image_from_family(api, project, family)
         request = replace(request, image=name)
-        cidrs = list(request.ssh.allowed_cidrs) or [self.caller_cidr(api)]
+        endpoint = api.endpoint or "https://compute.googleapis.com"
+        cidrs = list(request.ssh.allowed_cidrs) or [caller.cidr(endpoint)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)
         uris = () if self._storage_warned else (*request.storage.write, *request.storage.read)
@@ -218,7 +237,7 @@ class GceProvider:
         from mlcloud.state import atomic
 
         public = (
-            _public_key_of(request.ssh.identity_file)
+            caller.public_key(request.ssh.identity_file)
             if request.ssh.identity_file
             else " ".join(keys.ensure_cluster_key(cluster.uid)[1].split()[:2])  # no comment
         )
@@ -268,6 +287,9 @@ class GceProvider:
 
     def list(self, cluster: ClusterRef) -> list[Node]:
         return self._list(self._api_of(cluster), cluster, cluster.region)
+
+    def spares(self, cluster: ClusterRef) -> int | None:
+        return None  # capacity is found by asking GCE
 
     def terminate(self, cluster: ClusterRef, nodes: list[Node]) -> None:
         if not nodes:
@@ -381,6 +403,9 @@ class GceProvider:
             if r.kind == "firewall":
                 self._delete_firewall(api, r.id)
 
+    def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
+        return None  # its project and endpoint it reads again itself
+
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         from mlcloud.providers.gce.billing import on_demand
 
@@ -421,7 +446,7 @@ class GceProvider:
                     public or private,
                     private,
                     f"~/.mlcloud/{cluster.uid}/{i.name}",
-                    i.status.lower(),
+                    STATUS.get(i.status, PENDING),  # a state new to mlcloud: not gone
                 )
             )
         ours = f"mlcloud-{cluster.uid}-"  # by index, then other names (a clone keeps labels)
@@ -433,10 +458,10 @@ class GceProvider:
         deadline, polls = time.monotonic() + RUNNING_TIMEOUT_S, iter(POLLS_S)
         while True:
             nodes = [n for n in self._list(api, cluster, None) if n.node_id in names]
-            if len(nodes) == len(names) and all(n.status == "running" and n.ip for n in nodes):
+            if len(nodes) == len(names) and all(n.status == RUNNING and n.ip for n in nodes):
                 return nodes
             gone = names - {n.node_id for n in nodes}
-            if gone or any(n.status in ("terminated", "stopping") for n in nodes):
+            if gone or any(n.status in GONE for n in nodes):
                 raise ProviderError(
                     f"gce: VM(s) {', '.join(sorted(gone) or names)} ended while "
                     "starting (a Spot VM reclaimed?); try again"
@@ -534,42 +559,9 @@ class GceProvider:
         image = api.call("images", "get_from_family", None, project=project, family=family)
         return f"projects/{project}/global/images/{image.name}"
 
-    def caller_cidr(self, api: Api) -> str:
-        """The address GCE sees us from, as a /32: our route's source address toward the
-        endpoint when it is public (or the endpoint is on this machine), else ask."""
-        host = urlparse(api.endpoint or "https://compute.googleapis.com").hostname or ""
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                target = ipaddress.ip_address(socket.gethostbyname(host))
-                s.connect((str(target), 443))  # UDP: sends nothing
-                source = ipaddress.ip_address(s.getsockname()[0])
-            if source.is_global or target.is_loopback:
-                return f"{source}/32"
-        except OSError:
-            pass
-        address = _public_address_lookup()
-        if address is None:
-            raise UsageError(
-                "cannot tell this machine's public address to open SSH to it; "
-                "set ssh.allowed_cidrs (or --allow-ssh-from CIDR)"
-            )
-        return f"{address}/32"
-
 
 def _pause(polls) -> float:
     return next(polls, POLLS_S[-1])
-
-
-def _public_address_lookup() -> str | None:
-    if os.environ.get("MLCLOUD_OFFLINE"):
-        return None
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=3) as r:  # noqa: S310
-            return str(ipaddress.ip_address(r.read().decode().strip()))
-    except (OSError, ValueError):
-        return None
 
 
 def _settings_path(uid: str):
@@ -591,10 +583,3 @@ def _catalog_zones(instance_type: str, region: str) -> list[str]:
         if o.provider == "gce" and o.instance_type == instance_type and o.region == region:
             return list(o.zones)
     return []
-
-
-def _public_key_of(identity_file: str) -> str:
-    from mlcloud.remote.ssh import load_identity
-
-    key = load_identity(identity_file)
-    return f"{key.get_name()} {key.get_base64()}"

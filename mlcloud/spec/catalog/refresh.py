@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from mlcloud.spec.catalog import COLUMNS, SHIPPED, Offer, built, read, refreshed_path
 
 if TYPE_CHECKING:
-    from mlcloud.providers.aws import AwsProvider
+    from mlcloud.providers.aws.provider import AwsProvider
     from mlcloud.providers.base import Provider
 
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mlcloud.providers.aws.api import REGION_TAG, Api, Unsupported, tagged
 from mlcloud.providers.base import ClusterRef, ProviderError, Resource, StorageAccess
 
 from mlcloud.spec import buckets
 
 PATH = "/mlcloud/"
 POLICY_NAME = "mlcloud-storage"
-REGION_TAG = "mlcloud-region"  # IAM is global: the region of the cluster the role serves
 ROLE, PROFILE = "iam-role", "instance-profile"
 READ_ACTIONS = ["s3:GetObject"]
 WRITE_ACTIONS = [
@@ -99,15 +99,14 @@ def _partition(region: str) -> str:
 
 
 class Iam:
-    """The IAM calls, through the provider's `call(operation, **kwargs)`, which turns botocore's
-    errors into mlcloud's typed ones (`unsupported`: what an endpoint without IAM raises)."""
+    """The cluster roles' IAM calls (IAM is global: no region)."""
 
-    def __init__(self, call: Callable[..., dict], unsupported: type[ProviderError]):
-        self.call, self.unsupported = call, unsupported
+    def __init__(self, api: Api):
+        self.call = api.iam
 
     def _absent(self, e: ProviderError) -> bool:
         """Credentials that may not read IAM, or an endpoint without it, made no role."""
-        return _code(e) == "AccessDenied" or isinstance(e, self.unsupported)
+        return _code(e) == "AccessDenied" or isinstance(e, Unsupported)
 
     def ensure(
         self, cluster: ClusterRef, storage: StorageAccess, region: str, tags: list[dict]
@@ -236,20 +235,3 @@ def _code(error: BaseException) -> str:
     cause = error.__cause__
     response = getattr(cause, "response", None) or {}
     return response.get("Error", {}).get("Code", "")
-
-
-def tagged(kind: str, rid: str, tags: list | None, region: str, created: Any = None) -> Resource:
-    """An AWS resource (EC2 or IAM) as `gc` sees it, from its mlcloud tags; a global IAM
-    resource names its region in a tag of its own."""
-    t = {x["Key"]: x["Value"] for x in tags or []}
-    return Resource(
-        "aws",
-        kind,
-        rid,
-        t.get("mlcloud-cluster", ""),
-        t.get("mlcloud-name", ""),
-        t.get("mlcloud-owner", ""),
-        t.get(REGION_TAG, region),
-        t.get("mlcloud-identity", ""),
-        created.timestamp() if created is not None else None,
-    )
