@@ -255,9 +255,25 @@ def _node_name(node: int | None) -> str:
     return "-" if node is None else f"node{node}"
 
 
-def _show_nodes(rec, stopped: dict[int, str] | None = None) -> None:
-    """The node table; stopped: node -> why its agent shut it down."""
+def _health(store, rec) -> tuple[str, str | None]:
+    """The cluster's status as `status` shows it (STOPPED, DEGRADED beyond the row's); the
+    event log is read only when a node is down."""
+    from mlcloud.providers.base import GONE
+
+    from mlcloud.control import nodeevents
+
+    stopped = any(n.status in GONE for n in rec.nodes)
+    reasons = nodeevents.stop_reasons(nodeevents.log(store, rec)) if stopped else {}
+    return nodeevents.health(rec, reasons)
+
+
+def _show_nodes(
+    rec, stopped: dict[int, str] | None = None, health: tuple[str, str | None] | None = None
+) -> None:
+    """The node table; stopped: node -> why its agent shut it down; health: what `status`
+    reads of the cluster (default: the row's status)."""
     stopped = stopped or {}
+    status, reason = health or (rec.status, None)
     output.table(
         ["node", "id", "ip", "gpus", "python", "status"],
         [
@@ -273,7 +289,7 @@ def _show_nodes(rec, stopped: dict[int, str] | None = None) -> None:
             ]
             for n in rec.nodes
         ],
-        title=f"{rec.name} ({rec.provider}, {rec.status})",
+        title=f"{rec.name} ({rec.provider}, {status}" + (f": {reason})" if reason else ")"),
     )
 
 
@@ -416,8 +432,9 @@ def status(
         jobs = [reconcile.reconcile(store, j) for j in jobs]
     now = time.time()
     billing = store.billing(name)
+    health = {c.name: _health(store, c) for c in clusters}
     if json:
-        out = views.status_json(clusters, jobs, billing, now)
+        out = views.status_json(clusters, jobs, billing, now, health)
         if name:  # as the text shows: why a node stopped, and the newest events
             events = nodeevents.log(store, clusters[0])
             reasons = nodeevents.stop_reasons(events)
@@ -442,7 +459,7 @@ def status(
                 [
                     c.name,
                     c.provider,
-                    c.status,
+                    health[c.name][0],
                     len(c.nodes),
                     sum(n.gpus for n in c.nodes) or "-",
                     f"{money[c.name][0]:.2f}",
@@ -456,7 +473,7 @@ def status(
         return
     rec = clusters[0]
     events = nodeevents.log(store, rec)
-    _show_nodes(rec, nodeevents.stop_reasons(events))
+    _show_nodes(rec, nodeevents.stop_reasons(events), health[rec.name])
     rate, spent = money[rec.name]
     print(f"cost: ${rate:.2f}/h now, ${spent:.2f} so far")
     if events:

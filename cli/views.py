@@ -44,12 +44,19 @@ def job_result_json(j: state.JobRecord) -> dict:
     }
 
 
-def cluster_json(c: state.ClusterRecord, jobs: list[state.JobRecord]) -> dict:
+def cluster_json(
+    c: state.ClusterRecord,
+    jobs: list[state.JobRecord],
+    health: tuple[str, str | None] | None = None,
+) -> dict:
+    """health: (status, reason) as `nodeevents.health` reads the cluster (default: the row's)."""
+    status, reason = health or (c.status, None)
     return {
         "name": c.name,
         "uid": c.uid,
         "provider": c.provider,
-        "status": c.status,
+        "status": status,
+        "reason": reason,
         "owner": c.owner,
         "created": iso(c.created),
         "num_nodes": len(c.nodes),
@@ -84,7 +91,11 @@ def money_by_cluster(
 
 
 def status_json(
-    clusters: list[state.ClusterRecord], jobs: list[state.JobRecord], billing: list, now: float
+    clusters: list[state.ClusterRecord],
+    jobs: list[state.JobRecord],
+    billing: list,
+    now: float,
+    health: dict[str, tuple[str, str | None]],
 ) -> dict:
     money = money_by_cluster(clusters, billing, now)
     by_cluster: dict[str, list[state.JobRecord]] = {}
@@ -95,7 +106,7 @@ def status_json(
         "schema": SCHEMA,
         "clusters": [
             {
-                **cluster_json(c, by_cluster.get(c.name, [])),
+                **cluster_json(c, by_cluster.get(c.name, []), health[c.name]),
                 "usd_per_hour": round(money[c.name][0], 4),
                 "usd_so_far": round(money[c.name][1], 4),
             }

@@ -94,9 +94,13 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
     r = run_cli("status", "idle")
     assert r.returncode == 0, r.stderr
     assert "terminated (idle_teardown" in r.stdout
+    assert "(local, STOPPED: idle_teardown: idle for" in r.stdout
     r = run_cli("status", "idle", "--json")
-    nodes = json.loads(r.stdout)["clusters"][0]["nodes"]
-    assert [n["status"] for n in nodes] == ["terminated"]
+    (cluster,) = json.loads(r.stdout)["clusters"]
+    assert [n["status"] for n in cluster["nodes"]] == ["terminated"]
+    assert cluster["status"] == "STOPPED" and cluster["reason"].startswith("idle_teardown:")
+    r = run_cli("status", "--json")  # the list says so too, asking no node
+    assert [c["status"] for c in json.loads(r.stdout)["clusters"]] == ["STOPPED"]
     r = run_cli("events", "idle", "--json")  # read again: nothing doubled
     assert len(json.loads(r.stdout)) == len(events)
     assert run_cli("down", "idle", "--yes").returncode == 0

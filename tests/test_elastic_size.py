@@ -3,6 +3,7 @@ and spare hosts on the ssh provider."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,3 +134,36 @@ def test_ssh_hosts_beyond_nodes_are_spares(tmp_path, monkeypatch):
     spare = p.create(ref, _request(1, hosts), 1)  # replacing a lost node takes the spare
     assert [n.ip for n in spare] == ["127.0.0.4"] and spare[0].root.endswith("/node-2")
     assert p.create(ref, _request(1, hosts), 1) == []  # none left
+
+
+def _rec(nodes_spec, statuses):
+    nodes = tuple(
+        state.NodeRecord(i, f"h{i}", "ip", "ip", f"/r/node-{i}", 0, None, s, "python3")
+        for i, s in enumerate(statuses)
+    )
+    return state.ClusterRecord("c", "u", "ssh", "UP", {"nodes": nodes_spec}, "o", 0, 0, nodes)
+
+
+def test_status_reads_stopped_and_degraded_with_why():
+    """What `status` shows of an UP cluster: every node stopped is STOPPED (the first node's
+    reason), some stopped or lost (below the size it was made with, the elastic MIN) is
+    DEGRADED with the count; a row not UP is shown as it is."""
+    from mlcloud.control.nodeevents import health
+
+    why = {0: "idle_teardown: idle for 30.0 min"}
+    assert health(_rec(2, ["running", "running"]), {}) == ("UP", None)
+    assert health(_rec(2, ["terminated", "terminated"]), why) == ("STOPPED", why[0])
+    assert health(_rec(2, ["stopped", "stopped"]), {}) == ("STOPPED", "node0 is stopped")
+    assert health(_rec(2, ["running", "terminated"]), {}) == (
+        "DEGRADED",
+        "1 of 2 node(s) lost or stopped",
+    )
+    assert health(_rec(3, ["running", "running"]), {}) == (  # one dropped, never replaced
+        "DEGRADED",
+        "1 of 3 node(s) lost or stopped",
+    )
+    assert health(_rec("2:4", ["running", "running"]), {}) == ("UP", None)  # elastic at MIN
+    assert health(_rec("2:4", ["running"]), {})[0] == "DEGRADED"
+    assert health(_rec(None, ["running"]), {}) == ("UP", None)  # ssh: one per host
+    stopping = replace(_rec(2, ["running", "running"]), status="STOPPING")
+    assert health(stopping, {}) == ("STOPPING", None)

@@ -122,3 +122,29 @@ def refuse_stopped(store: state.Store, rec: state.ClusterRecord) -> None:
         f"cluster {rec.name}: node{i} was stopped ({why.split(';')[0]}); "
         f"`mlcloud down {rec.name}`, then `mlcloud up {rec.name}` for a new cluster"
     )
+
+
+STOPPED, DEGRADED = "STOPPED", "DEGRADED"  # what `status` shows of an UP cluster, beyond UP
+
+
+def health(rec: state.ClusterRecord, reasons: dict[int, str]) -> tuple[str, str | None]:
+    """The status a person or a CI step reads, and why: an UP cluster whose every node stopped
+    (idle, budget, dead-man, reclaimed) is STOPPED, with the first node's reason; one with
+    nodes stopped or lost (dropped below the size it was made with: the elastic MIN) is
+    DEGRADED, with the count. Anything else is the row's own status. reasons: stop_reasons."""
+    from mlcloud.providers.base import GONE
+    from mlcloud.spec.task import parse_nodes
+
+    if rec.status != state.UP or not rec.nodes:
+        return rec.status, None
+    gone = [n for n in rec.nodes if n.status in GONE]
+    if len(gone) == len(rec.nodes):
+        first = gone[0]
+        return STOPPED, reasons.get(first.idx, f"node{first.idx} is {first.status}")
+    asked = rec.spec.get("nodes")
+    low, high = parse_nodes(asked) if asked is not None else (None, len(rec.nodes))
+    want = low if low is not None else high
+    lost = len(gone) + max(0, want - len(rec.nodes))
+    if lost:
+        return DEGRADED, f"{lost} of {max(want, len(rec.nodes))} node(s) lost or stopped"
+    return rec.status, None
