@@ -538,16 +538,7 @@ def start(root):
         # untagged, so stopping a job (or the agent's own stop of the node) never reaches it;
         # teardown finds it by its pid file (node_ctl cleanup)
         env = {k: v for k, v in os.environ.items() if k != node_ctl.TAG}
-        proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "run", root],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-            cwd=root,
-        )
+        proc = node_ctl._spawn(__file__, ["run", root], env, cwd=root)
         node_ctl._atomic_write(pid_path, str(proc.pid))
         print(proc.pid)
     due = cfg.get("deadline")
