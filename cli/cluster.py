@@ -95,12 +95,8 @@ def up(
     gpus: str | None = typer.Option(
         None, "--gpus", help="GPUs per node, e.g. A100:8: the cheapest matching offer is picked."
     ),
-    max_hours: float | None = typer.Option(
-        None,
-        "--max-hours",
-        min=0.0,
-        callback=options.finite,
-        help="Show the plan's cost for this many hours.",
+    max_hours: float | None = options.number(
+        None, "--max-hours", min=0.0, help="Show the plan's cost for this many hours."
     ),
     near: str | None = typer.Option(
         None,
@@ -540,12 +536,8 @@ def gc(
     owner: list[str] | None = typer.Option(
         None, "--owner", help="Also delete the clusters of this owner id (repeatable)."
     ),
-    min_age: float = typer.Option(
-        10.0,
-        "--min-age",
-        min=0.0,
-        callback=options.finite,
-        help="Keep clusters younger than this many minutes.",
+    min_age: float = options.number(
+        10.0, "--min-age", min=0.0, help="Keep clusters younger than this many minutes."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list; delete nothing."),
     yes: bool = options.YES,

@@ -26,12 +26,8 @@ def doctor(
     region: list[str] | None = typer.Option(
         None, "--region", help="--rebuild: cloud regions to search (default: the configured one)."
     ),
-    timeout: float = typer.Option(
-        10.0,
-        "--timeout",
-        min=0.1,
-        callback=options.finite,
-        help="Seconds to wait for each node to answer.",
+    timeout: float = options.number(
+        10.0, "--timeout", min=0.1, help="Seconds to wait for each node to answer."
     ),
     yes: bool = options.YES,
     json: bool = options.JSON,

@@ -450,12 +450,8 @@ def _adopt(store, job, shown: dict[str, int]) -> bool:
 def cancel(
     name: str = typer.Argument(..., help="Cluster."),
     job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
-    grace: float = typer.Option(
-        30.0,
-        "--grace",
-        min=0,
-        callback=options.finite,
-        help="Seconds between SIGTERM (checkpoint) and SIGKILL.",
+    grace: float = options.number(
+        30.0, "--grace", min=0, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
     ),
     json_out: bool = options.JSON,
 ) -> None:

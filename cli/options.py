@@ -1,6 +1,7 @@
 """Option objects shared by several commands, so the same flag means the same thing everywhere."""
 
 import math
+from typing import Any
 
 import typer
 
@@ -33,3 +34,8 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
     return value
+
+
+def number(default: float | None, flag: str, *, min: float, help: str) -> Any:
+    """A float option held to `min` and to finite: click's bound alone lets nan and inf in."""
+    return typer.Option(default, flag, min=min, callback=finite, help=help)

@@ -237,3 +237,17 @@ class Provider(Protocol):
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         """On-demand USD per hour of (instance type, region) pairs, where the provider's own
         API tells; {} for a provider without prices (the catalog's figures serve)."""
+
+
+class MachinesAtHand:
+    """Provider members for machines that already exist (local, ssh): no regions to choose
+    and no cloud credentials to look for."""
+
+    def default_region(self) -> str | None:
+        return None
+
+    def configured(self) -> bool:
+        return True
+
+    def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
+        return [(None, None)]

@@ -15,6 +15,7 @@ from typing import ClassVar
 from mlcloud.providers.base import (
     Capabilities,
     ClusterRef,
+    MachinesAtHand,
     Node,
     Prepared,
     ProvisionRequest,
@@ -27,20 +28,11 @@ from mlcloud.remote.local import LocalTransport
 from mlcloud.remote.shell import stop_line
 
 
-class LocalProvider:
+class LocalProvider(MachinesAtHand):
     name: ClassVar[str] = "local"
     boot_timeout: ClassVar[float] = 0.0  # the machines are already up
     capabilities: ClassVar[Capabilities] = Capabilities()  # this machine is not ours to stop
     pythons: ClassVar[tuple[str, ...]] = (sys.executable,)  # the nodes are this machine
-
-    def default_region(self) -> str | None:
-        return None
-
-    def configured(self) -> bool:
-        return True
-
-    def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
-        return [(None, None)]
 
     @staticmethod
     def _base(cluster: ClusterRef) -> Path:

@@ -21,6 +21,7 @@ from mlcloud.providers.base import (
     PYTHONS,
     Capabilities,
     ClusterRef,
+    MachinesAtHand,
     Node,
     Prepared,
     ProviderError,
@@ -67,20 +68,11 @@ def parse_host(text: str) -> Host:
     return Host(m["user"], m["v6"] or m["host"], port)
 
 
-class SshProvider:
+class SshProvider(MachinesAtHand):
     name: ClassVar[str] = "ssh"
     boot_timeout: ClassVar[float] = 0.0  # the machines are already up
     capabilities: ClassVar[Capabilities] = Capabilities()  # the user's hosts: never powered off
     pythons: ClassVar[tuple[str, ...]] = PYTHONS
-
-    def default_region(self) -> str | None:
-        return None
-
-    def configured(self) -> bool:
-        return True
-
-    def placements(self, request: ProvisionRequest) -> list[tuple[str | None, str | None]]:
-        return [(None, None)]
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -202,28 +202,30 @@ def _http(method, url, headers, timeout=1.0):
         return 0, ""
 
 
+def _ec2_metadata(base, path):
+    """(status, body) of EC2's latest/meta-data/<path> the IMDSv2 way: a session token first
+    (none given: that request's status, no body)."""
+    status, token = _http(
+        "PUT", f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}
+    )
+    if status != 200:
+        return status, ""
+    return _http("GET", f"{base}/latest/meta-data/{path}", {"X-aws-ec2-metadata-token": token})
+
+
+def _gce_metadata(base, path):
+    """(status, body) of GCE's computeMetadata/v1/instance/<path>."""
+    return _http("GET", f"{base}/computeMetadata/v1/instance/{path}", {"Metadata-Flavor": "Google"})
+
+
 def preemption_notice(provider, base):
-    """The notice's text if the cloud announced this node's reclaim, else None. EC2: IMDSv2
-    (a session token first, then spot/instance-action: 404 until a notice); GCE:
-    instance/preempted turns TRUE."""
+    """The notice's text if the cloud announced this node's reclaim, else None. EC2:
+    spot/instance-action (404 until a notice); GCE: instance/preempted turns TRUE."""
     if provider == "aws":
-        status, token = _http(
-            "PUT", f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}
-        )
-        if status != 200:
-            return None
-        status, body = _http(
-            "GET",
-            f"{base}/latest/meta-data/spot/instance-action",
-            {"X-aws-ec2-metadata-token": token},
-        )
+        status, body = _ec2_metadata(base, "spot/instance-action")
         return f"EC2 spot instance-action {body.strip()}" if status == 200 else None
     if provider == "gce":
-        status, body = _http(
-            "GET",
-            f"{base}/computeMetadata/v1/instance/preempted",
-            {"Metadata-Flavor": "Google"},
-        )
+        status, body = _gce_metadata(base, "preempted")
         return (
             "GCE instance/preempted is TRUE" if status == 200 and body.strip() == "TRUE" else None
         )
@@ -233,18 +235,9 @@ def preemption_notice(provider, base):
 def instance_id(provider, base):
     """The id the cloud's metadata server gives this machine, or None (not that cloud)."""
     if provider == "aws":
-        status, token = _http(
-            "PUT", f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}
-        )
-        if status != 200:
-            return None
-        status, body = _http(
-            "GET", f"{base}/latest/meta-data/instance-id", {"X-aws-ec2-metadata-token": token}
-        )
+        status, body = _ec2_metadata(base, "instance-id")
     elif provider == "gce":
-        status, body = _http(
-            "GET", f"{base}/computeMetadata/v1/instance/name", {"Metadata-Flavor": "Google"}
-        )
+        status, body = _gce_metadata(base, "name")
     else:
         return None
     return body.strip() if status == 200 else None
@@ -545,16 +538,7 @@ def start(root):
         # untagged, so stopping a job (or the agent's own stop of the node) never reaches it;
         # teardown finds it by its pid file (node_ctl cleanup)
         env = {k: v for k, v in os.environ.items() if k != node_ctl.TAG}
-        proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "run", root],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-            cwd=root,
-        )
+        proc = node_ctl._spawn(__file__, ["run", root], env, cwd=root)
         node_ctl._atomic_write(pid_path, str(proc.pid))
         print(proc.pid)
     due = cfg.get("deadline")

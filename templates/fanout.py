@@ -45,7 +45,7 @@ import threading
 sys.dont_write_bytecode = True  # nothing left in bin/ but what was installed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script dir out
 
-from receive import MANIFEST, Failed, Refused, Stream, Tree, receive  # noqa: E402
+from receive import MANIFEST, Failed, Refused, Stream, Tree, file_frame, receive  # noqa: E402
 
 KEY = "peer/id_ed25519"
 STAMP = "peer/stamp"
@@ -412,16 +412,7 @@ def _chunks_of(tree, manifest, have):
         if f is None:
             raise Failed(f"{name!r} is gone from this node's copy")
         with f:
-            st = os.fstat(f.fileno())
-            meta = {"p": name, "n": st.st_size, "z": False, "x": bool(st.st_mode & 0o111)}
-            yield json.dumps(meta).encode() + b"\n"
-            left = st.st_size
-            while left:
-                block = f.read(min(1 << 20, left))
-                if not block:
-                    raise Failed(f"{name!r} shrank while it was read")
-                left -= len(block)
-                yield block
+            yield from file_frame(f, name)
     yield json.dumps({"end": len(send)}).encode() + b"\n"
 
 

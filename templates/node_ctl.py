@@ -49,15 +49,18 @@ def _interface_for(ip):
     return None
 
 
-def _spawn(args, env):
+def _spawn(script, args, env, cwd=None):
+    """Start `python script args` detached (the agent's too): a session of its own, no
+    terminal, no inherited descriptors, so it outlives whoever started it."""
     return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *args],
+        [sys.executable, os.path.abspath(script), *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         close_fds=True,
+        cwd=cwd,
     )
 
 
@@ -70,11 +73,12 @@ def start(jobdir):
         job = json.load(f)
     env = dict(os.environ)
     env[TAG] = job["tag"]
-    proc = _spawn(["_wait", jobdir], env)
+    proc = _spawn(__file__, ["_wait", jobdir], env)
     # written here too, so the job is never seen started without a waiter to check
     _atomic_write(os.path.join(jobdir, "waiter.pid"), str(proc.pid))
     # the reaper carries no tag: killing the job's processes must not kill it
-    _spawn(["_reap", jobdir, job["tag"]], {k: v for k, v in os.environ.items() if k != TAG})
+    untagged = {k: v for k, v in os.environ.items() if k != TAG}
+    _spawn(__file__, ["_reap", jobdir, job["tag"]], untagged)
     print(proc.pid)
 
 

@@ -274,6 +274,22 @@ def _frame_chunks(stdin, size, compressed):
         yield inflate.flush()
 
 
+def file_frame(f, name):
+    """One file of a stream as receive() reads it, uncompressed: its line, then its bytes as
+    they are read; Failed if it is cut short meanwhile. Written here so that the client's zstd
+    stream (mlcloud/remote/sync.py) and the relay (fanout.py) send files alike."""
+    st = os.fstat(f.fileno())
+    meta = {"p": name, "n": st.st_size, "z": False, "x": bool(st.st_mode & 0o111)}
+    yield json.dumps(meta).encode() + b"\n"
+    left = st.st_size
+    while left:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            raise Failed(f"{name!r} shrank while it was read")
+        left -= len(block)
+        yield block
+
+
 def _stop(signum, frame):
     raise SystemExit(128 + signum)  # unwind, so the file being written is removed
 

@@ -357,21 +357,18 @@ def _zstd_frames(
 ) -> Iterator[bytes]:
     import zstandard
 
+    from mlcloud.templates.receive import Failed, file_frame
+
     z = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
     yield json.dumps({"codec": ZSTD}).encode() + b"\n"
     yield z.compress(_header(delete, manifest))
     for rel in send:
         with _open_source(src, rel) as f:
-            st = os.fstat(f.fileno())
-            meta = {"p": rel, "n": st.st_size, "z": False, "x": bool(st.st_mode & 0o111)}
-            yield z.compress(json.dumps(meta).encode() + b"\n")
-            left = st.st_size
-            while left:
-                block = f.read(min(1 << 20, left))
-                if not block:
-                    raise UsageError(f"workdir {src}: {rel} shrank while syncing; run again")
-                left -= len(block)
-                yield z.compress(block)
+            try:
+                for piece in file_frame(f, rel):
+                    yield z.compress(piece)
+            except Failed:
+                raise UsageError(f"workdir {src}: {rel} shrank while syncing; run again") from None
     yield z.compress(json.dumps({"end": len(send)}).encode() + b"\n") + z.flush()
 
 

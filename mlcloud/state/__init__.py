@@ -19,7 +19,26 @@ from mlcloud.errors import BusyError, MlcloudError
 from mlcloud.providers.base import NODE_STATUSES, RUNNING, NodeStatus
 from mlcloud.state import timeouts
 
-SCHEMA = """
+# The jobs table as version 3 made it, which is still today's: SCHEMA creates it and
+# _MIGRATE_3 rebuilds a version 2 table into it. A later change to jobs is a migration of its
+# own, with its own text in SCHEMA: this one stays version 3's.
+_JOBS_V3 = """jobs (
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    command TEXT NOT NULL,
+    num_nodes INTEGER NOT NULL,
+    nproc_per_node INTEGER NOT NULL,
+    submitted REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    log_path TEXT NOT NULL,
+    driver_pid INTEGER,
+    PRIMARY KEY (cluster, uid, job_id)
+)"""
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS clusters (
     name TEXT PRIMARY KEY,
     uid TEXT NOT NULL UNIQUE,
@@ -43,21 +62,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     python TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (cluster, idx)
 );
-CREATE TABLE IF NOT EXISTS jobs (
-    cluster TEXT NOT NULL,
-    uid TEXT NOT NULL,
-    job_id INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    command TEXT NOT NULL,
-    num_nodes INTEGER NOT NULL,
-    nproc_per_node INTEGER NOT NULL,
-    submitted REAL NOT NULL,
-    ended REAL,
-    exit_code INTEGER,
-    log_path TEXT NOT NULL,
-    driver_pid INTEGER,
-    PRIMARY KEY (cluster, uid, job_id)
-);
+CREATE TABLE IF NOT EXISTS {_JOBS_V3};
 CREATE TABLE IF NOT EXISTS billing (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
@@ -101,24 +106,10 @@ SCHEMA_VERSION = 6
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
-_MIGRATE_3 = """
+_MIGRATE_3 = f"""
 ALTER TABLE nodes ADD COLUMN python TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs RENAME TO jobs_v2;
-CREATE TABLE jobs (
-    cluster TEXT NOT NULL,
-    uid TEXT NOT NULL,
-    job_id INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    command TEXT NOT NULL,
-    num_nodes INTEGER NOT NULL,
-    nproc_per_node INTEGER NOT NULL,
-    submitted REAL NOT NULL,
-    ended REAL,
-    exit_code INTEGER,
-    log_path TEXT NOT NULL,
-    driver_pid INTEGER,
-    PRIMARY KEY (cluster, uid, job_id)
-);
+CREATE TABLE {_JOBS_V3};
 INSERT INTO jobs SELECT cluster, '', job_id, status, command, num_nodes, nproc_per_node,
     submitted, ended, exit_code, log_path, driver_pid FROM jobs_v2;
 DROP TABLE jobs_v2;

@@ -513,14 +513,7 @@ class GceProvider:
         from mlcloud.providers.gce.api import AlreadyExists
 
         try:
-            op = api.call(
-                "firewalls",
-                "insert_unary",
-                None,
-                project=api.project,
-                firewall_resource=body,
-                request_id=str(uuid.uuid4()),
-            )
+            op = _change_firewall(api, "insert_unary", firewall_resource=body)
             api.wait(op, None, None)
             return
         except AlreadyExists:
@@ -528,14 +521,11 @@ class GceProvider:
         missing = set(body.get("source_ranges", [])) - set(have.source_ranges)
         if missing:
             wider = sorted(set(have.source_ranges) | missing)
-            op = api.call(
-                "firewalls",
+            op = _change_firewall(
+                api,
                 "patch_unary",
-                None,
-                project=api.project,
                 firewall=body["name"],
                 firewall_resource={"source_ranges": wider},
-                request_id=str(uuid.uuid4()),
             )
             api.wait(op, None, None)
 
@@ -543,14 +533,7 @@ class GceProvider:
         from mlcloud.providers.gce.api import NotFound
 
         try:
-            op = api.call(
-                "firewalls",
-                "delete_unary",
-                None,
-                project=api.project,
-                firewall=name,
-                request_id=str(uuid.uuid4()),
-            )
+            op = _change_firewall(api, "delete_unary", firewall=name)
         except NotFound:
             return
         api.wait(op, None, None)
@@ -583,3 +566,11 @@ def _catalog_zones(instance_type: str, region: str) -> list[str]:
         if o.provider == "gce" and o.instance_type == instance_type and o.region == region:
             return list(o.zones)
     return []
+
+
+def _change_firewall(api: Api, method: str, **request: Any) -> Any:
+    """Insert, patch or delete a firewall rule of the project; the operation, to wait on. A
+    fresh request id per change: the call's retries of a throttled request are applied once."""
+    return api.call(
+        "firewalls", method, None, project=api.project, request_id=str(uuid.uuid4()), **request
+    )

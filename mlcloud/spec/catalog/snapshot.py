@@ -91,6 +91,13 @@ class _Offer:
     notes: list[str] = field(default_factory=list)
     spot: float | None = None
 
+    def add(self, zone: str, on_demand: float, spot: float | None) -> None:
+        """One zone's whole-machine prices (spot where the snapshot sampled one)."""
+        self.zones.add(zone)
+        self.on_demand.append(on_demand)
+        if spot is not None:
+            self.spot_by_zone.setdefault(zone, []).append(spot)
+
 
 def _read(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as f:
@@ -149,13 +156,7 @@ def _aws(rows: list[dict[str, str]], left_out: list[str]) -> tuple[list[_Offer],
                 ram_gib=float(r["MemoryGiB"]),
                 region=r["Region"],
             )
-        offer = offers[key]
-        zone = r["AvailabilityZone"]
-        offer.zones.add(zone)
-        offer.on_demand.append(price)
-        spot = _float(r["SpotPrice"])
-        if spot is not None:
-            offer.spot_by_zone.setdefault(zone, []).append(spot)
+        offers[key].add(r["AvailabilityZone"], price, _float(r["SpotPrice"]))
     for itype in sorted(no_price, key=_natural):
         if any(o.instance_type == itype for o in offers.values()):
             continue
@@ -252,24 +253,11 @@ def _gcp(rows: list[dict[str, str]], left_out: list[str]) -> tuple[list[_Offer],
         if vm_price is None or gpu_price is None:
             skipped_zones[itype].add(zone)
             continue
-        offer = offers.setdefault(
-            (itype, r["Region"]),
-            _Offer(
-                provider="gcp",
-                instance_type=itype,
-                gpu_model=gpu,
-                gpu_count=count,
-                gpu_memory_gib=gpu_mem[gpu],
-                vcpus=float(r["vCPUs"]),
-                ram_gib=float(r["MemoryGiB"]),
-                region=r["Region"],
-            ),
-        )
-        offer.zones.add(zone)
-        offer.on_demand.append(vm_price + gpu_price)
+        vm = (float(r["vCPUs"]), float(r["MemoryGiB"]))
+        offer = _gcp_offer(offers, itype, r["Region"], (gpu, count, gpu_mem[gpu]), vm)
         vm_spot, gpu_spot = _float(r["SpotPrice"]), _float(g["SpotPrice"])
-        if vm_spot is not None and gpu_spot is not None:
-            offer.spot_by_zone.setdefault(zone, []).append(vm_spot + gpu_spot)
+        both = vm_spot is not None and gpu_spot is not None
+        offer.add(zone, vm_price + gpu_price, vm_spot + gpu_spot if both else None)
 
     for itype in sorted(skipped_zones, key=_natural):
         zones = sorted(skipped_zones[itype])
@@ -317,26 +305,28 @@ def _gcp_n1(
             if gpu_price is None:
                 continue
             itype = f"{machine}+{gpu}:{count}"
-            offer = offers.setdefault(
-                (itype, g["Region"]),
-                _Offer(
-                    provider="gcp",
-                    instance_type=itype,
-                    gpu_model=gpu,
-                    gpu_count=count,
-                    gpu_memory_gib=gpu_mem[gpu],
-                    vcpus=vcpus,
-                    ram_gib=ram,
-                    region=g["Region"],
-                    notes=[N1_NOTE],
-                ),
-            )
-            offer.zones.add(zone)
-            offer.on_demand.append(vm_od + gpu_price)
+            gpus = (gpu, count, gpu_mem[gpu])
+            offer = _gcp_offer(offers, itype, g["Region"], gpus, (vcpus, ram), (N1_NOTE,))
             gpu_spot = _float(g["SpotPrice"])
-            if gpu_spot is not None:
-                offer.spot_by_zone.setdefault(zone, []).append(vm_spot + gpu_spot)
+            offer.add(zone, vm_od + gpu_price, None if gpu_spot is None else vm_spot + gpu_spot)
     return list(offers.values())
+
+
+def _gcp_offer(
+    offers: dict[tuple[str, str], _Offer],
+    itype: str,
+    region: str,
+    gpu: tuple[str, int, float],
+    vm: tuple[float, float],
+    notes: tuple[str, ...] = (),
+) -> _Offer:
+    """The offer of itype in region, made on the first of its zones: gpu is (model, count,
+    GiB each), vm (vCPUs, RAM GiB)."""
+    (model, count, memory), (vcpus, ram_gib) = gpu, vm
+    return offers.setdefault(
+        (itype, region),
+        _Offer("gcp", itype, model, count, memory, vcpus, ram_gib, region, notes=list(notes)),
+    )
 
 
 # --- assembly ----------------------------------------------------------------------------------
