@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mlcloud.control import agentview
 from mlcloud.provision import bootstrap
 from mlcloud.remote.local import LocalTransport
@@ -71,8 +73,19 @@ def test_samples_parse_and_runs():
         )
     )
     assert [x.time for x in s] == [1, 2, 3] and s[0].job == agentview.JobSample(1, "running", 5)
+    assert s[0].job.progress is None  # no progress said (or an older agent)
     assert agentview.since(s, "idle") == 2 and agentview.since(s, "busy") is None
     assert agentview.since((), "idle") is None
+
+
+@pytest.mark.parametrize(
+    ("said", "fraction"),
+    [(0.25, 0.25), (0, 0.0), (1, 1.0), (None, None), (1.5, None), (-0.1, None), ("0.5", None)],
+)
+def test_a_samples_progress_is_a_fraction_or_none(said, fraction):
+    job = {"id": 1, "state": "running", "step": None, "progress": said}
+    (s,) = agentview.parse_samples(json.dumps({"time": 1, "verdict": "busy", "job": job}))
+    assert s.job is not None and s.job.progress == fraction
 
 
 def test_read_a_node_without_an_agent(tmp_path):

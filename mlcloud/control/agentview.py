@@ -25,6 +25,7 @@ class JobSample:
     id: int
     state: str
     step: int | None
+    progress: float | None = None  # fraction done 0..1, from MLCLOUD_PROGRESS_FILE; None: unsaid
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,20 @@ def _lines(text: str) -> list[dict]:
     return out
 
 
+def _fraction(value: object) -> float | None:
+    """A progress fraction as the agent writes it (0..1), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None  # NaN fails both
+
+
 def parse_sample(d: dict) -> Sample:
-    job = d.get("job")
+    j = d.get("job")
+    job = (
+        JobSample(int(j["id"]), j["state"], j.get("step"), _fraction(j.get("progress")))
+        if j
+        else None
+    )
     return Sample(
         time=float(d["time"]),
         gpus=tuple(
@@ -89,7 +102,7 @@ def parse_sample(d: dict) -> Sample:
         cpu_percent=float(d.get("cpu_percent") or 0.0),
         mem_used_mb=int(d.get("mem_used_mb") or 0),
         mem_total_mb=int(d.get("mem_total_mb") or 0),
-        job=JobSample(int(job["id"]), job["state"], job.get("step")) if job else None,
+        job=job,
         verdict=d.get("verdict", "busy"),
     )
 
