@@ -253,6 +253,18 @@ CASES = [
         [SHRINK],
     ),
     (
+        "grow-holds-a-job-that-reads-done",
+        snap(2, job=JobView(7, True, remaining_s=0.0), min_nodes=1, max_nodes=3),
+        Policy(max_cost=100.0),
+        [],
+    ),
+    (
+        "grow-holds-a-job-that-reads-done-without-max-cost",
+        snap(2, job=JobView(7, True, remaining_s=0.0), min_nodes=1, max_nodes=3),
+        Policy(),
+        [],
+    ),
+    (
         "shrink-on-an-overrun-inside-the-last-poll",  # the budget stop would end it first
         snap(3, job=RUN_LONG, min_nodes=1, max_nodes=3),
         Policy(max_cost=11.81),  # 11.8 <= 11.81, but the stop keeps one poll back (0.015)

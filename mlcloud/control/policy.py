@@ -283,7 +283,8 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
         snap.grow_refusals
     ):
         return Plan(tuple(actions))  # the cloud said no a moment ago: not every poll again
-    if size < snap.max_nodes and (spares is None or spares > 0):
+    if size < snap.max_nodes and (spares is None or spares > 0) and remaining != 0:
+        # (a job that reads done gets no node more: it would only join the job's end)
         if policy.max_cost is None:
             why = "capacity allows"
         else:
