@@ -3,17 +3,19 @@
 Copied to every node at bootstrap next to node_ctl.py and started detached, one per node, with
 the node's interpreter; standard library only. Every poll it samples the GPUs (nvidia-smi),
 CPU and memory (/proc) and the job (node_ctl's files, the template's progress.json or the
-growth of output.log), keeps a bounded window of samples on disk, classifies the node (idle,
-starting, busy, stalled), and acts: it reports or stops a stalled job, passes a cloud's
-preemption notice on to the job as SIGTERM (so it checkpoints), and is the dead-man switch that
-stops the node when it sits idle, when the budget deadline passed, or when the controller that
-attached to it stopped sending heartbeats. It holds no state the engine needs: everything it
-decides is in <root>/agent/ (config.json, samples.jsonl, events.jsonl, stopped).
+growth of output.log, and the fraction done the job writes to MLCLOUD_PROGRESS_FILE), keeps
+a bounded window of samples on disk, classifies the node (idle, starting, busy, stalled), and
+acts: it reports or stops a stalled job, passes a cloud's preemption notice on to the job as
+SIGTERM (so it checkpoints), and is the dead-man switch that stops the node when it sits idle,
+when the budget deadline passed, or when the controller that attached to it stopped sending
+heartbeats. It holds no state the engine needs: everything it decides is in <root>/agent/
+(config.json, samples.jsonl, events.jsonl, stopped).
 """
 
 import collections
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,8 +88,26 @@ def _json_file(path):
         return None
 
 
+def read_progress(path):
+    """The job's progress as a fraction 0..1 from the file its MLCLOUD_PROGRESS_FILE names,
+    which holds JSON {"done": N, "total": M} (numbers, 0 <= N, 0 < M; past M reads as 1).
+    None when there is no such file, or it is being written, or it says something else."""
+    d = _json_file(path) if path else None
+    if not isinstance(d, dict):
+        return None
+    done, total = d.get("done"), d.get("total")
+    numbers = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in (done, total)
+    )
+    if not numbers or done < 0 or total <= 0:
+        return None
+    return min(done / total, 1.0)
+
+
 def current_job(root):
-    """The newest job of this node: {"id", "state", "step", "log_bytes", "started"} or None."""
+    """The newest job of this node: {"id", "state", "step", "progress", "log_bytes",
+    "started"} or None. progress: the fraction the job wrote to MLCLOUD_PROGRESS_FILE."""
     jobs = os.path.join(root, "jobs")
     try:
         ids = [int(d) for d in os.listdir(jobs) if d.isdigit()]
@@ -98,7 +118,14 @@ def current_job(root):
     job_id = max(ids)
     jobdir = os.path.join(jobs, str(job_id))
     state = node_ctl.summary(jobdir)["state"]
-    job = {"id": job_id, "state": state, "step": None, "log_bytes": None, "started": None}
+    job = {
+        "id": job_id,
+        "state": state,
+        "step": None,
+        "progress": None,
+        "log_bytes": None,
+        "started": None,
+    }
     if state != "running":
         return job
     try:
@@ -112,6 +139,8 @@ def current_job(root):
     )
     if isinstance(progress, dict) and isinstance(progress.get("step"), int):
         job["step"] = progress["step"]
+    env = spec.get("env") if isinstance(spec.get("env"), dict) else {}
+    job["progress"] = read_progress(env.get("MLCLOUD_PROGRESS_FILE"))
     return job
 
 

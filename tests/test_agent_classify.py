@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import time
 from pathlib import Path
 
@@ -180,3 +181,36 @@ def test_no_nvidia_smi_means_no_gpus_and_no_more_asking(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     a = agent.Agent(str(tmp_path))
     assert a.gpus() == [] and a.has_smi is False
+
+
+@pytest.mark.parametrize(
+    ("text", "fraction"),
+    [
+        ('{"done": 30, "total": 120}', 0.25),
+        ('{"done": 0, "total": 7}', 0.0),
+        ('{"done": 9, "total": 7}', 1.0),  # past the total reads as done
+        ('{"done": 0.5, "total": 1, "loss": 2.0}', 0.5),  # other keys are the job's own
+        ('{"done": 3, "total": 0}', None),
+        ('{"done": -1, "total": 5}', None),
+        ('{"done": true, "total": 5}', None),
+        ('{"done": NaN, "total": 5}', None),
+        ('{"done": "3", "total": 5}', None),
+        ("0.5", None),  # one convention: a bare fraction is not it
+        ('{"done": 3, "tot', None),  # being written
+        (None, None),  # no file
+    ],
+)
+def test_the_agent_reads_the_jobs_progress_file(tmp_path, text, fraction):
+    """The fraction done the job wrote to MLCLOUD_PROGRESS_FILE (named in its job.json's
+    environment) goes into each sample's job; anything else there is no progress."""
+    jobdir = tmp_path / "jobs" / "3"
+    jobdir.mkdir(parents=True)
+    progress = jobdir / "progress"
+    if text is not None:
+        progress.write_text(text)
+    env = {"MLCLOUD_PROGRESS_FILE": str(progress)}
+    (jobdir / "job.json").write_text(json.dumps({"env": env, "checkpoint_dir": str(tmp_path)}))
+    (jobdir / "waiter.pid").write_text(str(os.getpid()))  # a live waiter: the job runs
+    job = agent.current_job(str(tmp_path))
+    assert job["id"] == 3 and job["state"] == "running"
+    assert job["progress"] == fraction

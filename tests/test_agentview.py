@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mlcloud.control import agentview
 from mlcloud.provision import bootstrap
 from mlcloud.remote.local import LocalTransport
@@ -71,8 +73,19 @@ def test_samples_parse_and_runs():
         )
     )
     assert [x.time for x in s] == [1, 2, 3] and s[0].job == agentview.JobSample(1, "running", 5)
+    assert s[0].job.progress is None  # no progress said (or an older agent)
     assert agentview.since(s, "idle") == 2 and agentview.since(s, "busy") is None
     assert agentview.since((), "idle") is None
+
+
+@pytest.mark.parametrize(
+    ("said", "fraction"),
+    [(0.25, 0.25), (0, 0.0), (1, 1.0), (None, None), (1.5, None), (-0.1, None), ("0.5", None)],
+)
+def test_a_samples_progress_is_a_fraction_or_none(said, fraction):
+    job = {"id": 1, "state": "running", "step": None, "progress": said}
+    (s,) = agentview.parse_samples(json.dumps({"time": 1, "verdict": "busy", "job": job}))
+    assert s.job is not None and s.job.progress == fraction
 
 
 def test_read_a_node_without_an_agent(tmp_path):
@@ -105,3 +118,51 @@ def test_read_takes_only_the_tail_of_a_long_event_log(tmp_path, monkeypatch):
     times = [e.time for e in view.events]
     assert times[-1] == 1999.0 and 10 < len(times) < 20
     assert times == [float(t) for t in range(int(times[0]), 2000)]
+
+
+def _progress(points, job_id=4):
+    """Samples as the agent writes them, at fake times: (time, fraction or None)."""
+    return tuple(
+        agentview.Sample(t, (), 0.0, 0, 0, agentview.JobSample(job_id, "running", None, f), "busy")
+        for t, f in points
+    )
+
+
+T0 = 1_000_000.0  # a fake clock: the samples' own times are the only clock the estimate reads
+
+
+def test_remaining_time_from_the_advance_over_the_window():
+    # 10% in 600 s: 1% a minute, 70% left at the newest sample: 70 min
+    rows = _progress([(T0 + 5 * k, 0.2 + 0.1 * k / 120) for k in range(121)])
+    assert agentview.remaining(rows, 4) == pytest.approx(4200.0)
+    # a job that says nothing, or another job's samples, give no estimate
+    assert agentview.remaining(_progress([(T0, None), (T0 + 600, None)]), 4) is None
+    assert agentview.remaining(rows, 5) is None
+    assert agentview.remaining((), 4) is None
+
+
+def test_remaining_is_none_without_an_advance():
+    assert agentview.remaining(_progress([(T0, 0.3), (T0 + 600, 0.3)]), 4) is None  # flat
+    assert agentview.remaining(_progress([(T0 + 600, 0.3)]), 4) is None  # one sample
+    # an advance measured over less than MIN_SPAN_S says little
+    assert agentview.remaining(_progress([(T0, 0.3), (T0 + 10, 0.4)]), 4) is None
+    assert agentview.remaining(_progress([(T0, 0.3), (T0 + 60, 0.4)]), 4) == pytest.approx(360)
+
+
+def test_remaining_counts_from_the_last_fall_and_reads_done_as_zero():
+    # the job restarted from a checkpoint at T0+300 (the fraction fell): only what came after
+    rows = _progress([(T0, 0.5), (T0 + 290, 0.6), (T0 + 300, 0.4), (T0 + 400, 0.45)])
+    assert agentview.remaining(rows, 4) == pytest.approx(0.55 * 100 / 0.05)
+    rows = _progress([(T0, 0.5), (T0 + 290, 0.6), (T0 + 300, 0.4), (T0 + 310, 0.41)])
+    assert agentview.remaining(rows, 4) is None  # 10 s since the restart
+    assert agentview.remaining(_progress([(T0, 0.9), (T0 + 5, 1.0)]), 4) == 0.0
+
+
+def test_the_jobs_remaining_time_is_its_slowest_nodes():
+    fast = _progress([(T0, 0.5), (T0 + 100, 0.6)])  # 400 s left
+    slow = _progress([(T0 + 7, 0.5), (T0 + 107, 0.55)])  # 900 s left (another clock)
+    silent = _progress([(T0, None), (T0 + 100, None)])  # a node where the job says nothing
+    assert agentview.job_remaining([fast, slow, silent], 4) == pytest.approx(900.0)
+    assert agentview.job_remaining([silent, fast], 4) == pytest.approx(400.0)
+    assert agentview.job_remaining([silent, ()], 4) is None
+    assert agentview.job_remaining([], 4) is None

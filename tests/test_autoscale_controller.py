@@ -186,3 +186,42 @@ def test_a_joining_node_gets_the_job_environment_from_a_node_not_from_a_file(mon
     finally:
         h.close()
         lifecycle.down(store, "envs", PlainReporter(quiet=True))
+
+
+def test_a_projected_overrun_shrinks_an_elastic_job_by_its_progress():
+    """The job's progress, as the agents sample it, gives its remaining time: 10% in the last
+    10 min, 80% left: 80 min more on 2 nodes at $3.60/h each is ~$9.60, over max_cost $1
+    (nothing near spent yet): the controller takes one node away (checkpoint, then drop)."""
+    from mlcloud.state import paths
+
+    spec = TaskSpec(provider="local", nodes=2, min_nodes=1, autoscale=AutoscaleSpec(max_cost=1.0))
+    store = state.open_store()
+    lifecycle.up(store, "shrink", spec, PlainReporter(quiet=True), price=3.6)
+    h = handle.open_cluster(store, "shrink")
+    try:
+        job = store.new_job("shrink", h.record.uid, "train.py", 2, 1, paths.logs_dir("shrink"))
+        store.update_job("shrink", h.record.uid, job.job_id, status=state.JOB_RUNNING)
+        now = time.time()
+        for n in h.nodes:
+            agent = Path(n.root) / "agent"
+            with open(agent / "samples.jsonl", "w") as f:
+                for k in range(121):  # every 5 s, 0.10 -> 0.20 done
+                    sample = {
+                        "time": now - 600 + 5 * k,
+                        "gpus": [],
+                        "job": {"id": job.job_id, "state": "running", "progress": 0.1 + k / 1200},
+                        "verdict": "busy",
+                    }
+                    f.write(json.dumps(sample) + "\n")
+        ctl = Controller(store, h, PlainReporter(quiet=True))
+        snap = ctl.snapshot(now)
+        assert snap.job is not None and snap.job.remaining_s == pytest.approx(4800.0)
+        plan = ctl.step(now)
+        assert plan.kinds() == [pol.SHRINK]
+        (msg,) = [m for _, k, m in store.events("shrink") if k == "scale_down"]
+        assert "on 2 nodes is over max_cost $1.00" in msg
+        assert len(h.nodes) == 1  # one node fewer, in state and in the handle
+        assert len(store.get_cluster("shrink").nodes) == 1
+    finally:
+        h.close()
+        lifecycle.down(store, "shrink", PlainReporter(quiet=True))

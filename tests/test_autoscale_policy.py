@@ -19,6 +19,7 @@ from mlcloud.control.policy import (
     STALL_STOP,
     JobView,
     NodeView,
+    Plan,
     Policy,
     Snapshot,
     decide,
@@ -211,7 +212,26 @@ CASES = [
     (
         "grow-within-budget",
         snap(2, job=RUN_LONG, min_nodes=1, max_nodes=3),
-        Policy(max_cost=12.0),  # 1 + 3 x 3.6 = 11.8
+        # 1 + 3 x 3.6 = 11.8 <= 13.2 - 10% headroom (1.32) - one poll at 3 nodes (0.015)
+        Policy(max_cost=13.2),
+        [GROW],
+    ),
+    (
+        "grow-holds-inside-the-headroom",  # within max_cost, but a wobble would shrink it back
+        snap(2, job=RUN_LONG, min_nodes=1, max_nodes=3),
+        Policy(max_cost=12.0),  # 11.8 > 12 - 1.2 - 0.015
+        [],
+    ),
+    (
+        "grow-holds-a-job-ending-in-budget",
+        snap(2, job=JobView(7, True, remaining_s=600.0), min_nodes=1, max_nodes=3),
+        Policy(max_cost=2.9),  # 1 + 3 x 0.6 = 2.8 <= 2.9, not with 10% to spare
+        [],
+    ),
+    (
+        "grow-a-job-ending-soon",
+        snap(2, job=JobView(7, True, remaining_s=600.0), min_nodes=1, max_nodes=3),
+        Policy(max_cost=3.2),  # 2.8 <= 3.2 - 0.32 - 0.015
         [GROW],
     ),
     (
@@ -231,6 +251,36 @@ CASES = [
         snap(3, job=RUN_LONG, min_nodes=1, max_nodes=3),
         Policy(max_cost=10.0),  # 1 + 3 x 3.6 = 11.8 > 10
         [SHRINK],
+    ),
+    (
+        "grow-holds-a-job-that-reads-done",
+        snap(2, job=JobView(7, True, remaining_s=0.0), min_nodes=1, max_nodes=3),
+        Policy(max_cost=100.0),
+        [],
+    ),
+    (
+        "grow-holds-a-job-that-reads-done-without-max-cost",
+        snap(2, job=JobView(7, True, remaining_s=0.0), min_nodes=1, max_nodes=3),
+        Policy(),
+        [],
+    ),
+    (
+        "shrink-on-an-overrun-inside-the-last-poll",  # the budget stop would end it first
+        snap(3, job=RUN_LONG, min_nodes=1, max_nodes=3),
+        Policy(max_cost=11.81),  # 11.8 <= 11.81, but the stop keeps one poll back (0.015)
+        [SHRINK],
+    ),
+    (
+        "shrink-holds-budget-end-unknown",  # no progress signal: only the budget stop guards
+        snap(3, job=RUN, min_nodes=1, max_nodes=3),
+        Policy(max_cost=1.5),
+        [],
+    ),
+    (
+        "shrink-holds-a-job-about-to-end",
+        snap(3, job=JobView(7, True, remaining_s=0.0), min_nodes=1, max_nodes=3),
+        Policy(max_cost=1.5),
+        [],
     ),
     (
         "shrink-holds-at-min",
@@ -270,6 +320,65 @@ def test_replace_names_the_node_and_why():
 def test_budget_reason_says_spent_and_limit():
     (a,) = decide(snap(cost_so_far=10.0), Policy(max_cost=10.0), NOW).actions
     assert "$10.00" in a.reason and "checkpoint" in a.reason
+
+
+def test_resize_reasons_say_the_projection_the_end_and_the_limit():
+    (a,) = decide(
+        snap(3, job=RUN_LONG, min_nodes=1, max_nodes=3), Policy(max_cost=10.0), NOW
+    ).actions
+    assert a.kind == SHRINK and a.node == 2
+    assert "$11.80 expected at the job's end (in 60 min, by its progress) on 3 nodes" in a.reason
+    assert "over max_cost $10.00" in a.reason and "checkpoint" in a.reason
+    (a,) = decide(
+        snap(2, job=RUN_LONG, min_nodes=1, max_nodes=3), Policy(max_cost=13.2), NOW
+    ).actions
+    assert a.kind == GROW
+    assert "$11.80 expected at the job's end (in 60 min) on 3 nodes" in a.reason
+    assert "within max_cost $13.20, 10% of it to spare" in a.reason
+
+
+def _pass(size: int, cost: float, remaining: float | None, max_cost: float, t: float) -> Plan:
+    s = snap(size, job=JobView(7, True, remaining_s=remaining), min_nodes=1, max_nodes=3)
+    return decide(replace(s, cost_so_far=cost), Policy(max_cost=max_cost), t)
+
+
+def test_a_job_projected_over_budget_shrinks_and_ends_within_it():
+    """A fake clock over an hour-long job on 3 nodes at $3.60/h each with $10 to spend
+    ($1 spent): its progress says 60 min more, $11.80 at 3 nodes. The controller shrinks to 2
+    ($8.20 expected) at once, grows back only when what is left admits a third node with
+    room to spare, never flaps, and the job ends within max_cost, never budget-stopped."""
+    size, cost, remaining, resizes = 3, 1.0, 3600.0, []
+    for k in range(61):
+        plan = _pass(size, cost, remaining, 10.0, NOW + 60 * k)
+        assert BUDGET_STOP not in plan.kinds()
+        for kind in plan.kinds():
+            size += {SHRINK: -1, GROW: 1}[kind]
+            resizes.append((k, kind))
+        cost += 3.6 * size * 60 / 3600
+        remaining = max(0.0, remaining - 60)  # its steps take as long on fewer nodes
+    # shrunk in the first pass; the third node back only for the last minutes
+    assert resizes == [(0, SHRINK), (47, GROW)]
+    assert cost <= 10.0
+
+
+def test_an_estimate_wobbling_near_the_limit_does_not_resize_in_turn():
+    """Each resize restarts the job from its checkpoint: an estimate that wobbles around what
+    a third node would cost (50 min +- 1) must not grow it, then shrink it, pass after pass."""
+    size, kinds = 2, []
+    for k, remaining in enumerate([2950.0, 3050.0] * 5):
+        plan = _pass(size, 1.0, remaining, 10.0, NOW + 5 * k)
+        for kind in plan.kinds():
+            size += {SHRINK: -1, GROW: 1}[kind]
+        kinds += plan.kinds()
+    assert kinds == [] and size == 2
+
+
+def test_growth_waits_for_the_budget_to_admit_it():
+    """On 2 of 3 nodes, $10 to spend: an hour left is no room for a third node; once the
+    progress says 10 min (the job sped up), it is."""
+    assert _pass(2, 1.0, 3600.0, 10.0, NOW).kinds() == []  # 1 + 10.8 > 8.985
+    assert _pass(2, 1.0, None, 10.0, NOW).kinds() == []  # no estimate: no growth
+    assert _pass(2, 1.0, 600.0, 10.0, NOW + 60).kinds() == [GROW]  # 1 + 1.8 <= 8.985
 
 
 def test_decide_is_pure():

@@ -98,6 +98,9 @@ def test_elastic_job_runs_torchrun_elastic():
     assert "--rdzv-endpoint=10.0.0.1:29500" in other["argv"]
     assert "--rdzv-id=u-7-1" in other["argv"]
     assert head["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    # per node per job: where the job may say how far it is (the node agent reads it)
+    assert head["env"]["MLCLOUD_PROGRESS_FILE"] == "/r/u/node-0/jobs/7/progress"
+    assert other["env"]["MLCLOUD_PROGRESS_FILE"] == "/r/u/node-2/jobs/7/progress"
     # a spare in position 1 keeps the number of its own directory in its process tag
     # and the rendezvous: a restart's processes are not the first run's
     assert other["tag"] == "u.2.7.r1." and head["tag"] == "u.0.7.r1."

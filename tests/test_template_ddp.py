@@ -23,6 +23,7 @@ def _env(ckpt_dir):
     env = dict(os.environ)
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MLCLOUD_CHECKPOINT_DIR=str(ckpt_dir))
     env["MLCLOUD_OUTPUT_DIR"] = str(Path(ckpt_dir) / "outputs")
+    env["MLCLOUD_PROGRESS_FILE"] = str(Path(ckpt_dir) / "progress")
     # the harsh case, whatever this machine's environment: unbuffered, print() would write a
     # line's text and newline apart and the two ranks' lines would splice
     env["PYTHONUNBUFFERED"] = "1"
@@ -111,7 +112,9 @@ def test_trains_checkpoints_and_reports(tmp_path):
     assert _ckpt_steps(tmp_path) == [40, 60]
     assert not list(tmp_path.glob(".*tmp")), "temp files left behind"
     progress = json.loads((tmp_path / "progress.json").read_text())
-    assert progress["step"] == 60 and progress["world_size"] == 2
+    assert progress["step"] == 60 and progress["total"] == 60 and progress["world_size"] == 2
+    # mlcloud's progress convention, the one the node agent reads: steps done out of total
+    assert json.loads((tmp_path / "progress").read_text()) == {"done": 60, "total": 60}
     assert progress["loss"] == pytest.approx(final, abs=1e-4)
     assert abs(progress["time"] - time.time()) < TIMEOUT and isinstance(progress["pid"], int)
     state = torch.load(tmp_path / "ckpt-00000060.pt", weights_only=True)

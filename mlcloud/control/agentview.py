@@ -25,6 +25,7 @@ class JobSample:
     id: int
     state: str
     step: int | None
+    progress: float | None = None  # fraction done 0..1, from MLCLOUD_PROGRESS_FILE; None: unsaid
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,20 @@ def _lines(text: str) -> list[dict]:
     return out
 
 
+def _fraction(value: object) -> float | None:
+    """A progress fraction as the agent writes it (0..1), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None  # NaN fails both
+
+
 def parse_sample(d: dict) -> Sample:
-    job = d.get("job")
+    j = d.get("job")
+    job = (
+        JobSample(int(j["id"]), j["state"], j.get("step"), _fraction(j.get("progress")))
+        if j
+        else None
+    )
     return Sample(
         time=float(d["time"]),
         gpus=tuple(
@@ -89,7 +102,7 @@ def parse_sample(d: dict) -> Sample:
         cpu_percent=float(d.get("cpu_percent") or 0.0),
         mem_used_mb=int(d.get("mem_used_mb") or 0),
         mem_total_mb=int(d.get("mem_total_mb") or 0),
-        job=JobSample(int(job["id"]), job["state"], job.get("step")) if job else None,
+        job=job,
         verdict=d.get("verdict", "busy"),
     )
 
@@ -121,6 +134,44 @@ def since(rows: tuple[Sample, ...], verdict: str) -> float | None:
             break
         start = s.time
     return start
+
+
+MIN_SPAN_S = 60.0  # the least time a progress estimate is measured over
+
+
+def remaining(rows: tuple[Sample, ...], job_id: int) -> float | None:
+    """Seconds job `job_id` still needs by its progress on one node, as of the newest sample:
+    rate = Δfraction / Δtime from the first to the newest of its samples that carry a fraction
+    (since the fraction last fell: a restart resumed from an earlier checkpoint), remaining =
+    (1 - fraction) / rate; 0 once it reads done. None with no progress signal, no advance, or
+    under MIN_SPAN_S of it (a rate from two close samples says little). Pure: the samples'
+    times (one node's clock) are the clock."""
+    points = [
+        (s.time, s.job.progress)
+        for s in rows
+        if s.job is not None and s.job.id == job_id and s.job.progress is not None
+    ]
+    for k in range(len(points) - 1, 0, -1):
+        if points[k][1] < points[k - 1][1]:
+            points = points[k:]
+            break
+    if not points:
+        return None
+    (t0, f0), (t1, f1) = points[0], points[-1]
+    if f1 >= 1.0:
+        return 0.0
+    if f1 <= f0 or t1 - t0 < MIN_SPAN_S:
+        return None
+    return (1.0 - f1) * (t1 - t0) / (f1 - f0)
+
+
+def job_remaining(per_node: list[tuple[Sample, ...]], job_id: int) -> float | None:
+    """The job's remaining seconds from every node's samples: the longest of the nodes'
+    estimates (the job ends with its slowest node; a node whose job says nothing, or one
+    written only on the head, leaves the estimate to the others); None when no node has one.
+    Each node is estimated on its own, so nodes' clocks never meet."""
+    found = [r for rows in per_node if (r := remaining(rows, job_id)) is not None]
+    return max(found, default=None)
 
 
 _SEP = "@mlcloud-agent-file"

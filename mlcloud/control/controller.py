@@ -123,15 +123,19 @@ class Controller:
             )
         self.misses = {k: v for k, v in self.misses.items() if k in listed or v}
         job = self._job()
+        running = job is not None and job.status in (state.JOB_STARTING, state.JOB_RUNNING)
+        remaining = (
+            agentview.job_remaining([p.samples for p in probes], job.job_id)
+            if job is not None and running
+            else None
+        )
         intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
         open_prices = [i.price for i in intervals if i.end is None]
         low, high = launch.elastic_range(h) or (n, n)
         return pol.Snapshot(
             cluster=h.record.name,
             nodes=tuple(views),
-            job=None
-            if job is None
-            else pol.JobView(job.job_id, job.status in (state.JOB_STARTING, state.JOB_RUNNING)),
+            job=None if job is None else pol.JobView(job.job_id, running, remaining),
             cost_so_far=accrued(intervals, now),
             node_rate=max(open_prices, default=0.0),
             min_nodes=low,

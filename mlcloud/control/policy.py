@@ -119,10 +119,29 @@ def lost_reason(n: NodeView, policy: Policy) -> str | None:
 
 
 def _projected(snap: Snapshot, nodes: int) -> float | None:
-    """Cost at the job's expected end with this many nodes, None when the end is unknown."""
+    """Cost at the job's expected end with this many nodes, None when the end is unknown.
+    The remaining time is the one measured on the nodes it runs on now, whatever `nodes` is:
+    a job of fixed steps (the template's: each step's batch is per rank) takes as long on one
+    node more or fewer, so growth is priced at its most and a shrink saves one node's rate."""
     if snap.job is None or not snap.job.running or snap.job.remaining_s is None:
         return None
     return snap.cost_so_far + snap.node_rate * nodes * snap.job.remaining_s / 3600
+
+
+# Growth must leave this share of max_cost unspent at the projected end: a resize restarts the
+# job's workers from their checkpoint, so an estimate wobbling near the limit must not grow,
+# then shrink, then grow again.
+GROW_HEADROOM = 0.1
+
+
+def _spendable(snap: Snapshot, nodes: int, max_cost: float, poll_seconds: float) -> float:
+    """What the job may spend by its end on this many nodes: max_cost less the one poll of
+    spend the budget stop keeps back (it stops the job that much early)."""
+    return max_cost - snap.node_rate * nodes * poll_seconds / 3600
+
+
+def _in(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 GROW_BACKOFF_S = 60.0  # after a refused growth, wait this long, doubling per refusal
@@ -240,35 +259,44 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
     if lost or not running or snap.min_nodes == snap.max_nodes:
         return Plan(tuple(actions))
     # Elastic size: shrink when the rate would overrun max_cost before the job's end; grow
-    # toward MAX while capacity and budget allow.
+    # toward MAX while capacity and budget allow. Without an expected end (no progress signal,
+    # or no advance) only the budget stop above guards max_cost: nothing shrinks, and growth
+    # under a max_cost waits for an estimate.
     size = len(snap.nodes)
+    remaining = snap.job.remaining_s if snap.job is not None else None
     if policy.max_cost is not None:
         at_size = _projected(snap, size)
-        if at_size is not None and at_size > policy.max_cost and size > snap.min_nodes:
-            actions.append(
-                Action(
-                    SHRINK,
-                    f"${at_size:.2f} expected at the job's end on {size} nodes is over max_cost "
-                    f"${policy.max_cost:.2f}: checkpointing, then one node fewer",
-                    size - 1,
+        limit = _spendable(snap, size, policy.max_cost, policy.poll_seconds)
+        if at_size is not None and remaining is not None and at_size > limit:
+            if size > snap.min_nodes:
+                actions.append(
+                    Action(
+                        SHRINK,
+                        f"${at_size:.2f} expected at the job's end (in {_in(remaining)}, by its "
+                        f"progress) on {size} nodes is over max_cost ${policy.max_cost:.2f}: "
+                        "checkpointing, then one node fewer",
+                        size - 1,
+                    )
                 )
-            )
-            return Plan(tuple(actions))
+            return Plan(tuple(actions))  # over budget at this size: never one node more
     if snap.grow_refused_at is not None and now < snap.grow_refused_at + grow_backoff(
         snap.grow_refusals
     ):
         return Plan(tuple(actions))  # the cloud said no a moment ago: not every poll again
-    if size < snap.max_nodes and (spares is None or spares > 0):
-        bigger = _projected(snap, size + 1)
-        if policy.max_cost is None or (bigger is not None and bigger <= policy.max_cost):
+    if size < snap.max_nodes and (spares is None or spares > 0) and remaining != 0:
+        # (a job that reads done gets no node more: it would only join the job's end)
+        if policy.max_cost is None:
+            why = "capacity allows"
+        else:
+            bigger = _projected(snap, size + 1)
+            room = _spendable(snap, size + 1, policy.max_cost, policy.poll_seconds)
+            room -= GROW_HEADROOM * policy.max_cost
+            if bigger is None or remaining is None or bigger > room:
+                return Plan(tuple(actions))  # the budget does not admit one node more
             why = (
-                "capacity allows"
-                if policy.max_cost is None
-                else (
-                    f"${bigger:.2f} expected at the end is within max_cost ${policy.max_cost:.2f}"
-                )
+                f"${bigger:.2f} expected at the job's end (in {_in(remaining)}) on {size + 1} "
+                f"nodes is within max_cost ${policy.max_cost:.2f}, "
+                f"{GROW_HEADROOM:.0%} of it to spare"
             )
-            actions.append(
-                Action(GROW, f"{size} of {snap.max_nodes} nodes and {why}: one node more")
-            )
+        actions.append(Action(GROW, f"{size} of {snap.max_nodes} nodes and {why}: one node more"))
     return Plan(tuple(actions))

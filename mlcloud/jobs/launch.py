@@ -51,6 +51,14 @@ def output_dir(root: str, job_id: int) -> str:
     return f"{job_dir(root, job_id)}/outputs"
 
 
+def progress_file(root: str, job_id: int) -> str:
+    """MLCLOUD_PROGRESS_FILE: where the job may say how far it is, as JSON
+    {"done": N, "total": M} (README, "What the job sees"); the node agent reads it into its
+    samples and the controller estimates the job's remaining time from them. One per node per
+    job."""
+    return f"{job_dir(root, job_id)}/progress"
+
+
 def checkpoint_dir(root: str, relative: str | None) -> str:
     """MLCLOUD_CHECKPOINT_DIR: inside the node's directory (the spec refuses absolute paths
     and `..`), shared by the cluster's jobs so a job resumes from the last one's."""
@@ -126,6 +134,7 @@ def node_job(
             "MLCLOUD_GPUS_PER_NODE": str(node.gpus),
             "MLCLOUD_CHECKPOINT_DIR": ckpt,
             "MLCLOUD_OUTPUT_DIR": output_dir(node.root, job_id),
+            "MLCLOUD_PROGRESS_FILE": progress_file(node.root, job_id),
         }
     )
     bucket = checkpoint_uri(h.record.spec, h.record.name)

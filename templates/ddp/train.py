@@ -15,7 +15,9 @@ Why it is built the way it is:
   each complete checkpoint to the bucket in the background, and on start fetches the bucket's
   newest when it is newer than its disk's: a new node or cluster resumes from it
   (checkpoint_store.py).
-- progress.json (step, loss, time) lets an outside watcher tell a stuck job from a slow one.
+- progress.json (step of total, loss, time) lets an outside watcher tell a stuck job from a
+  slow one; the same steps go to MLCLOUD_PROGRESS_FILE as {"done": step, "total": steps}, the
+  convention any script may follow, from which the controller estimates the time left.
 - At the end each node's first process leaves the final model and metrics.json in
   MLCLOUD_OUTPUT_DIR, for `mlcloud pull`.
 - SIGTERM/SIGINT (torchrun forwards them to workers) set a flag that all ranks agree on at a
@@ -146,9 +148,12 @@ def open_bucket(rank, ckpt_dir):
     return checkpoint_store.Uploader(store, say)
 
 
-def write_progress(ckpt_dir, step, loss, world):
+def write_progress(ckpt_dir, step, total, loss, world):
+    """progress.json in the checkpoint directory, and {"done", "total"} in the file
+    MLCLOUD_PROGRESS_FILE names (mlcloud's one progress convention), each atomically."""
     info = {
         "step": step,
+        "total": total,
         "loss": loss,
         "time": time.time(),
         "world_size": world,
@@ -157,6 +162,10 @@ def write_progress(ckpt_dir, step, loss, world):
     atomic_write(
         os.path.join(ckpt_dir, "progress.json"), lambda f: f.write(json.dumps(info).encode())
     )
+    path = os.environ.get("MLCLOUD_PROGRESS_FILE")
+    if path:
+        done = json.dumps({"done": step, "total": total}).encode()
+        atomic_write(path, lambda f: f.write(done))
 
 
 def save_outputs(model, step, loss, world):
@@ -263,7 +272,7 @@ def main():
             if rank == 0:
                 say(f"step {step} loss {mean:.4f}")
             if writer:
-                write_progress(ckpt_dir, step, mean, world)
+                write_progress(ckpt_dir, step, args.steps, mean, world)
         if flag.item():
             if writer:
                 save_checkpoint(ckpt_dir, step, model, optim, args.keep, uploader)
