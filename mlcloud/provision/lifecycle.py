@@ -21,9 +21,9 @@ from mlcloud.providers.base import (
     StorageAccess,
 )
 from mlcloud.provision import bootstrap
-from mlcloud.provision.handle import Handle, owner, ref_of, ssh_options
+from mlcloud.provision.handle import Handle, owner, provider_node, ref_of, ssh_options
 from mlcloud.remote import keys
-from mlcloud.remote.shell import stop_line
+from mlcloud.remote.shell import node_number, stop_line
 from mlcloud.remote.transport import (
     RemoteError,
 )
@@ -157,6 +157,8 @@ def _provision(
         req = prepared.request
         store.set_spec(ref.name, _recorded(spec, req))  # the provider's choices, for later
         nodes = provider.list(here)
+        # numbered after what is there (a resumed `up` asks again with the same numbers)
+        req = replace(req, first_number=next_number(nodes))
         try:
             if len(nodes) < want:
                 report.step(f"creating {want - len(nodes)} node(s)")
@@ -177,6 +179,7 @@ def _provision(
         break
     else:
         raise _refused(refusals, f"{want} x {request.instance_type or 'node'}")
+    store.number_nodes(ref.name, 0, floor=next_number(nodes))  # none of these numbers again
     if len(nodes) > want:
         terminate(provider, here, nodes[want:], store.get_cluster(ref.name))
         nodes = nodes[:want]
@@ -244,6 +247,10 @@ def add_nodes(
         spec.autoscale.max_cost, billing, time.time(), joining=price * count
     )
     request = replace(request, deadline=due if h.provider.capabilities.self_deadline else None)
+    # numbers never used by the cluster before, not even by a node since gone
+    floor = next_number([*map(provider_node, h.nodes), *h.provider.list(h.ref)])
+    first = store.number_nodes(h.record.name, count, floor)
+    request = replace(request, first_number=first)
     places, _ = _places(store, h.provider, h.ref, request)
     refusals: list[CapacityError | QuotaError] = []
     for region, zone in places:
@@ -266,6 +273,11 @@ def add_nodes(
     records = [replace(r, idx=start + k) for k, r in enumerate(records)]
     _bill(store, h.provider.name, here, records, request.instance_type or "", price)
     return records
+
+
+def next_number(nodes: list[Node]) -> int:
+    """One past the highest number among these nodes' roots (`node-K`), 0 for none."""
+    return 1 + max((k for k in (node_number(n.root) for n in nodes) if k is not None), default=-1)
 
 
 def _places(
