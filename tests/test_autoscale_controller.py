@@ -186,3 +186,48 @@ def test_a_joining_node_gets_the_job_environment_from_a_node_not_from_a_file(mon
     finally:
         h.close()
         lifecycle.down(store, "envs", PlainReporter(quiet=True))
+
+
+def test_a_pass_lock_removed_by_its_holder_still_lets_one_pass_at_a_time():
+    """A pass that finds the cluster gone removes the lock file it holds; a pass waiting on
+    that file must not then run beside a third that made the file anew."""
+    import threading
+
+    store, h = _up("locks", price=0.0)
+    first, second, third = (Controller(store, h, PlainReporter(quiet=True)) for _ in range(3))
+    inside: list[str] = []
+    second_in, let_second_go = threading.Event(), threading.Event()
+
+    def run_second() -> None:
+        with second._pass_lock():
+            inside.append("second")
+            second_in.set()
+            let_second_go.wait(10)
+            inside.remove("second")
+
+    def run_third() -> None:
+        with third._pass_lock():
+            inside.append("third")
+            assert "second" not in inside, inside
+            inside.remove("third")
+
+    try:
+        with first._pass_lock():
+            waiter = threading.Thread(target=run_second)
+            waiter.start()
+            time.sleep(0.5)  # the second pass waits on the lock file
+            first.gone = True  # what the first found: it removes its files, the lock's too
+            first._save_misses()
+        assert second_in.wait(10)
+        late = threading.Thread(target=run_third)
+        late.start()
+        time.sleep(0.5)
+        assert inside == ["second"], inside  # the third waits for the second
+        let_second_go.set()
+        waiter.join(10)
+        late.join(10)
+        assert inside == [] and not late.is_alive()
+    finally:
+        let_second_go.set()
+        h.close()
+        lifecycle.down(store, "locks", PlainReporter(quiet=True))

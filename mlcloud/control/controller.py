@@ -73,10 +73,9 @@ class Controller:
     def _save_misses(self) -> None:
         from mlcloud.state import atomic
 
-        if self.gone:
+        if self.gone:  # the pass lock's file goes as the pass lets go of it (_pass_lock)
             self._misses_path().unlink(missing_ok=True)
             self._misses_path().with_suffix(".grow").unlink(missing_ok=True)
-            self._misses_path().with_suffix(".lock").unlink(missing_ok=True)
             return
         atomic.write(self._misses_path(), json.dumps(self.misses).encode())
 
@@ -170,12 +169,36 @@ class Controller:
     @contextlib.contextmanager
     def _pass_lock(self) -> Iterator[None]:
         """One pass at a time per cluster, whichever process runs it (`train`'s controller and
-        a cron `autoscale --once`): the second waits, then decides on what the first did."""
-        import fcntl
+        a cron `autoscale --once`): the second waits, then decides on what the first did.
 
-        with open(self._misses_path().with_suffix(".lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        A pass that finds the cluster gone removes the lock file while it still holds it; a
+        pass that waited on that file then holds a lock on a name no longer there, which a
+        third pass, creating the file anew, would not see: so a lock is good only while the
+        file it locked is still the one under the name, and is taken again otherwise."""
+        import fcntl
+        import os
+
+        path = self._misses_path().with_suffix(".lock")
+        while True:
+            f = open(path, "a")  # held past this loop: closed below
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    current = False
+            except BaseException:
+                f.close()
+                raise
+            if current:
+                break
+            f.close()  # removed (or replaced) while this pass waited: take the new one
+        try:
             yield
+        finally:
+            if self.gone:  # no pass of this cluster again: its lock file goes, still held
+                path.unlink(missing_ok=True)
+            f.close()
 
     def _reload(self) -> None:
         """Another controller may have replaced, dropped or stopped nodes since this one last
