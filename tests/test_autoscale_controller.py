@@ -231,3 +231,53 @@ def test_a_pass_lock_removed_by_its_holder_still_lets_one_pass_at_a_time():
         let_second_go.set()
         h.close()
         lifecycle.down(store, "locks", PlainReporter(quiet=True))
+
+
+def test_a_retired_node_bills_until_its_end_is_confirmed(monkeypatch):
+    """The pass goes on after RETIRE_WAIT; the node's billing closes when the provider
+    confirms it gone (later), and never on a teardown that failed."""
+    import threading
+
+    from mlcloud.control import controller
+    from mlcloud.errors import MlcloudError
+    from mlcloud.spec.cost import Interval
+
+    store, h = _up("bill", price=1.0)
+    slow, failed = h.nodes[1], h.nodes[0]
+
+    def billing(node: state.NodeRecord) -> Interval:
+        (i,) = [i for i in store.billing("bill") if i.node_id == node.node_id]
+        return i
+
+    real = lifecycle.terminate
+    gate = threading.Event()
+
+    def slow_terminate(*args) -> None:
+        gate.wait(20)
+        real(*args)
+
+    def failing_terminate(*args) -> None:
+        raise MlcloudError("node0: unreachable")
+
+    try:
+        monkeypatch.setattr(controller, "RETIRE_WAIT", 0.2)
+        monkeypatch.setattr(lifecycle, "terminate", slow_terminate)
+        ctl = Controller(store, h, PlainReporter(quiet=True))
+        ctl._retire(slow)
+        assert billing(slow).end is None  # not confirmed yet: still billing
+        confirmed = time.time()
+        gate.set()
+        deadline = time.monotonic() + 20
+        while billing(slow).end is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (billing(slow).end or 0) >= confirmed
+        monkeypatch.setattr(lifecycle, "terminate", failing_terminate)
+        ctl._retire(failed)
+        time.sleep(0.5)
+        assert billing(failed).end is None
+    finally:
+        gate.set()
+        monkeypatch.setattr(lifecycle, "terminate", real)
+        h.close()
+        lifecycle.down(store, "bill", PlainReporter(quiet=True))
+    assert billing(failed).end is not None  # `down` confirmed it

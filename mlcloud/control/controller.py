@@ -261,26 +261,34 @@ class Controller:
 
     def _retire(self, rec: state.NodeRecord) -> None:
         """A node leaves the cluster: terminated where the provider can (a lost ssh host stays
-        claimed until it answers again, for `down`), and its billing closed."""
+        claimed until it answers again, for `down`). Its billing closes when the provider
+        confirms it gone, however long after the pass went on; a node whose end is never
+        confirmed bills until `down` confirms it."""
         h = self.h
         node = handle.provider_node(rec)
         errors: list[str] = []
+        db = self.store.path  # a connection is one thread's: the teardown opens its own
 
         def terminate() -> None:
             try:
                 lifecycle.terminate(h.provider, h.ref, [node], h.record)
             except MlcloudError as e:
                 errors.append(str(e))
+                return
+            store = state.Store(db)
+            try:
+                store.close_node_billing(h.record.uid, rec.node_id, time.time())
+            finally:
+                store.close()
 
         th = threading.Thread(target=terminate, daemon=True)
         th.start()
         th.join(RETIRE_WAIT)
         if th.is_alive() or errors:
             self.report.warn(
-                f"{rec.node_id} not cleaned up ({errors[0] if errors else 'no answer'}); "
-                f"`mlcloud down {h.record.name}` retries it"
+                f"{rec.node_id} not cleaned up ({errors[0] if errors else 'no answer yet'}); "
+                f"it bills until its end is confirmed: `mlcloud down {h.record.name}` retries it"
             )
-        self.store.close_node_billing(h.record.uid, rec.node_id, time.time())
 
     def _set_nodes(self, records: list[state.NodeRecord]) -> None:
         """Record the cluster's nodes (positions renumbered) and refresh the handle in place,
