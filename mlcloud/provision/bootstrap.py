@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 from mlcloud import state
 from mlcloud.parallel import fan_out, pause
@@ -41,11 +42,13 @@ def bootstrap(
     autoscale: AutoscaleSpec | None = None,
     due: float | None = None,
     spot: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[state.NodeRecord]:
     """Make each node's directories, install the node controller and the node agent (its
     config: autoscale's rules and the budget deadline `due`), find the Python that has torch,
     detect the GPUs and start the agent with that Python, in one round trip per node, waiting
-    for a new machine's sshd; a root under ~/ is resolved."""
+    for a new machine's sshd; a root under ~/ is resolved. Once `cancelled()` is true (the
+    cluster is going down) no node is bootstrapped or waited for any more: RemoteError."""
     from mlcloud import templates
 
     ctl_source = templates.path("node_ctl.py").read_bytes()
@@ -75,6 +78,8 @@ def bootstrap(
         refused_since: float | None = None
         try:
             while True:
+                if cancelled is not None and cancelled():
+                    raise RemoteError(f"node{number} ({node.ip}): not bootstrapped, cancelled")
                 try:
                     stdin = ctl_source + agent_source + json.dumps(conf).encode()
                     result = t.run(cmd, stdin=stdin, timeout=120)
