@@ -87,6 +87,10 @@ class ProvisionRequest:
     project: str | None = None  # gce: the Google Cloud project (default: ADC's, the env's)
     api_endpoint: str | None = None  # gce: a private (or test) Compute API endpoint
     deadline: float | None = None  # epoch s the budget runs out: clouds that can end VMs then do
+    # the number of the first node `create` makes (the next ones follow): one past the highest
+    # the cluster ever used, so a number (the node's `node-K` root, its process tag) names one
+    # node for the cluster's whole life; ssh numbers a node by its host's place in the list
+    first_number: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,9 @@ class Provider(Protocol):
         creates and bootstraps with the returned request and records its choices."""
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
-        """Create `count` more nodes, all or nothing, tagged with the cluster."""
+        """Create `count` more nodes, all or nothing, tagged with the cluster, numbered from
+        `request.first_number` up (above any number it still holds): each node's root ends
+        in `node-K` and the number comes back with it from `list`."""
 
     def list(self, cluster: ClusterRef) -> list[Node]:
         """The cluster's live nodes, found by tag, in a stable order."""

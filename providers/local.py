@@ -66,9 +66,12 @@ class LocalProvider(MachinesAtHand):
         return Prepared(request)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
-        # numbered after the highest: a lost node-0 beside a live node-1 is replaced by node-2
-        first = max((int(n.node_id.rpartition("-")[2]) for n in self.list(cluster)), default=-1)
-        nodes = [self._node(cluster, first + 1 + i) for i in range(count)]
+        # numbered from the engine's first number, and after the highest here: a lost node-0
+        # beside a live node-1 is replaced by node-2, and a lost node-1 by node-2 too (never
+        # node-1 again: a teardown of the old one still under way would take the new one)
+        held = max((int(n.node_id.rpartition("-")[2]) for n in self.list(cluster)), default=-1)
+        first = max(request.first_number, held + 1)
+        nodes = [self._node(cluster, first + i) for i in range(count)]
         for n in nodes:
             Path(n.root).mkdir(parents=True, mode=0o700)
         return nodes

@@ -13,6 +13,8 @@ import getpass
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +22,7 @@ from typing import ClassVar
 from mlcloud.providers.base import (
     PYTHONS,
     Capabilities,
+    CapacityError,
     ClusterRef,
     MachinesAtHand,
     Node,
@@ -59,6 +62,15 @@ class Host:
         )
 
 
+CLAIMS_LOCK = ".claims.lock"  # beside the registries: every read-modify-write of them
+
+
+def _machine(text: str, ssh: SshOptions) -> tuple[str, int]:
+    """What makes two entries one machine: the address and the SSH port (whichever user)."""
+    h = parse_host(text)
+    return h.host.lower(), h.port or ssh.port or 22
+
+
 def parse_host(text: str) -> Host:
     """`user@host:port`, `host`, `user@[::1]:22`; anything else is refused with the form."""
     m = _HOST_RE.fullmatch(text.strip())
@@ -75,13 +87,37 @@ class SshProvider(MachinesAtHand):
     pythons: ClassVar[tuple[str, ...]] = PYTHONS
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._held = 0  # how deep this process is in _claims (under _lock: one thread at once)
 
     @staticmethod
-    def _registry(cluster: ClusterRef) -> Path:
+    def _folder() -> Path:
         from mlcloud.state import paths
 
-        return paths.private_dir(paths.home() / "ssh") / f"{cluster.uid}.json"
+        return paths.private_dir(paths.home() / "ssh")
+
+    @classmethod
+    def _registry(cls, cluster: ClusterRef) -> Path:
+        return cls._folder() / f"{cluster.uid}.json"
+
+    @contextmanager
+    def _claims(self) -> Iterator[None]:
+        """Every read-modify-write of the registries, whichever process makes it: one at a
+        time (a file lock beside them, and this process's threads in turn), so a host is
+        claimed by one cluster exactly once, however many `up`s and controllers race for it.
+        Held only around reading and writing the files, never around a remote command."""
+        from filelock import FileLock
+
+        with self._lock:
+            if self._held:  # already held by this thread, further up
+                yield
+                return
+            with FileLock(str(self._folder() / CLAIMS_LOCK), mode=0o600):
+                self._held += 1
+                try:
+                    yield
+                finally:
+                    self._held -= 1
 
     def _read(self, cluster: ClusterRef) -> dict:
         f = self._registry(cluster)
@@ -107,7 +143,7 @@ class SshProvider(MachinesAtHand):
     def _reached(self, cluster: ClusterRef, index: int) -> None:
         """Record a login on a host, before any command runs there: from then on, `down`
         must reach it to clean up."""
-        with self._lock:
+        with self._claims():
             if not self._registry(cluster).exists():  # torn down already: nothing to claim
                 return
             data = self._read(cluster)
@@ -147,18 +183,57 @@ class SshProvider(MachinesAtHand):
             )
 
     def prepare(self, cluster: ClusterRef, request: ProvisionRequest) -> Prepared:
-        data = self._read(cluster)
-        data["hosts"] = list(request.hosts)
-        data["ssh"] = asdict(request.ssh)
-        self._write(cluster, data)
+        with self._claims():
+            data = self._read(cluster)
+            data["hosts"] = list(request.hosts)
+            data["ssh"] = asdict(request.ssh)
+            self._write(cluster, data)
         return Prepared(request)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
-        data = self._read(cluster)
-        free = [i for i in range(len(data["hosts"])) if i not in data["claimed"]][:count]
-        data["claimed"] = sorted(data["claimed"] + free)
-        self._write(cluster, data)
-        return [self._node(cluster, i, data["hosts"][i]) for i in free]
+        """Claim `count` of the cluster's hosts, all or nothing: none that this cluster or
+        another one of this home holds. A host keeps its place in the list as its number."""
+        with self._claims():
+            data = self._read(cluster)
+            ssh = SshOptions(**data.get("ssh", {}))
+            elsewhere = self._claimed_elsewhere(cluster)
+            free, taken = [], []
+            for i, host in enumerate(data["hosts"]):
+                if i in data["claimed"]:
+                    continue
+                other = elsewhere.get(_machine(host, ssh))
+                (taken if other else free).append((i, other))
+            if len(free) < count:
+                why = (
+                    ", ".join(f"{data['hosts'][i]} is held by cluster {c}" for i, c in taken)
+                    + "; `mlcloud down` it first or list other hosts"
+                    if taken
+                    else "no spare host left"
+                )
+                raise CapacityError(
+                    "", f"ssh: {count} more host(s) wanted for {cluster.name}: {why}"
+                )
+            claim = [i for i, _ in free[:count]]
+            data["claimed"] = sorted(data["claimed"] + claim)
+            self._write(cluster, data)
+        return [self._node(cluster, i, data["hosts"][i]) for i in claim]
+
+    def _claimed_elsewhere(self, cluster: ClusterRef) -> dict[tuple[str, int], str]:
+        """(address, port) -> the name of the other cluster that holds that machine."""
+        held = {}
+        for f in sorted(self._folder().glob("*.json")):
+            if f.stem == cluster.uid:
+                continue
+            other = ClusterRef(f.stem.rsplit("-", 1)[0], f.stem, "")  # the uid is NAME-RANDOM
+            try:
+                data = self._read(other)
+            except ProviderError:
+                continue  # unreadable: `down --purge` or `gc` deals with it
+            ssh = SshOptions(**data.get("ssh", {}))
+            for i in data["claimed"]:
+                if i < len(data["hosts"]):
+                    held[_machine(data["hosts"][i], ssh)] = other.name
+        return held
 
     def spares(self, cluster: ClusterRef) -> int | None:
         """Hosts listed but not claimed: what is left to replace lost nodes with."""
@@ -180,7 +255,7 @@ class SshProvider(MachinesAtHand):
         ssh = SshOptions(**data.get("ssh", {}))
 
         def release(index: int) -> None:
-            with self._lock:
+            with self._claims():
                 fresh = self._read(cluster)
                 fresh["claimed"] = [i for i in fresh["claimed"] if i != index]
                 fresh["reached"] = [i for i in fresh["reached"] if i != index]
@@ -214,7 +289,8 @@ class SshProvider(MachinesAtHand):
             )
 
     def cleanup(self, cluster: ClusterRef) -> None:
-        self._registry(cluster).unlink(missing_ok=True)
+        with self._claims():
+            self._registry(cluster).unlink(missing_ok=True)
 
     # garbage collection: the host registries are what this provider holds, state or not
 

@@ -225,3 +225,98 @@ def test_a_projected_overrun_shrinks_an_elastic_job_by_its_progress():
     finally:
         h.close()
         lifecycle.down(store, "shrink", PlainReporter(quiet=True))
+
+
+def test_a_pass_lock_removed_by_its_holder_still_lets_one_pass_at_a_time():
+    """A pass that finds the cluster gone removes the lock file it holds; a pass waiting on
+    that file must not then run beside a third that made the file anew."""
+    import threading
+
+    store, h = _up("locks", price=0.0)
+    first, second, third = (Controller(store, h, PlainReporter(quiet=True)) for _ in range(3))
+    inside: list[str] = []
+    second_in, let_second_go = threading.Event(), threading.Event()
+
+    def run_second() -> None:
+        with second._pass_lock():
+            inside.append("second")
+            second_in.set()
+            let_second_go.wait(10)
+            inside.remove("second")
+
+    def run_third() -> None:
+        with third._pass_lock():
+            inside.append("third")
+            assert "second" not in inside, inside
+            inside.remove("third")
+
+    try:
+        with first._pass_lock():
+            waiter = threading.Thread(target=run_second)
+            waiter.start()
+            time.sleep(0.5)  # the second pass waits on the lock file
+            first.gone = True  # what the first found: it removes its files, the lock's too
+            first._save_misses()
+        assert second_in.wait(10)
+        late = threading.Thread(target=run_third)
+        late.start()
+        time.sleep(0.5)
+        assert inside == ["second"], inside  # the third waits for the second
+        let_second_go.set()
+        waiter.join(10)
+        late.join(10)
+        assert inside == [] and not late.is_alive()
+    finally:
+        let_second_go.set()
+        h.close()
+        lifecycle.down(store, "locks", PlainReporter(quiet=True))
+
+
+def test_a_retired_node_bills_until_its_end_is_confirmed(monkeypatch):
+    """The pass goes on after RETIRE_WAIT; the node's billing closes when the provider
+    confirms it gone (later), and never on a teardown that failed."""
+    import threading
+
+    from mlcloud.control import controller
+    from mlcloud.errors import MlcloudError
+    from mlcloud.spec.cost import Interval
+
+    store, h = _up("bill", price=1.0)
+    slow, failed = h.nodes[1], h.nodes[0]
+
+    def billing(node: state.NodeRecord) -> Interval:
+        (i,) = [i for i in store.billing("bill") if i.node_id == node.node_id]
+        return i
+
+    real = lifecycle.terminate
+    gate = threading.Event()
+
+    def slow_terminate(*args) -> None:
+        gate.wait(20)
+        real(*args)
+
+    def failing_terminate(*args) -> None:
+        raise MlcloudError("node0: unreachable")
+
+    try:
+        monkeypatch.setattr(controller, "RETIRE_WAIT", 0.2)
+        monkeypatch.setattr(lifecycle, "terminate", slow_terminate)
+        ctl = Controller(store, h, PlainReporter(quiet=True))
+        ctl._retire(slow)
+        assert billing(slow).end is None  # not confirmed yet: still billing
+        confirmed = time.time()
+        gate.set()
+        deadline = time.monotonic() + 20
+        while billing(slow).end is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (billing(slow).end or 0) >= confirmed
+        monkeypatch.setattr(lifecycle, "terminate", failing_terminate)
+        ctl._retire(failed)
+        time.sleep(0.5)
+        assert billing(failed).end is None
+    finally:
+        gate.set()
+        monkeypatch.setattr(lifecycle, "terminate", real)
+        h.close()
+        lifecycle.down(store, "bill", PlainReporter(quiet=True))
+    assert billing(failed).end is not None  # `down` confirmed it

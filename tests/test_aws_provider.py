@@ -268,6 +268,21 @@ def test_reuse_by_tag_after_a_crash(aws):
     assert aws.discover("us-east-1") == []
 
 
+def test_each_instance_carries_its_number_and_each_try_its_token(aws):
+    """A node's number (its `node-K` root, so its process tag) comes back with it from the
+    listing, wherever the engine placed it; a later node (a replacement) is a new try with a
+    token of its own, not the earlier instances handed back by EC2."""
+    aws.prepare(REF, request())
+    first = aws.create(REF, request(first_number=3), 2)
+    assert [n.root for n in first] == [f"~/.mlcloud/{REF.uid}/node-{k}" for k in (3, 4)]
+    later = aws.create(REF, request(count=1, first_number=5), 1)
+    assert later[0].root.endswith("/node-5")
+    assert sorted(n.root for n in aws.list(REF)) == sorted(n.root for n in first + later)
+    one = aws.create(REF, request(count=1, first_number=6), 1)
+    assert len({p["ClientToken"] for p in aws.sent}) == 3  # moto hands back on a token reuse
+    aws.terminate(REF, first + later + one)
+
+
 def test_no_capacity_in_the_region_moves_to_the_next_and_cleans_up(aws, mlcloud_home, monkeypatch):
     hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("InsufficientInstanceCapacity"))
     engine_uses(aws, monkeypatch)

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from mlcloud.providers.base import ProvisionRequest, SshOptions
+from mlcloud.providers.base import CapacityError, ProvisionRequest, SshOptions
 
 from mlcloud import state
 from mlcloud.errors import UsageError
@@ -136,7 +136,8 @@ def test_ssh_hosts_beyond_nodes_are_spares(tmp_path, monkeypatch):
     assert [n.ip for n in first] == ["127.0.0.2", "127.0.0.3"]
     spare = p.create(ref, _request(1, hosts), 1)  # replacing a lost node takes the spare
     assert [n.ip for n in spare] == ["127.0.0.4"] and spare[0].root.endswith("/node-2")
-    assert p.create(ref, _request(1, hosts), 1) == []  # none left
+    with pytest.raises(CapacityError, match="no spare host left"):  # all or nothing
+        p.create(ref, _request(1, hosts), 1)
 
 
 def _rec(nodes_spec, statuses):

@@ -75,6 +75,20 @@ def test_create_list_delete_through_the_real_client(gce_env, mlcloud_home):
     assert fake.is_empty()
 
 
+def test_a_vm_carries_its_number_never_given_again(gce_env, mlcloud_home):
+    """VMs are named, and their roots numbered, from the engine's first number: a node made
+    after node 1 was deleted is node 2, not node 1 again."""
+    p = GceProvider()
+    _, nodes = made(p, request(first_number=0))
+    assert [n.root for n in nodes] == [f"~/.mlcloud/{REF.uid}/node-{k}" for k in (0, 1)]
+    p.terminate(REF, nodes[1:])
+    _, (later,) = made(p, request(count=1, first_number=2))
+    assert later.node_id == rules.instance_name(REF.uid, 2) and later.root.endswith("/node-2")
+    assert rules.directory(REF.uid, "a-clone-of-it") == "a-clone-of-it"
+    p.terminate(REF, [nodes[0], later])
+    p.cleanup(REF)
+
+
 def test_image_family_of_the_users_and_disk_size(gce_env, mlcloud_home):
     fake, p = gce_env.fake, GceProvider()
     fake.add_image("my-proj", "my-img-v2", family="my-fam", disk_gb=50)

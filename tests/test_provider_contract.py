@@ -181,9 +181,10 @@ def test_a_node_added_later_has_its_agent_tag_its_own_processes(mlcloud_home):
     rec = lifecycle.up(store, "grow", TaskSpec(provider="local", nodes=1), rep)
     h = handle.open_cluster(store, "grow")
     try:
-        (new,) = lifecycle.add_nodes(store, h, 1, rep)
+        (new,) = lifecycle.add_nodes(store, h, 1, rep).records
         conf = json.loads((Path(new.root) / "agent" / "config.json").read_text())
         assert conf["tag"] == f"{rec.uid}.1."
+        assert conf["node"] == 1  # its own number, not its place in the batch it came in
     finally:
         h.close()
         lifecycle.down(store, "grow", rep)

@@ -1,9 +1,15 @@
-"""The ssh provider's host parsing: what `--hosts` accepts comes back out of a node id."""
+"""The ssh provider's host parsing (what `--hosts` accepts comes back out of a node id) and
+its claims: a host is held by one cluster, however many processes race for it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
 import pytest
-from mlcloud.providers.base import ClusterRef
+from mlcloud.providers.base import CapacityError, ClusterRef, ProvisionRequest, SshOptions
 from mlcloud.providers.ssh import SshProvider, parse_host
 
 from mlcloud.errors import UsageError
@@ -40,3 +46,68 @@ def test_a_type_without_a_provider_asks_for_one():
     spec = TaskSpec(resources=Resources(gpus=GpuSpec("A100", 8), instance_type="p4d.24xlarge"))
     with pytest.raises(UsageError, match="needs a provider: add --provider aws"):
         plan.make(spec, default_region=lambda p: None)
+
+
+HOSTS = ("u@127.0.0.2", "u@127.0.0.3", "u@127.0.0.4")
+
+# One `up`'s claim, slowed between reading the registries and writing its own (where a claim
+# made meanwhile by another process would go unseen), started when `go` appears.
+CLAIM = """
+import json, sys, time
+from pathlib import Path
+from mlcloud.providers.base import CapacityError, ClusterRef, ProvisionRequest, SshOptions
+from mlcloud.providers.ssh import SshProvider
+
+name, go, hosts = sys.argv[1], Path(sys.argv[2]), tuple(sys.argv[3:])
+p = SshProvider()
+write = p._write
+p._write = lambda ref, data: (time.sleep(0.5), write(ref, data))
+ref = ClusterRef(name, name + "-1", "me")
+req = ProvisionRequest(count=2, hosts=hosts, ssh=SshOptions())
+while not go.exists():
+    time.sleep(0.01)
+p.prepare(ref, req)
+try:
+    print(json.dumps([n.node_id for n in p.create(ref, req, 2)]))
+except CapacityError as e:
+    print(json.dumps(str(e)))
+"""
+
+
+def test_two_processes_racing_for_hosts_never_both_get_one(tmp_path):
+    go = tmp_path / "go"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM, name, str(go), *HOSTS],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    time.sleep(1.0)  # both waiting
+    go.touch()
+    got = [json.loads(r.communicate(timeout=60)[0]) for r in racers]
+    assert all(r.returncode == 0 for r in racers)
+    won = [g for g in got if isinstance(g, list)]
+    assert len(won) == 1, got  # three hosts, two each: one claim, the other refused
+    (lost,) = [g for g in got if isinstance(g, str)]
+    assert "is held by cluster" in lost, lost
+    claimed = []
+    for name in ("a", "b"):
+        reg = json.loads((SshProvider._folder() / f"{name}-1.json").read_text())
+        claimed += [reg["hosts"][i] for i in reg["claimed"]]
+    assert len(claimed) == len(set(claimed)) == 2, claimed
+
+
+def test_a_host_another_cluster_holds_is_not_claimed_again():
+    p = SshProvider()
+    first, second = ClusterRef("a", "a-1", "me"), ClusterRef("b", "b-1", "me")
+    req = ProvisionRequest(count=2, hosts=HOSTS, ssh=SshOptions())
+    p.prepare(first, req)
+    assert [n.ip for n in p.create(first, req, 2)] == ["127.0.0.2", "127.0.0.3"]
+    # the same machines under another user and the default port written out
+    other = ProvisionRequest(count=1, hosts=("v@127.0.0.3:22", "v@127.0.0.4"), ssh=SshOptions())
+    p.prepare(second, other)
+    assert [n.ip for n in p.create(second, other, 1)] == ["127.0.0.4"]
+    with pytest.raises(CapacityError, match=r"v@127.0.0.3:22 is held by cluster a"):
+        p.create(second, other, 1)

@@ -17,7 +17,7 @@ from mlcloud import state
 from mlcloud.control import agentview
 from mlcloud.control import policy as pol
 from mlcloud.control.agentview import detach, probe
-from mlcloud.errors import MlcloudError
+from mlcloud.errors import BusyError, MlcloudError
 from mlcloud.jobs import launch
 from mlcloud.parallel import fan_out
 from mlcloud.providers.base import TERMINATED
@@ -32,6 +32,15 @@ from mlcloud.spec.cost import accrued
 from mlcloud.state import cluster_lock
 
 RETIRE_WAIT = 20.0  # how long a lost node's teardown may take before the pass goes on
+# how long nodes made by a pass wait for the cluster lock to be recorded (or, the cluster going
+# down, terminated): a `down` holds it through its teardown
+RECORD_WAIT = 900.0
+
+
+class GoingDown(MlcloudError):
+    """The cluster left UP (`down`) while the pass was applying its plan: the pass ends."""
+
+
 BUDGET_GRACE = 30.0  # SIGTERM to SIGKILL at a budget stop: the template checkpoints meanwhile
 
 
@@ -56,6 +65,7 @@ class Controller:
         self.grow_refusals, self.grow_refused_at = self._load_refusals()
         self.gone = False  # the cluster was torn down by a decision
         self.busy = threading.Event()  # set while a plan is being applied
+        self.retired: set[str] = set()  # node ids the pass being applied retired already
 
     # -- state kept between passes (a `--once` from cron picks up where the last one left)
 
@@ -73,10 +83,9 @@ class Controller:
     def _save_misses(self) -> None:
         from mlcloud.state import atomic
 
-        if self.gone:
+        if self.gone:  # the pass lock's file goes as the pass lets go of it (_pass_lock)
             self._misses_path().unlink(missing_ok=True)
             self._misses_path().with_suffix(".grow").unlink(missing_ok=True)
-            self._misses_path().with_suffix(".lock").unlink(missing_ok=True)
             return
         atomic.write(self._misses_path(), json.dumps(self.misses).encode())
 
@@ -166,6 +175,8 @@ class Controller:
                 self.busy.set()
                 try:
                     self._apply(plan)
+                except GoingDown:
+                    self.gone = True  # `down` took the cluster meanwhile: the rest is its
                 finally:
                     self.busy.clear()
             self._save_misses()
@@ -174,20 +185,44 @@ class Controller:
     @contextlib.contextmanager
     def _pass_lock(self) -> Iterator[None]:
         """One pass at a time per cluster, whichever process runs it (`train`'s controller and
-        a cron `autoscale --once`): the second waits, then decides on what the first did."""
-        import fcntl
+        a cron `autoscale --once`): the second waits, then decides on what the first did.
 
-        with open(self._misses_path().with_suffix(".lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        A pass that finds the cluster gone removes the lock file while it still holds it; a
+        pass that waited on that file then holds a lock on a name no longer there, which a
+        third pass, creating the file anew, would not see: so a lock is good only while the
+        file it locked is still the one under the name, and is taken again otherwise."""
+        import fcntl
+        import os
+
+        path = self._misses_path().with_suffix(".lock")
+        while True:
+            f = open(path, "a")  # held past this loop: closed below
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    current = False
+            except BaseException:
+                f.close()
+                raise
+            if current:
+                break
+            f.close()  # removed (or replaced) while this pass waited: take the new one
+        try:
             yield
+        finally:
+            if self.gone:  # no pass of this cluster again: its lock file goes, still held
+                path.unlink(missing_ok=True)
+            f.close()
 
     def _reload(self) -> None:
         """Another controller may have replaced, dropped or stopped nodes since this one last
         looked: decide on the nodes state has now, not on a stale copy (a loss replaced twice
         left the first replacement running, forgotten by state)."""
         rec = self.store.get_cluster(self.h.record.name)
-        if rec is None or rec.uid != self.h.record.uid:
-            self.gone = True
+        if rec is None or rec.uid != self.h.record.uid or rec.status != state.UP:
+            self.gone = True  # torn down, made again, or being torn down (STOPPING)
             return
         seen = [(n.node_id, n.status) for n in self.h.nodes]
         if [(n.node_id, n.status) for n in rec.nodes] != seen:
@@ -198,6 +233,7 @@ class Controller:
         self.report.info(message)
 
     def _apply(self, plan: pol.Plan) -> None:
+        self.retired = set()
         actions = list(plan.actions)
         # a new head needs its replacements in place first
         restart = [a for a in actions if a.kind == pol.RESTART]
@@ -242,34 +278,102 @@ class Controller:
 
     def _retire(self, rec: state.NodeRecord) -> None:
         """A node leaves the cluster: terminated where the provider can (a lost ssh host stays
-        claimed until it answers again, for `down`), and its billing closed."""
+        claimed until it answers again, for `down`). Its billing closes when the provider
+        confirms it gone, however long after the pass went on; a node whose end is never
+        confirmed bills until `down` confirms it."""
         h = self.h
         node = handle.provider_node(rec)
         errors: list[str] = []
+        db = self.store.path  # a connection is one thread's: the teardown opens its own
 
         def terminate() -> None:
             try:
                 lifecycle.terminate(h.provider, h.ref, [node], h.record)
             except MlcloudError as e:
                 errors.append(str(e))
+                return
+            store = state.Store(db)
+            try:
+                store.close_node_billing(h.record.uid, rec.node_id, time.time())
+            finally:
+                store.close()
 
+        self.retired.add(rec.node_id)
         th = threading.Thread(target=terminate, daemon=True)
         th.start()
         th.join(RETIRE_WAIT)
         if th.is_alive() or errors:
             self.report.warn(
-                f"{rec.node_id} not cleaned up ({errors[0] if errors else 'no answer'}); "
-                f"`mlcloud down {h.record.name}` retries it"
+                f"{rec.node_id} not cleaned up ({errors[0] if errors else 'no answer yet'}); "
+                f"it bills until its end is confirmed: `mlcloud down {h.record.name}` retries it"
             )
-        self.store.close_node_billing(h.record.uid, rec.node_id, time.time())
 
     def _set_nodes(self, records: list[state.NodeRecord]) -> None:
         """Record the cluster's nodes (positions renumbered) and refresh the handle in place,
-        so a driver sharing it follows the same nodes."""
+        so a driver sharing it follows the same nodes. The caller holds the cluster lock
+        (`_recording`)."""
         records = [replace(r, idx=i) for i, r in enumerate(records)]
         self.store.set_nodes(self.h.record.name, records)
         self._refresh()
-        self._rebudget()
+
+    # The cluster lock is held only around state changes, never through a node's making or
+    # bootstrap (minutes): `down`, `train` and `up` wait on it 30 s at most. A replacement
+    # (or growth) records its intent under it before asking the provider; `down` marks the
+    # cluster STOPPING under it; the replacement, about to record its node, finds that and
+    # terminates what it made instead, and `down` has terminated by tag whatever existed.
+
+    def _going_down(self) -> bool:
+        """Whether the cluster left UP meanwhile (`down` marks it STOPPING, then drops it; an
+        `up` may have made it again). Any thread may ask: it opens its own connection."""
+        store = state.Store(self.store.path)
+        try:
+            rec = store.get_cluster(self.h.record.name)
+        finally:
+            store.close()
+        return rec is None or rec.uid != self.h.record.uid or rec.status != state.UP
+
+    def _intent(self, message: str, node: int | None = None) -> None:
+        """Say, under the cluster lock, that a node is about to be asked for, once the cluster
+        is seen still UP there (`down` comes before or after, never between)."""
+        with cluster_lock(self.h.record.name):
+            if self._going_down():
+                raise GoingDown()
+            self._event("intent", message, node)
+
+    @contextlib.contextmanager
+    def _recording(
+        self, made: lifecycle.NewNodes | None = None
+    ) -> Iterator[list[state.NodeRecord]]:
+        """The cluster lock, to record a change on the nodes state has now (yielded). A
+        cluster `down` took meanwhile gets nothing recorded: what this pass made is
+        terminated and the pass ends (GoingDown). With nodes made, the lock is waited for as
+        long as it takes (a `down` holds it through its teardown): they must be recorded or
+        terminated, never left."""
+        name = self.h.record.name
+        failed: BaseException | None = None
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(cluster_lock(name, timeout=RECORD_WAIT if made else 30.0))
+            except BusyError as e:
+                if made is None:
+                    raise
+                failed = e  # never recorded: terminated (below)
+            else:
+                rec = self.store.get_cluster(name)
+                if rec is not None and rec.uid == self.h.record.uid and rec.status == state.UP:
+                    try:
+                        yield list(rec.nodes)
+                    except BaseException as e:  # not recorded: what was made goes (below)
+                        failed = e
+                    else:
+                        if made is not None:
+                            lifecycle.keep(self.store, self.h.provider, made)
+                        return
+        if made is not None:
+            why = "not recorded" if failed else f"{name} is going down"
+            self.report.info(f"{why}: terminating the node(s) just made")
+            lifecycle.discard(self.store, self.h.provider, self.h.record, made)
+        raise failed or GoingDown()
 
     def _refresh(self) -> None:
         """The handle follows state's nodes, in place (a driver sharing it follows the same)."""
@@ -309,39 +413,59 @@ class Controller:
         """A new node in place of node i; the job (elastic) starts on it and rejoins. False
         when none could be had."""
         lost = self.h.nodes[i]
-        with cluster_lock(self.h.record.name):
-            self._retire(lost)
-            try:
-                (new,) = lifecycle.add_nodes(self.store, self.h, 1, self.report)
-            except MlcloudError as e:
-                self._event("node_lost", f"node{i} could not be replaced: {e}", i)
-                return False
-            records = list(self.h.nodes)
-            records[i] = new
+        self._retire(lost)
+        self._intent(
+            f"node{i}: a node asked of {self.h.provider.name} in place of {lost.node_id}", i
+        )
+        try:
+            made = lifecycle.add_nodes(
+                self.store, self.h, 1, self.report, cancelled=self._going_down
+            )
+        except MlcloudError as e:
+            if self._going_down():
+                raise GoingDown() from e
+            self._event("node_lost", f"node{i} could not be replaced: {e}", i)
+            return False
+        (new,) = made.records
+        with self._recording(made) as records:
+            ids = [r.node_id for r in records]
+            at = ids.index(lost.node_id) if lost.node_id in ids else len(records)
+            records[at : at + 1] = [new]
             self._set_nodes(records)
-        self._event("node_replaced", f"node{i}: {lost.node_id} replaced by {new.node_id}", i)
+        self._rebudget()
+        self._event("node_replaced", f"node{at}: {lost.node_id} replaced by {new.node_id}", at)
         if rejoin:
-            self._join([i])
+            self._join([at])
         return True
 
     def _grow(self) -> None:
-        with cluster_lock(self.h.record.name):
-            try:
-                new = lifecycle.add_nodes(self.store, self.h, 1, self.report)
-            except MlcloudError as e:
-                self._refused(time.time())
-                wait = pol.grow_backoff(self.grow_refusals)
-                self._event("scale_up", f"no node added: {e}; next try in {wait:.0f} s")
-                return
-            self._refused(None)
-            self._set_nodes([*self.h.nodes, *new])
+        self._intent(f"a node more asked of {self.h.provider.name}")
+        try:
+            made = lifecycle.add_nodes(
+                self.store, self.h, 1, self.report, cancelled=self._going_down
+            )
+        except MlcloudError as e:
+            if self._going_down():
+                raise GoingDown() from e
+            self._refused(time.time())
+            wait = pol.grow_backoff(self.grow_refusals)
+            self._event("scale_up", f"no node added: {e}; next try in {wait:.0f} s")
+            return
+        self._refused(None)
+        with self._recording(made) as records:
+            self._set_nodes([*records, *made.records])
+        self._rebudget()
         self._join([len(self.h.nodes) - 1])
 
     def _drop(self, positions: list[int]) -> None:
-        with cluster_lock(self.h.record.name):
-            for i in positions:
-                self._retire(self.h.nodes[i])
-            self._set_nodes([r for i, r in enumerate(self.h.nodes) if i not in positions])
+        leaving = [self.h.nodes[i] for i in positions]
+        for rec in leaving:
+            if rec.node_id not in self.retired:
+                self._retire(rec)
+        ids = {r.node_id for r in leaving}
+        with self._recording() as records:
+            self._set_nodes([r for r in records if r.node_id not in ids])
+        self._rebudget()
 
     def _running_job(self) -> tuple[state.JobRecord, launch.JobRequest, launch.Rendezvous] | None:
         job = self._job()

@@ -38,7 +38,7 @@ def gather(store: state.Store, h: Handle) -> dict[int, Stopped]:
     node that cannot be asked is left as it was (the controller tells lost nodes apart),
     unless it is a machine mlcloud owns that its cloud lists as gone."""
     rec = h.record
-    live = [n.idx for n in rec.nodes if n.status != TERMINATED]
+    live = [i for i, n in enumerate(rec.nodes) if n.status != TERMINATED]
 
     def one(i: int) -> NodeView | None:
         try:
@@ -50,17 +50,21 @@ def gather(store: state.Store, h: Handle) -> dict[int, Stopped]:
     views = [v for v in answers if v is not None]
     silent = [i for i, v in zip(live, answers, strict=True) if v is None]
     gone = _gone_from_the_cloud(h, silent)
+    # each event is the node's whose files were read, as state places it: never the number
+    # the file says (a node made later was once told its place in its batch)
     store.merge_events(
         rec.name,
         rec.uid,
-        [(e.time, e.kind, e.node, e.message) for v in views for e in v.events]
-        + [(g.time, g.kind, i, g.reason) for i, g in gone.items()],
+        [(e.time, e.kind, rec.nodes[v.node].idx, e.message) for v in views for e in v.events]
+        + [(g.time, g.kind, rec.nodes[i].idx, g.reason) for i, g in gone.items()],
     )
     stopped = {v.node: v.stopped for v in views if v.stopped is not None} | gone
     for i, g in gone.items():
         store.close_node_billing(rec.uid, rec.nodes[i].node_id, g.time)
     if stopped:
-        nodes = [replace(n, status=TERMINATED) if n.idx in stopped else n for n in rec.nodes]
+        nodes = [
+            replace(n, status=TERMINATED) if i in stopped else n for i, n in enumerate(rec.nodes)
+        ]
         store.set_nodes(rec.name, nodes)
         h.record = replace(rec, nodes=tuple(nodes))
         if all(n.status == TERMINATED for n in nodes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 from mlcloud import state
 from mlcloud.parallel import fan_out, pause
@@ -41,11 +42,13 @@ def bootstrap(
     autoscale: AutoscaleSpec | None = None,
     due: float | None = None,
     spot: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[state.NodeRecord]:
     """Make each node's directories, install the node controller and the node agent (its
     config: autoscale's rules and the budget deadline `due`), find the Python that has torch,
     detect the GPUs and start the agent with that Python, in one round trip per node, waiting
-    for a new machine's sshd; a root under ~/ is resolved."""
+    for a new machine's sshd; a root under ~/ is resolved. Once `cancelled()` is true (the
+    cluster is going down) no node is bootstrapped or waited for any more: RemoteError."""
     from mlcloud import templates
 
     ctl_source = templates.path("node_ctl.py").read_bytes()
@@ -54,24 +57,29 @@ def bootstrap(
 
     def one(i: int) -> state.NodeRecord:
         node = nodes[i]
-        t = provider.transport(ref, node, f"node{i}", ssh)
+        # the node's number, fixed when it was made (its `node-K`): the agent names it so and
+        # tags its processes as launch tags the node's jobs, wherever the node ends up placed
+        number = node_number(node.root)
+        number = i if number is None else number  # a root without one: made before numbers
+        t = provider.transport(ref, node, f"node{number}", ssh)
         pythons = (ssh.python,) if ssh.python else provider.pythons  # ssh.python: the user's word
         conf = config(
             auto,
             provider.name,
             ref.uid,
-            i,
+            number,
             node.node_id,
             spot,
             due,
             provider.capabilities.owns_machines,
-            node_number(node.root),  # as launch tags the node's jobs: a spare keeps its own
         )
         cmd = _bootstrap_script(node.root, pythons, (len(ctl_source), len(agent_source)))
         deadline = time.monotonic() + provider.boot_timeout
         refused_since: float | None = None
         try:
             while True:
+                if cancelled is not None and cancelled():
+                    raise RemoteError(f"node{number} ({node.ip}): not bootstrapped, cancelled")
                 try:
                     stdin = ctl_source + agent_source + json.dumps(conf).encode()
                     result = t.run(cmd, stdin=stdin, timeout=120)
@@ -94,7 +102,7 @@ def bootstrap(
             t.close()
         check(result, t, "bootstrapping the node")
         found = _markers(result.stdout)
-        where = f"node{i} ({node.ip})"
+        where = f"node{number} ({node.ip})"
         if not {"ssh", "root", "python"} <= found.keys():
             noise = next((x for x in result.stdout.splitlines() if x.strip()), "nothing")
             raise RemoteError(
@@ -215,13 +223,13 @@ def config(
     spot: bool,
     due: float | None,
     owns_machines: bool = False,
-    number: int | None = None,
 ) -> dict[str, object]:
-    """config.json for one node's agent (it re-reads it every poll). node_id lets a cloud
-    node's agent make sure the metadata server describes this very instance before it powers
-    anything off; spot turns on the polling of preemption notices; owns_machines (the
-    provider's capability) says whether stopping the node powers it off; number is the K of
-    the node's `node-K` directory, which its processes are tagged by (default: node)."""
+    """config.json for one node's agent (it re-reads it every poll). node is the node's
+    number (the K of its `node-K` directory, fixed when it was made), which the agent names
+    the node by and its processes are tagged by; node_id lets a cloud node's agent make sure
+    the metadata server describes this very instance before it powers anything off; spot
+    turns on the polling of preemption notices; owns_machines (the provider's capability)
+    says whether stopping the node powers it off."""
     return {
         "poll_seconds": auto.poll_seconds,
         "idle_minutes": auto.idle_minutes,
@@ -232,7 +240,7 @@ def config(
         "deadline": due,
         "provider": provider,
         "node": node,
-        "tag": tag(uid, node if number is None else number),
+        "tag": tag(uid, node),
         "metadata": metadata_endpoints(),
         "node_id": node_id,
         "spot": spot,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mlcloud import providers, state
@@ -21,9 +22,9 @@ from mlcloud.providers.base import (
     StorageAccess,
 )
 from mlcloud.provision import bootstrap
-from mlcloud.provision.handle import Handle, owner, ref_of, ssh_options
+from mlcloud.provision.handle import Handle, owner, provider_node, ref_of, ssh_options
 from mlcloud.remote import keys
-from mlcloud.remote.shell import stop_line
+from mlcloud.remote.shell import node_number, stop_line
 from mlcloud.remote.transport import (
     RemoteError,
 )
@@ -157,6 +158,8 @@ def _provision(
         req = prepared.request
         store.set_spec(ref.name, _recorded(spec, req))  # the provider's choices, for later
         nodes = provider.list(here)
+        # numbered after what is there (a resumed `up` asks again with the same numbers)
+        req = replace(req, first_number=next_number(nodes))
         try:
             if len(nodes) < want:
                 report.step(f"creating {want - len(nodes)} node(s)")
@@ -177,13 +180,16 @@ def _provision(
         break
     else:
         raise _refused(refusals, f"{want} x {request.instance_type or 'node'}")
+    store.number_nodes(ref.name, 0, floor=next_number(nodes))  # none of these numbers again
     if len(nodes) > want:
         terminate(provider, here, nodes[want:], store.get_cluster(ref.name))
         nodes = nodes[:want]
     report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
     records = bootstrap.bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
     store.set_nodes(ref.name, records)
-    _bill(store, provider.name, here, records, request.instance_type or "", price)
+    _bill(
+        store, provider.name, here, [r.node_id for r in records], request.instance_type or "", price
+    )
     store.set_status(ref.name, state.UP)
     store.event(
         ref.name,
@@ -200,12 +206,14 @@ def _bill(
     store: state.Store,
     provider: str,
     ref: ClusterRef,
-    records: list[state.NodeRecord],
+    node_ids: list[str],
     instance_type: str,
     price: float,
+    start: float | None = None,
 ) -> None:
-    """Open a billing interval for each node that has none open."""
-    now = time.time()
+    """Open a billing interval, from `start` (default: now), for each node that has none
+    open."""
+    start = time.time() if start is None else start
     billed = {i.node_id for i in store.billing(ref.name) if i.uid == ref.uid and i.end is None}
     store.open_billing(
         [
@@ -213,25 +221,50 @@ def _bill(
                 ref.name,
                 ref.uid,
                 provider,
-                r.node_id,
+                node_id,
                 instance_type,
                 ref.region or "",
                 price,
-                now,
+                start,
                 None,
             )
-            for r in records
-            if r.node_id not in billed
+            for node_id in node_ids
+            if node_id not in billed
         ]
     )
 
 
+class Cancelled(MlcloudError):
+    """The cluster went down (or was made again) while nodes were being made for it."""
+
+
+@dataclass(frozen=True)
+class NewNodes:
+    """Nodes made and bootstrapped for a cluster that is up, not recorded yet: the caller
+    records them (`keep`, with the nodes' places in state) or, finding the cluster going
+    down, `discard`s them."""
+
+    records: list[state.NodeRecord]
+    nodes: list[Node]  # as the provider made them
+    ref: ClusterRef  # the cluster, where they were made
+    instance_type: str
+    price: float
+    made: float  # when the provider made them: their billing starts there
+
+
 def add_nodes(
-    store: state.Store, h: Handle, count: int, report: Reporter
-) -> list[state.NodeRecord]:
+    store: state.Store,
+    h: Handle,
+    count: int,
+    report: Reporter,
+    cancelled: Callable[[], bool] | None = None,
+) -> NewNodes:
     """New nodes for a cluster that is up (a lost node's replacement, growth): made where the
     cluster is first (same zone, then the others; on ssh, the spare hosts), then bootstrapped
-    and billed as `up` does. Their idx continue after the cluster's; the caller places them."""
+    as `up` does. No lock is held meanwhile (a bootstrap takes minutes) and nothing of them is
+    recorded but their numbers: the caller places them (`keep`). What was made and then failed
+    to bootstrap, or made while `cancelled()` turned true (the cluster is going down), is
+    terminated here, and Cancelled or the failure raised."""
     # state keeps the job's environment by name only: not needed to make nodes
     spec = TaskSpec.from_dict({**h.record.spec, "envs": {}})
     request = replace(request_for(spec, count), image=h.record.spec.get("image"))
@@ -244,10 +277,15 @@ def add_nodes(
         spec.autoscale.max_cost, billing, time.time(), joining=price * count
     )
     request = replace(request, deadline=due if h.provider.capabilities.self_deadline else None)
+    # numbers never used by the cluster before, not even by a node since gone
+    floor = next_number([*map(provider_node, h.nodes), *h.provider.list(h.ref)])
+    first = store.number_nodes(h.record.name, count, floor)
+    request = replace(request, first_number=first)
     places, _ = _places(store, h.provider, h.ref, request)
     refusals: list[CapacityError | QuotaError] = []
     for region, zone in places:
         here = replace(h.ref, region=region)
+        _check(cancelled, h.record.name)
         try:
             req = h.provider.prepare(here, replace(request, region=region, zone=zone)).request
             nodes = h.provider.create(here, req, count)
@@ -260,12 +298,68 @@ def add_nodes(
         refusals.append(CapacityError(zone or "", "no spare host left"))
     else:
         raise _refused(refusals, f"{count} more x {request.instance_type or 'node'}")
-    report.step(f"bootstrapping {len(nodes)} new node(s)")
-    records = bootstrap.bootstrap(h.provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
-    start = max((n.idx for n in h.nodes), default=-1) + 1
-    records = [replace(r, idx=start + k) for k, r in enumerate(records)]
-    _bill(store, h.provider.name, here, records, request.instance_type or "", price)
-    return records
+    new = NewNodes([], nodes, here, request.instance_type or "", price, time.time())
+    try:
+        _check(cancelled, h.record.name)
+        report.step(f"bootstrapping {len(nodes)} new node(s)")
+        records = bootstrap.bootstrap(
+            h.provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot, cancelled=cancelled
+        )
+        _check(cancelled, h.record.name)
+    except BaseException:
+        try:
+            discard(store, h.provider, h.record, new)
+        except Exception as e:  # noqa: BLE001 (said; the first failure is the one raised)
+            report.warn(
+                f"the new node(s) {', '.join(n.node_id for n in nodes)} could not be "
+                f"terminated ({e}); `mlcloud down {h.record.name}` terminates them by tag"
+            )
+        raise
+    return replace(new, records=records)
+
+
+def _check(cancelled: Callable[[], bool] | None, name: str) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled(f"cluster {name} is going down: no node is added")
+
+
+def keep(store: state.Store, provider: Provider, new: NewNodes) -> None:
+    """New nodes recorded (the caller set them in state, under the cluster lock): billed
+    from when they were made."""
+    _bill(
+        store,
+        provider.name,
+        new.ref,
+        [n.node_id for n in new.nodes],
+        new.instance_type,
+        new.price,
+        new.made,
+    )
+
+
+def discard(
+    store: state.Store, provider: Provider, rec: state.ClusterRecord, new: NewNodes
+) -> None:
+    """New nodes not kept (their bootstrap failed, or the cluster went down meanwhile):
+    terminated, and billed from when they were made until that is confirmed. Once the
+    cluster is gone from state (`down` finished first), what it held cluster-wide goes too,
+    as `down` would have removed it had these nodes been there to see. rec: the cluster as it
+    was when they were made (its login settings, for stopping their processes)."""
+    ids = [n.node_id for n in new.nodes]
+    _bill(store, provider.name, new.ref, ids, new.instance_type, new.price, new.made)
+    terminate(provider, new.ref, new.nodes, rec)
+    now = time.time()
+    for node_id in ids:
+        store.close_node_billing(new.ref.uid, node_id, now)
+    now_rec = store.get_cluster(new.ref.name)
+    if (now_rec is None or now_rec.uid != new.ref.uid) and not provider.list(new.ref):
+        provider.cleanup(new.ref)
+        keys.delete_cluster_key(new.ref.uid)
+
+
+def next_number(nodes: list[Node]) -> int:
+    """One past the highest number among these nodes' roots (`node-K`), 0 for none."""
+    return 1 + max((k for k in (node_number(n.root) for n in nodes) if k is not None), default=-1)
 
 
 def _places(

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     spec TEXT NOT NULL,
     owner TEXT NOT NULL,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    numbered INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS nodes (
     cluster TEXT NOT NULL REFERENCES clusters(name) ON DELETE CASCADE,
@@ -102,7 +103,9 @@ CREATE TABLE IF NOT EXISTS pulls (
 # brought home, per node), so `down` can say what was never pulled
 # 6: saved job requests keep their environment's names only (the values, --env secrets among
 # them, are scrubbed from the files older versions wrote)
-SCHEMA_VERSION = 6
+# 7: clusters.numbered: how many node numbers a cluster handed out (a node's number, its
+# `node-K`, is never given again, even once the node is gone)
+SCHEMA_VERSION = 7
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
@@ -239,6 +242,11 @@ class Store:
             columns = [r[1] for r in self.db.execute("PRAGMA table_info(events)")]
             if 0 < version < 4 and columns and "node" not in columns:
                 self.db.execute("ALTER TABLE events ADD COLUMN node INTEGER")
+            columns = [r[1] for r in self.db.execute("PRAGMA table_info(clusters)")]
+            if 0 < version < 7 and columns and "numbered" not in columns:
+                self.db.execute(
+                    "ALTER TABLE clusters ADD COLUMN numbered INTEGER NOT NULL DEFAULT 0"
+                )
             if version < SCHEMA_VERSION:
                 for statement in SCHEMA.split(";"):  # every one IF NOT EXISTS: safe to rerun
                     if statement.strip():
@@ -325,7 +333,8 @@ class Store:
             if db.execute("SELECT 1 FROM clusters WHERE name=?", (name,)).fetchone():
                 raise ClusterExists(f"cluster {name!r} already exists")
             db.execute(
-                "INSERT INTO clusters VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO clusters (name, uid, provider, status, spec, owner, created, "
+                "updated) VALUES (?,?,?,?,?,?,?,?)",
                 (name, uid, provider, INIT, _stored_spec(spec), owner, now, now),
             )
             self._event(db, name, uid, "intent", f"cluster {name} recorded before provisioning")
@@ -358,6 +367,19 @@ class Store:
                 "UPDATE clusters SET spec=?, updated=? WHERE name=?",
                 (_stored_spec(spec), time.time(), name),
             )
+
+    def number_nodes(self, name: str, count: int, floor: int = 0) -> int:
+        """The first of `count` node numbers for a cluster, recorded as used: one past the
+        highest it ever handed out, or `floor` if that is higher (nodes made before the
+        cluster kept count). A number is never handed out twice, so a node's number (its
+        `node-K`, its process tag) names one node for the cluster's whole life."""
+        with self.tx() as db:
+            row = db.execute("SELECT numbered FROM clusters WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise MlcloudError(f"cluster {name!r} is no longer in state")
+            first = max(row["numbered"], floor)
+            db.execute("UPDATE clusters SET numbered=? WHERE name=?", (first + count, name))
+            return first
 
     def set_nodes(self, name: str, nodes: list[NodeRecord]) -> None:
         with self.tx() as db:

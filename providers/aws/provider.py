@@ -143,10 +143,18 @@ class AwsProvider:
         image, root_device = self.images.image(region, request.image)
         sg = self.network.group_id(cluster, region)
         tags = self.api.tags(cluster, f"mlcloud-{cluster.name}")
-        # The engine asks for what is missing, so (place, count, already there) names the try;
-        # a resumed `up` retries the recorded place with the same token, so EC2 launches once.
+        # one RunInstances tags its instances alike: each one's number is this one plus its
+        # launch index (_describe)
+        numbered = [*tags, {"Key": NUMBER_TAG, "Value": str(request.first_number)}]
+        # The engine asks for what is missing, so (place, count, already there, the first
+        # number) names the try; a resumed `up` retries the recorded place with the same
+        # token, so EC2 launches once, and a later replacement is a new try, not the first
+        # replacement's instances handed back
         place = request.zone or region
-        attempt = f"{place}:{count}:{request.count - count}:{request.instance_type}:{request.spot}"
+        attempt = (
+            f"{place}:{count}:{request.count - count}:{request.instance_type}:{request.spot}"
+            f":{request.first_number}"
+        )
         token = f"{cluster.uid}-{hashlib.sha256(attempt.encode()).hexdigest()[:16]}"
         placement: dict[str, str] = {}
         if request.zone:
@@ -180,7 +188,8 @@ class AwsProvider:
             ],
             InstanceInitiatedShutdownBehavior="terminate",
             TagSpecifications=[
-                {"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")
+                {"ResourceType": "instance", "Tags": numbered},
+                {"ResourceType": "volume", "Tags": tags},
             ],
         )
         if placement:
@@ -300,7 +309,7 @@ class AwsProvider:
                 i["InstanceId"],
                 i.get("PublicIpAddress") or i.get("PrivateIpAddress", ""),
                 i.get("PrivateIpAddress", ""),
-                f"~/.mlcloud/{cluster.uid}/{i['InstanceId']}",
+                f"~/.mlcloud/{cluster.uid}/{_directory(i)}",
                 STATUS[i["State"]["Name"]],
             )
             for i in instances
@@ -313,3 +322,16 @@ def _storage_warnings(request: ProvisionRequest) -> tuple[str, ...]:
         "bucket; grant them access yourself or use an s3:// bucket"
         for uri in iam.other_cloud(request.storage)
     )
+
+
+NUMBER_TAG = "mlcloud-node"  # the number of the first node its RunInstances made
+
+
+def _directory(instance: dict) -> str:
+    """The node's directory: `node-K`, K its number (the launch's first plus its launch
+    index); an instance made before nodes were numbered keeps its id."""
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags") or []}
+    first = tags.get(NUMBER_TAG, "")
+    if not first.isdigit():
+        return instance["InstanceId"]
+    return f"node-{int(first) + int(instance.get('AmiLaunchIndex', 0))}"

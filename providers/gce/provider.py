@@ -228,7 +228,7 @@ class GceProvider:
         assert request.image and request.instance_type
         taken = {n.node_id for n in self._list(api, cluster, None)}
         names = []
-        k = 0
+        k = request.first_number  # a VM's name carries its number (its root's `node-K`)
         while len(names) < count:
             if rules.instance_name(cluster.uid, k) not in taken:
                 names.append(rules.instance_name(cluster.uid, k))
@@ -445,7 +445,7 @@ class GceProvider:
                     i.name,
                     public or private,
                     private,
-                    f"~/.mlcloud/{cluster.uid}/{i.name}",
+                    f"~/.mlcloud/{cluster.uid}/{rules.directory(cluster.uid, i.name)}",
                     STATUS.get(i.status, PENDING),  # a state new to mlcloud: not gone
                 )
             )

@@ -79,6 +79,14 @@ def instance_name(uid: str, k: int) -> str:
     return f"mlcloud-{uid}-{k}"
 
 
+def directory(uid: str, name: str) -> str:
+    """A VM's directory under ~/.mlcloud/<uid>/: `node-K` for the VM mlcloud named with
+    number K, else its name (a VM made before, or a clone that kept the labels)."""
+    prefix = instance_name(uid, 0)[:-1]
+    k = name[len(prefix) :] if name.startswith(prefix) else ""
+    return f"node-{int(k)}" if k.isdigit() else name
+
+
 def firewall_names(uid: str) -> tuple[str, str]:
     return f"mlcloud-{uid}-ssh", f"mlcloud-{uid}-int"  # 63 at most for a 40-char name
 
