@@ -69,14 +69,20 @@ class _Writing:
     def __init__(self) -> None:
         self.cond, self.count = threading.Condition(), 0
 
-    def __enter__(self) -> None:
+    def begin(self) -> None:
         with self.cond:
             self.count += 1
 
-    def __exit__(self, *exc) -> None:
+    def end(self) -> None:
         with self.cond:
             self.count -= 1
             self.cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.begin()
+
+    def __exit__(self, *exc) -> None:
+        self.end()
 
     def settle(self, timeout: float) -> None:
         with self.cond:
@@ -120,8 +126,13 @@ def fetch(
     have = _present(dest, load(tree.read(MANIFEST) or b"{}"))
     received = 0
     written = 0
+    writing = False  # from the listing on: the files, then the manifest
     try:
         listed, received = _listing(transport, request, have)
+        WRITING.begin()
+        writing = True
+        if cancelled():  # counted first, then asked: a settling pull sees one or the other
+            raise Cancelled()
         files: dict[str, _File] = listed["files"]
         want = [p for p, f in files.items() if p not in have or have[p].digest != f.digest]
         for p, f in files.items():  # the same bytes, touched: remember the node's new mtime
@@ -143,10 +154,16 @@ def fetch(
     except Failed as e:
         raise MlcloudError(f"{label}: cannot write into {dest}: {e}") from None
     finally:
+        # counted, then asked: an interrupted pull waits for this write too (the process would
+        # exit with its temporary left), and one interrupted while listing changed nothing
+        if not writing:
+            WRITING.begin()
         try:
-            tree.write(MANIFEST, [dump(have)], 0o644)
+            if writing or not cancelled():
+                tree.write(MANIFEST, [dump(have)], 0o644)
         finally:
             tree.close()
+            WRITING.end()
     return Fetched(
         files=written,
         bytes=received,
