@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .gce_model import API, new_id, now_rfc3339, region_of
 
-CATALOG = Path(__file__).resolve().parents[2] / "mlcloud" / "catalog" / "data" / "gpu_offers.csv"
+CATALOG = (
+    Path(__file__).resolve().parents[2] / "mlcloud" / "spec" / "catalog" / "data" / "gpu_offers.csv"
+)
 # zones beyond the catalog's GPU zones that every project sees
 BASE_ZONES = (
     "us-central1-a us-central1-b us-central1-c us-central1-f us-east1-b us-east1-c us-east1-d "
