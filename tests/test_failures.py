@@ -156,6 +156,30 @@ def test_debug_shows_traceback_and_library_logs(tmp_path, how):
     assert r.stderr.splitlines()[-1].startswith("error: aws: RunInstances failed")
 
 
+def running_under(root: int, cmdline: bytes) -> bool:
+    """Whether a descendant of root runs with this command line (NUL-separated argv)."""
+    children: dict[int, list[int]] = {}
+    cmds: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmds[int(entry)] = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    stack = list(children.get(root, ()))
+    while stack:
+        pid = stack.pop()
+        if cmds.get(pid, b"").rstrip(b"\0") == cmdline:
+            return True
+        stack.extend(children.get(pid, ()))
+    return False
+
+
 def test_sigterm_during_a_command_is_interrupted(tmp_path):
     """A real signal: `exec` on a local cluster running `sleep`, stopped with SIGTERM."""
     assert run_cli("up", "sig", "--nodes", "1", "--yes").returncode == 0
@@ -167,7 +191,10 @@ def test_sigterm_during_a_command_is_interrupted(tmp_path):
             stdin=subprocess.DEVNULL,
             text=True,
         )
-        time.sleep(2)
+        deadline = time.monotonic() + 30  # the command runs on the node
+        while not running_under(proc.pid, b"sleep\x0030"):
+            assert time.monotonic() < deadline, "exec never started sleep 30"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
