@@ -49,6 +49,9 @@ class NsBridge:
     def __init__(self, count: int, workdir: Path):
         self.workdir = Path(workdir).absolute()
         token = secrets.token_hex(3)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        if worker[2:].isdigit():  # gwN: its own first hex digit, so workers never share a name
+            token = f"{int(worker[2:]) % 16:x}{token[1:]}"  # or a subnet (16 per worker)
         self.token = token
         self.bridge = f"mlb{token}"
         third = int(token[:2], 16)  # spreads parallel runs over 198.18.0-255.x
@@ -124,7 +127,7 @@ class NsBridge:
                     "Subsystem sftp internal-sftp",
                     "UseDNS no",
                     "MaxStartups 100",
-                    f'SetEnv "PATH={os.path.dirname(sys.executable)}:{SYSTEM_PATH}" "SHLVL=1"',
+                    "SetEnv " + " ".join(f'"{kv}"' for kv in self._session_env()),
                 ]
             )
             + "\n"
@@ -137,6 +140,12 @@ class NsBridge:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
+
+    def _session_env(self) -> list[str]:
+        env = [f"PATH={os.path.dirname(sys.executable)}:{SYSTEM_PATH}", "SHLVL=1"]
+        # the torchrun stand-in where the test has it (conftest), as its local nodes do
+        standin = os.environ.get("MLCLOUD_TEST_TORCHRUN")
+        return env + ([f"MLCLOUD_TEST_TORCHRUN={standin}"] if standin else [])
 
     def _await(self, i: int) -> None:
         deadline = time.monotonic() + 10
