@@ -85,7 +85,6 @@ def wait_for(cond, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.real_torchrun  # the failure record comes from torch's ChildFailedError
 def test_the_first_failing_ranks_own_code_and_signal(project, mlcloud_home):
     up("codes")
     r = run_cli("train", "codes", "-w", str(project), "-e", "CODE=5", "lines.py")
@@ -124,12 +123,14 @@ def test_train_killed_mid_run_the_nodes_tell_the_end(project, mlcloud_home, monk
     assert run_cli("down", "k9", "--yes").returncode == 0
 
 
-def test_status_reads_a_finished_job_from_the_nodes(project, mlcloud_home):
+def test_status_reads_a_finished_job_from_the_nodes(project, mlcloud_home, tmp_path):
     up("st")
-    proc = train(project, "st", "lines.py")
+    gate = tmp_path / "gate"  # the job runs until the test has seen it running
+    proc = train(project, "st", "-e", f"GATE={gate}", "lines.py")
     wait_for(lambda: running("st"))
     proc.kill()
     proc.communicate()
+    gate.touch()
     wait_for(lambda: jobs("st")[0]["status"] == "SUCCEEDED", timeout=60)
     assert jobs("st")[0]["exit_code"] == 0
     r = run_cli("logs", "st")
@@ -160,10 +161,12 @@ def test_a_busy_state_database_does_not_lose_the_end(project, mlcloud_home, monk
     monkeypatch.setenv("LINES", "4")
     monkeypatch.setenv("MLCLOUD_DB_BUSY_TIMEOUT", "2")  # default 10 s: the same path, sooner
     uid = up("busy", nodes=1)
-    proc = train(project, "busy", "-e", "LINES", "lines.py")
+    gate = mlcloud_home.parent / "gate"  # the job runs until the test holds the database
+    proc = train(project, "busy", "-e", "LINES", "-e", f"GATE={gate}", "lines.py")
     wait_for(lambda: running("busy"))
     db = sqlite3.connect(mlcloud_home / "state.db", isolation_level=None)
     db.execute("BEGIN IMMEDIATE")  # the job ends while another writer holds the database
+    gate.touch()
     try:
         # the job ends on its node (~1.2 s), then its write outwaits the busy timeout
         ended = mlcloud_home / "local" / uid / "node-0" / "jobs" / "1" / "exit_code"
