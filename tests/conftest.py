@@ -122,6 +122,10 @@ def run_cli_in_process(
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     saved_streams = sys.stdin, sys.stdout, sys.stderr
     saved_levels = {n: logging.getLogger(n).level for n in app.QUIET_LOGGERS}
+    # a fresh interpreter's logging: no handler (pytest's are set aside), so a record a library
+    # logs reaches stderr through logging.lastResort, as it would from the real process
+    root = logging.getLogger()
+    saved_handlers, root.handlers = root.handlers, []
     out, err = stream(), stream()
     sys.stdin, sys.stdout, sys.stderr = io.StringIO(input or ""), out, err
     try:
@@ -130,6 +134,7 @@ def run_cli_in_process(
         code = app.run(list(args))
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved_streams
+        root.handlers = saved_handlers
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
