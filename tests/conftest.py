@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,11 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 # never the real metadata servers; tests of preemption notices point them at a stand-in
 os.environ["MLCLOUD_METADATA_AWS"] = "http://127.0.0.1:9"
 os.environ["MLCLOUD_METADATA_GCE"] = "http://127.0.0.1:9"
+
+# A run started in the background of a shell inherits SIGINT ignored, and so would every
+# process the tests start (Python then has no KeyboardInterrupt): tests of Ctrl-C need it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Parallel workers (pytest-xdist's gw0, gw1, ...) never share a loopback block for sshd nodes
 # (127.0.10+N.x; 127.0.0.x without xdist) nor a network namespace name or subnet (nsbridge).
