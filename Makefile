@@ -42,9 +42,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Everything: the CI entry (.ci/run).
+# Everything: the CI entry (.ci/run). In parallel (pytest-xdist: each worker its own loopback
+# block for sshd nodes, namespace names and moto server; tests that must not overlap share an
+# xdist_group), and the 25 slowest tests named at the end.
+PYTEST_WORKERS ?= 4
 test: $(STAMP) sysdeps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25
 
 # Everything but the end-to-end tests (sshd nodes, moto servers, torchrun): a quick loop.
 test-fast: $(STAMP) lint

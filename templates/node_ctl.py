@@ -260,9 +260,23 @@ def _bind_stores(ip):
     c10d_rendezvous_backend.TCPStore = store
 
 
-def torchrun(args):
-    """torchrun, run in this process so that its stores bind to the node's address and the
-    first failing rank's own exit code (not torchrun's 1) becomes the job's, in failure.json."""
+# The test suite's torchrun stand-in (tests/torchrun_standin.py: the same arguments, workers,
+# environment and failures, without torch), for tests whose subject is not torch. The one place
+# mlcloud reads this variable; nothing sets it outside the tests (docs/architecture.md, Testing).
+TEST_TORCHRUN = "MLCLOUD_TEST_TORCHRUN"
+
+
+def _launcher():
+    """(main, ChildFailedError, SignalException) of torch.distributed.run, or of the stand-in
+    named by MLCLOUD_TEST_TORCHRUN."""
+    standin = os.environ.get(TEST_TORCHRUN)
+    if standin:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("torchrun_standin", standin)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.main, mod.ChildFailedError, mod.SignalException
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -270,8 +284,15 @@ def torchrun(args):
     ip = os.environ.get("MLCLOUD_NODE_IP")
     if ip:
         _bind_stores(ip)
+    return run.main, ChildFailedError, SignalException
+
+
+def torchrun(args):
+    """torchrun, run in this process so that its stores bind to the node's address and the
+    first failing rank's own exit code (not torchrun's 1) becomes the job's, in failure.json."""
+    run_main, ChildFailedError, SignalException = _launcher()
     try:
-        run.main(args)
+        run_main(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,23 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["MLCLOUD_METADATA_AWS"] = "http://127.0.0.1:9"
 os.environ["MLCLOUD_METADATA_GCE"] = "http://127.0.0.1:9"
 
+# A run started in the background of a shell inherits SIGINT ignored, and so would every
+# process the tests start (Python then has no KeyboardInterrupt): tests of Ctrl-C need it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Parallel workers (pytest-xdist's gw0, gw1, ...) never share a loopback block for sshd nodes
+# (127.0.10+N.x; 127.0.0.x without xdist) nor a network namespace name or subnet (nsbridge).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKER_INDEX = int(WORKER[2:]) if WORKER[2:].isdigit() else -1
+SSH_NET = f"127.0.{10 + WORKER_INDEX}" if WORKER_INDEX >= 0 else "127.0.0"
+os.environ["SSHNODES_NET"] = SSH_NET
+
+# The torchrun stand-in (torchrun_standin.py): node_ctl runs it in torchrun's place where the
+# node's environment names it. Every test gets it but those marked real_torchrun.
+TORCHRUN_STANDIN = str(Path(__file__).parent / "torchrun_standin.py")
+STANDIN_VAR = "MLCLOUD_TEST_TORCHRUN"
+
 
 # Fixtures that start real daemons: a test using one is end-to-end (`make test-fast` skips it).
 E2E_FIXTURES = {"make_ssh_nodes", "moto_server"}
@@ -38,6 +56,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+
+
+def real_torchrun(request) -> bool:
+    return request.node.get_closest_marker("real_torchrun") is not None
+
+
+@pytest.fixture(autouse=True)
+def torchrun_standin(request, monkeypatch):
+    """Jobs on local nodes (which inherit the CLI's environment) run the torchrun stand-in,
+    unless the test is marked real_torchrun; ssh fleets get it through sshd (make_ssh_nodes)."""
+    if real_torchrun(request):
+        monkeypatch.delenv(STANDIN_VAR, raising=False)
+    else:
+        monkeypatch.setenv(STANDIN_VAR, TORCHRUN_STANDIN)
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +109,47 @@ def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProce
     )
 
 
+def run_cli_in_process(
+    *args: str, cwd: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """The console script's own function (mlcloud.cli.app.run: every way a command ends becomes
+    its exit code and one error line) in this process, for tests whose subject is a command's
+    message and exit code, not its process: the same argv and environment (os.environ), stdin
+    not a terminal (`input` or nothing), stdout and stderr captured. ~100x cheaper than
+    starting `mlcloud`; what a command changes of this process is put back."""
+    import io
+    import logging
+
+    from mlcloud.cli import app
+
+    def stream() -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_streams = sys.stdin, sys.stdout, sys.stderr
+    saved_levels = {n: logging.getLogger(n).level for n in app.QUIET_LOGGERS}
+    # a fresh interpreter's logging: no handler (pytest's are set aside), so a record a library
+    # logs reaches stderr through logging.lastResort, as it would from the real process
+    root = logging.getLogger()
+    saved_handlers, root.handlers = root.handlers, []
+    out, err = stream(), stream()
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(input or ""), out, err
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        code = app.run(list(args))
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        root.handlers = saved_handlers
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+    text = [s.buffer.getvalue().decode(errors="replace") for s in (out, err)]
+    return subprocess.CompletedProcess(["mlcloud", *args], code, text[0], text[1])
+
+
 def tagged_pids(prefix: str) -> list[int]:
     """Live processes whose MLCLOUD_PROC_TAG starts with prefix (how node_ctl finds them)."""
     want = f"MLCLOUD_PROC_TAG={prefix}".encode()
@@ -114,26 +187,80 @@ def _cluster_uids(home: Path) -> set[str]:
     return uids
 
 
+def _has_clusters(home: Path) -> bool:
+    """Whether the test's state still holds a cluster (then `down --all --purge` is due)."""
+    import sqlite3
+
+    if (home / "ssh").is_dir() and any((home / "ssh").glob("*.json")):
+        return True
+    if not (home / "state.db").exists():
+        return False
+    try:
+        db = sqlite3.connect(home / "state.db")
+        try:
+            return db.execute("SELECT COUNT(*) FROM clusters").fetchone()[0] > 0
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return True  # unreadable: let `down` judge
+
+
+class SshFleets:
+    """A module's sshd fleets, kept from test to test: a test's n-th `make_ssh_nodes(K, **kw)`
+    gets the same fleet as the previous test's n-th call with the same K and options. Tests
+    stay apart by cluster uid (a node's directories are ~/.mlcloud/UID/node-K) and by their
+    own $MLCLOUD_HOME (keys, known hosts, state); after each test its clusters go down and the
+    fleet is reset (sshnodes.SshNodes.reset: sessions ended, lost nodes back)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.fleets: dict[tuple, object] = {}
+
+    def get(self, key: tuple, count: int, kw: dict):
+        from sshnodes import SshNodes
+
+        nodes = self.fleets.get(key)
+        if nodes is None:
+            nodes = SshNodes(count, self.workdir / f"fleet{len(self.fleets)}", **kw)
+            nodes.start()
+            self.fleets[key] = nodes
+        return nodes
+
+    def close(self) -> None:
+        for nodes in self.fleets.values():
+            nodes.stop()
+        self.fleets.clear()
+
+
+@pytest.fixture(scope="module")
+def ssh_fleets(tmp_path_factory):
+    fleets = SshFleets(tmp_path_factory.mktemp("sshd"))
+    yield fleets
+    fleets.close()  # every sshd and session process, by PID
+
+
 @pytest.fixture
-def make_ssh_nodes(tmp_path, mlcloud_home):
-    """Start K real OpenSSH daemons on 127.0.0.2.. as nodes; all stopped (by PID) after the test."""
-    from sshnodes import SshNodes
+def make_ssh_nodes(ssh_fleets, mlcloud_home, request):
+    """K real OpenSSH daemons on this worker's loopback block (127.0.0.2.. without xdist) as
+    nodes, from the module's kept fleets; this test's clusters are taken down after it."""
+    used: list = []
+    standin = () if real_torchrun(request) else (f"{STANDIN_VAR}={TORCHRUN_STANDIN}",)
 
-    started: list[SshNodes] = []
-
-    def make(count: int, **kw) -> SshNodes:
-        nodes = SshNodes(count, tmp_path / f"sshd{len(started)}", **kw)
-        nodes.start()
-        started.append(nodes)
+    def make(count: int, **kw):
+        kw = {**kw, "extra_env": tuple(kw.get("extra_env", ())) + standin}
+        key = (len(used), count, tuple(sorted(kw.items())))
+        nodes = ssh_fleets.get(key, count, kw)
+        used.append(nodes)
         return nodes
 
     yield make
     # whatever a failed test left on the nodes goes now. They live in this user's real home
     # (~/.mlcloud/UID), shared with other test runs: only this test's clusters' are removed.
     uids = _cluster_uids(mlcloud_home)
-    run_cli("down", "--all", "--yes", "--purge")
-    for nodes in started:
-        nodes.stop()
+    if _has_clusters(mlcloud_home):
+        run_cli("down", "--all", "--yes", "--purge")
+    for nodes in used:
+        nodes.reset()
     import shutil
 
     for uid in uids - {""}:
@@ -163,10 +290,9 @@ def aws_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
 
 
-@pytest.fixture
-def moto_server(aws_env, monkeypatch):
-    """A plain moto server on loopback, as users' CI runs it (no placement groups: it answers
-    those calls with an HTML 500); the CLI reaches it through AWS_ENDPOINT_URL."""
+@pytest.fixture(scope="session")
+def moto_session_server():
+    """One plain moto server on loopback for the whole run (each xdist worker its own)."""
     import logging
     import socket
 
@@ -179,10 +305,24 @@ def moto_server(aws_env, monkeypatch):
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-    yield url
+    yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def moto_server(moto_session_server, aws_env, monkeypatch):
+    """A plain moto server on loopback, as users' CI runs it (no placement groups: it answers
+    those calls with an HTML 500); the CLI reaches it through AWS_ENDPOINT_URL. The run's one
+    server, emptied for each test (moto's reset endpoint)."""
+    import urllib.request
+
+    url = moto_session_server
+    req = urllib.request.Request(f"{url}/moto-api/reset", data=b"", method="POST")
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(req, timeout=30) as r:
+        assert r.status == 200
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    return url
 
 
 def relay_pool(tmp_path, hosts: list[str]) -> tuple[Path, str]:

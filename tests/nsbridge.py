@@ -5,7 +5,8 @@ one whole (`kill(i)`: SIGKILL to every process in its namespace) or cut it off s
 reclaimed or a link fails) without touching the rest.
 
 Needs root and iproute2. Addresses come from 198.18.0.0/15 (reserved for benchmarks, never
-routed): reachable from this machine only. One client key logs in everywhere. Everything is
+routed): reachable from this machine only; a /24 no other bridge here has (xdist workers draw
+from their own parts of it). One client key logs in everywhere. Everything is
 removed on exit.
 """
 
@@ -34,6 +35,24 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
 
+def _free_net(worker: int | None) -> str:
+    """A /24 of 198.18.0.0/15 (512 of them) that no address of this machine is in yet: xdist
+    worker N draws from its own 32 (so a run's workers never share one), other runs' bridges
+    are seen and passed over."""
+    import random
+
+    nets = [f"198.{18 + k // 256}.{k % 256}" for k in range(512)]
+    if worker is not None:
+        nets = nets[worker * 32 : worker * 32 + 32]
+    random.shuffle(nets)
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True)
+    taken = out.stdout
+    for net in nets:
+        if f" {net}." not in taken:
+            return net
+    return nets[0]
+
+
 def _keygen(path: Path) -> None:
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
@@ -49,12 +68,15 @@ class NsBridge:
     def __init__(self, count: int, workdir: Path):
         self.workdir = Path(workdir).absolute()
         token = secrets.token_hex(3)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        if worker[2:].isdigit():  # gwN: its own first hex digit, so workers never share a name
+            token = f"{int(worker[2:]) % 16:x}{token[1:]}"
         self.token = token
         self.bridge = f"mlb{token}"
-        third = int(token[:2], 16)  # spreads parallel runs over 198.18.0-255.x
-        self.subnet = f"198.18.{third}.0/24"
-        self.gateway = f"198.18.{third}.1"
-        self.hosts = [f"198.18.{third}.{i + 2}" for i in range(count)]
+        net = _free_net(int(worker[2:]) % 16 if worker[2:].isdigit() else None)
+        self.subnet = f"{net}.0/24"
+        self.gateway = f"{net}.1"
+        self.hosts = [f"{net}.{i + 2}" for i in range(count)]
         self.namespaces = [f"mlcb-{token}-{i}" for i in range(count)]
         self.client_key = self.workdir / "client_ed25519"
         self._sshd: list[subprocess.Popen] = []
@@ -124,7 +146,7 @@ class NsBridge:
                     "Subsystem sftp internal-sftp",
                     "UseDNS no",
                     "MaxStartups 100",
-                    f'SetEnv "PATH={os.path.dirname(sys.executable)}:{SYSTEM_PATH}" "SHLVL=1"',
+                    "SetEnv " + " ".join(f'"{kv}"' for kv in self._session_env()),
                 ]
             )
             + "\n"
@@ -137,6 +159,12 @@ class NsBridge:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
+
+    def _session_env(self) -> list[str]:
+        env = [f"PATH={os.path.dirname(sys.executable)}:{SYSTEM_PATH}", "SHLVL=1"]
+        # the torchrun stand-in where the test has it (conftest), as its local nodes do
+        standin = os.environ.get("MLCLOUD_TEST_TORCHRUN")
+        return env + ([f"MLCLOUD_TEST_TORCHRUN={standin}"] if standin else [])
 
     def _await(self, i: int) -> None:
         deadline = time.monotonic() + 10

@@ -1,6 +1,7 @@
 """Real OpenSSH daemons as cluster nodes for tests and benchmarks (stdlib only).
 
-Each node is one ``sshd`` listening on its own loopback address (127.0.0.2, 127.0.0.3, ...),
+Each node is one ``sshd`` listening on its own loopback address (127.0.0.2, 127.0.0.3, ...;
+the block is ``net``, default $SSHNODES_NET or 127.0.0: parallel test workers take one each),
 all on one shared high port, with its own host key, pid file and log under ``workdir``. The
 client logs in with one ed25519 key as the current user (root here; any user works, sshd then
 only lets that user in).
@@ -38,6 +39,7 @@ from pathlib import Path
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TAG_VAR = "SSHNODES_TAG"
+NET_VAR = "SSHNODES_NET"  # the first three octets of the nodes' loopback addresses
 
 
 def _find_exe(name: str, *extra: str) -> str:
@@ -78,18 +80,22 @@ class SshNodes:
         first_host: int = 2,
         start_timeout: float = 5.0,
         extra_config: tuple[str, ...] = (),
+        extra_env: tuple[str, ...] = (),
+        net: str | None = None,
     ):
         if count < 1 or first_host + count - 1 > 254 or first_host < 2:
             raise ValueError("need 1..253 nodes on 127.0.0.2..127.0.0.254")
+        net = net or os.environ.get(NET_VAR) or "127.0.0"
         self.count = count
         self.workdir = Path(workdir).absolute()
         self.python = sys.executable  # not resolved: a venv's python is a symlink into it
         self.env_path = env_path or f"{os.path.dirname(sys.executable)}:{SYSTEM_PATH}"
         self.skip_rc = skip_rc
         self.extra_config = extra_config  # more sshd_config lines, e.g. a ForceCommand
+        self.extra_env = extra_env  # more NAME=VALUE for every session
         self.start_timeout = start_timeout
         self.user = pwd.getpwuid(os.getuid()).pw_name
-        self.hosts = [f"127.0.0.{first_host + i}" for i in range(count)]
+        self.hosts = [f"{net}.{first_host + i}" for i in range(count)]
         self.port = 0
         self.nodes: list[SshNode] = []
         self.client_key = self.workdir / "client_ed25519"
@@ -190,6 +196,34 @@ class SshNodes:
         for i in range(len(self.nodes)):
             self._terminate(i, graceful=True)
 
+    def reset(self) -> None:
+        """Back to as started, for the next user of a kept fleet: every session process ended
+        (SIGTERM, then SIGKILL), a node that was stopped or killed started again (same port
+        and host key, or a new port if that one was taken meanwhile), the authorized keys the
+        workdir fan-out writes per node removed."""
+        down = []
+        for i in range(self.count):
+            proc = self._procs[i]
+            if proc is None or proc.poll() is not None:
+                down.append(i)
+                continue
+            _end_sessions(proc.pid, self.tag(i))
+        for i in range(self.count):
+            own = self.node_dir(i) / "authorized_keys"
+            if own.is_dir() and not own.is_symlink():
+                shutil.rmtree(own)
+            else:
+                own.unlink(missing_ok=True)
+        if not down:
+            return
+        try:
+            for i in down:
+                self.restart(i)
+            self._write_known_hosts()
+        except SshNodesError:
+            self.stop()
+            self.start()
+
     def kill(self, index: int) -> None:
         """Node lost: SIGKILL node i's sshd and every process spawned through it, at once."""
         self._terminate(index, graceful=False)
@@ -239,6 +273,7 @@ class SshNodes:
             f"PATH={self.env_path}",
             f"{TAG_VAR}={self.tag(index)}",
             f"MLCLOUD_AUTHORIZED_KEYS={own_keys}",
+            *self.extra_env,
         ]
         if self.skip_rc:
             setenv.append("SHLVL=1")  # bash sees itself nested and skips ~/.bashrc
@@ -427,6 +462,27 @@ def _signal_all(pids: set[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def _end_sessions(listener: int, tag: str) -> None:
+    """End every process of a node but its listening sshd: SIGTERM, then SIGKILL after 2 s."""
+    victims = _node_processes({listener}, tag) - {listener}
+    _signal_all(victims, signal.SIGTERM)
+    deadline = time.monotonic() + 2.0
+    while victims and time.monotonic() < deadline:
+        time.sleep(0.02)
+        victims = {p for p in victims if _alive(p)}
+    stopped: set[int] = set()
+    for _ in range(20):
+        new = _node_processes({listener}, tag) - {listener} - stopped
+        if not new:
+            break
+        _signal_all(new, signal.SIGSTOP)
+        stopped |= new
+    _signal_all(stopped, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(_alive(p) for p in stopped):
+        time.sleep(0.01)
 
 
 def _kill_tree(roots: set[int], tag: str) -> None:

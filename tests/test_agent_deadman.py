@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -126,6 +127,7 @@ def test_notice_sends_sigterm_to_the_job_and_writes_an_event(metadata, tmp_path)
     jobdir.mkdir(parents=True)
     (root / "agent").mkdir()
     marker = tmp_path / "got-term"
+    uid = f"uid-{secrets.token_hex(4)}"  # its own: other tests (and runs) kill by tag too
     job = subprocess.Popen(
         [
             sys.executable,
@@ -137,7 +139,7 @@ def test_notice_sends_sigterm_to_the_job_and_writes_an_event(metadata, tmp_path)
             "signal.signal(signal.SIGTERM, term)\n"
             "time.sleep(60)\n",
         ],
-        env={**os.environ, "MLCLOUD_PROC_TAG": "uid-1.0.1.9"},
+        env={**os.environ, "MLCLOUD_PROC_TAG": f"{uid}.0.1.9"},
     )
     try:
         time.sleep(0.5)
@@ -148,7 +150,7 @@ def test_notice_sends_sigterm_to_the_job_and_writes_an_event(metadata, tmp_path)
             "provider": "aws",
             "spot": True,
             "node": 0,
-            "tag": "uid-1.0.",
+            "tag": f"{uid}.0.",
             "metadata": {"aws": metadata},
             "idle_minutes": 30,
             "deadline": None,
@@ -176,6 +178,7 @@ def test_notice_sends_sigterm_to_the_job_and_writes_an_event(metadata, tmp_path)
 def test_stalled_job_is_reported_and_stopped_only_with_on_stall_stop(tmp_path, on_stall):
     """A running job whose log stops growing for stall_minutes: one stall event; with
     on_stall: stop its processes end (node_ctl's kill), with report they run on."""
+    uid = f"uid-{secrets.token_hex(4)}"  # its own: other tests (and runs) kill by tag too
     root = tmp_path / "node-0"
     jobdir = root / "jobs" / "1"
     jobdir.mkdir(parents=True)
@@ -183,13 +186,13 @@ def test_stalled_job_is_reported_and_stopped_only_with_on_stall_stop(tmp_path, o
     (jobdir / "output.log").write_text("started\n")
     job = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"],
-        env={**os.environ, "MLCLOUD_PROC_TAG": "uid-2.0.1.0"},
+        env={**os.environ, "MLCLOUD_PROC_TAG": f"{uid}.0.1.0"},
     )
     waiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (jobdir / "waiter.pid").write_text(str(waiter.pid))
         a = agent.Agent(str(root))
-        cfg = {"provider": "local", "node": 0, "tag": "uid-2.0.", "stall_minutes": 0.1}
+        cfg = {"provider": "local", "node": 0, "tag": f"{uid}.0.", "stall_minutes": 0.1}
         cfg["on_stall"] = on_stall
         t0 = time.time()
         verdicts = []

@@ -59,9 +59,10 @@ def test_idle_teardown_only_after_the_job(tmp_path, mlcloud_home):
     (project / "job.py").write_text(
         f"import time\ntime.sleep({job_s})\nprint('job done', flush=True)\n"
     )
-    r = run_cli("up", "idle", "-f", str(spec), "--yes")
+    # the job must start within IDLE_S of `up`: no other command in between (uid from --json)
+    r = run_cli("up", "idle", "-f", str(spec), "--yes", "--json")
     assert r.returncode == 0, r.stderr
-    uid = _uid("idle")
+    uid = json.loads(r.stdout)["uid"]
     root = _node_root(mlcloud_home, uid)
     agent = int((root / "agent" / "agent.pid").read_text())
     assert _alive(agent)  # started at bootstrap

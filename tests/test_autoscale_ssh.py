@@ -24,23 +24,24 @@ def test_once_replaces_a_lost_node_with_a_spare(make_ssh_nodes):
     nodes = make_ssh_nodes(3)
     r = run_cli(*ssh_up_args(nodes, "el"), "--nodes", "1:2")
     assert r.returncode == 0, r.stderr
-    assert nodes_of("el") == ["127.0.0.2", "127.0.0.3"]  # 127.0.0.4 is the spare
+    a, b, spare = nodes.hosts
+    assert nodes_of("el") == [a, b]  # the third is the spare
 
     r = run_cli("autoscale", "el", "--once")
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
 
-    nodes.kill(1)  # sshd and everything it started on 127.0.0.3
+    nodes.kill(1)  # sshd and everything it started on the second host
     r = run_cli("autoscale", "el", "--once")  # one miss: not lost yet
     assert r.returncode == 0, r.stderr
-    assert nodes_of("el") == ["127.0.0.2", "127.0.0.3"]
+    assert nodes_of("el") == [a, b]
     r = run_cli("autoscale", "el", "--once")  # the second in a row: replaced
     assert r.returncode == 0, r.stderr
-    assert nodes_of("el") == ["127.0.0.2", "127.0.0.4"], r.stderr
+    assert nodes_of("el") == [a, spare], r.stderr
     assert "unreachable for 2 consecutive checks" in r.stderr
 
     events = [(k, m) for _, k, m in state.open_store().events("el")]
     assert ("node_lost", next(m for k, m in events if k == "node_lost")) in events
-    assert any(k == "node_replaced" and "127.0.0.4" in m for k, m in events), events
+    assert any(k == "node_replaced" and spare in m for k, m in events), events
     # the new node is a full node: bootstrapped, reachable, nothing more to do
     r = run_cli("exec", "el", "--", "hostname -I || true")
     assert r.returncode == 0, r.stderr
@@ -51,7 +52,7 @@ def test_once_replaces_a_lost_node_with_a_spare(make_ssh_nodes):
     for _ in range(2):
         r = run_cli("autoscale", "el", "--once")
         assert r.returncode == 0, r.stderr
-    assert nodes_of("el") == ["127.0.0.2"]
+    assert nodes_of("el") == [a]
     assert "no spare left" in r.stderr
 
     # the lost hosts were never cleaned (unreachable); back, `down` cleans them

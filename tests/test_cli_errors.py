@@ -1,5 +1,8 @@
-"""The real `mlcloud` console script, run as a subprocess, on bad input: one `error:` line on
-stderr (click's usage errors too), the right exit code, no traceback, nothing created."""
+"""The `mlcloud` command line on bad input: one `error:` line on stderr (click's usage errors
+too), the right exit code, no traceback, nothing created. The cases run the console script's
+own function in-process (conftest.run_cli_in_process: the message and the exit code are the
+subject, not the process); a run of them, and a real cluster's, go through the real console
+script as a subprocess too."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli_in_process
 
 import mlcloud
 
@@ -46,11 +50,26 @@ def home(tmp_path) -> Path:
 
 
 @pytest.fixture
-def cli(tmp_path, home):
-    """Run mlcloud in tmp_path with its own MLCLOUD_HOME; `{tmp}` in an argument is tmp_path."""
+def cli_process(tmp_path, home):
+    """Run the real mlcloud process in tmp_path with its own MLCLOUD_HOME; `{tmp}` in an
+    argument is tmp_path."""
 
     def call(*args: str, **kw) -> subprocess.CompletedProcess:
         return run([a.replace("{tmp}", str(tmp_path)) for a in args], home, tmp_path, **kw)
+
+    return call
+
+
+@pytest.fixture
+def cli(tmp_path, home, monkeypatch):
+    """As cli_process, in this process (conftest.run_cli_in_process)."""
+    monkeypatch.setenv("MLCLOUD_HOME", str(home))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.delenv("MLCLOUD_DEBUG", raising=False)
+
+    def call(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+        return run_cli_in_process(*argv, cwd=tmp_path, input=input)
 
     return call
 
@@ -185,8 +204,10 @@ def test_up_refuses_bad_spec(cli, tmp_path, home, text, where):
     assert cluster_names(home) == []
 
 
-def test_failed_commands_leave_status_empty(cli, tmp_path, workdir):
-    """A run of failing commands in one MLCLOUD_HOME, then the real `status --json`."""
+def test_failed_commands_leave_status_empty(cli_process, tmp_path, workdir):
+    """A run of failing commands in one MLCLOUD_HOME, then the real `status --json`: all through
+    the real console script."""
+    cli = cli_process
     (tmp_path / "bad.yaml").write_text("nodes: 2\nresources:\n  gpus: 'A100:0'\n")
     for args in (
         ["up", "Bad_Name"],
@@ -304,7 +325,8 @@ def test_down_without_terminal_refuses_even_with_piped_yes(cli, home, monkeypatc
     assert cluster_names(home) == ["ok"]
 
 
-def test_down_without_terminal_keeps_a_real_cluster(cli):
+def test_down_without_terminal_keeps_a_real_cluster(cli_process):
+    cli = cli_process
     r = cli("up", "keep", "--nodes", "1", "--json")
     assert r.returncode == 0, r.stderr
     try:

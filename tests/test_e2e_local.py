@@ -45,6 +45,7 @@ def project(tmp_path) -> Path:
     return tmp_path / "proj"
 
 
+@pytest.mark.real_torchrun
 def test_up_train_kill_resume_down(project, mlcloud_home):
     r = run_cli("up", "e2e", "--nodes", "2", "--yes")
     assert r.returncode == 0, r.stderr

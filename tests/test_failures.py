@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli
+from conftest import MLCLOUD, run_cli, run_cli_in_process
 
 # The real main() in a fresh interpreter, with one engine function made to raise: the way
 # each kind of failure reaches the top, whatever the command.
@@ -85,6 +85,23 @@ def probe(args: list[str], raise_: str, tmp: Path, *extra: str, env: dict | None
     )
 
 
+def probe_here(args: list[str], raise_: str, tmp: Path, monkeypatch):
+    """As probe, in this process (conftest.run_cli_in_process): the exit code and the one line
+    are the subject, not the process."""
+    import logging
+
+    from mlcloud import state
+
+    (tmp / "train.py").write_text("print('hi')\n")
+
+    def boom(*a, **k):
+        logging.getLogger("paramiko.transport").error("paramiko says: Traceback (noise)")
+        exec(raise_)
+
+    monkeypatch.setattr(state, "open_store", boom)
+    return run_cli_in_process(*(a.replace("{tmp}", str(tmp)) for a in args), cwd=tmp)
+
+
 def one_line(r) -> str:
     assert "Traceback" not in r.stdout + r.stderr, r.stderr
     assert "paramiko says" not in r.stderr  # library loggers are quiet
@@ -95,17 +112,17 @@ def one_line(r) -> str:
 
 @pytest.mark.parametrize("kind", ["usage", "capacity", "quota", "auth", "interrupted"])
 @pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
-def test_exit_codes_are_the_same_on_every_command(tmp_path, args, kind):
+def test_exit_codes_are_the_same_on_every_command(tmp_path, args, kind, monkeypatch):
     raise_, code = RAISE[kind]
-    r = probe(args, raise_, tmp_path)
+    r = probe_here(args, raise_, tmp_path, monkeypatch)
     assert r.returncode == code, (r.returncode, r.stderr)
     one_line(r)
 
 
 @pytest.mark.parametrize("kind", list(RAISE))
-def test_json_error_object_for_every_kind(tmp_path, kind):
+def test_json_error_object_for_every_kind(tmp_path, kind, monkeypatch):
     raise_, code = RAISE[kind]
-    r = probe(["status", "--json"], raise_, tmp_path)
+    r = probe_here(["status", "--json"], raise_, tmp_path, monkeypatch)
     line = one_line(r)
     assert r.returncode == code
     assert json.loads(r.stdout) == {
@@ -156,6 +173,30 @@ def test_debug_shows_traceback_and_library_logs(tmp_path, how):
     assert r.stderr.splitlines()[-1].startswith("error: aws: RunInstances failed")
 
 
+def running_under(root: int, cmdline: bytes) -> bool:
+    """Whether a descendant of root runs with this command line (NUL-separated argv)."""
+    children: dict[int, list[int]] = {}
+    cmds: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmds[int(entry)] = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    stack = list(children.get(root, ()))
+    while stack:
+        pid = stack.pop()
+        if cmds.get(pid, b"").rstrip(b"\0") == cmdline:
+            return True
+        stack.extend(children.get(pid, ()))
+    return False
+
+
 def test_sigterm_during_a_command_is_interrupted(tmp_path):
     """A real signal: `exec` on a local cluster running `sleep`, stopped with SIGTERM."""
     assert run_cli("up", "sig", "--nodes", "1", "--yes").returncode == 0
@@ -167,7 +208,10 @@ def test_sigterm_during_a_command_is_interrupted(tmp_path):
             stdin=subprocess.DEVNULL,
             text=True,
         )
-        time.sleep(2)
+        deadline = time.monotonic() + 30  # the command runs on the node
+        while not running_under(proc.pid, b"sleep\x0030"):
+            assert time.monotonic() < deadline, "exec never started sleep 30"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err

@@ -17,13 +17,16 @@ from conftest import MLCLOUD, run_cli, tagged_pids
 
 pytestmark = pytest.mark.e2e
 
-# Every rank prints its lines; rank 1 ends with $CODE (or kills itself with $SIGNAL).
+# Every rank prints its lines; rank 1 ends with $CODE (or kills itself with $SIGNAL), once the
+# file $GATE names exists if it is set (the test looks at the job while it surely runs).
 LINES = """\
 import os, signal, sys, time
 rank = int(os.environ["RANK"])
 for i in range(int(os.environ.get("LINES", "6"))):
     print(f"rank {rank} line {i}", flush=True)
     time.sleep(float(os.environ.get("PAUSE", "0.3")))
+while os.environ.get("GATE") and not os.path.exists(os.environ["GATE"]):
+    time.sleep(0.05)
 if rank == 1 and os.environ.get("SIGNAL"):
     os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
 sys.exit(int(os.environ.get("CODE", "0")) if rank == 1 else 0)
@@ -97,15 +100,17 @@ def test_the_first_failing_ranks_own_code_and_signal(project, mlcloud_home):
     assert run_cli("down", "codes", "--yes").returncode == 0
 
 
-def test_train_killed_mid_run_the_nodes_tell_the_end(project, mlcloud_home, monkeypatch):
+def test_train_killed_mid_run_the_nodes_tell_the_end(project, mlcloud_home, monkeypatch, tmp_path):
     monkeypatch.setenv("LINES", "12")
     up("k9")
-    proc = train(project, "k9", "-e", "CODE=7", "-e", "LINES", "lines.py")
+    gate = tmp_path / "gate"
+    proc = train(project, "k9", "-e", "CODE=7", "-e", "LINES", "-e", f"GATE={gate}", "lines.py")
     wait_for(lambda: log_has("k9", "rank 0 line 2"))
     proc.kill()
     proc.communicate()
     job = jobs("k9")[0]
     assert job["status"] == "RUNNING" and job["followed"] is False
+    gate.touch()
     r = run_cli("logs", "k9", "--follow", timeout=120)
     assert r.returncode == 7, r.stdout[-2000:] + r.stderr
     for rank in (0, 1):  # the whole output, each line once
@@ -118,12 +123,14 @@ def test_train_killed_mid_run_the_nodes_tell_the_end(project, mlcloud_home, monk
     assert run_cli("down", "k9", "--yes").returncode == 0
 
 
-def test_status_reads_a_finished_job_from_the_nodes(project, mlcloud_home):
+def test_status_reads_a_finished_job_from_the_nodes(project, mlcloud_home, tmp_path):
     up("st")
-    proc = train(project, "st", "lines.py")
+    gate = tmp_path / "gate"  # the job runs until the test has seen it running
+    proc = train(project, "st", "-e", f"GATE={gate}", "lines.py")
     wait_for(lambda: running("st"))
     proc.kill()
     proc.communicate()
+    gate.touch()
     wait_for(lambda: jobs("st")[0]["status"] == "SUCCEEDED", timeout=60)
     assert jobs("st")[0]["exit_code"] == 0
     r = run_cli("logs", "st")
@@ -153,13 +160,18 @@ def test_train_killed_during_setup_is_reported_not_waited_on(project, mlcloud_ho
 def test_a_busy_state_database_does_not_lose_the_end(project, mlcloud_home, monkeypatch):
     monkeypatch.setenv("LINES", "4")
     monkeypatch.setenv("MLCLOUD_DB_BUSY_TIMEOUT", "2")  # default 10 s: the same path, sooner
-    up("busy", nodes=1)
-    proc = train(project, "busy", "-e", "LINES", "lines.py")
+    uid = up("busy", nodes=1)
+    gate = mlcloud_home.parent / "gate"  # the job runs until the test holds the database
+    proc = train(project, "busy", "-e", "LINES", "-e", f"GATE={gate}", "lines.py")
     wait_for(lambda: running("busy"))
     db = sqlite3.connect(mlcloud_home / "state.db", isolation_level=None)
     db.execute("BEGIN IMMEDIATE")  # the job ends while another writer holds the database
+    gate.touch()
     try:
-        time.sleep(8)  # the job ends (~1.2 s), its write outwaits the busy timeout
+        # the job ends on its node (~1.2 s), then its write outwaits the busy timeout
+        ended = mlcloud_home / "local" / uid / "node-0" / "jobs" / "1" / "exit_code"
+        wait_for(ended.exists, timeout=60)
+        time.sleep(2 + 1)
     finally:
         db.execute("ROLLBACK")
         db.close()
@@ -351,6 +363,7 @@ def _listening(pids: list[int]) -> list[str]:
     return found
 
 
+@pytest.mark.real_torchrun  # torch's stores
 def test_the_rendezvous_store_listens_on_the_node_address_only(project, mlcloud_home):
     uid = up("c10d", nodes=2)
     proc = train(project, "c10d", "-e", "LINES=100", "lines.py")
@@ -373,11 +386,13 @@ def test_over_ssh_a_killed_train_is_read_and_followed_from_the_nodes(
     nodes = make_ssh_nodes(2)
     r = run_cli(*ssh_up_args(nodes, "sk"))
     assert r.returncode == 0, r.stderr
-    proc = train(project, "sk", "-e", "CODE=6", "-e", "LINES=12", "lines.py")
+    gate = project.parent / "gate"
+    proc = train(project, "sk", "-e", "CODE=6", "-e", "LINES=12", "-e", f"GATE={gate}", "lines.py")
     wait_for(lambda: log_has("sk", "rank 0 line 2"))
     proc.kill()
     proc.communicate()
     assert jobs("sk")[0]["followed"] is False
+    gate.touch()
     r = run_cli("logs", "sk", "--follow", timeout=120)
     assert r.returncode == 6, r.stdout[-2000:] + r.stderr
     assert "rank 1: exited with 6" in r.stdout

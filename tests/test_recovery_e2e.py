@@ -19,6 +19,7 @@ from conftest import MLCLOUD, run_cli
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.real_torchrun,  # elastic: torch's rendezvous admits the spare
     pytest.mark.skipif(not nsbridge.available(), reason="needs root, iproute2 and sshd"),
 ]
 

@@ -51,7 +51,7 @@ def test_ssh_python_is_the_only_one_tried(make_ssh_nodes, ref):
     with pytest.raises(RemoteError) as e:
         boot(nodes, ref, python=NO_TORCH)
     message = str(e.value)
-    assert "\n" not in message and message.startswith("node0 (127.0.0.2)")
+    assert "\n" not in message and message.startswith(f"node0 ({nodes.hosts[0]})")
     assert f"tried {NO_TORCH})" in message and "ssh.python" in message
     assert boot(nodes, ref, python=sys.executable)[0].python == sys.executable
 
@@ -66,7 +66,7 @@ def test_a_chatty_login_is_ignored(make_ssh_nodes, ref):
         ),
     )
     (rec,) = boot(nodes, ref)
-    assert rec.python and Path(rec.root).name == "node-0" and rec.private_ip == "127.0.0.2"
+    assert rec.python and Path(rec.root).name == "node-0" and rec.private_ip == nodes.hosts[0]
 
 
 def test_output_without_markers_is_one_line_naming_the_node(make_ssh_nodes, ref):
@@ -74,7 +74,7 @@ def test_output_without_markers_is_one_line_naming_the_node(make_ssh_nodes, ref)
     with pytest.raises(RemoteError) as e:
         boot(nodes, ref)
     message = str(e.value)
-    assert message.startswith("node0 (127.0.0.2): bootstrap output not understood")
+    assert message.startswith(f"node0 ({nodes.hosts[0]}): bootstrap output not understood")
     assert "this host runs menus only" in message and "\n" not in message
 
 

@@ -88,9 +88,9 @@ def test_unreachable_names_node(make_ssh_nodes):
     port = nodes.nodes[0].port
     nodes.kill(0)
     t = SshTransport(
-        SshTarget("127.0.0.2", port, "root", identity_file=str(nodes.client_key)), "node0"
+        SshTarget(nodes.hosts[0], port, "root", identity_file=str(nodes.client_key)), "node0"
     )
-    with pytest.raises(RemoteError, match=r"node0 \(root@127.0.0.2:\d+\): unreachable"):
+    with pytest.raises(RemoteError, match=rf"node0 \(root@{nodes.hosts[0]}:\d+\): unreachable"):
         t.run("true")
 
 

@@ -1,4 +1,5 @@
-"""The SshNodes helper: real sshd daemons on 127.0.0.2.. that OpenSSH and paramiko can use."""
+"""The SshNodes helper: real sshd daemons on 127.0.0.2.. (a block per xdist worker) that OpenSSH
+and paramiko can use."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import paramiko
 import pytest
+from conftest import SSH_NET as NET
 from sshnodes import SshNodes
 
 pytestmark = [
@@ -72,12 +74,12 @@ def test_three_nodes_openssh_paramiko_and_clean_stop(tmp_path):
     workdir = tmp_path / "ssh"
     nodes = SshNodes(3, workdir)
     with nodes:
-        assert [n.host for n in nodes.nodes] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        assert [n.host for n in nodes.nodes] == [f"{NET}.2", f"{NET}.3", f"{NET}.4"]
         assert len({n.port for n in nodes.nodes}) == 1
         assert oct(nodes.client_key.stat().st_mode & 0o777) == "0o600"
         assert nodes.client_pub.startswith("ssh-ed25519 ")
         for i, node in enumerate(nodes.nodes):
-            assert node.target == f"{node.user}@127.0.0.{i + 2}:{node.port}"
+            assert node.target == f"{node.user}@{NET}.{i + 2}:{node.port}"
             # Plain OpenSSH, the way the brief's users would type it.
             argv = [
                 "ssh", "-F", "/dev/null",
@@ -189,3 +191,28 @@ def _dead(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_reset_ends_sessions_and_brings_lost_nodes_back(tmp_path):
+    """What a kept fleet does between tests: no session outlives reset, a stopped or killed
+    node serves again on its port, the fan-out's per-node keys are gone."""
+    with SshNodes(2, tmp_path / "ssh") as nodes:
+        client = paramiko_client(nodes, 0)
+        client.exec_command("(setsid sleep 302 </dev/null >/dev/null 2>&1 &); sleep 300")
+        (nodes.node_dir(0) / "authorized_keys").write_text("a peer key\n")
+        (nodes.node_dir(1) / "authorized_keys").mkdir()
+        time.sleep(0.5)
+        sessions = nodes.pids(0) - {nodes.nodes[0].pid}
+        assert sessions
+        nodes.kill(1)
+        port = nodes.port
+        nodes.reset()
+        client.close()
+        assert all(not os.path.exists(f"/proc/{p}/cmdline") or _dead(p) for p in sessions)
+        assert nodes.pids(0) == {nodes.nodes[0].pid}  # the listener alone
+        assert not (nodes.node_dir(0) / "authorized_keys").exists()
+        assert not (nodes.node_dir(1) / "authorized_keys").exists()
+        assert nodes.port == port
+        for i in (0, 1):
+            r = subprocess.run(nodes.ssh_argv(i, "true"), capture_output=True, timeout=30)
+            assert r.returncode == 0, r.stderr

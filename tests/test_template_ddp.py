@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
 pytestmark = pytest.mark.e2e
 
 SCRIPT = Path(__file__).parent.parent / "templates" / "ddp" / "train.py"
@@ -117,6 +115,8 @@ def test_trains_checkpoints_and_reports(tmp_path):
     assert json.loads((tmp_path / "progress").read_text()) == {"done": 60, "total": 60}
     assert progress["loss"] == pytest.approx(final, abs=1e-4)
     assert abs(progress["time"] - time.time()) < TIMEOUT and isinstance(progress["pid"], int)
+    import torch  # here, not at collection: every xdist worker collects this module
+
     state = torch.load(tmp_path / "ckpt-00000060.pt", weights_only=True)
     assert state["step"] == 60 and {"model", "optim"} <= state.keys()
     metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
@@ -172,6 +172,8 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     step = int(m[1])
     assert step >= 20
     assert rc != 0  # torchrun reports the signal it got, not the workers' 143
+    import torch
+
     state = torch.load(tmp_path / f"ckpt-{step:08d}.pt", weights_only=True)
     assert state["step"] == step
     with pytest.raises(ProcessLookupError):  # rank 0 is gone, not orphaned
