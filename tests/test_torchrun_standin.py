@@ -18,13 +18,20 @@ from mlcloud import templates
 
 pytestmark = pytest.mark.e2e
 
+# Each rank leaves its environment whole (written aside, renamed); rank 1 fails only once
+# rank 0's is there, as the launcher then stops rank 0.
 DUMP = """\
-import json, os, signal, sys
-with open(f"env-{os.environ['RANK']}.json", "w") as f:
+import json, os, signal, sys, time
+rank = os.environ["RANK"]
+with open(f"env-{rank}.json.tmp", "w") as f:
     json.dump(dict(os.environ), f)
-if os.environ["RANK"] == "1" and os.environ.get("SIGNAL"):
-    os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
-sys.exit(5 if os.environ["RANK"] == "1" else 0)
+os.replace(f"env-{rank}.json.tmp", f"env-{rank}.json")
+if rank == "1":
+    while not os.path.exists("env-0.json"):
+        time.sleep(0.05)
+    if os.environ.get("SIGNAL"):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+sys.exit(5 if rank == "1" else 0)
 """
 # What differs by nature: where torch keeps its error files, and its agent's own store (the
 # stand-in has none: rank 0's torch hosts the store, as without torchrun).
