@@ -64,7 +64,10 @@ def test_checkpoints_go_to_the_bucket_and_a_wiped_node_resumes_from_it(
     manifest = json.loads(s3.get_object(Bucket="ckpts", Key="runs/st/latest.json")["Body"].read())
     assert manifest["step"] == 4
 
-    root = Path.home() / ".mlcloud" / uid / node_id
+    from mlcloud import state
+
+    (node,) = state.open_store().get_cluster("st").nodes
+    root = Path(node.root.replace("~", str(Path.home()), 1))  # ~/.mlcloud/UID/node-K
     shutil.rmtree(root / "checkpoints")  # a replacement node: nothing on its disk
     r = run_cli("train", "st", "-f", str(spec), "--", "--steps", "6", "--ckpt-every", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
