@@ -252,7 +252,8 @@ class SshNodes:
         roots = {self.nodes[index].pid} if self.nodes and self.nodes[index].pid else set()
         if proc is not None:
             roots.add(proc.pid)
-        return _node_processes(roots, self.tag(index))
+        config = str(self.config_path(index)).encode()
+        return _node_processes({p for p in roots if config in _cmdline(p)}, self.tag(index))
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -374,7 +375,10 @@ class SshNodes:
             roots.add(int(self.pid_path(index).read_text().split()[0]))
         if proc is not None:
             roots.add(proc.pid)
-        roots = {p for p in roots if _alive(p)}
+        # a pid of a node that died may be another process's by now (pids wrap at 32768):
+        # only this node's sshd, found by its config on its command line, is a root
+        config = str(self.config_path(index)).encode()
+        roots = {p for p in roots if _alive(p) and config in _cmdline(p)}
         tag = self.tag(index)
         if graceful:
             # Sessions first, so the listener reaps its own children (no orphans left for
@@ -422,6 +426,14 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def _alive(pid: int) -> bool:
     st = _stat(pid)
     return st is not None and st[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _has_tag(pid: int, tag: str) -> bool:
