@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[torch,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[torch,test,postgresql]"
 	touch $(STAMP)
 
 # The SSH tests run real OpenSSH daemons as nodes, some in network namespaces (iproute2),
-# and the benches compare with rsync:
+# the benches compare with rsync, and the state tests run a PostgreSQL server (initdb):
 # install them when missing and we may (root); otherwise say what to install.
 sysdeps:
 	@missing=""; \
@@ -24,6 +24,8 @@ sysdeps:
 	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
 	command -v rsync >/dev/null || missing="$$missing rsync"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

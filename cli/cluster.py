@@ -554,7 +554,7 @@ def gc(
     from mlcloud.provision.handle import owner as this_home
 
     store = state.open_store()
-    me = this_home()
+    me = this_home(store)
     search = collector.find(store, provider, region or [])
     owners = None if all_owners else set(owner or ())
     orphans = collector.decide(search.found, me, owners, min_age * 60, time.time())

@@ -26,6 +26,7 @@ from mlcloud.errors import (
     BusyError,
     MlcloudError,
     NotFoundError,
+    StoreUnavailable,
     UsageError,
 )
 
@@ -97,7 +98,12 @@ def describe(e: BaseException) -> Failure:
 
 def _kind(e: MlcloudError) -> str:
     """A fixed vocabulary (README, "Exit codes"), not class names, so scripts can rely on it."""
-    for cls, kind in ((UsageError, "usage"), (NotFoundError, "not_found"), (BusyError, "busy")):
+    for cls, kind in (
+        (UsageError, "usage"),
+        (NotFoundError, "not_found"),
+        (BusyError, "busy"),
+        (StoreUnavailable, "environment"),
+    ):
         if isinstance(e, cls):
             return kind
     return {EXIT_CAPACITY: "capacity", EXIT_QUOTA: "quota", EXIT_AUTH: "auth"}.get(

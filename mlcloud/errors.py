@@ -30,5 +30,9 @@ class NotFoundError(MlcloudError):
     """A named cluster or job does not exist."""
 
 
+class StoreUnavailable(MlcloudError):
+    """The shared state database cannot be reached or answer in time (kind `environment`)."""
+
+
 class BusyError(MlcloudError):
     """Another mlcloud command holds the cluster (or the state database) for too long."""

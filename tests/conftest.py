@@ -49,7 +49,7 @@ STANDIN_VAR = "MLCLOUD_TEST_TORCHRUN"
 
 
 # Fixtures that start real daemons: a test using one is end-to-end (`make test-fast` skips it).
-E2E_FIXTURES = {"make_ssh_nodes", "moto_server"}
+E2E_FIXTURES = {"make_ssh_nodes", "moto_server", "pg_server", "pg_url"}
 
 
 def pytest_collection_modifyitems(items):
@@ -351,6 +351,30 @@ def small_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+# ---- PostgreSQL: one real server per test run (per xdist worker), a database per test ------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    from pgserver import PgServer
+
+    server = PgServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server, monkeypatch) -> str:
+    """A database of this test's own on the worker's server, chosen as the state store
+    (MLCLOUD_STATE_URL) for this process and the commands it starts; the server is started
+    again if a test stopped it."""
+    if pg_server.proc is None or pg_server.proc.poll() is not None:
+        pg_server.start()
+    url = pg_server.database()
+    monkeypatch.setenv("MLCLOUD_STATE_URL", url)
+    return url
 
 
 # ---- GCE: the fake Compute API (tests/fakes/, fixtures in tests/gce_fixtures.py) ----------

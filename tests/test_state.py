@@ -17,8 +17,22 @@ def _store(home):
     return state.Store(home / "state.db")
 
 
-def test_cluster_lifecycle(mlcloud_home):
-    s = _store(mlcloud_home)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kind(request):
+    """The store the test runs on: each test of state's contract runs on both."""
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_url")
+    return request.param
+
+
+def _open(home):
+    """The store this home uses (MLCLOUD_STATE_URL, set by pg_url, picks PostgreSQL)."""
+    home.mkdir(parents=True, exist_ok=True)
+    return state.open_store()
+
+
+def test_cluster_lifecycle(mlcloud_home, kind):
+    s = _open(mlcloud_home)
     s.create_cluster("a", "a-1", "local", {"nodes": 2}, "me")
     rec = s.get_cluster("a")
     assert rec and rec.status == state.INIT and rec.spec == {"nodes": 2}
@@ -32,11 +46,13 @@ def test_cluster_lifecycle(mlcloud_home):
     assert s.get_cluster("a") is None
     kinds = [k for _, k, _ in s.events("a")]
     assert kinds == ["intent", "deleted"]
-    assert (mlcloud_home / "state.db").stat().st_mode & 0o077 == 0
+    if kind == "sqlite":
+        assert (mlcloud_home / "state.db").stat().st_mode & 0o077 == 0
+    assert s.schema_version() == state.SCHEMA_VERSION
 
 
-def test_jobs_number_per_cluster_and_outlive_it(mlcloud_home):
-    s = _store(mlcloud_home)
+def test_jobs_number_per_cluster_and_outlive_it(mlcloud_home, kind):
+    s = _open(mlcloud_home)
     s.create_cluster("a", "a-1", "local", {}, "me")
     j1 = s.new_job("a", "u1", "train.py", 2, 2, mlcloud_home)
     j2 = s.new_job("a", "u1", "train.py", 2, 2, mlcloud_home)
@@ -48,7 +64,7 @@ def test_jobs_number_per_cluster_and_outlive_it(mlcloud_home):
 
 
 def _create(home, name, uid, results):
-    s = state.Store(home / "state.db")
+    s = state.open_store()
     try:
         s.create_cluster(name, uid, "local", {}, "me")
         results.put("created")
@@ -56,8 +72,8 @@ def _create(home, name, uid, results):
         results.put("exists")
 
 
-def test_racing_creates_leave_one_row(mlcloud_home):
-    _store(mlcloud_home)
+def test_racing_creates_leave_one_row(mlcloud_home, kind):
+    _open(mlcloud_home)
     results = multiprocessing.Queue()
     procs = [
         multiprocessing.Process(target=_create, args=(mlcloud_home, "race", f"race-{i}", results))
@@ -69,7 +85,7 @@ def test_racing_creates_leave_one_row(mlcloud_home):
         p.join(30)
     outcomes = sorted(results.get(timeout=5) for _ in procs)
     assert outcomes.count("created") == 1 and outcomes.count("exists") == 5
-    assert len(_store(mlcloud_home).list_clusters()) == 1
+    assert len(_open(mlcloud_home).list_clusters()) == 1
 
 
 def test_busy_database_is_a_clear_error(mlcloud_home):
@@ -86,8 +102,8 @@ def test_busy_database_is_a_clear_error(mlcloud_home):
     s.create_cluster("b", "b-1", "local", {}, "me")
 
 
-def test_a_cluster_made_again_starts_its_own_jobs(mlcloud_home):
-    s = _store(mlcloud_home)
+def test_a_cluster_made_again_starts_its_own_jobs(mlcloud_home, kind):
+    s = _open(mlcloud_home)
     s.create_cluster("a", "a-1", "local", {}, "me")
     s.new_job("a", "a-1", "train.py", 1, 1, mlcloud_home)
     s.new_job("a", "a-1", "train.py", 1, 1, mlcloud_home)
@@ -176,9 +192,9 @@ def test_version_3_events_get_a_node_and_node_events_merge_once(mlcloud_home):
     ]
 
 
-def test_node_rows_of_older_versions_read_as_mlclouds_states(mlcloud_home):
+def test_node_rows_of_older_versions_read_as_mlclouds_states(mlcloud_home, kind):
     """Rows once kept the cloud's words (EC2's, GCE's lowercased): read as mlcloud's own."""
-    s = _store(mlcloud_home)
+    s = _open(mlcloud_home)
     s.create_cluster("a", "a-1", "aws", {}, "me")
     words = ["shutting-down", "provisioning", "suspended", "running", "terminated", "odd"]
     s.set_nodes(
@@ -187,3 +203,28 @@ def test_node_rows_of_older_versions_read_as_mlclouds_states(mlcloud_home):
     )
     got = [n.status for n in s.get_cluster("a").nodes]
     assert got == ["stopping", "pending", "stopped", "running", "terminated", "running"]
+
+
+def test_billing_numbers_claims_and_merged_events(mlcloud_home, kind):
+    """The statements whose SQL differs most between the stores: null-safe equality (`IS ?`),
+    billing's `end`, read-modify-writes."""
+    from mlcloud.spec.cost import Interval
+
+    s = _open(mlcloud_home)
+    s.create_cluster("a", "a-1", "aws", {}, "me")
+    assert s.get_cluster("a").made_by == state.whoami()
+    assert (s.number_nodes("a", 2), s.number_nodes("a", 1, floor=5)) == (0, 5)
+    s.open_billing(
+        [Interval("a", "a-1", "aws", f"i-{i}", "p4d", "r", 1.5, 10.0, None) for i in (0, 1)]
+    )
+    s.close_node_billing("a-1", "i-0", 20.0)
+    s.close_billing("a-1", 30.0)
+    assert [(b.node_id, b.end) for b in s.billing("a")] == [("i-0", 20.0), ("i-1", 30.0)]
+    job = s.new_job("a", "a-1", "train.py", 1, 1, mlcloud_home)
+    assert s.claim_job("a", "a-1", job.job_id, None, 123)
+    assert not s.claim_job("a", "a-1", job.job_id, None, 456)
+    assert s.claim_job("a", "a-1", job.job_id, 123, None)
+    events = [(2.0, "stall", None, "x"), (3.0, "idle_teardown", 1, "idle")]
+    assert s.merge_events("a", "a-1", events) == 2
+    assert s.merge_events("a", "a-1", events) == 0
+    assert s.last_uid("a") == "a-1"

@@ -284,7 +284,7 @@ class Controller:
         h = self.h
         node = handle.provider_node(rec)
         errors: list[str] = []
-        db = self.store.path  # a connection is one thread's: the teardown opens its own
+        shared = self.store  # a connection is one thread's: the teardown opens its own
 
         def terminate() -> None:
             try:
@@ -292,7 +292,7 @@ class Controller:
             except MlcloudError as e:
                 errors.append(str(e))
                 return
-            store = state.Store(db)
+            store = shared.reopen()
             try:
                 store.close_node_billing(h.record.uid, rec.node_id, time.time())
             finally:
@@ -325,7 +325,7 @@ class Controller:
     def _going_down(self) -> bool:
         """Whether the cluster left UP meanwhile (`down` marks it STOPPING, then drops it; an
         `up` may have made it again). Any thread may ask: it opens its own connection."""
-        store = state.Store(self.store.path)
+        store = self.store.reopen()
         try:
             rec = store.get_cluster(self.h.record.name)
         finally:

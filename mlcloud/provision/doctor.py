@@ -251,6 +251,9 @@ def run_checks(timeout: float = 10.0) -> list[Check]:
     checks = check_home(home)
     if any(c.status == FAIL for c in checks) or not home.exists():
         return checks
+    url = state.state_url()
+    if url:
+        return checks + check_shared(timeout)
     db = home / "state.db"
     checks += check_database(db)
     clusters = None
@@ -268,6 +271,25 @@ def run_checks(timeout: float = 10.0) -> list[Check]:
         finally:
             store.close()
     return checks
+
+
+def check_shared(timeout: float) -> list[Check]:
+    """The shared store: reachable, its schema version, how long a round trip takes; then
+    the nodes of every cluster in it (the file locks of a home play no part there)."""
+    started = time.monotonic()
+    try:
+        store = state.open_store()
+    except MlcloudError as e:
+        return [Check("database", "postgresql", FAIL, str(e))]
+    try:
+        version = store.schema_version()
+        ms = (time.monotonic() - started) * 1000
+        checks = [
+            Check("database", store.where(), OK, f"reachable ({ms:.0f} ms), schema {version}")
+        ]
+        return checks + check_nodes(store, timeout)
+    finally:
+        store.close()
 
 
 def database_damaged() -> bool:

@@ -105,9 +105,12 @@ def ssh_options(spec: dict) -> SshOptions:
     return SshOptions(**{k: d.get(k) for k in SshOptions.__dataclass_fields__})
 
 
-def owner() -> str:
-    """Who made a cluster: this home's id, so `gc` never takes another home's clusters for
-    orphans, even those of another CI runner under the same OS user."""
+def owner(store: state.Store | None = None) -> str:
+    """Who made a cluster: the store's identity (this home's id, or a shared store's own), so
+    `gc` never takes another home's clusters for orphans, even those of another CI runner
+    under the same OS user, while a team's homes on one shared store are one owner."""
+    if store is not None:
+        return store.identity()
     from mlcloud.state import paths
 
     return paths.home_id()

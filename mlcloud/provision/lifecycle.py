@@ -74,7 +74,7 @@ def up(
             "or pick a cloud provider (--provider aws)"
         )
     provider.check(request_for(spec, spec.node_count))
-    with cluster_lock(name):
+    with cluster_lock(name, on_wait=report.info):
         existing = store.get_cluster(name)
         if existing is not None:
             if existing.provider != provider.name:
@@ -99,7 +99,7 @@ def up(
             ref = ref_of(existing)
             report.info(f"resuming the provisioning of {name} (found in state as INIT)")
         else:
-            ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner())
+            ref = ClusterRef(name, f"{name}-{secrets.token_hex(4)}", owner(store))
             store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
         attempt = Attempt()
         try:
@@ -453,7 +453,7 @@ def down(store: state.Store, name: str, report: Reporter, purge: bool = False) -
     With purge, the cluster is dropped from state whatever the teardown raised (a host gone
     for good, an unreadable provider file), after saying what may be left behind."""
     check_cluster_name(name)
-    with cluster_lock(name):
+    with cluster_lock(name, on_wait=report.info):
         rec = store.get_cluster(name)
         if rec is None:
             return None

@@ -1,4 +1,6 @@
-"""Local state: SQLite in $MLCLOUD_HOME, WAL, BEGIN IMMEDIATE for every read-modify-write.
+"""State: SQLite in $MLCLOUD_HOME (WAL, BEGIN IMMEDIATE for every read-modify-write), or a
+team's PostgreSQL (`MLCLOUD_STATE_URL` or `state_url:` in $MLCLOUD_HOME/config.yaml; pg.py)
+behind the same Store: one schema, one version, the same SQL.
 
 The cloud is the source of truth for what exists; this database records intent (a cluster row
 is written before any cloud call and dropped only after termination is confirmed), the nodes
@@ -10,12 +12,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlcloud.errors import BusyError, MlcloudError
+from mlcloud.errors import BusyError, MlcloudError, UsageError
 from mlcloud.providers.base import NODE_STATUSES, RUNNING, NodeStatus
 from mlcloud.state import timeouts
 
@@ -48,7 +50,8 @@ CREATE TABLE IF NOT EXISTS clusters (
     owner TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    numbered INTEGER NOT NULL DEFAULT 0
+    numbered INTEGER NOT NULL DEFAULT 0,
+    made_by TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS nodes (
     cluster TEXT NOT NULL REFERENCES clusters(name) ON DELETE CASCADE,
@@ -74,7 +77,7 @@ CREATE TABLE IF NOT EXISTS billing (
     region TEXT NOT NULL,
     price REAL NOT NULL,
     start REAL NOT NULL,
-    end REAL
+    "end" REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -105,7 +108,8 @@ CREATE TABLE IF NOT EXISTS pulls (
 # them, are scrubbed from the files older versions wrote)
 # 7: clusters.numbered: how many node numbers a cluster handed out (a node's number, its
 # `node-K`, is never given again, even once the node is gone)
-SCHEMA_VERSION = 7
+# 8: clusters.made_by: user@host of the home that made it (a shared store has many homes)
+SCHEMA_VERSION = 8
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
@@ -161,6 +165,7 @@ class ClusterRecord:
     created: float
     updated: float
     nodes: tuple[NodeRecord, ...] = field(default=())
+    made_by: str = ""  # user@host of the home that made it
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,8 @@ class Store:
                 self.db.execute(
                     "ALTER TABLE clusters ADD COLUMN numbered INTEGER NOT NULL DEFAULT 0"
                 )
+            if 0 < version < 8 and columns and "made_by" not in columns:
+                self.db.execute("ALTER TABLE clusters ADD COLUMN made_by TEXT NOT NULL DEFAULT ''")
             if version < SCHEMA_VERSION:
                 for statement in SCHEMA.split(";"):  # every one IF NOT EXISTS: safe to rerun
                     if statement.strip():
@@ -277,6 +284,25 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def reopen(self) -> Store:
+        """A connection of its own to the same store (a connection is one thread's)."""
+        return Store(self.path, self._busy_timeout)
+
+    def where(self) -> str:
+        """The store as a person reads it: `sqlite PATH` or `postgresql URL` (no password)."""
+        return f"sqlite {self.path}"
+
+    def schema_version(self) -> int:
+        (version,) = self._read("PRAGMA user_version")[0]
+        return version
+
+    def identity(self) -> str:
+        """Who owns what this store made (the mlcloud-owner tag, `gc`): this home's id; a
+        shared store has one of its own, so a team's homes and a fleet's runners are one."""
+        from mlcloud.state import paths
+
+        return paths.home_id()
 
     def _translate(self, e: sqlite3.DatabaseError) -> MlcloudError:
         """One line naming the file and what to do, for each way the database can fail."""
@@ -334,8 +360,8 @@ class Store:
                 raise ClusterExists(f"cluster {name!r} already exists")
             db.execute(
                 "INSERT INTO clusters (name, uid, provider, status, spec, owner, created, "
-                "updated) VALUES (?,?,?,?,?,?,?,?)",
-                (name, uid, provider, INIT, _stored_spec(spec), owner, now, now),
+                "updated, made_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                (name, uid, provider, INIT, _stored_spec(spec), owner, now, now, whoami()),
             )
             self._event(db, name, uid, "intent", f"cluster {name} recorded before provisioning")
 
@@ -507,7 +533,7 @@ class Store:
         with self.tx() as db:
             db.executemany(
                 "INSERT INTO billing (cluster, uid, provider, node_id, instance_type, region, "
-                "price, start, end) VALUES (?,?,?,?,?,?,?,?,NULL)",
+                'price, start, "end") VALUES (?,?,?,?,?,?,?,?,NULL)',
                 [
                     (
                         i.cluster,
@@ -525,13 +551,13 @@ class Store:
 
     def close_billing(self, uid: str, end: float) -> None:
         with self.tx() as db:
-            db.execute("UPDATE billing SET end=? WHERE uid=? AND end IS NULL", (end, uid))
+            db.execute('UPDATE billing SET "end"=? WHERE uid=? AND "end" IS NULL', (end, uid))
 
     def close_node_billing(self, uid: str, node_id: str, end: float) -> None:
         """One node stopped billing (lost, replaced, or shrunk away) while the cluster stays."""
         with self.tx() as db:
             db.execute(
-                "UPDATE billing SET end=? WHERE uid=? AND node_id=? AND end IS NULL",
+                'UPDATE billing SET "end"=? WHERE uid=? AND node_id=? AND "end" IS NULL',
                 (end, uid, node_id),
             )
 
@@ -673,6 +699,7 @@ def _cluster(r: sqlite3.Row, nodes: tuple[NodeRecord, ...]) -> ClusterRecord:
         created=r["created"],
         updated=r["updated"],
         nodes=nodes,
+        made_by=r["made_by"],
     )
 
 
@@ -707,14 +734,80 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def whoami() -> str:
+    """user@host of this home: who made a cluster, shown by `status` (a shared store has
+    many homes)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry (containers)
+        import os
+
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def state_url() -> str | None:
+    """The shared store's libpq URL: MLCLOUD_STATE_URL, else `state_url:` in
+    $MLCLOUD_HOME/config.yaml; None means SQLite in the home."""
+    import os
+
+    from mlcloud.state import paths
+
+    url = os.environ.get("MLCLOUD_STATE_URL", "").strip()
+    if not url:
+        config = paths.home_path() / "config.yaml"
+        if not config.is_file():
+            return None
+        import yaml
+
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"{config}: {_first_line(e)}; fix or remove it") from None
+        url = str(data.get("state_url") or "").strip() if isinstance(data, dict) else ""
+        if not url:
+            return None
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise UsageError(
+            "state URL: expected postgresql://USER@HOST/DB (a libpq URL) in MLCLOUD_STATE_URL "
+            "or state_url: of config.yaml"
+        )
+    return url
+
+
+def _first_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
 def open_store() -> Store:
+    """The store this home uses: PostgreSQL where a state URL is set, else SQLite."""
+    url = state_url()
+    if url:
+        from mlcloud.state import pg
+
+        return pg.PgStore(url)
     from mlcloud.state import paths
 
     return Store(paths.home() / "state.db")
 
 
 @contextmanager
-def cluster_lock(name: str, timeout: float = 30.0) -> Iterator[None]:
+def cluster_lock(
+    name: str, timeout: float = 30.0, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the cluster for a change (up, down, a job launch, a controller's record): a file
+    lock in the home, or on a shared store an advisory lock, freed when its holder dies.
+    on_wait hears once who holds it, if anyone does."""
+    url = state_url()
+    if url:
+        from mlcloud.state import pg
+
+        with pg.cluster_lock(url, name, timeout, on_wait):
+            yield
+        return
     from filelock import FileLock, Timeout
 
     from mlcloud.state import paths

@@ -20,6 +20,7 @@ DEFAULTS = {
     ),
     "FAIL_GRACE": (15.0, "how long the other nodes may run on once one node's job failed"),
     "DB_BUSY_TIMEOUT": (10.0, "how long to wait for a state database another process holds"),
+    "DB_CONNECT_TIMEOUT": (5.0, "how long to wait for a shared state database to answer a connect"),
 }
 
 
