@@ -1,0 +1,152 @@
+"""A shared store on a real PostgreSQL: many homes, one truth. Concurrent `up`s, cluster locks
+held by other homes (and by a killed process), and a database that goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import MLCLOUD, run_cli, tagged_pids
+
+from mlcloud import state
+from mlcloud.errors import BusyError
+
+pytestmark = pytest.mark.e2e
+
+
+def _home(tmp_path, name: str) -> dict:
+    return dict(os.environ, MLCLOUD_HOME=str(tmp_path / name))
+
+
+def _run(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`mlcloud` as another home (its own MLCLOUD_HOME, the same store)."""
+    return subprocess.run(
+        [MLCLOUD, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_six_ups_from_three_homes_make_one_cluster(pg_url, tmp_path):
+    homes = [_home(tmp_path, f"home{i}") for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [MLCLOUD, "up", "race", "--nodes", "1", "--yes"],
+            env=homes[i % 3],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, outs
+    assert sum("already up" in err for _, err in outs) == 5, outs
+    listed = json.loads(_run(homes[2], "status", "--json").stdout)["clusters"]
+    assert [(c["name"], c["num_nodes"]) for c in listed] == [("race", 1)]
+    made = [h for h in homes if os.path.isdir(os.path.join(h["MLCLOUD_HOME"], "local"))]
+    assert len(made) == 1  # one home made the nodes; the others found the cluster up
+    assert _run(made[0], "down", "race", "--yes").returncode == 0
+
+
+_HOLD = """
+import sys
+from mlcloud import state
+with state.cluster_lock("held"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_lock_holder_is_named_and_its_kill_frees_the_lock(pg_url):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        heard: list[str] = []
+        with pytest.raises(BusyError) as e:
+            with state.cluster_lock("held", timeout=0.3, on_wait=heard.append):
+                pass
+        who = f"{state.whoami()} (pid {holder.pid}) since "
+        assert who in str(e.value) and len(heard) == 1 and who in heard[0], (e.value, heard)
+        with state.cluster_lock("other", timeout=1):  # another cluster is not held
+            pass
+        holder.kill()  # kill -9: the server ends its session, and the lock with it
+        holder.wait(10)
+        started = time.monotonic()
+        with state.cluster_lock("held", timeout=10):
+            assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_a_gone_database_is_one_line_within_the_connect_timeout(pg_server, pg_url, monkeypatch):
+    monkeypatch.setenv("MLCLOUD_DB_CONNECT_TIMEOUT", "2")
+    assert run_cli("status").returncode == 0
+    pg_server.stop()
+    try:
+        started = time.monotonic()
+        r = run_cli("status", "--json")
+        took = time.monotonic() - started
+        assert r.returncode == 1, r.stderr
+        assert json.loads(r.stdout)["error"]["kind"] == "environment"
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot be reached" in lines[0], r.stderr
+        assert "Traceback" not in r.stderr and took < 10
+    finally:
+        pg_server.start()
+
+
+def test_up_resumes_once_the_database_is_back(pg_server, pg_url, mlcloud_home, monkeypatch):
+    """The server stops while `up` provisions: one line, exit 1; the next `up` resumes the
+    intent row and finishes, and `down` leaves nothing running."""
+    import psycopg
+
+    monkeypatch.setenv("MLCLOUD_DB_CONNECT_TIMEOUT", "2")
+    state.open_store().close()  # the schema, so the poll below can look for the row
+    up = subprocess.Popen(
+        [MLCLOUD, "up", "cut", "--nodes", "2", "--yes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    uid = None
+    while uid is None and time.monotonic() < deadline:  # the intent row: provisioning began
+        with psycopg.connect(pg_url) as c:
+            row = c.execute("SELECT uid FROM clusters WHERE name='cut'").fetchone()
+        uid = row[0] if row else None
+        time.sleep(0.01)
+    assert uid, "up never recorded its intent"
+    pg_server.stop()
+    try:
+        out, err = up.communicate(timeout=60)
+    finally:
+        pg_server.start()
+    assert up.returncode == 1, err  # bootstrapping 2 nodes takes ~1 s: the stop comes first
+    last = err.strip().splitlines()[-1]
+    assert "cannot be reached" in last or "terminating connection" in last, err
+    assert "Traceback" not in err
+    r = run_cli("up", "cut", "--nodes", "2", "--yes")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(run_cli("status", "--json").stdout)["clusters"]
+    assert [(c["name"], c["status"], c["num_nodes"]) for c in listed] == [("cut", "UP", 2)]
+    assert run_cli("down", "cut", "--yes").returncode == 0
+    assert tagged_pids(f"{uid}.") == []
+
+
+def test_a_state_url_in_config_yaml_and_a_bad_one(pg_url, mlcloud_home, monkeypatch):
+    monkeypatch.delenv("MLCLOUD_STATE_URL")
+    mlcloud_home.mkdir(parents=True, exist_ok=True)
+    (mlcloud_home / "config.yaml").write_text(f"state_url: {pg_url}\n")
+    r = run_cli("doctor", "--json")
+    checks = {c["area"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["database"]["subject"].startswith("postgresql ")
+    assert f"schema {state.SCHEMA_VERSION}" in checks["database"]["detail"]
+    monkeypatch.setenv("MLCLOUD_STATE_URL", "mysql://x")
+    r = run_cli("status")
+    assert r.returncode == 2 and "postgresql://" in r.stderr.strip().splitlines()[-1]
