@@ -4,7 +4,7 @@ Nothing is created or powered off: `up` claims the hosts for the cluster; at `do
 stops the cluster's processes on them and this provider removes its directories. Hosts listed
 beyond the node count are spares: `create` claims the next free one when a lost node is
 replaced. Which hosts a cluster holds is kept in a small file of this provider's own, since no
-cloud API can be asked.
+cloud API can be asked (on a shared store, a row every home reads: mlcloud/state/files.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from mlcloud.providers.base import (
@@ -91,28 +90,24 @@ class SshProvider(MachinesAtHand):
         self._held = 0  # how deep this process is in _claims (under _lock: one thread at once)
 
     @staticmethod
-    def _folder() -> Path:
-        from mlcloud.state import paths
-
-        return paths.private_dir(paths.home() / "ssh")
-
-    @classmethod
-    def _registry(cls, cluster: ClusterRef) -> Path:
-        return cls._folder() / f"{cluster.uid}.json"
+    def _registry(cluster: ClusterRef) -> str:
+        """Where its registry is: relative to the home, or its name on a shared store."""
+        return f"ssh/{cluster.uid}.json"
 
     @contextmanager
     def _claims(self) -> Iterator[None]:
-        """Every read-modify-write of the registries, whichever process makes it: one at a
-        time (a file lock beside them, and this process's threads in turn), so a host is
-        claimed by one cluster exactly once, however many `up`s and controllers race for it.
-        Held only around reading and writing the files, never around a remote command."""
-        from filelock import FileLock
+        """Every read-modify-write of the registries, whichever process or home makes it: one
+        at a time (a file lock beside them or a shared store's transaction, and this process's
+        threads in turn), so a host is claimed by one cluster exactly once, however many `up`s
+        and controllers race for it. Held only around reading and writing the registries,
+        never around a remote command."""
+        from mlcloud.state import files
 
         with self._lock:
             if self._held:  # already held by this thread, further up
                 yield
                 return
-            with FileLock(str(self._folder() / CLAIMS_LOCK), mode=0o600):
+            with files.exclusive(f"ssh/{CLAIMS_LOCK}"):
                 self._held += 1
                 try:
                     yield
@@ -120,31 +115,37 @@ class SshProvider(MachinesAtHand):
                     self._held -= 1
 
     def _read(self, cluster: ClusterRef) -> dict:
+        from mlcloud.state import files
+
         f = self._registry(cluster)
-        if not f.exists():
+        raw = files.read(f)
+        if raw is None:
             return {"hosts": [], "claimed": [], "reached": []}
         try:
-            data = json.loads(f.read_text())
+            data = json.loads(raw)
             if not isinstance(data.get("hosts"), list) or not isinstance(data.get("claimed"), list):
                 raise ValueError("no host list")
         except (ValueError, AttributeError, OSError) as e:
             raise ProviderError(
-                f"the ssh provider's host list for {cluster.name} ({f}) is unreadable ({e}); "
+                f"the ssh provider's host list for {cluster.name} ({files.where(f)}) is "
+                f"unreadable ({e}); "
                 f"`mlcloud down {cluster.name} --purge` forgets the cluster"
             ) from None
         data.setdefault("reached", list(data["claimed"]))  # older files: assume reached
         return data
 
     def _write(self, cluster: ClusterRef, data: dict) -> None:
-        from mlcloud.state import atomic
+        from mlcloud.state import files
 
-        atomic.write(self._registry(cluster), json.dumps(data).encode())
+        files.write(self._registry(cluster), json.dumps(data).encode())
 
     def _reached(self, cluster: ClusterRef, index: int) -> None:
         """Record a login on a host, before any command runs there: from then on, `down`
         must reach it to clean up."""
+        from mlcloud.state import files
+
         with self._claims():
-            if not self._registry(cluster).exists():  # torn down already: nothing to claim
+            if files.read(self._registry(cluster)) is None:  # torn down: nothing to claim
                 return
             data = self._read(cluster)
             if index not in data["reached"]:
@@ -220,11 +221,13 @@ class SshProvider(MachinesAtHand):
 
     def _claimed_elsewhere(self, cluster: ClusterRef) -> dict[tuple[str, int], str]:
         """(address, port) -> the name of the other cluster that holds that machine."""
+        from mlcloud.state import files
+
         held = {}
-        for f in sorted(self._folder().glob("*.json")):
-            if f.stem == cluster.uid:
+        for uid, _ in files.listing("ssh", ".json"):
+            if uid == cluster.uid:
                 continue
-            other = ClusterRef(f.stem.rsplit("-", 1)[0], f.stem, "")  # the uid is NAME-RANDOM
+            other = ClusterRef(uid.rsplit("-", 1)[0], uid, "")  # the uid is NAME-RANDOM
             try:
                 data = self._read(other)
             except ProviderError:
@@ -289,21 +292,27 @@ class SshProvider(MachinesAtHand):
             )
 
     def cleanup(self, cluster: ClusterRef) -> None:
+        from mlcloud.state import files
+
         with self._claims():
-            self._registry(cluster).unlink(missing_ok=True)
+            files.remove(self._registry(cluster))
 
     # garbage collection: the host registries are what this provider holds, state or not
 
     def discover(self, region: str | None) -> list[Resource]:
-        """Every host a registry in this home says a cluster holds, whatever state says."""
-        from mlcloud.state import paths
+        """Every host a registry in this home (or the shared store) says a cluster holds,
+        whatever state says."""
+        from mlcloud import state
+        from mlcloud.state import files
 
-        owner = paths.home_id()
+        store = state.open_store()
+        try:
+            owner = store.identity()
+        finally:
+            store.close()
         found = []
-        for f in sorted((paths.home() / "ssh").glob("*.json")):
-            uid = f.stem
+        for uid, created in files.listing("ssh", ".json"):
             ref = ClusterRef(uid.rsplit("-", 1)[0], uid, owner)  # the uid is NAME-RANDOM
-            created = f.stat().st_mtime
             for node in self.list(ref):
                 index = node.root.rsplit("-", 1)[1]
                 found.append(

@@ -74,13 +74,28 @@ except CapacityError as e:
 """
 
 
-def test_two_processes_racing_for_hosts_never_both_get_one(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kind(request):
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_url")
+    return request.param
+
+
+def test_two_processes_racing_for_hosts_never_both_get_one(tmp_path, kind):
+    """On a shared store the racers are two homes: the claims are exclusive across homes."""
+    import os
+
+    from mlcloud.state import files
+
     go = tmp_path / "go"
     racers = [
         subprocess.Popen(
             [sys.executable, "-c", CLAIM, name, str(go), *HOSTS],
             stdout=subprocess.PIPE,
             text=True,
+            env=dict(os.environ, MLCLOUD_HOME=str(tmp_path / name))
+            if kind == "postgresql"
+            else None,
         )
         for name in ("a", "b")
     ]
@@ -94,7 +109,7 @@ def test_two_processes_racing_for_hosts_never_both_get_one(tmp_path):
     assert "is held by cluster" in lost, lost
     claimed = []
     for name in ("a", "b"):
-        reg = json.loads((SshProvider._folder() / f"{name}-1.json").read_text())
+        reg = json.loads(files.read(SshProvider._registry(ClusterRef(name, f"{name}-1", ""))))
         claimed += [reg["hosts"][i] for i in reg["claimed"]]
     assert len(claimed) == len(set(claimed)) == 2, claimed
 

@@ -150,3 +150,46 @@ def test_a_state_url_in_config_yaml_and_a_bad_one(pg_url, mlcloud_home, monkeypa
     monkeypatch.setenv("MLCLOUD_STATE_URL", "mysql://x")
     r = run_cli("status")
     assert r.returncode == 2 and "postgresql://" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cluster_keys_are_sealed_and_a_dump_holds_neither_key_nor_secret(
+    pg_server, pg_url, tmp_path, monkeypatch
+):
+    import paramiko
+    from mlcloud.providers.base import AuthError
+
+    from mlcloud.remote import keys
+
+    secret = "team-secret-0f9a7c"
+    monkeypatch.setenv("MLCLOUD_STATE_KEY", secret)
+    path, public = keys.ensure_cluster_key("c-1")
+    peer, _ = keys.ensure_peer_key("c-1")
+    made = path.read_bytes()
+    dump = pg_server.dump(pg_url)
+    assert "keys/c-1.ed25519" in dump  # the sealed row is there...
+    body = b"".join(made.splitlines()[1:-1]).decode()
+    for clear in (body[:40], secret, "OPENSSH PRIVATE KEY", peer.splitlines()[1].decode()):
+        assert clear not in dump  # ...and neither the key nor the secret
+    host = paramiko.Ed25519Key.from_private_key_file(str(path))
+    assert keys.check_or_pin("i-1", host, "node0")
+
+    monkeypatch.setenv("MLCLOUD_HOME", str(tmp_path / "other"))  # a second home, same secret
+    assert keys.cluster_key_path("c-1").read_bytes() == made
+    assert keys.ensure_cluster_key("c-1")[1] == public
+    assert not keys.check_or_pin("i-1", host, "node0")  # the pin made in the first home
+    assert keys.ensure_peer_key("c-1")[0] == peer
+    other = paramiko.Ed25519Key.from_private_key_file(str(keys.peer_key_path("c-1")))
+    with pytest.raises(keys.HostKeyChanged):
+        keys.check_or_pin("i-1", other, "node0")
+
+    monkeypatch.setenv("MLCLOUD_HOME", str(tmp_path / "third"))
+    monkeypatch.delenv("MLCLOUD_STATE_KEY")
+    with pytest.raises(AuthError, match="MLCLOUD_STATE_KEY") as e:
+        keys.cluster_key_path("c-1")
+    assert e.value.exit_code == 5
+    monkeypatch.setenv("MLCLOUD_STATE_KEY", "not-the-secret")
+    with pytest.raises(AuthError, match="does not open"):
+        keys.cluster_key_path("c-1")
+    keys.delete_cluster_key("c-1")
+    monkeypatch.setenv("MLCLOUD_STATE_KEY", secret)
+    assert not keys.cluster_key_path("c-1").exists()  # gone from the store too

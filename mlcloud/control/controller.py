@@ -69,44 +69,48 @@ class Controller:
 
     # -- state kept between passes (a `--once` from cron picks up where the last one left)
 
-    def _misses_path(self):
-        from mlcloud.state import paths
-
-        return paths.private_dir(paths.home() / "autoscale") / f"{self.h.record.uid}.json"
+    def _memory(self, suffix: str) -> str:
+        """Where a pass's memory is kept, relative to the home (or its name on a shared
+        store, so a controller in another home takes over where this one left)."""
+        return f"autoscale/{self.h.record.uid}{suffix}"
 
     def _load_misses(self) -> dict[str, int]:
+        from mlcloud.state import files
+
         try:
-            return {str(k): int(v) for k, v in json.loads(self._misses_path().read_text()).items()}
+            raw = files.read(self._memory(".json"))
+            return {str(k): int(v) for k, v in json.loads(raw or b"{}").items()}
         except (OSError, ValueError, AttributeError):
             return {}
 
     def _save_misses(self) -> None:
-        from mlcloud.state import atomic
+        from mlcloud.state import files
 
         if self.gone:  # the pass lock's file goes as the pass lets go of it (_pass_lock)
-            self._misses_path().unlink(missing_ok=True)
-            self._misses_path().with_suffix(".grow").unlink(missing_ok=True)
+            files.remove(self._memory(".json"))
+            files.remove(self._memory(".grow"))
             return
-        atomic.write(self._misses_path(), json.dumps(self.misses).encode())
+        files.write(self._memory(".json"), json.dumps(self.misses).encode())
 
     def _load_refusals(self) -> tuple[int, float | None]:
+        from mlcloud.state import files
+
         try:
-            n, at = json.loads(self._misses_path().with_suffix(".grow").read_text())
+            n, at = json.loads(files.read(self._memory(".grow")) or b"null")
             return int(n), float(at)
         except (OSError, ValueError, TypeError):
             return 0, None
 
     def _refused(self, now: float | None) -> None:
         """Count a refused growth (now) or reset after one that worked (None)."""
-        from mlcloud.state import atomic
+        from mlcloud.state import files
 
         self.grow_refusals = self.grow_refusals + 1 if now is not None else 0
         self.grow_refused_at = now
-        path = self._misses_path().with_suffix(".grow")
         if now is None:
-            path.unlink(missing_ok=True)
+            files.remove(self._memory(".grow"))
         else:
-            atomic.write(path, json.dumps([self.grow_refusals, now]).encode())
+            files.write(self._memory(".grow"), json.dumps([self.grow_refusals, now]).encode())
 
     # -- gather
 
@@ -194,7 +198,9 @@ class Controller:
         import fcntl
         import os
 
-        path = self._misses_path().with_suffix(".lock")
+        from mlcloud.state import paths
+
+        path = paths.private_dir(paths.home() / "autoscale") / f"{self.h.record.uid}.lock"
         while True:
             f = open(path, "a")  # held past this loop: closed below
             try:

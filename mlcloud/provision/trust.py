@@ -4,13 +4,13 @@
 could run anything on the user's machine. Such a command runs only once a person has seen it
 and confirmed it for that spec file; the answer is kept in the home (trusted.json), per
 (spec file, command), so a changed command or another file asks again. A command given on
-the command line is the user's own and needs no confirmation.
+the command line is the user's own and needs no confirmation. On a shared store the answers
+are the team's: kept there for every home (mlcloud/state/files.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +22,10 @@ FILE = "trusted.json"
 
 def _load() -> list[dict]:
     """What was confirmed; an unreadable or damaged file trusts nothing."""
+    from mlcloud.state import files
+
     try:
-        data = json.loads((paths.home() / FILE).read_text())
+        data = json.loads(files.read(FILE) or b"{}")
         entries = data["proxy_command"]
         return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     except (OSError, ValueError, KeyError, TypeError):
@@ -38,20 +40,13 @@ def trusted(spec_file: Path, command: str) -> bool:
 def remember(spec_file: Path, command: str) -> None:
     """Record a confirmation: a temporary file, fsynced, renamed over the old one (0600)."""
     entry = {"spec": str(spec_file.resolve()), "command": command}
-    entries = [e for e in _load() if e != entry] + [entry]
+    from mlcloud.state import files
+
     target = paths.home() / FILE
-    tmp = target.with_name(f"{FILE}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"proxy_command": entries}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with files.exclusive(f"{FILE}.lock"):
+            entries = [e for e in _load() if e != entry] + [entry]
+            files.write(FILE, json.dumps({"proxy_command": entries}, indent=1).encode())
     except OSError as e:
         raise MlcloudError(
             f"cannot record the confirmation in {target}: {e.strerror}; "

@@ -3,6 +3,10 @@
 Host keys are pinned on first contact under the node's identity (an instance id, or
 [host]:port for machines the user already has) and a changed key is refused, never re-added.
 The file is OpenSSH's known_hosts format, so `mlcloud ssh` can hand it to OpenSSH as is.
+
+On a shared store both live there for every home (mlcloud/state/files.py): the pins as the
+same text, a cluster's private keys sealed with the team's secret (mlcloud/state/sealed.py);
+the files in the home are this home's copies, written from the store when missing.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import base64
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlcloud.errors import MlcloudError
@@ -24,7 +30,12 @@ def known_hosts_path() -> Path:
 
 
 def cluster_key_path(uid: str) -> Path:
-    return paths.private_dir(paths.home() / "keys") / f"{uid}.ed25519"
+    """The cluster's key file; on a shared store, written from it when this home lacks it
+    (a home without MLCLOUD_STATE_KEY is told so, exit 5)."""
+    path = paths.private_dir(paths.home() / "keys") / f"{uid}.ed25519"
+    if not path.exists():
+        _shared_key(path, create=False)
+    return path
 
 
 def ensure_cluster_key(uid: str) -> tuple[Path, str]:
@@ -49,22 +60,58 @@ def ensure_peer_key(uid: str) -> tuple[bytes, str]:
 
 
 def _key_at(path: Path):
-    """The ed25519 private key in path, generated there (0600) if there is none."""
+    """The ed25519 private key in path, generated there (0600) if there is none. On a shared
+    store the key is the one sealed there (the first home's, of racers), copied to path."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     if path.exists():
         return serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    shared = _shared_key(path, create=True)
+    if shared is not None:
+        return serialization.load_ssh_private_key(shared, password=None)
     private = Ed25519PrivateKey.generate()
-    data = private.private_bytes(
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_pem(private))
+    return private
+
+
+def _pem(private) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def _shared_key(path: Path, create: bool) -> bytes | None:
+    """The key named like path on the shared store, unsealed and written to path (0600); made
+    and sealed there first if create and there is none. None without a shared store (or,
+    without create, without the key there)."""
+    from mlcloud.state import files, sealed
+
+    if not files.shared():
+        return None
+    rel = f"keys/{path.name}"
+    salt = files.salt()
+    blob = files.read(rel)
+    if blob is None:
+        if not create:
+            return None
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        blob = files.create(rel, sealed.seal(rel, _pem(Ed25519PrivateKey.generate()), salt))
+    data = sealed.unseal(rel, blob, salt)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another thread of this home wrote it meanwhile: the same key
+        return data
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    return private
+    return data
 
 
 def _public(private) -> str:
@@ -78,8 +125,13 @@ def _public(private) -> str:
 
 
 def delete_cluster_key(uid: str) -> None:
-    cluster_key_path(uid).unlink(missing_ok=True)
-    peer_key_path(uid).unlink(missing_ok=True)
+    from mlcloud.state import files
+
+    keys = paths.private_dir(paths.home() / "keys")
+    for name in (f"{uid}.ed25519", f"{uid}.peer.ed25519"):
+        (keys / name).unlink(missing_ok=True)
+        if files.shared():
+            files.remove(f"keys/{name}")
 
 
 def fingerprint(key) -> str:
@@ -97,10 +149,9 @@ def check_or_pin(identity: str, key, label: str) -> bool:
 
     Thread- and process-safe: the file is re-read under a lock before it is written."""
     import paramiko
-    from filelock import FileLock
 
     path = known_hosts_path()
-    with _pin_lock, FileLock(str(path) + ".lock", mode=0o600):
+    with _pins(path):
         hosts = paramiko.HostKeys()
         if path.exists():
             hosts.load(str(path))
@@ -124,18 +175,42 @@ def check_or_pin(identity: str, key, label: str) -> bool:
 def forget(identities: list[str]) -> None:
     """Drop pins (when a cluster's instances are terminated, their ids never come back)."""
     import paramiko
-    from filelock import FileLock
 
     path = known_hosts_path()
-    if not path.exists():
-        return
-    with _pin_lock, FileLock(str(path) + ".lock", mode=0o600):
+    with _pins(path):
+        if not path.exists():
+            return
         hosts = paramiko.HostKeys()
         hosts.load(str(path))
         for identity in identities:
             if identity in hosts:
                 del hosts[identity]
         _save(hosts, path)
+
+
+@contextmanager
+def _pins(path: Path) -> Iterator[None]:
+    """Every read-modify-write of the pins: one at a time (this process's threads, a file
+    lock); on a shared store also one transaction there, the home's file first brought up to
+    the store's text and the store given the file's once changed."""
+    from filelock import FileLock
+
+    from mlcloud.state import atomic, files
+
+    with _pin_lock, FileLock(str(path) + ".lock", mode=0o600):
+        if not files.shared():
+            yield
+            return
+        with files.exclusive("known_hosts.lock"):
+            text = files.read("known_hosts")
+            before = path.read_bytes() if path.exists() else None
+            if text is not None and text != before:
+                atomic.write(path, text)
+                before = text
+            yield
+            after = path.read_bytes() if path.exists() else None
+            if after is not None and after != before:
+                files.write("known_hosts", after)
 
 
 def _save(hosts, path: Path) -> None:
