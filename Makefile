@@ -61,6 +61,7 @@ bench: $(STAMP) sysdeps
 	-$(PY) bench/ssh_exec.py
 	-$(PY) bench/sync.py
 	-$(PY) bench/agent_overhead.py
+	-$(PY) bench/state.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

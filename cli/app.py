@@ -42,7 +42,7 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import autoscale, cluster, doctor, events, jobs, money, project, pull
+    from mlcloud.cli import autoscale, cluster, doctor, events, jobs, money, project, pull, store
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
@@ -62,6 +62,7 @@ def _register() -> None:
     app.add_typer(money.catalog_app, name="catalog")
     app.command("init")(project.init)
     app.command("doctor")(doctor.doctor)
+    app.add_typer(store.state_app, name="state")
 
 
 _register()

@@ -397,11 +397,15 @@ def down(
 
 def status(
     name: str | None = typer.Argument(None, help="Show one cluster in detail."),
+    mine: bool = typer.Option(
+        False, "--mine", help="Only the clusters made from this user@host (a shared store)."
+    ),
     json: bool = options.JSON,
 ) -> None:
-    """List clusters with their nodes and jobs, from local state (no cloud calls); a job that
-    no mlcloud process follows any more is read from its nodes. With NAME, the nodes' agents
-    are asked too: a node that shut itself down shows as terminated, with the reason."""
+    """List clusters with their nodes and jobs and who made each, from state (no cloud
+    calls); a job that no mlcloud process follows any more is read from its nodes. With NAME,
+    the nodes' agents are asked too: a node that shut itself down shows as terminated, with
+    the reason."""
     from mlcloud.cli import views
 
     from mlcloud import state
@@ -420,6 +424,9 @@ def status(
         clusters, jobs = [rec], store.jobs(name, rec.uid)
     else:
         clusters = store.list_clusters()
+        if mine:
+            me = state.whoami()
+            clusters = [c for c in clusters if c.made_by == me]
         current = {c.uid for c in clusters}  # an old incarnation's jobs are not this cluster's
         jobs = [j for j in store.jobs() if j.uid in current]
     if any(j.status not in state.JOB_DONE for j in jobs):  # unfollowed ones: ask their nodes
@@ -450,7 +457,7 @@ def status(
     money = views.money_by_cluster(clusters, billing, now)
     if not name:
         output.table(
-            ["name", "provider", "status", "nodes", "gpus", "$/h", "cost", "last job", "age"],
+            ["name", "provider", "status", "nodes", "gpus", "$/h", "cost", "last job", "age", "by"],
             [
                 [
                     c.name,
@@ -462,6 +469,7 @@ def status(
                     f"{money[c.name][1]:.2f}",
                     f"{last[c.name].job_id} {last[c.name].status}" if c.name in last else "-",
                     output.age(now - c.created),
+                    c.made_by or "-",
                 ]
                 for c in clusters
             ],

@@ -58,6 +58,7 @@ def cluster_json(
         "status": status,
         "reason": reason,
         "owner": c.owner,
+        "made_by": c.made_by,  # user@host of the home that made it ('' before schema 8)
         "created": iso(c.created),
         "num_nodes": len(c.nodes),
         "nodes": [

@@ -34,9 +34,9 @@ from mlcloud.providers.base import (
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.shell import path_arg, stop_line
+from mlcloud.remote.shell import path_arg, quote, stop_line
 from mlcloud.remote.ssh import SshTarget, SshTransport
-from mlcloud.remote.transport import RemoteError
+from mlcloud.remote.transport import RemoteError, check
 
 _HOST_RE = re.compile(
     r"(?:(?P<user>[A-Za-z0-9._-]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|"
@@ -217,7 +217,46 @@ class SshProvider(MachinesAtHand):
             claim = [i for i, _ in free[:count]]
             data["claimed"] = sorted(data["claimed"] + claim)
             self._write(cluster, data)
-        return [self._node(cluster, i, data["hosts"][i]) for i in claim]
+        nodes = [self._node(cluster, i, data["hosts"][i]) for i in claim]
+        try:
+            self._let_cluster_key_in(cluster, nodes, ssh)
+        except BaseException:
+            with self._claims():  # all or nothing: the hosts are free again
+                fresh = self._read(cluster)
+                fresh["claimed"] = [i for i in fresh["claimed"] if i not in claim]
+                self._write(cluster, fresh)
+            raise
+        return nodes
+
+    def _let_cluster_key_in(self, cluster: ClusterRef, nodes: list[Node], ssh: SshOptions) -> None:
+        """On a shared store, have each host accept the cluster's own key, as the clouds do
+        at launch, so that any home with the team's secret reaches it (templates/fanout.py
+        `login`, in the file that host's sshd reads keys from); logged in with the user's."""
+        from mlcloud import templates
+        from mlcloud.remote import keys
+        from mlcloud.state import files
+
+        if not files.shared():
+            return
+        _, public = keys.ensure_cluster_key(cluster.uid)
+        public = " ".join(public.split()[:2])
+        programs = [(n, templates.path(n).read_bytes()) for n in ("receive.py", "fanout.py")]
+
+        def one(node: Node) -> None:
+            index = int(node.root.rsplit("-", 1)[1])
+            t = self.transport(cluster, node, f"node{index}", ssh)
+            root = path_arg(node.root)
+            line = f"umask 077 && mkdir -p {root}/bin"
+            for name, source in programs:
+                line += f" && head -c {len(source)} > {root}/bin/{name}"
+            line += f" && {quote(t.python)} -I -S {root}/bin/fanout.py login {root} {quote(public)}"
+            try:
+                stdin = b"".join(source for _, source in programs)
+                check(t.run(line, stdin=stdin, timeout=60), t, "letting the cluster's key in")
+            finally:
+                t.close()
+
+        fan_out(one, nodes)
 
     def _claimed_elsewhere(self, cluster: ClusterRef) -> dict[tuple[str, int], str]:
         """(address, port) -> the name of the other cluster that holds that machine."""
@@ -272,6 +311,8 @@ class SshProvider(MachinesAtHand):
             t = self.transport(cluster, node, f"node{index}", ssh)
             try:
                 t.run(
+                    f"{quote(t.python)} -I -S {path_arg(node.root)}/bin/fanout.py logout "
+                    f"{path_arg(node.root)} 2>/dev/null; "
                     f"rm -rf {path_arg(node.root)}; "
                     f"rmdir {path_arg(node.root.rsplit('/', 1)[0])} 2>/dev/null; true",
                     timeout=120,
@@ -370,9 +411,17 @@ class SshProvider(MachinesAtHand):
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions
     ) -> SshTransport:
+        from dataclasses import replace
+
+        from mlcloud.remote import keys
+        from mlcloud.state import files
+
         index = int(node.root.rsplit("-", 1)[1])
+        target = parse_host(node.node_id).target(ssh)
+        if files.shared():  # the hosts accept the cluster's key (_let_cluster_key_in)
+            target = replace(target, fallback_identity=str(keys.cluster_key_path(cluster.uid)))
         return SshTransport(
-            parse_host(node.node_id).target(ssh),
+            target,
             label,
             on_connect=lambda: self._reached(cluster, index),
         )

@@ -15,6 +15,12 @@ it imports), and runs it with the node's interpreter (mlcloud/remote/fanout.py):
   fanout.py forget ROOT
       Remove that line and STAMP (node_ctl.py's cleanup runs it when the cluster's processes
       are stopped).
+  fanout.py login ROOT PUBLIC
+      Let the cluster's own login key in (a shared store: every home reaches the node with the
+      team's secret, mlcloud/providers/ssh.py): a plain line in the same file, marked with
+      ROOT/bin (the file is noted in ROOT/peer/login_keys_file).
+  fanout.py logout ROOT
+      Remove that line (the ssh provider, in the session that then removes ROOT).
   fanout.py serve ROOT
       The forced command: print this node's manifest as one JSON line, then apply the stream
       on stdin as receive.py does. $SSH_ORIGINAL_COMMAND may name another node directory of
@@ -50,6 +56,7 @@ from receive import MANIFEST, Failed, Refused, Stream, Tree, file_frame, receive
 KEY = "peer/id_ed25519"
 STAMP = "peer/stamp"
 KEYS_FILE = "peer/keys_file"  # where authorize put the line, for forget
+LOGIN_FILE = "peer/login_keys_file"  # where login put the cluster's login key, for logout
 MARK = "mlcloud-peer:"
 HELLO_TIMEOUT = 30.0  # connect (ConnectTimeout below) plus the peer's interpreter starting
 # How far a peer may lag behind the client's stream: the nodes do not all get the CPU at the
@@ -62,12 +69,13 @@ def _stop(signum, frame):
     raise SystemExit(128 + signum)  # unwind: the file being written is removed, peers stopped
 
 
-def _keys_file(root):
+def _keys_file(noted_in):
     """The file this node's sshd reads the user's keys from: the one an earlier `authorize`
-    used for ROOT, MLCLOUD_AUTHORIZED_KEYS, else the first AuthorizedKeysFile of the config
-    the daemon serving this session runs with (`sshd -f`, or the default config)."""
+    (or `login`) noted in `noted_in`, MLCLOUD_AUTHORIZED_KEYS, else the first
+    AuthorizedKeysFile of the config the daemon serving this session runs with (`sshd -f`, or
+    the default config)."""
     try:
-        with open(os.path.join(root, KEYS_FILE)) as f:
+        with open(noted_in) as f:
             noted = f.read()
     except OSError:
         noted = ""
@@ -133,12 +141,12 @@ def _authorized_keys_files(config):
     return [".ssh/authorized_keys"]
 
 
-def _rewrite_keys(root, line):
+def _rewrite_keys(root, line, noted_in=None):
     """Drop ROOT's line from the authorized keys file, then add `line` unless None; under a
     lock, written beside and renamed over, so no reader sees half a file. Returns the file."""
     import fcntl
 
-    path = _keys_file(root)
+    path = _keys_file(noted_in or os.path.join(root, KEYS_FILE))
     folder = os.path.dirname(path)
     if line is None and not os.path.exists(path):
         return path
@@ -183,6 +191,18 @@ def authorize(root, public, stamp):
     fd = os.open(os.path.join(root, STAMP), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(stamp)
+
+
+def login(root, public):
+    if "\n" in public or "\n" in root:
+        sys.exit("mlcloud fanout: refused: a newline in the key or the node's path")
+    mark = os.path.join(root, "bin")  # a directory while the node lives: never stale till then
+    noted = os.path.join(root, LOGIN_FILE)
+    path = _rewrite_keys(mark, f"{public} {MARK}{mark}", noted)
+    os.makedirs(os.path.dirname(noted), mode=0o700, exist_ok=True)
+    fd = os.open(noted, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(path)
 
 
 def _load(data):
@@ -476,6 +496,10 @@ def main(argv):
             os.unlink(os.path.join(root, STAMP))  # a node that lives on is set up again
         except FileNotFoundError:
             pass
+    elif cmd == "login":
+        login(root, argv[2])
+    elif cmd == "logout":
+        _rewrite_keys(os.path.join(root, "bin"), None, os.path.join(root, LOGIN_FILE))
     elif cmd == "serve":
         serve(root)
     elif cmd == "relay":

@@ -193,3 +193,87 @@ def test_cluster_keys_are_sealed_and_a_dump_holds_neither_key_nor_secret(
     keys.delete_cluster_key("c-1")
     monkeypatch.setenv("MLCLOUD_STATE_KEY", secret)
     assert not keys.cluster_key_path("c-1").exists()  # gone from the store too
+
+
+def test_two_homes_share_an_ssh_cluster(pg_url, make_ssh_nodes, tmp_path):
+    """A makes it with a key file that is then deleted; B, with the team's secret alone,
+    trains on it; A sees B's job and downs the cluster; B no longer lists it."""
+    import shutil
+
+    from conftest import ssh_up_args
+
+    nodes = make_ssh_nodes(2)
+    secret = {"MLCLOUD_STATE_KEY": "team-secret-1"}
+    a = {**_home(tmp_path, "a"), **secret}
+    b = {**_home(tmp_path, "b"), **secret}
+    key = tmp_path / "a-key"
+    shutil.copy(nodes.client_key, key)
+    args = ssh_up_args(nodes, "lab")
+    args[args.index(str(nodes.client_key))] = str(key)
+    r = _run(a, *args)
+    assert r.returncode == 0, r.stderr
+    key.unlink()
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "hello.py").write_text("print('hello from', __import__('os').environ['RANK'])\n")
+    r = _run(b, "train", "lab", "-w", str(project), "--nproc-per-node", "1", "hello.py")
+    assert r.returncode == 0, r.stderr
+    assert "hello from" in r.stdout
+    (seen,) = json.loads(_run(a, "status", "lab", "--json").stdout)["clusters"]
+    assert [j["status"] for j in seen["jobs"]] == ["SUCCEEDED"], seen
+    assert seen["made_by"] == state.whoami()
+    no_secret = {k: v for k, v in b.items() if k != "MLCLOUD_STATE_KEY"}
+    no_secret["MLCLOUD_HOME"] = str(tmp_path / "c")
+    r = _run(no_secret, "train", "lab", "-w", str(project), "hello.py")
+    assert r.returncode == 5 and "MLCLOUD_STATE_KEY" in r.stderr.strip().splitlines()[-1]
+    assert _run(a, "down", "lab", "--yes").returncode == 0
+    assert json.loads(_run(b, "status", "--json").stdout)["clusters"] == []
+    keys_files = [nodes.workdir / "authorized_keys"]  # what sshd reads first, then per node
+    keys_files += [nodes.node_dir(i) / "authorized_keys" for i in range(2)]
+    for f in keys_files:  # the cluster's key was taken back from every host
+        assert "mlcloud-peer:" not in (f.read_text() if f.exists() else ""), f
+
+
+def test_state_import_copies_a_home_once(pg_url, mlcloud_home, monkeypatch):
+    from mlcloud.remote import keys
+    from mlcloud.state import files
+
+    monkeypatch.delenv("MLCLOUD_STATE_URL")  # the home's own SQLite first
+    r = run_cli("state", "import")
+    assert r.returncode == 2 and "MLCLOUD_STATE_URL" in r.stderr.strip().splitlines()[-1]
+    home = state.open_store()
+    home.create_cluster("lab", "lab-1", "ssh", {"nodes": 1}, "home-id")
+    home.set_nodes(
+        "lab", [state.NodeRecord(0, "h", "1.2.3.4", "1.2.3.4", "/r", 0, None, "running")]
+    )
+    home.set_status("lab", state.UP)
+    job = home.new_job("lab", "lab-1", "train.py", 1, 1, mlcloud_home)
+    home.update_job("lab", "lab-1", job.job_id, status=state.JOB_SUCCEEDED, exit_code=0)
+    home.create_cluster("gone", "gone-1", "local", {}, "home-id")
+    home.new_job("gone", "gone-1", "x.py", 1, 1, mlcloud_home)
+    home.delete_cluster("gone")
+    home.create_cluster("taken", "taken-1", "local", {}, "home-id")
+    home.close()
+    (mlcloud_home / "ssh").mkdir()
+    (mlcloud_home / "ssh" / "lab-1.json").write_text('{"hosts": ["h"], "claimed": [0]}')
+    made, _ = keys.ensure_cluster_key("lab-1")
+
+    monkeypatch.setenv("MLCLOUD_STATE_URL", pg_url)
+    monkeypatch.setenv("MLCLOUD_STATE_KEY", "s")
+    shared = state.open_store()
+    shared.create_cluster("taken", "taken-2", "local", {}, "someone")
+    r = run_cli("state", "import", "--json")
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)
+    assert (done["clusters"], done["history"]) == (["lab"], 1), done
+    assert done["conflicts"] == ["taken (the store has taken-2)"]
+    again = json.loads(run_cli("state", "import", "--json").stdout)
+    assert again["clusters"] == [] and again["history"] == 0
+    assert sorted(again["skipped"]) == ["gone-1", "lab"]
+    rec = shared.get_cluster("lab")
+    assert rec.status == state.UP and rec.nodes[0].ip == "1.2.3.4" and rec.made_by
+    assert [j.status for j in shared.jobs("lab")] == [state.JOB_SUCCEEDED]
+    assert [j.command for j in shared.jobs("gone")] == ["x.py"]
+    assert json.loads(files.read("ssh/lab-1.json"))["claimed"] == [0]
+    blob = files.read("keys/lab-1.ed25519")
+    assert blob and made.read_bytes() not in blob

@@ -48,6 +48,9 @@ class SshTarget:
     proxy_command: str | None = None  # OpenSSH style; %h and %p are substituted
     host_key_id: str = ""  # the identity the host key is pinned under
     python: str = "python3"
+    # offered after the user's keys: the cluster's own key where the node accepts it (ssh
+    # hosts of a shared store); then a missing identity_file is passed over, not refused
+    fallback_identity: str | None = None
 
     @property
     def pin_id(self) -> str:
@@ -121,7 +124,7 @@ class SshTransport:
                 timeouts.seconds("SSH_HEARTBEAT_EVERY"),
                 timeouts.seconds("SSH_HEARTBEAT_TIMEOUT"),
             )
-            candidates = [load_identity(t.identity_file)] if t.identity_file else None
+            candidates = self._candidates()
             try:
                 if t.proxy_command:
                     cmd = t.proxy_command.replace("%h", t.host).replace("%p", str(t.port))
@@ -185,6 +188,20 @@ class SshTransport:
                 self._lost = f"no answer for {timeout:g} s: the node or its network is gone"
                 transport.close()  # wakes every operation waiting on it
                 return
+
+    def _candidates(self) -> list | None:
+        """The keys to offer (None: the agent's and the default ones), the fallback last; a
+        bad key file is the user's to fix, whatever the state of the network."""
+        t = self.target
+        if t.fallback_identity is None:
+            return [load_identity(t.identity_file)] if t.identity_file else None
+        if t.identity_file and Path(t.identity_file).expanduser().is_file():
+            first = [load_identity(t.identity_file)]
+        elif t.identity_file:
+            first = []  # gone (another home, or deleted since): the cluster's key answers
+        else:
+            first = default_identities()
+        return first + [load_identity(t.fallback_identity)]
 
     def _authenticate(self, transport, candidates: list | None) -> None:
         import paramiko
@@ -397,7 +414,11 @@ class SshTransport:
             "-o",
             f"HostKeyAlias={t.pin_id}",
         ]
-        if t.identity_file:
+        if t.identity_file and Path(t.identity_file).expanduser().is_file():
+            argv += ["-i", str(Path(t.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
+        elif t.fallback_identity:
+            argv += ["-i", t.fallback_identity, "-o", "IdentitiesOnly=yes"]
+        elif t.identity_file:
             argv += ["-i", str(Path(t.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
         if t.proxy_command:
             argv += ["-o", f"ProxyCommand={t.proxy_command}"]

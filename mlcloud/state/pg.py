@@ -219,20 +219,34 @@ class PgStore(Store):
         self.url, self.path = url, None
         self._busy_timeout = timeouts.seconds("DB_BUSY_TIMEOUT")
         self.db = _Connection(connect(url), url)
-        with self.tx() as db:  # ty: one migration at a time, then everyone reads the version
-            db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (_NS_WRITE,))
-            exists = db.execute("SELECT to_regclass('mlcloud_meta') IS NOT NULL").fetchone()[0]
-            version = 0
-            if exists:
-                row = db.execute("SELECT value FROM mlcloud_meta WHERE key='schema'").fetchone()
-                version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise MlcloudError(
-                    f"state database {redacted(url)} has schema {version}, newer than this "
-                    f"mlcloud ({SCHEMA_VERSION}); upgrade mlcloud"
-                )
-            if version < SCHEMA_VERSION:
-                self._migrate_pg(db, version)
+        if self._version() != SCHEMA_VERSION:  # one round trip when nothing is to be done
+            with self.tx() as db:  # ty: one migration at a time; the others find it done
+                db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (_NS_WRITE,))
+                version = self._version()
+                if version > SCHEMA_VERSION:
+                    raise MlcloudError(
+                        f"state database {redacted(url)} has schema {version}, newer than "
+                        f"this mlcloud ({SCHEMA_VERSION}); upgrade mlcloud"
+                    )
+                if version < SCHEMA_VERSION:
+                    self._migrate_pg(db, version)
+
+    def _version(self) -> int:
+        """The schema version, 0 for a database mlcloud never used."""
+        import psycopg
+
+        query = "SELECT value FROM mlcloud_meta WHERE key='schema'"
+        try:
+            if self.db.in_transaction:  # a migration's: a savepoint, so a miss does not end it
+                with self.db.conn.transaction():
+                    row = self.db.execute(query).fetchone()
+            else:
+                row = self.db.execute(query).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return 0
+        except psycopg.Error as e:
+            raise self._translate(e) from e
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _migrate_pg(db: _Connection, version: int) -> None:
