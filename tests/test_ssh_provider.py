@@ -62,6 +62,7 @@ name, go, hosts = sys.argv[1], Path(sys.argv[2]), tuple(sys.argv[3:])
 p = SshProvider()
 write = p._write
 p._write = lambda ref, data: (time.sleep(0.5), write(ref, data))
+p._let_cluster_key_in = lambda *a: None  # the claims are the subject; the hosts are made up
 ref = ClusterRef(name, name + "-1", "me")
 req = ProvisionRequest(count=2, hosts=hosts, ssh=SshOptions())
 while not go.exists():
