@@ -7,7 +7,13 @@ from mlcloud.cli import options, output
 
 
 def autoscale(
-    name: str = typer.Argument(..., help="Cluster name."),
+    name: str | None = typer.Argument(None, help="Cluster name (or --all)."),
+    all_: bool = typer.Option(
+        False,
+        "--all",
+        help="Every cluster in the store, each led by one of however many controllers run "
+        "(a service: systemd, Kubernetes, a CI cron with --once).",
+    ),
     once: bool = typer.Option(False, "--once", help="Make one pass and exit (for cron or CI)."),
     interval: float | None = typer.Option(
         None, "--interval", min=0.5, help="Seconds between passes (default: poll_seconds)."
@@ -27,10 +33,15 @@ def autoscale(
     from mlcloud.report import PlainReporter
     from mlcloud.spec.task import check_cluster_name
 
-    check_cluster_name(name)
     if json and not once:
         raise UsageError("--json goes with --once: one pass, one JSON document")
+    if all_ == (name is not None):
+        raise UsageError("name one cluster, or pass --all for every cluster in the store")
     store = state.open_store()
+    if all_:
+        _all(store, interval, once, json)
+        return
+    check_cluster_name(name)
     h = handle.open_cluster(store, name)
     nodeevents.gather(store, h)  # nodes that stopped themselves are stopped, not idle to stop
     ctl = Controller(store, h, PlainReporter(quiet=json))
@@ -64,3 +75,26 @@ def autoscale(
             print(stopped)
     finally:
         h.close()
+
+
+def _all(store, interval: float | None, once: bool, json: bool) -> None:
+    """Lead every cluster nobody leads, until interrupted (or one pass each with --once)."""
+    import threading
+
+    from mlcloud.control import fleet
+    from mlcloud.report import PlainReporter
+
+    service = fleet.Fleet(store, PlainReporter(quiet=json), interval, every=interval or 10.0)
+    if once:
+        taken = service.sweep(once=True)
+        if json:
+            output.print_json({"controller": fleet.me(), "clusters": taken})
+        else:
+            print(f"one pass over {len(taken)} cluster(s) nobody else leads: {', '.join(taken)}")
+        return
+    print(f"controlling every cluster nobody else leads, as {fleet.me()}; Ctrl-C stops")
+    stop = threading.Event()
+    try:
+        service.run(stop)
+    finally:
+        stop.set()

@@ -57,7 +57,9 @@ class Controller:
         report: Reporter,
         on_join: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        by: str = "",
     ):
+        self.by = by  # which controller this is, named in its events (`autoscale --all`)
         self.store, self.h, self.report = store, h, report
         self.policy = pol.Policy.from_spec(h.record.spec)
         self.on_join, self.on_restart = on_join, on_restart
@@ -235,6 +237,8 @@ class Controller:
             self._refresh()
 
     def _event(self, kind: str, message: str, node: int | None = None) -> None:
+        if self.by:
+            message = f"{message} [controller {self.by}]"
         self.store.event(self.h.record.name, kind, message, node)
         self.report.info(message)
 

@@ -824,3 +824,25 @@ def cluster_lock(
         yield
     finally:
         lock.release()
+
+
+def lead(name: str) -> Callable[[], None] | None:
+    """Lead the control of a cluster unless another controller does (`autoscale --all`):
+    the function that lets go, or None. On a shared store an advisory lock on a connection of
+    its own, whoever's it is freed with its holder's connection (a killed or lost controller);
+    in a home, a file lock."""
+    url = state_url()
+    if url:
+        from mlcloud.state import pg
+
+        return pg.lead(url, name)
+    from filelock import FileLock, Timeout
+
+    from mlcloud.state import paths
+
+    lock = FileLock(str(paths.locks_dir() / f"{name}.lead"), mode=0o600)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock.release

@@ -106,7 +106,7 @@ CREATE TABLE IF NOT EXISTS pulls (
 """
 
 # advisory lock keys: (namespace, key) pairs, the namespace mlcloud's own
-_NS_WRITE, _NS_CLUSTER = 0x6D6C0001, 0x6D6C0002
+_NS_WRITE, _NS_CLUSTER, _NS_LEAD = 0x6D6C0001, 0x6D6C0002, 0x6D6C0003
 _PREFIX = "mlcloud "  # the application_name of a cluster lock's connection: who, since when
 
 
@@ -405,6 +405,24 @@ def cluster_lock(
         raise unavailable(url, e) from None
     finally:
         conn.close()  # the lock goes with the session
+
+
+def lead(url: str, name: str) -> Callable[[], None] | None:
+    """The cluster's controller lease, if no one holds it: its connection's close lets go."""
+    import psycopg
+
+    conn = connect(url, f"{_PREFIX}{int(time.time())} {os.getpid()} {whoami()}"[:63])
+    try:
+        (got,) = conn.execute(
+            "SELECT pg_try_advisory_lock(%s::int, %s::int)", (_NS_LEAD, _key(name))
+        ).fetchone()
+    except psycopg.Error as e:
+        conn.close()
+        raise unavailable(url, e) from None
+    if not got:
+        conn.close()
+        return None
+    return conn.close
 
 
 def _holder(conn, name: str) -> str:

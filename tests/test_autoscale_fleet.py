@@ -1,0 +1,102 @@
+"""`autoscale --all`: a controller service for every cluster in the store, each cluster led by
+one of however many run; a killed leader's clusters are taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import MLCLOUD, run_cli
+
+from mlcloud import state
+
+pytestmark = pytest.mark.e2e
+
+
+def _leaders(store) -> list[int]:
+    """The pids that took the lead of cluster `fl`, in order, from its events."""
+    return [
+        int(m.group(1))
+        for _, kind, message in store.events("fl")
+        if kind == "leader" and (m := re.search(r"pid (\d+)\]", message))
+    ]
+
+
+def _wait(what, deadline: float):
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.1)
+    return what()
+
+
+def test_a_killed_leader_is_replaced_by_another_controller(pg_url):
+    assert run_cli("up", "fl", "--nodes", "1", "--yes").returncode == 0
+    store = state.open_store()
+    services = [
+        subprocess.Popen(
+            [MLCLOUD, "autoscale", "--all", "--interval", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        first = _wait(lambda: _leaders(store), time.monotonic() + 30)
+        assert len(first) == 1 and first[0] in {p.pid for p in services}, first
+        time.sleep(2)  # a few sweeps of both: still one leader
+        assert _leaders(store) == first
+        leader = next(p for p in services if p.pid == first[0])
+        killed_at = time.monotonic()
+        leader.kill()  # kill -9 mid-pass: its lease goes with its connection
+        leader.wait(10)
+        both = _wait(lambda: _leaders(store)[1:] and _leaders(store), time.monotonic() + 30)
+        other = next(p for p in services if p is not leader)
+        assert both == [leader.pid, other.pid], both
+        assert time.monotonic() - killed_at < 15  # one sweep plus the server seeing it gone
+        other.send_signal(signal.SIGINT)
+        assert other.wait(30) == 130
+        assert "Traceback" not in other.stderr.read()
+    finally:
+        for p in services:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert run_cli("down", "fl", "--yes").returncode == 0
+
+
+def test_all_once_and_its_refusals(mlcloud_home):
+    assert run_cli("up", "fl", "--nodes", "1", "--yes").returncode == 0
+    r = run_cli("autoscale", "--all", "--once", "--json")
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)
+    assert done["clusters"] == ["fl"] and f"pid {os.getpid()}" not in done["controller"]
+    for args in (["autoscale"], ["autoscale", "fl", "--all"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and "--all" in r.stderr.strip().splitlines()[-1]
+    assert run_cli("down", "fl", "--yes").returncode == 0
+
+
+def test_the_service_examples_run_autoscale_all():
+    from pathlib import Path
+
+    import yaml
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    unit = (examples / "systemd" / "mlcloud-autoscale.service").read_text()
+    (start,) = [x for x in unit.splitlines() if x.startswith("ExecStart=")]
+    assert start.split()[1:4] == ["autoscale", "--all", "--interval"]
+    docs = list(
+        yaml.safe_load_all((examples / "kubernetes" / "mlcloud-autoscale.yaml").read_text())
+    )
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert "mlcloud autoscale --all" in container["args"][0]
+    assert deploy["spec"]["replicas"] >= 2  # one leads each cluster, the other takes over
