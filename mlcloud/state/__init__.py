@@ -345,6 +345,12 @@ class Store:
         except sqlite3.DatabaseError as e:
             raise self._translate(e) from e
 
+    def _write(self, sql: str, args: tuple = ()):
+        """A change that is one statement, atomic on its own (on a shared store one round
+        trip, no transaction around it); returns its cursor (rowcount)."""
+        with self.tx() as db:
+            return db.execute(sql, args)
+
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         try:
             return self.db.execute(sql, args).fetchall()
@@ -382,17 +388,15 @@ class Store:
         ]
 
     def set_status(self, name: str, status: str) -> None:
-        with self.tx() as db:
-            db.execute(
-                "UPDATE clusters SET status=?, updated=? WHERE name=?", (status, time.time(), name)
-            )
+        self._write(
+            "UPDATE clusters SET status=?, updated=? WHERE name=?", (status, time.time(), name)
+        )
 
     def set_spec(self, name: str, spec: dict) -> None:
-        with self.tx() as db:
-            db.execute(
-                "UPDATE clusters SET spec=?, updated=? WHERE name=?",
-                (_stored_spec(spec), time.time(), name),
-            )
+        self._write(
+            "UPDATE clusters SET spec=?, updated=? WHERE name=?",
+            (_stored_spec(spec), time.time(), name),
+        )
 
     def number_nodes(self, name: str, count: int, floor: int = 0) -> int:
         """The first of `count` node numbers for a cluster, recorded as used: one past the
@@ -482,24 +486,22 @@ class Store:
         allowed = {"status", "ended", "exit_code", "driver_pid"}
         assert set(fields) <= allowed, fields
         sets = ", ".join(f"{k}=?" for k in fields)
-        with self.tx() as db:
-            db.execute(
-                f"UPDATE jobs SET {sets} WHERE cluster=? AND uid=? AND job_id=?",  # noqa: S608
-                (*fields.values(), cluster, uid, job_id),
-            )
+        self._write(
+            f"UPDATE jobs SET {sets} WHERE cluster=? AND uid=? AND job_id=?",  # noqa: S608
+            (*fields.values(), cluster, uid, job_id),
+        )
 
     def claim_job(
         self, cluster: str, uid: str, job_id: int, was: int | None, pid: int | None
     ) -> bool:
         """Make pid the job's follower if the follower is still `was`: of two commands that
         find a job unfollowed, one adopts it."""
-        with self.tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET driver_pid=? WHERE cluster=? AND uid=? AND job_id=? "
-                "AND driver_pid IS ?",
-                (pid, cluster, uid, job_id, was),
-            )
-            return cur.rowcount == 1
+        cur = self._write(
+            "UPDATE jobs SET driver_pid=? WHERE cluster=? AND uid=? AND job_id=? "
+            "AND driver_pid IS ?",
+            (pid, cluster, uid, job_id, was),
+        )
+        return cur.rowcount == 1
 
     def get_job(
         self, cluster: str, job_id: int | None = None, uid: str | None = None
@@ -550,16 +552,14 @@ class Store:
             )
 
     def close_billing(self, uid: str, end: float) -> None:
-        with self.tx() as db:
-            db.execute('UPDATE billing SET "end"=? WHERE uid=? AND "end" IS NULL', (end, uid))
+        self._write('UPDATE billing SET "end"=? WHERE uid=? AND "end" IS NULL', (end, uid))
 
     def close_node_billing(self, uid: str, node_id: str, end: float) -> None:
         """One node stopped billing (lost, replaced, or shrunk away) while the cluster stays."""
-        with self.tx() as db:
-            db.execute(
-                'UPDATE billing SET "end"=? WHERE uid=? AND node_id=? AND "end" IS NULL',
-                (end, uid, node_id),
-            )
+        self._write(
+            'UPDATE billing SET "end"=? WHERE uid=? AND node_id=? AND "end" IS NULL',
+            (end, uid, node_id),
+        )
 
     def billing(self, cluster: str | None = None) -> list:
         from mlcloud.spec.cost import Interval
@@ -588,9 +588,11 @@ class Store:
 
     def event(self, cluster: str, kind: str, message: str, node: int | None = None) -> None:
         """Record an event; node: the position of the node it is about, where one applies."""
-        with self.tx() as db:
-            row = db.execute("SELECT uid FROM clusters WHERE name=?", (cluster,)).fetchone()
-            self._event(db, cluster, row["uid"] if row else "", kind, message, node)
+        self._write(
+            "INSERT INTO events (cluster, uid, time, kind, message, node) VALUES "
+            "(?, COALESCE((SELECT uid FROM clusters WHERE name=?), ''), ?, ?, ?, ?)",
+            (cluster, cluster, time.time(), kind, message, node),
+        )
 
     @staticmethod
     def _event(

@@ -122,7 +122,7 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(url: str, application_name: str = "mlcloud"):
+def connect(url: str, application_name: str = ""):
     """A connection with every wait bounded: connect, statements, locks, a dead peer."""
     try:
         import psycopg
@@ -138,7 +138,7 @@ def connect(url: str, application_name: str = "mlcloud"):
             url,
             autocommit=True,
             connect_timeout=max(2, round(timeouts.seconds("DB_CONNECT_TIMEOUT"))),
-            application_name=application_name,
+            application_name=application_name or f"{_PREFIX}{os.getpid()}",
             options=f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}",
             keepalives=1,
             keepalives_idle=5,
@@ -220,8 +220,7 @@ class PgStore(Store):
         self._busy_timeout = timeouts.seconds("DB_BUSY_TIMEOUT")
         self.db = _Connection(connect(url), url)
         if self._version() != SCHEMA_VERSION:  # one round trip when nothing is to be done
-            with self.tx() as db:  # ty: one migration at a time; the others find it done
-                db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (_NS_WRITE,))
+            with self.tx() as db:  # one migration at a time (the writer's turn); others find it
                 version = self._version()
                 if version > SCHEMA_VERSION:
                     raise MlcloudError(
@@ -336,17 +335,38 @@ class PgStore(Store):
 
     @contextmanager
     def tx(self) -> Iterator[_Connection]:
-        """One transaction; writers take turns (one advisory transaction lock), like SQLite's
-        BEGIN IMMEDIATE, so a read-modify-write sees no other writer between its steps."""
+        """One transaction; writers take turns (one advisory transaction lock, taken with
+        BEGIN in one round trip), like SQLite's BEGIN IMMEDIATE, so a read-modify-write sees
+        no other writer between its steps."""
         import psycopg
 
         if self.db.in_transaction:
             yield self.db
             return
         try:
-            with self.db.conn.transaction():
-                self.db.execute("SELECT pg_advisory_xact_lock(?::int, 0)", (_NS_WRITE,))
+            self.db.queries += 1
+            self.db.conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_NS_WRITE}, 0)")
+            try:
                 yield self.db
+            except BaseException:
+                if not self.db.conn.closed:
+                    self.db.conn.execute("ROLLBACK")
+                raise
+            self.db.queries += 1
+            self.db.conn.execute("COMMIT")
+        except psycopg.Error as e:
+            raise self._translate(e) from e
+
+    def _write(self, sql: str, args: tuple = ()):
+        """One statement, atomic on its own: one round trip, no writer's turn needed (no
+        read-modify-write of the Store writes what such a statement does)."""
+        return self._read_cursor(sql, args)
+
+    def _read_cursor(self, sql: str, args: tuple):
+        import psycopg
+
+        try:
+            return self.db.execute(sql, args)
         except psycopg.Error as e:
             raise self._translate(e) from e
 
