@@ -54,7 +54,9 @@ E2E_FIXTURES = {"make_ssh_nodes", "moto_server", "pg_server", "pg_url"}
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        # a test of both stores asks for the server in its postgresql case (`kind` fixtures)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or "postgresql" in params.values():
             item.add_marker(pytest.mark.e2e)
 
 

@@ -147,6 +147,8 @@ def test_a_state_url_in_config_yaml_and_a_bad_one(pg_url, mlcloud_home, monkeypa
     checks = {c["area"]: c for c in json.loads(r.stdout)["checks"]}
     assert checks["database"]["subject"].startswith("postgresql ")
     assert f"schema {state.SCHEMA_VERSION}" in checks["database"]["detail"]
+    r = run_cli("doctor", "--rebuild", "--yes")  # a home's own state.db only
+    assert r.returncode == 2 and "MLCLOUD_STATE_URL" in r.stderr.strip().splitlines()[-1]
     monkeypatch.setenv("MLCLOUD_STATE_URL", "mysql://x")
     r = run_cli("status")
     assert r.returncode == 2 and "postgresql://" in r.stderr.strip().splitlines()[-1]

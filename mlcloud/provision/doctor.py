@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlcloud import providers, state
-from mlcloud.errors import MlcloudError
+from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.providers.base import ClusterRef, Provider, ProvisionRequest
 from mlcloud.provision import handle
 from mlcloud.state import paths
@@ -306,6 +306,11 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
     with its nodes for each cluster this home made that the given providers still hold. A
     healthy database (a wiped one that a later command recreated) keeps its rows and gains
     the clusters it does not know."""
+    if state.state_url():
+        raise UsageError(
+            "doctor --rebuild rebuilds a home's own state.db; with MLCLOUD_STATE_URL set the "
+            "state is the shared store's: unset it to rebuild this home's"
+        )
     home = paths.home()
     db = home / "state.db"
     out = Rebuild()
