@@ -100,3 +100,53 @@ def test_the_service_examples_run_autoscale_all():
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert "mlcloud autoscale --all" in container["args"][0]
     assert deploy["spec"]["replicas"] >= 2  # one leads each cluster, the other takes over
+
+
+def test_a_lost_node_is_replaced_once_when_its_leader_dies_mid_pass(pg_url, mlcloud_home):
+    """The leader is killed (-9) as it asks for the replacement: the controller that takes
+    over replaces the node, once."""
+    import shutil
+
+    from mlcloud.remote.shell import stop_line
+
+    assert run_cli("up", "fl", "--nodes", "2", "--yes").returncode == 0
+    store = state.open_store()
+    rec = store.get_cluster("fl")
+    services = [
+        subprocess.Popen(
+            [MLCLOUD, "autoscale", "--all", "--interval", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        (first,) = _wait(lambda: _leaders(store), time.monotonic() + 30)
+        leader = next(p for p in services if p.pid == first)
+        lost = rec.nodes[1]
+        subprocess.run(["sh", "-c", stop_line(lost.python, lost.root, rec.uid)], check=True)
+        shutil.rmtree(lost.root)
+
+        def asked():
+            return [m for _, k, m in store.events("fl") if k == "intent" and "in place of" in m]
+
+        assert _wait(asked, time.monotonic() + 30), store.events("fl")
+        leader.kill()  # mid-pass: the replacement asked for, not yet recorded
+        leader.wait(10)
+
+        def replaced():
+            return [m for _, k, m in store.events("fl") if k == "node_replaced"]
+
+        done = _wait(replaced, time.monotonic() + 60)
+        time.sleep(3)  # a few more passes: nothing replaced twice
+        assert len(replaced()) == 1, store.events("fl")
+        assert len(done) == 1 and f"pid {first}]" not in done[0], done
+        now = store.get_cluster("fl")
+        assert len(now.nodes) == 2 and lost.node_id not in [n.node_id for n in now.nodes]
+    finally:
+        for p in services:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                p.wait(30)
+    assert run_cli("down", "fl", "--yes").returncode == 0
+    assert not (mlcloud_home / "local" / rec.uid).exists()
