@@ -185,9 +185,8 @@ def _sql(sql: str) -> str:
 class _Connection:
     """What the Store calls on sqlite3's connection, over a psycopg one."""
 
-    def __init__(self, conn, url: str):
-        self.conn, self.url = conn, url
-        self.queries = 0  # statements sent: the bench counts round trips with it
+    def __init__(self, conn):
+        self.conn = conn
 
     @property
     def in_transaction(self) -> bool:
@@ -196,13 +195,11 @@ class _Connection:
         return self.conn.info.transaction_status != TransactionStatus.IDLE
 
     def execute(self, sql: str, args: tuple = ()):
-        self.queries += 1
         cur = self.conn.cursor(row_factory=_rows)
-        cur.execute(_sql(sql), args)  # ty: the Store's SQL is constant text
+        cur.execute(_sql(sql), args)
         return cur
 
     def executemany(self, sql: str, rows: list):
-        self.queries += 1
         cur = self.conn.cursor()
         cur.executemany(_sql(sql), rows)
         return cur
@@ -218,7 +215,7 @@ class PgStore(Store):
     def __init__(self, url: str):
         self.url, self.path = url, None
         self._busy_timeout = timeouts.seconds("DB_BUSY_TIMEOUT")
-        self.db = _Connection(connect(url), url)
+        self.db = _Connection(connect(url))
         if self._version() != SCHEMA_VERSION:  # one round trip when nothing is to be done
             with self.tx() as db:  # one migration at a time (the writer's turn); others find it
                 version = self._version()
@@ -315,10 +312,6 @@ class PgStore(Store):
         )
         return [(r[0], r[1]) for r in rows]
 
-    @property
-    def queries(self) -> int:
-        return self.db.queries
-
     def _translate(self, e: BaseException) -> MlcloudError:
         import psycopg
 
@@ -344,7 +337,6 @@ class PgStore(Store):
             yield self.db
             return
         try:
-            self.db.queries += 1
             self.db.conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_NS_WRITE}, 0)")
             try:
                 yield self.db
@@ -352,7 +344,6 @@ class PgStore(Store):
                 if not self.db.conn.closed:
                     self.db.conn.execute("ROLLBACK")
                 raise
-            self.db.queries += 1
             self.db.conn.execute("COMMIT")
         except psycopg.Error as e:
             raise self._translate(e) from e
@@ -360,9 +351,6 @@ class PgStore(Store):
     def _write(self, sql: str, args: tuple = ()):
         """One statement, atomic on its own: one round trip, no writer's turn needed (no
         read-modify-write of the Store writes what such a statement does)."""
-        return self._read_cursor(sql, args)
-
-    def _read_cursor(self, sql: str, args: tuple):
         import psycopg
 
         try:
