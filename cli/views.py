@@ -84,9 +84,12 @@ def money_by_cluster(
     """name -> ($/h now, $ so far) for the clusters' current incarnations."""
     from mlcloud.spec.cost import accrued, hourly
 
+    by_uid: dict[str, list] = {}  # one pass over billing: a store holds thousands of clusters
+    for i in billing:
+        by_uid.setdefault(i.uid, []).append(i)
     out = {}
     for c in clusters:
-        mine = [i for i in billing if i.uid == c.uid]
+        mine = by_uid.get(c.uid, [])
         out[c.name] = (hourly(mine), accrued(mine, now))
     return out
 
