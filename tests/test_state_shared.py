@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -279,3 +280,24 @@ def test_state_import_copies_a_home_once(pg_url, mlcloud_home, monkeypatch):
     assert json.loads(files.read("ssh/lab-1.json"))["claimed"] == [0]
     blob = files.read("keys/lab-1.ed25519")
     assert blob and made.read_bytes() not in blob
+
+
+def test_a_server_that_stops_answering_mid_command_is_one_error(pg_url, monkeypatch):
+    """The backend serving a command freezes between two of its statements (SIGSTOP: the
+    server cannot time the statement out, the kernel still answers TCP): the command fails
+    within MLCLOUD_DB_BUSY_TIMEOUT and a few seconds, as the database gone."""
+    from mlcloud.errors import StoreUnavailable
+
+    monkeypatch.setenv("MLCLOUD_DB_BUSY_TIMEOUT", "1")
+    store = state.open_store()
+    store.create_cluster("a", "a-1", "local", {}, "me")
+    (backend,) = store._read("SELECT pg_backend_pid()")[0]
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="cannot be reached"):
+            store.list_clusters()
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    assert [c.name for c in state.open_store().list_clusters()] == ["a"]  # the others go on

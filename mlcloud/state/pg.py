@@ -183,10 +183,42 @@ def _sql(sql: str) -> str:
 
 
 class _Connection:
-    """What the Store calls on sqlite3's connection, over a psycopg one."""
+    """What the Store calls on sqlite3's connection, over a psycopg one. A statement the
+    server never answers (a server that hangs: its statement_timeout cannot fire, and TCP
+    keepalives see a live peer) has its connection cut a little after that timeout."""
 
     def __init__(self, conn):
         self.conn = conn
+        self.limit = timeouts.seconds("DB_BUSY_TIMEOUT") + 5.0
+
+    @contextmanager
+    def deadline(self) -> Iterator[None]:
+        import threading
+
+        timer = threading.Timer(self.limit, self._cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _cut(self) -> None:
+        """Shut the connection's socket down: the statement waiting on it fails at once."""
+        import socket
+
+        import psycopg
+
+        try:
+            s = socket.socket(fileno=os.dup(self.conn.pgconn.socket))
+        except (OSError, psycopg.Error):  # closed meanwhile: nothing waits on it
+            return
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            s.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -196,13 +228,20 @@ class _Connection:
 
     def execute(self, sql: str, args: tuple = ()):
         cur = self.conn.cursor(row_factory=_rows)
-        cur.execute(_sql(sql), args)
+        with self.deadline():
+            cur.execute(_sql(sql), args)
         return cur
 
     def executemany(self, sql: str, rows: list):
         cur = self.conn.cursor()
-        cur.executemany(_sql(sql), rows)
+        with self.deadline():
+            cur.executemany(_sql(sql), rows)
         return cur
+
+    def plain(self, sql: str) -> None:
+        """Constant SQL, one round trip (several statements allowed)."""
+        with self.deadline():
+            self.conn.execute(sql)
 
     def close(self) -> None:
         self.conn.close()
@@ -337,14 +376,14 @@ class PgStore(Store):
             yield self.db
             return
         try:
-            self.db.conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_NS_WRITE}, 0)")
+            self.db.plain(f"BEGIN; SELECT pg_advisory_xact_lock({_NS_WRITE}, 0)")
             try:
                 yield self.db
             except BaseException:
                 if not self.db.conn.closed:
-                    self.db.conn.execute("ROLLBACK")
+                    self.db.plain("ROLLBACK")
                 raise
-            self.db.conn.execute("COMMIT")
+            self.db.plain("COMMIT")
         except psycopg.Error as e:
             raise self._translate(e) from e
 
