@@ -301,3 +301,21 @@ def test_a_server_that_stops_answering_mid_command_is_one_error(pg_url, monkeypa
     finally:
         os.kill(backend, signal.SIGCONT)
     assert [c.name for c in state.open_store().list_clusters()] == ["a"]  # the others go on
+
+
+def test_status_says_who_made_each_cluster_and_mine_filters(pg_url):
+    import psycopg
+
+    store = state.open_store()
+    store.create_cluster("ours", "ours-1", "local", {}, "me")
+    store.create_cluster("theirs", "theirs-1", "local", {}, "me")
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE clusters SET made_by='bob@ci-runner-7' WHERE name='theirs'")
+    listed = json.loads(run_cli("status", "--json").stdout)["clusters"]
+    assert {c["name"]: c["made_by"] for c in listed} == {
+        "ours": state.whoami(),
+        "theirs": "bob@ci-runner-7",
+    }
+    mine = json.loads(run_cli("status", "--mine", "--json").stdout)["clusters"]
+    assert [c["name"] for c in mine] == ["ours"]
+    assert "bob@ci-runner-7" in run_cli("status").stdout
