@@ -39,6 +39,11 @@ class RateLimited(Transient):
     """429 or rateLimitExceeded."""
 
 
+class OperationThrottled(ProviderError):
+    """An operation GCE accepted, then ended throttled (RATE_LIMIT_EXCEEDED in its errors):
+    its request id has had its answer, so only a new request (a new id) can try again."""
+
+
 class NotFound(ProviderError):
     """The resource does not exist (deleting it again)."""
 
@@ -140,7 +145,8 @@ class Api:
                 time.sleep(next(pauses, PAUSES_S[-1]))
         failures = [(e.code, e.message) for e in op.error.errors] if op.error else []
         if failures:
-            raise typed(failures, zone, region, f"gce: {op.operation_type or 'operation'}")
+            error = typed(failures, zone, region, f"gce: {op.operation_type or 'operation'}")
+            raise OperationThrottled(str(error)) if isinstance(error, RateLimited) else error
 
     def paged(self, kind: str, method: str, **request: Any) -> Iterator[Any]:
         """Every item of a list call, page by page (each page is one call)."""

@@ -74,6 +74,9 @@ class Compute(ComputeState):
             return set_status
 
         self._at(delay / 2, status("STAGING"))
+        if self._reclaim.get(zone, 0) > 0:  # reclaimed while STAGING: never RUNNING
+            self._reclaim[zone] -= 1
+            self._at(delay * 0.75, lambda: self._terminate_by_cloud(*key, expect=instance))
         self._at(delay, status("RUNNING"))
         run = duration_seconds(instance["scheduling"].get("maxRunDuration"))
         if run is not None:
@@ -341,8 +344,12 @@ class Compute(ComputeState):
             name = fw["name"]
             if (project, name) in self._firewalls:
                 raise already_exists(f"projects/{project}/global/firewalls/{name}")
-            self._firewalls[(project, name)] = fw
             op = self._new_op(project, "global", "insert", fw["selfLink"], caller, rid)
+            failure = self._throttled(project, None)
+            if failure:  # accepted, then refused: nothing made
+                self._at(self.op_seconds, lambda: self._finish(op, *failure))
+                return dict(op.resource)
+            self._firewalls[(project, name)] = fw
             op.resource["targetId"] = fw["id"]
             self._at(self.op_seconds, lambda: self._finish(op))
             return dict(op.resource)
