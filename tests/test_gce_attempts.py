@@ -147,3 +147,20 @@ def test_every_growth_is_a_request_of_its_own_and_a_resumed_one_is_the_same(
     assert len(ids) == 2 and len(set(ids)) == 1
     assert [n.node_id for n in resumed] == [rules.instance_name(REF.uid, 4)]
     assert len(vms(fake)) == 5  # nodes 0 to 4, each made once
+
+
+def test_a_throttled_deletion_is_asked_again_and_down_leaves_nothing(gce_env, cluster, monkeypatch):
+    from mlcloud.providers.gce import provider
+
+    monkeypatch.setattr(api, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(provider, "REASK_S", 0.3)
+    fake, (p, _, nodes) = gce_env.fake, cluster
+    fake.clear_calls()
+    fake.rate_limit_operations(1, zone=ZONE_A)  # one VM's deletion: it stays RUNNING
+    p.terminate(REF, nodes)
+    assert fake.instances() == []
+    assert len(fake.calls("DELETE", r"/instances/")) == 3
+    fake.rate_limit_operations(1)  # a firewall rule's deletion
+    p.cleanup(REF)
+    assert fake.is_empty()
+    assert len(fake.calls("DELETE", r"/global/firewalls/")) == 3

@@ -50,6 +50,7 @@ REGION_ENVS = ("CLOUDSDK_COMPUTE_REGION", "GOOGLE_CLOUD_REGION")
 RUNNING_TIMEOUT_S = 600.0
 GONE_TIMEOUT_S = 600.0
 POLLS_S = (0.2, 0.5, 1.0, 2.0)  # between listings: quick at first, then every 2 s
+REASK_S = 15.0  # a VM still RUNNING this long after its deletion was asked is asked again
 # GCE's instance states as mlcloud's (TERMINATED is GCE's word for a VM powered off)
 STATUS: dict[str, NodeStatus] = {
     "PENDING": "pending",
@@ -443,8 +444,12 @@ class GceProvider:
 
     def _instances(self, api: Api, cluster: ClusterRef) -> list[tuple[str, str]]:
         """(zone, name) of every VM of the cluster, wherever it is."""
+        return [(zone, name) for zone, name, _ in self._states(api, cluster)]
+
+    def _states(self, api: Api, cluster: ClusterRef) -> list[tuple[str, str, str]]:
+        """(zone, name, GCE status) of every VM of the cluster, wherever it is."""
         return [
-            (scope.rpartition("/")[2], i.name)
+            (scope.rpartition("/")[2], i.name, i.status)
             for scope, i in api.paged(
                 "instances",
                 "aggregated_list",
@@ -505,13 +510,27 @@ class GceProvider:
             time.sleep(_pause(polls))
 
     def _until_gone(self, api: Api, cluster: ClusterRef, names: set[str]) -> None:
+        """Return once none of these VMs is listed. One still RUNNING a while after its
+        deletion was asked (its operation ended throttled) is asked again, backing off."""
         deadline, polls = time.monotonic() + GONE_TIMEOUT_S, iter(POLLS_S)
-        while names & {name for _, name in self._instances(api, cluster)}:
+        wait = REASK_S
+        again = time.monotonic() + wait
+        while True:
+            left = [
+                (zone, name, st) for zone, name, st in self._states(api, cluster) if name in names
+            ]
+            if not left:
+                return
             if time.monotonic() > deadline:
                 raise ProviderError(
                     f"gce: VMs of {cluster.name} still not deleted after "
                     f"{GONE_TIMEOUT_S:.0f} s; run `mlcloud down` again"
                 )
+            if time.monotonic() > again:
+                with suppress(ProviderError):  # the deadline above is the judge
+                    self._delete(api, [(name, zone) for zone, name, st in left if st == "RUNNING"])
+                wait *= 2
+                again = time.monotonic() + wait
             time.sleep(_pause(polls))
 
     def _delete(self, api: Api, vms: list[tuple[str, str]]) -> None:

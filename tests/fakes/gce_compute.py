@@ -215,6 +215,10 @@ class Compute(ComputeState):
             inst = self._instance(project, zone, name)
             op = self._new_op(project, f"zones/{zone}", "delete", inst["selfLink"], caller, rid)
             op.resource["targetId"] = inst["id"]
+            failure = self._throttled(project, zone)
+            if failure:  # accepted, then refused: the VM stays as it was
+                self._at(self.op_seconds, lambda: self._finish(op, *failure))
+                return dict(op.resource)
             inst["status"] = "STOPPING"
 
             def gone():
@@ -393,6 +397,10 @@ class Compute(ComputeState):
                 raise not_found(f"projects/{project}/global/firewalls/{name}")
             op = self._new_op(project, "global", "delete", fw["selfLink"], caller, rid)
             op.resource["targetId"] = fw["id"]
+            failure = self._throttled(project, None)
+            if failure:  # accepted, then refused: the rule stays
+                self._at(self.op_seconds, lambda: self._finish(op, *failure))
+                return dict(op.resource)
 
             def gone():
                 if self._firewalls.get((project, name)) is fw:

@@ -160,10 +160,10 @@ class ComputeState:
             self._failures.append([calls, method, path, status, reason, text])
 
     def rate_limit_operations(self, calls: int = 1, zone: str | None = None) -> None:
-        """The next `calls` inserts (of VMs in `zone`; None: of anything, firewall rules too)
-        are accepted, and their operation ends DONE with RATE_LIMIT_EXCEEDED (HTTP 429 in the
-        operation), making nothing: GCE throttles per resource this way as well as on the
-        call."""
+        """The next `calls` inserts and deletes (of VMs in `zone`; None: of anything, firewall
+        rules too) are accepted, and their operation ends DONE with RATE_LIMIT_EXCEEDED (HTTP
+        429 in the operation), changing nothing: GCE throttles per resource this way as well
+        as on the call."""
         with self._cond:
             self._throttled_ops[zone] = self._throttled_ops.get(zone, 0) + calls
 
@@ -413,8 +413,8 @@ class ComputeState:
         return None
 
     def _throttled(self, project: str, zone: str | None) -> tuple | None:
-        """(error, http) for an insert whose operation ends throttled (rate_limit_operations),
-        or None; `zone` None: a global resource's."""
+        """(error, http) for an insert or delete whose operation ends throttled
+        (rate_limit_operations), or None; `zone` None: a global resource's."""
         for where in (zone, None) if zone else (None,):
             if self._throttled_ops.get(where, 0) > 0:
                 self._throttled_ops[where] -= 1
