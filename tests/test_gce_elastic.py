@@ -1,6 +1,7 @@
 """Elastic control on GCE, end to end: the real `mlcloud` process against the fake Compute API,
 its VMs reached through a proxy command that routes their addresses to loopback sshd nodes
-(as tests/test_gce_cli.py). A Spot VM reclaimed while no zone of the region has room: the
+(as tests/test_gce_cli.py). `up` goes on past a throttled operation and past a zone where a
+Spot VM was reclaimed while starting. A Spot VM reclaimed while no zone has room: the
 survivor is kept and the event says why nothing replaced it; once one zone has room again, the
 next pass makes a new VM in its place; a refused replacement or grow never touches the VMs
 that run."""
@@ -43,16 +44,21 @@ def test_a_reclaimed_vm_waits_for_capacity_then_is_replaced_and_refusals_touch_n
     zones = catalog.lookup(catalog.load(), "gce", T4, REGION).zones  # where mlcloud looks
     nodes = make_ssh_nodes(3)  # two VMs, and the one made in place of a reclaimed one
     _, proxy = relay_pool(tmp_path, [n.host for n in nodes.nodes])
+    fake.rate_limit_operations(1)  # the first operation (a firewall rule) ends throttled
+    fake.reclaim_while_starting(zones[0])  # and a Spot VM is reclaimed there as it starts
     r = run_cli(*up_args("el", nodes, proxy, 2, "--spot", "--region", REGION))
     assert r.returncode == 0, r.stderr
+    assert f"GCE {zones[0]}: VM(s)" in r.stderr and "reclaimed while starting" in r.stderr
     first = running(fake)
     head, lost = sorted(first, key=lambda name: int(name.rpartition("-")[2]))
     zone = first[head][0]
+    assert zone == zones[1] == first[lost][0]  # the next zone, where both run
 
     # reclaimed while every zone of the region is out of Spot capacity
     for z in zones:
         fake.exhaust(z)
     fake.preempt(zone, lost)
+    fake.clear_calls()  # (up deleted a VM of the same name in the first zone)
     r = run_cli("autoscale", "el", "--once")
     assert r.returncode == 0, r.stderr
     assert running(fake) == {head: first[head]}  # the survivor, untouched
@@ -63,7 +69,8 @@ def test_a_reclaimed_vm_waits_for_capacity_then_is_replaced_and_refusals_touch_n
     why = [m for k, m in events("el") if k == "node_lost" and "could not be replaced" in m]
     assert len(why) == 1 and f"no capacity for 1 more x {T4} in {zone}" in why[0], events("el")
     refusals = [m for k, m in events("el") if k == "capacity"]
-    assert refusals and all("ZONE_RESOURCE_POOL_EXHAUSTED" in m for m in refusals)
+    assert "reclaimed while starting" in refusals[0]  # up's, in the first zone
+    assert refusals[1:] and all("ZONE_RESOURCE_POOL_EXHAUSTED" in m for m in refusals[1:])
 
     # its zone has room again: the next pass makes a new VM there, bootstrapped
     fake.set_capacity(zone, None)
