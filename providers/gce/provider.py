@@ -559,6 +559,8 @@ class GceProvider:
         """Delete the cluster's VMs of these names wherever they are (what one attempt made),
         and confirm they are gone."""
         left = [(name, z) for z, name in self._instances(api, cluster) if name in names]
+        if not left:
+            return
         self._delete(api, left)
         self._until_gone(api, cluster, {name for name, _ in left})
 
