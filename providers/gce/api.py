@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,6 +107,20 @@ class Api:
                     timeout = WAIT_TIMEOUT_S if method == "wait" else CALL_TIMEOUT_S
                     return fn(request=request, timeout=timeout)
             except Transient:
+                if attempt == RATE_RETRIES - 1:
+                    raise
+                time.sleep(BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def retry_throttled(self, make: Callable[[], Any]) -> Any:
+        """make() (a request and its operation's wait) again while the operation ends throttled
+        (GCE accepted the request, then refused the work: RATE_LIMIT_EXCEEDED), backing off;
+        `make` must send each try as a new request (a new request id: the old one's answer is
+        the throttled operation)."""
+        for attempt in range(RATE_RETRIES):
+            try:
+                return make()
+            except OperationThrottled:
                 if attempt == RATE_RETRIES - 1:
                     raise
                 time.sleep(BACKOFF_S * 2**attempt)

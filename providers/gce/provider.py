@@ -12,7 +12,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -260,7 +259,7 @@ class GceProvider:
             "instance_properties": props,
         }
         try:
-            _again_if_throttled(lambda: self._insert(api, cluster, zone, region, request, body))
+            api.retry_throttled(lambda: self._insert(api, cluster, zone, region, request, body))
             return self._until_running(api, cluster, zone, set(names))
         except Exception:
             # all or nothing, and only this attempt's VMs (by name): never a VM that was there
@@ -570,41 +569,20 @@ class GceProvider:
         from mlcloud.providers.gce.api import AlreadyExists
 
         try:
-            _again_if_throttled(
-                lambda: api.wait(
-                    _change_firewall(api, "insert_unary", firewall_resource=body), None, None
-                )
-            )
+            _change_firewall(api, "insert_unary", firewall_resource=body)
             return
         except AlreadyExists:
             have = api.call("firewalls", "get", None, project=api.project, firewall=body["name"])
         missing = set(body.get("source_ranges", [])) - set(have.source_ranges)
         if missing:
-            wider = sorted(set(have.source_ranges) | missing)
-            _again_if_throttled(
-                lambda: api.wait(
-                    _change_firewall(
-                        api,
-                        "patch_unary",
-                        firewall=body["name"],
-                        firewall_resource={"source_ranges": wider},
-                    ),
-                    None,
-                    None,
-                )
-            )
+            wider = {"source_ranges": sorted(set(have.source_ranges) | missing)}
+            _change_firewall(api, "patch_unary", firewall=body["name"], firewall_resource=wider)
 
     def _delete_firewall(self, api: Api, name: str) -> None:
         from mlcloud.providers.gce.api import NotFound
 
-        def delete() -> None:
-            try:
-                op = _change_firewall(api, "delete_unary", firewall=name)
-            except NotFound:
-                return
-            api.wait(op, None, None)
-
-        _again_if_throttled(delete)
+        with suppress(NotFound):
+            _change_firewall(api, "delete_unary", firewall=name)
 
     def _image_from_family(self, api: Api, project: str, family: str) -> str:
         image = api.call("images", "get_from_family", None, project=project, family=family)
@@ -619,22 +597,6 @@ def _settings_path(uid: str):
     from mlcloud.state import paths
 
     return paths.private_dir(paths.home() / "gce") / f"{uid}.json"
-
-
-def _again_if_throttled(make: Callable[[], Any]) -> Any:
-    """make() (a request and its operation's wait) again while the operation ends throttled
-    (GCE accepted the request, then refused the work: RATE_LIMIT_EXCEEDED), backing off; each
-    try is a new request, with a new request id."""
-    from mlcloud.providers.gce import api
-
-    for tries in range(1, api.RATE_RETRIES + 1):
-        try:
-            return make()
-        except api.OperationThrottled:
-            if tries == api.RATE_RETRIES:
-                raise
-            time.sleep(api.BACKOFF_S * 2 ** (tries - 1))
-    raise AssertionError("unreachable")
 
 
 def _answered(path, attempt: str) -> None:
@@ -652,9 +614,15 @@ def _catalog_zones(instance_type: str, region: str) -> list[str]:
     return []
 
 
-def _change_firewall(api: Api, method: str, **request: Any) -> Any:
-    """Insert, patch or delete a firewall rule of the project; the operation, to wait on. A
-    fresh request id per change: the call's retries of a throttled request are applied once."""
-    return api.call(
-        "firewalls", method, None, project=api.project, request_id=str(uuid.uuid4()), **request
-    )
+def _change_firewall(api: Api, method: str, **request: Any) -> None:
+    """Insert, patch or delete a firewall rule of the project, and wait for it. A fresh request
+    id per try: the call's retries of a throttled request are applied once, and an operation
+    that ends throttled is asked again as a new request."""
+
+    def once() -> None:
+        op = api.call(
+            "firewalls", method, None, project=api.project, request_id=str(uuid.uuid4()), **request
+        )
+        api.wait(op, None, None)
+
+    api.retry_throttled(once)
