@@ -29,6 +29,7 @@ from mlcloud.remote.shell import path_arg, quote
 from mlcloud.remote.transport import RemoteError, check
 from mlcloud.report import Reporter
 from mlcloud.spec.cost import accrued
+from mlcloud.spec.task import parse_nodes
 from mlcloud.state import cluster_lock
 
 RETIRE_WAIT = 20.0  # how long a lost node's teardown may take before the pass goes on
@@ -140,7 +141,10 @@ class Controller:
         )
         intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
         open_prices = [i.price for i in intervals if i.end is None]
-        low, high = launch.elastic_range(h) or (n, n)
+        # a fixed size is the size it was made with, not what is left of it
+        asked = h.record.spec.get("nodes")
+        size = parse_nodes(asked)[1] if asked is not None else n
+        low, high = launch.elastic_range(h) or (size, size)
         return pol.Snapshot(
             cluster=h.record.name,
             nodes=tuple(views),
