@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mlcloud.errors import UsageError
+from mlcloud.errors import Aborted, UsageError
 from mlcloud.report import PlainReporter
 
 
@@ -110,7 +110,7 @@ def confirm(question: str, yes: bool) -> None:
     sys.stderr.write(f"{question} [y/N]: ")
     sys.stderr.flush()
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise UsageError("cancelled; nothing was changed")
+        raise Aborted()
 
 
 def age(seconds: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from mlcloud import state
 from mlcloud.errors import MlcloudError
@@ -19,6 +20,7 @@ from mlcloud.jobs.outcome import NodeEnd
 from mlcloud.parallel import fan_out
 from mlcloud.provision.handle import Handle, open_cluster
 from mlcloud.remote.shell import quote
+from mlcloud.state import paths
 
 UNREACHABLE = "unreachable"
 
@@ -61,8 +63,11 @@ def rebuild_log(h: Handle, job: state.JobRecord, notes: list[str]) -> None:
         text = (data or b"").decode(errors="replace")
         parts.extend(f"[node{i}] {line}\n" for line in text.splitlines())
     parts.extend(f"[mlcloud] {n}\n" for n in notes)
+    # the nodes hold the whole output: a log directory removed meanwhile is made again
+    paths.private_dir(Path(job.log_path).parent)
     tmp = f"{job.log_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.writelines(parts)
     os.replace(tmp, job.log_path)
 
@@ -75,8 +80,11 @@ def reconcile(store: state.Store, job: state.JobRecord, h: Handle | None = None)
         return job
     rec = store.get_cluster(job.cluster)
     if rec is None or rec.uid != job.uid:
-        with open(job.log_path, "a") as f:
-            f.write(f"[mlcloud] job {job.job_id}: its cluster went down before its end was seen\n")
+        if os.path.isdir(os.path.dirname(job.log_path)):  # else `logs` says the log is gone
+            with open(job.log_path, "a") as f:
+                f.write(
+                    f"[mlcloud] job {job.job_id}: its cluster went down before its end was seen\n"
+                )
         return _record(store, job, state.JOB_FAILED, None)
     if rec.status != state.UP:
         return job
