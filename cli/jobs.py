@@ -127,6 +127,7 @@ def train(
     sink = _printer(sys.stderr if json_out else sys.stdout)
     code = 1
     job: state.JobRecord | None = None
+    driver: Driver | None = None
     try:
         with cluster_lock(name):
             _refuse_second_job(store, h)
@@ -193,8 +194,12 @@ def train(
                 output.close(rep)
     if json_out:
         try:
+            result = driver.outcome if driver is not None else None
             output.print_json(
-                views.job_result_json(store.get_job(name, job.job_id, job.uid) or job)
+                views.job_result_json(
+                    store.get_job(name, job.job_id, job.uid) or job,
+                    result.stopped_by if result else None,
+                )
             )
             sys.stdout.flush()
         except BrokenPipeError:
@@ -485,7 +490,7 @@ def cancel(
     store = state.open_store()
     j, stopped = cancel_job(store, name, job, grace)
     if json_out:
-        output.print_json(views.job_result_json(j))
+        output.print_json(views.job_result_json(j, "cancel" if stopped else None))
         return
     code = "" if j.exit_code is None else f", exit {j.exit_code}"
     print(

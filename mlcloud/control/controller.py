@@ -250,7 +250,7 @@ class Controller:
                 self._event("stall", a.reason)
             elif a.kind == pol.STALL_STOP:
                 self._event("stall", a.reason + ": stopping the job")
-                self._stop_job(range(len(self.h.nodes)), grace=10.0)
+                self._stop_job(range(len(self.h.nodes)), grace=10.0, rule=("stall", a.reason))
             elif a.kind == pol.REPLACE:
                 self._event("node_lost", a.reason, a.node)
                 assert a.node is not None
@@ -525,14 +525,15 @@ class Controller:
         if self.on_restart:
             self.on_restart()
 
-    def _stop_job(self, positions, grace: float) -> None:
+    def _stop_job(self, positions, grace: float, rule: tuple[str, str] | None = None) -> None:
+        """rule: (kind, reason) that the job's end names (stall, budget, idle)."""
         job = self._job()
         if job is None:
             return
 
         def one(i: int) -> None:
             try:
-                launch.kill(self.h, i, job.job_id, grace)
+                launch.kill(self.h, i, job.job_id, grace, rule=rule)
             except MlcloudError as e:
                 self.report.warn(f"node{i}: could not stop the job: {e}")
 
@@ -542,7 +543,7 @@ class Controller:
         """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then stop the cluster
         as its agents would (stop_by_rule below)."""
         if grace and self._running_job() is not None:
-            self._stop_job(range(len(self.h.nodes)), grace=grace)
+            self._stop_job(range(len(self.h.nodes)), grace=grace, rule=(kind, reason))
         self.gone = True
         stop_by_rule(self.store, self.h, kind, reason, self.report)
 

@@ -64,6 +64,7 @@ class Driver:
         self.elastic = launch.elastic_range(h) is not None
         self.following: dict[int, threading.Thread] = {}
         self.controller = None  # the autoscale controller running beside, if any
+        self.outcome: outcome.Outcome | None = None  # how the job ended, once it has
 
     def _show(self, text: str) -> None:
         """To the sink, if it still takes output: a closed stdout (`| head -1`, a dead CI
@@ -150,10 +151,15 @@ class Driver:
                 self.log.close()
                 raise
             self.note("interrupted: stopping the job on every node (it checkpoints on SIGTERM)")
-            self._stop_all(grace=10.0)
-            for th in list(self.following.values()):
-                th.join(timeout=30)
-            self._finish(state.JOB_CANCELLED, 130)
+            try:
+                self._stop_all(grace=10.0, cancelled=True)
+                for th in list(self.following.values()):
+                    th.join(timeout=30)
+            finally:  # a second Ctrl-C cuts the wait short, never the record: cancelled
+                self.outcome = outcome.Outcome(
+                    state.JOB_CANCELLED, 130, f"job {self.job.job_id} interrupted", "interrupt"
+                )
+                self._finish(state.JOB_CANCELLED, 130)
             raise
         finally:
             stop.set()
@@ -163,9 +169,28 @@ class Driver:
         if self.elastic and any(e.code == 0 for e in ends.values()):
             ends = {i: e for i, e in ends.items() if not self._lost(e)}
         result = outcome.decide(self.job.job_id, ends, [i for i in self.order if i in ends])
+        if result.status != state.JOB_SUCCEEDED and self._torn_down():
+            # `down` ran meanwhile: it stopped the job, which did not fail on its own
+            name = self.h.record.name
+            result = outcome.Outcome(
+                state.JOB_CANCELLED,
+                result.exit_code or 130,
+                f"job {self.job.job_id} stopped by `mlcloud down`: cluster {name} was torn "
+                "down while it ran",
+                "down",
+            )
+        self.outcome = result
         self.note(result.line)
         self._finish(result.status, result.exit_code)
         return result.exit_code
+
+    def _torn_down(self) -> bool:
+        """Whether `down` took (or is taking) the job's cluster: marked STOPPING, or gone."""
+        try:
+            rec = self.store.get_cluster(self.h.record.name)
+        except MlcloudError:
+            return False
+        return rec is None or rec.uid != self.job.uid or rec.status == state.STOPPING
 
     def _control(self, stop: threading.Event) -> threading.Thread:
         """Run the cluster's controller beside the following: lost nodes are replaced and
@@ -248,20 +273,20 @@ class Driver:
                     continue
                 self.cond.wait(timeout=0.5)
 
-    def _stop(self, nodes: list[int], grace: float) -> None:
+    def _stop(self, nodes: list[int], grace: float, cancelled: bool = False) -> None:
         """Stop the job on these nodes; one that cannot be reached is reported, not raised."""
         from mlcloud.parallel import fan_out
 
         def one(i: int) -> None:
             try:
-                launch.kill(self.h, i, self.job.job_id, grace)
+                launch.kill(self.h, i, self.job.job_id, grace, cancelled)
             except MlcloudError as e:
                 self.emit(i, f"could not stop the job there: {e}")
 
         fan_out(one, nodes)
 
-    def _stop_all(self, grace: float) -> None:
-        self._stop([i for i in self.following if i not in self.ends], grace)
+    def _stop_all(self, grace: float, cancelled: bool = False) -> None:
+        self._stop([i for i in self.following if i not in self.ends], grace, cancelled)
 
     def _finish(self, status: str, code: int) -> None:
         """Record the end. The database may be busy (another command, a slow disk): retry,
@@ -326,7 +351,7 @@ def _parse_end(code: int, stderr: str) -> NodeEnd:
                 d = json.loads(line[len(END_MARK) :])
             except ValueError:
                 break
-            return NodeEnd(code, d.get("failure"), bool(d.get("cancelled")))
+            return NodeEnd(code, d.get("failure"), bool(d.get("cancelled")), d.get("stopped"))
     return NodeEnd(code)
 
 

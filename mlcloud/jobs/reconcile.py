@@ -50,6 +50,23 @@ def probe(h: Handle, job_id: int) -> list[dict]:
     return fan_out(one, list(range(len(h.nodes))))
 
 
+def ended(h: Handle, job_id: int) -> outcome.Outcome | None:
+    """How the job ended, read from its nodes' exit codes, when it has ended on every node
+    (None while a node runs it, never started it or cannot be asked): whatever a local
+    follower, perhaps suspended or slow, has yet to record."""
+    nodes = probe(h, job_id)
+    if any(n["state"] not in ("ended", "killed") for n in nodes):
+        return None
+    ends = {
+        i: NodeEnd(
+            int(n["exit_code"]), n.get("failure"), bool(n.get("cancelled")), n.get("stopped")
+        )
+        for i, n in enumerate(nodes)
+    }
+    order = sorted(ends, key=lambda i: (nodes[i].get("ended_at") or 0.0, i))
+    return outcome.decide(job_id, ends, order)
+
+
 def rebuild_log(h: Handle, job: state.JobRecord, notes: list[str]) -> None:
     """Write the job's local log afresh from every node's output.log (node by node), then
     mlcloud's notes. Nodes that cannot be read keep nothing of the old log: say so."""
@@ -125,7 +142,9 @@ def _reconcile(store: state.Store, job: state.JobRecord, h: Handle) -> state.Job
             store.update_job(job.cluster, job.uid, job.job_id, status=state.JOB_RUNNING)
         return _get(store, job)
     ends = {
-        i: NodeEnd(int(n["exit_code"]), n.get("failure"), bool(n.get("cancelled")))
+        i: NodeEnd(
+            int(n["exit_code"]), n.get("failure"), bool(n.get("cancelled")), n.get("stopped")
+        )
         for i, n in enumerate(nodes)
     }
     order = sorted(ends, key=lambda i: (nodes[i].get("ended_at") or 0.0, i))
