@@ -454,16 +454,36 @@ def _signal(pid, sig):
 
 def stop_agent(root):
     """End the node agent (agent.py), found by its pid file: it carries no tag, so that
-    stopping a job never reaches it."""
+    stopping a job never reaches it. With the pid file gone (the node's directory removed),
+    by its command line, which names its root: `python ROOT/bin/agent.py run ROOT`."""
     try:
         with open(os.path.join(root, "agent", "agent.pid")) as f:
             pid = int(f.read().strip())
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             mine = b"agent.py" in f.read()  # not a process that took a dead agent's pid
     except (OSError, ValueError):
+        for pid in _agents_of(root):
+            _signal(pid, signal.SIGKILL)
         return
     if mine:
         _signal(pid, signal.SIGKILL)
+
+
+def _agents_of(root):
+    root = os.path.realpath(root)
+    want = [os.path.join(root, "bin", "agent.py").encode(), b"run", root.encode()]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        if args[1:] == want:
+            found.append(int(entry))
+    return found
 
 
 def cleanup(root, prefix):

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mlcloud import providers, state
+from mlcloud import providers, state, templates
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
 from mlcloud.providers.base import (
@@ -502,13 +502,15 @@ def stop_processes(
     ssh = ssh_options(rec.spec) if rec else SshOptions()
     known = {n.node_id: n for n in rec.nodes} if rec else {}
 
+    source = templates.path("node_ctl.py").read_bytes()  # for a node whose copy is gone
+
     def one(node: Node) -> None:
         seen = known.get(node.node_id)
         t = provider.transport(ref, node, f"node{seen.idx}" if seen else node.node_id, ssh)
         if seen and seen.python:
             t.python = seen.python
         try:
-            t.run(stop_line(t.python, node.root, ref.uid), timeout=120)
+            t.run(stop_line(t.python, node.root, ref.uid), timeout=120, stdin=source)
         except RemoteError:
             pass
         finally:
