@@ -179,3 +179,43 @@ def test_logs_with_its_log_directory_gone_is_an_error(project, mlcloud_home):
         assert r.returncode == 1 and r.stdout == "", (args, r.stdout, r.stderr)
         assert r.stderr.startswith("error: job 1's log is gone") and r.stderr.count("\n") == 1
     assert run_cli("down", "lg", "--yes").returncode == 0
+
+
+NOISY = """\
+import sys
+print("step 1", flush=True)
+sys.stderr.write(
+    "[W1207 18:15:10.175646965 TCPStore.cpp:115] [c10d] recvVector failed on SocketImpl(fd=3, "
+    "addr=[::ffff:127.0.0.1]:46450, remote=[::ffff:127.0.0.1]:24557): Failed to recv, got 0 "
+    "bytes. Connection was likely closed. Did the remote server shutdown or crash?\\n"
+    "Exception raised from recvBytes at /pytorch/torch/csrc/distributed/c10d/Utils.hpp:787\\n"
+    "frame #0: c10::Error::Error(c10::SourceLocation) + 0x9d (0x7fd0 in libc10.so)\\n"
+    "frame #1: <unknown function> + 0x674777d (0x7fd0 in libtorch_cpu.so)\\n"
+    "<omitting python frames>\\n"
+    "frame #27: _start + 0x21 (0x5612 in python)\\n"
+    "\\n"
+    "W1207 18:15:10.216000 5777 torch/distributed/elastic/rendezvous/dynamic_rendezvous.py:1298]"
+    " The node '127.0.0.1_5777_0' has failed to shutdown the rendezvous 'x-1' due to an error of"
+    " type RendezvousConnectionError.\\n"
+)
+sys.stderr.flush()
+print("done", flush=True)
+"""
+
+
+def test_torchs_teardown_noise_is_kept_from_the_terminal_not_the_log(tmp_path, mlcloud_home):
+    project = tmp_path / "noisy"
+    project.mkdir()
+    (project / "noisy.py").write_text(NOISY)
+    up("nz")
+    r = run_cli("train", "nz", "-w", str(project), "--nproc-per-node", "1", "noisy.py")
+    assert r.returncode == 0, r.stderr
+    shown = r.stdout + r.stderr
+    assert "[node0] step 1" in shown and "[node0] done" in shown, shown
+    for noise in ("Failed to recv", "frame #", "Exception raised from", "omitting python"):
+        assert noise not in shown, shown
+    assert "failed to shutdown the rendezvous" not in shown, shown
+    assert r.stdout.strip().splitlines()[-1] == "[mlcloud] job 1 succeeded on 1 node(s)", shown
+    log = Path(the_job("nz")["log"]).read_text()
+    assert "frame #27" in log and "Failed to recv" in log and "failed to shutdown" in log
+    assert run_cli("down", "nz", "--yes").returncode == 0

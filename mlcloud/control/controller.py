@@ -66,6 +66,7 @@ class Controller:
         self.gone = False  # the cluster was torn down by a decision
         self.busy = threading.Event()  # set while a plan is being applied
         self.retired: set[str] = set()  # node ids the pass being applied retired already
+        self.job_gone: set[str] = set()  # node ids where the job's processes went (job_lost)
 
     # -- state kept between passes (a `--once` from cron picks up where the last one left)
 
@@ -108,6 +109,13 @@ class Controller:
         else:
             atomic.write(path, json.dumps([self.grow_refusals, now]).encode())
 
+    def job_lost(self, node_id: str) -> None:
+        """The follower saw the job's processes on this node end with no end of their own (all
+        killed) while the job runs on: the next pass restarts the job (policy: job_gone). Ends
+        seen while a plan is applied are the plan's own doing (a restart's stop)."""
+        if not self.busy.is_set():
+            self.job_gone.add(node_id)
+
     # -- gather
 
     def snapshot(self, now: float) -> pol.Snapshot:
@@ -128,11 +136,14 @@ class Controller:
                     newest,
                     agentview.since(p.samples, "idle"),
                     agentview.since(p.samples, "stalled"),
+                    p.reachable and rec.node_id in self.job_gone,
                 )
             )
         self.misses = {k: v for k, v in self.misses.items() if k in listed or v}
         job = self._job()
         running = job is not None and job.status in (state.JOB_STARTING, state.JOB_RUNNING)
+        if not running:
+            self.job_gone.clear()
         remaining = (
             agentview.job_remaining([p.samples for p in probes], job.job_id)
             if job is not None and running
@@ -514,6 +525,7 @@ class Controller:
             )  # the earlier run's output is kept beside, not shown again
 
         fan_out(reset, everyone)
+        self.job_gone.clear()  # it starts afresh on every node
         new = launch.Rendezvous(launch.free_port(h), rdzv.number + 1, rdzv.nproc)
         launch.save_request(job, req, new)
         launch.prepare_nodes(h, req, everyone, self.report, lambda i, line: None)

@@ -38,6 +38,11 @@ RECORD_RETRY = 60.0
 # is recorded. Held open while the controller is applying a plan.
 RECOVERY_WAIT = 30.0
 END_MARK = "mlcloud-end "  # node_ctl follow's last stderr line: the node's end, as JSON
+# torch's benign teardown noise (Driver._noise): the lines that open a c10d "Failed to recv"
+# C++ trace, the trace's own lines, and the rendezvous shutdown warning that follows it
+NOISE_STARTS = ("Failed to recv, got 0 bytes", "] recvVector failed on SocketImpl")
+NOISE_TRACE = ("Exception raised from ", "frame #", "<omitting python frames>")
+NOISE_RDZV = "has failed to shutdown the rendezvous"
 
 Sink = Callable[[str], None]
 
@@ -65,6 +70,8 @@ class Driver:
         self.following: dict[int, threading.Thread] = {}
         self.controller = None  # the autoscale controller running beside, if any
         self.outcome: outcome.Outcome | None = None  # how the job ended, once it has
+        self.in_noise: set[int] = set()  # nodes in the middle of a trace of torch's noise
+        self.hidden = 0  # lines of it kept from the terminal (the log has them)
 
     def _show(self, text: str) -> None:
         """To the sink, if it still takes output: a closed stdout (`| head -1`, a dead CI
@@ -82,8 +89,26 @@ class Driver:
             self.log.write(text + "\n")
             if self.skip.get(node, 0) > 0:
                 self.skip[node] -= 1
-            else:
+            elif not self._noise(node, line):
                 self._show(text)
+
+    def _noise(self, node: int, line: str) -> bool:
+        """torch's known teardown noise: a node's c10d store closing under the others as a job
+        ends prints "Failed to recv" with a C++ trace (frame #0 ...), and a rendezvous that
+        could not be shut down says so. The log keeps it; the terminal is spared it."""
+        if any(mark in line for mark in NOISE_STARTS):
+            self.in_noise.add(node)
+            self.hidden += 1
+            return True
+        if node in self.in_noise:
+            if not line.strip() or line.startswith(NOISE_TRACE):
+                self.hidden += 1
+                return True
+            self.in_noise.discard(node)
+        if NOISE_RDZV in line:
+            self.hidden += 1
+            return True
+        return False
 
     def note(self, line: str) -> None:
         text = f"[mlcloud] {line}"
@@ -110,6 +135,9 @@ class Driver:
             if self.following.get(i) is threading.current_thread():
                 self.ends[i] = end
                 self.order.append(i)
+                ctl = self.controller
+                if ctl is not None and self._lost(end) and i < len(self.h.nodes):
+                    ctl.job_lost(self.h.nodes[i].node_id)  # the others would wait in vain
             self.cond.notify_all()
 
     def follow(self, i: int) -> None:
@@ -180,6 +208,11 @@ class Driver:
                 "down",
             )
         self.outcome = result
+        if self.hidden and result.status != state.JOB_SUCCEEDED:
+            self.note(
+                f"{self.hidden} line(s) of torch's teardown noise (c10d 'Failed to recv' "
+                f"traces) were not shown; the log has them: {self.job.log_path}"
+            )
         self.note(result.line)
         self._finish(result.status, result.exit_code)
         return result.exit_code
