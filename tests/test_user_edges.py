@@ -40,6 +40,7 @@ def test_declining_any_prompt_is_aborted_exit_1_and_nothing_changes(mlcloud_home
         for args, answer in (
             (["down", "keep"], "n"),
             (["down", "keep", "--json"], ""),
+            (["down", "keep"], "\x04"),  # Ctrl-D: the end of input is a no too
             (["doctor", "--rebuild", "-p", "local"], "no"),
         ):
             r = on_a_terminal(args, answer)
