@@ -197,8 +197,9 @@ class Driver:
         if self.elastic and any(e.code == 0 for e in ends.values()):
             ends = {i: e for i, e in ends.items() if not self._lost(e)}
         result = outcome.decide(self.job.job_id, ends, [i for i in self.order if i in ends])
-        if result.status != state.JOB_SUCCEEDED and self._torn_down():
-            # `down` ran meanwhile: it stopped the job, which did not fail on its own
+        if result.status != state.JOB_SUCCEEDED and not result.stopped_by and self._torn_down():
+            # `down` ran meanwhile: it stopped the job, which did not fail on its own (a rule
+            # that tears the cluster down, a budget on a cloud, is named as the rule)
             name = self.h.record.name
             result = outcome.Outcome(
                 state.JOB_CANCELLED,
