@@ -70,6 +70,7 @@ class Driver:
         self.following: dict[int, threading.Thread] = {}
         self.controller = None  # the autoscale controller running beside, if any
         self.outcome: outcome.Outcome | None = None  # how the job ended, once it has
+        self.stopping = False  # this driver stopped nodes: what ends now is its doing
         self.in_noise: set[int] = set()  # nodes in the middle of a trace of torch's noise
         self.hidden = 0  # lines of it kept from the terminal (the log has them)
 
@@ -136,7 +137,7 @@ class Driver:
                 self.ends[i] = end
                 self.order.append(i)
                 ctl = self.controller
-                if ctl is not None and self._lost(end) and i < len(self.h.nodes):
+                if ctl is not None and self._lost(end) and self._may_recover():
                     ctl.job_lost(self.h.nodes[i].node_id)  # the others would wait in vain
             self.cond.notify_all()
 
@@ -153,6 +154,8 @@ class Driver:
         to the waiter), and follow them."""
         threads = {i: threading.Thread(target=self._follow, args=(i,), daemon=True) for i in nodes}
         with self.cond:
+            if len(nodes) == len(self.h.nodes):
+                self.stopping = False  # the job starts afresh everywhere
             for i in nodes:
                 self.ends.pop(i, None)
             self.order = [j for j in self.order if j not in threads]
@@ -160,6 +163,13 @@ class Driver:
             self.cond.notify_all()
         for th in threads.values():
             th.start()
+
+    def _may_recover(self) -> bool:
+        """Whether a node's lost part may restart the job: not when this driver stopped it (the
+        job is ending) nor once a node failed on its own (a restart would fail again)."""
+        return not self.stopping and not any(
+            e.code != 0 and not self._lost(e) for e in self.ends.values()
+        )
 
     def _lost(self, end: NodeEnd) -> bool:
         """An elastic job goes on without a node whose processes or connection went away."""
@@ -310,6 +320,8 @@ class Driver:
     def _stop(self, nodes: list[int], grace: float, cancelled: bool = False) -> None:
         """Stop the job on these nodes; one that cannot be reached is reported, not raised."""
         from mlcloud.parallel import fan_out
+
+        self.stopping = True
 
         def one(i: int) -> None:
             try:
