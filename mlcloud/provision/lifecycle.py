@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mlcloud import providers, state, templates
+from mlcloud import providers, state
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.parallel import fan_out
 from mlcloud.providers.base import (
@@ -24,7 +24,7 @@ from mlcloud.providers.base import (
 from mlcloud.provision import bootstrap
 from mlcloud.provision.handle import Handle, owner, provider_node, ref_of, ssh_options
 from mlcloud.remote import keys
-from mlcloud.remote.shell import node_number, stop_line
+from mlcloud.remote.shell import node_number, stop_input, stop_line
 from mlcloud.remote.transport import (
     RemoteError,
 )
@@ -502,7 +502,7 @@ def stop_processes(
     ssh = ssh_options(rec.spec) if rec else SshOptions()
     known = {n.node_id: n for n in rec.nodes} if rec else {}
 
-    source = templates.path("node_ctl.py").read_bytes()  # for a node whose copy is gone
+    source = stop_input()
 
     def one(node: Node) -> None:
         seen = known.get(node.node_id)
