@@ -130,6 +130,31 @@ CASES = [
         Policy(),
         [RESTART, REPLACE],
     ),
+    # a node answers but the job's processes on it are gone: restart on what is left
+    (
+        "job-gone-restart",
+        snap(nodes=(node(0), node(1, job_gone=True)), min_nodes=1),
+        Policy(),
+        [RESTART],
+    ),
+    (
+        "job-gone-on-the-head-restart",
+        snap(nodes=(node(0, job_gone=True), node(1)), min_nodes=1),
+        Policy(),
+        [RESTART],
+    ),
+    (
+        "job-gone-no-job-nothing",
+        snap(nodes=(node(0), node(1, job_gone=True)), job=DONE, ended_at=NOW),
+        Policy(),
+        [],
+    ),
+    (
+        "job-gone-and-head-lost-one-restart",
+        snap(nodes=(node(0, unreachable=2), node(1, job_gone=True))),
+        Policy(),
+        [RESTART, REPLACE],
+    ),
     (
         "head-lost-no-job-no-restart",
         snap(nodes=(node(0, unreachable=2), node(1)), job=DONE, ended_at=NOW),

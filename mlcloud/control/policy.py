@@ -40,6 +40,9 @@ class NodeView:
     verdict: str | None = None  # the agent's newest: idle|busy|stalled|starting, None: no agent
     idle_since: float | None = None  # start of the agent's unbroken run of idle verdicts
     stalled_since: float | None = None  # likewise for stalled
+    # the running job's processes there are gone though the node answers (killed, OOM): lost
+    # for the job, whose survivors would otherwise wait in torchrun's exit barrier (300 s)
+    job_gone: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,17 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
                 "the head node is lost: restarting the job from its newest checkpoint "
                 "with a new head",
                 0,
+            )
+        )
+    gone = [n for n in snap.nodes if n.job_gone and not lost_reason(n, policy)]
+    if gone and running and not head_lost:
+        where = ", ".join(f"node{n.idx} ({n.node_id})" for n in gone)
+        actions.append(
+            Action(
+                RESTART,
+                f"the job's processes on {where} are gone (the node answers): restarting the "
+                f"job from its newest checkpoint on {alive} node(s)",
+                gone[0].idx,
             )
         )
     # No job, and the nodes still up idle for about idle_minutes: the lost ones stopped
