@@ -24,6 +24,7 @@ from mlcloud.errors import (
     EXIT_QUOTA,
     EXIT_USAGE,
     BusyError,
+    LocalWriteError,
     MlcloudError,
     NotFoundError,
     UsageError,
@@ -83,7 +84,8 @@ def describe(e: BaseException) -> Failure:
     if provider:
         return Failure("cloud", _sdk_line(provider, e), EXIT_FAILED)
     if isinstance(e, OSError) and e.errno in _ENVIRONMENT:
-        where = f"{e.filename}: " if e.filename else ""
+        # a path, never a descriptor's number (an fd's filename is its number)
+        where = f"{e.filename}: " if isinstance(e.filename, (str, bytes)) and e.filename else ""
         what = (e.strerror or str(e)).lower()
         return Failure("environment", f"{where}{what}; {_ENVIRONMENT[e.errno]}", EXIT_FAILED)
     path = write_traceback(e)
@@ -97,7 +99,12 @@ def describe(e: BaseException) -> Failure:
 
 def _kind(e: MlcloudError) -> str:
     """A fixed vocabulary (README, "Exit codes"), not class names, so scripts can rely on it."""
-    for cls, kind in ((UsageError, "usage"), (NotFoundError, "not_found"), (BusyError, "busy")):
+    for cls, kind in (
+        (UsageError, "usage"),
+        (NotFoundError, "not_found"),
+        (BusyError, "busy"),
+        (LocalWriteError, "environment"),
+    ):
         if isinstance(e, cls):
             return kind
     return {EXIT_CAPACITY: "capacity", EXIT_QUOTA: "quota", EXIT_AUTH: "auth"}.get(

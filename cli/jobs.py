@@ -181,7 +181,7 @@ def train(
         output.close(rep)
         h.close()
         if pull_to is not None and job is not None:
-            pulled = _pull_after(store, name, job.job_id, dest)
+            pulled = _pull_after(store, name, job.job_id, dest, down)
             down = down and pulled == 0
             code = code or pulled
         if down and not detach:
@@ -217,13 +217,14 @@ def _pull_dest(value: str | None) -> Path | None:
     return Path(value)
 
 
-def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
+def _pull_after(store, name: str, job_id: int, dest: Path | None, down: bool) -> int:
     """Pull the job's outputs: 0, or the exit code of a pull that failed (1) or was
-    interrupted (130), which is said, not raised, so a failed job's own code stays train's.
-    When not everything came home, --down keeps the cluster."""
+    interrupted (130). Whatever ended the pull is said, not raised, so a failed job's own code
+    stays train's; when not everything came home, --down keeps the cluster, and says so."""
+    from mlcloud.cli.failures import describe
     from mlcloud.cli.pull import Bars, show
 
-    from mlcloud.errors import MlcloudError
+    from mlcloud.errors import EXIT_INTERRUPTED
     from mlcloud.jobs import pull
 
     rep = output.reporter()
@@ -232,13 +233,16 @@ def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
         done = pull.pull(
             store, name, dest, job_id=job_id, report=rep, progress=bars.node if bars else None
         )
-    except (MlcloudError, KeyboardInterrupt) as e:
-        why = f"failed: {e}" if isinstance(e, MlcloudError) else "was interrupted"
+    except (Exception, KeyboardInterrupt) as e:
+        failure = describe(e)
+        interrupted = failure.exit_code == EXIT_INTERRUPTED
+        why = "was interrupted" if interrupted else f"failed: {failure.message}"
+        kept = "--down was not done: " if down else ""
         rep.warn(
-            f"pulling job {job_id}'s outputs {why}; the cluster is kept so they are not "
+            f"pulling job {job_id}'s outputs {why}; {kept}the cluster is kept so they are not "
             f"lost: `mlcloud pull {name}`, then `mlcloud down {name}`"
         )
-        return 1 if isinstance(e, MlcloudError) else 130
+        return EXIT_INTERRUPTED if interrupted else 1
     finally:
         if bars:
             bars.close()

@@ -28,7 +28,7 @@ ALWAYS_IGNORED = [
     ".venv/",
     ".mlcloud/",
     MANIFEST,
-    "*.mlcloud-tmp",
+    ".mlcloud-tmp.*",  # the receivers' temporaries (templates/receive.py tmp_name)
 ]
 IGNORE_HINT = "add it to .mlcloudignore"
 
