@@ -96,7 +96,12 @@ def up(
         None, "--gpus", help="GPUs per node, e.g. A100:8: the cheapest matching offer is picked."
     ),
     max_hours: float | None = options.number(
-        None, "--max-hours", min=0.0, help="Show the plan's cost for this many hours."
+        None,
+        "--max-hours",
+        min=0,
+        max=87600,
+        above=True,
+        help="Show the plan's cost for this many hours.",
     ),
     near: str | None = typer.Option(
         None,
@@ -503,7 +508,7 @@ def status(
 
 def ssh(
     name: str = typer.Argument(..., help="Cluster."),
-    node: int = typer.Option(0, "--node", min=0, help="Node index (0 is the head)."),
+    node: int = options.whole(0, "--node", min=0, help="Node index (0 is the head)."),
 ) -> None:
     """Open an interactive shell on a node, in the job's working directory."""
     import os
@@ -537,7 +542,11 @@ def gc(
         None, "--owner", help="Also delete the clusters of this owner id (repeatable)."
     ),
     min_age: float = options.number(
-        10.0, "--min-age", min=0.0, help="Keep clusters younger than this many minutes."
+        10.0,
+        "--min-age",
+        min=0,
+        max=525600,
+        help="Keep clusters younger than this many minutes.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list; delete nothing."),
     yes: bool = options.YES,

@@ -27,7 +27,7 @@ def doctor(
         None, "--region", help="--rebuild: cloud regions to search (default: the configured one)."
     ),
     timeout: float = options.number(
-        10.0, "--timeout", min=0.1, help="Seconds to wait for each node to answer."
+        10.0, "--timeout", min=0.1, max=3600, help="Seconds to wait for each node to answer."
     ),
     yes: bool = options.YES,
     json: bool = options.JSON,

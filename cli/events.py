@@ -15,8 +15,8 @@ def events(
     follow: bool = typer.Option(
         False, "--follow", "-F", help="Keep asking the nodes and print new events as they come."
     ),
-    interval: float = typer.Option(
-        2.0, "--interval", min=0.5, help="--follow: seconds between two looks."
+    interval: float = options.number(
+        2.0, "--interval", min=0.5, max=86400, help="--follow: seconds between two looks."
     ),
 ) -> None:
     """Show a cluster's events (time in UTC, kind, node, message): scaling, idle teardown,

@@ -44,8 +44,12 @@ def train(
         help="Directory shipped to every node (default: spec's, else .).",
         file_okay=False,
     ),
-    nproc_per_node: int | None = typer.Option(
-        None, "--nproc-per-node", min=1, help="Processes per node (default: one per GPU, else 1)."
+    nproc_per_node: int | None = options.whole(
+        None,
+        "--nproc-per-node",
+        min=1,
+        max=4096,
+        help="Processes per node (default: one per GPU, else 1).",
     ),
     env: list[str] | None = typer.Option(
         None,
@@ -332,7 +336,7 @@ def _spawn_driver(name: str, job, down: bool) -> int:
 
 def logs(
     name: str = typer.Argument(..., help="Cluster."),
-    job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
+    job: int | None = options.JOB,
     follow: bool = typer.Option(False, "--follow", "-F", help="Keep printing until the job ends."),
 ) -> None:
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code.
@@ -453,9 +457,9 @@ def _adopt(store, job, shown: dict[str, int]) -> bool:
 
 def cancel(
     name: str = typer.Argument(..., help="Cluster."),
-    job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
+    job: int | None = options.JOB,
     grace: float = options.number(
-        30.0, "--grace", min=0, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
+        30.0, "--grace", min=0, max=86400, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
     ),
     json_out: bool = options.JSON,
 ) -> None:

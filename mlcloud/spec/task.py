@@ -5,13 +5,13 @@ Every refusal is one line naming the file, line and field, so a person can fix i
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlcloud import numbers
 from mlcloud.errors import UsageError
 
 _GPU_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
@@ -45,6 +45,9 @@ class TrainSpec:
 
 
 ON_STALL = ("report", "stop")
+MINUTES_MAX = 525_600  # a year: the most any of the autoscale minutes may be
+POLL_MIN_S = 0.5  # as `autoscale --interval`: a faster poll only spins
+MAX_NODES = 10_000
 
 
 @dataclass(frozen=True)
@@ -141,19 +144,20 @@ class TaskSpec:
 def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
     """(MIN, MAX) from `N` (fixed size: MIN is None) or `MIN:MAX` (elastic, 1 <= MIN <= MAX)."""
     bad = UsageError(
-        f"{where}: must be a whole number of 1 or more, or MIN:MAX (e.g. 2:4), got {value!r}"
+        f"{where}: must be a whole number from 1 to {MAX_NODES:,}, or MIN:MAX (e.g. 2:4), "
+        f"got {value!r:.40}"
     )
     if isinstance(value, bool):
         raise bad
     if isinstance(value, int):
-        if value < 1:
+        if not 1 <= value <= MAX_NODES:
             raise bad
         return None, value
     m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value) if isinstance(value, str) else None
     if not m:
         raise bad
     low, high = int(m[1]), int(m[2] or m[1])
-    if low < 1 or high < low:
+    if low < 1 or high < low or high > MAX_NODES:
         raise bad
     return (low if m[2] else None), high
 
@@ -168,8 +172,10 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
         return GpuSpec(model, 1)
     if not _COUNT_RE.fullmatch(count):
         raise UsageError(f"{where}: {text!r} has a GPU count that is not a whole number; {hint}")
-    if int(count) < 1:
-        raise UsageError(f"{where}: {text!r} asks for {count} GPUs; the count must be 1 or more")
+    if not 1 <= int(count) <= 1024:
+        raise UsageError(
+            f"{where}: {text!r:.40} asks for {count:.20} GPUs; the count must be 1 to 1024"
+        )
     return GpuSpec(model, int(count))
 
 
@@ -421,29 +427,31 @@ def _str(d: dict, key: str, where: _Where, path: str | None = None) -> str | Non
     return value
 
 
-def _int(d: dict, key: str, where: _Where, path: str | None = None) -> int | None:
+def _int(
+    d: dict, key: str, where: _Where, path: str | None = None, high: int = numbers.MAX_INT
+) -> int | None:
     value = d.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(
-            f"{where(path or key)}: must be a whole number of 1 or more, got {value!r}"
-        )
-    return value
+    return int(_number(value, where(path or key), 1, high, whole=True))
 
 
-def _positive(d: dict, key: str, where: _Where, path: str) -> float | None:
+def _positive(
+    d: dict, key: str, where: _Where, path: str, low: float = 0, high: float = 1e9
+) -> float | None:
+    """A number above 0 (or from `low`, when it is above 0) up to high."""
     value = d.get(key)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise UsageError(f"{where(path)}: must be a number above 0, got {value!r}")
-    return float(value)
+    return float(_number(value, where(path), low, high, above=low == 0))
+
+
+def _number(value: Any, where: str, low: float, high: float, **kw: bool) -> float | int:
+    """The one number check (mlcloud/numbers.py), refusing with the file, line and key."""
+    try:
+        return numbers.check(value, low, high, **kw)
+    except numbers.Invalid as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
 def _build(d: dict, where: _Where) -> TaskSpec:
@@ -511,9 +519,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         max_size = parse_size(max_size, where("max_workdir_size"))
     ssh = _section(d, "ssh", where)
     gce = _section(d, "gce", where)
-    port = _int(ssh, "port", where, "ssh.port")
-    if port is not None and port > 65535:
-        raise UsageError(f"{where('ssh.port')}: {port} is not a TCP port (1-65535)")
+    port = _int(ssh, "port", where, "ssh.port", high=65535)
     min_nodes, max_nodes = (
         parse_nodes(d["nodes"], where("nodes")) if d.get("nodes") is not None else (None, None)
     )
@@ -531,7 +537,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         region=_str(d, "region", where),
         zone=_str(d, "zone", where),
         spot=spot,
-        spot_max_price=_positive(d, "spot_max_price", where, "spot_max_price"),
+        spot_max_price=_positive(d, "spot_max_price", where, "spot_max_price", high=1e6),
         image=_str(d, "image", where),
         workdir=_str(d, "workdir", where),
         max_workdir_files=_int(d, "max_workdir_files", where),
@@ -540,7 +546,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         train=TrainSpec(
             script=_str(train, "script", where, "train.script"),
             args=tuple(_scalar(a) for a in args),
-            nproc_per_node=_int(train, "nproc_per_node", where, "train.nproc_per_node"),
+            nproc_per_node=_int(train, "nproc_per_node", where, "train.nproc_per_node", high=4096),
         ),
         envs={k: _scalar(v) for k, v in envs.items()},
         checkpoint_dir=_checkpoint_dir(d, where),
@@ -597,15 +603,11 @@ def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:
     """The autoscale section; a key left out (or stored as null) takes its default."""
     default = AutoscaleSpec()
 
-    def number(key: str) -> float:
-        value = _positive(auto, key, where, f"autoscale.{key}")
+    def number(key: str, low: float = 0, high: float = MINUTES_MAX) -> float:
+        value = _positive(auto, key, where, f"autoscale.{key}", low, high)
         return getattr(default, key) if value is None else value
 
-    util = number("idle_util_percent")
-    if util > 100:
-        raise UsageError(
-            f"{where('autoscale.idle_util_percent')}: must be 100 or less, got {util:g}"
-        )
+    util = number("idle_util_percent", high=100)
     on_stall = auto.get("on_stall")
     if on_stall is None:
         on_stall = default.on_stall
@@ -628,7 +630,7 @@ def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:
         max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
         heartbeat_minutes=number("heartbeat_minutes"),
         replace_lost=replace_lost,
-        poll_seconds=number("poll_seconds"),
+        poll_seconds=number("poll_seconds", POLL_MIN_S, 86400),
     )
 
 
