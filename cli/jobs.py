@@ -97,6 +97,8 @@ def train(
         )
     dest = _pull_dest(pull_to)
     spec = load(file, workdir=str(workdir.resolve()) if workdir else None)
+    if script is not None and not script.strip():  # `train NAME "$SCRIPT"` with it unset
+        raise UsageError("SCRIPT: empty; name the script, or leave it out for train.script")
     if script and script.startswith("-"):  # `train NAME -f spec -- --steps 5`: args only
         script_args, script = [script, *(script_args or [])], None
     script = script or spec.train.script
@@ -495,10 +497,13 @@ def exec_(
     Exits non-zero if any node failed. Returns when the shell exits: background processes
     (`cmd &`) should send their output to a file."""
     from mlcloud import state
+    from mlcloud.errors import UsageError
     from mlcloud.parallel import fan_out
     from mlcloud.provision import handle
     from mlcloud.remote import shell
 
+    if not any(c.strip() for c in command):
+        raise UsageError("COMMAND: empty; give the command to run on every node")
     store = state.open_store()
     h = handle.open_cluster(store, name)
     line = command[0] if len(command) == 1 else shell.join(command)

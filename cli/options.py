@@ -22,10 +22,6 @@ IDENTITY = typer.Option(
     help="SSH private key (default: ssh-agent, then ~/.ssh/id_*).",
     dir_okay=False,
 )
-SSH_USER = typer.Option(None, "--ssh-user", help="SSH login user (default: the host's user@).")
-PROXY_COMMAND = typer.Option(
-    None, "--proxy-command", help="OpenSSH ProxyCommand, %h and %p substituted (bastions)."
-)
 
 
 def number(
@@ -67,3 +63,23 @@ def _checked(low: float, high: float, above: bool, whole: bool):
 
 SSH_PORT = whole(None, "--ssh-port", min=1, max=65535, help="SSH port (default: 22).")
 JOB = whole(None, "--job", "-j", min=1, help="Job id (default: the latest).")
+
+
+def given(value: Any) -> Any:
+    """Callback: a flag given empty (`--region "$REGION"` with it unset, or one of a repeated
+    flag's values) is refused, never read as left out: that would fall back to a default."""
+    items = value if isinstance(value, list | tuple) else [value]
+    if value is not None and any(not str(v).strip() for v in items):
+        raise typer.BadParameter("empty; give a value, or leave the option out for the default")
+    return value
+
+
+SSH_USER = typer.Option(
+    None, "--ssh-user", callback=given, help="SSH login user (default: the host's user@)."
+)
+PROXY_COMMAND = typer.Option(
+    None,
+    "--proxy-command",
+    callback=given,
+    help="OpenSSH ProxyCommand, %h and %p substituted (bastions).",
+)

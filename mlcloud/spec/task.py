@@ -138,7 +138,7 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
         """Rebuild a spec stored in state (already validated when it was written)."""
-        return _build(d, _Where("state", {}))
+        return _build(d, _Where("state", {}, stored=True))
 
 
 def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
@@ -259,8 +259,9 @@ def load_spec(path: Path) -> TaskSpec:
 class _Where:
     """Turns a field path into `file:line: field` for messages."""
 
-    def __init__(self, source: str, lines: dict[str, int]):
+    def __init__(self, source: str, lines: dict[str, int], stored: bool = False):
         self.source, self.lines = source, lines
+        self.stored = stored  # a spec state kept (its empty lists are its defaults), not a file
 
     def __call__(self, key: str) -> str:
         line = self.lines.get(key)
@@ -507,6 +508,8 @@ def _build(d: dict, where: _Where) -> TaskSpec:
     hosts = d.get("hosts")
     if hosts is None:
         hosts = []
+    elif hosts == [] and not where.stored:
+        raise empty_list(where("hosts"), "['alice@10.0.0.5', 'alice@10.0.0.6']")
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         raise UsageError(
             f"{where('hosts')}: must be a list of [user@]host[:port], e.g. "
@@ -587,6 +590,8 @@ def _storage(storage: dict, where: _Where) -> StorageSpec:
     data = storage.get("data")
     if data is None:
         data = []
+    elif data == [] and not where.stored:
+        raise empty_list(where("storage.data"), "['s3://BUCKET/PREFIX']")
     if isinstance(data, str):
         data = [data]
     if not isinstance(data, list):
@@ -643,11 +648,35 @@ def _cidrs(ssh: dict, where: _Where) -> tuple[str, ...]:
     value = ssh.get("allowed_cidrs")
     if value is None:
         return ()
+    if value == [] and not where.stored:
+        raise empty_list(where("ssh.allowed_cidrs"), "['203.0.113.4/32']")
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise UsageError(f"{where('ssh.allowed_cidrs')}: must be a list like ['203.0.113.4/32']")
     return tuple(check_cidr(str(v), where("ssh.allowed_cidrs")) for v in value)
+
+
+def empty_list(where: str, example: str) -> UsageError:
+    """An empty list given is a mistake (an unset variable in CI), never the default: `--hosts
+    ""` must not quietly make a local cluster."""
+    return UsageError(
+        f"{where}: an empty list; name at least one, e.g. {example}, or leave it out for the "
+        "default"
+    )
+
+
+def split_list(value: str | None, where: str, example: str) -> tuple[str, ...] | None:
+    """A comma-separated flag's items (None: not given). Empty (``, `,`), or with an empty
+    item (`a,,b`, `$H1,$H2` with H2 unset), is refused."""
+    if value is None:
+        return None
+    items = tuple(item.strip() for item in value.split(","))
+    if not any(items):
+        raise empty_list(where, example)
+    if not all(items):
+        raise UsageError(f"{where}: {value!r} has an empty item; give e.g. {example}")
+    return items
 
 
 def check_cidr(text: str, where: str = "--allow-ssh-from") -> str:
