@@ -48,6 +48,9 @@ _ENVIRONMENT = {
     errno.ENOTDIR: "a file stands where a directory should be: move it aside",
     errno.EISDIR: "a directory stands where a file should be: move it aside",
     errno.EEXIST: "something is in the way: move it aside",
+    errno.ENAMETOOLONG: "a name is too long for that file system: shorten it",
+    errno.EFBIG: "a file is too large for that file system",
+    errno.EIO: "the disk reported an I/O error: check it",
 }
 
 
