@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from conftest import run_cli
 from mlcloud.templates.receive import is_tmp, tmp_name
 
+from mlcloud import templates
 from mlcloud.remote import fetch
 
 LONG = "L" * 255  # the longest name ext4, xfs and tmpfs take
@@ -207,3 +209,25 @@ def test_train_pull_down_keeps_the_jobs_own_code_and_the_cluster(mlcloud_home, m
     assert run_cli("pull", "keep", str(dest)).returncode == 0
     assert (dest / "node0" / "model.pt").read_text() == "m"
     assert run_cli("down", "keep", "--yes").returncode == 0
+
+
+def test_the_nodes_receiver_takes_the_longest_names(tmp_path):
+    """What a node runs for `train`'s workdir sync (templates/receive.py), fed a stream as
+    mlcloud/remote/sync.py packs it: a 255-byte name lands, and its temporary is gone."""
+    from mlcloud.remote import sync
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "deep").mkdir(parents=True)
+    (src / LONG).write_text("top")
+    (src / "deep" / LONG).write_text("below")
+    local = sync.scan(src)
+    send, delete = sync.diff(local, {})
+    stream = sync.pack(src, send, delete, local)
+    r = subprocess.run(
+        [sys.executable, "-I", "-S", str(templates.path("receive.py")), str(dest)],
+        input=stream,
+        capture_output=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (dest / LONG).read_text() == "top" and (dest / "deep" / LONG).read_text() == "below"
+    assert leftovers(dest) == []
