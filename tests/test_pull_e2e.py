@@ -262,11 +262,7 @@ def test_down_says_when_the_newest_jobs_outputs_were_never_pulled(local, tmp_pat
     r = run_cli("down", "loc")
     assert r.returncode == 2 and "never pulled" not in r.stderr
 
-    from mlcloud.jobs import launch
-
     job = store.new_job("loc", uid, "train.py", 2, 1, paths.logs_dir("loc"))
-    request = launch.JobRequest(tmp_path, "train.py", (), None, {}, None, None)
-    launch.save_request(job, request, launch.Rendezvous(29500, 0, 1))  # started on its nodes
     r = run_cli("down", "loc", "--yes", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["clusters"][0]["unpulled_job"] == 2

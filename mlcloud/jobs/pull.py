@@ -153,7 +153,7 @@ def _never_started(job: state.JobRecord) -> bool:
     from mlcloud.jobs import launch
 
     return (
-        job.status != state.JOB_SUCCEEDED
+        job.status in (state.JOB_FAILED, state.JOB_CANCELLED)
         and job.exit_code is None
         and launch.load_request(job) is None
     )
