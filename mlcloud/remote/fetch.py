@@ -188,6 +188,9 @@ _HINTS = {
     errno.EDQUOT: "the disk quota is used up: free space or pull somewhere else (DEST)",
     errno.EACCES: "check its permissions, or pull somewhere else (DEST)",
     errno.EPERM: "check its permissions, or pull somewhere else (DEST)",
+    errno.ENOTDIR: "a file stands where a directory should be: move it aside or pull elsewhere",
+    errno.EEXIST: "something is in the way: move it aside or pull somewhere else (DEST)",
+    errno.ENAMETOOLONG: "a name is too long for that file system: pull somewhere else (DEST)",
 }
 
 

@@ -145,7 +145,7 @@ def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
     """(MIN, MAX) from `N` (fixed size: MIN is None) or `MIN:MAX` (elastic, 1 <= MIN <= MAX)."""
     bad = UsageError(
         f"{where}: must be a whole number from 1 to {MAX_NODES:,}, or MIN:MAX (e.g. 2:4), "
-        f"got {value!r:.40}"
+        f"got {numbers.short(value)}"
     )
     if isinstance(value, bool):
         raise bad
@@ -174,7 +174,8 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
         raise UsageError(f"{where}: {text!r} has a GPU count that is not a whole number; {hint}")
     if not 1 <= int(count) <= 1024:
         raise UsageError(
-            f"{where}: {text!r:.40} asks for {count:.20} GPUs; the count must be 1 to 1024"
+            f"{where}: {numbers.short(text)} asks for {numbers.short(int(count))} GPUs; the "
+            "count must be 1 to 1024"
         )
     return GpuSpec(model, int(count))
 
