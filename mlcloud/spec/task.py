@@ -147,19 +147,20 @@ def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
         f"{where}: must be a whole number from 1 to {MAX_NODES:,}, or MIN:MAX (e.g. 2:4), "
         f"got {numbers.short(value)}"
     )
-    if isinstance(value, bool):
-        raise bad
-    if isinstance(value, int):
-        if not 1 <= value <= MAX_NODES:
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value) if isinstance(value, str) else None
+        if not m:
             raise bad
-        return None, value
-    m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value) if isinstance(value, str) else None
-    if not m:
+        parts = [int(p) for p in m.groups() if p is not None]
+    try:  # each count through the one number check (mlcloud/numbers.py)
+        low, high = (numbers.check(p, 1, MAX_NODES, whole=True) for p in (parts[0], parts[-1]))
+    except numbers.Invalid:
+        raise bad from None
+    if high < low:
         raise bad
-    low, high = int(m[1]), int(m[2] or m[1])
-    if low < 1 or high < low or high > MAX_NODES:
-        raise bad
-    return (low if m[2] else None), high
+    return (int(low) if len(parts) == 2 else None), int(high)
 
 
 def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
@@ -172,11 +173,13 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
         return GpuSpec(model, 1)
     if not _COUNT_RE.fullmatch(count):
         raise UsageError(f"{where}: {text!r} has a GPU count that is not a whole number; {hint}")
-    if not 1 <= int(count) <= 1024:
+    try:
+        numbers.check(int(count), 1, 1024, whole=True)
+    except numbers.Invalid:
         raise UsageError(
             f"{where}: {numbers.short(text)} asks for {numbers.short(int(count))} GPUs; the "
             "count must be 1 to 1024"
-        )
+        ) from None
     return GpuSpec(model, int(count))
 
 
