@@ -62,7 +62,7 @@ def _checked(low: float, high: float, above: bool, whole: bool):
 
 
 SSH_PORT = whole(None, "--ssh-port", min=1, max=65535, help="SSH port (default: 22).")
-JOB = whole(None, "--job", "-j", min=1, help="Job id (default: the latest).")
+JOB = whole(None, "--job", "-j", min=0, help="Job id (default: the latest).")
 
 
 def given(value: Any) -> Any:

@@ -20,7 +20,7 @@ FLAGS = [
     (["pull", "x", "--max-size", "0"], "--max-size: '0' is not a size"),
     (["pull", "x", "--job", HUGE], "--job: a 400-digit number is out of range"),
     (["pull", "x", "--node", "-1"], "--node: -1 is out of range"),
-    (["logs", "x", "--job", "0"], "--job: 0 is out of range"),
+    (["logs", "x", "--job", "-1"], "--job: -1 is out of range"),
     (["cancel", "x", "--grace", "1e400"], "--grace: inf is not a finite number"),
     (["cancel", "x", "--grace", "-2"], "--grace: -2 is out of range"),
     (["ssh", "x", "--node", HUGE], "--node: a 400-digit number is out of range"),
