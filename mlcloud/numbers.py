@@ -35,24 +35,29 @@ def check(
     want = _wanted(low, high, above, whole)
     if isinstance(value, str) and _EXPONENT_TEXT.fullmatch(value.strip()):
         raise Invalid(
-            f"{value.strip()!r} is text, not a number, to YAML 1.1 (an exponent needs a dot: "
-            f"write {_dotted(value.strip())}); give {want}"
+            f"must be {want}, got the text {value.strip()!r} (YAML 1.1 reads a number with an "
+            f"exponent but no dot as text: write {_dotted(value.strip())})"
         )
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Invalid(f"{value!r} is not a number; give {want}")
+        raise Invalid(f"must be {want}, got {short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise Invalid(f"{value:g} is not a finite number; give {want}")
+        raise Invalid(f"{value:g} is not a finite number: must be {want}")
     if whole and isinstance(value, float):
-        raise Invalid(f"{value:g} is not a whole number; give {want}")
+        raise Invalid(f"{value:g} is not a whole number: must be {want}")
     if value > high or value < low or (above and value == low):
-        raise Invalid(f"{_shown(value)} is out of range; give {want}")
+        raise Invalid(f"{_shown(value)} is out of range: must be {want}")
     return value
 
 
 def _wanted(low: float, high: float, above: bool, whole: bool) -> str:
     kind = "a whole number" if whole else "a number"
-    start = f"above {_g(low)} up" if above else f"from {_g(low)}"
-    return f"{kind} {start} to {_g(high)}"
+    if above:
+        start = f"above {_g(low)}"
+    elif low > 0 and not whole:
+        start = f"above 0, at least {_g(low)},"
+    else:
+        start = f"of {_g(low)} or more"
+    return f"{kind} {start} and {_g(high)} or less"
 
 
 def _g(x: float) -> str:

@@ -29,23 +29,28 @@ import sys
 import zlib
 
 MANIFEST = ".mlcloud-manifest.json"
-TMP_PREFIX = ".mlcloud-tmp."  # a temporary's name: its own, so any target name fits
+TMP_SUFFIX = ".mlcloud-tmp"  # a temporary's name: the target's plus this, where it fits
+TMP_PREFIX = ".mlcloud-tmp."  # else one of its own, so any name the file system allows fits
+NAME_MAX = 255
 CHUNK = 1 << 20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def tmp_name(base):
-    """The temporary a file is written to before it takes base's name: short whatever base's
-    length (a 255-byte name plus a suffix would pass the file system's limit), and the same
+    """The temporary a file is written to before it takes base's name: base plus a suffix
+    where that fits the file system's 255-byte limit, else a short name of its own; the same
     each time, so what a killed write left is found and removed."""
-    digest = hashlib.blake2b(base.encode(errors="surrogateescape"), digest_size=8).hexdigest()
-    return TMP_PREFIX + digest
+    raw = base.encode(errors="surrogateescape")
+    if len(raw) + len(TMP_SUFFIX) <= NAME_MAX:
+        return base + TMP_SUFFIX
+    return TMP_PREFIX + hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def is_tmp(name):
     """Whether a path's last part is one of the writers' temporaries."""
-    return name.rpartition("/")[2].startswith(TMP_PREFIX)
+    last = name.rpartition("/")[2]
+    return last.endswith(TMP_SUFFIX) or last.startswith(TMP_PREFIX)
 
 
 class Refused(Exception):

@@ -54,7 +54,7 @@ def test_spec_unquoted_range_is_min_max_not_base_60(tmp_path):
     with pytest.raises(UsageError, match=r"mlcloud.yaml:2: nodes: .*MIN:MAX.*'4:2'"):
         load_spec(f)
     f.write_text("autoscale:\n  idle_minutes: 1:30\n")
-    with pytest.raises(UsageError, match=r"autoscale.idle_minutes: '1:30' is not a number"):
+    with pytest.raises(UsageError, match=r"autoscale.idle_minutes: must be a number.*'1:30'"):
         load_spec(f)
 
 

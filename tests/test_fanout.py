@@ -381,7 +381,7 @@ def test_when_the_relay_cannot_take_the_workdir_the_sync_fails_and_nothing_is_le
     assert not (sync_dir(targets[0]) / sync.MANIFEST).exists()
     for i in (1, 2):  # a peer's copy is whole (it had the stream before the relay failed), or
         # it has none: nothing half-written either way
-        assert list(sync_dir(targets[i]).rglob(".mlcloud-tmp.*")) == []
+        assert list(sync_dir(targets[i]).rglob("*.mlcloud-tmp")) == []
         if (sync_dir(targets[i]) / sync.MANIFEST).exists():
             assert manifests([targets[i]]) == [want]
 

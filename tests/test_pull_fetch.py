@@ -198,7 +198,7 @@ def test_frames_must_be_what_was_asked(hostile, tmp_path, frames, error, lands):
         with pytest.raises(fetch.Refused, match=error):
             pull(tmp_path / "out", tmp_path / "dest")
     assert (tmp_path / "dest" / "f").exists() == lands
-    assert not list((tmp_path / "dest").glob(".mlcloud-tmp.*"))
+    assert not list((tmp_path / "dest").glob("*.mlcloud-tmp"))
 
 
 def test_a_planted_symlink_in_dest_is_never_written_through(hostile, tmp_path):

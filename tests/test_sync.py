@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from mlcloud.templates.receive import tmp_name
 
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.remote.sync import Limits, check_workdir, local_sync, parse_size, scan
@@ -87,12 +86,12 @@ def test_local_sync_replaces_planted_symlinks_never_writes_through(tmp_path):
     victim.write_text("keep")
     dst.mkdir()
     (dst / "a.py").symlink_to(victim)  # the target itself
-    (dst / tmp_name("b.py")).symlink_to(victim)  # the temporary written first
+    (dst / "b.py.mlcloud-tmp").symlink_to(victim)  # the temporary written first
     assert local_sync(src, dst).files_sent == 2
     assert victim.read_text() == "keep"
     assert (dst / "a.py").read_text() == "a" and not (dst / "a.py").is_symlink()
     assert (dst / "b.py").read_text() == "b"
-    assert not os.path.lexists(dst / tmp_name("b.py"))
+    assert not os.path.lexists(dst / "b.py.mlcloud-tmp")
 
 
 def test_local_sync_refuses_a_symlinked_parent(tmp_path):

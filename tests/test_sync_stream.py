@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-from mlcloud.templates.receive import is_tmp, tmp_name
 
 from mlcloud import templates
 from mlcloud.errors import UsageError
@@ -134,7 +133,7 @@ def test_a_planted_symlink_is_replaced_never_written_through(tmp_path):
     dest, victim = tmp_path / "dest", tmp_path / "victim"
     dest.mkdir()
     victim.write_text("keep")
-    (dest / tmp_name("a.py")).symlink_to(victim)  # where the receiver writes first
+    (dest / "a.py.mlcloud-tmp").symlink_to(victim)  # where the receiver writes first
     (dest / "b.py").symlink_to(victim)  # the target itself
     manifest = {"a.py": [1, 0, "d"], "b.py": [1, 0, "d"]}
     r = receive(dest, {"delete": [], "manifest": manifest}, [frame("a.py"), frame("b.py")])
@@ -142,7 +141,7 @@ def test_a_planted_symlink_is_replaced_never_written_through(tmp_path):
     assert victim.read_text() == "keep"
     assert (dest / "a.py").read_text() == "x" and not (dest / "a.py").is_symlink()
     assert (dest / "b.py").read_text() == "x" and not (dest / "b.py").is_symlink()
-    assert not os.path.lexists(dest / tmp_name("a.py"))
+    assert not os.path.lexists(dest / "a.py.mlcloud-tmp")
 
 
 def test_a_symlinked_parent_is_refused_not_followed(tmp_path):
@@ -184,7 +183,7 @@ def test_a_file_replaced_by_a_directory_and_back(tmp_path):
 
 
 def partial_files(root) -> list[str]:
-    return [str(p) for p in root.rglob("*") if is_tmp(p.name)]
+    return [str(p) for p in root.rglob("*") if p.name.endswith(".mlcloud-tmp")]
 
 
 def test_a_stream_cut_mid_file_leaves_no_partial_file(tmp_path):
@@ -213,7 +212,7 @@ def test_a_receiver_stopped_mid_file_removes_it(tmp_path):
     p.stdin.write(json.dumps(frame("big.bin")[0] | {"n": 10_000_000}).encode() + b"\n")
     p.stdin.write(b"0" * 2_000_000)  # then the sender stalls, as a dying connection does
     p.stdin.flush()
-    tmp = dest / tmp_name("big.bin")
+    tmp = dest / "big.bin.mlcloud-tmp"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (not tmp.exists() or tmp.stat().st_size < 2_000_000):
         time.sleep(0.02)
@@ -259,7 +258,7 @@ def test_over_ssh_a_planted_symlink_is_replaced_and_a_full_disk_named(
     dst.mkdir()
     (dst / "train.py").symlink_to(victim)
     (dst / "pkg").mkdir()
-    (dst / "pkg" / tmp_name("mod.py")).symlink_to(victim)
+    (dst / "pkg/mod.py.mlcloud-tmp").symlink_to(victim)
     try:
         assert sync.push(t, src, str(dst)).files_sent == 2
         assert victim.read_text() == "keep"

@@ -97,7 +97,7 @@ def test_a_node_disk_that_fills_during_sync_keeps_nothing_partial(cluster, tmp_p
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in r.stderr
         assert "'weights.bin': No space left on device" in errors[0]
-        assert not [p for p in cluster.rglob("*") if p.name.startswith(".mlcloud-tmp.")]
+        assert not [p for p in cluster.rglob("*") if p.name.endswith(".mlcloud-tmp")]
         assert not (cluster / "weights.bin").exists()
         job = json.loads(run_cli("status", "--json").stdout)["clusters"][0]["jobs"][-1]
         assert job["status"] == "FAILED"

@@ -29,7 +29,8 @@ ALWAYS_IGNORED = [
     ".venv/",
     ".mlcloud/",
     MANIFEST,
-    ".mlcloud-tmp.*",  # the receivers' temporaries (templates/receive.py tmp_name)
+    "*.mlcloud-tmp",  # the receivers' temporaries (templates/receive.py tmp_name)
+    ".mlcloud-tmp.*",
 ]
 IGNORE_HINT = "add it to .mlcloudignore"
 

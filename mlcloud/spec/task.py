@@ -144,8 +144,8 @@ class TaskSpec:
 def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
     """(MIN, MAX) from `N` (fixed size: MIN is None) or `MIN:MAX` (elastic, 1 <= MIN <= MAX)."""
     bad = UsageError(
-        f"{where}: must be a whole number from 1 to {MAX_NODES:,}, or MIN:MAX (e.g. 2:4), "
-        f"got {numbers.short(value)}"
+        f"{where}: must be a whole number of 1 or more (up to {MAX_NODES:,}), or MIN:MAX "
+        f"(e.g. 2:4), got {numbers.short(value)}"
     )
     if isinstance(value, int) and not isinstance(value, bool):
         parts = [value]
@@ -178,7 +178,7 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
     except numbers.Invalid:
         raise UsageError(
             f"{where}: {numbers.short(text)} asks for {numbers.short(int(count))} GPUs; the "
-            "count must be 1 to 1024"
+            "count must be 1 or more (up to 1024)"
         ) from None
     return GpuSpec(model, int(count))
 
@@ -526,7 +526,9 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         max_size = parse_size(max_size, where("max_workdir_size"))
     ssh = _section(d, "ssh", where)
     gce = _section(d, "gce", where)
-    port = _int(ssh, "port", where, "ssh.port", high=65535)
+    port = _int(ssh, "port", where, "ssh.port")
+    if port is not None and port > 65535:
+        raise UsageError(f"{where('ssh.port')}: {port} is not a TCP port (1-65535)")
     min_nodes, max_nodes = (
         parse_nodes(d["nodes"], where("nodes")) if d.get("nodes") is not None else (None, None)
     )

@@ -33,8 +33,8 @@ def seconds(name: str) -> float:
         return float(numbers.check(float(raw), 0, numbers.YEAR_S, above=True))
     except ValueError:  # numbers.Invalid among them
         raise UsageError(
-            f"MLCLOUD_{name}={numbers.short(raw)}: expected a positive number of seconds up to "
-            f"a year, {what} (default {default:g}); fix or unset it"
+            f"MLCLOUD_{name}={numbers.short(raw)}: expected a positive number of seconds, "
+            f"{what} (default {default:g}); fix or unset it"
         ) from None
 
 
