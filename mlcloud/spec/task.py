@@ -641,7 +641,8 @@ def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:
         max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
         heartbeat_minutes=number("heartbeat_minutes"),
         replace_lost=replace_lost,
-        poll_seconds=number("poll_seconds", POLL_MIN_S, 86400),
+        # a cluster stored before the floor keeps its poll
+        poll_seconds=number("poll_seconds", 0 if where.stored else POLL_MIN_S, 86400),
     )
 
 
