@@ -23,8 +23,10 @@ def replacing(path: Path, mode: int = 0o600) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e.filename, str):  # a write's: no path
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
