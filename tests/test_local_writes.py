@@ -231,3 +231,18 @@ def test_the_nodes_receiver_takes_the_longest_names(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (dest / LONG).read_text() == "top" and (dest / "deep" / LONG).read_text() == "below"
     assert leftovers(dest) == []
+
+
+def test_a_state_write_on_a_full_disk_names_its_file_and_leaves_no_temporary(mount):
+    from mlcloud.cli.failures import describe
+
+    from mlcloud.state import atomic
+
+    full = mount("size=64k")
+    st = os.statvfs(full)
+    (full / "fill").write_bytes(b"f" * ((st.f_bavail - 1) * st.f_frsize))
+    with pytest.raises(OSError) as info:
+        atomic.write(full / "request.json", b"r" * 100_000)
+    failure = describe(info.value)
+    assert failure.kind == "environment" and str(full / "request.json") in failure.message
+    assert sorted(p.name for p in full.iterdir()) == ["fill"]
