@@ -148,7 +148,7 @@ def fetch(
             if progress is not None:
                 progress.start(total)
             ask = {**request, "checkpoint": listed["checkpoint"]}
-            with _local(label, dest):
+            with _local(label, dest, disk_only=False):
                 sent, written = _receive(transport, ask, tree, want, files, have, cap, progress)
             received += sent.received
             gone = sent.gone
@@ -195,8 +195,10 @@ _HINTS = {
 
 
 @contextlib.contextmanager
-def _local(label: str, dest: Path) -> Iterator[None]:
-    """This machine's refusals while writing into dest, as one line naming dest and why."""
+def _local(label: str, dest: Path, disk_only: bool = True) -> Iterator[None]:
+    """This machine's refusals while writing into dest, as one line naming dest and why. Where
+    the node's stream is read too (not disk_only), an OSError is the transport's: it passes
+    (the writer turns its own into Failed)."""
     try:
         yield
     except Unsafe as e:  # worded for a node's receiver: here the place is dest
@@ -208,6 +210,8 @@ def _local(label: str, dest: Path) -> Iterator[None]:
             f"{label}: cannot write into {dest}: {e}" + (f"; {hint}" if hint else "")
         ) from None
     except OSError as e:
+        if not disk_only:
+            raise
         where = f"{e.filename}: " if isinstance(e.filename, str) and e.filename != str(dest) else ""
         hint = _HINTS.get(e.errno)
         raise LocalWriteError(
