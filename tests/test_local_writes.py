@@ -246,3 +246,22 @@ def test_a_state_write_on_a_full_disk_names_its_file_and_leaves_no_temporary(mou
     failure = describe(info.value)
     assert failure.kind == "environment" and str(full / "request.json") in failure.message
     assert sorted(p.name for p in full.iterdir()) == ["fill"]
+
+
+def test_the_longest_names_travel_over_ssh(make_ssh_nodes, tmp_path):
+    """The same through real sshd nodes: the node's receiver (and the relay's) for the
+    workdir, its sender for the outputs."""
+    from conftest import ssh_up_args
+
+    nodes = make_ssh_nodes(2)
+    assert run_cli(*ssh_up_args(nodes, "far")).returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "job.py").write_text(LONG_JOB)
+    (work / LONG).write_text("shipped")
+    dest = tmp_path / "res"
+    r = run_cli("train", "far", "-w", str(work), f"--pull={dest}", "job.py", "--down")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    for i in (0, 1):
+        assert (dest / f"node{i}" / LONG).read_text() == "home"
+    assert leftovers(dest) == []
