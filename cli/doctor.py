@@ -21,14 +21,18 @@ def doctor(
         None,
         "--provider",
         "-p",
+        callback=options.given,
         help="--rebuild: only search these providers (repeatable; default: every provider "
         "this machine has credentials for; the others are named as skipped).",
     ),
     region: list[str] | None = typer.Option(
-        None, "--region", help="--rebuild: cloud regions to search (default: the configured one)."
+        None,
+        "--region",
+        callback=options.given,
+        help="--rebuild: cloud regions to search (default: the configured one).",
     ),
     timeout: float = options.number(
-        10.0, "--timeout", min=0.1, help="Seconds to wait for each node to answer."
+        10.0, "--timeout", min=0.1, max=3600, help="Seconds to wait for each node to answer."
     ),
     yes: bool = options.YES,
     json: bool = options.JSON,

@@ -74,6 +74,13 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def print_json_line(data: Any) -> None:
+    """One compact JSON object and its newline in one write: an interrupt between the two
+    would leave the next object on the same line."""
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     """One way to show every listing: a rich table on a terminal, aligned text elsewhere."""
     cells = [["" if c is None else str(c) for c in row] for row in rows]

@@ -40,3 +40,7 @@ class NotFoundError(MlcloudError):
 
 class BusyError(MlcloudError):
     """Another mlcloud command holds the cluster (or the state database) for too long."""
+
+
+class LocalWriteError(MlcloudError):
+    """This machine's file system refused a write (read-only, full, something in the way)."""
