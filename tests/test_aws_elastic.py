@@ -130,3 +130,38 @@ def test_a_failed_bootstrap_of_a_replacement_leaves_no_instance_billing(
         blocker.unlink()
     assert run_cli("down", "nogo", "--yes").returncode == 0
     assert mlcloud_resources() == EMPTY
+
+
+def test_a_resumed_up_whose_instances_were_terminated_launches_anew(
+    moto_server, ec2_stand_in, make_ssh_nodes, tmp_path
+):
+    """Killed mid-bootstrap, its instances terminated before the re-run: the re-run asks with
+    new node numbers, so a new ClientToken, not the first launch's (EC2 would hand back the
+    terminated instances and launch nothing)."""
+    nodes = make_ssh_nodes(2)
+    pool, proxy = relay_pool(tmp_path, [])  # nothing routed yet: `up` waits in bootstrap
+    proc = subprocess.Popen(
+        [MLCLOUD, *up_args("again", nodes, proxy, 2)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        for line in proc.stderr:
+            if line.startswith("waiting for 2 node(s)"):
+                break
+    finally:
+        proc.kill()  # kill -9: no rollback
+        proc.wait()
+    first = [i["InstanceId"] for i in live_instances()]
+    for instance_id in first:
+        lose(instance_id)
+    pool.write_text(json.dumps({"pool": [n.host for n in nodes.nodes], "routes": {}}))
+    r = run_cli(*up_args("again", nodes, proxy, 2))
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    assert ec2_stand_in.launches == 2 and ec2_stand_in.replays == 0
+    again = cluster("again")
+    assert {n["id"] for n in again["nodes"]}.isdisjoint(first) and len(again["nodes"]) == 2
+    assert run_cli("down", "again", "--yes").returncode == 0
+    assert mlcloud_resources() == EMPTY
