@@ -306,8 +306,8 @@ def _undo(
             terminate(provider, here, made, store.get_cluster(here.name))
     except Exception as e:  # noqa: BLE001 (said; the attempt's failure is raised)
         report.warn(
-            f"what this attempt made could not be terminated ({e}); "
-            f"`mlcloud down {here.name}` terminates it by tag"
+            f"what this attempt made could not be listed or terminated ({e}); "
+            f"`mlcloud down {here.name}` terminates by tag whatever is left"
         )
     if store.get_cluster(here.name) is not None:  # gone: `down` came, nothing to number
         store.number_nodes(here.name, 0, first + count)
