@@ -153,7 +153,9 @@ def run(argv: list[str]) -> int:
             from mlcloud.cli.output import print_json
 
             print_json(failure.json())
-        print(f"error: {failure.message}", file=sys.stderr)
+        # a declined prompt is the person's choice, not a failure: one word, as other CLIs say
+        aborted = failure.kind == "aborted"
+        print(failure.message if aborted else f"error: {failure.message}", file=sys.stderr)
         return failure.exit_code
 
 

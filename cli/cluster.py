@@ -207,10 +207,7 @@ def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
 
     from mlcloud.provision import trust
 
-    def ask(question: str) -> bool:
-        return typer.confirm(question, default=False, err=True)
-
-    trust.check_proxy_command(file, command, allowed, ask if sys.stdin.isatty() else None)
+    trust.check_proxy_command(file, command, allowed, output.ask if sys.stdin.isatty() else None)
 
 
 def _default_region(provider: str) -> str | None:

@@ -23,6 +23,7 @@ from mlcloud.errors import (
     EXIT_INTERRUPTED,
     EXIT_QUOTA,
     EXIT_USAGE,
+    Aborted,
     BusyError,
     MlcloudError,
     NotFoundError,
@@ -97,7 +98,12 @@ def describe(e: BaseException) -> Failure:
 
 def _kind(e: MlcloudError) -> str:
     """A fixed vocabulary (README, "Exit codes"), not class names, so scripts can rely on it."""
-    for cls, kind in ((UsageError, "usage"), (NotFoundError, "not_found"), (BusyError, "busy")):
+    for cls, kind in (
+        (UsageError, "usage"),
+        (NotFoundError, "not_found"),
+        (BusyError, "busy"),
+        (Aborted, "aborted"),
+    ):
         if isinstance(e, cls):
             return kind
     return {EXIT_CAPACITY: "capacity", EXIT_QUOTA: "quota", EXIT_AUTH: "auth"}.get(
@@ -153,7 +159,8 @@ def write_traceback(e: BaseException) -> str:
     for folder in (_home_logs, tempfile.gettempdir):
         try:
             path = os.path.join(folder(), name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # a fresh file, never a symlink planted at its name (the fallback is a shared /tmp)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(text)
             return path

@@ -127,6 +127,7 @@ def train(
     sink = _printer(sys.stderr if json_out else sys.stdout)
     code = 1
     job: state.JobRecord | None = None
+    driver: Driver | None = None
     try:
         with cluster_lock(name):
             _refuse_second_job(store, h)
@@ -193,8 +194,12 @@ def train(
                 output.close(rep)
     if json_out:
         try:
+            result = driver.outcome if driver is not None else None
             output.print_json(
-                views.job_result_json(store.get_job(name, job.job_id, job.uid) or job)
+                views.job_result_json(
+                    store.get_job(name, job.job_id, job.uid) or job,
+                    result.stopped_by if result else None,
+                )
             )
             sys.stdout.flush()
         except BrokenPipeError:
@@ -355,6 +360,7 @@ def logs(
     j = reconcile.reconcile(store, j)
     tail = _Tail(Path(j.log_path))
     if not follow:
+        _log_gone(j)
         tail.show(final=True)
         return
     while True:
@@ -369,9 +375,27 @@ def logs(
                     raise typer.Exit(exit_code_of(current))
                 continue  # another command adopted it: follow its log
         if current.status in state.JOB_DONE:
+            _log_gone(current)
             tail.show(final=True)
             raise typer.Exit(exit_code_of(current))
         time.sleep(0.2)
+
+
+def _log_gone(job) -> None:
+    """A log that should be there and is not (its directory removed, the file deleted) is an
+    error: printing nothing would read as a job that printed nothing. Only a job still
+    starting may have none yet."""
+    from mlcloud import state
+    from mlcloud.errors import MlcloudError
+
+    path = Path(job.log_path)
+    if path.exists() or (path.parent.is_dir() and job.status not in state.JOB_DONE):
+        return
+    what = "its directory " + str(path.parent) if not path.parent.is_dir() else str(path)
+    raise MlcloudError(
+        f"job {job.job_id}'s log is gone: {what} was removed; what the job printed is on its "
+        f"nodes until `mlcloud down {job.cluster}`"
+    )
 
 
 def exit_code_of(job) -> int:
@@ -466,7 +490,7 @@ def cancel(
     store = state.open_store()
     j, stopped = cancel_job(store, name, job, grace)
     if json_out:
-        output.print_json(views.job_result_json(j))
+        output.print_json(views.job_result_json(j, "cancel" if stopped else None))
         return
     code = "" if j.exit_code is None else f", exit {j.exit_code}"
     print(

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mlcloud.errors import UsageError
+from mlcloud.errors import Aborted, UsageError
 from mlcloud.report import PlainReporter
 
 
@@ -106,11 +106,16 @@ def confirm(question: str, yes: bool) -> None:
         raise UsageError(
             f"{question} needs confirmation and there is no terminal to ask; rerun with --yes"
         )
-    # on stderr, all of it (click's prompt writes a space to stdout): stdout stays the --json's
+    if not ask(question):
+        raise Aborted()
+
+
+def ask(question: str) -> bool:
+    """A person's yes (y, yes) or no (anything else, end of input included), asked on stderr,
+    all of it (click's prompt writes a space to stdout): stdout stays the --json's."""
     sys.stderr.write(f"{question} [y/N]: ")
     sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise UsageError("cancelled; nothing was changed")
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def age(seconds: float) -> str:
