@@ -451,16 +451,12 @@ def discard(
     store: state.Store, provider: Provider, rec: state.ClusterRecord, new: NewNodes
 ) -> None:
     """New nodes not kept (their bootstrap failed, or the cluster went down meanwhile):
-    terminated, and billed from when they were made until that is confirmed. Once the
-    cluster is gone from state (`down` finished first), what it held cluster-wide goes too,
-    as `down` would have removed it had these nodes been there to see. rec: the cluster as it
-    was when they were made (its login settings, for stopping their processes)."""
-    ids = [n.node_id for n in new.nodes]
-    _bill(store, provider.name, new.ref, ids, new.instance_type, new.price, new.made)
+    terminated, and never part of the cluster, so they get no billing row (a cluster's
+    billing lists the nodes it ran on). Once the cluster is gone from state (`down` finished
+    first), what it held cluster-wide goes too, as `down` would have removed it had these
+    nodes been there to see. rec: the cluster as it was when they were made (its login
+    settings, for stopping their processes)."""
     terminate(provider, new.ref, new.nodes, rec)
-    now = time.time()
-    for node_id in ids:
-        store.close_node_billing(new.ref.uid, node_id, now)
     now_rec = store.get_cluster(new.ref.name)
     if (now_rec is None or now_rec.uid != new.ref.uid) and not provider.list(new.ref):
         provider.cleanup(new.ref)
