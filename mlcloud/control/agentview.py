@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 from mlcloud.remote.shell import DIR, path_arg, quote
-from mlcloud.remote.transport import RemoteError, Transport
+from mlcloud.remote.transport import RemoteError, SilentError, Transport
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,9 @@ def read(t: Transport, root: str, node: int, timeout: float = 10.0) -> NodeView:
 
 MARK = "@mlcloud:probe"
 WINDOW = 120  # samples read per pass: at the default 5 s poll, the last 10 minutes
-TIMEOUT = 4.0  # an answer slower than this is no answer: detection stays within 15 s
+# A probe slower than this counts as one miss (two in a row: lost). A node that went silent is
+# not left to this: its connection's heartbeat gives it up (SilentError), and then it is lost.
+TIMEOUT = 4.0
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,7 @@ class Probe:
     reachable: bool
     samples: tuple[Sample, ...] = ()
     error: str | None = None
+    silent_s: float | None = None  # the connection heard nothing, asked, for this long
 
 
 def _command(root: str, now: float) -> str:
@@ -233,6 +236,8 @@ def _command(root: str, now: float) -> str:
 def probe(t: Transport, root: str, now: float, timeout: float = TIMEOUT) -> Probe:
     try:
         result = t.run(_command(root, now), timeout=timeout)
+    except SilentError as e:  # the transport's heartbeat timed the silence: no second look
+        return Probe(False, error=str(e), silent_s=e.seconds)
     except Exception as e:  # noqa: BLE001 (any failure to answer is what is measured)
         return Probe(False, error=str(e) or type(e).__name__)
     lines = result.stdout.splitlines()

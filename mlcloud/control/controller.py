@@ -125,6 +125,7 @@ class Controller:
                     rec.node_id,
                     listed.get(rec.node_id, pol.MISSING),
                     self.misses[rec.node_id],
+                    p.silent_s,
                     newest,
                     agentview.since(p.samples, "idle"),
                     agentview.since(p.samples, "stalled"),
