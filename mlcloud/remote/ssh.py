@@ -251,12 +251,18 @@ class SshTransport:
         return LostError(f"{self._where()}: connection lost: {e or type(e).__name__}")
 
     def close(self) -> None:
+        """Release the connection; never raises: closing one to a node that is gone (its proxy
+        command ended, its socket dead) says goodbye into a broken pipe."""
+        import paramiko
+
         self._stop_heartbeat.set()
         with self._lock:
-            if self._sftp is not None:
-                self._sftp.close()
-            if self._transport is not None:
-                self._transport.close()
+            for end in (self._sftp, self._transport):
+                try:
+                    if end is not None:
+                        end.close()
+                except (paramiko.SSHException, OSError, EOFError):
+                    pass
             self._sftp = self._transport = None
             self._stop_heartbeat = threading.Event()  # a later operation connects afresh
             self._lost = None
