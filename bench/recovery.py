@@ -63,6 +63,28 @@ def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _recovery(after: list[tuple[float, str]], killed: float, before: int) -> dict:
+    """From the job's lines after the loss (each with when it came): back to training (the
+    first step after the first resume), back on both nodes (the first step after the group
+    is two again: a lost non-head node's replacement joined, or the restart after a head),
+    and the work lost (the last step logged before the loss less the step first resumed
+    from). A step logged before the survivors noticed the loss is not a resumption."""
+
+    def first(pattern: str, since: float) -> tuple[float, str]:
+        return next((t, x) for t, x in after if t >= since and re.search(pattern, x))
+
+    resumed_at, line = first(r"resumed from step \d+", killed)
+    resumed = int(re.search(r"resumed from step (\d+)", line).group(1))
+    stepping, _ = first(r"\] step \d+ loss", resumed_at)
+    two, _ = first(r"\] rank \d/2 ", killed)
+    both, _ = first(r"\] step \d+ loss", two)
+    return {
+        "recovered": stepping - killed,
+        "both": both - killed,
+        "work_lost": before - resumed,
+    }
+
+
 def one_run(victim: int, work: Path, silent: bool = False) -> dict:
     import nsbridge
     from test_recovery_e2e import SLOW, Lines
@@ -108,13 +130,9 @@ def one_run(victim: int, work: Path, silent: bool = False) -> dict:
             text = out.text()
             if proc.returncode != 0 or f"done steps={STEPS}" not in text:
                 raise RuntimeError(f"job did not complete (exit {proc.returncode}):\n{text}")
-            after = out.lines[seen_before:]
-            resumed = [int(m) for m in re.findall(r"resumed from step (\d+)", text)][-1]
-            first_step = next(t for t, line in after if re.search(r"\] step \d+ loss", line))
             return {
                 "detection": detected_at - killed,
-                "recovered": first_step - killed,
-                "work_lost": before - resumed,
+                **_recovery(out.lines[seen_before:], killed, before),
             }
         finally:
             if proc.poll() is None:
@@ -352,9 +370,11 @@ def cloud_run(provider: str, victim: int, work: Path) -> dict:
         (proj / "slow.py").write_text(SLOW)
         spec = proj / "mlcloud.yaml"
         spec.write_text(spec.read_text().replace("nproc_per_node: 2", "nproc_per_node: 1"))
-        kind = "g5.xlarge" if provider == "aws" else "n1-standard-8+T4:1"
+        kind = ["--instance-type", "g5.xlarge"]
+        if provider == "gce":
+            kind = ["--instance-type", "n1-standard-8+T4:1", "--region", "us-central1"]
         r = cli(
-            "up", "bench", "--provider", provider, "--nodes", "1:2", "--instance-type", kind,
+            "up", "bench", "--provider", provider, "--nodes", "1:2", *kind,
             "--identity", str(nodes.client_key), "--ssh-user", nodes.user,
             "--ssh-port", str(nodes.port), "--proxy-command", proxy,
             "--allow-ssh-from", "127.0.0.1/32", "--yes", env=env,
@@ -388,13 +408,9 @@ def cloud_run(provider: str, victim: int, work: Path) -> dict:
                 raise RuntimeError(
                     f"job did not complete on two nodes (exit {proc.returncode}):\n{text[-4000:]}"
                 )
-            after = out.lines[seen_before:]
-            resumed = [int(m) for m in re.findall(r"resumed from step (\d+)", text)][-1]
-            first_step = next(t for t, x in after if re.search(r"\] step \d+ loss", x))
             return {
                 "detection": detected_at - killed,
-                "recovered": first_step - killed,
-                "work_lost": before - resumed,
+                **_recovery(out.lines[seen_before:], killed, before),
                 "why": line.split(" lost: ", 1)[1],
             }
         finally:
@@ -420,10 +436,13 @@ def clouds(provider: str, victims: list[int]) -> bool:
         ok = ok and r["detection"] <= DETECT_WITHIN and r["work_lost"] <= CKPT_EVERY
     print(f"{provider} (fake cloud, one run each), goal: detection <= {DETECT_WITHIN:g} s, "
           f"work lost <= {CKPT_EVERY} steps (one checkpoint interval)")  # fmt: skip
-    print(f"{'lost':<15} {'detection':>10} {'back to training':>17} {'work lost':>10}  found by")
+    print(
+        f"{'lost':<15} {'detection':>10} {'back to training':>17} {'on 2 nodes again':>17} "
+        f"{'work lost':>10}  found by"
+    )
     for name, r in rows:
         print(
-            f"{name:<15} {r['detection']:>8.1f} s {r['recovered']:>15.1f} s "
+            f"{name:<15} {r['detection']:>8.1f} s {r['recovered']:>15.1f} s {r['both']:>15.1f} s "
             f"{r['work_lost']:>4} steps  {r['why']}"
         )
     return ok
