@@ -81,7 +81,7 @@ def _recovery(after: list[tuple[float, str]], killed: float, before: int) -> dic
     return {
         "recovered": stepping - killed,
         "both": both - killed,
-        "work_lost": before - resumed,
+        "work_lost": max(0, before - resumed),  # survivors checkpoint on SIGTERM (a restart)
     }
 
 
