@@ -22,8 +22,9 @@ measured: detection, against the goal (median <= 10 s, worst <= 15 s at the defa
 settings). It also measures what staying in touch costs, on one namespaced node's link (its
 veth's byte counters, both ways, packet headers included): an idle SSH connection (its
 heartbeat alone), and `mlcloud autoscale` on it (a pass every 5 s: the probe that writes the
-agent's heartbeat and reads its newest samples, 120 lines in steady state, plus the SSH
-heartbeat), in bytes per node per minute.
+agent's heartbeat and reads the samples that came since the last pass, the node's file
+holding at least the 120 a pass looks at, plus the SSH heartbeat), in bytes per node per
+minute.
 
 `--provider aws|gce` is described at `cloud_run` below.
 
@@ -238,8 +239,8 @@ def silent(runs: int) -> bool:
         idle, passes = heartbeat_cost(Path(tmp))
     print(
         f"staying in touch, per node per minute on its link (headers included): idle SSH "
-        f"connection {idle / 1000:.1f} kB; `autoscale` (pass every 5 s, 120 samples read) "
-        f"{passes / 1000:.1f} kB"
+        f"connection {idle / 1000:.1f} kB; `autoscale` (a pass every 5 s, the agent's newest "
+        f"samples read, 120 held) {passes / 1000:.1f} kB"
     )
     return ok
 

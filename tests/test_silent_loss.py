@@ -6,6 +6,7 @@ the median: bench/recovery.py --silent)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ pytestmark = [
 ]
 
 DELAY = 0.3  # seconds each way
-SLOW_FOR = 20.0  # over twice the heartbeat's 8 s of silence
+SLOW_FOR = 17.0  # over twice the heartbeat's 8 s of silence
 LOST_WITHIN = 15.0
 
 
@@ -75,12 +76,11 @@ def test_a_slow_node_is_kept_and_a_silent_one_is_lost_within_15s(bridge, monkeyp
         h = handle.open_cluster(store, "slow")
         ctl = Controller(store, h, PlainReporter(quiet=True))
         assert ctl.policy.poll_seconds == 5.0 and ctl.policy.lost_after == 2  # the defaults
-        busy = "while True: pass"
+        # its CPUs busy, at the lowest priority: the suite's other tests run beside this one
+        busy = ["nice", "-n", "19", sys.executable, "-c", "while True: pass"]
         hogs = [
-            subprocess.Popen(
-                ["ip", "netns", "exec", bridge.namespaces[1], sys.executable, "-c", busy]
-            )
-            for _ in range(2)
+            subprocess.Popen(["ip", "netns", "exec", bridge.namespaces[1], *busy])
+            for _ in range(os.cpu_count() or 2)
         ]
         assert passes(ctl, time.monotonic() + SLOW_FOR, stop_when_lost=False) == []
         for p in hogs:
