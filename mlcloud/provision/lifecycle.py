@@ -24,7 +24,7 @@ from mlcloud.providers.base import (
 from mlcloud.provision import bootstrap
 from mlcloud.provision.handle import Handle, owner, provider_node, ref_of, ssh_options
 from mlcloud.remote import keys
-from mlcloud.remote.shell import node_number, stop_line
+from mlcloud.remote.shell import node_number, stop_input, stop_line
 from mlcloud.remote.transport import (
     RemoteError,
 )
@@ -502,13 +502,15 @@ def stop_processes(
     ssh = ssh_options(rec.spec) if rec else SshOptions()
     known = {n.node_id: n for n in rec.nodes} if rec else {}
 
+    source = stop_input()
+
     def one(node: Node) -> None:
         seen = known.get(node.node_id)
         t = provider.transport(ref, node, f"node{seen.idx}" if seen else node.node_id, ssh)
         if seen and seen.python:
             t.python = seen.python
         try:
-            t.run(stop_line(t.python, node.root, ref.uid), timeout=120)
+            t.run(stop_line(t.python, node.root, ref.uid), timeout=120, stdin=source)
         except RemoteError:
             pass
         finally:

@@ -6,9 +6,9 @@ value up front (the CLI calls it before any command), in one line naming the var
 
 from __future__ import annotations
 
-import math
 import os
 
+from mlcloud import numbers
 from mlcloud.errors import UsageError
 
 # name -> (default seconds, what it is)
@@ -33,15 +33,12 @@ def seconds(name: str) -> float:
     if not raw:
         return default
     try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
+        return float(numbers.check(float(raw), 0, numbers.YEAR_S, above=True))
+    except ValueError:  # numbers.Invalid among them
         raise UsageError(
-            f"MLCLOUD_{name}={raw!r}: expected a positive number of seconds, {what} "
-            f"(default {default:g}); fix or unset it"
-        )
-    return value
+            f"MLCLOUD_{name}={numbers.short(raw)}: expected a positive number of seconds, "
+            f"{what} (default {default:g}); fix or unset it"
+        ) from None
 
 
 def check() -> None:
