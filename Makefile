@@ -59,6 +59,9 @@ bench: $(STAMP) sysdeps
 	-$(PY) bench/ssh_exec.py
 	-$(PY) bench/sync.py
 	-$(PY) bench/agent_overhead.py
+	-$(PY) bench/recovery.py --silent
+	-$(PY) bench/recovery.py --provider aws
+	-$(PY) bench/recovery.py --provider gce
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

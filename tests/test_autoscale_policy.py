@@ -76,6 +76,12 @@ CASES = [
     ),
     ("unreachable-once-holds", snap(nodes=(node(0), node(1, unreachable=1))), Policy(), []),
     (
+        "silent-once-replaced",  # its connection timed 8 s of silence: no second pass needed
+        snap(nodes=(node(0), node(1, unreachable=1, silent_s=8.0))),
+        Policy(),
+        [REPLACE],
+    ),
+    (
         "no-spare-dropped",
         snap(nodes=(node(0), node(1, unreachable=3)), spares=0),
         Policy(),

@@ -68,6 +68,8 @@ class Controller:
         self.busy = threading.Event()  # set while a plan is being applied
         self.retired: set[str] = set()  # node ids the pass being applied retired already
         self.job_gone: set[str] = set()  # node ids where the job's processes went (job_lost)
+        # the agents' samples held from pass to pass: each pass reads only the newest
+        self.window = agentview.Window(self.policy.poll_seconds)
 
     # -- state kept between passes (a `--once` from cron picks up where the last one left)
 
@@ -122,33 +124,43 @@ class Controller:
     def snapshot(self, now: float) -> pol.Snapshot:
         h = self.h
         n = len(h.nodes)
-        probes = fan_out(lambda i: probe(h.transports[i], h.nodes[i].root, now), list(range(n)))
+        read_at = time.monotonic()
+        want = [self.window.lines(rec.node_id, read_at) for rec in h.nodes]
+        probes = fan_out(
+            lambda i: probe(h.transports[i], h.nodes[i].root, now, lines=want[i]),
+            list(range(n)),
+        )
         listed = {node.node_id: node.status for node in h.provider.list(h.ref)}
         views = []
+        held: list[tuple[agentview.Sample, ...]] = []
         for i, (rec, p) in enumerate(zip(h.nodes, probes, strict=True)):
             self.misses[rec.node_id] = 0 if p.reachable else self.misses.get(rec.node_id, 0) + 1
-            newest = p.samples[-1].verdict if p.samples else None
+            if p.reachable:
+                self.window.merge(rec.node_id, read_at, want[i], p.samples)
+            rows = self.window.held.get(rec.node_id, ()) if p.reachable else ()
+            held.append(rows)
+            newest = rows[-1].verdict if rows else None
             views.append(
                 pol.NodeView(
                     i,
                     rec.node_id,
                     listed.get(rec.node_id, pol.MISSING),
-                    self.misses[rec.node_id],
-                    newest,
-                    agentview.since(p.samples, "idle"),
-                    agentview.since(p.samples, "stalled"),
-                    p.reachable and rec.node_id in self.job_gone,
+                    unreachable=self.misses[rec.node_id],
+                    silent_s=p.silent_s,
+                    verdict=newest,
+                    idle_since=agentview.since(rows, "idle"),
+                    stalled_since=agentview.since(rows, "stalled"),
+                    job_gone=p.reachable and rec.node_id in self.job_gone,
                 )
             )
         self.misses = {k: v for k, v in self.misses.items() if k in listed or v}
+        self.window.forget({rec.node_id for rec in h.nodes})
         job = self._job()
         running = job is not None and job.status in (state.JOB_STARTING, state.JOB_RUNNING)
         if not running:
             self.job_gone.clear()
         remaining = (
-            agentview.job_remaining([p.samples for p in probes], job.job_id)
-            if job is not None and running
-            else None
+            agentview.job_remaining(held, job.job_id) if job is not None and running else None
         )
         intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
         open_prices = [i.price for i in intervals if i.end is None]

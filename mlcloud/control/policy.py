@@ -37,6 +37,7 @@ class NodeView:
     node_id: str
     provider_status: base.NodeStatus | Literal["missing"]  # as the provider's listing has it
     unreachable: int = 0  # consecutive failed reachability checks, this one included
+    silent_s: float | None = None  # its connection heard nothing, heartbeats asked, this long
     verdict: str | None = None  # the agent's newest: idle|busy|stalled|starting, None: no agent
     idle_since: float | None = None  # start of the agent's unbroken run of idle verdicts
     stalled_since: float | None = None  # likewise for stalled
@@ -113,9 +114,12 @@ class Plan:
 
 def lost_reason(n: NodeView, policy: Policy) -> str | None:
     """Why a node counts as lost, or None: the provider says it is gone (the cloud is the
-    truth), or it did not answer `lost_after` checks in a row."""
+    truth), its connection heard nothing for the heartbeat's timeout though asked (a silent
+    cut: already timed, so at once), or it did not answer `lost_after` checks in a row."""
     if n.provider_status in GONE:
         return f"the provider lists it as {n.provider_status}"
+    if n.silent_s is not None:
+        return f"silent for {n.silent_s:g} s though asked (no answer, heartbeats included)"
     if n.unreachable >= policy.lost_after:
         return f"unreachable for {n.unreachable} consecutive checks"
     return None

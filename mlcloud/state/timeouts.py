@@ -13,10 +13,13 @@ from mlcloud.errors import UsageError
 
 # name -> (default seconds, what it is)
 DEFAULTS = {
-    "SSH_HEARTBEAT_EVERY": (5.0, "the time between heartbeats on an SSH connection"),
+    "SSH_HEARTBEAT_EVERY": (
+        2.0,
+        "how long an SSH connection may hear nothing before a heartbeat asks the node",
+    ),
     "SSH_HEARTBEAT_TIMEOUT": (
-        15.0,
-        "how long a heartbeat may go unanswered: then the node is lost",
+        8.0,
+        "how long an SSH connection may hear nothing, asked, before the node counts as lost",
     ),
     "FAIL_GRACE": (15.0, "how long the other nodes may run on once one node's job failed"),
     "DB_BUSY_TIMEOUT": (10.0, "how long to wait for a state database another process holds"),
