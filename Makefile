@@ -62,6 +62,9 @@ bench: $(STAMP) sysdeps
 	-$(PY) bench/sync.py
 	-$(PY) bench/agent_overhead.py
 	-$(PY) bench/state.py
+	-$(PY) bench/recovery.py --silent
+	-$(PY) bench/recovery.py --provider aws
+	-$(PY) bench/recovery.py --provider gce
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -151,10 +151,13 @@ def run(argv: list[str]) -> int:
 
             traceback.print_exc()
         if _wants_json(argv):
-            from mlcloud.cli.output import print_json
+            from mlcloud.cli.output import print_json_line
 
-            print_json(failure.json())
-        print(f"error: {failure.message}", file=sys.stderr)
+            # one line: a stream of one object a line (`events --json --follow`) stays one
+            print_json_line(failure.json())
+        # a declined prompt is the person's choice, not a failure: one word, as other CLIs say
+        aborted = failure.kind == "aborted"
+        print(failure.message if aborted else f"error: {failure.message}", file=sys.stderr)
         return failure.exit_code
 
 

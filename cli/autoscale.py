@@ -15,8 +15,12 @@ def autoscale(
         "(a service: systemd, Kubernetes, a CI cron with --once).",
     ),
     once: bool = typer.Option(False, "--once", help="Make one pass and exit (for cron or CI)."),
-    interval: float | None = typer.Option(
-        None, "--interval", min=0.5, help="Seconds between passes (default: poll_seconds)."
+    interval: float | None = options.number(
+        None,
+        "--interval",
+        min=0.5,
+        max=86400,
+        help="Seconds between passes (default: poll_seconds).",
     ),
     json: bool = options.JSON,
 ) -> None:

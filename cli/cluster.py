@@ -25,8 +25,6 @@ def load(file: Path | None, ssh: dict | None = None, **overrides):
             raise UsageError(f"--nodes: must be 1 or more, got {changes['nodes']}")
         changes["min_nodes"], changes["nodes"] = parse_nodes(changes["nodes"])
     ssh_changes = {k: v for k, v in (ssh or {}).items() if v is not None}
-    if ssh_changes.get("port") is not None and not 0 < ssh_changes["port"] < 65536:
-        raise UsageError(f"--ssh-port: {ssh_changes['port']} is not a TCP port (1-65535)")
     if ssh_changes:
         changes["ssh"] = replace(spec.ssh, **ssh_changes)
     return replace(spec, **changes)
@@ -55,7 +53,11 @@ def up(
     name: str | None = typer.Argument(None, help="Cluster name (default: the spec's name)."),
     file: Path | None = options.SPEC_FILE,
     provider: str | None = typer.Option(
-        None, "--provider", "-p", help="Where the nodes run (default: local)."
+        None,
+        "--provider",
+        "-p",
+        callback=options.given,
+        help="Where the nodes run (default: local).",
     ),
     nodes: str | None = typer.Option(
         None,
@@ -67,6 +69,7 @@ def up(
     hosts: str | None = typer.Option(
         None,
         "--hosts",
+        callback=options.given,
         help="ssh provider: user@h1[:port],user@h2 (one node per host; hosts beyond --nodes "
         "are spares that replace lost nodes).",
     ),
@@ -82,25 +85,46 @@ def up(
     allow_ssh_from: list[str] | None = typer.Option(
         None,
         "--allow-ssh-from",
+        callback=options.given,
         help="Clouds: CIDR allowed to reach SSH (repeatable; default: this machine's address).",
     ),
-    instance_type: str | None = typer.Option(None, "--instance-type", help="e.g. g5.xlarge"),
-    region: str | None = typer.Option(None, "--region", help="Cloud region."),
-    zone: str | None = typer.Option(None, "--zone", help="Zone (default: any with capacity)."),
+    instance_type: str | None = typer.Option(
+        None, "--instance-type", callback=options.given, help="e.g. g5.xlarge"
+    ),
+    region: str | None = typer.Option(
+        None, "--region", callback=options.given, help="Cloud region."
+    ),
+    zone: str | None = typer.Option(
+        None, "--zone", callback=options.given, help="Zone (default: any with capacity)."
+    ),
     project: str | None = typer.Option(
-        None, "--project", help="GCE: the Google Cloud project (default: GOOGLE_CLOUD_PROJECT)."
+        None,
+        "--project",
+        callback=options.given,
+        help="GCE: the Google Cloud project (default: GOOGLE_CLOUD_PROJECT).",
     ),
     spot: bool | None = typer.Option(None, "--spot/--on-demand", help="Spot instances."),
-    image: str | None = typer.Option(None, "--image", help="Machine image (default: DLAMI)."),
+    image: str | None = typer.Option(
+        None, "--image", callback=options.given, help="Machine image (default: DLAMI)."
+    ),
     gpus: str | None = typer.Option(
-        None, "--gpus", help="GPUs per node, e.g. A100:8: the cheapest matching offer is picked."
+        None,
+        "--gpus",
+        callback=options.given,
+        help="GPUs per node, e.g. A100:8: the cheapest matching offer is picked.",
     ),
     max_hours: float | None = options.number(
-        None, "--max-hours", min=0.0, help="Show the plan's cost for this many hours."
+        None,
+        "--max-hours",
+        min=0,
+        max=87600,
+        above=True,
+        help="Show the plan's cost for this many hours.",
     ),
     near: str | None = typer.Option(
         None,
         "--near",
+        callback=options.given,
         help="Where the data is (REGION, s3://bucket, gs://bucket): compute goes there when "
         "it can, else the egress estimate is shown.",
     ),
@@ -114,9 +138,9 @@ def up(
     from mlcloud.provision import lifecycle
     from mlcloud.spec import plan as planner
     from mlcloud.spec.locality import locate, locate_data
-    from mlcloud.spec.task import check_cidr
+    from mlcloud.spec.task import check_cidr, split_list
 
-    host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None
+    host_list = split_list(hosts, "--hosts", "alice@10.0.0.5,alice@10.0.0.6")
     spec = load(
         file,
         ssh={
@@ -207,10 +231,7 @@ def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
 
     from mlcloud.provision import trust
 
-    def ask(question: str) -> bool:
-        return typer.confirm(question, default=False, err=True)
-
-    trust.check_proxy_command(file, command, allowed, ask if sys.stdin.isatty() else None)
+    trust.check_proxy_command(file, command, allowed, output.ask if sys.stdin.isatty() else None)
 
 
 def _default_region(provider: str) -> str | None:
@@ -511,7 +532,7 @@ def status(
 
 def ssh(
     name: str = typer.Argument(..., help="Cluster."),
-    node: int = typer.Option(0, "--node", min=0, help="Node index (0 is the head)."),
+    node: int = options.whole(0, "--node", min=0, help="Node index (0 is the head)."),
 ) -> None:
     """Open an interactive shell on a node, in the job's working directory."""
     import os
@@ -533,19 +554,33 @@ def ssh(
 
 def gc(
     provider: str | None = typer.Option(
-        None, "--provider", "-p", help="Only this provider (local, ssh, aws or gce)."
+        None,
+        "--provider",
+        "-p",
+        callback=options.given,
+        help="Only this provider (local, ssh, aws or gce).",
     ),
     region: list[str] | None = typer.Option(
-        None, "--region", help="Regions to search (repeatable; default: the configured one)."
+        None,
+        "--region",
+        callback=options.given,
+        help="Regions to search (repeatable; default: the configured one).",
     ),
     all_owners: bool = typer.Option(
         False, "--all-owners", help="Also delete clusters made by other homes (other owners)."
     ),
     owner: list[str] | None = typer.Option(
-        None, "--owner", help="Also delete the clusters of this owner id (repeatable)."
+        None,
+        "--owner",
+        callback=options.given,
+        help="Also delete the clusters of this owner id (repeatable).",
     ),
     min_age: float = options.number(
-        10.0, "--min-age", min=0.0, help="Keep clusters younger than this many minutes."
+        10.0,
+        "--min-age",
+        min=0,
+        max=525600,
+        help="Keep clusters younger than this many minutes.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list; delete nothing."),
     yes: bool = options.YES,

@@ -21,13 +21,18 @@ def doctor(
         None,
         "--provider",
         "-p",
-        help="--rebuild: only search these providers (repeatable; default: every provider).",
+        callback=options.given,
+        help="--rebuild: only search these providers (repeatable; default: every provider "
+        "this machine has credentials for; the others are named as skipped).",
     ),
     region: list[str] | None = typer.Option(
-        None, "--region", help="--rebuild: cloud regions to search (default: the configured one)."
+        None,
+        "--region",
+        callback=options.given,
+        help="--rebuild: cloud regions to search (default: the configured one).",
     ),
     timeout: float = options.number(
-        10.0, "--timeout", min=0.1, help="Seconds to wait for each node to answer."
+        10.0, "--timeout", min=0.1, max=3600, help="Seconds to wait for each node to answer."
     ),
     yes: bool = options.YES,
     json: bool = options.JSON,
@@ -45,7 +50,7 @@ def doctor(
             else "add the clusters the state database lacks"
         )
         output.confirm(f"{what} from {', '.join(chosen)}?", yes)
-        done = engine.rebuild(chosen, region or [])
+        done = engine.rebuild(chosen, region or [], named=bool(provider))
     checks = engine.run_checks(timeout)
     failed = [c for c in checks if c.status == engine.FAIL]
     incomplete = bool(done and done.unsearched)  # a CI script must not take it for a whole one
@@ -79,6 +84,8 @@ def doctor(
 
 
 def _show_rebuild(done) -> None:
+    for line in done.skipped:
+        print(f"warning: {line}", file=sys.stderr)
     if done.moved_to:
         print(f"the damaged database was moved to {done.moved_to}")
     for c in done.clusters:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json as jsonlib
+import sys
 import time
 
 import typer
@@ -15,8 +15,8 @@ def events(
     follow: bool = typer.Option(
         False, "--follow", "-F", help="Keep asking the nodes and print new events as they come."
     ),
-    interval: float = typer.Option(
-        2.0, "--interval", min=0.5, help="--follow: seconds between two looks."
+    interval: float = options.number(
+        2.0, "--interval", min=0.5, max=86400, help="--follow: seconds between two looks."
     ),
 ) -> None:
     """Show a cluster's events (time in UTC, kind, node, message): scaling, idle teardown,
@@ -49,12 +49,12 @@ def events(
             return
         for e in new:
             if json:
-                print(jsonlib.dumps(_json(e)), flush=True)
+                output.print_json_line(_json(e))
             else:
                 print(_line(e), flush=True)
         if not follow or rec is None:
-            if not log:
-                print(f"no events for {name} yet")
+            if not log:  # a note, not an event: stdout stays JSON lines with --json
+                print(f"no events for {name} yet", file=sys.stderr if json else sys.stdout)
             return
         time.sleep(interval)
 

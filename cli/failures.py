@@ -23,7 +23,9 @@ from mlcloud.errors import (
     EXIT_INTERRUPTED,
     EXIT_QUOTA,
     EXIT_USAGE,
+    Aborted,
     BusyError,
+    LocalWriteError,
     MlcloudError,
     NotFoundError,
     StoreUnavailable,
@@ -48,6 +50,9 @@ _ENVIRONMENT = {
     errno.ENOTDIR: "a file stands where a directory should be: move it aside",
     errno.EISDIR: "a directory stands where a file should be: move it aside",
     errno.EEXIST: "something is in the way: move it aside",
+    errno.ENAMETOOLONG: "a name is too long for that file system: shorten it",
+    errno.EFBIG: "a file is too large for that file system",
+    errno.EIO: "the disk reported an I/O error: check it",
 }
 
 
@@ -84,7 +89,8 @@ def describe(e: BaseException) -> Failure:
     if provider:
         return Failure("cloud", _sdk_line(provider, e), EXIT_FAILED)
     if isinstance(e, OSError) and e.errno in _ENVIRONMENT:
-        where = f"{e.filename}: " if e.filename else ""
+        # a path, never a descriptor's number (an fd's filename is its number)
+        where = f"{e.filename}: " if isinstance(e.filename, (str, bytes)) and e.filename else ""
         what = (e.strerror or str(e)).lower()
         return Failure("environment", f"{where}{what}; {_ENVIRONMENT[e.errno]}", EXIT_FAILED)
     path = write_traceback(e)
@@ -103,6 +109,8 @@ def _kind(e: MlcloudError) -> str:
         (NotFoundError, "not_found"),
         (BusyError, "busy"),
         (StoreUnavailable, "environment"),
+        (Aborted, "aborted"),
+        (LocalWriteError, "environment"),
     ):
         if isinstance(e, cls):
             return kind
@@ -159,7 +167,8 @@ def write_traceback(e: BaseException) -> str:
     for folder in (_home_logs, tempfile.gettempdir):
         try:
             path = os.path.join(folder(), name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # a fresh file, never a symlink planted at its name (the fallback is a shared /tmp)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(text)
             return path

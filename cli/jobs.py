@@ -44,8 +44,12 @@ def train(
         help="Directory shipped to every node (default: spec's, else .).",
         file_okay=False,
     ),
-    nproc_per_node: int | None = typer.Option(
-        None, "--nproc-per-node", min=1, help="Processes per node (default: one per GPU, else 1)."
+    nproc_per_node: int | None = options.whole(
+        None,
+        "--nproc-per-node",
+        min=1,
+        max=4096,
+        help="Processes per node (default: one per GPU, else 1).",
     ),
     env: list[str] | None = typer.Option(
         None,
@@ -93,6 +97,8 @@ def train(
         )
     dest = _pull_dest(pull_to)
     spec = load(file, workdir=str(workdir.resolve()) if workdir else None)
+    if script is not None and not script.strip():  # `train NAME "$SCRIPT"` with it unset
+        raise UsageError("SCRIPT: empty; name the script, or leave it out for train.script")
     if script and script.startswith("-"):  # `train NAME -f spec -- --steps 5`: args only
         script_args, script = [script, *(script_args or [])], None
     script = script or spec.train.script
@@ -127,6 +133,7 @@ def train(
     sink = _printer(sys.stderr if json_out else sys.stdout)
     code = 1
     job: state.JobRecord | None = None
+    driver: Driver | None = None
     try:
         with cluster_lock(name):
             _refuse_second_job(store, h)
@@ -181,7 +188,7 @@ def train(
         output.close(rep)
         h.close()
         if pull_to is not None and job is not None:
-            pulled = _pull_after(store, name, job.job_id, dest)
+            pulled = _pull_after(store, name, job.job_id, dest, down)
             down = down and pulled == 0
             code = code or pulled
         if down and not detach:
@@ -193,8 +200,12 @@ def train(
                 output.close(rep)
     if json_out:
         try:
+            result = driver.outcome if driver is not None else None
             output.print_json(
-                views.job_result_json(store.get_job(name, job.job_id, job.uid) or job)
+                views.job_result_json(
+                    store.get_job(name, job.job_id, job.uid) or job,
+                    result.stopped_by if result else None,
+                )
             )
             sys.stdout.flush()
         except BrokenPipeError:
@@ -217,13 +228,14 @@ def _pull_dest(value: str | None) -> Path | None:
     return Path(value)
 
 
-def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
+def _pull_after(store, name: str, job_id: int, dest: Path | None, down: bool) -> int:
     """Pull the job's outputs: 0, or the exit code of a pull that failed (1) or was
-    interrupted (130), which is said, not raised, so a failed job's own code stays train's.
-    When not everything came home, --down keeps the cluster."""
+    interrupted (130). Whatever ended the pull is said, not raised, so a failed job's own code
+    stays train's; when not everything came home, --down keeps the cluster, and says so."""
+    from mlcloud.cli.failures import describe
     from mlcloud.cli.pull import Bars, show
 
-    from mlcloud.errors import MlcloudError
+    from mlcloud.errors import EXIT_INTERRUPTED
     from mlcloud.jobs import pull
 
     rep = output.reporter()
@@ -232,13 +244,16 @@ def _pull_after(store, name: str, job_id: int, dest: Path | None) -> int:
         done = pull.pull(
             store, name, dest, job_id=job_id, report=rep, progress=bars.node if bars else None
         )
-    except (MlcloudError, KeyboardInterrupt) as e:
-        why = f"failed: {e}" if isinstance(e, MlcloudError) else "was interrupted"
+    except (Exception, KeyboardInterrupt) as e:
+        failure = describe(e)
+        interrupted = failure.exit_code == EXIT_INTERRUPTED
+        why = "was interrupted" if interrupted else f"failed: {failure.message}"
+        kept = "--down was not done: " if down else ""
         rep.warn(
-            f"pulling job {job_id}'s outputs {why}; the cluster is kept so they are not "
+            f"pulling job {job_id}'s outputs {why}; {kept}the cluster is kept so they are not "
             f"lost: `mlcloud pull {name}`, then `mlcloud down {name}`"
         )
-        return 1 if isinstance(e, MlcloudError) else 130
+        return EXIT_INTERRUPTED if interrupted else 1
     finally:
         if bars:
             bars.close()
@@ -328,7 +343,7 @@ def _spawn_driver(name: str, job, down: bool) -> int:
 
 def logs(
     name: str = typer.Argument(..., help="Cluster."),
-    job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
+    job: int | None = options.JOB,
     follow: bool = typer.Option(False, "--follow", "-F", help="Keep printing until the job ends."),
 ) -> None:
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code.
@@ -355,6 +370,7 @@ def logs(
     j = reconcile.reconcile(store, j)
     tail = _Tail(Path(j.log_path))
     if not follow:
+        _log_gone(j)
         tail.show(final=True)
         return
     while True:
@@ -369,9 +385,27 @@ def logs(
                     raise typer.Exit(exit_code_of(current))
                 continue  # another command adopted it: follow its log
         if current.status in state.JOB_DONE:
+            _log_gone(current)
             tail.show(final=True)
             raise typer.Exit(exit_code_of(current))
         time.sleep(0.2)
+
+
+def _log_gone(job) -> None:
+    """A log that should be there and is not (its directory removed, the file deleted) is an
+    error: printing nothing would read as a job that printed nothing. Only a job still
+    starting may have none yet."""
+    from mlcloud import state
+    from mlcloud.errors import MlcloudError
+
+    path = Path(job.log_path)
+    if path.exists() or (path.parent.is_dir() and job.status not in state.JOB_DONE):
+        return
+    what = "its directory " + str(path.parent) if not path.parent.is_dir() else str(path)
+    raise MlcloudError(
+        f"job {job.job_id}'s log is gone: {what} was removed; what the job printed is on its "
+        f"nodes until `mlcloud down {job.cluster}`"
+    )
 
 
 def exit_code_of(job) -> int:
@@ -449,9 +483,9 @@ def _adopt(store, job, shown: dict[str, int]) -> bool:
 
 def cancel(
     name: str = typer.Argument(..., help="Cluster."),
-    job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
+    job: int | None = options.JOB,
     grace: float = options.number(
-        30.0, "--grace", min=0, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
+        30.0, "--grace", min=0, max=86400, help="Seconds between SIGTERM (checkpoint) and SIGKILL."
     ),
     json_out: bool = options.JSON,
 ) -> None:
@@ -466,7 +500,7 @@ def cancel(
     store = state.open_store()
     j, stopped = cancel_job(store, name, job, grace)
     if json_out:
-        output.print_json(views.job_result_json(j))
+        output.print_json(views.job_result_json(j, "cancel" if stopped else None))
         return
     code = "" if j.exit_code is None else f", exit {j.exit_code}"
     print(
@@ -487,10 +521,13 @@ def exec_(
     Exits non-zero if any node failed. Returns when the shell exits: background processes
     (`cmd &`) should send their output to a file."""
     from mlcloud import state
+    from mlcloud.errors import UsageError
     from mlcloud.parallel import fan_out
     from mlcloud.provision import handle
     from mlcloud.remote import shell
 
+    if not any(c.strip() for c in command):
+        raise UsageError("COMMAND: empty; give the command to run on every node")
     store = state.open_store()
     h = handle.open_cluster(store, name)
     line = command[0] if len(command) == 1 else shell.join(command)

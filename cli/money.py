@@ -67,20 +67,17 @@ def offers(
     spot: bool = typer.Option(False, "--spot", help="Spot prices."),
     provider: str | None = typer.Option(None, "--provider", "-p", help="Only this cloud."),
     region: str | None = typer.Option(None, "--region", help="Only this region."),
-    max_price: float | None = typer.Option(None, "--max-price", help="At most this $/h."),
+    max_price: float | None = options.number(
+        None, "--max-price", min=0, max=1e6, above=True, help="At most this $/h."
+    ),
     json: bool = options.JSON,
 ) -> None:
     """Machines that carry the GPUs asked for, cheapest first."""
-    import math
 
     from mlcloud.errors import UsageError
     from mlcloud.spec import catalog
     from mlcloud.spec.task import parse_gpus
 
-    if max_price is not None and not (math.isfinite(max_price) and max_price > 0):
-        raise UsageError(
-            f"--max-price: {max_price:g} is not a price; give dollars per hour, e.g. 40"
-        )
     known = catalog.load()
     if provider is not None and provider not in {o.provider for o in known}:
         raise UsageError(

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mlcloud.errors import UsageError
+from mlcloud.errors import Aborted, UsageError
 from mlcloud.report import PlainReporter
 
 
@@ -74,6 +74,13 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def print_json_line(data: Any) -> None:
+    """One compact JSON object and its newline in one write: an interrupt between the two
+    would leave the next object on the same line."""
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     """One way to show every listing: a rich table on a terminal, aligned text elsewhere."""
     cells = [["" if c is None else str(c) for c in row] for row in rows]
@@ -106,11 +113,16 @@ def confirm(question: str, yes: bool) -> None:
         raise UsageError(
             f"{question} needs confirmation and there is no terminal to ask; rerun with --yes"
         )
-    # on stderr, all of it (click's prompt writes a space to stdout): stdout stays the --json's
+    if not ask(question):
+        raise Aborted()
+
+
+def ask(question: str) -> bool:
+    """A person's yes (y, yes) or no (anything else, end of input included), asked on stderr,
+    all of it (click's prompt writes a space to stdout): stdout stays the --json's."""
     sys.stderr.write(f"{question} [y/N]: ")
     sys.stderr.flush()
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise UsageError("cancelled; nothing was changed")
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def age(seconds: float) -> str:

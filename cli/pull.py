@@ -22,11 +22,11 @@ def pull(
         help="Where the files go, a folder per node (default: ./mlcloud-results/NAME/job-N).",
         file_okay=False,
     ),
-    job: int | None = typer.Option(None, "--job", "-j", help="Job id (default: the latest)."),
+    job: int | None = options.JOB,
     checkpoints: bool = typer.Option(
         False, "--checkpoints", help="Also each node's newest complete checkpoint."
     ),
-    node: int | None = typer.Option(None, "--node", min=0, help="Only this node (0 is the head)."),
+    node: int | None = options.whole(None, "--node", min=0, help="Only this node (0 is the head)."),
     max_size: str = MAX_SIZE,
     json: bool = options.JSON,
 ) -> None:

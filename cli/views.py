@@ -33,14 +33,16 @@ def job_json(j: state.JobRecord) -> dict:
     }
 
 
-def job_result_json(j: state.JobRecord) -> dict:
-    """What `train --json`, `train --detach --json` and `cancel --json` print."""
+def job_result_json(j: state.JobRecord, stopped_by: str | None = None) -> dict:
+    """What `train --json`, `train --detach --json` and `cancel --json` print. stopped_by: the
+    rule that stopped the job (stall, budget, idle, heartbeat, cancel, down, interrupt)."""
     return {
         "cluster": j.cluster,
         "job_id": j.job_id,
         "status": j.status,
         "exit_code": j.exit_code,
         "log": j.log_path,
+        "stopped_by": stopped_by,
     }
 
 

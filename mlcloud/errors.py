@@ -26,6 +26,14 @@ class UsageError(MlcloudError):
     exit_code = EXIT_USAGE
 
 
+class Aborted(MlcloudError):
+    """The person declined a prompt: not bad input, nothing was changed; exits 1 with the one
+    word "aborted", as other CLIs do."""
+
+    def __init__(self) -> None:
+        super().__init__("aborted")
+
+
 class NotFoundError(MlcloudError):
     """A named cluster or job does not exist."""
 
@@ -36,3 +44,7 @@ class StoreUnavailable(MlcloudError):
 
 class BusyError(MlcloudError):
     """Another mlcloud command holds the cluster (or the state database) for too long."""
+
+
+class LocalWriteError(MlcloudError):
+    """This machine's file system refused a write (read-only, full, something in the way)."""

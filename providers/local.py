@@ -25,7 +25,7 @@ from mlcloud.providers.base import (
 
 from mlcloud.errors import UsageError
 from mlcloud.remote.local import LocalTransport
-from mlcloud.remote.shell import stop_line
+from mlcloud.remote.shell import stop_input, stop_line
 
 
 class LocalProvider(MachinesAtHand):
@@ -134,7 +134,7 @@ class LocalProvider(MachinesAtHand):
             )
             node = self._node(ref, int(r.id.rpartition("/node-")[2]))
             t = LocalTransport(node.node_id)
-            t.run(stop_line(t.python, node.root, ref.uid))
+            t.run(stop_line(t.python, node.root, ref.uid), stdin=stop_input())
             self.terminate(ref, [node])
         for ref in clusters.values():
             self.cleanup(ref)

@@ -34,7 +34,7 @@ from mlcloud.providers.base import (
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.shell import path_arg, quote, stop_line
+from mlcloud.remote.shell import path_arg, quote, stop_input, stop_line
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError, check
 
@@ -387,7 +387,7 @@ class SshProvider(MachinesAtHand):
             def stop(node: Node, ref: ClusterRef = ref, ssh: SshOptions = ssh) -> None:
                 t = self.transport(ref, node, node.node_id, ssh)
                 try:
-                    t.run(stop_line(t.python, node.root, ref.uid), timeout=120)
+                    t.run(stop_line(t.python, node.root, ref.uid), timeout=120, stdin=stop_input())
                 except RemoteError:
                     pass  # unreachable: terminate says so, and keeps the host claimed
                 finally:

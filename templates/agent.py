@@ -434,6 +434,13 @@ class Agent:
                 now,
             )
             if stop:
+                # the rule's name goes with the job's end, to the line `train` ends with
+                jobdir = os.path.join(self.root, "jobs", str(job["id"]))
+                if os.path.isdir(jobdir):
+                    node_ctl._atomic_write(
+                        os.path.join(jobdir, "stopped"),
+                        json.dumps({"time": now, "kind": "stall", "reason": why}),
+                    )
                 node_ctl.kill(self._job_tag(cfg, job["id"]), grace=STOP_GRACE)
         provider = cfg.get("provider")
         if provider in CLOUDS and cfg.get("spot") and not self.noticed:

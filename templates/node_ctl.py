@@ -223,15 +223,50 @@ def summary(jobdir):
         "ended_at": ended_at,
         "failure": json.loads(failure) if failure else None,
         "cancelled": os.path.exists(os.path.join(jobdir, "cancelled")),
+        "stopped": stopped_by(jobdir) if state in ("ended", "killed") else None,
     }
+
+
+def stopped_by(jobdir):
+    """The rule that stopped the job here, {"kind", "reason"}, or None: the agent's mark in
+    the job's directory (a stall stop), else the node's own stop record (idle, budget, a lost
+    controller: agent/stopped), which ends every job the node runs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jobdir)))
+    for path in (os.path.join(jobdir, "stopped"), os.path.join(root, "agent", "stopped")):
+        text = _read(path)
+        if text is None:
+            continue
+        try:
+            d = json.loads(text)
+            return {"kind": str(d["kind"]), "reason": str(d.get("reason") or "")}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def cancel(jobdir, prefix, grace):
     """Mark the job cancelled (so its end is told as such, and a late start refuses), then
-    stop its processes."""
+    stop its processes. A job that already ended here keeps its end: its exit code is the
+    truth, a late cancel does not relabel it."""
+    if os.path.exists(os.path.join(jobdir, "exit_code")):
+        print(0)
+        return
     os.makedirs(jobdir, exist_ok=True)
     with open(os.path.join(jobdir, "cancelled"), "w"):
         pass
+    kill(prefix, grace)
+
+
+def stop(jobdir, prefix, grace, kind, reason):
+    """A rule (stall, budget, idle) stops the job: its name is marked beside the job (read by
+    `stopped_by`, so the job's end names it), then the job's processes stop. A job that ended
+    here already keeps its own end."""
+    if os.path.exists(os.path.join(jobdir, "exit_code")):
+        print(0)
+        return
+    marker = os.path.join(jobdir, "stopped")
+    if os.path.isdir(jobdir) and not os.path.exists(marker):
+        _atomic_write(marker, json.dumps({"time": time.time(), "kind": kind, "reason": reason}))
     kill(prefix, grace)
 
 
@@ -419,16 +454,36 @@ def _signal(pid, sig):
 
 def stop_agent(root):
     """End the node agent (agent.py), found by its pid file: it carries no tag, so that
-    stopping a job never reaches it."""
+    stopping a job never reaches it. With the pid file gone (the node's directory removed),
+    by its command line, which names its root: `python ROOT/bin/agent.py run ROOT`."""
     try:
         with open(os.path.join(root, "agent", "agent.pid")) as f:
             pid = int(f.read().strip())
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             mine = b"agent.py" in f.read()  # not a process that took a dead agent's pid
     except (OSError, ValueError):
+        for pid in _agents_of(root):
+            _signal(pid, signal.SIGKILL)
         return
     if mine:
         _signal(pid, signal.SIGKILL)
+
+
+def _agents_of(root):
+    root = os.path.realpath(root)
+    want = [os.path.join(root, "bin", "agent.py").encode(), b"run", root.encode()]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        if args[1:] == want:
+            found.append(int(entry))
+    return found
 
 
 def cleanup(root, prefix):
@@ -528,6 +583,8 @@ def main(argv):
         print(json.dumps(summary(args[0])))
     elif cmd == "cancel":
         cancel(args[0], args[1], float(args[2]))
+    elif cmd == "stop":
+        stop(args[0], args[1], float(args[2]), args[3], args[4])
     elif cmd == "exec":
         exec_(args[0], args[1])
     elif cmd == "kill":

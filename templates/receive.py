@@ -20,17 +20,37 @@ both write the same way.
 """
 
 import errno
+import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import zlib
 
 MANIFEST = ".mlcloud-manifest.json"
-TMP_SUFFIX = ".mlcloud-tmp"
+TMP_SUFFIX = ".mlcloud-tmp"  # a temporary's name: the target's plus this, where it fits
+TMP_PREFIX = ".mlcloud-tmp."  # else one of its own, so any name the file system allows fits
+NAME_MAX = 255
 CHUNK = 1 << 20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def tmp_name(base):
+    """The temporary a file is written to before it takes base's name: base plus a suffix
+    where that fits the file system's 255-byte limit, else a short name of its own; the same
+    each time, so what a killed write left is found and removed."""
+    raw = base.encode(errors="surrogateescape")
+    if len(raw) + len(TMP_SUFFIX) <= NAME_MAX:
+        return base + TMP_SUFFIX
+    return TMP_PREFIX + hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def is_tmp(name):
+    """Whether a path's last part is one of the writers' temporaries."""
+    last = name.rpartition("/")[2]
+    return last.endswith(TMP_SUFFIX) or last.startswith(TMP_PREFIX)
 
 
 class Refused(Exception):
@@ -39,6 +59,10 @@ class Refused(Exception):
 
 class Failed(Exception):
     """The node could not take a file (a full disk, a read-only file system, a quota)."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno  # the OSError's, for the client's hint (mlcloud/remote/fetch.py)
 
 
 class Tree:
@@ -123,6 +147,9 @@ class Tree:
             fd = os.open(found[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=found[0])
         except OSError:
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory in its place: missing too
+            os.close(fd)
+            return None
         return os.fdopen(fd, "rb")
 
     def delete(self, name):
@@ -134,7 +161,7 @@ class Tree:
         except (FileNotFoundError, IsADirectoryError):
             pass
         except OSError as e:
-            raise Failed(f"deleting {name!r}: {e.strerror}") from None
+            raise Failed(f"deleting {name!r}: {e.strerror}", e.errno) from None
 
     def write(self, name, chunks, mode, mtime_ns=None):
         """Write chunks (an iterable of bytes) to name atomically: a fresh temporary, renamed.
@@ -143,21 +170,27 @@ class Tree:
         try:
             self._write(name, chunks, mode, mtime_ns)
         except OSError as e:
-            raise Failed(f"writing {name!r}: {e.strerror}") from None
+            raise Failed(f"writing {name!r:.120}: {e.strerror}", e.errno) from None
 
     def _write(self, name, chunks, mode, mtime_ns):
         dirfd, base = self._dir(name, create=True)
-        tmp = base + TMP_SUFFIX
+        tmp = tmp_name(base)
+        shown = name[: len(name) - len(base)] + tmp
         try:
             os.unlink(tmp, dir_fd=dirfd)  # what a killed sync left behind
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise Refused(f"{name + TMP_SUFFIX!r} is in the way ({e.strerror})") from None
+            if e.errno not in (errno.EISDIR, errno.EPERM):  # not a file: read-only, I/O
+                raise
+            raise Refused(
+                f"{shown!r} (the temporary for {name!r:.80}) is in the way on the node "
+                f"({e.strerror}); remove it there"
+            ) from None
         try:
             fd = os.open(tmp, _NEW, 0o600, dir_fd=dirfd)
         except FileExistsError:
-            raise Refused(f"{name + TMP_SUFFIX!r} reappeared on the node while syncing") from None
+            raise Refused(f"{shown!r} reappeared on the node while syncing") from None
         try:
             try:
                 for chunk in chunks:

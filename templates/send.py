@@ -29,7 +29,8 @@ import stat
 import sys
 
 MANIFEST = ".mlcloud-manifest.json"  # the client's own record in each node's folder
-RESERVED_SUFFIX = ".mlcloud-tmp"  # the client's temporaries
+RESERVED_SUFFIX = ".mlcloud-tmp"  # the client's temporaries (templates/receive.py): NAME
+RESERVED_PREFIX = ".mlcloud-tmp."  # plus the suffix, or this and a hash for the longest
 TEMP_NAME = re.compile(r"(^\.)|(\.(tmp|temp|partial|incomplete|mlcloud-tmp)$)")
 CKPT = "checkpoints/"
 CHUNK = 1 << 20
@@ -58,7 +59,12 @@ def walk(root, prefix, out, skipped):
             continue  # deleted while we walked
         if stat.S_ISDIR(st.st_mode):
             walk(e.path, rel + "/", out, skipped)
-        elif stat.S_ISREG(st.st_mode) and rel != MANIFEST and not rel.endswith(RESERVED_SUFFIX):
+        elif (
+            stat.S_ISREG(st.st_mode)
+            and rel != MANIFEST
+            and not e.name.endswith(RESERVED_SUFFIX)
+            and not e.name.startswith(RESERVED_PREFIX)
+        ):
             out.append((rel, e.path, st))
         else:
             skipped.append(rel)

@@ -311,14 +311,26 @@ def moto_session_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ec2_stand_in(moto_session_server):
+    """The run's moto server behind an EC2 stand-in with real idempotency (a ClientToken seen
+    before launches nothing and answers as the first time: tests/fakes/ec2_tokens.py)."""
+    from fakes.ec2_tokens import Ec2Tokens
+
+    stand_in = Ec2Tokens(moto_session_server)
+    yield stand_in
+    stand_in.close()
+
+
 @pytest.fixture
-def moto_server(moto_session_server, aws_env, monkeypatch):
+def moto_server(ec2_stand_in, aws_env, monkeypatch):
     """A plain moto server on loopback, as users' CI runs it (no placement groups: it answers
-    those calls with an HTML 500); the CLI reaches it through AWS_ENDPOINT_URL. The run's one
-    server, emptied for each test (moto's reset endpoint)."""
+    those calls with an HTML 500), reached through the idempotency stand-in; the CLI reaches it
+    through AWS_ENDPOINT_URL. The run's one server, emptied for each test (moto's reset
+    endpoint, which empties the stand-in's tokens too)."""
     import urllib.request
 
-    url = moto_session_server
+    url = ec2_stand_in.url
     req = urllib.request.Request(f"{url}/moto-api/reset", data=b"", method="POST")
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with direct.open(req, timeout=30) as r:

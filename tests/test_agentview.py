@@ -166,3 +166,31 @@ def test_the_jobs_remaining_time_is_its_slowest_nodes():
     assert agentview.job_remaining([silent, fast], 4) == pytest.approx(400.0)
     assert agentview.job_remaining([silent, ()], 4) is None
     assert agentview.job_remaining([], 4) is None
+
+
+def _sample(t: float, verdict: str = "busy") -> agentview.Sample:
+    return agentview.Sample(t, (), 0.0, 0, 0, None, verdict)
+
+
+def test_a_held_window_reads_only_what_came_since_the_last_pass():
+    w = agentview.Window(every=5.0)
+    assert w.lines("n0", 100.0) == agentview.WINDOW  # nothing held: the whole window
+    w.merge("n0", 100.0, agentview.WINDOW, tuple(_sample(t) for t in range(0, 600, 5)))
+    assert w.lines("n0", 105.0) == 3  # one period: its sample, and two for slack
+    w.merge("n0", 105.0, 3, (_sample(590), _sample(595), _sample(600, "idle")))
+    rows = w.held["n0"]
+    assert len(rows) == agentview.WINDOW and rows[-1].time == 600 and rows[0].time == 5
+    assert [s.time for s in rows[-3:]] == [590, 595, 600]  # nothing twice
+    assert agentview.since(rows, "idle") == 600
+    assert w.lines("n0", 105.0 + 3600) == agentview.WINDOW  # a long pause: never more
+
+
+def test_a_read_that_may_have_left_a_gap_is_followed_by_a_whole_window():
+    w = agentview.Window(every=5.0)
+    w.merge("n0", 0.0, agentview.WINDOW, (_sample(0, "idle"), _sample(5, "idle")))
+    # three lines asked, three read, none of them known: a busy sample may lie between
+    w.merge("n0", 5.0, 3, (_sample(100, "idle"), _sample(105, "idle"), _sample(110, "idle")))
+    assert agentview.since(w.held["n0"], "idle") == 100  # never 0 across the gap
+    assert w.lines("n0", 10.0) == agentview.WINDOW
+    w.forget(set())
+    assert w.held == {} and w.lines("n0", 10.0) == agentview.WINDOW

@@ -31,7 +31,7 @@ def once_json(name: str) -> dict:
 def test_once_json_gives_each_decision_with_its_reason(mlcloud_home):
     """A node gone from the provider's listing is replaced: the action, its node and why."""
     from mlcloud import state
-    from mlcloud.remote.shell import stop_line
+    from mlcloud.remote.shell import stop_input, stop_line
     from mlcloud.report import PlainReporter
     from mlcloud.spec.task import TaskSpec
 
@@ -39,7 +39,8 @@ def test_once_json_gives_each_decision_with_its_reason(mlcloud_home):
     rec = lifecycle.up(store, "lossy", TaskSpec(provider="local", nodes=2), PlainReporter(True))
     try:
         lost = rec.nodes[1]  # gone with its processes; the local provider lists directories
-        subprocess.run(["sh", "-c", stop_line(lost.python, lost.root, rec.uid)], check=True)
+        line = stop_line(lost.python, lost.root, rec.uid)
+        subprocess.run(["sh", "-c", line], input=stop_input(), check=True)
         shutil.rmtree(lost.root)
         (action,) = once_json("lossy")["actions"]
         assert action == {

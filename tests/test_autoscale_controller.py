@@ -320,3 +320,22 @@ def test_a_retired_node_bills_until_its_end_is_confirmed(monkeypatch):
         h.close()
         lifecycle.down(store, "bill", PlainReporter(quiet=True))
     assert billing(failed).end is not None  # `down` confirmed it
+
+
+def test_a_fixed_size_cluster_short_of_a_node_grows_back():
+    """A node lost when no place could replace it was dropped: the cluster reads the size it
+    was made with, not what is left, and a later pass makes a node more (a new number)."""
+    store, h = _up("short", price=1.0)
+    first, dropped = h.nodes
+    lifecycle.terminate(h.provider, h.ref, [handle.provider_node(dropped)], h.record)
+    store.set_nodes("short", [first])  # as the controller records a drop
+    ctl = Controller(store, handle.open_cluster(store, "short"), PlainReporter(quiet=True))
+    now = time.time()
+    assert ctl.snapshot(now).min_nodes == 2
+    plan = ctl.step(now)
+    assert plan.kinds() == [pol.GROW] and "in place of one lost" in plan.actions[0].reason
+    rec = store.get_cluster("short")
+    assert [n.node_id for n in rec.nodes][0] == first.node_id and len(rec.nodes) == 2
+    assert rec.nodes[1].root.endswith("node-2")  # never a number given before
+    assert ctl.step(time.time()).actions == ()
+    lifecycle.down(store, "short", PlainReporter(quiet=True))

@@ -117,7 +117,7 @@ def test_down_during_a_replacement_goes_on_and_leaves_nothing(monkeypatch, held)
 
 def test_a_node_whose_bootstrap_failed_is_terminated_not_left(monkeypatch):
     """add_nodes made a node and its bootstrap failed: the node is terminated (it was left
-    running, known to no state), billed for the while it existed."""
+    running, known to no state), and it gets no billing row."""
     from mlcloud.remote.transport import RemoteError
 
     store = state.open_store()
@@ -136,8 +136,7 @@ def test_a_node_whose_bootstrap_failed_is_terminated_not_left(monkeypatch):
         assert [Path(n.root).name for n in h.provider.list(h.ref)] == ["node-0"]
         assert tagged_pids(f"{h.record.uid}.1.") == []
         assert [p for p in _agents(h.record.uid) if b"node-1" in _cmdline(p)] == []
-        (made,) = [i for i in store.billing("bad") if i.node_id == "local-1"]
-        assert made.end is not None and made.end >= made.start
+        assert [i.node_id for i in store.billing("bad")] == ["local-0"]  # no row for it
     finally:
         h.close()
         lifecycle.down(store, "bad", QUIET)

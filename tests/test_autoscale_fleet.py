@@ -107,7 +107,7 @@ def test_a_lost_node_is_replaced_once_when_its_leader_dies_mid_pass(pg_url, mlcl
     over replaces the node, once."""
     import shutil
 
-    from mlcloud.remote.shell import stop_line
+    from mlcloud.remote.shell import stop_input, stop_line
 
     assert run_cli("up", "fl", "--nodes", "2", "--yes").returncode == 0
     store = state.open_store()
@@ -124,7 +124,8 @@ def test_a_lost_node_is_replaced_once_when_its_leader_dies_mid_pass(pg_url, mlcl
         (first,) = _wait(lambda: _leaders(store), time.monotonic() + 30)
         leader = next(p for p in services if p.pid == first)
         lost = rec.nodes[1]
-        subprocess.run(["sh", "-c", stop_line(lost.python, lost.root, rec.uid)], check=True)
+        line = stop_line(lost.python, lost.root, rec.uid)
+        subprocess.run(["sh", "-c", line], input=stop_input(), check=True)
         shutil.rmtree(lost.root)
 
         def asked():

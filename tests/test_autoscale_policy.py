@@ -76,6 +76,12 @@ CASES = [
     ),
     ("unreachable-once-holds", snap(nodes=(node(0), node(1, unreachable=1))), Policy(), []),
     (
+        "silent-once-replaced",  # its connection timed 8 s of silence: no second pass needed
+        snap(nodes=(node(0), node(1, unreachable=1, silent_s=8.0))),
+        Policy(),
+        [REPLACE],
+    ),
+    (
         "no-spare-dropped",
         snap(nodes=(node(0), node(1, unreachable=3)), spares=0),
         Policy(),
@@ -127,6 +133,31 @@ CASES = [
     (
         "head-lost-restart",
         snap(nodes=(node(0, unreachable=2), node(1))),
+        Policy(),
+        [RESTART, REPLACE],
+    ),
+    # a node answers but the job's processes on it are gone: restart on what is left
+    (
+        "job-gone-restart",
+        snap(nodes=(node(0), node(1, job_gone=True)), min_nodes=1),
+        Policy(),
+        [RESTART],
+    ),
+    (
+        "job-gone-on-the-head-restart",
+        snap(nodes=(node(0, job_gone=True), node(1)), min_nodes=1),
+        Policy(),
+        [RESTART],
+    ),
+    (
+        "job-gone-no-job-nothing",
+        snap(nodes=(node(0), node(1, job_gone=True)), job=DONE, ended_at=NOW),
+        Policy(),
+        [],
+    ),
+    (
+        "job-gone-and-head-lost-one-restart",
+        snap(nodes=(node(0, unreachable=2), node(1, job_gone=True))),
         Policy(),
         [RESTART, REPLACE],
     ),
@@ -300,6 +331,34 @@ CASES = [
         Policy(),
         [REPLACE],
     ),
+    # below the size it was made with (a lost node no zone had room to replace): regrown
+    ("regrow-a-fixed-size-no-job", snap(1, job=None, min_nodes=2, max_nodes=2), Policy(), [GROW]),
+    ("regrow-to-an-elastic-min", snap(1, job=None, min_nodes=2, max_nodes=3), Policy(), [GROW]),
+    (
+        "regrow-holds-after-a-refusal",
+        snap(1, job=None, min_nodes=2, max_nodes=2, grow_refusals=1, grow_refused_at=NOW - 30),
+        Policy(),
+        [],
+    ),
+    (
+        "regrow-holds-replace-lost-off",
+        snap(1, job=None, min_nodes=2, max_nodes=2),
+        Policy(replace_lost=False),
+        [],
+    ),
+    ("regrow-holds-no-spare", snap(1, min_nodes=2, max_nodes=2, spares=0), Policy(), []),
+    (
+        "regrow-holds-idle",  # the lost node stopped itself for idle: a new one would too
+        snap(
+            job=None,
+            nodes=(node(0, verdict="idle", idle_since=NOW - 1795),),
+            min_nodes=2,
+            max_nodes=2,
+        ),
+        Policy(),
+        [],
+    ),
+    ("regrow-holds-at-size", snap(2, job=None, min_nodes=2, max_nodes=2), Policy(), []),
 ]
 
 

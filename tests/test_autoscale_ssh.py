@@ -42,7 +42,16 @@ def test_once_replaces_a_lost_node_with_a_spare(make_ssh_nodes):
     events = [(k, m) for _, k, m in state.open_store().events("el")]
     assert ("node_lost", next(m for k, m in events if k == "node_lost")) in events
     assert any(k == "node_replaced" and spare in m for k, m in events), events
-    # the new node is a full node: bootstrapped, reachable, nothing more to do
+    # the new node is a full node: bootstrapped, reachable, nothing more to do; its agent
+    # knows it by its own number (the spare's place in the host list), not by its batch's
+    replaced = next(m for k, m in events if k == "node_replaced")
+    old_id, new_id = replaced.split(": ", 1)[1].split(" replaced by ")
+    assert old_id != new_id, replaced
+    r = run_cli("exec", "el", "--json", "cat ../agent/config.json")
+    assert r.returncode == 0, r.stderr
+    confs = [json.loads(n["stdout"]) for n in json.loads(r.stdout)["nodes"]]
+    assert [c["node"] for c in confs] == [0, 2], confs
+    assert confs[1]["node_id"] == new_id, (confs[1], replaced)
     r = run_cli("exec", "el", "--", "hostname -I || true")
     assert r.returncode == 0, r.stderr
     r = run_cli("autoscale", "el", "--once")

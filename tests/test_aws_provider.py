@@ -134,7 +134,7 @@ def engine_uses(aws: AwsProvider, monkeypatch) -> None:
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
     monkeypatch.setattr(
         "mlcloud.provision.bootstrap.bootstrap",
-        lambda p, ref, nodes, ssh, *agent: [
+        lambda p, ref, nodes, ssh, *agent, **kw: [
             state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
             for i, n in enumerate(nodes)
         ],
@@ -606,3 +606,123 @@ def test_placement_group_refused_is_a_warning_not_a_failure(aws):
     aws.create(REF, replace(prepared.request, zone="us-east-1a"), 2)
     assert "GroupName" not in aws.sent[-1]["Placement"]
     assert aws.prepare(REF, request()).warnings == ()  # said once
+
+
+# One placement path for `up` and `add_nodes` (mlcloud/provision/lifecycle.py: _place)
+
+
+def up_in_zone_a(aws, monkeypatch, name: str) -> tuple[state.Store, handle.Handle]:
+    engine_uses(aws, monkeypatch)
+    store = state.open_store()
+    spec = replace(two_nodes("g5.xlarge"), zone="us-east-1a")
+    lifecycle.up(store, name, replace(spec, zone=None), PlainReporter(quiet=True))
+    return store, handle.open_cluster(store, name)
+
+
+def live(aws) -> list[str]:
+    out = aws.api.client("us-east-1").describe_instances(
+        Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}]
+    )["Reservations"]
+    return sorted(i["InstanceId"] for r in out for i in r["Instances"])
+
+
+def test_add_nodes_fails_over_zone_by_zone_and_records_where(aws, mlcloud_home, monkeypatch):
+    store, h = up_in_zone_a(aws, monkeypatch, "grow")
+    assert h.record.spec["zone"] == "us-east-1a"
+
+    def refuse_zone_a(params, **_):
+        if params["body"].get("Placement.AvailabilityZone") == "us-east-1a":
+            return refusal("InsufficientInstanceCapacity")
+        return None
+
+    hook(aws, "before-call.ec2.RunInstances", refuse_zone_a)
+    try:
+        new = lifecycle.add_nodes(store, h, 1, PlainReporter(quiet=True))
+        zones = [p["Placement"]["AvailabilityZone"] for p in aws.sent]
+        assert zones == ["us-east-1a", "us-east-1a", "us-east-1b"]  # the cluster's zone first
+        assert len({p["ClientToken"] for p in aws.sent}) == 3
+        assert new.nodes[0].root.endswith("/node-2") and len(live(aws)) == 3
+        kinds = [(kind, message) for _, kind, message in store.events("grow")]
+        assert ("placed", f"{new.nodes[0].node_id} made in us-east-1b") in kinds
+        assert any(k == "capacity" for k, _ in kinds)
+        assert store.get_cluster("grow").spec["zone"] == "us-east-1a"  # the cluster's own
+    finally:
+        h.close()
+        lifecycle.down(store, "grow", PlainReporter(quiet=True))
+
+
+def test_add_nodes_over_quota_leaves_the_region_at_once(aws, mlcloud_home, monkeypatch):
+    store, h = up_in_zone_a(aws, monkeypatch, "quota")
+    hook(aws, "before-call.ec2.RunInstances", lambda **_: refusal("VcpuLimitExceeded"))
+    try:
+        with pytest.raises(QuotaError, match="over quota for 1 more x g5.xlarge in us-east-1"):
+            lifecycle.add_nodes(store, h, 1, PlainReporter(quiet=True))
+        assert len(aws.sent) == 2  # up's, then one try: no other zone of the region
+        assert len(live(aws)) == 2
+    finally:
+        h.close()
+        lifecycle.down(store, "quota", PlainReporter(quiet=True))
+
+
+def test_a_launch_that_fails_after_ec2_made_it_terminates_only_that(aws, mlcloud_home, monkeypatch):
+    """The instances launched, then never ran (the wait failed): this attempt's instance is
+    terminated, the cluster's stay, and its numbers (so its token) are not used again."""
+    from mlcloud.providers.base import ProviderError
+
+    store, h = up_in_zone_a(aws, monkeypatch, "wait")
+    before = live(aws)
+    real_wait = aws.api.wait
+
+    def wait(region, ids, waiter):
+        if waiter == "instance_running":
+            raise ProviderError(f"EC2 instances {', '.join(ids)} did not reach running")
+        real_wait(region, ids, waiter)
+
+    monkeypatch.setattr(aws.api, "wait", wait)
+    try:
+        with pytest.raises(ProviderError, match="did not reach running"):
+            lifecycle.add_nodes(store, h, 1, PlainReporter(quiet=True))
+        assert live(aws) == before
+        monkeypatch.setattr(aws.api, "wait", real_wait)
+        new = lifecycle.add_nodes(store, h, 1, PlainReporter(quiet=True))
+        assert new.nodes[0].root.endswith("/node-3")
+        assert aws.sent[1]["ClientToken"] != aws.sent[2]["ClientToken"]
+    finally:
+        h.close()
+        lifecycle.down(store, "wait", PlainReporter(quiet=True))
+
+
+def test_a_resumed_up_whose_bootstrap_fails_terminates_only_what_it_made(
+    aws, mlcloud_home, monkeypatch
+):
+    engine_uses(aws, monkeypatch)
+    monkeypatch.setattr("mlcloud.provision.lifecycle._rollback", lambda *a: None)
+    real_bootstrap = lifecycle.bootstrap.bootstrap
+
+    def killed(*a, **kw):
+        raise Killed
+
+    monkeypatch.setattr(lifecycle.bootstrap, "bootstrap", killed)
+    store = state.open_store()
+    with pytest.raises(Killed):  # kill -9 mid-bootstrap: two instances, the row INIT
+        lifecycle.up(store, "again", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
+    ref = handle.ref_of(store.get_cluster("again"))
+    first, second = (n.node_id for n in aws.list(ref))  # node-0, node-1
+    aws.api.client("us-east-1").terminate_instances(InstanceIds=[second])
+
+    def failing(*a, **kw):
+        raise lifecycle.RemoteError("node2: bootstrap failed")
+
+    monkeypatch.setattr(lifecycle.bootstrap, "bootstrap", failing)
+    with pytest.raises(lifecycle.RemoteError):
+        lifecycle.up(store, "again", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
+    assert len(aws.sent) == 2  # one node asked again, with numbers of its own
+    assert live(aws) == [first]  # what was there before stays for the next run
+    monkeypatch.setattr(lifecycle.bootstrap, "bootstrap", real_bootstrap)
+    engine_uses(aws, monkeypatch)
+    rec = lifecycle.up(store, "again", two_nodes("g5.xlarge"), PlainReporter(quiet=True))
+    assert len(rec.nodes) == 2 and rec.nodes[0].node_id == first
+    roots = sorted(n.root.rsplit("/", 1)[1] for n in rec.nodes)
+    assert roots == ["node-0", "node-3"]  # node-2's attempt failed: its number is not reused
+    assert len({p["ClientToken"] for p in aws.sent}) == 3
+    lifecycle.down(store, "again", PlainReporter(quiet=True))

@@ -1,6 +1,8 @@
-"""Every command, run by the real console script with a damaged MLCLOUD_HOME (a file, a
-read-only mount, a corrupt state.db, a full disk on a small tmpfs): one `error:` line naming
-what is wrong, a non-zero exit, no traceback. `mlcloud doctor` then says the same."""
+"""Every command with a damaged MLCLOUD_HOME (a file, a read-only mount, a corrupt state.db, a
+full disk on a small tmpfs): one `error:` line naming what is wrong, a non-zero exit, no
+traceback. `mlcloud doctor` then says the same. The subject is each command's message and
+exit code, so the walk runs the console script's own function in-process (run_cli_in_process);
+its first command goes through the real `mlcloud` process, so both ends are seen."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli_in_process
 
 MLCLOUD = str(Path(sys.executable).parent / "mlcloud")
 
@@ -50,19 +53,39 @@ STATELESS = [
 ]
 
 
-def mlcloud(args: list[str], home: Path, tmp: Path) -> subprocess.CompletedProcess:
+def _env(home: Path) -> dict[str, str]:
     env = {**os.environ, "MLCLOUD_HOME": str(home), "NO_COLOR": "1"}
     env.pop("MLCLOUD_DEBUG", None)
-    argv = [a.replace("{work}", str(tmp / "work")).replace("{tmp}", str(tmp)) for a in args]
+    return env
+
+
+def _argv(args: list[str], tmp: Path) -> list[str]:
+    return [a.replace("{work}", str(tmp / "work")).replace("{tmp}", str(tmp)) for a in args]
+
+
+def mlcloud(args: list[str], home: Path, tmp: Path) -> subprocess.CompletedProcess:
+    """The real console script."""
     return subprocess.run(
-        [MLCLOUD, *argv],
-        env=env,
+        [MLCLOUD, *_argv(args, tmp)],
+        env=_env(home),
         cwd=tmp,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=90,
     )
+
+
+def in_process(args: list[str], home: Path, tmp: Path) -> subprocess.CompletedProcess:
+    """The same command through the console script's function, in this process."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_env(home))
+    try:
+        return run_cli_in_process(*_argv(args, tmp), cwd=tmp)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def one_line_or_ok(r: subprocess.CompletedProcess, args: list[str]) -> str | None:
@@ -77,15 +100,11 @@ def one_line_or_ok(r: subprocess.CompletedProcess, args: list[str]) -> str | Non
 
 
 def walk(home: Path, tmp: Path, must_fail: bool, names: str) -> dict[str, str]:
-    """Run every command; return {command: error line}. `names`: a word every line of a
-    stateful command's failure holds (the path it is about). Where every stateful command
-    must fail, none changes anything, so they run four at a time; otherwise one by one, in
-    order."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Run every command, in order; return {command: error line}. `names`: a word every line
+    of a stateful command's failure holds (the path it is about)."""
     commands = STATEFUL + STATELESS
-    with ThreadPoolExecutor(max_workers=4 if must_fail else 1) as pool:
-        results = list(pool.map(lambda args: mlcloud(args, home, tmp), commands))
+    results = [mlcloud(commands[0], home, tmp)]
+    results += [in_process(args, home, tmp) for args in commands[1:]]
     errors = {}
     for args, r in zip(commands, results, strict=True):
         line = one_line_or_ok(r, args)

@@ -151,11 +151,9 @@ def test_gc_asks_before_deleting_and_yes_skips_only_the_question(mlcloud_home, c
     code, out, _ = gc("--dry-run", "--json", "--yes")
     assert code == 0 and json.loads(out)["deleted"] == 0 and node.exists()
     monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
-    code, out, err = gc()  # answered no
-    assert code == 2 and node.exists()
-    assert err == (
-        "delete the 1 resource(s) marked delete? [y/N]: error: cancelled; nothing was changed\n"
-    )
+    code, out, err = gc()  # answered no: declined, not bad input
+    assert code == 1 and node.exists()
+    assert err == "delete the 1 resource(s) marked delete? [y/N]: aborted\n"
     monkeypatch.setattr(sys, "stdin", _Terminal(""))  # a question would read no answer: no
     code, out, err = gc("--yes", "--min-age", "120")  # too young: kept, nothing to ask
     assert code == 0 and out.endswith("deleted 0 resource(s), kept 1\n") and node.exists()

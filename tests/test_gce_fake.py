@@ -480,6 +480,33 @@ def test_unsupported_type_in_zone_and_spot_preemption(gce, gce_env):
     ]
 
 
+def test_an_operation_ends_throttled_and_a_vm_is_reclaimed_while_starting(gce, gce_env):
+    """Both as GCE shows them: the call succeeds; the operation ends DONE with
+    RATE_LIMIT_EXCEEDED (429) and nothing made; a VM reclaimed while STAGING never runs,
+    its insert DONE without error."""
+    fake = gce_env.fake
+    fake.rate_limit_operations(1, zone=ZONE)
+    op = gce.wait(gce.insert(gce.instance("vm-1")))
+    assert [e.code for e in op.error.errors] == ["RATE_LIMIT_EXCEEDED"]
+    assert op.http_error_status_code == 429 and gce.names() == []
+    assert not gce.wait(gce.insert(gce.instance("vm-1"))).error.errors  # the next one: made
+    spot = gce.c.Scheduling(
+        provisioning_model="SPOT",
+        instance_termination_action="DELETE",
+        on_host_maintenance="TERMINATE",
+        automatic_restart=False,
+    )
+    fake.reclaim_while_starting(ZONE, vms=2)
+    op = gce.wait(gce.insert(gce.instance("spot-1", scheduling=spot)))
+    assert not op.error.errors
+    gce.wait(gce.insert(gce.instance("vm-2")))  # termination action STOP, the default
+    fake.advance_clock(1)
+    assert [(i["name"], i["status"]) for i in fake.instances()] == [
+        ("vm-1", "RUNNING"),
+        ("vm-2", "TERMINATED"),
+    ]
+
+
 def test_max_run_duration_needs_a_termination_action_and_ends_the_vm(gce, gce_env):
     from google.api_core.exceptions import BadRequest
 

@@ -7,6 +7,7 @@ agents' events are the node's that was read, whatever its files say."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -133,3 +134,53 @@ def test_the_controllers_stop_reaches_the_job_on_a_replacement(mlcloud_home, tmp
     finally:
         h.close()
         lifecycle.down(store, "stop", QUIET)
+
+
+def test_a_lost_local_node_leaves_nothing_running_beside_its_replacement(mlcloud_home, tmp_path):
+    """Through the CLI: node1's directory is removed under its running agent and job (its
+    agent polls slowly, so it would not notice for a while); `autoscale --once` replaces it
+    with a node of a new number, says so truthfully, configures the new agent with that
+    number, and stops what the lost node left running (agent and job) there and then."""
+    from conftest import run_cli
+
+    spec = tmp_path / "mlcloud.yaml"
+    spec.write_text("autoscale:\n  poll_seconds: 120\n")
+    r = run_cli("up", "gone", "--nodes", "2", "--yes", "-f", str(spec))
+    assert r.returncode == 0, r.stderr
+    store = state.open_store()
+    h = handle.open_cluster(store, "gone")
+    try:
+        uid = h.record.uid
+        lost = Path(h.nodes[1].root)
+        agent = int((lost / "agent" / "agent.pid").read_text())
+        _start_everywhere(store, h, tmp_path)
+        assert tagged_pids(f"{uid}.1.")
+    finally:
+        h.close()
+    shutil.rmtree(lost)
+    said = ""
+    for _ in range(2):  # the listing's loss may take a second look
+        r = run_cli("autoscale", "gone", "--once")
+        assert r.returncode == 0, r.stderr
+        said += r.stdout + r.stderr
+        if "replaced by" in said:
+            break
+    assert "node1: local-1 replaced by local-2" in said, said
+    assert tagged_pids(f"{uid}.1.") == [], "the lost node's job runs on"
+    assert not _alive(agent), "the lost node's agent runs on beside its replacement"
+    h = handle.open_cluster(store, "gone")
+    try:
+        assert [Path(n.root).name for n in h.nodes] == ["node-0", "node-2"]
+        conf = _agent_config(h.nodes[1].root)
+        assert (conf["node"], conf["node_id"], conf["tag"]) == (2, "local-2", f"{uid}.2.")
+    finally:
+        h.close()
+    assert run_cli("down", "gone", "--yes").returncode == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

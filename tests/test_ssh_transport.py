@@ -127,6 +127,31 @@ def test_proxy_command_routes_to_the_node(make_ssh_nodes):
         t.close()
 
 
+def test_closing_a_connection_whose_proxy_ended_does_not_raise(make_ssh_nodes):
+    """A node gone behind a bastion: its proxy command exits, and paramiko's goodbye goes into
+    a broken pipe. The controller closes such a node's connection as it replaces it; a raise
+    there ended the controller (seen on the fake clouds: no replacement)."""
+    nodes = make_ssh_nodes(1)
+    n = nodes.nodes[0]
+    relay = Path(__file__).parent / "tcp_relay.py"
+    t = SshTransport(
+        SshTarget(
+            "10.0.0.98",
+            n.port,
+            n.user,
+            identity_file=str(nodes.client_key),
+            proxy_command=f"{sys.executable} {relay} {n.host} %p",
+            host_key_id="i-0123456789",
+        ),
+        "node0",
+    )
+    t.put(b"x", f"/tmp/mlcloud-close-{os.getpid()}")  # sftp open: a channel to say goodbye on
+    proxy = t._transport.sock._sock.process  # (the ProxyCommand's process)
+    nodes.kill(0)
+    proxy.wait(timeout=20)  # the relay saw the node go and ended
+    t.close()
+
+
 def test_cluster_key_modes_tightened(mlcloud_home):
     path, public = keys.ensure_cluster_key("c-1")
     assert public.startswith("ssh-ed25519 ") and stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -44,6 +44,9 @@ def test_a_stalled_job_is_stopped_by_the_controller_and_the_events_say_why(tmp_p
     # SIGKILL after the controller's grace: the agent alone would wait a minute for the job
     assert r.returncode == 137, said[-3000:]
     assert f"job stalled on node0 for {STALL_MINUTES:g} min: stopping the job" in said, said
+    # the last line names the rule, not only the signal
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("[mlcloud] job 1 stopped by the stall rule"), said[-3000:]
     assert took < 50, took
     assert tagged_pids(f"{uid}.") == []
 

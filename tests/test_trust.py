@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import MLCLOUD, run_cli
 
-from mlcloud.errors import UsageError
+from mlcloud.errors import Aborted, UsageError
 from mlcloud.provision import trust
 
 RELAY = Path(__file__).parent / "tcp_relay.py"
@@ -50,7 +50,7 @@ def test_from_a_spec_file_it_is_asked_once_per_file_and_command(tmp_path, mlclou
 
 def test_a_refusal_or_the_flag_is_not_remembered(tmp_path, mlcloud_home):
     spec = tmp_path / "a.yaml"
-    with pytest.raises(UsageError, match="not confirmed; nothing was changed"):
+    with pytest.raises(Aborted):
         trust.check_proxy_command(spec, "nc %h %p", False, lambda q: False)
     trust.check_proxy_command(spec, "nc %h %p", True, never)  # --allow-proxy-command
     assert not trust.trusted(spec, "nc %h %p")
@@ -119,7 +119,7 @@ def test_cli_asks_refuses_without_a_terminal_and_remembers(make_ssh_nodes, tmp_p
 
     # a person says no: still nothing
     r = on_a_terminal(["up", "p", "-f", str(spec), "--yes"], "n")
-    assert r.returncode == 2 and "not confirmed" in r.stderr and not marker.exists()
+    assert r.returncode == 1 and r.stderr.endswith("aborted\n") and not marker.exists()
 
     # a person says yes: it runs, and the answer is kept for this file and command
     r = on_a_terminal(["up", "p", "-f", str(spec), "--yes"], "y")

@@ -5,10 +5,11 @@ stop record), read over a node's Transport. Used by `status`, `events` and the c
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from mlcloud.remote.shell import DIR, path_arg, quote
-from mlcloud.remote.transport import RemoteError, Transport
+from mlcloud.remote.transport import RemoteError, SilentError, Transport
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,9 @@ def read(t: Transport, root: str, node: int, timeout: float = 10.0) -> NodeView:
 
 MARK = "@mlcloud:probe"
 WINDOW = 120  # samples read per pass: at the default 5 s poll, the last 10 minutes
-TIMEOUT = 4.0  # an answer slower than this is no answer: detection stays within 15 s
+# A probe slower than this counts as one miss (two in a row: lost). A node that went silent is
+# not left to this: its connection's heartbeat gives it up (SilentError), and then it is lost.
+TIMEOUT = 4.0
 
 
 @dataclass(frozen=True)
@@ -217,28 +220,70 @@ class Probe:
     reachable: bool
     samples: tuple[Sample, ...] = ()
     error: str | None = None
+    silent_s: float | None = None  # the connection heard nothing, asked, for this long
 
 
-def _command(root: str, now: float) -> str:
+def _command(root: str, now: float, lines: int) -> str:
     # Only where the agent's directory is: a node whose directory was removed (terminated,
     # cleaned up) must not be made again by a probe, or the provider would list it as alive.
     agent = f"{path_arg(root)}/{DIR}"
     return (
         f"if [ -d {agent} ]; then echo {now:.0f} > {agent}/.heartbeat.tmp "
         f"&& mv -f {agent}/.heartbeat.tmp {agent}/heartbeat; fi; echo {MARK} "
-        f"&& tail -n {WINDOW} {agent}/samples.jsonl 2>/dev/null; true"
+        f"&& tail -n {lines:d} {agent}/samples.jsonl 2>/dev/null; true"
     )
 
 
-def probe(t: Transport, root: str, now: float, timeout: float = TIMEOUT) -> Probe:
+def probe(
+    t: Transport, root: str, now: float, timeout: float = TIMEOUT, lines: int = WINDOW
+) -> Probe:
+    """One round trip: the heartbeat written, the newest `lines` samples read."""
     try:
-        result = t.run(_command(root, now), timeout=timeout)
+        result = t.run(_command(root, now, lines), timeout=timeout)
+    except SilentError as e:  # the transport's heartbeat timed the silence: no second look
+        return Probe(False, error=str(e), silent_s=e.seconds)
     except Exception as e:  # noqa: BLE001 (any failure to answer is what is measured)
         return Probe(False, error=str(e) or type(e).__name__)
     lines = result.stdout.splitlines()
     if MARK not in lines:
         return Probe(False, error=(result.stderr.strip() or "no answer")[:200])
     return Probe(True, parse_samples("\n".join(lines[lines.index(MARK) + 1 :])))
+
+
+class Window:
+    """The samples a long-lived controller holds per node, so a pass reads only what came
+    since the last (a few lines, not WINDOW: the probe is the heartbeat, and its cost is per
+    node per pass). `lines(node, now)` says how many to read; `merge` joins what was read. A
+    read that may have left a gap (none of it overlaps what is held) is kept alone, and the
+    next read is a whole window: a sample missed in a gap could hide the end of an idle run."""
+
+    def __init__(self, every: float):
+        self.every = every  # the agent's sampling period (its poll_seconds)
+        self.held: dict[str, tuple[Sample, ...]] = {}
+        self.read_at: dict[str, float] = {}  # monotonic
+
+    def lines(self, node: str, now: float) -> int:
+        if node not in self.held or node not in self.read_at:
+            return WINDOW
+        return min(WINDOW, math.ceil((now - self.read_at[node]) / self.every) + 2)
+
+    def merge(self, node: str, now: float, asked: int, read: tuple[Sample, ...]) -> None:
+        held = self.held.get(node)
+        if held is None or asked >= WINDOW:
+            self.held[node], self.read_at[node] = read, now
+            return
+        if held and read and len(read) >= asked and read[0].time > held[-1].time:
+            self.held[node] = read  # a gap may lie between: a whole window next pass
+            self.read_at.pop(node, None)
+            return
+        newest = held[-1].time if held else -math.inf
+        self.held[node] = (held + tuple(x for x in read if x.time > newest))[-WINDOW:]
+        self.read_at[node] = now
+
+    def forget(self, keep: set[str]) -> None:
+        for d in (self.held, self.read_at):
+            for node in set(d) - keep:
+                del d[node]
 
 
 def detach(t: Transport, root: str) -> None:

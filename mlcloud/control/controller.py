@@ -29,6 +29,7 @@ from mlcloud.remote.shell import path_arg, quote
 from mlcloud.remote.transport import RemoteError, check
 from mlcloud.report import Reporter
 from mlcloud.spec.cost import accrued
+from mlcloud.spec.task import parse_nodes
 from mlcloud.state import cluster_lock
 
 RETIRE_WAIT = 20.0  # how long a lost node's teardown may take before the pass goes on
@@ -68,6 +69,9 @@ class Controller:
         self.gone = False  # the cluster was torn down by a decision
         self.busy = threading.Event()  # set while a plan is being applied
         self.retired: set[str] = set()  # node ids the pass being applied retired already
+        self.job_gone: set[str] = set()  # node ids where the job's processes went (job_lost)
+        # the agents' samples held from pass to pass: each pass reads only the newest
+        self.window = agentview.Window(self.policy.poll_seconds)
 
     # -- state kept between passes (a `--once` from cron picks up where the last one left)
 
@@ -114,39 +118,62 @@ class Controller:
         else:
             files.write(self._memory(".grow"), json.dumps([self.grow_refusals, now]).encode())
 
+    def job_lost(self, node_id: str) -> None:
+        """The follower saw the job's processes on this node end with no end of their own (all
+        killed) while the job runs on: the next pass restarts the job (policy: job_gone). Ends
+        seen while a plan is applied are the plan's own doing (a restart's stop)."""
+        if not self.busy.is_set():
+            self.job_gone.add(node_id)
+
     # -- gather
 
     def snapshot(self, now: float) -> pol.Snapshot:
         h = self.h
         n = len(h.nodes)
-        probes = fan_out(lambda i: probe(h.transports[i], h.nodes[i].root, now), list(range(n)))
+        read_at = time.monotonic()
+        want = [self.window.lines(rec.node_id, read_at) for rec in h.nodes]
+        probes = fan_out(
+            lambda i: probe(h.transports[i], h.nodes[i].root, now, lines=want[i]),
+            list(range(n)),
+        )
         listed = {node.node_id: node.status for node in h.provider.list(h.ref)}
         views = []
+        held: list[tuple[agentview.Sample, ...]] = []
         for i, (rec, p) in enumerate(zip(h.nodes, probes, strict=True)):
             self.misses[rec.node_id] = 0 if p.reachable else self.misses.get(rec.node_id, 0) + 1
-            newest = p.samples[-1].verdict if p.samples else None
+            if p.reachable:
+                self.window.merge(rec.node_id, read_at, want[i], p.samples)
+            rows = self.window.held.get(rec.node_id, ()) if p.reachable else ()
+            held.append(rows)
+            newest = rows[-1].verdict if rows else None
             views.append(
                 pol.NodeView(
                     i,
                     rec.node_id,
                     listed.get(rec.node_id, pol.MISSING),
-                    self.misses[rec.node_id],
-                    newest,
-                    agentview.since(p.samples, "idle"),
-                    agentview.since(p.samples, "stalled"),
+                    unreachable=self.misses[rec.node_id],
+                    silent_s=p.silent_s,
+                    verdict=newest,
+                    idle_since=agentview.since(rows, "idle"),
+                    stalled_since=agentview.since(rows, "stalled"),
+                    job_gone=p.reachable and rec.node_id in self.job_gone,
                 )
             )
         self.misses = {k: v for k, v in self.misses.items() if k in listed or v}
+        self.window.forget({rec.node_id for rec in h.nodes})
         job = self._job()
         running = job is not None and job.status in (state.JOB_STARTING, state.JOB_RUNNING)
+        if not running:
+            self.job_gone.clear()
         remaining = (
-            agentview.job_remaining([p.samples for p in probes], job.job_id)
-            if job is not None and running
-            else None
+            agentview.job_remaining(held, job.job_id) if job is not None and running else None
         )
         intervals = [i for i in self.store.billing(h.record.name) if i.uid == h.record.uid]
         open_prices = [i.price for i in intervals if i.end is None]
-        low, high = launch.elastic_range(h) or (n, n)
+        # a fixed size is the size it was made with, not what is left of it
+        asked = h.record.spec.get("nodes")
+        size = parse_nodes(asked)[1] if asked is not None else n
+        low, high = launch.elastic_range(h) or (size, size)
         return pol.Snapshot(
             cluster=h.record.name,
             nodes=tuple(views),
@@ -260,7 +287,7 @@ class Controller:
                 self._event("stall", a.reason)
             elif a.kind == pol.STALL_STOP:
                 self._event("stall", a.reason + ": stopping the job")
-                self._stop_job(range(len(self.h.nodes)), grace=10.0)
+                self._stop_job(range(len(self.h.nodes)), grace=10.0, rule=("stall", a.reason))
             elif a.kind == pol.REPLACE:
                 self._event("node_lost", a.reason, a.node)
                 assert a.node is not None
@@ -524,6 +551,7 @@ class Controller:
             )  # the earlier run's output is kept beside, not shown again
 
         fan_out(reset, everyone)
+        self.job_gone.clear()  # it starts afresh on every node
         new = launch.Rendezvous(launch.free_port(h), rdzv.number + 1, rdzv.nproc)
         launch.save_request(job, req, new)
         launch.prepare_nodes(h, req, everyone, self.report, lambda i, line: None)
@@ -535,14 +563,15 @@ class Controller:
         if self.on_restart:
             self.on_restart()
 
-    def _stop_job(self, positions, grace: float) -> None:
+    def _stop_job(self, positions, grace: float, rule: tuple[str, str] | None = None) -> None:
+        """rule: (kind, reason) that the job's end names (stall, budget, idle)."""
         job = self._job()
         if job is None:
             return
 
         def one(i: int) -> None:
             try:
-                launch.kill(self.h, i, job.job_id, grace)
+                launch.kill(self.h, i, job.job_id, grace, rule=rule)
             except MlcloudError as e:
                 self.report.warn(f"node{i}: could not stop the job: {e}")
 
@@ -552,7 +581,7 @@ class Controller:
         """Budget stop or idle: checkpoint (SIGTERM) and wait `grace`, then stop the cluster
         as its agents would (stop_by_rule below)."""
         if grace and self._running_job() is not None:
-            self._stop_job(range(len(self.h.nodes)), grace=grace)
+            self._stop_job(range(len(self.h.nodes)), grace=grace, rule=(kind, reason))
         self.gone = True
         stop_by_rule(self.store, self.h, kind, reason, self.report)
 

@@ -37,9 +37,13 @@ class NodeView:
     node_id: str
     provider_status: base.NodeStatus | Literal["missing"]  # as the provider's listing has it
     unreachable: int = 0  # consecutive failed reachability checks, this one included
+    silent_s: float | None = None  # its connection heard nothing, heartbeats asked, this long
     verdict: str | None = None  # the agent's newest: idle|busy|stalled|starting, None: no agent
     idle_since: float | None = None  # start of the agent's unbroken run of idle verdicts
     stalled_since: float | None = None  # likewise for stalled
+    # the running job's processes there are gone though the node answers (killed, OOM): lost
+    # for the job, whose survivors would otherwise wait in torchrun's exit barrier (300 s)
+    job_gone: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class Snapshot:
     job: JobView | None
     cost_so_far: float  # USD billed since the cluster came up
     node_rate: float  # USD/h of one node
-    min_nodes: int  # elastic MIN (== MAX for a fixed size)
+    min_nodes: int  # elastic MIN (== MAX for a fixed size); the size it was made with
     max_nodes: int
     spares: int | None = None  # ssh: free hosts; None: a cloud (capacity is found by asking)
     ended_at: float | None = None  # when the last job ended (idle teardown counts from there)
@@ -110,9 +114,12 @@ class Plan:
 
 def lost_reason(n: NodeView, policy: Policy) -> str | None:
     """Why a node counts as lost, or None: the provider says it is gone (the cloud is the
-    truth), or it did not answer `lost_after` checks in a row."""
+    truth), its connection heard nothing for the heartbeat's timeout though asked (a silent
+    cut: already timed, so at once), or it did not answer `lost_after` checks in a row."""
     if n.provider_status in GONE:
         return f"the provider lists it as {n.provider_status}"
+    if n.silent_s is not None:
+        return f"silent for {n.silent_s:g} s though asked (no answer, heartbeats included)"
     if n.unreachable >= policy.lost_after:
         return f"unreachable for {n.unreachable} consecutive checks"
     return None
@@ -232,6 +239,17 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
                 0,
             )
         )
+    gone = [n for n in snap.nodes if n.job_gone and not lost_reason(n, policy)]
+    if gone and running and not head_lost:
+        where = ", ".join(f"node{n.idx} ({n.node_id})" for n in gone)
+        actions.append(
+            Action(
+                RESTART,
+                f"the job's processes on {where} are gone (the node answers): restarting the "
+                f"job from its newest checkpoint on {alive} node(s)",
+                gone[0].idx,
+            )
+        )
     # No job, and the nodes still up idle for about idle_minutes: the lost ones stopped
     # themselves (the agents' idle switch, one after the other); a replacement would only idle
     # out in turn. A node lost from a cluster idle for less than that is replaced.
@@ -256,13 +274,23 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
                 else "no spare left"
             )
             actions.append(Action(DROP, f"node{n.idx} ({n.node_id}) lost: {why}; {because}", n.idx))
+    held_back = snap.grow_refused_at is not None and now < snap.grow_refused_at + grow_backoff(
+        snap.grow_refusals
+    )  # the cloud said no a moment ago: not every poll again
+    size = len(snap.nodes)
+    if not lost and size < snap.min_nodes:
+        # below the size it was made with: a lost node no place could replace then (no
+        # capacity in any zone) is replaced once one can, job or not
+        if policy.replace_lost and not quiet and not held_back and (spares is None or spares > 0):
+            why = f"{size} of {snap.min_nodes} nodes: one node more in place of one lost"
+            actions.append(Action(GROW, why))
+        return Plan(tuple(actions))
     if lost or not running or snap.min_nodes == snap.max_nodes:
         return Plan(tuple(actions))
     # Elastic size: shrink when the rate would overrun max_cost before the job's end; grow
     # toward MAX while capacity and budget allow. Without an expected end (no progress signal,
     # or no advance) only the budget stop above guards max_cost: nothing shrinks, and growth
     # under a max_cost waits for an estimate.
-    size = len(snap.nodes)
     remaining = snap.job.remaining_s if snap.job is not None else None
     if policy.max_cost is not None:
         at_size = _projected(snap, size)
@@ -279,10 +307,8 @@ def decide(snap: Snapshot, policy: Policy, now: float) -> Plan:
                     )
                 )
             return Plan(tuple(actions))  # over budget at this size: never one node more
-    if snap.grow_refused_at is not None and now < snap.grow_refused_at + grow_backoff(
-        snap.grow_refusals
-    ):
-        return Plan(tuple(actions))  # the cloud said no a moment ago: not every poll again
+    if held_back:
+        return Plan(tuple(actions))
     if size < snap.max_nodes and (spares is None or spares > 0) and remaining != 0:
         # (a job that reads done gets no node more: it would only join the job's end)
         if policy.max_cost is None:

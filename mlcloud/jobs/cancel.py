@@ -27,6 +27,11 @@ def cancel(
         job = reconcile.reconcile(store, job, h)
         if job.status in state.JOB_DONE:
             return job, False
+        # its follower (a suspended or slow `train`) may not have recorded an end the nodes
+        # already hold: that end is the truth, not a cancel that came after it
+        done = reconcile.ended(h, job.job_id)
+        if done is not None:
+            return _record(store, job, done), False
         unreachable: list[str] = []
 
         def one(i: int) -> None:
@@ -48,11 +53,17 @@ def cancel(
                 break
             time.sleep(0.2)
         if job.status not in state.JOB_DONE:
-            # a node that cannot be reached cannot tell its end: record the request anyway
-            store.update_job(
-                name, job.uid, job.job_id, status=state.JOB_CANCELLED, ended=time.time()
-            )
-            job = store.get_job(name, job.job_id, job.uid) or job
+            # its follower did not record the end in time: the nodes' exit codes (cancelled
+            # where the cancel reached the job, the job's own where it had ended first); a
+            # node that cannot be reached cannot tell its end: the request is recorded
+            done = reconcile.ended(h, job.job_id)
+            if done is not None:
+                job = _record(store, job, done)
+            else:
+                store.update_job(
+                    name, job.uid, job.job_id, status=state.JOB_CANCELLED, ended=time.time()
+                )
+                job = store.get_job(name, job.job_id, job.uid) or job
         if unreachable:
             raise MlcloudError(
                 f"job {job.job_id} recorded CANCELLED, but {', '.join(unreachable)} could not "
@@ -61,3 +72,16 @@ def cancel(
         return job, True
     finally:
         h.close()
+
+
+def _record(store: state.Store, job: state.JobRecord, done) -> state.JobRecord:
+    store.update_job(
+        job.cluster,
+        job.uid,
+        job.job_id,
+        status=done.status,
+        exit_code=done.exit_code,
+        ended=time.time(),
+    )
+    store.event(job.cluster, "job", f"job {job.job_id} {done.status} ({done.exit_code})")
+    return store.get_job(job.cluster, job.job_id, job.uid) or job

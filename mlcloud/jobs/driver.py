@@ -38,6 +38,11 @@ RECORD_RETRY = 60.0
 # is recorded. Held open while the controller is applying a plan.
 RECOVERY_WAIT = 30.0
 END_MARK = "mlcloud-end "  # node_ctl follow's last stderr line: the node's end, as JSON
+# torch's benign teardown noise (Driver._noise): the lines that open a c10d "Failed to recv"
+# C++ trace, the trace's own lines, and the rendezvous shutdown warning that follows it
+NOISE_STARTS = ("Failed to recv, got 0 bytes", "] recvVector failed on SocketImpl")
+NOISE_TRACE = ("Exception raised from ", "frame #", "<omitting python frames>")
+NOISE_RDZV = "has failed to shutdown the rendezvous"
 
 Sink = Callable[[str], None]
 
@@ -64,6 +69,10 @@ class Driver:
         self.elastic = launch.elastic_range(h) is not None
         self.following: dict[int, threading.Thread] = {}
         self.controller = None  # the autoscale controller running beside, if any
+        self.outcome: outcome.Outcome | None = None  # how the job ended, once it has
+        self.stopping = False  # this driver stopped nodes: what ends now is its doing
+        self.in_noise: set[int] = set()  # nodes in the middle of a trace of torch's noise
+        self.hidden = 0  # lines of it kept from the terminal (the log has them)
 
     def _show(self, text: str) -> None:
         """To the sink, if it still takes output: a closed stdout (`| head -1`, a dead CI
@@ -81,8 +90,26 @@ class Driver:
             self.log.write(text + "\n")
             if self.skip.get(node, 0) > 0:
                 self.skip[node] -= 1
-            else:
+            elif not self._noise(node, line):
                 self._show(text)
+
+    def _noise(self, node: int, line: str) -> bool:
+        """torch's known teardown noise: a node's c10d store closing under the others as a job
+        ends prints "Failed to recv" with a C++ trace (frame #0 ...), and a rendezvous that
+        could not be shut down says so. The log keeps it; the terminal is spared it."""
+        if any(mark in line for mark in NOISE_STARTS):
+            self.in_noise.add(node)
+            self.hidden += 1
+            return True
+        if node in self.in_noise:
+            if not line.strip() or line.startswith(NOISE_TRACE):
+                self.hidden += 1
+                return True
+            self.in_noise.discard(node)
+        if NOISE_RDZV in line:
+            self.hidden += 1
+            return True
+        return False
 
     def note(self, line: str) -> None:
         text = f"[mlcloud] {line}"
@@ -109,6 +136,9 @@ class Driver:
             if self.following.get(i) is threading.current_thread():
                 self.ends[i] = end
                 self.order.append(i)
+                ctl = self.controller
+                if ctl is not None and self._lost(end) and self._may_recover():
+                    ctl.job_lost(self.h.nodes[i].node_id)  # the others would wait in vain
             self.cond.notify_all()
 
     def follow(self, i: int) -> None:
@@ -124,6 +154,8 @@ class Driver:
         to the waiter), and follow them."""
         threads = {i: threading.Thread(target=self._follow, args=(i,), daemon=True) for i in nodes}
         with self.cond:
+            if len(nodes) == len(self.h.nodes):
+                self.stopping = False  # the job starts afresh everywhere
             for i in nodes:
                 self.ends.pop(i, None)
             self.order = [j for j in self.order if j not in threads]
@@ -131,6 +163,13 @@ class Driver:
             self.cond.notify_all()
         for th in threads.values():
             th.start()
+
+    def _may_recover(self) -> bool:
+        """Whether a node's lost part may restart the job: not when this driver stopped it (the
+        job is ending) nor once a node failed on its own (a restart would fail again)."""
+        return not self.stopping and not any(
+            e.code != 0 and not self._lost(e) for e in self.ends.values()
+        )
 
     def _lost(self, end: NodeEnd) -> bool:
         """An elastic job goes on without a node whose processes or connection went away."""
@@ -150,10 +189,15 @@ class Driver:
                 self.log.close()
                 raise
             self.note("interrupted: stopping the job on every node (it checkpoints on SIGTERM)")
-            self._stop_all(grace=10.0)
-            for th in list(self.following.values()):
-                th.join(timeout=30)
-            self._finish(state.JOB_CANCELLED, 130)
+            try:
+                self._stop_all(grace=10.0, cancelled=True)
+                for th in list(self.following.values()):
+                    th.join(timeout=30)
+            finally:  # a second Ctrl-C cuts the wait short, never the record: cancelled
+                self.outcome = outcome.Outcome(
+                    state.JOB_CANCELLED, 130, f"job {self.job.job_id} interrupted", "interrupt"
+                )
+                self._finish(state.JOB_CANCELLED, 130)
             raise
         finally:
             stop.set()
@@ -163,9 +207,34 @@ class Driver:
         if self.elastic and any(e.code == 0 for e in ends.values()):
             ends = {i: e for i, e in ends.items() if not self._lost(e)}
         result = outcome.decide(self.job.job_id, ends, [i for i in self.order if i in ends])
+        if result.status != state.JOB_SUCCEEDED and not result.stopped_by and self._torn_down():
+            # `down` ran meanwhile: it stopped the job, which did not fail on its own (a rule
+            # that tears the cluster down, a budget on a cloud, is named as the rule)
+            name = self.h.record.name
+            result = outcome.Outcome(
+                state.JOB_CANCELLED,
+                result.exit_code or 130,
+                f"job {self.job.job_id} stopped by `mlcloud down`: cluster {name} was torn "
+                "down while it ran",
+                "down",
+            )
+        self.outcome = result
+        if self.hidden and result.status != state.JOB_SUCCEEDED:
+            self.note(
+                f"{self.hidden} line(s) of torch's teardown noise (c10d 'Failed to recv' "
+                f"traces) were not shown; the log has them: {self.job.log_path}"
+            )
         self.note(result.line)
         self._finish(result.status, result.exit_code)
         return result.exit_code
+
+    def _torn_down(self) -> bool:
+        """Whether `down` took (or is taking) the job's cluster: marked STOPPING, or gone."""
+        try:
+            rec = self.store.get_cluster(self.h.record.name)
+        except MlcloudError:
+            return False
+        return rec is None or rec.uid != self.job.uid or rec.status == state.STOPPING
 
     def _control(self, stop: threading.Event) -> threading.Thread:
         """Run the cluster's controller beside the following: lost nodes are replaced and
@@ -248,20 +317,22 @@ class Driver:
                     continue
                 self.cond.wait(timeout=0.5)
 
-    def _stop(self, nodes: list[int], grace: float) -> None:
+    def _stop(self, nodes: list[int], grace: float, cancelled: bool = False) -> None:
         """Stop the job on these nodes; one that cannot be reached is reported, not raised."""
         from mlcloud.parallel import fan_out
 
+        self.stopping = True
+
         def one(i: int) -> None:
             try:
-                launch.kill(self.h, i, self.job.job_id, grace)
+                launch.kill(self.h, i, self.job.job_id, grace, cancelled)
             except MlcloudError as e:
                 self.emit(i, f"could not stop the job there: {e}")
 
         fan_out(one, nodes)
 
-    def _stop_all(self, grace: float) -> None:
-        self._stop([i for i in self.following if i not in self.ends], grace)
+    def _stop_all(self, grace: float, cancelled: bool = False) -> None:
+        self._stop([i for i in self.following if i not in self.ends], grace, cancelled)
 
     def _finish(self, status: str, code: int) -> None:
         """Record the end. The database may be busy (another command, a slow disk): retry,
@@ -326,7 +397,7 @@ def _parse_end(code: int, stderr: str) -> NodeEnd:
                 d = json.loads(line[len(END_MARK) :])
             except ValueError:
                 break
-            return NodeEnd(code, d.get("failure"), bool(d.get("cancelled")))
+            return NodeEnd(code, d.get("failure"), bool(d.get("cancelled")), d.get("stopped"))
     return NodeEnd(code)
 
 

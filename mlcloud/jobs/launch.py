@@ -347,9 +347,26 @@ def _setup(h: Handle, i: int, setup: str, digest: str, emit) -> None:
     check(result, t, "setup")
 
 
-def kill(h: Handle, i: int, job_id: int, grace: float) -> None:
-    """Stop node i's part of a job: SIGTERM (the template checkpoints), SIGKILL after grace."""
+def kill(
+    h: Handle,
+    i: int,
+    job_id: int,
+    grace: float,
+    cancelled: bool = False,
+    rule: tuple[str, str] | None = None,
+) -> None:
+    """Stop node i's part of a job: SIGTERM (the template checkpoints), SIGKILL after grace.
+    cancelled: the user stopped it (Ctrl-C); rule: (kind, reason) of the rule that stops it
+    (stall, budget, idle). Either is marked on the node, which tells it with the job's end to
+    whoever reads it (a job that already ended there keeps its own end)."""
     t = h.transports[i]
-    t.run(
-        f"{h.ctl(i)} kill {quote(node_tag(h, i, job_id))} {grace}", timeout=grace + 30
-    )  # a node that stopped answering must not hold the caller
+    tag = quote(node_tag(h, i, job_id))
+    jd = quote(job_dir(h.nodes[i].root, job_id))
+    if cancelled:
+        what = f"cancel {jd} {tag} {grace}"
+    elif rule is not None:
+        what = f"stop {jd} {tag} {grace} {quote(rule[0])} {quote(rule[1])}"
+    else:
+        what = f"kill {tag} {grace}"
+    # a node that stopped answering must not hold the caller
+    t.run(f"{h.ctl(i)} {what}", timeout=grace + 30)

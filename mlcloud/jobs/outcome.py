@@ -16,6 +16,7 @@ class NodeEnd:
     code: int
     failure: dict | None = None  # node_ctl's failure.json: the first failing rank there
     cancelled: bool = False  # `mlcloud cancel` stopped it
+    stopped: dict | None = None  # node_ctl's {"kind", "reason"}: a rule stopped it there
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,17 @@ class Outcome:
     status: str
     exit_code: int
     line: str  # the `[mlcloud]` line that ends the job's log
+    # the rule that stopped it: stall, budget, idle, heartbeat (a node agent's), cancel, down
+    stopped_by: str | None = None
+
+
+# the node agent's stop kinds (templates/agent.py) as the rule's name a person knows
+RULES = {
+    "stall": "stall",
+    "budget_stop": "budget",
+    "idle_teardown": "idle",
+    "heartbeat_lost": "heartbeat",
+}
 
 
 def describe(node: int, end: NodeEnd) -> str:
@@ -52,6 +64,14 @@ def decide(job_id: int, ends: dict[int, NodeEnd], order: list[int]) -> Outcome:
             state.JOB_CANCELLED,
             code,
             f"job {job_id} cancelled" + (f": {details}" if details else ""),
+            "cancel",
+        )
+    rule = next((ends[i].stopped for i in failures if ends[i].stopped), None)
+    if rule is not None:
+        name = RULES.get(rule["kind"], rule["kind"])
+        why = f" ({rule['reason']})" if rule.get("reason") else ""
+        return Outcome(
+            state.JOB_FAILED, code, f"job {job_id} stopped by the {name} rule{why}: {details}", name
         )
     if failures:
         return Outcome(state.JOB_FAILED, code, f"job {job_id} failed: {details}")

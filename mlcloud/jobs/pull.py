@@ -139,8 +139,21 @@ def unpulled(store: state.Store, name: str) -> int | None:
     if rec is None:
         return None
     job = store.get_job(name, None, rec.uid)
-    if job is None:
+    if job is None or _never_started(job):
         return None
     since = job.ended if job.ended is not None else job.submitted
     pulled = store.pulled_nodes(name, rec.uid, job.job_id, since)
     return None if set(range(len(rec.nodes))) <= pulled else job.job_id
+
+
+def _never_started(job: state.JobRecord) -> bool:
+    """A job that ended before anything ran (its workdir sync or setup failed, a `down` cut
+    its start short) has no outputs: nothing to warn about. The request is saved just before
+    the nodes start it (mlcloud/jobs/launch.py `start`)."""
+    from mlcloud.jobs import launch
+
+    return (
+        job.status in (state.JOB_FAILED, state.JOB_CANCELLED)
+        and job.exit_code is None
+        and launch.load_request(job) is None
+    )

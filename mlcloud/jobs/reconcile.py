@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from mlcloud import state
 from mlcloud.errors import MlcloudError
@@ -19,6 +20,7 @@ from mlcloud.jobs.outcome import NodeEnd
 from mlcloud.parallel import fan_out
 from mlcloud.provision.handle import Handle, open_cluster
 from mlcloud.remote.shell import quote
+from mlcloud.state import paths
 
 UNREACHABLE = "unreachable"
 
@@ -48,6 +50,23 @@ def probe(h: Handle, job_id: int) -> list[dict]:
     return fan_out(one, list(range(len(h.nodes))))
 
 
+def ended(h: Handle, job_id: int) -> outcome.Outcome | None:
+    """How the job ended, read from its nodes' exit codes, when it has ended on every node
+    (None while a node runs it, never started it or cannot be asked): whatever a local
+    follower, perhaps suspended or slow, has yet to record."""
+    nodes = probe(h, job_id)
+    if any(n["state"] not in ("ended", "killed") for n in nodes):
+        return None
+    ends = {
+        i: NodeEnd(
+            int(n["exit_code"]), n.get("failure"), bool(n.get("cancelled")), n.get("stopped")
+        )
+        for i, n in enumerate(nodes)
+    }
+    order = sorted(ends, key=lambda i: (nodes[i].get("ended_at") or 0.0, i))
+    return outcome.decide(job_id, ends, order)
+
+
 def rebuild_log(h: Handle, job: state.JobRecord, notes: list[str]) -> None:
     """Write the job's local log afresh from every node's output.log (node by node), then
     mlcloud's notes. Nodes that cannot be read keep nothing of the old log: say so."""
@@ -61,8 +80,11 @@ def rebuild_log(h: Handle, job: state.JobRecord, notes: list[str]) -> None:
         text = (data or b"").decode(errors="replace")
         parts.extend(f"[node{i}] {line}\n" for line in text.splitlines())
     parts.extend(f"[mlcloud] {n}\n" for n in notes)
+    # the nodes hold the whole output: a log directory removed meanwhile is made again
+    paths.private_dir(Path(job.log_path).parent)
     tmp = f"{job.log_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.writelines(parts)
     os.replace(tmp, job.log_path)
 
@@ -75,8 +97,11 @@ def reconcile(store: state.Store, job: state.JobRecord, h: Handle | None = None)
         return job
     rec = store.get_cluster(job.cluster)
     if rec is None or rec.uid != job.uid:
-        with open(job.log_path, "a") as f:
-            f.write(f"[mlcloud] job {job.job_id}: its cluster went down before its end was seen\n")
+        if os.path.isdir(os.path.dirname(job.log_path)):  # else `logs` says the log is gone
+            with open(job.log_path, "a") as f:
+                f.write(
+                    f"[mlcloud] job {job.job_id}: its cluster went down before its end was seen\n"
+                )
         return _record(store, job, state.JOB_FAILED, None)
     if rec.status != state.UP:
         return job
@@ -117,7 +142,9 @@ def _reconcile(store: state.Store, job: state.JobRecord, h: Handle) -> state.Job
             store.update_job(job.cluster, job.uid, job.job_id, status=state.JOB_RUNNING)
         return _get(store, job)
     ends = {
-        i: NodeEnd(int(n["exit_code"]), n.get("failure"), bool(n.get("cancelled")))
+        i: NodeEnd(
+            int(n["exit_code"]), n.get("failure"), bool(n.get("cancelled")), n.get("stopped")
+        )
         for i, n in enumerate(nodes)
     }
     order = sorted(ends, key=lambda i: (nodes[i].get("ended_at") or 0.0, i))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlcloud import providers, state
 from mlcloud.errors import MlcloudError, UsageError
-from mlcloud.providers.base import ClusterRef, Provider, ProvisionRequest
+from mlcloud.providers.base import AuthError, ClusterRef, Provider, ProvisionRequest
 from mlcloud.provision import handle
 from mlcloud.state import paths
 
@@ -51,6 +51,8 @@ class Rebuild:
     notes: list[str] = field(default_factory=list)  # what could not be recovered, and why
     # providers asked for that could not be searched: the rebuild may lack their clusters
     unsearched: list[str] = field(default_factory=list)
+    # clouds left out of the default set because this machine has no credentials for them
+    skipped: list[str] = field(default_factory=list)
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -156,8 +158,31 @@ def check_database(db: Path) -> list[Check]:
     if version and missing:
         lost = ", ".join(sorted(missing))
         return [Check("database", str(db), FAIL, f"tables missing ({lost}): {_REBUILD}")]
+    unwritable = _unwritable(db)
+    if unwritable:
+        return [unwritable]
     note = "" if version == state.SCHEMA_VERSION else " (the next command migrates it)"
     return [Check("database", str(db), OK, f"integrity ok, schema {version}{note}")]
+
+
+def _unwritable(db: Path) -> Check | None:
+    """sqlite opens a file it cannot write read-only without a word, so reads pass: open the
+    database and its journal files for writing ourselves (an immutable file, `chattr +i`, or a
+    read-only mount refuse it even to root)."""
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if not f.exists():
+            continue
+        try:
+            os.close(os.open(f, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            return Check(
+                "database",
+                str(f),
+                FAIL,
+                f"cannot be written ({e.strerror}): every command that changes state fails; "
+                "make it writable again (`lsattr`/`chattr -i`, the mount's options)",
+            )
+    return None
 
 
 _REBUILD = "`mlcloud doctor --rebuild` moves it aside and rebuilds it from the clouds' tags"
@@ -301,11 +326,15 @@ def database_damaged() -> bool:
 # --- rebuild ------------------------------------------------------------------------------------
 
 
-def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
+def rebuild(providers_: list[str], regions: list[str], named: bool = True) -> Rebuild:
     """Move a damaged state.db aside (state.db.corrupt-<time>) and rebuild it: a cluster row
     with its nodes for each cluster this home made that the given providers still hold. A
     healthy database (a wiped one that a later command recreated) keeps its rows and gains
-    the clusters it does not know."""
+    the clusters it does not know.
+
+    named: the user chose the providers. Otherwise (every provider), a cloud this machine has
+    no credentials for is skipped and named, as `gc` does: nothing of this home can be there
+    to find, so the rebuild is still whole."""
     if state.state_url():
         raise UsageError(
             "doctor --rebuild rebuilds a home's own state.db; with MLCLOUD_STATE_URL set the "
@@ -335,6 +364,13 @@ def rebuild(providers_: list[str], regions: list[str]) -> Rebuild:
                 continue
             try:
                 found = _held(providers.get(p), regions, owner, out.notes)
+            except (AuthError, UsageError) as e:  # no credentials, no region or project
+                if named or (regions and not isinstance(e, AuthError)):
+                    out.notes.append(f"{p}: not searched ({' '.join(str(e).split())})")
+                    out.unsearched.append(p)
+                else:
+                    out.skipped.append(f"{p}: not searched: {' '.join(str(e).split())}")
+                continue
             except Exception as e:  # one provider failing must not stop the others
                 why = " ".join(str(e).split()) or type(e).__name__
                 out.notes.append(f"{p}: not searched ({why})")

@@ -24,7 +24,7 @@ from mlcloud.providers.base import (
 from mlcloud.provision import bootstrap
 from mlcloud.provision.handle import Handle, owner, provider_node, ref_of, ssh_options
 from mlcloud.remote import keys
-from mlcloud.remote.shell import node_number, stop_line
+from mlcloud.remote.shell import node_number, stop_input, stop_line
 from mlcloud.remote.transport import (
     RemoteError,
 )
@@ -103,7 +103,17 @@ def up(
             store.create_cluster(name, ref.uid, provider.name, spec.to_dict(), ref.owner)
         attempt = Attempt()
         try:
-            return _provision(store, provider, ref, spec, report, price, fallback_regions, attempt)
+            return _provision(
+                store,
+                provider,
+                ref,
+                spec,
+                report,
+                price,
+                fallback_regions,
+                attempt,
+                resumed=existing is not None,
+            )
         except BaseException as e:
             if existing is None:
                 rec = store.get_cluster(name)
@@ -128,9 +138,9 @@ def _provision(
     price: float,
     fallback_regions: tuple[str, ...] = (),
     attempt: Attempt | None = None,
+    resumed: bool = False,
 ) -> state.ClusterRecord:
-    """Create what is missing, failing over zone by zone on capacity, and region by region on
-    capacity or quota (quotas are regional: a region over quota is left at once)."""
+    """Create what is missing through the placement path (`_place`), bootstrap, record."""
     want = spec.node_count
     request = replace(request_for(spec, want), fallback_regions=fallback_regions)
     places, resumed_image = _places(store, provider, ref, request)
@@ -138,14 +148,11 @@ def _provision(
     # (capabilities.self_deadline: GCE maxRunDuration) is told it at create
     due = bootstrap.deadline(spec.autoscale.max_cost, price * want, time.time())
     own_deadline = due if provider.capabilities.self_deadline else None
-    refusals: list[CapacityError | QuotaError] = []
-    over_quota: set[str | None] = set()
-    for n, (region, zone) in enumerate(places):
-        if region in over_quota:
-            continue
-        here = replace(ref, region=region)
+
+    def ready(here: ClusterRef, req: ProvisionRequest) -> tuple[ProvisionRequest, list[Node]]:
+        region, zone = here.region, req.zone
         image = request.image or (resumed_image if region == ref.region else None)
-        req = replace(request, region=region, zone=zone, image=image, deadline=own_deadline)
+        req = replace(req, image=image, deadline=own_deadline)
         # recorded before anything is made there, so `down` and a re-run find it
         store.set_spec(ref.name, {**spec.to_dict(), "region": region, "zone": zone})
         report.step(
@@ -155,18 +162,100 @@ def _provision(
         prepared = provider.prepare(here, req)
         for warning in prepared.warnings:
             report.warn(warning)
-        req = prepared.request
-        store.set_spec(ref.name, _recorded(spec, req))  # the provider's choices, for later
-        nodes = provider.list(here)
-        # numbered after what is there (a resumed `up` asks again with the same numbers)
-        req = replace(req, first_number=next_number(nodes))
+        store.set_spec(ref.name, _recorded(spec, prepared.request))  # for later commands
+        return prepared.request, provider.list(here)  # a resumed `up` finds what it made
+
+    placed = _place(store, provider, ref, request, places, report, ready, attempt=attempt)
+    here, req = placed.ref, placed.request
+    nodes = placed.there + placed.made
+    try:
+        if len(nodes) > want:
+            terminate(provider, here, nodes[want:], store.get_cluster(ref.name))
+            nodes = nodes[:want]
+        report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
+        records = bootstrap.bootstrap(
+            provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot
+        )
+    except (Exception, KeyboardInterrupt):
+        if resumed:  # a first `up` is rolled back whole (`_rollback`)
+            # only what this attempt made: what an earlier one made waits for the next run
+            made = placed.made
+            _undo(store, provider, here, req.first_number, len(made), report, made=made)
+        raise
+    store.set_nodes(ref.name, records)
+    _bill(
+        store, provider.name, here, [r.node_id for r in records], request.instance_type or "", price
+    )
+    store.set_status(ref.name, state.UP)
+    where = placed.zone or here.region
+    store.event(
+        ref.name,
+        "up",
+        f"{len(records)} node(s) up on {provider.name}" + (f" in {where}" if where else ""),
+    )
+    rec = store.get_cluster(ref.name)
+    assert rec is not None
+    return rec
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where one attempt of the placement path got its nodes."""
+
+    ref: ClusterRef  # the cluster, with the region chosen
+    zone: str | None
+    request: ProvisionRequest  # as the provider served it (zone, image, login, first number)
+    there: list[Node]  # the cluster's nodes found there before (a resumed `up`)
+    made: list[Node]  # what this attempt made
+
+
+def _place(
+    store: state.Store,
+    provider: Provider,
+    ref: ClusterRef,
+    request: ProvisionRequest,
+    places: list[tuple[str | None, str | None]],
+    report: Reporter,
+    ready: Callable[[ClusterRef, ProvisionRequest], tuple[ProvisionRequest, list[Node]]],
+    first: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    attempt: Attempt | None = None,
+) -> Placed:
+    """The one placement path of `up` and `add_nodes`: each place in turn, zones then
+    regions, until one makes `request.count` nodes less those already there. A CapacityError
+    moves on to the next place, a QuotaError to the next region (quotas are regional); a
+    region left with none of the cluster's nodes loses its cluster-wide resources. Every
+    attempt that fails, refused or not, terminates what it made (`_undo`) before moving on.
+
+    ready(here, request) prepares a place: (the request as the provider will serve it, the
+    cluster's nodes there). first: the first number of `request.count` nodes more, reserved by
+    the caller (`add_nodes`); without it (`up`), the nodes there count toward the request and
+    the rest are numbered one past what the cluster has and ever had, so a resumed `up` asks
+    again with the same numbers (EC2: the same ClientToken) and is served once."""
+    refusals: list[CapacityError | QuotaError] = []
+    over_quota: set[str | None] = set()
+    for n, (region, zone) in enumerate(places):
+        if region in over_quota:
+            continue
+        _check(cancelled, ref.name)
+        here = replace(ref, region=region)
+        req, there = ready(here, replace(request, region=region, zone=zone))
+        count = request.count if first is not None else request.count - len(there)
+        if count <= 0:
+            return Placed(here, zone, req, there, [])
+        number = first if first is not None else store.number_nodes(ref.name, 0, next_number(there))
+        req = replace(req, first_number=number)
+        report.step(f"creating {count} node(s)" + (f" in {zone}" if zone else ""))
+        if attempt is not None:
+            attempt.created = True
         try:
-            if len(nodes) < want:
-                report.step(f"creating {want - len(nodes)} node(s)")
-                if attempt is not None:
-                    attempt.created = True
-                nodes = nodes + provider.create(here, req, want - len(nodes))
+            made = provider.create(here, req, count)
+            if len(made) < count:  # all or nothing: fewer is a refusal, undone below
+                raise CapacityError(zone or "", f"{count} node(s) asked, {len(made)} made")
+            if first is None:
+                store.number_nodes(ref.name, 0, number + count)  # none of these again
         except (CapacityError, QuotaError) as e:
+            _undo(store, provider, here, req.first_number, count, report, there=there, refused=True)
             refusals.append(e)
             quota = isinstance(e, QuotaError)
             if quota:
@@ -177,29 +266,51 @@ def _provision(
             if (not rest or rest[0][0] != region) and not provider.list(here):
                 provider.cleanup(here)
             continue
-        break
-    else:
-        raise _refused(refusals, f"{want} x {request.instance_type or 'node'}")
-    store.number_nodes(ref.name, 0, floor=next_number(nodes))  # none of these numbers again
-    if len(nodes) > want:
-        terminate(provider, here, nodes[want:], store.get_cluster(ref.name))
-        nodes = nodes[:want]
-    report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
-    records = bootstrap.bootstrap(provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot)
-    store.set_nodes(ref.name, records)
-    _bill(
-        store, provider.name, here, [r.node_id for r in records], request.instance_type or "", price
-    )
-    store.set_status(ref.name, state.UP)
-    store.event(
-        ref.name,
-        "up",
-        f"{len(records)} node(s) up on {provider.name}"
-        + (f" in {zone or region}" if region else ""),
-    )
-    rec = store.get_cluster(ref.name)
-    assert rec is not None
-    return rec
+        except (Exception, KeyboardInterrupt):
+            _undo(store, provider, here, req.first_number, count, report, there=there)
+            raise
+        return Placed(here, zone, req, there, made)
+    more = " more" if first is not None else ""
+    raise _refused(refusals, f"{request.count}{more} x {request.instance_type or 'node'}")
+
+
+def _undo(
+    store: state.Store,
+    provider: Provider,
+    here: ClusterRef,
+    first: int,
+    count: int,
+    report: Reporter,
+    made: list[Node] | None = None,
+    there: list[Node] | None = None,
+    refused: bool = False,
+) -> None:
+    """Terminate what one failed attempt made, never a node that was there before it: `made`
+    when create returned them, else what the provider lists now that `there` (its listing
+    before the attempt) lacked. Unless the place refused outright and made nothing, the
+    attempt's node numbers are never given again, so a later attempt is a new one (EC2: a new
+    ClientToken, not the terminated instances handed back). A failure here is said, not
+    raised: the attempt's own failure is the one that matters, and `down` finds what is left
+    by tag."""
+    try:
+        if made is None:
+            before = {n.node_id for n in there or []}
+            made = [n for n in provider.list(here) if n.node_id not in before]
+        if refused and not made:
+            return
+        if made:
+            report.warn(
+                f"terminating the {len(made)} node(s) this attempt made "
+                f"({', '.join(n.node_id for n in made)})"
+            )
+            terminate(provider, here, made, store.get_cluster(here.name))
+    except Exception as e:  # noqa: BLE001 (said; the attempt's failure is raised)
+        report.warn(
+            f"what this attempt made could not be listed or terminated ({e}); "
+            f"`mlcloud down {here.name}` terminates by tag whatever is left"
+        )
+    if store.get_cluster(here.name) is not None:  # gone: `down` came, nothing to number
+        store.number_nodes(here.name, 0, first + count)
 
 
 def _bill(
@@ -267,7 +378,9 @@ def add_nodes(
     terminated here, and Cancelled or the failure raised."""
     # state keeps the job's environment by name only: not needed to make nodes
     spec = TaskSpec.from_dict({**h.record.spec, "envs": {}})
-    request = replace(request_for(spec, count), image=h.record.spec.get("image"))
+    # the recorded zone is where `up` placed the cluster: tried first (`_places`), then the
+    # region's other zones, as `up` would have
+    request = replace(request_for(spec, count), image=h.record.spec.get("image"), zone=None)
     request = replace(request, ssh=ssh_options(h.record.spec))
     billing = [i for i in store.billing(h.record.name) if i.uid == h.ref.uid]
     price = billing[-1].price if billing else 0.0
@@ -280,24 +393,21 @@ def add_nodes(
     # numbers never used by the cluster before, not even by a node since gone
     floor = next_number([*map(provider_node, h.nodes), *h.provider.list(h.ref)])
     first = store.number_nodes(h.record.name, count, floor)
-    request = replace(request, first_number=first)
     places, _ = _places(store, h.provider, h.ref, request)
-    refusals: list[CapacityError | QuotaError] = []
-    for region, zone in places:
-        here = replace(h.ref, region=region)
-        _check(cancelled, h.record.name)
-        try:
-            req = h.provider.prepare(here, replace(request, region=region, zone=zone)).request
-            nodes = h.provider.create(here, req, count)
-        except (CapacityError, QuotaError) as e:
-            refusals.append(e)
-            store.event(h.record.name, "capacity", str(e))
-            continue
-        if nodes:
-            break
-        refusals.append(CapacityError(zone or "", "no spare host left"))
-    else:
-        raise _refused(refusals, f"{count} more x {request.instance_type or 'node'}")
+
+    def ready(here: ClusterRef, req: ProvisionRequest) -> tuple[ProvisionRequest, list[Node]]:
+        return h.provider.prepare(here, req).request, h.provider.list(here)
+
+    placed = _place(
+        store, h.provider, h.ref, request, places, report, ready, first=first, cancelled=cancelled
+    )
+    here, req, nodes = placed.ref, placed.request, placed.made
+    where = placed.zone or here.region
+    store.event(
+        h.record.name,
+        "placed",
+        f"{', '.join(n.node_id for n in nodes)} made" + (f" in {where}" if where else ""),
+    )
     new = NewNodes([], nodes, here, request.instance_type or "", price, time.time())
     try:
         _check(cancelled, h.record.name)
@@ -341,16 +451,12 @@ def discard(
     store: state.Store, provider: Provider, rec: state.ClusterRecord, new: NewNodes
 ) -> None:
     """New nodes not kept (their bootstrap failed, or the cluster went down meanwhile):
-    terminated, and billed from when they were made until that is confirmed. Once the
-    cluster is gone from state (`down` finished first), what it held cluster-wide goes too,
-    as `down` would have removed it had these nodes been there to see. rec: the cluster as it
-    was when they were made (its login settings, for stopping their processes)."""
-    ids = [n.node_id for n in new.nodes]
-    _bill(store, provider.name, new.ref, ids, new.instance_type, new.price, new.made)
+    terminated, and never part of the cluster, so they get no billing row (a cluster's
+    billing lists the nodes it ran on). Once the cluster is gone from state (`down` finished
+    first), what it held cluster-wide goes too, as `down` would have removed it had these
+    nodes been there to see. rec: the cluster as it was when they were made (its login
+    settings, for stopping their processes)."""
     terminate(provider, new.ref, new.nodes, rec)
-    now = time.time()
-    for node_id in ids:
-        store.close_node_billing(new.ref.uid, node_id, now)
     now_rec = store.get_cluster(new.ref.name)
     if (now_rec is None or now_rec.uid != new.ref.uid) and not provider.list(new.ref):
         provider.cleanup(new.ref)
@@ -502,13 +608,15 @@ def stop_processes(
     ssh = ssh_options(rec.spec) if rec else SshOptions()
     known = {n.node_id: n for n in rec.nodes} if rec else {}
 
+    source = stop_input()
+
     def one(node: Node) -> None:
         seen = known.get(node.node_id)
         t = provider.transport(ref, node, f"node{seen.idx}" if seen else node.node_id, ssh)
         if seen and seen.python:
             t.python = seen.python
         try:
-            t.run(stop_line(t.python, node.root, ref.uid), timeout=120)
+            t.run(stop_line(t.python, node.root, ref.uid), timeout=120, stdin=source)
         except RemoteError:
             pass
         finally:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.errors import Aborted, MlcloudError, UsageError
 from mlcloud.state import paths
 
 FILE = "trusted.json"
@@ -72,8 +72,5 @@ def check_proxy_command(
         f"{spec_file} sets ssh.proxy_command, a command that runs on this machine:\n"
         f"  {command}\nRun it to reach the nodes? (asked once for this file and command)"
     ):
-        raise UsageError(
-            f"{spec_file}: ssh.proxy_command not confirmed; nothing was changed "
-            "(remove it from the spec, or pass --proxy-command yourself)"
-        )
+        raise Aborted()
     remember(spec_file, command)

@@ -21,10 +21,11 @@ One deleted or cut short here since the last pull comes again.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Iterator
@@ -32,17 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mlcloud.errors import MlcloudError, UsageError
+from mlcloud.errors import LocalWriteError, MlcloudError, UsageError
 from mlcloud.parallel import Cancelled, cancelled
 from mlcloud.remote.shell import quote
 from mlcloud.remote.sync import MANIFEST, Entry, Manifest, dump, human, load
 from mlcloud.remote.transport import RemoteError, Transport
+from mlcloud.templates.receive import Failed, Tree, is_tmp
+from mlcloud.templates.receive import Refused as Unsafe
 
 CHUNK = 1 << 20
 MAX_LINE = 1 << 16  # one frame header
 MAX_LISTING = 256 << 20  # a node's whole listing
 MAX_FILES = 1_000_000
-TMP_SUFFIX = ".mlcloud-tmp"
 
 
 class Progress(Protocol):
@@ -96,6 +98,10 @@ class Refused(MlcloudError):
     """The node sent something a pull must not write."""
 
 
+class Blocked(Refused, LocalWriteError):
+    """What is in dest stands in the way (a symlink, a directory where a file goes)."""
+
+
 @dataclass(frozen=True)
 class _File:
     size: int
@@ -113,21 +119,17 @@ def fetch(
 ) -> Fetched:
     """Bring what `request` names on the node (templates/send.py) into dest, sending only
     what changed since the last pull into dest."""
-    from mlcloud.templates.receive import Failed, Tree
-    from mlcloud.templates.receive import Refused as Unsafe
-
     label = transport.label
-    try:
+    with _local(label, dest):
         tree = Tree(str(dest))
-    except Unsafe as e:
-        raise Refused(f"{label}: cannot pull into {dest}: {e}") from None
-    except OSError as e:
-        raise MlcloudError(f"{label}: cannot create {dest}: {e.strerror}") from None
-    have = _present(dest, load(tree.read(MANIFEST) or b"{}"))
     received = 0
     written = 0
     writing = False  # from the listing on: the files, then the manifest
+    ok = False
+    have: Manifest | None = None
     try:
+        with _local(label, dest):
+            have = _present(dest, load(tree.read(MANIFEST) or b"{}"))
         listed, received = _listing(transport, request, have)
         WRITING.begin()
         writing = True
@@ -139,28 +141,33 @@ def fetch(
             if p not in want and f.mtime_ns is not None:
                 have[p] = Entry(f.size, f.mtime_ns, have[p].digest)
         total = sum(files[p].size for p in want)
-        _check_room(label, dest, want, files, total, cap)
+        with _local(label, dest):
+            _check_room(label, dest, want, files, have, total, cap)
         gone: list[str] = []
         if want:
             if progress is not None:
                 progress.start(total)
             ask = {**request, "checkpoint": listed["checkpoint"]}
-            sent, written = _receive(transport, ask, tree, want, files, have, cap, progress)
+            with _local(label, dest, disk_only=False):
+                sent, written = _receive(transport, ask, tree, want, files, have, cap, progress)
             received += sent.received
             gone = sent.gone
-    except Unsafe as e:  # worded for a node's receiver: here the place is dest
-        why = str(e).replace(" on the node", f" in {dest}")
-        raise Refused(f"{label}: refused to write what the node sent: {why}") from None
-    except Failed as e:
-        raise MlcloudError(f"{label}: cannot write into {dest}: {e}") from None
+        ok = True
     finally:
         # counted, then asked: an interrupted pull waits for this write too (the process would
         # exit with its temporary left), and one interrupted while listing changed nothing
         if not writing:
             WRITING.begin()
         try:
-            if writing or not cancelled():
-                tree.write(MANIFEST, [dump(have)], 0o644)
+            if have is not None and (writing or not cancelled()):
+                try:
+                    with _local(label, dest):
+                        tree.write(MANIFEST, [dump(have)], 0o644)
+                except MlcloudError:
+                    # after another failure, that one is the cause to tell; the next pull
+                    # sends again whatever the manifest could not record
+                    if ok:
+                        raise
         finally:
             tree.close()
             WRITING.end()
@@ -172,6 +179,45 @@ def fetch(
         gone=tuple(gone),
         checkpoint=listed["checkpoint"],
     )
+
+
+# what a refused local write means, and what to do about it
+_HINTS = {
+    errno.EROFS: "it is on a read-only file system: pull somewhere else (DEST)",
+    errno.ENOSPC: "the disk is full: free space there or pull somewhere else (DEST)",
+    errno.EDQUOT: "the disk quota is used up: free space or pull somewhere else (DEST)",
+    errno.EACCES: "check its permissions, or pull somewhere else (DEST)",
+    errno.EPERM: "check its permissions, or pull somewhere else (DEST)",
+    errno.ENOTDIR: "a file stands where a directory should be: move it aside or pull elsewhere",
+    errno.EEXIST: "something is in the way: move it aside or pull somewhere else (DEST)",
+    errno.ENAMETOOLONG: "a name is too long for that file system: pull somewhere else (DEST)",
+}
+
+
+@contextlib.contextmanager
+def _local(label: str, dest: Path, disk_only: bool = True) -> Iterator[None]:
+    """This machine's refusals while writing into dest, as one line naming dest and why. Where
+    the node's stream is read too (not disk_only), an OSError is the transport's: it passes
+    (the writer turns its own into Failed)."""
+    try:
+        yield
+    except Unsafe as e:  # worded for a node's receiver: here the place is dest
+        why = str(e).replace(" on the node", f" in {dest}").replace(" there", "")
+        raise Blocked(f"{label}: refused to write into {dest}: {why}") from None
+    except Failed as e:
+        hint = _HINTS.get(e.errno)
+        raise LocalWriteError(
+            f"{label}: cannot write into {dest}: {e}" + (f"; {hint}" if hint else "")
+        ) from None
+    except OSError as e:
+        if not disk_only:
+            raise
+        where = f"{e.filename}: " if isinstance(e.filename, str) and e.filename != str(dest) else ""
+        hint = _HINTS.get(e.errno)
+        raise LocalWriteError(
+            f"{label}: cannot write into {dest}: {where}{e.strerror or e}"
+            + (f"; {hint}" if hint else "")
+        ) from None
 
 
 def _present(dest: Path, have: Manifest) -> Manifest:
@@ -320,14 +366,22 @@ def _check_path(path: object, bad) -> None:
         or {"", ".", ".."} & set(parts)
         or any(len(p.encode(errors="surrogateescape")) > 255 for p in parts)
         or path == MANIFEST
-        or path.endswith(TMP_SUFFIX)
+        or is_tmp(path)
     ):
         raise bad(f"an unsafe path {path!r:.200} (absolute, `..`, or a name pull keeps)")
 
 
 def _check_room(
-    label: str, dest: Path, want: list[str], files: dict[str, _File], total: int, cap: int
+    label: str,
+    dest: Path,
+    want: list[str],
+    files: dict[str, _File],
+    have: Manifest,
+    total: int,
+    cap: int,
 ) -> None:
+    """Refuse before a byte travels what cannot fit: over the cap, or over the free space
+    (each file in whole blocks, and the manifest written after them)."""
     if total > cap:
         big = max(want, key=lambda p: files[p].size)
         raise UsageError(
@@ -335,11 +389,16 @@ def _check_room(
             f"is {human(files[big].size)}); raise it with --max-size, or pull one node at a "
             "time with --node"
         )
-    free = shutil.disk_usage(dest).free
-    if total > free:
-        raise MlcloudError(
-            f"{label}: {human(total)} to pull and only {human(free)} free in {dest}; free "
-            "space there or pull somewhere else (DEST)"
+    fs = os.statvfs(dest)
+    block = fs.f_frsize or 4096
+    manifest = {**have, **{p: Entry(files[p].size, 1 << 62, "0" * 32) for p in want}}
+    sizes = [files[p].size for p in want] + [len(dump(manifest))]
+    need = sum(-(-n // block) * block for n in sizes)
+    free = fs.f_bavail * block
+    if need > free:
+        raise LocalWriteError(
+            f"{label}: {human(need)} to write into {dest} and only {human(free)} free there; "
+            "free space there or pull somewhere else (DEST)"
         )
 
 

@@ -38,15 +38,22 @@ def node_number(root: str) -> int | None:
 
 def stop_line(python: str, root: str, uid: str) -> str:
     """The shell line that ends every process the cluster started on a node, its agent
-    included, where node_ctl was ever installed; the node's directory stays."""
+    included; the node's directory stays. Run it with `stop_input()` as its stdin: where
+    node_ctl is gone with the directory (a local node's removed: lost), that copy of node_ctl
+    does it, so nothing of a lost node runs on beside its replacement."""
     number = node_number(root)
     if number is None:
         raise ValueError(f"not a node root: {root}")
     ctl = f"{path_arg(root)}/{CTL}"
-    return (
-        f"if [ -f {ctl} ]; then {quote(python)} {ctl} cleanup {path_arg(root)} "
-        f"{quote(tag(uid, number))}; fi"
-    )
+    args = f"cleanup {path_arg(root)} {quote(tag(uid, number))}"
+    return f"if [ -f {ctl} ]; then {quote(python)} {ctl} {args}; else {quote(python)} - {args}; fi"
+
+
+def stop_input() -> bytes:
+    """stop_line's stdin: node_ctl's source, for a node whose own copy is gone."""
+    from mlcloud import templates
+
+    return templates.path("node_ctl.py").read_bytes()
 
 
 AGENT = "bin/agent.py"  # relative to a node's root, beside node_ctl.py

@@ -4,9 +4,12 @@ Host keys are checked against mlcloud's pins before authenticating (keys.check_o
 changed key is refused before any credential is offered.
 
 A node can vanish without a TCP reset (a spot reclaim, a cut link); TCP alone would notice only
-after ~15 minutes of retries. A heartbeat thread per connection asks the server for a reply
-every few seconds (opening a channel, which sshd must answer) and closes the connection when
-none comes in time, so every operation on it fails at once as LostError.
+after ~15 minutes of retries. A heartbeat thread per connection times the node's silence: the
+socket notes when the node last sent anything, the heartbeat asks for an answer (opening a
+channel, which sshd must answer) once it has heard nothing for a moment, and closes the
+connection when the silence reaches its limit, so every operation on it fails at once as
+SilentError. Anything the node sends counts as an answer, so a reply queued behind a large
+transfer on a slow link is never taken for silence (docs/architecture.md, "Liveness").
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from mlcloud.remote.transport import (
     LostError,
     RemoteError,
     RunResult,
+    SilentError,
     SyncStats,
     UnreachableError,
 )
 from mlcloud.state import timeouts
 
 CONNECT_TIMEOUT = 15.0
-# Heartbeats: every SSH_HEARTBEAT_EVERY s (default 5); no answer within SSH_HEARTBEAT_TIMEOUT s
-# (default 15): the node is gone, lost within ~20 s. Both in mlcloud/timeouts.py.
+# Heartbeats: asked after SSH_HEARTBEAT_EVERY s (default 2) of silence; SSH_HEARTBEAT_TIMEOUT s
+# (default 8) of silence, asked: the node is gone. Both in mlcloud/state/timeouts.py.
 STREAM_IDLE_TIMEOUT = 300.0  # a streamed command silent this long is stalled (hashing is slower)
 
 
@@ -100,6 +104,7 @@ class SshTransport:
         self._sftp = None
         self._stop_heartbeat = threading.Event()
         self._lost: str | None = None  # why the heartbeat gave the connection up
+        self._silent_s = 0.0  # the silence it gave up after
 
     # connection
 
@@ -118,7 +123,7 @@ class SshTransport:
             if self._transport is not None and self._transport.is_active():
                 return self._transport
             if self._lost is not None:  # the node went silent: say so, do not hang again
-                raise LostError(f"{self._where()}: {self._lost}")
+                raise SilentError(f"{self._where()}: {self._lost}", self._silent_s)
             # a bad key file or setting is the user's to fix, whatever the state of the network
             beat = (
                 timeouts.seconds("SSH_HEARTBEAT_EVERY"),
@@ -131,7 +136,8 @@ class SshTransport:
                     sock = paramiko.ProxyCommand(cmd)
                 else:
                     sock = socket.create_connection((t.host, t.port), timeout=CONNECT_TIMEOUT)
-                transport = paramiko.Transport(sock)
+                heard = _Heard(sock)
+                transport = paramiko.Transport(heard)
                 # AES-GCM first where both ends have it: the cheapest cipher per byte synced
                 opts = transport.get_security_options()
                 gcm = tuple(
@@ -166,28 +172,39 @@ class SshTransport:
             self._transport = transport
             threading.Thread(
                 target=self._heartbeat,
-                args=(transport, self._stop_heartbeat, *beat),
+                args=(transport, heard, self._stop_heartbeat, *beat),
                 name=f"heartbeat-{self.label}",
                 daemon=True,
             ).start()
             return transport
 
-    def _heartbeat(self, transport, stop: threading.Event, every: float, timeout: float) -> None:
-        """Ask for an answer every `every` s; close the connection when none comes in
-        `timeout` s."""
+    def _heartbeat(
+        self, transport, heard: _Heard, stop: threading.Event, every: float, timeout: float
+    ) -> None:
+        """Ask for an answer once the node has sent nothing for `every` s; close the connection
+        once it has sent nothing for `timeout` s. One ask, not one per second: TCP resends it."""
         import paramiko
 
-        while not stop.wait(every) and transport.is_active():
-            try:
-                transport.open_session(timeout=timeout).close()
-            except paramiko.ChannelException:
-                continue  # refused (sshd's MaxSessions): an answer all the same
-            except (paramiko.SSHException, OSError, EOFError):
-                if stop.is_set() or not transport.is_active():
-                    return  # closed on purpose, or the connection already reported its end
+        every = min(every, timeout / 2)  # asked with time left to answer, whatever is set
+        while not stop.is_set() and transport.is_active():
+            quiet = time.monotonic() - heard.at
+            if quiet >= timeout:
+                self._silent_s = timeout
                 self._lost = f"no answer for {timeout:g} s: the node or its network is gone"
                 transport.close()  # wakes every operation waiting on it
                 return
+            if quiet < every:
+                stop.wait(every - quiet)
+                continue
+            try:
+                transport.open_session(timeout=timeout - quiet).close()
+            except paramiko.ChannelException:
+                pass  # refused (sshd's MaxSessions): an answer all the same
+            except (paramiko.SSHException, OSError, EOFError):
+                if stop.is_set() or not transport.is_active():
+                    return  # closed on purpose, or the connection already reported its end
+                # no answer in time; the loop judges by what was heard meanwhile, if anything
+            stop.wait(0.05)  # an ask that failed at once is not repeated in a tight loop
 
     def _candidates(self) -> list | None:
         """The keys to offer (None: the agent's and the default ones), the fallback last; a
@@ -246,16 +263,23 @@ class SshTransport:
 
     def _lost_error(self, e: BaseException) -> RemoteError:
         """The error for an operation that failed because the connection went away."""
-        why = self._lost or f"connection lost: {e or type(e).__name__}"
-        return LostError(f"{self._where()}: {why}")
+        if self._lost is not None:
+            return SilentError(f"{self._where()}: {self._lost}", self._silent_s)
+        return LostError(f"{self._where()}: connection lost: {e or type(e).__name__}")
 
     def close(self) -> None:
+        """Release the connection; never raises: closing one to a node that is gone (its proxy
+        command ended, its socket dead) says goodbye into a broken pipe."""
+        import paramiko
+
         self._stop_heartbeat.set()
         with self._lock:
-            if self._sftp is not None:
-                self._sftp.close()
-            if self._transport is not None:
-                self._transport.close()
+            for end in (self._sftp, self._transport):
+                try:
+                    if end is not None:
+                        end.close()
+                except (paramiko.SSHException, OSError, EOFError):
+                    pass
             self._sftp = self._transport = None
             self._stop_heartbeat = threading.Event()  # a later operation connects afresh
             self._lost = None
@@ -428,6 +452,24 @@ class SshTransport:
         from mlcloud.remote import sync
 
         return sync.push(self, local_dir, remote_dir)
+
+
+class _Heard:
+    """A connection's socket that notes when the node last sent anything (monotonic `at`):
+    the heartbeat's measure of silence. Everything else is the socket's own."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.at = time.monotonic()
+
+    def recv(self, n: int) -> bytes:
+        data = self._sock.recv(n)
+        if data:
+            self.at = time.monotonic()
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
 
 
 class _ChannelPipe:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlcloud import numbers
 from mlcloud.errors import MlcloudError, UsageError
 from mlcloud.remote.shell import quote
 from mlcloud.remote.transport import SyncStats
@@ -28,7 +29,8 @@ ALWAYS_IGNORED = [
     ".venv/",
     ".mlcloud/",
     MANIFEST,
-    "*.mlcloud-tmp",
+    "*.mlcloud-tmp",  # the receivers' temporaries (templates/receive.py tmp_name)
+    ".mlcloud-tmp.*",
 ]
 IGNORE_HINT = "add it to .mlcloudignore"
 
@@ -63,19 +65,20 @@ _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNOR
 
 
 def parse_size(value: object, where: str) -> int:
-    """Bytes from `2GiB`, `500MB`, `1.5G` or a plain number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+    """Bytes from `2GiB`, `500MB`, `1.5G` or a plain number of bytes, 1 B to 1 EiB."""
+    size = value
     m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
     if m and (m.group(2) or not m.group(3)):
         unit = m.group(2).lower()
         scale = 1024 ** "bkmgt".index(unit) if m.group(3) and unit else _UNITS[unit]
-        size = int(float(m.group(1)) * scale)
-        if size > 0:
-            return size
-    raise UsageError(
-        f"{where}: {value!r} is not a size; write it like 5GiB, 500MB or a number of bytes"
-    )
+        size = float(m.group(1)) * scale  # a 400-digit number is inf here: refused below
+    try:
+        return int(numbers.check(size, 1, numbers.MAX_BYTES, whole=size is value))
+    except numbers.Invalid:
+        raise UsageError(
+            f"{where}: {numbers.short(value)} is not a size from 1 byte to 1 EiB; write it "
+            "like 5GiB, 500MB or a number of bytes"
+        ) from None
 
 
 def human(size: float) -> str:

@@ -38,6 +38,15 @@ class LostError(RemoteError):
     """The connection went away mid-operation: the node rebooted, vanished or was cut off."""
 
 
+class SilentError(LostError):
+    """The node sent nothing, asked, for `seconds`: it or its network is gone (a silent cut,
+    a machine gone without a reset). The controller counts such a node lost at once."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.seconds = seconds
+
+
 class Pipe(Protocol):
     """A running command's stdout as bytes (Transport.stream)."""
 

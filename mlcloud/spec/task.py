@@ -5,13 +5,13 @@ Every refusal is one line naming the file, line and field, so a person can fix i
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlcloud import numbers
 from mlcloud.errors import UsageError
 
 _GPU_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
@@ -45,6 +45,9 @@ class TrainSpec:
 
 
 ON_STALL = ("report", "stop")
+MINUTES_MAX = 525_600  # a year: the most any of the autoscale minutes may be
+POLL_MIN_S = 0.5  # as `autoscale --interval`: a faster poll only spins
+MAX_NODES = 10_000
 
 
 @dataclass(frozen=True)
@@ -135,27 +138,29 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
         """Rebuild a spec stored in state (already validated when it was written)."""
-        return _build(d, _Where("state", {}))
+        return _build(d, _Where("state", {}, stored=True))
 
 
 def parse_nodes(value: Any, where: str = "--nodes") -> tuple[int | None, int]:
     """(MIN, MAX) from `N` (fixed size: MIN is None) or `MIN:MAX` (elastic, 1 <= MIN <= MAX)."""
     bad = UsageError(
-        f"{where}: must be a whole number of 1 or more, or MIN:MAX (e.g. 2:4), got {value!r}"
+        f"{where}: must be a whole number of 1 or more (up to {MAX_NODES:,}), or MIN:MAX "
+        f"(e.g. 2:4), got {numbers.short(value)}"
     )
-    if isinstance(value, bool):
-        raise bad
-    if isinstance(value, int):
-        if value < 1:
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value) if isinstance(value, str) else None
+        if not m:
             raise bad
-        return None, value
-    m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value) if isinstance(value, str) else None
-    if not m:
+        parts = [int(p) for p in m.groups() if p is not None]
+    try:  # each count through the one number check (mlcloud/numbers.py)
+        low, high = (numbers.check(p, 1, MAX_NODES, whole=True) for p in (parts[0], parts[-1]))
+    except numbers.Invalid:
+        raise bad from None
+    if high < low:
         raise bad
-    low, high = int(m[1]), int(m[2] or m[1])
-    if low < 1 or high < low:
-        raise bad
-    return (low if m[2] else None), high
+    return (int(low) if len(parts) == 2 else None), int(high)
 
 
 def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
@@ -168,8 +173,13 @@ def parse_gpus(text: str, where: str = "--gpus") -> GpuSpec:
         return GpuSpec(model, 1)
     if not _COUNT_RE.fullmatch(count):
         raise UsageError(f"{where}: {text!r} has a GPU count that is not a whole number; {hint}")
-    if int(count) < 1:
-        raise UsageError(f"{where}: {text!r} asks for {count} GPUs; the count must be 1 or more")
+    try:
+        numbers.check(int(count), 1, 1024, whole=True)
+    except numbers.Invalid:
+        raise UsageError(
+            f"{where}: {numbers.short(text)} asks for {numbers.short(int(count))} GPUs; the "
+            "count must be 1 or more (up to 1024)"
+        ) from None
     return GpuSpec(model, int(count))
 
 
@@ -253,8 +263,9 @@ def load_spec(path: Path) -> TaskSpec:
 class _Where:
     """Turns a field path into `file:line: field` for messages."""
 
-    def __init__(self, source: str, lines: dict[str, int]):
+    def __init__(self, source: str, lines: dict[str, int], stored: bool = False):
         self.source, self.lines = source, lines
+        self.stored = stored  # a spec state kept (its empty lists are its defaults), not a file
 
     def __call__(self, key: str) -> str:
         line = self.lines.get(key)
@@ -421,29 +432,31 @@ def _str(d: dict, key: str, where: _Where, path: str | None = None) -> str | Non
     return value
 
 
-def _int(d: dict, key: str, where: _Where, path: str | None = None) -> int | None:
+def _int(
+    d: dict, key: str, where: _Where, path: str | None = None, high: int = numbers.MAX_INT
+) -> int | None:
     value = d.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(
-            f"{where(path or key)}: must be a whole number of 1 or more, got {value!r}"
-        )
-    return value
+    return int(_number(value, where(path or key), 1, high, whole=True))
 
 
-def _positive(d: dict, key: str, where: _Where, path: str) -> float | None:
+def _positive(
+    d: dict, key: str, where: _Where, path: str, low: float = 0, high: float = 1e9
+) -> float | None:
+    """A number above 0 (or from `low`, when it is above 0) up to high."""
     value = d.get(key)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise UsageError(f"{where(path)}: must be a number above 0, got {value!r}")
-    return float(value)
+    return float(_number(value, where(path), low, high, above=low == 0))
+
+
+def _number(value: Any, where: str, low: float, high: float, **kw: bool) -> float | int:
+    """The one number check (mlcloud/numbers.py), refusing with the file, line and key."""
+    try:
+        return numbers.check(value, low, high, **kw)
+    except numbers.Invalid as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
 def _build(d: dict, where: _Where) -> TaskSpec:
@@ -499,6 +512,8 @@ def _build(d: dict, where: _Where) -> TaskSpec:
     hosts = d.get("hosts")
     if hosts is None:
         hosts = []
+    elif hosts == [] and not where.stored:
+        raise empty_list(where("hosts"), "['alice@10.0.0.5', 'alice@10.0.0.6']")
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         raise UsageError(
             f"{where('hosts')}: must be a list of [user@]host[:port], e.g. "
@@ -531,7 +546,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         region=_str(d, "region", where),
         zone=_str(d, "zone", where),
         spot=spot,
-        spot_max_price=_positive(d, "spot_max_price", where, "spot_max_price"),
+        spot_max_price=_positive(d, "spot_max_price", where, "spot_max_price", high=1e6),
         image=_str(d, "image", where),
         workdir=_str(d, "workdir", where),
         max_workdir_files=_int(d, "max_workdir_files", where),
@@ -540,7 +555,7 @@ def _build(d: dict, where: _Where) -> TaskSpec:
         train=TrainSpec(
             script=_str(train, "script", where, "train.script"),
             args=tuple(_scalar(a) for a in args),
-            nproc_per_node=_int(train, "nproc_per_node", where, "train.nproc_per_node"),
+            nproc_per_node=_int(train, "nproc_per_node", where, "train.nproc_per_node", high=4096),
         ),
         envs={k: _scalar(v) for k, v in envs.items()},
         checkpoint_dir=_checkpoint_dir(d, where),
@@ -581,6 +596,8 @@ def _storage(storage: dict, where: _Where) -> StorageSpec:
     data = storage.get("data")
     if data is None:
         data = []
+    elif data == [] and not where.stored:
+        raise empty_list(where("storage.data"), "['s3://BUCKET/PREFIX']")
     if isinstance(data, str):
         data = [data]
     if not isinstance(data, list):
@@ -597,15 +614,11 @@ def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:
     """The autoscale section; a key left out (or stored as null) takes its default."""
     default = AutoscaleSpec()
 
-    def number(key: str) -> float:
-        value = _positive(auto, key, where, f"autoscale.{key}")
+    def number(key: str, low: float = 0, high: float = MINUTES_MAX) -> float:
+        value = _positive(auto, key, where, f"autoscale.{key}", low, high)
         return getattr(default, key) if value is None else value
 
-    util = number("idle_util_percent")
-    if util > 100:
-        raise UsageError(
-            f"{where('autoscale.idle_util_percent')}: must be 100 or less, got {util:g}"
-        )
+    util = number("idle_util_percent", high=100)
     on_stall = auto.get("on_stall")
     if on_stall is None:
         on_stall = default.on_stall
@@ -628,7 +641,8 @@ def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:
         max_cost=_positive(auto, "max_cost", where, "autoscale.max_cost"),
         heartbeat_minutes=number("heartbeat_minutes"),
         replace_lost=replace_lost,
-        poll_seconds=number("poll_seconds"),
+        # a cluster stored before the floor keeps its poll
+        poll_seconds=number("poll_seconds", 0 if where.stored else POLL_MIN_S, 86400),
     )
 
 
@@ -641,11 +655,35 @@ def _cidrs(ssh: dict, where: _Where) -> tuple[str, ...]:
     value = ssh.get("allowed_cidrs")
     if value is None:
         return ()
+    if value == [] and not where.stored:
+        raise empty_list(where("ssh.allowed_cidrs"), "['203.0.113.4/32']")
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise UsageError(f"{where('ssh.allowed_cidrs')}: must be a list like ['203.0.113.4/32']")
     return tuple(check_cidr(str(v), where("ssh.allowed_cidrs")) for v in value)
+
+
+def empty_list(where: str, example: str) -> UsageError:
+    """An empty list given is a mistake (an unset variable in CI), never the default: `--hosts
+    ""` must not quietly make a local cluster."""
+    return UsageError(
+        f"{where}: an empty list; name at least one, e.g. {example}, or leave it out for the "
+        "default"
+    )
+
+
+def split_list(value: str | None, where: str, example: str) -> tuple[str, ...] | None:
+    """A comma-separated flag's items (None: not given). Empty (``, `,`), or with an empty
+    item (`a,,b`, `$H1,$H2` with H2 unset), is refused."""
+    if value is None:
+        return None
+    items = tuple(item.strip() for item in value.split(","))
+    if not any(items):
+        raise empty_list(where, example)
+    if not all(items):
+        raise UsageError(f"{where}: {value!r} has an empty item; give e.g. {example}")
+    return items
 
 
 def check_cidr(text: str, where: str = "--allow-ssh-from") -> str:

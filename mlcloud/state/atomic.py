@@ -13,7 +13,8 @@ from pathlib import Path
 def replacing(path: Path, mode: int = 0o600) -> Iterator[Path]:
     """Yield a temp file beside path (already `mode`) to fill; once the block ends it is
     synced and renamed over path, and the rename itself synced. On error path is untouched."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # a short name of its own: path's whole name plus a suffix may pass the 255-byte limit
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.")
     tmp = Path(name)
     try:
         os.fchmod(fd, mode)
@@ -22,8 +23,10 @@ def replacing(path: Path, mode: int = 0o600) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e.filename, str):  # a write's: no path
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

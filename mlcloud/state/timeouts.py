@@ -6,17 +6,20 @@ value up front (the CLI calls it before any command), in one line naming the var
 
 from __future__ import annotations
 
-import math
 import os
 
+from mlcloud import numbers
 from mlcloud.errors import UsageError
 
 # name -> (default seconds, what it is)
 DEFAULTS = {
-    "SSH_HEARTBEAT_EVERY": (5.0, "the time between heartbeats on an SSH connection"),
+    "SSH_HEARTBEAT_EVERY": (
+        2.0,
+        "how long an SSH connection may hear nothing before a heartbeat asks the node",
+    ),
     "SSH_HEARTBEAT_TIMEOUT": (
-        15.0,
-        "how long a heartbeat may go unanswered: then the node is lost",
+        8.0,
+        "how long an SSH connection may hear nothing, asked, before the node counts as lost",
     ),
     "FAIL_GRACE": (15.0, "how long the other nodes may run on once one node's job failed"),
     "DB_BUSY_TIMEOUT": (10.0, "how long to wait for a state database another process holds"),
@@ -31,15 +34,12 @@ def seconds(name: str) -> float:
     if not raw:
         return default
     try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
+        return float(numbers.check(float(raw), 0, numbers.YEAR_S, above=True))
+    except ValueError:  # numbers.Invalid among them
         raise UsageError(
-            f"MLCLOUD_{name}={raw!r}: expected a positive number of seconds, {what} "
-            f"(default {default:g}); fix or unset it"
-        )
-    return value
+            f"MLCLOUD_{name}={numbers.short(raw)}: expected a positive number of seconds, "
+            f"{what} (default {default:g}); fix or unset it"
+        ) from None
 
 
 def check() -> None:

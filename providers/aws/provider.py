@@ -146,16 +146,18 @@ class AwsProvider:
         # one RunInstances tags its instances alike: each one's number is this one plus its
         # launch index (_describe)
         numbered = [*tags, {"Key": NUMBER_TAG, "Value": str(request.first_number)}]
-        # The engine asks for what is missing, so (place, count, already there, the first
-        # number) names the try; a resumed `up` retries the recorded place with the same
-        # token, so EC2 launches once, and a later replacement is a new try, not the first
-        # replacement's instances handed back
+        # EC2 answers a token it has seen with that launch's instances, even terminated ones,
+        # and launches nothing. (place, count, already there, the first number) names the
+        # try: a resumed `up` asks the recorded place again with the same numbers, so the
+        # same token, and EC2 launches once; every replacement or growth has numbers of its
+        # own (never given twice), so a token of its own. At most 64 characters (EC2's
+        # limit): the uid (49 at most) and 14 hex digits.
         place = request.zone or region
         attempt = (
             f"{place}:{count}:{request.count - count}:{request.instance_type}:{request.spot}"
             f":{request.first_number}"
         )
-        token = f"{cluster.uid}-{hashlib.sha256(attempt.encode()).hexdigest()[:16]}"
+        token = f"{cluster.uid}-{hashlib.sha256(attempt.encode()).hexdigest()[:14]}"
         placement: dict[str, str] = {}
         if request.zone:
             placement["AvailabilityZone"] = request.zone

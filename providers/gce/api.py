@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +37,11 @@ class Transient(ProviderError):
 
 class RateLimited(Transient):
     """429 or rateLimitExceeded."""
+
+
+class OperationThrottled(ProviderError):
+    """An operation GCE accepted, then ended throttled (RATE_LIMIT_EXCEEDED in its errors):
+    its request id has had its answer, so only a new request (a new id) can try again."""
 
 
 class NotFound(ProviderError):
@@ -107,6 +112,20 @@ class Api:
                 time.sleep(BACKOFF_S * 2**attempt)
         raise AssertionError("unreachable")
 
+    def retry_throttled(self, make: Callable[[], Any]) -> Any:
+        """make() (a request and its operation's wait) again while the operation ends throttled
+        (GCE accepted the request, then refused the work: RATE_LIMIT_EXCEEDED), backing off;
+        `make` must send each try as a new request (a new request id: the old one's answer is
+        the throttled operation)."""
+        for attempt in range(RATE_RETRIES):
+            try:
+                return make()
+            except OperationThrottled:
+                if attempt == RATE_RETRIES - 1:
+                    raise
+                time.sleep(BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
     def wait(self, op: Any, zone: str | None, region: str | None) -> None:
         """Wait for an operation with our own operations client (the SDK's `result()` polls a
         default endpoint); its errors become the typed ones: capacity in `zone`, quota in
@@ -140,7 +159,8 @@ class Api:
                 time.sleep(next(pauses, PAUSES_S[-1]))
         failures = [(e.code, e.message) for e in op.error.errors] if op.error else []
         if failures:
-            raise typed(failures, zone, region, f"gce: {op.operation_type or 'operation'}")
+            error = typed(failures, zone, region, f"gce: {op.operation_type or 'operation'}")
+            raise OperationThrottled(str(error)) if isinstance(error, RateLimited) else error
 
     def paged(self, kind: str, method: str, **request: Any) -> Iterator[Any]:
         """Every item of a list call, page by page (each page is one call)."""

@@ -49,6 +49,7 @@ REGION_ENVS = ("CLOUDSDK_COMPUTE_REGION", "GOOGLE_CLOUD_REGION")
 RUNNING_TIMEOUT_S = 600.0
 GONE_TIMEOUT_S = 600.0
 POLLS_S = (0.2, 0.5, 1.0, 2.0)  # between listings: quick at first, then every 2 s
+REASK_S = 15.0  # a VM still RUNNING this long after its deletion was asked is asked again
 # GCE's instance states as mlcloud's (TERMINATED is GCE's word for a VM powered off)
 STATUS: dict[str, NodeStatus] = {
     "PENDING": "pending",
@@ -234,7 +235,6 @@ class GceProvider:
                 names.append(rules.instance_name(cluster.uid, k))
             k += 1
         from mlcloud.remote import keys
-        from mlcloud.state import atomic
 
         public = (
             caller.public_key(request.ssh.identity_file)
@@ -252,38 +252,64 @@ class GceProvider:
             spot=request.spot,
             max_run_s=rules.max_run_seconds(request.deadline, time.time()),
         )
-        attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
-        answered = _settings_path(cluster.uid).with_suffix(".answered")
-        tried = answered.read_text().splitlines() if answered.exists() else []
-        attempt += f"#{tried.count(attempt)}"  # GCE replays an id's answer for an hour
         body = {
             "count": count,
             "min_count": count,
             "per_instance_properties": {n: {"name": n} for n in names},
             "instance_properties": props,
         }
-        pending = _settings_path(cluster.uid).with_suffix(".pending")
         try:
-            op = api.call(
-                "instances",
-                "bulk_insert_unary",
-                zone,
-                project=api.project,
-                zone=zone,
-                request_id=rules.request_id(cluster.uid, attempt),
-                bulk_insert_instance_resource_resource=body,
-            )
-            # VMs come as it runs: an `up` killed now leaves `down` to wait, then delete them
-            atomic.write(pending, json.dumps([zone, op.name]).encode())
-            api.wait(op, zone, region)
-            pending.unlink()
-        except (CapacityError, QuotaError):
-            self._delete_in(api, cluster, zone)  # a failed attempt leaves nothing behind
-            pending.unlink(missing_ok=True)
-            _answered(answered, attempt)  # so the next try of this zone is a new request
+            api.retry_throttled(lambda: self._insert(api, cluster, zone, region, request, body))
+            return self._until_running(api, cluster, zone, set(names))
+        except Exception:
+            # all or nothing, and only this attempt's VMs (by name): never a VM that was there
+            # before it, in this zone or any (a refused grow leaves the cluster as it was)
+            self._delete_named(api, cluster, names)
             raise
-        _answered(answered, attempt)  # so are these names again (a node replaced later)
-        return self._until_running(api, cluster, set(names))
+
+    def _insert(
+        self,
+        api: Api,
+        cluster: ClusterRef,
+        zone: str,
+        region: str,
+        request: ProvisionRequest,
+        body: dict,
+    ) -> None:
+        """One bulkInsert, waited on. Its request id is fixed by the cluster, the zone and the
+        VM names (their numbers are never given twice), so a resumed command sends the same
+        one; an attempt GCE answered is counted, and the same names asked again (a retry
+        after a throttled operation) are a new request: GCE replays an id's answer for an
+        hour."""
+        from mlcloud.providers.gce.api import OperationThrottled
+
+        from mlcloud.state import atomic
+
+        names = list(body["per_instance_properties"])
+        attempt = f"{zone}:{','.join(names)}:{request.instance_type}:{request.spot}"
+        answered = _settings_path(cluster.uid).with_suffix(".answered")
+        tried = answered.read_text().splitlines() if answered.exists() else []
+        attempt += f"#{tried.count(attempt)}"
+        pending = _settings_path(cluster.uid).with_suffix(".pending")
+        op = api.call(
+            "instances",
+            "bulk_insert_unary",
+            zone,
+            project=api.project,
+            zone=zone,
+            request_id=rules.request_id(cluster.uid, attempt),
+            bulk_insert_instance_resource_resource=body,
+        )
+        # VMs come as it runs: an `up` killed now leaves `down` to wait, then delete them
+        atomic.write(pending, json.dumps([zone, op.name, names]).encode())
+        try:
+            api.wait(op, zone, region)
+        except (CapacityError, QuotaError, OperationThrottled):
+            pending.unlink()
+            _answered(answered, attempt)  # so the next try of these names is a new request
+            raise
+        pending.unlink()
+        _answered(answered, attempt)
 
     def list(self, cluster: ClusterRef) -> list[Node]:
         return self._list(self._api_of(cluster), cluster, cluster.region)
@@ -308,13 +334,15 @@ class GceProvider:
         api = self._api_of(cluster)
         pending = _settings_path(cluster.uid).with_suffix(".pending")
         if pending.exists():  # a bulkInsert whose `up` was killed: its VMs may come yet
-            zone, op = json.loads(pending.read_text())
+            zone, op, *names = json.loads(pending.read_text())
             with suppress(ProviderError):  # failed or not (or forgotten), delete what it made
                 op = api.call(
                     "zone_operations", "get", zone, project=api.project, zone=zone, operation=op
                 )
                 api.wait(op, zone, None)
-            self._delete_in(api, cluster, zone)
+            if not names:  # written by an older mlcloud: every VM of the cluster in the zone
+                names = [[name for z, name in self._instances(api, cluster) if z == zone]]
+            self._delete_named(api, cluster, names[0])
             pending.unlink()
         for name in rules.firewall_names(cluster.uid):
             self._delete_firewall(api, name)
@@ -415,8 +443,12 @@ class GceProvider:
 
     def _instances(self, api: Api, cluster: ClusterRef) -> list[tuple[str, str]]:
         """(zone, name) of every VM of the cluster, wherever it is."""
+        return [(zone, name) for zone, name, _ in self._states(api, cluster)]
+
+    def _states(self, api: Api, cluster: ClusterRef) -> list[tuple[str, str, str]]:
+        """(zone, name, GCE status) of every VM of the cluster, wherever it is."""
         return [
-            (scope.rpartition("/")[2], i.name)
+            (scope.rpartition("/")[2], i.name, i.status)
             for scope, i in api.paged(
                 "instances",
                 "aggregated_list",
@@ -454,30 +486,50 @@ class GceProvider:
             found, key=lambda n: (n.node_id[: len(ours)] != ours, len(n.node_id), n.node_id)
         )
 
-    def _until_running(self, api: Api, cluster: ClusterRef, names: set[str]) -> list[Node]:
+    def _until_running(
+        self, api: Api, cluster: ClusterRef, zone: str, names: set[str]
+    ) -> list[Node]:
+        """The VMs once all run; one that ended first (a Spot VM reclaimed while starting:
+        deleted, or TERMINATED) means the zone could not keep it: CapacityError, so the
+        engine tries the next zone."""
         deadline, polls = time.monotonic() + RUNNING_TIMEOUT_S, iter(POLLS_S)
         while True:
             nodes = [n for n in self._list(api, cluster, None) if n.node_id in names]
             if len(nodes) == len(names) and all(n.status == RUNNING and n.ip for n in nodes):
                 return nodes
-            gone = names - {n.node_id for n in nodes}
-            if gone or any(n.status in GONE for n in nodes):
-                raise ProviderError(
-                    f"gce: VM(s) {', '.join(sorted(gone) or names)} ended while "
-                    "starting (a Spot VM reclaimed?); try again"
+            ended = names - {n.node_id for n in nodes if n.status not in GONE}
+            if ended:
+                raise CapacityError(
+                    zone,
+                    f"GCE {zone}: VM(s) {', '.join(sorted(ended))} ended before running "
+                    "(a Spot VM reclaimed while starting)",
                 )
             if time.monotonic() > deadline:
                 raise ProviderError(f"gce: VMs not running after {RUNNING_TIMEOUT_S:.0f} s")
             time.sleep(_pause(polls))
 
     def _until_gone(self, api: Api, cluster: ClusterRef, names: set[str]) -> None:
+        """Return once none of these VMs is listed. One still RUNNING a while after its
+        deletion was asked (its operation ended throttled) is asked again, backing off."""
         deadline, polls = time.monotonic() + GONE_TIMEOUT_S, iter(POLLS_S)
-        while names & {name for _, name in self._instances(api, cluster)}:
+        wait = REASK_S
+        again = time.monotonic() + wait
+        while True:
+            left = [
+                (zone, name, st) for zone, name, st in self._states(api, cluster) if name in names
+            ]
+            if not left:
+                return
             if time.monotonic() > deadline:
                 raise ProviderError(
                     f"gce: VMs of {cluster.name} still not deleted after "
                     f"{GONE_TIMEOUT_S:.0f} s; run `mlcloud down` again"
                 )
+            if time.monotonic() > again:
+                with suppress(ProviderError):  # the deadline above is the judge
+                    self._delete(api, [(name, zone) for zone, name, st in left if st == "RUNNING"])
+                wait *= 2
+                again = time.monotonic() + wait
             time.sleep(_pause(polls))
 
     def _delete(self, api: Api, vms: list[tuple[str, str]]) -> None:
@@ -502,8 +554,12 @@ class GceProvider:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, vms))
 
-    def _delete_in(self, api: Api, cluster: ClusterRef, zone: str) -> None:
-        left = [(name, z) for z, name in self._instances(api, cluster) if z == zone]
+    def _delete_named(self, api: Api, cluster: ClusterRef, names: list[str]) -> None:
+        """Delete the cluster's VMs of these names wherever they are (what one attempt made),
+        and confirm they are gone."""
+        left = [(name, z) for z, name in self._instances(api, cluster) if name in names]
+        if not left:
+            return
         self._delete(api, left)
         self._until_gone(api, cluster, {name for name, _ in left})
 
@@ -513,30 +569,20 @@ class GceProvider:
         from mlcloud.providers.gce.api import AlreadyExists
 
         try:
-            op = _change_firewall(api, "insert_unary", firewall_resource=body)
-            api.wait(op, None, None)
+            _change_firewall(api, "insert_unary", firewall_resource=body)
             return
         except AlreadyExists:
             have = api.call("firewalls", "get", None, project=api.project, firewall=body["name"])
         missing = set(body.get("source_ranges", [])) - set(have.source_ranges)
         if missing:
-            wider = sorted(set(have.source_ranges) | missing)
-            op = _change_firewall(
-                api,
-                "patch_unary",
-                firewall=body["name"],
-                firewall_resource={"source_ranges": wider},
-            )
-            api.wait(op, None, None)
+            wider = {"source_ranges": sorted(set(have.source_ranges) | missing)}
+            _change_firewall(api, "patch_unary", firewall=body["name"], firewall_resource=wider)
 
     def _delete_firewall(self, api: Api, name: str) -> None:
         from mlcloud.providers.gce.api import NotFound
 
-        try:
-            op = _change_firewall(api, "delete_unary", firewall=name)
-        except NotFound:
-            return
-        api.wait(op, None, None)
+        with suppress(NotFound):
+            _change_firewall(api, "delete_unary", firewall=name)
 
     def _image_from_family(self, api: Api, project: str, family: str) -> str:
         image = api.call("images", "get_from_family", None, project=project, family=family)
@@ -568,9 +614,15 @@ def _catalog_zones(instance_type: str, region: str) -> list[str]:
     return []
 
 
-def _change_firewall(api: Api, method: str, **request: Any) -> Any:
-    """Insert, patch or delete a firewall rule of the project; the operation, to wait on. A
-    fresh request id per change: the call's retries of a throttled request are applied once."""
-    return api.call(
-        "firewalls", method, None, project=api.project, request_id=str(uuid.uuid4()), **request
-    )
+def _change_firewall(api: Api, method: str, **request: Any) -> None:
+    """Insert, patch or delete a firewall rule of the project, and wait for it. A fresh request
+    id per try: the call's retries of a throttled request are applied once, and an operation
+    that ends throttled is asked again as a new request."""
+
+    def once() -> None:
+        op = api.call(
+            "firewalls", method, None, project=api.project, request_id=str(uuid.uuid4()), **request
+        )
+        api.wait(op, None, None)
+
+    api.retry_throttled(once)

@@ -31,7 +31,12 @@ GPU_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "g4-")
 HYPERDISK_ONLY = ("a3-ultragpu", "a4-")
 CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"}
 QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded"}
-RATE_CODES = {"rateLimitExceeded", "RATE_LIMIT_EXCEEDED", "userRateLimitExceeded"}
+RATE_CODES = {
+    "rateLimitExceeded",
+    "RATE_LIMIT_EXCEEDED",
+    "userRateLimitExceeded",
+    "RESOURCE_OPERATION_RATE_EXCEEDED",
+}
 EXISTS_CODES = {"alreadyExists", "RESOURCE_ALREADY_EXISTS"}
 # a machine or accelerator type the zone does not offer (GCE: 400 for machine types, 404 for
 # accelerator types): another zone may

@@ -74,6 +74,9 @@ class Compute(ComputeState):
             return set_status
 
         self._at(delay / 2, status("STAGING"))
+        if self._reclaim.get(zone, 0) > 0:  # reclaimed while STAGING: never RUNNING
+            self._reclaim[zone] -= 1
+            self._at(delay * 0.75, lambda: self._terminate_by_cloud(*key, expect=instance))
         self._at(delay, status("RUNNING"))
         run = duration_seconds(instance["scheduling"].get("maxRunDuration"))
         if run is not None:
@@ -212,6 +215,10 @@ class Compute(ComputeState):
             inst = self._instance(project, zone, name)
             op = self._new_op(project, f"zones/{zone}", "delete", inst["selfLink"], caller, rid)
             op.resource["targetId"] = inst["id"]
+            failure = self._throttled(project, zone)
+            if failure:  # accepted, then refused: the VM stays as it was
+                self._at(self.op_seconds, lambda: self._finish(op, *failure))
+                return dict(op.resource)
             inst["status"] = "STOPPING"
 
             def gone():
@@ -341,8 +348,12 @@ class Compute(ComputeState):
             name = fw["name"]
             if (project, name) in self._firewalls:
                 raise already_exists(f"projects/{project}/global/firewalls/{name}")
-            self._firewalls[(project, name)] = fw
             op = self._new_op(project, "global", "insert", fw["selfLink"], caller, rid)
+            failure = self._throttled(project, None)
+            if failure:  # accepted, then refused: nothing made
+                self._at(self.op_seconds, lambda: self._finish(op, *failure))
+                return dict(op.resource)
+            self._firewalls[(project, name)] = fw
             op.resource["targetId"] = fw["id"]
             self._at(self.op_seconds, lambda: self._finish(op))
             return dict(op.resource)
@@ -386,6 +397,10 @@ class Compute(ComputeState):
                 raise not_found(f"projects/{project}/global/firewalls/{name}")
             op = self._new_op(project, "global", "delete", fw["selfLink"], caller, rid)
             op.resource["targetId"] = fw["id"]
+            failure = self._throttled(project, None)
+            if failure:  # accepted, then refused: the rule stays
+                self._at(self.op_seconds, lambda: self._finish(op, *failure))
+                return dict(op.resource)
 
             def gone():
                 if self._firewalls.get((project, name)) is fw:

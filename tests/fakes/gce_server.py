@@ -25,6 +25,10 @@ Usage (for provider tests; fixtures in tests/gce_fixtures.py, registered by conf
         fake.unsupported("us-central1-a", "nvidia-tesla-t4")  # no such type in the zone:
                                                # 404 for accelerators, 400 for machine types
         fake.preempt("us-central1-a", "vm-1")  # Spot reclaim (DELETE or STOP per the VM)
+        fake.reclaim_while_starting("us-central1-a")  # the next VM placed there ends while
+                                               # STAGING, its insert already DONE
+        fake.rate_limit_operations(2)          # the next 2 inserts are accepted, then their
+                                               # operation ends RATE_LIMIT_EXCEEDED
         fake.instances(), fake.firewalls(), fake.is_empty()
         fake.calls("POST", r"/instances$")     # the request log: method, path, query, body
         [c.request_id for c in fake.calls("POST")]
@@ -86,6 +90,8 @@ CONTROL = (
     "quota",
     "rate_limit",
     "fail_calls",
+    "rate_limit_operations",
+    "reclaim_while_starting",
     "revoke_credentials",
     "slow",
     "advance_clock",

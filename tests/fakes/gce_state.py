@@ -95,6 +95,9 @@ class ComputeState:
         self._capacity_details: set[str] = set()
         self._unsupported: set[tuple[str, str]] = set()  # (zone, machine or accelerator type)
         self._quotas: dict[str, _Quota] = {}  # region -> quota
+        # zone (None: any) -> how many more insert operations end RATE_LIMIT_EXCEEDED
+        self._throttled_ops: dict[str | None, int] = {}
+        self._reclaim: dict[str, int] = {}  # zone -> how many more VMs end while starting
         # injected call failures: [remaining, method, path regex, status, reason, message]
         self._failures: list[list] = []
         self._log: list[Call] = []
@@ -155,6 +158,21 @@ class ComputeState:
         text = message or default.get(status, reason)
         with self._cond:
             self._failures.append([calls, method, path, status, reason, text])
+
+    def rate_limit_operations(self, calls: int = 1, zone: str | None = None) -> None:
+        """The next `calls` inserts and deletes (of VMs in `zone`; None: of anything, firewall
+        rules too) are accepted, and their operation ends DONE with RATE_LIMIT_EXCEEDED (HTTP
+        429 in the operation), changing nothing: GCE throttles per resource this way as well
+        as on the call."""
+        with self._cond:
+            self._throttled_ops[zone] = self._throttled_ops.get(zone, 0) + calls
+
+    def reclaim_while_starting(self, zone: str, vms: int = 1) -> None:
+        """The next `vms` VMs placed in `zone` are reclaimed before they run (a Spot VM
+        preempted while STAGING): deleted if their instanceTerminationAction is DELETE, else
+        TERMINATED. Their insert operation has succeeded already."""
+        with self._cond:
+            self._reclaim[zone] = self._reclaim.get(zone, 0) + vms
 
     def slow(self, seconds: float) -> None:
         """Operations started from now on take `seconds`."""
@@ -343,6 +361,9 @@ class ComputeState:
     def _placement_error(self, project: str, zone: str, count: int, sample: dict) -> tuple | None:
         """Why `count` more VMs cannot go to this zone now: (error, http) for the operation,
         or None; a sync quota answers at once (ApiError)."""
+        throttled = self._throttled(project, zone)
+        if throttled:
+            return throttled
         region = region_of(zone)
         quota = self._quotas.get(region)
         if quota is not None:
@@ -389,6 +410,21 @@ class ComputeState:
                 )
                 code = "ZONE_RESOURCE_POOL_EXHAUSTED"
             return {"code": code, "message": msg}, (503, "SERVICE UNAVAILABLE")
+        return None
+
+    def _throttled(self, project: str, zone: str | None) -> tuple | None:
+        """(error, http) for an insert or delete whose operation ends throttled
+        (rate_limit_operations), or None; `zone` None: a global resource's."""
+        for where in (zone, None) if zone else (None,):
+            if self._throttled_ops.get(where, 0) > 0:
+                self._throttled_ops[where] -= 1
+                scope = f"zones/{zone}" if zone else "global"
+                error = {
+                    "code": "RATE_LIMIT_EXCEEDED",
+                    "message": f"Operation rate exceeded for resource 'projects/{project}/"
+                    f"{scope}'. Too frequent operations from the source resource.",
+                }
+                return error, (429, "TOO MANY REQUESTS")
         return None
 
     def _check_supported(self, zone: str, instance: dict) -> None:

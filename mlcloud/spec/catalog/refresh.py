@@ -140,8 +140,9 @@ def _write(provider: str, lines: list[str], offers: list[Offer]) -> None:
                 o.note,
             ]
         )
+    from mlcloud.state import atomic
+
     path = refreshed_path(provider)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(out.getvalue())
-    tmp.replace(path)
+    # a fresh temporary (never a symlink standing at a fixed name), renamed over the file
+    atomic.write(path, out.getvalue().encode(), mode=0o644)
