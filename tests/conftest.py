@@ -58,6 +58,26 @@ def pytest_collection_modifyitems(items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or "postgresql" in params.values():
             item.add_marker(pytest.mark.e2e)
+    _longest_first(items)
+
+
+def _longest_first(items) -> None:
+    """The modules with the slowest tests of a past run first (tests/slowest.txt), then those
+    with end-to-end tests (by how many), then the rest: xdist hands tests out in this order,
+    so the long ones start first and the short ones fill the gaps at the end instead of one
+    long test ending the run alone. A module's tests stay together, so its module-scoped
+    fixtures (sshd fleets) start once."""
+    measured: dict[str, float] = {}
+    for line in (Path(__file__).parent / "slowest.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            seconds, nodeid = line.split(" ", 1)
+            module = nodeid.split("::")[0]
+            measured[module] = max(measured.get(module, 0.0), float(seconds.rstrip("s")))
+    e2e: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        e2e[module] = e2e.get(module, 0) + (1 if item.get_closest_marker("e2e") else 0)
+    items.sort(key=lambda item: (-measured.get(m := item.nodeid.split("::")[0], 0.0), -e2e[m]))
 
 
 def real_torchrun(request) -> bool:
