@@ -151,3 +151,75 @@ def test_a_lost_node_is_replaced_once_when_its_leader_dies_mid_pass(pg_url, mlcl
                 p.wait(30)
     assert run_cli("down", "fl", "--yes").returncode == 0
     assert not (mlcloud_home / "local" / rec.uid).exists()
+
+
+def test_passes_from_two_homes_take_turns_and_replace_a_loss_once(
+    pg_url, make_ssh_nodes, tmp_path, monkeypatch
+):
+    """`autoscale NAME` in two homes on one shared store: a pass waits while another home
+    holds the cluster's pass lock, and a lost node is replaced once, not once per home."""
+    from conftest import ssh_up_args
+
+    from mlcloud.state import pg
+
+    monkeypatch.setenv("MLCLOUD_STATE_KEY", "team-secret-1")
+    nodes = make_ssh_nodes(3)
+    r = run_cli(*ssh_up_args(nodes, "tw"), "--nodes", "1:2")
+    assert r.returncode == 0, r.stderr
+    homes = [dict(os.environ), dict(os.environ, MLCLOUD_HOME=str(tmp_path / "b"))]
+    store = state.open_store()
+    rec = store.get_cluster("tw")
+    watch = pg.connect(pg_url)
+
+    def polling(pid: int) -> bool:
+        """pid's controller is waiting for the pass lock (its own connection, asking)."""
+        rows = watch.execute(
+            "SELECT query FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"mlcloud % {pid} %",),
+        ).fetchall()
+        return any(q.startswith("SELECT pg_try_advisory_lock") for (q,) in rows)
+
+    with pg.pass_lock(pg_url, rec.uid):  # a pass of the first home, under way
+        once = subprocess.Popen(
+            [MLCLOUD, "autoscale", "tw", "--once"], env=homes[1], stderr=subprocess.PIPE
+        )
+        try:
+            assert _wait(lambda: polling(once.pid), time.monotonic() + 30)
+            time.sleep(0.5)
+            assert once.poll() is None  # still waiting: no pass beside the first home's
+        except BaseException:
+            once.kill()
+            raise
+    assert once.wait(60) == 0, once.stderr.read()
+    watch.close()
+
+    services = [
+        subprocess.Popen(
+            [MLCLOUD, "autoscale", "tw", "--interval", "1"],
+            env=home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for home in homes
+    ]
+    try:
+        nodes.kill(1)  # sshd and everything it started on the second host
+
+        def replaced():
+            return [m for _, k, m in store.events("tw") if k == "node_replaced"]
+
+        assert _wait(replaced, time.monotonic() + 60), store.events("tw")
+        time.sleep(3)  # a few more passes of both: nothing replaced twice
+        assert len(replaced()) == 1, store.events("tw")
+        asked = [m for _, k, m in store.events("tw") if k == "intent" and "in place of" in m]
+        assert len(asked) == 1, asked
+        now = [n.ip for n in store.get_cluster("tw").nodes]
+        assert now == [nodes.hosts[0], nodes.hosts[2]], now
+    finally:
+        for p in services:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                p.wait(30)
+    nodes.restart(1)  # the lost host, back: `down` cleans it
+    r = run_cli("down", "tw", "--yes")
+    assert r.returncode == 0, r.stderr

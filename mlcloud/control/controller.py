@@ -218,12 +218,22 @@ class Controller:
     @contextlib.contextmanager
     def _pass_lock(self) -> Iterator[None]:
         """One pass at a time per cluster, whichever process runs it (`train`'s controller and
-        a cron `autoscale --once`): the second waits, then decides on what the first did.
+        a cron `autoscale --once`): the second waits, then decides on what the first did. On a
+        shared store the lock is the store's (controllers in other homes, `autoscale --all`);
+        in a home, a file lock there.
 
-        A pass that finds the cluster gone removes the lock file while it still holds it; a
-        pass that waited on that file then holds a lock on a name no longer there, which a
-        third pass, creating the file anew, would not see: so a lock is good only while the
-        file it locked is still the one under the name, and is taken again otherwise."""
+        On a home's file lock: a pass that finds the cluster gone removes the lock file while
+        it still holds it; a pass that waited on that file then holds a lock on a name no
+        longer there, which a third pass, creating the file anew, would not see: so a lock is
+        good only while the file it locked is still the one under the name, and is taken again
+        otherwise."""
+        url = state.state_url()
+        if url:
+            from mlcloud.state import pg
+
+            with pg.pass_lock(url, self.h.record.uid):
+                yield
+            return
         import fcntl
         import os
 

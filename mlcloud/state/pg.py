@@ -106,7 +106,7 @@ CREATE TABLE IF NOT EXISTS pulls (
 """
 
 # advisory lock keys: (namespace, key) pairs, the namespace mlcloud's own
-_NS_WRITE, _NS_CLUSTER, _NS_LEAD = 0x6D6C0001, 0x6D6C0002, 0x6D6C0003
+_NS_WRITE, _NS_CLUSTER, _NS_LEAD, _NS_PASS = 0x6D6C0001, 0x6D6C0002, 0x6D6C0003, 0x6D6C0004
 _PREFIX = "mlcloud "  # the application_name of a cluster lock's connection: who, since when
 
 
@@ -470,6 +470,27 @@ def lead(url: str, name: str) -> Callable[[], None] | None:
         conn.close()
         return None
     return conn.close
+
+
+@contextmanager
+def pass_lock(url: str, uid: str) -> Iterator[None]:
+    """A controller's pass on the cluster uid, one at a time across homes: a session advisory
+    lock on a connection of its own, waited for as long as the pass before takes (a pass may
+    wait out a teardown), freed with its holder's connection."""
+    import psycopg
+
+    conn = connect(url, f"{_PREFIX}{int(time.time())} {os.getpid()} {whoami()}"[:63])
+    try:
+        try:
+            while not conn.execute(
+                "SELECT pg_try_advisory_lock(%s::int, %s::int)", (_NS_PASS, _key(uid))
+            ).fetchone()[0]:
+                time.sleep(0.1)
+        except psycopg.Error as e:
+            raise unavailable(url, e) from None
+        yield
+    finally:
+        conn.close()  # the lock goes with the session
 
 
 def _holder(conn, name: str) -> str:
