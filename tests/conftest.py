@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -400,15 +401,42 @@ def pg_server():
 
 
 @pytest.fixture
-def pg_url(pg_server, monkeypatch) -> str:
+def pg_url(pg_server, mlcloud_home, monkeypatch) -> Iterator[str]:
     """A database of this test's own on the worker's server, chosen as the state store
     (MLCLOUD_STATE_URL) for this process and the commands it starts; the server is started
-    again if a test stopped it."""
+    again if a test stopped it. The local clusters a failed test left in it go down after it,
+    from the test's home, where their nodes run."""
     if pg_server.proc is None or pg_server.proc.poll() is not None:
         pg_server.start()
     url = pg_server.database()
     monkeypatch.setenv("MLCLOUD_STATE_URL", url)
-    return url
+    yield url
+    left = _local_clusters(url)
+    if left:
+        env = dict(os.environ, MLCLOUD_STATE_URL=url, MLCLOUD_HOME=str(mlcloud_home))
+        subprocess.run(
+            [MLCLOUD, "down", *left, "--yes", "--purge"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _local_clusters(url: str) -> list[str]:
+    """The local clusters the test's database still holds with a node on disk (not the rows
+    tests write by hand; none if the server is gone)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=2) as db:
+            rows = db.execute(
+                "SELECT c.name, n.root FROM clusters c JOIN nodes n ON n.cluster = c.name "
+                "WHERE c.provider = 'local'"
+            ).fetchall()
+    except psycopg.Error:
+        return []
+    return sorted({name for name, root in rows if os.path.isdir(root)})
 
 
 # ---- GCE: the fake Compute API (tests/fakes/, fixtures in tests/gce_fixtures.py) ----------
