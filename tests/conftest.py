@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +120,18 @@ def mlcloud_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+# Read-only commands the suite runs hundreds of times to look at state: run through the
+# console script's own function in this process (run_cli_in_process), ~0.2 s of CPU each saved.
+# On a shared store (MLCLOUD_STATE_URL) they stay processes: tests stop that server under them.
+IN_PROCESS = {"status"}
+_in_process_turn = threading.Lock()  # one at a time: they swap this process's stdout
+
+
 def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """The real `mlcloud` process, no terminal, environment of the test (MLCLOUD_HOME)."""
+    if args and args[0] in IN_PROCESS and not kw and "MLCLOUD_STATE_URL" not in os.environ:
+        with _in_process_turn:
+            return run_cli_in_process(*args)
     return subprocess.run(
         [MLCLOUD, *args],
         capture_output=True,
