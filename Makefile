@@ -11,8 +11,11 @@ DEMO    := mlcloud-demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[torch,test,postgresql]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile "torch==2.13.0"
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -e ".[torch,test,postgresql]"
+	@# bytecode on every core (pip compiles one file at a time); a file some package ships
+	@# that does not compile only stays uncompiled, as pip would leave it
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
 # The SSH tests run real OpenSSH daemons as nodes, some in network namespaces (iproute2),
