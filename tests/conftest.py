@@ -143,6 +143,48 @@ def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProce
     )
 
 
+# The DDP template with a pause per step until the file SLOW_UNTIL names exists (the nodes
+# share this machine's disk): a job long enough to lose a node mid-run, whose steps left after
+# the loss was seen run at full speed. Tests write it beside train.py as slow.py.
+SLOW_TRAIN = """\
+import os
+import time
+
+import train
+
+_batch = train.make_batch
+_until = os.environ.get("SLOW_UNTIL")
+
+
+def make_batch(*args, **kwargs):
+    if not (_until and os.path.exists(_until)):
+        time.sleep(0.1)
+    return _batch(*args, **kwargs)
+
+
+train.make_batch = make_batch
+train.main()
+"""
+
+
+def on_a_terminal(args: list[str], answer: str) -> subprocess.CompletedProcess:
+    """The real CLI with a terminal as stdin, the answer typed ahead."""
+    master, slave = os.openpty()
+    try:
+        os.write(master, answer.encode() + b"\n")
+        return subprocess.run(
+            [MLCLOUD, *args],
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ),
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
 def run_cli_in_process(
     *args: str, cwd: Path | None = None, input: str | None = None
 ) -> subprocess.CompletedProcess:

@@ -14,38 +14,17 @@ import subprocess
 import time
 
 import pytest
-from conftest import MLCLOUD, run_cli, tagged_pids
+from conftest import MLCLOUD, SLOW_TRAIN, run_cli, tagged_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_torchrun]
 
 STEPS, CKPT_EVERY = 30, 5
-# The template with a pause per step until the file SLOW_UNTIL names exists (the nodes share
-# this machine's disk): long enough to kill node1's part mid-run, quick once that is done.
-SLOW = """\
-import os
-import time
-
-import train
-
-_batch = train.make_batch
-_until = os.environ.get("SLOW_UNTIL")
-
-
-def make_batch(*args, **kwargs):
-    if not (_until and os.path.exists(_until)):
-        time.sleep(0.1)
-    return _batch(*args, **kwargs)
-
-
-train.make_batch = make_batch
-train.main()
-"""
 
 
 def test_an_elastic_job_survives_its_processes_killed_on_a_node(tmp_path, mlcloud_home):
     assert run_cli("init", str(tmp_path / "proj")).returncode == 0
     proj = tmp_path / "proj"
-    (proj / "slow.py").write_text(SLOW)
+    (proj / "slow.py").write_text(SLOW_TRAIN)
     spec = proj / "mlcloud.yaml"
     spec.write_text(
         spec.read_text().replace("nproc_per_node: 2", "nproc_per_node: 1")

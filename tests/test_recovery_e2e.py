@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nsbridge
 import pytest
-from conftest import MLCLOUD, run_cli
+from conftest import MLCLOUD, SLOW_TRAIN, run_cli
 
 pytestmark = [
     pytest.mark.e2e,
@@ -25,28 +25,6 @@ pytestmark = [
 
 STEPS, CKPT_EVERY = 400, 20
 DETECT_WITHIN = 15.0
-# The template with a pause per step, so the job runs long enough to lose a node mid-run; once
-# the file SLOW_UNTIL names exists (the nodes share this machine's disk), the pauses end, so
-# the steps left after the recovery was seen run at full speed.
-SLOW = """\
-import os
-import time
-
-import train
-
-_batch = train.make_batch
-_until = os.environ.get("SLOW_UNTIL")
-
-
-def make_batch(*args, **kwargs):
-    if not (_until and os.path.exists(_until)):
-        time.sleep(0.1)
-    return _batch(*args, **kwargs)
-
-
-train.make_batch = make_batch
-train.main()
-"""
 
 
 @pytest.fixture
@@ -100,7 +78,7 @@ def _steps(text: str) -> list[int]:
 def test_a_killed_node_is_replaced_by_the_spare_and_the_job_completes(bridge, tmp_path, victim):
     assert run_cli("init", str(tmp_path / "proj")).returncode == 0
     proj = tmp_path / "proj"
-    (proj / "slow.py").write_text(SLOW)
+    (proj / "slow.py").write_text(SLOW_TRAIN)
     spec = proj / "mlcloud.yaml"
     spec.write_text(spec.read_text().replace("nproc_per_node: 2", "nproc_per_node: 1"))
     r = run_cli(

@@ -5,14 +5,12 @@ is the user's own."""
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli
+from conftest import on_a_terminal, run_cli
 
 from mlcloud.errors import Aborted, UsageError
 from mlcloud.provision import trust
@@ -83,24 +81,6 @@ def proxy_spec(tmp_path, nodes, marker: Path) -> Path:
         f'ssh:\n  identity_file: {nodes.client_key}\n  proxy_command: "{proxy}"\n'
     )
     return spec
-
-
-def on_a_terminal(args: list[str], answer: str) -> subprocess.CompletedProcess:
-    """The real CLI with a terminal as stdin, the answer typed ahead."""
-    master, slave = os.openpty()
-    try:
-        os.write(master, answer.encode() + b"\n")
-        return subprocess.run(
-            [MLCLOUD, *args],
-            stdin=slave,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=dict(os.environ),
-        )
-    finally:
-        os.close(slave)
-        os.close(master)
 
 
 def test_cli_asks_refuses_without_a_terminal_and_remembers(make_ssh_nodes, tmp_path):

@@ -11,25 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli
-
-
-def on_a_terminal(args: list[str], answer: str) -> subprocess.CompletedProcess:
-    """The real CLI with a terminal as stdin, the answer typed ahead."""
-    master, slave = os.openpty()
-    try:
-        os.write(master, answer.encode() + b"\n")
-        return subprocess.run(
-            [MLCLOUD, *args],
-            stdin=slave,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=dict(os.environ),
-        )
-    finally:
-        os.close(slave)
-        os.close(master)
+from conftest import on_a_terminal, run_cli
 
 
 def test_declining_any_prompt_is_aborted_exit_1_and_nothing_changes(mlcloud_home):
