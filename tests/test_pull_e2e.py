@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, ssh_up_args
+from mlcloud.templates.receive import is_tmp
 
 from mlcloud.errors import UsageError
 from mlcloud.remote import fetch, ssh
@@ -297,10 +298,12 @@ def test_ctrl_c_during_a_pull_leaves_no_temporaries_in_dest(local, tmp_path):
     store = state.open_store()
     rec = store.get_cluster("int")
     store.new_job("int", rec.uid, "train.py", 2, 1, paths.logs_dir("int"))
+    sent = {}
     for n in rec.nodes:
         out = Path(n.root) / "jobs" / "1" / "outputs"
         out.mkdir(parents=True)
-        (out / "weights.bin").write_bytes(os.urandom(20_000_000))
+        sent[n.root] = os.urandom(20_000_000)
+        (out / "weights.bin").write_bytes(sent[n.root])
 
     once = threading.Lock()
 
@@ -316,7 +319,11 @@ def test_ctrl_c_during_a_pull_leaves_no_temporaries_in_dest(local, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pull.pull(store, "int", dest, report=PlainReporter(), progress=lambda _: Interrupt())
     store.close()
-    assert {p.name for p in dest.rglob("*") if p.is_file()} <= {fetch.MANIFEST}
+    # A file a writer finished before the interrupt reached it stays, whole; nothing else does
+    for p in dest.rglob("*"):
+        assert not is_tmp(p.name), p
+        if p.is_file() and p.name != fetch.MANIFEST:
+            assert p.read_bytes() in sent.values(), p
 
 
 def test_train_pull_that_fails_keeps_the_cluster_despite_down(local, tmp_path):

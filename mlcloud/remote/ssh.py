@@ -14,6 +14,7 @@ transfer on a slow link is never taken for silence (docs/architecture.md, "Liven
 
 from __future__ import annotations
 
+import contextlib
 import io
 import select
 import socket
@@ -467,6 +468,12 @@ class _Heard:
         if data:
             self.at = time.monotonic()
         return data
+
+    def close(self) -> None:
+        """paramiko's own thread closes the socket as the transport ends: a proxy command that
+        already exited is no error there (its close signals a process that is gone)."""
+        with contextlib.suppress(ProcessLookupError):
+            self._sock.close()
 
     def __getattr__(self, name: str):
         return getattr(self._sock, name)
