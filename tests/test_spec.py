@@ -250,6 +250,7 @@ def test_to_dict_shape(tmp_path):
         "image",
         "gce",
         "storage",
+        "recover",
     }
 
 

@@ -84,6 +84,25 @@ class StorageSpec:
     data: tuple[str, ...] = ()
 
 
+ON_FAILURE = ("stop", "restart")
+MOVE_SAVINGS = 0.3
+_PLACEMENT_RE = re.compile(r"[a-z][a-z0-9_-]*(:[a-z0-9][a-z0-9-]*)?")
+
+
+@dataclass(frozen=True)
+class RecoverSpec:
+    """How `mlcloud launch` keeps a managed job alive (README, "Managed jobs"): the ladder's
+    limits, where the job may go (`CLOUD[:REGION|:ZONE]`, tried cheapest first; empty: the
+    spec's own provider in every region the catalog has an offer in), and whether a lower
+    price moves it (move_savings None: never)."""
+
+    max_restarts: int = 10
+    max_restarts_in_place: int | None = None  # None: bounded by max_restarts only
+    placements: tuple[str, ...] = ()
+    move_savings: float | None = MOVE_SAVINGS
+    on_failure: str = "stop"
+
+
 @dataclass(frozen=True)
 class GceSpec:
     project: str | None = None  # default: GOOGLE_CLOUD_PROJECT, gcloud's, the credentials'
@@ -114,6 +133,7 @@ class TaskSpec:
     ssh: SshSpec = field(default_factory=SshSpec)
     gce: GceSpec = field(default_factory=GceSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
+    recover: RecoverSpec = field(default_factory=RecoverSpec)
 
     @property
     def node_count(self) -> int:
@@ -126,6 +146,9 @@ class TaskSpec:
         d["resources"]["gpus"] = str(self.resources.gpus) if self.resources.gpus else None
         d["train"]["args"] = list(self.train.args)
         d["storage"]["data"] = list(self.storage.data)
+        d["recover"]["placements"] = list(self.recover.placements)
+        if self.recover.move_savings is None:
+            d["recover"]["move_savings"] = "off"
         min_nodes = d.pop("min_nodes")
         if min_nodes is not None:
             d["nodes"] = f"{min_nodes}:{self.nodes}"
@@ -369,6 +392,14 @@ _FIELDS = {
         "image",
         "gce",
         "storage",
+        "recover",
+    },
+    "recover": {
+        "max_restarts",
+        "max_restarts_in_place",
+        "placements",
+        "move_savings",
+        "on_failure",
     },
     "gce": {"project", "api_endpoint"},
     "storage": {"checkpoints", "data"},
@@ -574,6 +605,63 @@ def _build(d: dict, where: _Where) -> TaskSpec:
             api_endpoint=_str(gce, "api_endpoint", where, "gce.api_endpoint"),
         ),
         storage=_storage(_section(d, "storage", where), where),
+        recover=_recover(_section(d, "recover", where), where),
+    )
+
+
+def _recover(rec: dict, where: _Where) -> RecoverSpec:
+    """The recover section; a key left out (or stored as null) takes its default."""
+    default = RecoverSpec()
+    restarts = rec.get("max_restarts")
+    max_restarts = (
+        default.max_restarts
+        if restarts is None
+        else int(_number(restarts, where("recover.max_restarts"), 0, 10_000, whole=True))
+    )
+    in_place = rec.get("max_restarts_in_place")
+    if in_place is not None:
+        in_place = int(
+            _number(in_place, where("recover.max_restarts_in_place"), 0, 10_000, whole=True)
+        )
+    placements = rec.get("placements")
+    if placements is None:
+        placements = []
+    elif placements == [] and not where.stored:
+        raise empty_list(where("recover.placements"), "['aws:us-east-1', 'gce:europe-west4']")
+    if isinstance(placements, str):
+        placements = [placements]
+    if not isinstance(placements, list):
+        raise UsageError(
+            f"{where('recover.placements')}: must be a list of CLOUD[:REGION|:ZONE], e.g. "
+            "['aws:us-east-1', 'gce:europe-west4']"
+        )
+    for p in placements:
+        if not isinstance(p, str) or not _PLACEMENT_RE.fullmatch(p.strip()):
+            raise UsageError(
+                f"{where('recover.placements')}: {numbers.short(p)} is not CLOUD[:REGION|:ZONE] "
+                "(e.g. aws, aws:us-east-1, aws:us-east-1a, gce:europe-west4)"
+            )
+    savings = rec.get("move_savings")
+    if savings is None:
+        move_savings: float | None = default.move_savings
+    elif savings == "off" or savings is False:  # YAML 1.1 reads a plain off as false
+        move_savings = None
+    else:
+        move_savings = float(_number(savings, where("recover.move_savings"), 0, 1, above=True))
+    on_failure = rec.get("on_failure")
+    if on_failure is None:
+        on_failure = default.on_failure
+    if on_failure not in ON_FAILURE:
+        raise UsageError(
+            f"{where('recover.on_failure')}: must be one of {', '.join(ON_FAILURE)}, "
+            f"got {numbers.short(on_failure)}"
+        )
+    return RecoverSpec(
+        max_restarts=max_restarts,
+        max_restarts_in_place=in_place,
+        placements=tuple(dict.fromkeys(p.strip() for p in placements)),
+        move_savings=move_savings,
+        on_failure=on_failure,
     )
 
 

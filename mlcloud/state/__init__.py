@@ -99,6 +99,35 @@ CREATE TABLE IF NOT EXISTS pulls (
     files INTEGER NOT NULL,
     bytes INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS managed_jobs (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    steps_lost INTEGER NOT NULL DEFAULT 0,
+    on_demand REAL,
+    watcher TEXT NOT NULL DEFAULT '',
+    made_by TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS managed_clusters (
+    job TEXT NOT NULL REFERENCES managed_jobs(name) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL DEFAULT '',
+    provider TEXT NOT NULL,
+    region TEXT NOT NULL DEFAULT '',
+    zone TEXT NOT NULL DEFAULT '',
+    price REAL,
+    started REAL NOT NULL,
+    ended REAL,
+    why TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job, seq)
+);
 """
 
 # 2: billing; 3: jobs belong to a cluster's incarnation, node interpreter; 4: events name
@@ -109,7 +138,8 @@ CREATE TABLE IF NOT EXISTS pulls (
 # 7: clusters.numbered: how many node numbers a cluster handed out (a node's number, its
 # `node-K`, is never given again, even once the node is gone)
 # 8: clusters.made_by: user@host of the home that made it (a shared store has many homes)
-SCHEMA_VERSION = 8
+# 9: managed jobs (`mlcloud launch`) and their clusters in order
+SCHEMA_VERSION = 9
 
 # From version 2: jobs get the cluster uid (their incarnation) in their key, nodes the
 # interpreter found at bootstrap. Jobs of v2 keep uid '' (an incarnation nobody has).
@@ -152,6 +182,48 @@ class NodeRecord:
     gpu_type: str | None
     status: NodeStatus
     python: str = ""  # the interpreter that imports torch there, found at bootstrap
+
+
+@dataclass(frozen=True)
+class ManagedCluster:
+    """One cluster a managed job ran on, in the order the watcher made them."""
+
+    seq: int  # 1, 2, ...: the cluster is NAME-seq
+    cluster: str
+    uid: str
+    provider: str
+    region: str
+    zone: str
+    price: float | None  # USD/h for the whole cluster, as planned
+    started: float
+    ended: float | None
+    why: str  # why it ended ('' while it runs): lost, capacity, moved, done, cancelled
+
+
+@dataclass(frozen=True)
+class ManagedJob:
+    """A job `mlcloud launch` keeps alive across clusters (README, "Managed jobs")."""
+
+    name: str
+    status: str  # JOB_RUNNING, or how it ended (JOB_DONE)
+    spec: dict
+    request: dict  # what to run: script, args, nproc, env names, pull destination
+    created: float
+    updated: float
+    ended: float | None
+    exit_code: int | None
+    restarts: int
+    steps_lost: int
+    on_demand: float | None  # USD/h of the same nodes on demand in the first placement
+    watcher: str  # who watches it: `pid@host` of a launch, or `autoscale` (--detach)
+    made_by: str
+    clusters: tuple[ManagedCluster, ...] = ()
+
+    @property
+    def current(self) -> ManagedCluster | None:
+        """The cluster the job runs on now (the newest not ended)."""
+        live = [c for c in self.clusters if c.ended is None]
+        return live[-1] if live else None
 
 
 @dataclass(frozen=True)
@@ -529,6 +601,105 @@ class Store:
             )
         return [JobRecord(**dict(r)) for r in rows]
 
+    # managed jobs
+
+    def create_managed(
+        self, name: str, spec: dict, request: dict, on_demand: float | None, watcher: str
+    ) -> ManagedJob:
+        """A new managed job; one that ended under this name is replaced (its clusters' events
+        and billing stay), one still running is refused."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT status FROM managed_jobs WHERE name=?", (name,)).fetchone()
+            if row and row["status"] not in JOB_DONE:
+                raise ClusterExists(f"managed job {name!r} already exists")
+            db.execute("DELETE FROM managed_jobs WHERE name=?", (name,))
+            db.execute(
+                "INSERT INTO managed_jobs (name, status, spec, request, created, updated, "
+                "on_demand, watcher, made_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    JOB_RUNNING,
+                    _stored_spec(spec),
+                    json.dumps(request),
+                    now,
+                    now,
+                    on_demand,
+                    watcher,
+                    whoami(),
+                ),
+            )
+        job = self.get_managed(name)
+        assert job is not None
+        return job
+
+    def get_managed(self, name: str) -> ManagedJob | None:
+        rows = self._read("SELECT * FROM managed_jobs WHERE name=?", (name,))
+        if not rows:
+            return None
+        clusters = self._read("SELECT * FROM managed_clusters WHERE job=? ORDER BY seq", (name,))
+        return _managed(rows[0], tuple(_managed_cluster(c) for c in clusters))
+
+    def list_managed(self) -> list[ManagedJob]:
+        by_job: dict[str, list[ManagedCluster]] = {}
+        for c in self._read("SELECT * FROM managed_clusters ORDER BY job, seq"):
+            by_job.setdefault(c["job"], []).append(_managed_cluster(c))
+        return [
+            _managed(r, tuple(by_job.get(r["name"], ())))
+            for r in self._read("SELECT * FROM managed_jobs ORDER BY created, name")
+        ]
+
+    def update_managed(self, name: str, **fields: object) -> None:
+        allowed = {"status", "ended", "exit_code", "restarts", "steps_lost", "watcher"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k}=?" for k in [*fields, "updated"])
+        self._write(
+            f"UPDATE managed_jobs SET {sets} WHERE name=?",  # noqa: S608
+            (*fields.values(), time.time(), name),
+        )
+
+    def claim_managed(self, name: str, was: str, watcher: str) -> bool:
+        """Make `watcher` the job's watcher if it is still `was`: of two launches that find
+        the job unwatched, one resumes it."""
+        cur = self._write(
+            "UPDATE managed_jobs SET watcher=?, updated=? WHERE name=? AND watcher=?",
+            (watcher, time.time(), name, was),
+        )
+        return cur.rowcount == 1
+
+    def add_managed_cluster(
+        self, job: str, provider: str, region: str, zone: str, price: float | None
+    ) -> ManagedCluster:
+        """The job's next cluster, NAME-seq, recorded before it is made (so a killed watcher's
+        successor finds it and never makes a second)."""
+        with self.tx() as db:
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM managed_clusters WHERE job=?", (job,)
+            ).fetchone()
+            seq = last + 1
+            db.execute(
+                "INSERT INTO managed_clusters (job, seq, cluster, provider, region, zone, price, "
+                "started) VALUES (?,?,?,?,?,?,?,?)",
+                (job, seq, f"{job}-{seq}", provider, region, zone, price, time.time()),
+            )
+        managed = self.get_managed(job)
+        assert managed is not None
+        return managed.clusters[-1]
+
+    def update_managed_cluster(self, job: str, seq: int, **fields: object) -> None:
+        allowed = {"uid", "region", "zone", "price", "ended", "why"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self._write(
+            f"UPDATE managed_clusters SET {sets} WHERE job=? AND seq=?",  # noqa: S608
+            (*fields.values(), job, seq),
+        )
+
+    def managed_of(self, cluster: str) -> str | None:
+        """The managed job a cluster was made for, if any."""
+        rows = self._read("SELECT job FROM managed_clusters WHERE cluster=?", (cluster,))
+        return rows[0]["job"] if rows else None
+
     # billing: kept after teardown, so `mlcloud cost` can report torn-down clusters
 
     def open_billing(self, intervals: list) -> None:
@@ -702,6 +873,40 @@ def _cluster(r: sqlite3.Row, nodes: tuple[NodeRecord, ...]) -> ClusterRecord:
         updated=r["updated"],
         nodes=nodes,
         made_by=r["made_by"],
+    )
+
+
+def _managed(r: sqlite3.Row, clusters: tuple[ManagedCluster, ...]) -> ManagedJob:
+    return ManagedJob(
+        name=r["name"],
+        status=r["status"],
+        spec=json.loads(r["spec"]),
+        request=json.loads(r["request"]),
+        created=r["created"],
+        updated=r["updated"],
+        ended=r["ended"],
+        exit_code=r["exit_code"],
+        restarts=r["restarts"],
+        steps_lost=r["steps_lost"],
+        on_demand=r["on_demand"],
+        watcher=r["watcher"],
+        made_by=r["made_by"],
+        clusters=clusters,
+    )
+
+
+def _managed_cluster(r: sqlite3.Row) -> ManagedCluster:
+    return ManagedCluster(
+        seq=r["seq"],
+        cluster=r["cluster"],
+        uid=r["uid"],
+        provider=r["provider"],
+        region=r["region"],
+        zone=r["zone"],
+        price=r["price"],
+        started=r["started"],
+        ended=r["ended"],
+        why=r["why"],
     )
 
 

@@ -102,6 +102,35 @@ CREATE TABLE IF NOT EXISTS pulls (
     dest TEXT NOT NULL,
     files BIGINT NOT NULL,
     bytes BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS managed_jobs (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    ended DOUBLE PRECISION,
+    exit_code INTEGER,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    steps_lost BIGINT NOT NULL DEFAULT 0,
+    on_demand DOUBLE PRECISION,
+    watcher TEXT NOT NULL DEFAULT '',
+    made_by TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS managed_clusters (
+    job TEXT NOT NULL REFERENCES managed_jobs(name) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    cluster TEXT NOT NULL,
+    uid TEXT NOT NULL DEFAULT '',
+    provider TEXT NOT NULL,
+    region TEXT NOT NULL DEFAULT '',
+    zone TEXT NOT NULL DEFAULT '',
+    price DOUBLE PRECISION,
+    started DOUBLE PRECISION NOT NULL,
+    ended DOUBLE PRECISION,
+    why TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job, seq)
 )
 """
 
@@ -286,7 +315,8 @@ class PgStore(Store):
     @staticmethod
     def _migrate_pg(db: _Connection, version: int) -> None:
         """Bring the schema to SCHEMA_VERSION: PostgreSQL stores start at version 8 (made_by);
-        a later version adds its migration here as on SQLite."""
+        9 adds the managed jobs' tables (IF NOT EXISTS, as every table here); a later version
+        adds its migration here as on SQLite."""
         import secrets
 
         for statement in SCHEMA.split(";"):
