@@ -42,13 +42,26 @@ def _root(
 
 
 def _register() -> None:
-    from mlcloud.cli import autoscale, cluster, doctor, events, jobs, money, project, pull, store
+    from mlcloud.cli import (
+        autoscale,
+        cluster,
+        doctor,
+        events,
+        jobs,
+        managed,
+        money,
+        project,
+        pull,
+        store,
+    )
 
     app.command("up")(cluster.up)
     app.command("down")(cluster.down)
     app.command("status")(cluster.status)
     app.command("events")(events.events)
     app.command("train", cls=jobs.TrainCommand)(jobs.train)
+    app.command("launch", cls=managed.LaunchCommand)(managed.launch)
+    app.command("jobs")(managed.jobs_)
     app.command("logs")(jobs.logs)
     app.command("exec")(jobs.exec_)
     app.command("cancel")(jobs.cancel)

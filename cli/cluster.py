@@ -138,38 +138,26 @@ def up(
     from mlcloud.provision import lifecycle
     from mlcloud.spec import plan as planner
     from mlcloud.spec.locality import locate, locate_data
-    from mlcloud.spec.task import check_cidr, split_list
 
-    host_list = split_list(hosts, "--hosts", "alice@10.0.0.5,alice@10.0.0.6")
-    spec = load(
+    spec = flagged_spec(
         file,
-        ssh={
-            "identity_file": str(identity.expanduser().resolve()) if identity else None,
-            "user": ssh_user,
-            "port": ssh_port,
-            "proxy_command": proxy_command,
-            "allowed_cidrs": tuple(check_cidr(c) for c in allow_ssh_from)
-            if allow_ssh_from
-            else None,
-        },
-        provider=provider or ("ssh" if host_list else None),
+        provider=provider,
         nodes=nodes,
-        hosts=host_list,
+        hosts=hosts,
+        identity=identity,
+        ssh_user=ssh_user,
+        ssh_port=ssh_port,
+        proxy_command=proxy_command,
+        allow_proxy_command=allow_proxy_command,
+        allow_ssh_from=allow_ssh_from,
+        instance_type=instance_type,
         region=region,
         zone=zone,
+        project=project,
         spot=spot,
         image=image,
+        gpus=gpus,
     )
-    if file and spec.ssh.proxy_command and not proxy_command:
-        _trust_proxy_command(file, spec.ssh.proxy_command, allow_proxy_command)
-    if project:
-        spec = replace(spec, gce=replace(spec.gce, project=project))
-    if instance_type:
-        spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
-    if gpus:
-        from mlcloud.spec.task import parse_gpus
-
-        spec = replace(spec, resources=replace(spec.resources, gpus=parse_gpus(gpus)))
     name = cluster_name(name, spec.name)
     store = state.open_store()
     existing = store.get_cluster(name)
@@ -223,6 +211,64 @@ def up(
             f"cluster {name} is up: `mlcloud train {name} SCRIPT.py` to run a job, "
             f"`mlcloud down {name}` when done"
         )
+
+
+def flagged_spec(
+    file: Path | None,
+    *,
+    provider: str | None,
+    nodes: str | None,
+    hosts: str | None,
+    identity: Path | None,
+    ssh_user: str | None,
+    ssh_port: int | None,
+    proxy_command: str | None,
+    allow_proxy_command: bool,
+    allow_ssh_from: list[str] | None,
+    instance_type: str | None,
+    region: str | None,
+    zone: str | None,
+    project: str | None,
+    spot: bool | None,
+    image: str | None,
+    gpus: str | None,
+    workdir: str | None = None,
+):
+    """The spec from -f with `up`'s flags laid over it (`up` and `launch`)."""
+    from mlcloud.spec.task import check_cidr, split_list
+
+    host_list = split_list(hosts, "--hosts", "alice@10.0.0.5,alice@10.0.0.6")
+    spec = load(
+        file,
+        ssh={
+            "identity_file": str(identity.expanduser().resolve()) if identity else None,
+            "user": ssh_user,
+            "port": ssh_port,
+            "proxy_command": proxy_command,
+            "allowed_cidrs": tuple(check_cidr(c) for c in allow_ssh_from)
+            if allow_ssh_from
+            else None,
+        },
+        provider=provider or ("ssh" if host_list else None),
+        nodes=nodes,
+        hosts=host_list,
+        region=region,
+        zone=zone,
+        spot=spot,
+        image=image,
+        workdir=workdir,
+    )
+    if file and spec.ssh.proxy_command and not proxy_command:
+        _trust_proxy_command(file, spec.ssh.proxy_command, allow_proxy_command)
+    if project:
+        spec = replace(spec, gce=replace(spec.gce, project=project))
+    if instance_type:
+        spec = replace(spec, resources=replace(spec.resources, instance_type=instance_type))
+    if gpus:
+        from mlcloud.spec.task import parse_gpus
+
+        spec = replace(spec, resources=replace(spec.resources, gpus=parse_gpus(gpus)))
+    return spec
 
 
 def _trust_proxy_command(file: Path, command: str, allowed: bool) -> None:
@@ -436,7 +482,16 @@ def status(
 
     store = state.open_store()
     if name:
+        from mlcloud.cli import managed
+
         check_cluster_name(name)
+        mj = managed.managed_job(store, name)
+        if mj is not None and (json or store.get_cluster(managed.resolve(store, name)) is None):
+            managed.show_jobs(store, [mj], json)  # ended: its story; --json: the job's shape
+            return
+        if mj is not None:
+            print(f"managed job {name}: {mj.status}, {len(mj.clusters)} cluster(s); now:")
+            name = managed.resolve(store, name)
         rec = store.get_cluster(name)
         if rec is None:
             raise NotFoundError(f"no cluster named {name!r}; `mlcloud status` lists them all")

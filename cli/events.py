@@ -22,6 +22,8 @@ def events(
     """Show a cluster's events (time in UTC, kind, node, message): scaling, idle teardown,
     budget stop, stalls, preemption notices, each with its reason. With --json, one JSON
     array (with --follow: one JSON object a line)."""
+    from mlcloud.cli import managed
+
     from mlcloud import state
     from mlcloud.control import nodeevents
     from mlcloud.control.agentview import Event
@@ -30,6 +32,24 @@ def events(
 
     check_cluster_name(name)
     store = state.open_store()
+    mj = managed.managed_job(store, name)
+    if mj is not None and not follow:  # every cluster of the managed job, merged in time
+        log = sorted(
+            (
+                Event(t, kind, node, f"{c.cluster}: {message}")
+                for c in mj.clusters
+                for t, kind, node, message in store.event_log(c.cluster, c.uid or "")
+            ),
+            key=lambda e: e.time,
+        )
+        if json:
+            output.print_json([_json(e) for e in log])
+        else:
+            for e in log:
+                print(_line(e))
+        return
+    if mj is not None:
+        name = managed.resolve(store, name)
     # what was printed, not how many: a node's event merged late sorts before ones shown already
     shown: set = set()
     while True:

@@ -87,8 +87,6 @@ def train(
     from mlcloud.jobs import launch
     from mlcloud.jobs.driver import Driver
     from mlcloud.provision import handle, lifecycle
-    from mlcloud.remote.sync import Limits
-    from mlcloud.spec.task import parse_env
     from mlcloud.state import cluster_lock, paths
 
     if pull_to is not None and detach:
@@ -97,30 +95,8 @@ def train(
         )
     dest = _pull_dest(pull_to)
     spec = load(file, workdir=str(workdir.resolve()) if workdir else None)
-    if script is not None and not script.strip():  # `train NAME "$SCRIPT"` with it unset
-        raise UsageError("SCRIPT: empty; name the script, or leave it out for train.script")
-    if script and script.startswith("-"):  # `train NAME -f spec -- --steps 5`: args only
-        script_args, script = [script, *(script_args or [])], None
-    script = script or spec.train.script
-    if not script:
-        raise UsageError(
-            "name the script to run: `mlcloud train NAME train.py` or train.script in the spec file"
-        )
-    args = (
-        tuple(script_args or ())
-        if (script_args or script != spec.train.script)
-        else spec.train.args
-    )
-    req = launch.JobRequest(
-        workdir=handle.workdir_of(spec),
-        script=script,
-        args=args,
-        nproc_per_node=nproc_per_node or spec.train.nproc_per_node,
-        envs={**spec.envs, **parse_env(env or [])},
-        setup=spec.setup,
-        checkpoint_dir=spec.checkpoint_dir,
-        limits=Limits.of(spec.max_workdir_files, spec.max_workdir_size),
-    )
+    req = job_request(spec, script, script_args, nproc_per_node, env)
+    script, args = req.script, req.args
     launch.validate(req)
     store = state.open_store()
     h = handle.open_cluster(store, name)
@@ -211,6 +187,42 @@ def train(
         except BrokenPipeError:
             output.discard()  # nobody reads it: the exit code still tells the job's end
     raise typer.Exit(code)
+
+
+def job_request(spec, script: str | None, script_args: list[str] | None, nproc: int | None, env):
+    """What `train` (and `launch`) runs: the script and its arguments from the command line,
+    else the spec's."""
+    from mlcloud.errors import UsageError
+    from mlcloud.jobs import launch
+    from mlcloud.provision import handle
+    from mlcloud.remote.sync import Limits
+    from mlcloud.spec.task import parse_env
+
+    if script is not None and not script.strip():  # `train NAME "$SCRIPT"` with it unset
+        raise UsageError("SCRIPT: empty; name the script, or leave it out for train.script")
+    if script and script.startswith("-"):  # `train NAME -f spec -- --steps 5`: args only
+        script_args, script = [script, *(script_args or [])], None
+    script = script or spec.train.script
+    if not script:
+        raise UsageError(
+            "name the script to run: `mlcloud train NAME train.py` or train.script in the spec file"
+        )
+    args = (
+        tuple(script_args or ())
+        if (script_args or script != spec.train.script)
+        else spec.train.args
+    )
+    req = launch.JobRequest(
+        workdir=handle.workdir_of(spec),
+        script=script,
+        args=args,
+        nproc_per_node=nproc or spec.train.nproc_per_node,
+        envs={**spec.envs, **parse_env(env or [])},
+        setup=spec.setup,
+        checkpoint_dir=spec.checkpoint_dir,
+        limits=Limits.of(spec.max_workdir_files, spec.max_workdir_size),
+    )
+    return req
 
 
 def _pull_dest(value: str | None) -> Path | None:
@@ -349,6 +361,8 @@ def logs(
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code.
 
     A job no mlcloud process follows any more is read from its nodes (output and end)."""
+    from mlcloud.cli import managed
+
     from mlcloud import state
     from mlcloud.errors import NotFoundError
     from mlcloud.jobs import reconcile
@@ -356,6 +370,7 @@ def logs(
 
     check_cluster_name(name)
     store = state.open_store()
+    name = managed.resolve(store, name)
     rec = store.get_cluster(name)
     uid = rec.uid if rec else None  # a live cluster shows its own jobs; a gone one, its last
     j = store.get_job(name, job, uid)
@@ -492,12 +507,25 @@ def cancel(
     """Stop a job on every node: SIGTERM (the template checkpoints), SIGKILL after --grace.
 
     Works for a detached job, and for one whose mlcloud process is gone."""
-    from mlcloud.cli import views
+    from mlcloud.cli import managed, views
 
     from mlcloud import state
     from mlcloud.jobs.cancel import cancel as cancel_job
 
     store = state.open_store()
+    if managed.managed_job(store, name) is not None:  # a managed job: stop it everywhere
+        from mlcloud.control import managed as engine
+
+        rep = output.reporter(quiet=json_out)
+        try:
+            mj = engine.cancel(store, name, rep)
+        finally:
+            output.close(rep)
+        if json_out:
+            output.print_json(views.managed_json(store, mj))
+        else:
+            print(f"managed job {name}: {mj.status}; its clusters are down")
+        return
     j, stopped = cancel_job(store, name, job, grace)
     if json_out:
         output.print_json(views.job_result_json(j, "cancel" if stopped else None))

@@ -32,16 +32,20 @@ def pull(
 ) -> None:
     """Copy each node's MLCLOUD_OUTPUT_DIR of a job to DEST/node<i>/, sending only what
     changed since the last pull. Only regular files come home; nothing lands outside DEST."""
+    from mlcloud.cli import managed
+
     from mlcloud import state
     from mlcloud.jobs import pull as engine
     from mlcloud.remote.sync import parse_size
 
     cap = parse_size(max_size, "--max-size")
+    store = state.open_store()
+    name = managed.resolve(store, name)
     rep = output.reporter(quiet=json)
     bars = Bars() if output.fancy() else None
     try:
         done = engine.pull(
-            state.open_store(),
+            store,
             name,
             dest,
             job_id=job,

@@ -119,3 +119,47 @@ def status_json(
             for c in clusters
         ],
     }
+
+
+def when(t: float) -> str:
+    """A time as `jobs` shows it: local, to the second."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def managed_json(store: state.Store, j: state.ManagedJob) -> dict:
+    """A managed job as `jobs --json` and `launch --json` print it: its clusters in order,
+    restarts, steps lost, cost so far, and the same run's cost on demand in its first
+    placement (its on-demand $/h over the time it has run)."""
+    import time
+
+    from mlcloud.control import managed
+
+    end = j.ended or time.time()
+    return {
+        "name": j.name,
+        "status": j.status,
+        "exit_code": j.exit_code,
+        "created": iso(j.created),
+        "ended": iso(j.ended),
+        "restarts": j.restarts,
+        "steps_lost": j.steps_lost,
+        "cost_usd": round(managed.spent(store, j, end), 4),
+        "on_demand_usd": None
+        if j.on_demand is None
+        else round(j.on_demand * (end - j.created) / 3600, 4),
+        "watcher": j.watcher,
+        "clusters": [
+            {
+                "cluster": c.cluster,
+                "uid": c.uid,
+                "where": ":".join(x for x in (c.provider, c.region, c.zone) if x),
+                "usd_per_hour": c.price,
+                "from": c.started,
+                "to": c.ended,
+                "why": c.why,
+            }
+            for c in j.clusters
+        ],
+    }

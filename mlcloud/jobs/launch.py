@@ -40,6 +40,8 @@ class JobRequest:
     setup: str | None
     checkpoint_dir: str | None
     limits: Limits = Limits()
+    # a managed job's name: every cluster it runs on keeps checkpoints at one bucket location
+    checkpoint_name: str | None = None
 
 
 def job_dir(root: str, job_id: int) -> str:
@@ -137,7 +139,7 @@ def node_job(
             "MLCLOUD_PROGRESS_FILE": progress_file(node.root, job_id),
         }
     )
-    bucket = checkpoint_uri(h.record.spec, h.record.name)
+    bucket = checkpoint_uri(h.record.spec, req.checkpoint_name or h.record.name)
     if bucket:
         env["MLCLOUD_CHECKPOINT_URI"] = bucket
     # torch decides "am I the store host?" from the hostname; say it outright (in a network
@@ -285,6 +287,7 @@ def save_request(job: state.JobRecord, req: JobRequest, rdzv: Rendezvous) -> Non
         "env_names": sorted(req.envs),
         "setup": req.setup,
         "checkpoint_dir": req.checkpoint_dir,
+        "checkpoint_name": req.checkpoint_name,
         "rendezvous": {"port": rdzv.port, "number": rdzv.number, "nproc": rdzv.nproc},
     }
     atomic.write(_request_path(job), json.dumps(data).encode())
@@ -305,6 +308,7 @@ def load_request(job: state.JobRecord) -> tuple[JobRequest, Rendezvous] | None:
         envs=dict.fromkeys(d["env_names"], ""),
         setup=d["setup"],
         checkpoint_dir=d["checkpoint_dir"],
+        checkpoint_name=d.get("checkpoint_name"),
     )
     return req, Rendezvous(**d["rendezvous"])
 

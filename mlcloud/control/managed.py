@@ -1,0 +1,558 @@
+"""Managed jobs (`mlcloud launch`, README "Managed jobs", docs/architecture.md): one job kept
+alive across clusters NAME-1, NAME-2, ... by a watcher that climbs a ladder.
+
+Rung 1 is the cluster's own controller (control/controller.py, run by the driver beside the
+job): lost nodes replaced in place. When the cluster cannot be kept (every node lost, no
+capacity for a replacement, `recover.max_restarts_in_place` spent), rung 2 makes the next
+cluster at the cheapest allowed placement (zones, then regions, then clouds), starts the job
+there with the same MLCLOUD_CHECKPOINT_URI (the node restores the newest checkpoint before the
+job starts), then tears down what is left of the old one. Every rung is an event on the cluster
+it concerns, with its reason and money. The state (state.ManagedJob) holds the truth, so a
+watcher killed with -9 is replaced by the next `launch NAME`, which adopts the running job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mlcloud import state
+from mlcloud.errors import BusyError, MlcloudError, NotFoundError, UsageError
+from mlcloud.jobs import launch, outcome
+from mlcloud.jobs.driver import Driver, Sink
+from mlcloud.provision import handle, lifecycle
+from mlcloud.report import Reporter
+from mlcloud.spec.task import TaskSpec
+
+# why a cluster of the job ended (ManagedCluster.why)
+LOST, SPENT, FAILED, DONE, CANCELLED, BUDGET = (
+    "every node lost",
+    "restarts in place spent",
+    "job failed",
+    "job ended",
+    "cancelled",
+    "budget spent",
+)
+DETACHED = "autoscale"  # the watcher of a job handed to `autoscale --all` (launch --detach)
+IN_PLACE = ("node_replaced", "restart")  # the controller's events that are a rung-1 restart
+_STEP = re.compile(r"\bstep[ =:]+(\d+)")
+_RESTORED = re.compile(r"checkpoints: restored step (\d+)")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a cluster of the job may go, with its price per node (USD/h; None: unknown)."""
+
+    provider: str
+    region: str | None
+    zone: str | None
+    instance_type: str | None
+    price: float | None
+    on_demand: float | None
+
+    def __str__(self) -> str:
+        return ":".join(p for p in (self.provider, self.region, self.zone) if p)
+
+
+def places(spec: TaskSpec) -> list[Place]:
+    """The allowed placements (recover.placements, default: the spec's provider in every
+    region the catalog has an offer in) as offers, cheapest first."""
+    from mlcloud.spec import catalog, plan
+
+    provider = spec.provider or ("cloud" if spec.resources.gpus else "local")
+    wanted = [p.split(":", 1) for p in spec.recover.placements] or [[provider]]
+    if provider != "cloud" and not plan.priced(provider):
+        return [Place(provider, spec.region, spec.zone, None, 0.0, 0.0)]
+    offers = catalog.load()
+    out: list[Place] = []
+    for cloud, *rest in wanted:
+        clouds = plan.clouds(offers) if cloud == "cloud" else [cloud]
+        pool = []
+        for c in clouds:
+            if not plan.priced(c):
+                raise UsageError(
+                    f"recover.placements: {c} is not a cloud; a job moves among clouds"
+                )
+            if spec.resources.gpus is not None and not spec.resources.instance_type:
+                pool += catalog.find(
+                    [o for o in offers if o.provider == c], spec.resources.gpus, spot=spec.spot
+                )
+            else:
+                pool += [
+                    o
+                    for o in offers
+                    if o.provider == c and o.instance_type == spec.resources.instance_type
+                ]
+        where = rest[0] if rest else None
+        found = [
+            Place(
+                o.provider,
+                o.region,
+                where if where in o.zones else None,
+                o.instance_type,
+                o.price(spec.spot),
+                o.on_demand,
+            )
+            for o in pool
+            if where is None or where == o.region or where in o.zones
+        ]
+        if not found and spec.resources.instance_type is None and spec.resources.gpus is None:
+            found = [Place(cloud, where or spec.region, None, None, None, None)]
+        if not found:
+            what = spec.resources.gpus or spec.resources.instance_type
+            raise UsageError(f"recover.placements: no {what} offer in {':'.join([cloud, *rest])}")
+        out += found
+    seen = set()
+    unique = [p for p in out if str(p) not in seen and not seen.add(str(p))]
+    return sorted(unique, key=lambda p: (p.price is None, p.price or 0.0))
+
+
+def me() -> str:
+    """This process as a watcher: `pid@host`."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def watched_elsewhere(job: state.ManagedJob) -> str | None:
+    """Who else watches the job now (a live launch, the controller service), or None."""
+    if job.watcher == DETACHED:
+        return "`mlcloud autoscale --all` (launched with --detach)"
+    pid, _, host = job.watcher.partition("@")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
+        if state.pid_alive(int(pid)):
+            return f"launch (pid {pid})"
+    if host and host != socket.gethostname():
+        return f"launch on {host} (pid {pid})"
+    return None
+
+
+def request_dict(req: launch.JobRequest, pull: str | None) -> dict:
+    """What to run, as the managed job keeps it: the environment's names only."""
+    return {
+        "workdir": str(req.workdir),
+        "script": req.script,
+        "args": list(req.args),
+        "nproc_per_node": req.nproc_per_node,
+        "env_names": sorted(req.envs),
+        "setup": req.setup,
+        "checkpoint_dir": req.checkpoint_dir,
+        "pull": pull,
+    }
+
+
+def request_of(job: state.ManagedJob, envs: dict[str, str]) -> launch.JobRequest:
+    """The job's request again (a resumed watcher), its environment from `envs`, else this
+    process's environment: one line naming what neither has."""
+    d = job.request
+    missing = [n for n in d["env_names"] if n not in envs and n not in os.environ]
+    if missing:
+        raise UsageError(
+            f"managed job {job.name}: its environment needs {', '.join(missing)}; pass "
+            "them again (--env NAME=VALUE, or set them here)"
+        )
+    return launch.JobRequest(
+        workdir=Path(d["workdir"]),
+        script=d["script"],
+        args=tuple(d["args"]),
+        nproc_per_node=d["nproc_per_node"],
+        envs={n: envs.get(n, os.environ.get(n, "")) for n in d["env_names"]},
+        setup=d["setup"],
+        checkpoint_dir=d["checkpoint_dir"],
+        checkpoint_name=job.name,
+    )
+
+
+def stored_spec(spec: TaskSpec) -> dict:
+    """The spec a managed job keeps: its environment lives in the request (names only)."""
+    return {**spec.to_dict(), "envs": {}}
+
+
+def spent(store: state.Store, job: state.ManagedJob, now: float | None = None) -> float:
+    """USD the job has cost so far, across every cluster it made."""
+    from mlcloud.spec.cost import accrued
+
+    uids = {c.uid for c in job.clusters if c.uid}
+    rows = [i for c in {c.cluster for c in job.clusters} for i in store.billing(c)]
+    return accrued([i for i in rows if i.uid in uids], now or time.time())
+
+
+class Watcher:
+    """Keeps one managed job alive until it ends; run() returns the job's exit code."""
+
+    def __init__(
+        self,
+        store: state.Store,
+        name: str,
+        spec: TaskSpec,
+        req: launch.JobRequest,
+        report: Reporter,
+        sink: Sink | None,
+    ):
+        self.store, self.name, self.spec, self.req = store, name, spec, req
+        self.report, self.sink = report, sink
+        self.places = places(spec)
+        self.last_step = 0  # the newest `step N` the job printed on this cluster
+        self.interrupted = False
+
+    def _job(self) -> state.ManagedJob:
+        job = self.store.get_managed(self.name)
+        if job is None:
+            raise NotFoundError(f"managed job {self.name!r} is gone from state")
+        return job
+
+    def run(self) -> int:
+        try:
+            return self._ladder()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self._end(state.JOB_CANCELLED, 130, CANCELLED)
+            raise
+
+    def _ladder(self) -> int:
+        while True:
+            job = self._job()
+            if job.status in state.JOB_DONE:
+                return job.exit_code if job.exit_code is not None else 130
+            cur = job.current
+            if cur is None or not self._ready(cur):
+                cur = self._make(job, None)
+            if cur is None:
+                job = self._job()
+                return job.exit_code if job.exit_code is not None else 1
+            ended, in_place = self._follow(cur)
+            job = self._job()
+            if job.status in state.JOB_DONE:  # cancelled meanwhile
+                return job.exit_code if job.exit_code is not None else 130
+            restarts = job.restarts + in_place
+            self.store.update_managed(self.name, restarts=restarts)
+            result, why = ended
+            if result.status == state.JOB_SUCCEEDED:
+                return self._end(state.JOB_SUCCEEDED, 0, DONE)
+            if result.status == state.JOB_CANCELLED:
+                return self._end(state.JOB_CANCELLED, result.exit_code or 130, CANCELLED)
+            if why is None:  # the job failed by itself (or a rule stopped it)
+                if (
+                    self.spec.recover.on_failure == "restart"
+                    and result.stopped_by is None
+                    and restarts < self.spec.recover.max_restarts
+                ):
+                    self.store.update_managed(self.name, restarts=restarts + 1)
+                    self.store.event(
+                        cur.cluster,
+                        "recover",
+                        f"{result.line}; on_failure: restart (restart {restarts + 1} of "
+                        f"{self.spec.recover.max_restarts})",
+                    )
+                    continue
+                return self._end(state.JOB_FAILED, result.exit_code or 1, FAILED)
+            if restarts >= self.spec.recover.max_restarts:
+                self.store.event(
+                    cur.cluster,
+                    "recover",
+                    f"{why}; recover.max_restarts ({self.spec.recover.max_restarts}) spent",
+                )
+                return self._end(state.JOB_FAILED, result.exit_code or 1, why)
+            self.store.update_managed(self.name, restarts=restarts + 1)
+            self.store.event(
+                cur.cluster,
+                "recover",
+                f"{why}: the job moves to a new cluster (restart {restarts + 1} of "
+                f"{self.spec.recover.max_restarts}; ${spent(self.store, job):.2f} so far)",
+            )
+            self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=why)
+            if self._make(self._job(), replace(cur, why=why)) is None:
+                job = self._job()
+                return job.exit_code if job.exit_code is not None else 1
+            self._down(cur.cluster)
+
+    def _ready(self, cur: state.ManagedCluster) -> bool:
+        """Whether the job's current cluster is up (a killed watcher may have left it half
+        made: `up` resumes it)."""
+        rec = self.store.get_cluster(cur.cluster)
+        return rec is not None and rec.status == state.UP
+
+    def _make(
+        self, job: state.ManagedJob, old: state.ManagedCluster | None
+    ) -> state.ManagedCluster | None:
+        """The job's next cluster at the cheapest place that has capacity (rung 2, or the
+        first); None when the budget is spent or no place has capacity (the job ended)."""
+        from mlcloud.providers.base import CapacityError, QuotaError
+
+        max_cost = self.spec.autoscale.max_cost
+        cost = spent(self.store, job)
+        if max_cost is not None and cost >= max_cost:
+            where = old.cluster if old else self.name
+            self.store.event(where, "budget", f"${cost:.2f} of ${max_cost:.2f} spent: no restart")
+            self._end(state.JOB_FAILED, 1, BUDGET)
+            return None
+        refused: list[str] = []
+        for provider in dict.fromkeys(p.provider for p in self.places):
+            mine = [p for p in self.places if p.provider == provider]
+            first = mine[0]
+            cur = self._job().current or self.store.add_managed_cluster(
+                self.name, first.provider, first.region or "", first.zone or "", None
+            )
+            spec = replace(
+                self.spec,
+                name=cur.cluster,
+                provider=first.provider,
+                region=first.region,
+                zone=first.zone,
+                resources=replace(self.spec.resources, instance_type=first.instance_type),
+                autoscale=replace(
+                    self.spec.autoscale,
+                    max_cost=None if max_cost is None else max(max_cost - cost, 0.01),
+                ),
+            )
+            fallback = tuple(
+                dict.fromkeys(p.region for p in mine[1:] if p.region and p.region != first.region)
+            )
+            price = first.price or 0.0
+            self.report.step(
+                f"making {cur.cluster} on {first}"
+                + (f" at ${price * spec.node_count:.2f}/h" if first.price else "")
+            )
+            try:
+                rec = lifecycle.up(
+                    self.store, cur.cluster, spec, self.report, price=price,
+                    fallback_regions=fallback,
+                )  # fmt: skip
+            except (CapacityError, QuotaError) as e:
+                refused.append(f"{provider}: {e}")
+                self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=str(e))
+                continue
+            if self._job().status in state.JOB_DONE:  # cancelled while it was made
+                self._down(cur.cluster)
+                return None
+            region = rec.spec.get("region") or ""
+            zone = rec.spec.get("zone") or ""
+            placed = next((p for p in mine if p.region == region), first)
+            per_hour = None if placed.price is None else placed.price * len(rec.nodes)
+            self.store.update_managed_cluster(
+                self.name, cur.seq, uid=rec.uid, region=region, zone=zone, price=per_hour
+            )
+            said = f"${per_hour:.2f}/h" if per_hour is not None else "unpriced"
+            if old is None:
+                self.store.event(cur.cluster, "launch", f"managed job {self.name} on {cur.cluster}")
+            else:
+                self.store.event(
+                    cur.cluster,
+                    "moved",
+                    f"managed job {self.name} moved from {old.cluster} ({old.why}) to "
+                    f"{cur.cluster} in {':'.join(x for x in (rec.provider, region, zone) if x)}"
+                    f" at {said}",
+                )
+            return self._job().current
+        self._end(state.JOB_FAILED, 3, "no capacity: " + "; ".join(refused))
+        return None
+
+    def _follow(self, cur: state.ManagedCluster) -> tuple[tuple[outcome.Outcome, str | None], int]:
+        """Start the job on cur (or adopt the one running there) and follow it to its end:
+        ((how it ended, why the cluster cannot be kept or None), restarts made in place)."""
+        h = handle.open_cluster(self.store, cur.cluster)
+        try:
+            running = [
+                j
+                for j in self.store.jobs(cur.cluster, h.record.uid)
+                if j.status not in state.JOB_DONE
+            ]
+            if running:
+                job, adopt = running[-1], True
+                if not self.store.claim_job(
+                    cur.cluster, job.uid, job.job_id, job.driver_pid, os.getpid()
+                ):
+                    raise BusyError(f"job {job.job_id} on {cur.cluster} is followed elsewhere")
+            else:
+                job, adopt = self._start(h), False
+            driver = Driver(self.store, h, job, self._sink, adopt=adopt)
+            spent_in_place = threading.Event()
+            stop = threading.Event()
+            watch = threading.Thread(
+                target=self._in_place, args=(h, job, spent_in_place, stop), daemon=True
+            )
+            watch.start()
+            try:
+                driver.run()
+            finally:
+                stop.set()
+                watch.join(timeout=10)
+            result = driver.outcome
+            assert result is not None
+            in_place = self._restarts_in_place(cur.cluster, h.record.uid, job.submitted)
+            if spent_in_place.is_set():
+                return (result, SPENT), in_place
+            own = [
+                e
+                for e in driver.ends.values()
+                if e.code != 0
+                and (e.failure is not None or e.code not in (outcome.LOST, outcome.KILLED))
+            ]
+            lost = result.status == state.JOB_FAILED and not own and result.stopped_by is None
+            return (result, LOST if lost else None), in_place
+        finally:
+            h.close()
+
+    def _start(self, h: handle.Handle) -> state.JobRecord:
+        import shlex
+
+        from mlcloud.state import cluster_lock, paths
+
+        req = self.req
+        with cluster_lock(h.record.name):
+            job = self.store.new_job(
+                h.record.name,
+                h.record.uid,
+                shlex.join([req.script, *req.args]),
+                len(h.nodes),
+                launch.nproc_for(h, req.nproc_per_node),
+                paths.logs_dir(h.record.name),
+                driver_pid=os.getpid(),
+            )
+            launch.start(
+                self.store,
+                h,
+                req,
+                job,
+                self.report,
+                lambda i, line: self._sink(f"[node{i}] {line}"),
+            )
+        self.last_step = 0
+        return job
+
+    def _sink(self, text: str) -> None:
+        """The job's lines, read for the steps it reached and restored (steps lost)."""
+        m = _RESTORED.search(text)
+        if m:
+            lost = max(0, self.last_step - int(m.group(1)))
+            if lost:
+                job = self._job()
+                self.store.update_managed(self.name, steps_lost=job.steps_lost + lost)
+            self.last_step = int(m.group(1))
+        else:
+            for m in _STEP.finditer(text):
+                self.last_step = max(self.last_step, int(m.group(1)))
+        if self.sink is not None:
+            self.sink(text)
+
+    def _restarts_in_place(self, cluster: str, uid: str, since: float) -> int:
+        return sum(
+            1
+            for t, kind, _, _ in self.store.event_log(cluster, uid)
+            if kind in IN_PLACE and t >= since
+        )
+
+    def _in_place(
+        self, h: handle.Handle, job: state.JobRecord, spent_: threading.Event, stop: threading.Event
+    ) -> None:
+        """Stop the job once its cluster's restarts in place pass the limit: rung 2 follows."""
+        limit = self.spec.recover.max_restarts_in_place
+        if limit is None:
+            return
+        store = self.store.reopen()  # a connection of this thread's own
+        try:
+            while not stop.wait(1.0):
+                if self._count(store, h.record.name, h.record.uid, job.submitted) > limit:
+                    spent_.set()
+                    store.event(
+                        h.record.name,
+                        "recover",
+                        f"recover.max_restarts_in_place ({limit}) spent: stopping the job here",
+                    )
+                    for i in range(len(h.nodes)):
+                        try:
+                            launch.kill(h, i, job.job_id, 5.0)
+                        except MlcloudError:
+                            pass  # a lost node: nothing to stop there
+                    return
+        finally:
+            store.close()
+
+    @staticmethod
+    def _count(store: state.Store, cluster: str, uid: str, since: float) -> int:
+        return sum(
+            1 for t, kind, _, _ in store.event_log(cluster, uid) if kind in IN_PLACE and t >= since
+        )
+
+    def _end(self, status: str, code: int, why: str) -> int:
+        """Record how the job ended, and why its current cluster ended."""
+        job = self.store.get_managed(self.name)
+        if job is not None and job.status not in state.JOB_DONE:
+            self.store.update_managed(self.name, status=status, exit_code=code, ended=time.time())
+            cur = job.current
+            if cur is not None:
+                self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=why)
+                self.store.event(
+                    cur.cluster, "managed", f"managed job {self.name} {status} ({code}): {why}"
+                )
+        return code
+
+    def _down(self, cluster: str) -> None:
+        """Tear a cluster of the job down; a failure is said, the job goes on."""
+        try:
+            lifecycle.down(self.store, cluster, self.report)
+        except MlcloudError as e:
+            self.report.warn(f"{cluster} not torn down: {e}; `mlcloud down {cluster}`")
+
+
+def down_all(store: state.Store, name: str, report: Reporter, keep: str | None = None) -> list[str]:
+    """Tear down every cluster the job made (but `keep`, whose outputs were not all pulled);
+    returns the clusters that could not be."""
+    failed = []
+    job = store.get_managed(name)
+    for c in job.clusters if job else ():
+        if c.cluster == keep or store.get_cluster(c.cluster) is None:
+            continue
+        try:
+            lifecycle.down(store, c.cluster, report)
+        except MlcloudError as e:
+            report.warn(f"{c.cluster} not torn down: {e}")
+            failed.append(c.cluster)
+        if c.ended is None:
+            store.update_managed_cluster(name, c.seq, ended=time.time(), why=job.status.lower())
+    return failed
+
+
+def last_job(store: state.Store, name: str) -> tuple[str, int] | None:
+    """(cluster, job id) of the job's newest run, if its cluster is still there."""
+    job = store.get_managed(name)
+    for c in reversed(job.clusters if job else ()):
+        rec = store.get_cluster(c.cluster)
+        if rec is not None and rec.uid == c.uid:
+            j = store.get_job(c.cluster, uid=rec.uid)
+            return (c.cluster, j.job_id) if j else None
+    return None
+
+
+def cancel(store: state.Store, name: str, report: Reporter) -> state.ManagedJob:
+    """Stop a managed job wherever it runs and tear down every cluster it made."""
+    from mlcloud.jobs import cancel as job_cancel
+
+    job = store.get_managed(name)
+    if job is None:
+        raise NotFoundError(f"no managed job named {name!r}")
+    if job.status not in state.JOB_DONE:
+        store.update_managed(name, status=state.JOB_CANCELLED, exit_code=130, ended=time.time())
+        cur = job.current
+        if cur is not None:
+            store.event(cur.cluster, "managed", f"managed job {name} cancelled")
+            rec = store.get_cluster(cur.cluster)
+            if (
+                rec is not None
+                and rec.status == state.UP
+                and store.get_job(cur.cluster, uid=rec.uid)
+            ):
+                try:
+                    job_cancel.cancel(store, cur.cluster, None)
+                except MlcloudError as e:
+                    report.warn(str(e))
+    failed = down_all(store, name, report)
+    if failed:
+        raise MlcloudError(
+            f"managed job {name} cancelled, but {', '.join(failed)} not torn down: "
+            f"`mlcloud down {' '.join(failed)}`"
+        )
+    return store.get_managed(name) or job

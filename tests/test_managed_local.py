@@ -1,0 +1,203 @@
+"""Managed jobs on the local provider through the real `mlcloud` process (the torchrun
+stand-in): a job that succeeds is pulled and its cluster downed; a failing script is not
+restarted (unless on_failure: restart); every node lost moves the job to NAME-2, which resumes
+from the checkpoint dir's bucket stand-in; `launch` killed with -9 and run again adopts the job
+(no second cluster); cancel leaves nothing; `jobs --json` tells the story; a bad input is one
+line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MLCLOUD, run_cli, tagged_pids
+
+pytestmark = pytest.mark.e2e
+
+# prints its steps; exits with $CODE once $GATE exists (if set) and after $STEPS steps
+JOB = """\
+import os, sys, time
+for step in range(int(os.environ.get("STEPS", "3"))):
+    print(f"step {step}", flush=True)
+    time.sleep(0.1)
+while os.environ.get("GATE") and not os.path.exists(os.environ["GATE"]):
+    time.sleep(0.05)
+out = os.environ["MLCLOUD_OUTPUT_DIR"]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "result.txt"), "w").write("ok")
+sys.exit(int(os.environ.get("CODE", "0")))
+"""
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    p = tmp_path / "proj"
+    p.mkdir()
+    (p / "job.py").write_text(JOB)
+    return p
+
+
+def jobs() -> dict:
+    r = run_cli("jobs", "--json")
+    assert r.returncode == 0, r.stderr
+    return {j["name"]: j for j in json.loads(r.stdout)["jobs"]}
+
+
+def leftovers(name: str) -> list[int]:
+    """The processes still running for any cluster the managed job made."""
+    return [pid for c in jobs()[name]["clusters"] for pid in tagged_pids(f"{c['uid']}.")]
+
+
+def clusters() -> list[str]:
+    r = run_cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return [c["name"] for c in json.loads(r.stdout)["clusters"]]
+
+
+def test_a_job_that_succeeds_is_pulled_and_its_cluster_downed(project, tmp_path):
+    dest = tmp_path / "results"
+    r = run_cli("launch", "ok", "-w", str(project), f"--pull={dest}", "job.py", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step 2" in r.stdout
+    assert (dest / "node0" / "result.txt").read_text() == "ok"
+    assert clusters() == []
+    j = jobs()["ok"]
+    assert (j["status"], j["exit_code"], j["restarts"]) == ("SUCCEEDED", 0, 0)
+    assert [(c["cluster"], c["where"], c["why"]) for c in j["clusters"]] == [
+        ("ok-1", "local", "job ended")
+    ]
+
+
+def test_a_failing_script_is_not_restarted(project, monkeypatch):
+    monkeypatch.setenv("CODE", "7")
+    r = run_cli(
+        "launch", "bad", "-w", str(project), "job.py", "--yes", "-e", "CODE", cwd=project.parent
+    )
+    assert r.returncode == 7, r.stdout + r.stderr
+    j = jobs()["bad"]
+    assert (j["status"], j["exit_code"], j["restarts"], len(j["clusters"])) == ("FAILED", 7, 0, 1)
+    assert clusters() == [] and not leftovers("bad")
+
+
+def _cluster(name: str) -> dict | None:
+    r = run_cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return next((c for c in json.loads(r.stdout)["clusters"] if c["name"] == name), None)
+
+
+def _running(name: str) -> bool:
+    c = _cluster(name)
+    return bool(c and c["jobs"] and c["jobs"][-1]["status"] == "RUNNING")
+
+
+def _launch(project: Path, name: str, gate: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, GATE=str(gate))
+    return subprocess.Popen(
+        [MLCLOUD, "launch", name, "-w", str(project), "--yes", "-e", "GATE", *args, "job.py"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=project.parent,  # its outputs land in ./mlcloud-results/NAME/
+    )
+
+
+def test_every_node_lost_moves_the_job_to_a_new_cluster(project, tmp_path):
+    gate = tmp_path / "gate"
+    p = _launch(project, "mv", gate)
+    try:
+        wait_for(lambda: _running("mv-1"), what="the job on mv-1")
+        uid = _cluster("mv-1")["uid"]
+        for pid in tagged_pids(f"{uid}."):  # a local node has no machine to lose: its job's
+            os.kill(pid, signal.SIGKILL)  # processes go, and it reads as a lost node
+        wait_for(lambda: _running("mv-2") or p.poll() is not None, what="the job on mv-2")
+        assert p.poll() is None, p.communicate()[0]
+        wait_for(lambda: _cluster("mv-1") is None, what="mv-1 torn down")
+        gate.touch()
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out
+    j = jobs()["mv"]
+    assert (j["status"], j["restarts"]) == ("SUCCEEDED", 1)
+    assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [
+        ("mv-1", "every node lost"),
+        ("mv-2", "job ended"),
+    ]
+    r = run_cli("events", "mv")
+    assert "mv-1: " in r.stdout and "recover" in r.stdout and "moved" in r.stdout, r.stdout
+    assert clusters() == [] and not leftovers("mv")
+    assert (tmp_path / "mlcloud-results" / "mv" / "mv-2" / "node0" / "result.txt").exists()
+
+
+def test_launch_killed_and_run_again_adopts_the_job(project, tmp_path):
+    gate = tmp_path / "gate"
+    p = _launch(project, "re", gate)
+    wait_for(lambda: _running("re-1"), what="the job on re-1")
+    p.kill()  # -9: the watcher is gone, the job runs on
+    p.wait()
+    again = _launch(project, "re", gate)
+    try:
+        wait_for(lambda: jobs()["re"]["watcher"].startswith(f"{again.pid}@"), what="the adoption")
+        gate.touch()
+        out, _ = again.communicate(timeout=60)
+    finally:
+        again.kill()
+    assert again.returncode == 0, out
+    assert "resuming managed job re" in out
+    j = jobs()["re"]
+    assert (j["status"], [c["cluster"] for c in j["clusters"]]) == ("SUCCEEDED", ["re-1"])
+    assert clusters() == [] and not leftovers("re")
+
+
+def test_cancel_stops_the_job_and_downs_its_clusters(project, tmp_path):
+    p = _launch(project, "cx", tmp_path / "never")
+    try:
+        wait_for(lambda: _running("cx-1"), what="the job on cx-1")
+        r = run_cli("cancel", "cx")
+        assert r.returncode == 0, r.stderr
+        assert "managed job cx: CANCELLED" in r.stdout
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode != 0, out
+    assert jobs()["cx"]["status"] == "CANCELLED"
+    assert clusters() == [] and not leftovers("cx")
+
+
+def test_sigterm_on_launch_stops_the_job_and_downs_its_clusters(project, tmp_path):
+    p = _launch(project, "tm", tmp_path / "never")
+    try:
+        wait_for(lambda: _running("tm-1"), what="the job on tm-1")
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=90)
+    finally:
+        p.kill()
+    assert p.returncode == 130, out
+    assert jobs()["tm"]["status"] == "CANCELLED"
+    assert clusters() == [] and not leftovers("tm")
+
+
+def test_bad_inputs_are_one_line(project, tmp_path):
+    r = run_cli("launch", "Bad_Name", "job.py", "--yes")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("launch", "dt", "-w", str(project), "--detach", "job.py", "--yes")
+    assert r.returncode == 2 and "shared store" in r.stderr and r.stderr.count("\n") == 1
+    spec = tmp_path / "s.yaml"
+    spec.write_text("recover:\n  on_failure: retry\n")
+    r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")
+    assert r.returncode == 2 and "recover.on_failure" in r.stderr, r.stderr
+    assert jobs() == {} and clusters() == []
