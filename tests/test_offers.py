@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mlcloud.cli.app import run
 
 from mlcloud.control.moves import decide_move
 from mlcloud.errors import UsageError
@@ -183,3 +184,26 @@ def test_an_ec2_spike_makes_a_move_to_gce(
 def test_offers_need_a_gpu_ask(mlcloud_home):
     with pytest.raises(UsageError, match="need a GPU ask"):
         offers(TaskSpec(provider="aws"), ["aws"], now=NOW, max_age=MAX_AGE)
+
+
+def test_offers_live_lists_todays_prices_with_their_source(
+    moto_server, ec2_stand_in, mlcloud_home, capsys
+):
+    ec2_stand_in.set_spot_price("us-east-1a", "p4d.24xlarge", 7.25)
+    ask = ["offers", "A100:8", "--spot", "--live", "--provider", "aws", "--region", "us-east-1"]
+    assert run([*ask, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["offers"]
+    a = next(r for r in rows if r["zone"] == "us-east-1a")
+    assert (a["instance_type"], a["usd_per_hour"], a["source"], a["fresh"]) == (
+        "p4d.24xlarge",
+        7.25,
+        "live",
+        True,
+    )
+    assert run([*ask, "--max-price", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "us-east-1a" in out and "7.25" in out and "cache, read now" in out  # cached now
+
+    assert run([*ask[:-1], "mars-east-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --region: no offer in 'mars-east-1' (`mlcloud offers SPEC` lists them)\n"

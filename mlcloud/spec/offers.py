@@ -23,6 +23,7 @@ from mlcloud.spec import catalog
 from mlcloud.spec.task import GpuSpec, TaskSpec
 
 CACHE = "cache/prices.json"
+MAX_AGE_S = 900.0  # `offers --live`: a price older than this is stale
 LIVE, CACHED, CATALOG = "live", "cache", "catalog"  # Offer.source: where its price came from
 _NAME = re.compile(r"[a-z][a-z0-9-]*")
 
