@@ -43,6 +43,7 @@ def test_placements_are_checked_and_kept_as_written():
         ("local", "'local' names no cloud with offers"),
         ("aws:mars-east-1", "aws has no offer in a region or zone 'mars-east-1'"),
         ("aws:us-east-1-", "aws has no offer in a region or zone 'us-east-1-'"),
+        ("aws:", "aws has no offer in a region or zone ''"),
         ("AWS", "'AWS' names no cloud with offers"),
         (7, "7 is not CLOUD, CLOUD:REGION or CLOUD:ZONE"),
     ],
@@ -54,6 +55,8 @@ def test_a_bad_placement_is_one_line_naming_it(value, says):
     assert "\n" not in str(e.value)
     with pytest.raises(UsageError, match="empty"):
         check_placements([])
+    with pytest.raises(UsageError, match="'aws' is not a list"):
+        check_placements("aws")
 
 
 def test_ec2_spot_prices_per_zone_cheapest_first_cached_with_their_time(

@@ -76,6 +76,8 @@ def check_placements(
 ) -> tuple[str, ...]:
     """The placements as written, each checked (a UsageError naming `where` and the value
     otherwise): for the spec's `recover.placements`."""
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise UsageError(f"{where}: {values!r} is not a list; write e.g. [aws, gce:europe-west4]")
     out = tuple(str(parse_placement(v, where)) for v in values)
     if not out:
         raise UsageError(f"{where}: empty; name at least one, e.g. [aws, gce:europe-west4]")
@@ -87,15 +89,16 @@ def parse_placement(value: object, where: str = "recover.placements") -> Placeme
     there, or a zone of one (the region's name and a letter: us-east-1a, europe-west4-b)."""
     if not isinstance(value, str):
         raise UsageError(f"{where}: {value!r} is not CLOUD, CLOUD:REGION or CLOUD:ZONE")
-    provider, _, rest = value.strip().partition(":")
-    rows = [o for o in catalog.load() if o.provider == provider]
+    provider, colon, rest = value.strip().partition(":")
+    known = catalog.load()
+    rows = [o for o in known if o.provider == provider]
     if not _NAME.fullmatch(provider) or not rows:
-        clouds = sorted({o.provider for o in catalog.load()})
+        clouds = sorted({o.provider for o in known})
         raise UsageError(
             f"{where}: {value!r} names no cloud with offers; write CLOUD, CLOUD:REGION or "
             f"CLOUD:ZONE with CLOUD one of {', '.join(clouds)}"
         )
-    if not rest:
+    if not colon:
         return Placement(provider)
     regions = {o.region for o in rows}
     if rest in regions:
