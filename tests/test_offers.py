@@ -14,7 +14,15 @@ from mlcloud.cli.app import run
 from mlcloud.control.moves import decide_move
 from mlcloud.errors import UsageError
 from mlcloud.spec import catalog
-from mlcloud.spec.offers import CACHED, CATALOG, LIVE, check_placements, offers, parse_placement
+from mlcloud.spec.offers import (
+    CACHED,
+    CATALOG,
+    LIVE,
+    check_placements,
+    offer_at,
+    offers,
+    parse_placement,
+)
 from mlcloud.spec.task import GpuSpec, Resources, TaskSpec
 
 NOW = 1_800_000_000.0
@@ -165,7 +173,11 @@ def test_an_ec2_spike_makes_a_move_to_gce(
         "a2-highgpu-8g",
         LIVE,
     )
-    current = next(o for o in after if o.place == "aws:us-east-1a")
+    current = offer_at(after, "aws", "us-east-1", "us-east-1a", "p4d.24xlarge")
+    assert current.price == 40.0 and current.zone == "us-east-1a"
+    in_a_zone = offer_at(after, "gce", "europe-west4", "europe-west4-b", "a2-highgpu-8g")
+    assert in_a_zone == best  # GCE prices the region as one
+    assert offer_at(after, "gce", "us-central1", None, "a2-highgpu-8g") is None  # not allowed
     move = decide_move(
         current,
         best,

@@ -165,6 +165,20 @@ def offers(spec: TaskSpec, placements: Iterable[str], *, now: float, max_age: fl
     )
 
 
+def offer_at(
+    found: Iterable[Offer], provider: str, region: str, zone: str | None, instance_type: str
+) -> Offer | None:
+    """The offer of a cluster that runs there (its current price, for `decide_move`): its
+    zone's, else its region's where the cloud prices the region as one."""
+    mine = [
+        o
+        for o in found
+        if (o.provider, o.region, o.instance_type) == (provider, region, instance_type)
+        and o.zone in (zone, None)
+    ]
+    return next((o for o in mine if o.zone == zone), mine[0] if mine else None)
+
+
 def _shapes(spec: TaskSpec, providers: list[str]) -> list[catalog.Offer]:
     """The catalog's rows that fit the spec on those providers: its GPUs (or the GPUs of its
     instance type, on other clouds), its instance type on its own provider, with a Spot
