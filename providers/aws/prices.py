@@ -1,5 +1,5 @@
-"""EC2 prices for `mlcloud catalog refresh`: on demand from the Price List API, spot from the
-spot price history of each region."""
+"""EC2 prices for `mlcloud catalog refresh` and live offers: on demand from the Price List
+API, Spot per zone from the spot price history."""
 
 from __future__ import annotations
 
@@ -50,20 +50,6 @@ def on_demand(api: Api, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], f
             token = page.get("NextToken")
             if not token:
                 break
-    return found
-
-
-def spot(api: Api, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-    """(instance type, region) -> the median of the latest spot price per zone, from
-    DescribeSpotPriceHistory, where AWS has one."""
-    import statistics
-
-    per_zone = spot_by_zone(api, pairs)
-    found: dict[tuple[str, str], float] = {}
-    for itype, region in sorted(set(pairs)):
-        samples = [p for (t, r, _), p in per_zone.items() if (t, r) == (itype, region)]
-        if samples:
-            found[(itype, region)] = statistics.median(samples)
     return found
 
 
