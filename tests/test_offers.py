@@ -222,3 +222,35 @@ def test_offers_live_lists_todays_prices_with_their_source(
     assert run([*ask[:-1], "mars-east-1"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --region: no offer in 'mars-east-1' (`mlcloud offers SPEC` lists them)\n"
+
+
+def test_spot_skus_are_read_in_both_of_googles_namings():
+    """GCE names a Spot part "Spot Preemptible N1 ... Core" but a Spot GPU "Nvidia Tesla T4
+    GPU attached to Spot Preemptible VMs"; the on-demand SKU of the same part never serves."""
+    from mlcloud.providers.gce.billing import _rate
+
+    def sku(description, usd, usage):
+        price = {"units": "0", "nanos": round(usd * 1e9)}
+        return {
+            "description": description,
+            "category": {"usageType": usage},
+            "serviceRegions": ["us-central1"],
+            "pricingInfo": [{"pricingExpression": {"tieredRates": [{"unitPrice": price}]}}],
+        }
+
+    skus = [
+        sku("Nvidia Tesla T4 GPU running in Americas", 0.35, "OnDemand"),
+        sku(
+            "Nvidia Tesla T4 GPU attached to Spot Preemptible VMs running in Americas",
+            0.14,
+            "Preemptible",
+        ),
+        sku(
+            "Spot Preemptible N1 Predefined Instance Core running in Americas", 0.007, "Preemptible"
+        ),
+    ]
+    gpu, core = r"Nvidia (Tesla )?T4 GPU", r"N1 (Predefined )?Instance Core"
+    assert _rate(skus, gpu, "us-central1", "Preemptible") == pytest.approx(0.14)
+    assert _rate(skus, gpu, "us-central1", "OnDemand") == pytest.approx(0.35)
+    assert _rate(skus, core, "us-central1", "Preemptible") == pytest.approx(0.007)
+    assert _rate(skus, core, "us-central1", "OnDemand") is None
