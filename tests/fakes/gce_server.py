@@ -193,6 +193,7 @@ class GceFake(Compute):
         super().reset()
         self.storage = Storage()
         self.iam = Iam()
+        self._skus = None  # prices as made from the catalog again
 
     # -- Cloud Storage and IAM: the Python API (see gce_storage.py, gce_iam.py) -------------
     def create_bucket(self, name: str, project: str = DEFAULT_PROJECT) -> dict:
@@ -226,10 +227,6 @@ class GceFake(Compute):
     def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
         """A service-account key file this fake trusts (token_uri: its /token); the email."""
         return self.authority.write_key_file(path, project, f"{self.url}/token")
-
-    def reset(self) -> None:
-        super().reset()
-        self._skus = None  # prices as made from the catalog again
 
     def set_price(self, region: str, part: str, usd: float, usage: str = "OnDemand") -> int:
         """The Billing Catalog's unit price of every SKU in region whose description has part
