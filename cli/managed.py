@@ -142,14 +142,27 @@ def launch(
             managed.stored_spec(spec),
             managed.request_dict(req, str(dest) if dest else None),
             on_demand,
-            managed.DETACHED if detach else managed.me(),
+            managed.me(),
         )
-    if detach:
-        print(f"managed job {name} handed to `mlcloud autoscale --all`: `mlcloud jobs` to see it")
-        return
     rep = output.reporter(quiet=json_out)
     sink = jobs._printer(sys.stderr if json_out else sys.stdout)
     watcher = managed.Watcher(store, name, spec, req, rep, sink)
+    if detach:
+        try:
+            if job.clusters:  # a resumed job runs: only the watch is handed over
+                store.update_managed(name, watcher=managed.DETACHED)
+            else:
+                watcher.start()
+        except BaseException:
+            managed.cancel(store, name, rep)  # nothing half-started is left billing
+            raise
+        finally:
+            output.close(rep)
+        print(
+            f"managed job {name} runs on {name}-1, watched by `mlcloud autoscale --all`: "
+            f"`mlcloud jobs` to see it, `mlcloud cancel {name}` to stop it"
+        )
+        return
     code = 1
     keep = None
     try:

@@ -201,3 +201,28 @@ def test_bad_inputs_are_one_line(project, tmp_path):
     r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")
     assert r.returncode == 2 and "recover.on_failure" in r.stderr, r.stderr
     assert jobs() == {} and clusters() == []
+
+
+def test_detach_hands_the_watch_to_autoscale_all(project, tmp_path, pg_url):
+    gate = tmp_path / "gate"
+    r = run_cli(
+        "launch", "dt", "-w", str(project), "--yes", "-e", f"GATE={gate}", "--detach", "job.py"
+    )
+    assert r.returncode == 0, r.stderr
+    assert jobs()["dt"]["watcher"] == "autoscale"
+    service = subprocess.Popen(
+        [MLCLOUD, "autoscale", "--all", "--interval", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )
+    try:
+        gate.touch()
+        wait_for(lambda: jobs()["dt"]["status"] == "SUCCEEDED", what="the job's end")
+        wait_for(lambda: clusters() == [], what="its clusters down")
+    finally:
+        service.terminate()
+        service.wait(60)
+    assert (tmp_path / "mlcloud-results" / "dt" / "dt-1" / "node0" / "result.txt").exists()
+    assert not leftovers("dt")

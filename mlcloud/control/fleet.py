@@ -31,6 +31,7 @@ class _Led:
     release: Callable[[], None]
     stop: threading.Event
     thread: threading.Thread | None = None
+    managed: bool = False  # a managed job's watcher: it ends with its job, not with `stop`
 
 
 @dataclass
@@ -50,9 +51,15 @@ class Fleet:
                 led.release()
                 del self.led[name]
         taken = []
+        watched = {
+            c.cluster
+            for j in self.store.list_managed()
+            if j.status not in state.JOB_DONE
+            for c in j.clusters
+        }
         for rec in self.store.list_clusters():
-            if rec.status != state.UP or rec.name in self.led:
-                continue
+            if rec.status != state.UP or rec.name in self.led or rec.name in watched:
+                continue  # a managed job's cluster: its watcher's driver runs its controller
             release = state.lead(rec.name)
             if release is None:
                 continue  # another controller leads it
@@ -70,7 +77,42 @@ class Fleet:
                 target=self._lead, args=(rec.name, led.stop), name=f"lead-{rec.name}", daemon=True
             )
             led.thread.start()
+        if not once:
+            taken += self._managed()
         return taken
+
+    def _managed(self) -> list[str]:
+        """Watch every managed job handed to this service (`launch --detach`) nobody
+        watches: each one's ladder in a thread of its own (mlcloud/control/managed.py)."""
+        from mlcloud.control import managed
+
+        taken = []
+        for job in self.store.list_managed():
+            key = f"managed.{job.name}"
+            if job.status in state.JOB_DONE or job.watcher != managed.DETACHED or key in self.led:
+                continue
+            release = state.lead(key)
+            if release is None:
+                continue  # another service watches it
+            led = _Led(release, threading.Event(), managed=True)
+            led.thread = threading.Thread(
+                target=self._watch, args=(job.name,), name=f"watch-{job.name}", daemon=True
+            )
+            self.led[key] = led
+            taken.append(job.name)
+            led.thread.start()
+        return taken
+
+    def _watch(self, name: str) -> None:
+        from mlcloud.control import managed
+
+        store = self.store.reopen()
+        try:
+            managed.watch_detached(store, name, self.report)
+        except MlcloudError as e:
+            self.report.warn(f"managed job {name}: {e}")
+        finally:
+            store.close()
 
     def run(self, stop: threading.Event) -> None:
         """Sweep every `every` s until stop is set; then stop every led controller and let
@@ -86,8 +128,8 @@ class Fleet:
             for led in self.led.values():
                 led.stop.set()
             for led in self.led.values():
-                if led.thread is not None:
-                    led.thread.join(60)
+                if led.thread is not None and not led.managed:  # a watcher ends with its job;
+                    led.thread.join(60)  # the next service resumes it
                 led.release()
             self.led.clear()
 

@@ -59,57 +59,31 @@ class Place:
         return ":".join(p for p in (self.provider, self.region, self.zone) if p)
 
 
-def places(spec: TaskSpec) -> list[Place]:
+def places(spec: TaskSpec, now: float | None = None) -> list[Place]:
     """The allowed placements (recover.placements, default: the spec's provider in every
-    region the catalog has an offer in) as offers, cheapest first."""
+    region the catalog has an offer in) as offers, cheapest first: live prices where the
+    cloud has them (mlcloud/spec/offers.py)."""
     from mlcloud.spec import catalog, plan
+    from mlcloud.spec import offers as live
 
     provider = spec.provider or ("cloud" if spec.resources.gpus else "local")
-    wanted = [p.split(":", 1) for p in spec.recover.placements] or [[provider]]
     if provider != "cloud" and not plan.priced(provider):
         return [Place(provider, spec.region, spec.zone, None, 0.0, 0.0)]
-    offers = catalog.load()
-    out: list[Place] = []
-    for cloud, *rest in wanted:
-        clouds = plan.clouds(offers) if cloud == "cloud" else [cloud]
-        pool = []
-        for c in clouds:
-            if not plan.priced(c):
-                raise UsageError(
-                    f"recover.placements: {c} is not a cloud; a job moves among clouds"
-                )
-            if spec.resources.gpus is not None and not spec.resources.instance_type:
-                pool += catalog.find(
-                    [o for o in offers if o.provider == c], spec.resources.gpus, spot=spec.spot
-                )
-            else:
-                pool += [
-                    o
-                    for o in offers
-                    if o.provider == c and o.instance_type == spec.resources.instance_type
-                ]
-        where = rest[0] if rest else None
-        found = [
-            Place(
-                o.provider,
-                o.region,
-                where if where in o.zones else None,
-                o.instance_type,
-                o.price(spec.spot),
-                o.on_demand,
-            )
-            for o in pool
-            if where is None or where == o.region or where in o.zones
-        ]
-        if not found and spec.resources.instance_type is None and spec.resources.gpus is None:
-            found = [Place(cloud, where or spec.region, None, None, None, None)]
-        if not found:
-            what = spec.resources.gpus or spec.resources.instance_type
-            raise UsageError(f"recover.placements: no {what} offer in {':'.join([cloud, *rest])}")
-        out += found
-    seen = set()
-    unique = [p for p in out if str(p) not in seen and not seen.add(str(p))]
-    return sorted(unique, key=lambda p: (p.price is None, p.price or 0.0))
+    table = catalog.load()
+    wanted = spec.recover.placements or (plan.clouds(table) if provider == "cloud" else ())
+    found = live.offers(spec, wanted, now=now or time.time(), max_age=live.MAX_AGE_S)
+    if not found:
+        raise UsageError(
+            f"no offer for {spec.resources.gpus or spec.resources.instance_type} in "
+            f"recover.placements ({', '.join(wanted) or provider})"
+        )
+    out = []
+    for o in found:
+        row = catalog.lookup(table, o.provider, o.instance_type, o.region)
+        out.append(
+            Place(o.provider, o.region, o.zone, o.instance_type, o.price, row and row.on_demand)
+        )
+    return list(dict.fromkeys(out))
 
 
 def me() -> str:
@@ -269,6 +243,17 @@ class Watcher:
                 return job.exit_code if job.exit_code is not None else 1
             self._down(cur.cluster)
 
+    def start(self) -> None:
+        """Make the first cluster and start the job there, for `autoscale --all` to watch
+        (launch --detach): the job's environment reaches the nodes from here."""
+        cur = self._make(self._job(), None)
+        if cur is None:
+            why = [c.why for c in self._job().clusters] or ["the budget is spent"]
+            raise MlcloudError(f"managed job {self.name} did not start: {why[-1]}")
+        with handle.open_cluster(self.store, cur.cluster) as h:
+            self._start(h)
+        self.store.update_managed(self.name, watcher=DETACHED)
+
     def _ready(self, cur: state.ManagedCluster) -> bool:
         """Whether the job's current cluster is up (a killed watcher may have left it half
         made: `up` resumes it)."""
@@ -290,6 +275,7 @@ class Watcher:
             self._end(state.JOB_FAILED, 1, BUDGET)
             return None
         refused: list[str] = []
+        self.places = places(self.spec)  # today's prices
         for provider in dict.fromkeys(p.provider for p in self.places):
             mine = [p for p in self.places if p.provider == provider]
             first = mine[0]
@@ -301,7 +287,7 @@ class Watcher:
                 name=cur.cluster,
                 provider=first.provider,
                 region=first.region,
-                zone=first.zone,
+                zone=None,  # the provider walks the region's zones (capacity), then fallback
                 resources=replace(self.spec.resources, instance_type=first.instance_type),
                 autoscale=replace(
                     self.spec.autoscale,
@@ -496,6 +482,47 @@ class Watcher:
             lifecycle.down(self.store, cluster, self.report)
         except MlcloudError as e:
             self.report.warn(f"{cluster} not torn down: {e}; `mlcloud down {cluster}`")
+
+
+def node_envs(store: state.Store, job: state.ManagedJob) -> dict[str, str]:
+    """The job's environment as its current cluster's nodes hold it ({} when none answers):
+    a watcher that did not launch the job (`autoscale --all`) starts it elsewhere with it."""
+    names = job.request.get("env_names") or []
+    last = last_job(store, job.name)
+    if not names or last is None:
+        return {}
+    try:
+        with handle.open_cluster(store, last[0]) as h:
+            return launch.job_env(h, last[1], names, list(range(len(h.nodes))))
+    except MlcloudError:
+        return {}
+
+
+def watch_detached(store: state.Store, name: str, report: Reporter) -> int:
+    """`autoscale --all`'s watch of a job launched with --detach: the ladder, then its
+    outputs into ./mlcloud-results/NAME/CLUSTER where the service runs, then every cluster
+    down (the one whose pull failed kept, and said)."""
+    from mlcloud.jobs import pull
+    from mlcloud.spec.task import TaskSpec
+
+    job = store.get_managed(name)
+    if job is None:
+        raise NotFoundError(f"no managed job named {name!r}")
+    spec = TaskSpec.from_dict({**job.spec, "envs": {}})
+    code = Watcher(store, name, spec, request_of(job, node_envs(store, job)), report, None).run()
+    keep = None
+    last = last_job(store, name)
+    if last is not None:
+        try:
+            pull.pull(
+                store, last[0], Path("mlcloud-results") / name / last[0], job_id=last[1],
+                report=report,
+            )  # fmt: skip
+        except MlcloudError as e:
+            keep = last[0]
+            report.warn(f"{name}: outputs not pulled ({e}); {last[0]} is kept: `mlcloud pull`")
+    down_all(store, name, report, keep=keep)
+    return code
 
 
 def down_all(store: state.Store, name: str, report: Reporter, keep: str | None = None) -> list[str]:
