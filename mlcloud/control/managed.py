@@ -193,7 +193,7 @@ class Watcher:
                 return job.exit_code if job.exit_code is not None else 130
             cur = job.current
             if cur is None or not self._ready(cur):
-                cur = self._make(job, None)
+                cur = self.make(job, None)
             if cur is None:
                 job = self._job()
                 return job.exit_code if job.exit_code is not None else 1
@@ -238,7 +238,7 @@ class Watcher:
                 f"{self.spec.recover.max_restarts}; ${spent(self.store, job):.2f} so far)",
             )
             self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=why)
-            if self._make(self._job(), replace(cur, why=why)) is None:
+            if self.make(self._job(), replace(cur, why=why)) is None:
                 job = self._job()
                 return job.exit_code if job.exit_code is not None else 1
             self._down(cur.cluster)
@@ -246,7 +246,7 @@ class Watcher:
     def start(self) -> None:
         """Make the first cluster and start the job there, for `autoscale --all` to watch
         (launch --detach): the job's environment reaches the nodes from here."""
-        cur = self._make(self._job(), None)
+        cur = self.make(self._job(), None)
         if cur is None:
             why = [c.why for c in self._job().clusters] or ["the budget is spent"]
             raise MlcloudError(f"managed job {self.name} did not start: {why[-1]}")
@@ -260,11 +260,15 @@ class Watcher:
         rec = self.store.get_cluster(cur.cluster)
         return rec is not None and rec.status == state.UP
 
-    def _make(
-        self, job: state.ManagedJob, old: state.ManagedCluster | None
+    def make(
+        self,
+        job: state.ManagedJob,
+        old: state.ManagedCluster | None,
+        at: list[Place] | None = None,
     ) -> state.ManagedCluster | None:
         """The job's next cluster at the cheapest place that has capacity (rung 2, or the
-        first); None when the budget is spent or no place has capacity (the job ended)."""
+        first), among `at` when given (a move to a chosen place), else among today's offers;
+        None when the budget is spent or no place has capacity (the job ended)."""
         from mlcloud.providers.base import CapacityError, QuotaError
 
         max_cost = self.spec.autoscale.max_cost
@@ -275,7 +279,7 @@ class Watcher:
             self._end(state.JOB_FAILED, 1, BUDGET)
             return None
         refused: list[str] = []
-        self.places = places(self.spec)  # today's prices
+        self.places = at or places(self.spec)  # today's prices
         for provider in dict.fromkeys(p.provider for p in self.places):
             mine = [p for p in self.places if p.provider == provider]
             first = mine[0]
