@@ -94,7 +94,6 @@ class StorageSpec:
 
 ON_FAILURE = ("stop", "restart")
 MOVE_SAVINGS = 0.3
-_PLACEMENT_RE = re.compile(r"[a-z][a-z0-9_-]*(:[a-z0-9][a-z0-9-]*)?")
 
 
 @dataclass(frozen=True)
@@ -643,12 +642,10 @@ def _recover(rec: dict, where: _Where) -> RecoverSpec:
             f"{where('recover.placements')}: must be a list of CLOUD[:REGION|:ZONE], e.g. "
             "['aws:us-east-1', 'gce:europe-west4']"
         )
-    for p in placements:
-        if not isinstance(p, str) or not _PLACEMENT_RE.fullmatch(p.strip()):
-            raise UsageError(
-                f"{where('recover.placements')}: {numbers.short(p)} is not CLOUD[:REGION|:ZONE] "
-                "(e.g. aws, aws:us-east-1, aws:us-east-1a, gce:europe-west4)"
-            )
+    if placements:  # each a cloud the catalog prices, one of its regions or zones there
+        from mlcloud.spec.offers import check_placements
+
+        placements = check_placements(placements, where("recover.placements"))
     savings = rec.get("move_savings")
     if savings is None:
         move_savings: float | None = default.move_savings
@@ -667,7 +664,7 @@ def _recover(rec: dict, where: _Where) -> RecoverSpec:
     return RecoverSpec(
         max_restarts=max_restarts,
         max_restarts_in_place=in_place,
-        placements=tuple(dict.fromkeys(p.strip() for p in placements)),
+        placements=tuple(placements),
         move_savings=move_savings,
         on_failure=on_failure,
     )
