@@ -128,8 +128,13 @@ def launch(
             jobs.job_request(spec, script, script_args, nproc_per_node, env), checkpoint_name=name
         )
         job_launch.validate(req)
-        places = managed.places(spec)
-        _show_places(name, spec.node_count, places, near, max_hours, json_out)
+        data = None
+        if near:
+            from mlcloud.spec.locality import locate
+
+            data = locate(near).region
+        places = managed.places(spec, near=data)
+        _show_places(name, spec.node_count, places, max_hours, json_out)
         first = places[0]
         if first.price:
             output.confirm(
@@ -140,7 +145,7 @@ def launch(
         job = store.create_managed(
             name,
             managed.stored_spec(spec),
-            managed.request_dict(req, str(dest) if dest else None),
+            managed.request_dict(req, str(dest) if dest else None, data),
             on_demand,
             managed.me(),
         )
@@ -190,7 +195,7 @@ def launch(
     raise typer.Exit(code)
 
 
-def _show_places(name, nodes, places, near, max_hours, json_out) -> None:
+def _show_places(name, nodes, places, max_hours, json_out) -> None:
     if json_out or not places[0].price:
         return
 

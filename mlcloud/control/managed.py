@@ -59,10 +59,11 @@ class Place:
         return ":".join(p for p in (self.provider, self.region, self.zone) if p)
 
 
-def places(spec: TaskSpec, now: float | None = None) -> list[Place]:
+def places(spec: TaskSpec, now: float | None = None, near: str | None = None) -> list[Place]:
     """The allowed placements (recover.placements, default: the spec's provider in every
     region the catalog has an offer in) as offers, cheapest first: live prices where the
-    cloud has them (mlcloud/spec/offers.py)."""
+    cloud has them (mlcloud/spec/offers.py); those in region `near` (where the data is,
+    `--near`) before the others."""
     from mlcloud.spec import catalog, plan
     from mlcloud.spec import offers as live
 
@@ -83,7 +84,13 @@ def places(spec: TaskSpec, now: float | None = None) -> list[Place]:
         out.append(
             Place(o.provider, o.region, o.zone, o.instance_type, o.price, row and row.on_demand)
         )
-    return list(dict.fromkeys(out))
+    return sorted(dict.fromkeys(out), key=lambda p: p.region != near)  # stable: by price
+
+
+def req_near(store: state.Store, name: str) -> str | None:
+    """The region `launch --near` found the data in, kept with the job."""
+    job = store.get_managed(name)
+    return job.request.get("near") if job else None
 
 
 def me() -> str:
@@ -104,9 +111,11 @@ def watched_elsewhere(job: state.ManagedJob) -> str | None:
     return None
 
 
-def request_dict(req: launch.JobRequest, pull: str | None) -> dict:
-    """What to run, as the managed job keeps it: the environment's names only."""
+def request_dict(req: launch.JobRequest, pull: str | None, near: str | None) -> dict:
+    """What to run, as the managed job keeps it: the environment's names only; near: the
+    region the data is in (`--near`), whose placements go first."""
     return {
+        "near": near,
         "workdir": str(req.workdir),
         "script": req.script,
         "args": list(req.args),
@@ -168,7 +177,8 @@ class Watcher:
     ):
         self.store, self.name, self.spec, self.req = store, name, spec, req
         self.report, self.sink = report, sink
-        self.places = places(spec)
+        self.near = req_near(store, name)
+        self.places = places(spec, near=self.near)
         self.last_step = 0  # the newest `step N` the job printed on this cluster
         self.interrupted = False
 
@@ -279,7 +289,7 @@ class Watcher:
             self._end(state.JOB_FAILED, 1, BUDGET)
             return None
         refused: list[str] = []
-        self.places = at or places(self.spec)  # today's prices
+        self.places = at or places(self.spec, near=self.near)  # today's prices
         for provider in dict.fromkeys(p.provider for p in self.places):
             mine = [p for p in self.places if p.provider == provider]
             first = mine[0]
