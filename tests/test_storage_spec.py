@@ -118,3 +118,60 @@ def test_the_job_gets_the_checkpoint_uri_and_none_of_the_callers_credentials(mon
     assert not [k for k in job["env"] if k.startswith(("AWS_", "GOOGLE_"))]
     job = launch.node_job(_handle(TaskSpec().to_dict()), req, 1, 0, 29500, 1)
     assert "MLCLOUD_CHECKPOINT_URI" not in job["env"]
+
+
+def test_checkpoints_per_cloud_load_round_trip_and_give_each_cloud_its_location(tmp_path):
+    spec = load(
+        tmp_path,
+        "name: t\nstorage:\n  checkpoints:\n    gce: gs://ck-eu/runs/\n    aws: s3://ck-us/runs\n",
+    )
+    assert spec.storage.checkpoints == {"aws": "s3://ck-us/runs", "gce": "gs://ck-eu/runs"}
+    assert TaskSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert buckets.checkpoint_location(spec, "aws", "job") == "s3://ck-us/runs/job"
+    assert buckets.checkpoint_location(spec.to_dict(), "gce", "job") == "gs://ck-eu/runs/job"
+    assert buckets.checkpoint_location(spec, "ssh", "job") is None
+    one = TaskSpec(storage=StorageSpec(checkpoints="s3://ckb/r"))
+    assert buckets.checkpoint_location(one, "gce", "j") == "s3://ckb/r/j"  # one for every cloud
+    assert buckets.checkpoint_location(TaskSpec(), "aws", "j") is None
+    aws_only = load(tmp_path, "storage:\n  checkpoints: {aws: s3://ck-us/r}\n")
+    assert buckets.checkpoint_location(aws_only, "gce", "j") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "words"),
+    [
+        ("{}", "storage.checkpoints", "an empty mapping"),
+        ("{azure: s3://ckb}", "storage.checkpoints.azure", "unknown cloud 'azure'"),
+        ("{ssh: s3://ckb}", "storage.checkpoints.ssh", "the clouds with buckets are aws, gce"),
+        (
+            "{aws: gs://ckb}",
+            "storage.checkpoints.aws",
+            "'gs://ckb' is another cloud's bucket: write s3://",
+        ),
+        ("{gce: s3://ck-x/r}", "storage.checkpoints.gce", "write gs://BUCKET/PREFIX (gce nodes"),
+        ("{gce: gs://Bad}", "storage.checkpoints.gce", "Cloud Storage bucket names"),
+        ("{gce: 3}", "storage.checkpoints.gce", "got a number"),
+        ("{gce: ''}", "storage.checkpoints.gce", "got text"),
+        ("[s3://ckb]", "storage.checkpoints", "or one per cloud like {aws:"),
+        ("7", "storage.checkpoints", "got a number"),
+    ],
+)
+def test_bad_checkpoint_mappings_are_refused_in_one_line(tmp_path, value, field, words):
+    with pytest.raises(UsageError) as info:
+        load(tmp_path, f"name: t\nstorage:\n  checkpoints: {value}\n")
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 2
+    assert message.startswith(f"{tmp_path / 'mlcloud.yaml'}:3: {field}: "), message
+    assert words in message, message
+
+
+def test_the_job_gets_its_clouds_checkpoint_location():
+    from pathlib import Path
+
+    from mlcloud.jobs import launch
+
+    req = launch.JobRequest(Path("."), "train.py", (), None, {}, None, None)
+    both = {"aws": "s3://ck-us/runs", "gce": "gs://ck-eu/runs"}
+    spec = TaskSpec(storage=StorageSpec(checkpoints=both)).to_dict()
+    job = launch.node_job(_handle(spec), req, 1, 0, 29500, 1)  # an aws cluster
+    assert job["env"]["MLCLOUD_CHECKPOINT_URI"] == "s3://ck-us/runs/lab"

@@ -21,7 +21,7 @@ from mlcloud.remote.shell import CTL, node_number, quote, tag
 from mlcloud.remote.sync import Limits, check_workdir
 from mlcloud.remote.transport import RemoteError, check
 from mlcloud.report import Reporter
-from mlcloud.spec.buckets import checkpoint_uri
+from mlcloud.spec.buckets import checkpoint_location
 
 MAX_RESTARTS = 0
 # An elastic job restarts its workers at every membership change (a node lost, one joining).
@@ -137,7 +137,7 @@ def node_job(
             "MLCLOUD_PROGRESS_FILE": progress_file(node.root, job_id),
         }
     )
-    bucket = checkpoint_uri(h.record.spec, h.record.name)
+    bucket = checkpoint_location(h.record.spec, h.record.provider, h.record.name)
     if bucket:
         env["MLCLOUD_CHECKPOINT_URI"] = bucket
     # torch decides "am I the store host?" from the hostname; say it outright (in a network

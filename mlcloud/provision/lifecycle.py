@@ -52,7 +52,7 @@ def request_for(spec: TaskSpec, count: int) -> ProvisionRequest:
         api_endpoint=spec.gce.api_endpoint,
         storage=StorageAccess(
             read=spec.storage.data,
-            write=(spec.storage.checkpoints,) if spec.storage.checkpoints else (),
+            write=tuple(filter(None, [spec.storage.checkpoints_for(spec.provider or "")])),
         ),
     )
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 SCHEMES = {"s3": "aws", "gs": "gce"}  # URI scheme -> the provider whose cloud serves it
 _S3_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -82,9 +83,14 @@ def check_bucket(scheme: str, name: str) -> None:
     raise ValueError(f"{what}: looks like an IP address")
 
 
-def checkpoint_uri(spec: dict, cluster: str) -> str | None:
-    """Where a cluster's jobs keep checkpoints in the bucket (MLCLOUD_CHECKPOINT_URI): the
-    spec's storage.checkpoints plus the cluster's name, so a new cluster of the same name (in
-    another region, say) resumes from them. None without storage.checkpoints."""
-    uri = (spec.get("storage") or {}).get("checkpoints")
-    return str(parse(uri).child(cluster)) if uri else None
+def checkpoint_location(spec: Any, cloud: str, name: str) -> str | None:
+    """Where the jobs of `name` (a managed job, or the cluster of a plain `train`) keep
+    checkpoints when they run on `cloud`'s nodes (MLCLOUD_CHECKPOINT_URI): the spec's
+    storage.checkpoints for that cloud plus the name, so the next cluster of the job (another
+    region, or another cloud with its own location) resumes from them. `spec` is a TaskSpec or
+    its stored dict; None without a location for that cloud."""
+    storage = spec.get("storage") if isinstance(spec, dict) else asdict(spec.storage)
+    loc = (storage or {}).get("checkpoints")
+    if isinstance(loc, dict):
+        loc = loc.get(cloud)
+    return str(parse(loc).child(name)) if loc else None

@@ -78,10 +78,18 @@ class SshSpec:
 @dataclass(frozen=True)
 class StorageSpec:
     """Buckets the nodes use (README, "Buckets"): checkpoints read and written, data only read.
-    Each is a checked `s3://bucket/prefix` or `gs://bucket/prefix` (mlcloud/spec/buckets.py)."""
+    Each is a checked `s3://bucket/prefix` or `gs://bucket/prefix` (mlcloud/spec/buckets.py).
+    `checkpoints` is one location for every cloud, or one per cloud ({"aws": "s3://..",
+    "gce": "gs://.."}) so a job that moves between clouds keeps its checkpoints near."""
 
-    checkpoints: str | None = None
+    checkpoints: str | dict[str, str] | None = None
     data: tuple[str, ...] = ()
+
+    def checkpoints_for(self, cloud: str) -> str | None:
+        """The checkpoint location a node of `cloud` uses (None: none for that cloud)."""
+        if isinstance(self.checkpoints, dict):
+            return self.checkpoints.get(cloud)
+        return self.checkpoints
 
 
 @dataclass(frozen=True)
@@ -592,7 +600,6 @@ def _storage(storage: dict, where: _Where) -> StorageSpec:
         except ValueError as e:
             raise UsageError(f"{where(key)}: {value.strip()!r} {e}") from None
 
-    checkpoints = storage.get("checkpoints")
     data = storage.get("data")
     if data is None:
         data = []
@@ -605,9 +612,46 @@ def _storage(storage: dict, where: _Where) -> StorageSpec:
             f"{where('storage.data')}: must be a list of bucket URIs like ['s3://BUCKET/PREFIX']"
         )
     return StorageSpec(
-        checkpoints=None if checkpoints is None else uri(checkpoints, "storage.checkpoints"),
+        checkpoints=_checkpoints(storage.get("checkpoints"), uri, where),
         data=tuple(dict.fromkeys(uri(v, "storage.data") for v in data)),
     )
+
+
+def _checkpoints(value: Any, uri, where: _Where) -> str | dict[str, str] | None:
+    """One URI, or a mapping cloud -> URI whose scheme is that cloud's (aws: s3://, gce:
+    gs://): a node only gets credentials for its own cloud's buckets."""
+    from mlcloud.spec import buckets
+
+    key = "storage.checkpoints"
+    if value is None or isinstance(value, str):
+        return None if value is None else uri(value, key)
+    if not isinstance(value, dict):
+        raise UsageError(
+            f"{where(key)}: must be a bucket URI like s3://BUCKET/PREFIX or one per cloud like "
+            f"{{aws: s3://BUCKET/PREFIX, gce: gs://BUCKET/PREFIX}}, got {_kind(value)}"
+        )
+    if not value:
+        raise UsageError(
+            f"{where(key)}: an empty mapping; name one location per cloud, e.g. "
+            "{aws: s3://BUCKET/PREFIX, gce: gs://BUCKET/PREFIX}, or leave it out"
+        )
+    schemes = {cloud: scheme for scheme, cloud in buckets.SCHEMES.items()}
+    out = {}
+    for cloud, loc in value.items():
+        field = f"{key}.{cloud}"
+        if cloud not in schemes:
+            raise UsageError(
+                f"{where(field)}: unknown cloud {cloud!r}; the clouds with buckets are "
+                + ", ".join(sorted(schemes))
+            )
+        out[cloud] = uri(loc, field)
+        if not out[cloud].startswith(f"{schemes[cloud]}://"):
+            raise UsageError(
+                f"{where(field)}: {loc.strip()!r} is another cloud's bucket: write "
+                f"{schemes[cloud]}://BUCKET/PREFIX ({cloud} nodes get credentials for their "
+                "own cloud's buckets only)"
+            )
+    return dict(sorted(out.items()))
 
 
 def _autoscale(auto: dict, where: _Where) -> AutoscaleSpec:

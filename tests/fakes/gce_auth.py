@@ -60,6 +60,18 @@ class Authority:
             self._keys[email] = key.public_key()
         return email
 
+    def owners(self) -> set[str]:
+        """The accounts of the key files written (the user's: every bucket is theirs)."""
+        with self._lock:
+            return set(self._keys)
+
+    def issue(self, email: str) -> str:
+        """An access token for `email` (a VM's metadata server hands these out)."""
+        token = "ya29.fake-" + secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = (email, time.time() + 3600)
+        return token
+
     def revoke(self) -> None:
         with self._lock:
             self._keys.clear()

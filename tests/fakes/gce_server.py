@@ -47,9 +47,22 @@ catalog's GCP zones and common ones). Instances go PROVISIONING -> STAGING -> RU
 a proxy command, never these) and networkIPs from 10.128.0.0/9. Errors come in Google's JSON
 error format (404 notFound, 409 alreadyExists, 400 invalid, 401, 403, 429).
 
+The same address also serves Cloud Storage's JSON API (objects: media and multipart upload,
+get and alt=media, list by prefix, delete; buckets and their IAM policies, prefix conditions
+enforced; see gce_storage.py), reachable as STORAGE_EMULATOR_HOST=<url>, and the IAM API's
+service accounts (create/get/list/delete; gce_iam.py):
+
+        fake.create_bucket("ckpts"); fake.put_object("ckpts", "run/x", "bytes")
+        fake.objects("ckpts")                  # {"ckpts/run/x": 5}
+        fake.bucket_policy("ckpts"), fake.service_accounts()
+        fake.token_for(email)                  # a token as a VM running as `email` gets from
+                                               # its metadata server (grants enforced)
+
 The same address also serves the Cloud Billing Catalog API's Compute Engine SKUs
 (`GET /v1/services/6F81-5844-456A/skus`, paged): core, RAM and GPU prices per region, made
-from the shipped catalog (see gce_billing.py), for `catalog refresh --provider gce`.
+from the shipped catalog (see gce_billing.py), for `catalog refresh --provider gce` and live
+offers; `fake.set_price("us-central1", "Nvidia Tesla T4 GPU", 0.9, usage="Preemptible")` changes
+the unit price of the SKUs of that part there (a price spike).
 
 GCE behaviours the fake keeps, worth knowing when writing the provider: an insert's call
 succeeds and its operation fails (capacity, quota); a repeated requestId returns the first
@@ -78,8 +91,10 @@ from pathlib import Path
 from .gce_auth import Authority
 from .gce_billing import compute_skus, page_of_skus
 from .gce_compute import Compute
+from .gce_iam import Iam
 from .gce_model import ApiError
 from .gce_state import Call
+from .gce_storage import Storage
 
 DEFAULT_PROJECT = "mlcloud-test"
 # the Python API reachable over /_fake/<name> (for a fake in another process)
@@ -96,6 +111,7 @@ CONTROL = (
     "slow",
     "advance_clock",
     "preempt",
+    "set_price",
     "add_image",
     "reset",
     "instances",
@@ -104,6 +120,12 @@ CONTROL = (
     "calls",
     "clear_calls",
     "write_credentials",
+    "create_bucket",
+    "put_object",
+    "objects",
+    "bucket_policy",
+    "service_accounts",
+    "token_for",
 )
 
 _P = r"/compute/v1/projects/(?P<project>[^/]+)"
@@ -135,6 +157,14 @@ _ROUTES = [
 _ROUTES = [(m, re.compile(p + "$"), h) for m, p, h in _ROUTES]
 # the Cloud Billing Catalog API (prices), served at the same address
 _BILLING = re.compile(r"/v1/services/([^/]+)/skus")
+# the IAM API's service accounts (gce_iam.py)
+_IAM = re.compile(r"/v1/projects/(?P<project>[^/]+)/serviceAccounts(?:/(?P<ref>[^/:]+))?")
+# the Cloud Storage JSON API (gce_storage.py): bucket, then object (percent-encoded) or iam
+_GCS_PREFIXES = ("/storage/v1/", "/upload/storage/v1/", "/download/storage/v1/")
+_GCS_BUCKETS = re.compile(r"/storage/v1/b")
+_GCS_BUCKET = re.compile(r"/storage/v1/b/(?P<bucket>[^/]+)(?P<iam>/iam)?")
+_GCS_OBJECTS = re.compile(r"/(?:upload/)?storage/v1/b/(?P<bucket>[^/]+)/o")
+_GCS_OBJECT = re.compile(r"/(?:download/)?storage/v1/b/(?P<bucket>[^/]+)/o/(?P<name>[^/]+)")
 
 
 class GceFake(Compute):
@@ -156,6 +186,39 @@ class GceFake(Compute):
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
         self._skus: list[dict] | None = None
+        self.storage = Storage()
+        self.iam = Iam()
+
+    def reset(self) -> None:
+        super().reset()
+        self.storage = Storage()
+        self.iam = Iam()
+        self._skus = None  # prices as made from the catalog again
+
+    # -- Cloud Storage and IAM: the Python API (see gce_storage.py, gce_iam.py) -------------
+    def create_bucket(self, name: str, project: str = DEFAULT_PROJECT) -> dict:
+        return self.storage.create_bucket(name, project)
+
+    def put_object(self, bucket: str, name: str, data: str) -> dict:
+        """Write an object (text; bytes in-process) as an upload would."""
+        return self.storage.put_object(bucket, name, data)
+
+    def objects(self, bucket: str | None = None) -> dict[str, int]:
+        """Every object as 'bucket/name' -> size."""
+        return self.storage.objects(bucket)
+
+    def bucket_policy(self, bucket: str) -> dict:
+        return self.storage.bucket_policy(bucket)
+
+    def service_accounts(self, project: str | None = None) -> list[dict]:
+        return self.iam.service_accounts(project)
+
+    def token_for(self, email: str) -> str:
+        """An access token for a service account the fake's IAM made: what a VM running as
+        it gets from its metadata server."""
+        if not self.iam.exists(email):
+            raise ApiError(404, "notFound", f"no service account {email}")
+        return self.authority.issue(email)
 
     def revoke_credentials(self) -> None:
         """Every key file and token issued so far is refused from now on (401)."""
@@ -164,6 +227,19 @@ class GceFake(Compute):
     def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
         """A service-account key file this fake trusts (token_uri: its /token); the email."""
         return self.authority.write_key_file(path, project, f"{self.url}/token")
+
+    def set_price(self, region: str, part: str, usd: float, usage: str = "OnDemand") -> int:
+        """The Billing Catalog's unit price of every SKU in region whose description has part
+        ("N1 Predefined Instance Core", "Nvidia Tesla T4 GPU") and of that usage type
+        (OnDemand, Preemptible: Spot) becomes usd; how many SKUs changed (none: ValueError)."""
+        from .gce_billing import set_unit_price
+
+        if self._skus is None:
+            self._skus = compute_skus()
+        changed = set_unit_price(self._skus, region, part, usd, usage)
+        if not changed:
+            raise ValueError(f"no {usage} SKU of {part!r} in {region}")
+        return changed
 
     def start(self) -> GceFake:
         self._thread = threading.Thread(
@@ -183,7 +259,93 @@ class GceFake(Compute):
         self.stop()
 
     # -- dispatch -----------------------------------------------------------------------
+    def handle_iam(self, method: str, path: str, query: dict, body: dict | None) -> dict | None:
+        """The IAM API's service accounts, or None when `path` is not one of its."""
+        m = _IAM.fullmatch(path)
+        if not m:
+            return None
+        project, ref = m.group("project"), m.group("ref")
+        ref = urllib.parse.unquote(ref) if ref else None
+        if ref is None and method == "POST":
+            return self.iam.create(project, body or {})
+        if ref is None and method == "GET":
+            return self.iam.list(project, query)
+        if ref is not None and method == "GET":
+            return self.iam.get(project, ref)
+        if ref is not None and method == "DELETE":
+            account = self.iam.get(project, ref)
+            self.iam.delete(project, ref)
+            self.storage.forget_member(f"serviceAccount:{account['email']}", account["uniqueId"])
+            return {}
+        raise ApiError(404, "notFound", f"The requested URL {method} {path} was not found.")
+
+    def handle_storage(
+        self, method: str, path: str, query: dict, headers, raw: bytes, caller: str | None
+    ) -> tuple[dict | None, bytes | None]:
+        """A Cloud Storage JSON API call: (JSON reply, None) or (object resource, its bytes)
+        for alt=media. `caller` None: no credentials (the emulator convention, full access)."""
+        st = self.storage
+
+        def need(permission: str, bucket: str, name: str | None = None) -> None:
+            if caller is None or caller in self.authority.owners():
+                return
+            if not st.allowed(f"serviceAccount:{caller}", permission, bucket, name, query):
+                what = "object" if name else "bucket"
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"{caller} does not have {permission} access to the Google Cloud Storage "
+                    f"{what}. Permission '{permission}' denied on resource (or it may not "
+                    "exist).",
+                )
+
+        if method == "POST" and _GCS_BUCKETS.fullmatch(path):
+            need("storage.buckets.create", "")
+            body = json.loads(raw or b"{}")
+            return st.create_bucket(body.get("name", ""), query.get("project", "")), None
+        m = _GCS_OBJECT.fullmatch(path)
+        if m:
+            bucket, name = m.group("bucket"), urllib.parse.unquote(m.group("name"))
+            if method == "GET":
+                need("storage.objects.get", bucket, name)
+                res, data = st.get(bucket, name, query)
+                media = query.get("alt") == "media" or path.startswith("/download/")
+                return res, (data if media else None)
+            if method == "DELETE":
+                need("storage.objects.delete", bucket, name)
+                st.delete(bucket, name, query)
+                return None, b""
+        m = _GCS_OBJECTS.fullmatch(path)
+        if m:
+            bucket = m.group("bucket")
+            if method == "POST" and path.startswith("/upload/"):
+                ctype = headers.get("Content-Type", "")
+                name = st.upload_name(query, ctype, raw)
+                need("storage.objects.create", bucket, name)
+                if st.has(bucket, name):
+                    need("storage.objects.delete", bucket, name)  # an overwrite deletes
+                return st.upload(bucket, query, ctype, raw), None
+            if method == "GET":
+                need("storage.objects.list", bucket)
+                return st.list(bucket, query), None
+        m = _GCS_BUCKET.fullmatch(path)
+        if m:
+            bucket = m.group("bucket")
+            if m.group("iam") and method == "GET":
+                need("storage.buckets.getIamPolicy", bucket)
+                return st.get_policy(bucket, query), None
+            if m.group("iam") and method == "PUT":
+                need("storage.buckets.setIamPolicy", bucket)
+                return st.set_policy(bucket, json.loads(raw or b"{}")), None
+            if method == "GET" and not m.group("iam"):
+                need("storage.buckets.get", bucket)
+                return st.get_bucket(bucket), None
+        raise ApiError(404, "notFound", f"The requested URL {method} {path} was not found.")
+
     def handle(self, method: str, path: str, query: dict, body: dict | None, caller: str) -> dict:
+        iam = self.handle_iam(method, path, query, body)
+        if iam is not None:
+            return iam
         billing = _BILLING.fullmatch(path) if method == "GET" else None
         if billing:
             if self._skus is None:
@@ -276,6 +438,9 @@ def _handler_for(fake: GceFake):
                 form = {k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
                 self._reply(*fake.authority.grant(form))
                 return
+            if url.path.startswith(_GCS_PREFIXES):
+                self._storage(method, url.path, query, raw)
+                return
             try:
                 body = json.loads(raw) if raw else None
             except ValueError:
@@ -327,8 +492,56 @@ def _handler_for(fake: GceFake):
             call.status = 200
             self._reply(200, result)
 
+        def _storage(self, method: str, path: str, query: dict, raw: bytes) -> None:
+            """Cloud Storage: bytes in and out; credentials optional (emulator convention)."""
+            call = Call(method, path, query, None)
+            fake.record(call)
+            auth = self.headers.get("Authorization")
+            caller = fake.authority.caller(auth) if auth else None
+            if caller and caller not in fake.authority.owners() and not fake.iam.exists(caller):
+                caller = None  # a deleted service account's tokens stop working
+            try:
+                if auth and caller is None:
+                    raise ApiError(401, "required", "Invalid Credentials", status="UNAUTHENTICATED")
+                err = fake.injected_failure(method, path)
+                if err is not None:
+                    raise err
+                res, data = fake.handle_storage(method, path, query, self.headers, raw, caller)
+            except ApiError as e:
+                call.status = e.code
+                self._reply(e.code, e.body())
+                return
+            except Exception as e:
+                traceback.print_exc()
+                err = ApiError(500, "backendError", f"fake GCS: {type(e).__name__}: {e}")
+                call.status = 500
+                self._reply(500, err.body())
+                return
+            if res is None:  # a delete: 204, no body
+                call.status = 204
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if data is None:
+                call.status = 200
+                self._reply(200, res)
+                return
+            call.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", res["contentType"])
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("x-goog-generation", res["generation"])
+            self.send_header("x-goog-hash", f"crc32c={res['crc32c']},md5={res['md5Hash']}")
+            self.send_header("x-goog-stored-content-length", res["size"])
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self):
             self._serve("GET")
+
+        def do_PUT(self):
+            self._serve("PUT")
 
         def do_POST(self):
             self._serve("POST")
