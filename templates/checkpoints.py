@@ -210,7 +210,9 @@ class Uploader:
         sig = _signature(path)
         settled = self.seen == (name, sig)
         self.seen = (name, sig)
-        if sig is None or not (settled or final):
+        if sig is None:  # gone meanwhile, or a directory with no file in it yet
+            return "idle" if final else "waiting"
+        if not (settled or final):
             return "waiting"
         try:
             m = read_manifest(self.store)

@@ -114,6 +114,18 @@ def test_a_directory_checkpoint_travels_whole_and_in_progress_names_never(s3, tm
     assert (dest / "step_500" / "b").read_bytes() == (src / "step_500" / "b").read_bytes()
 
 
+def test_the_last_pass_takes_the_newest_at_once_and_ends_on_an_empty_one(s3, tmp_path):
+    src, said = tmp_path / "src", []
+    store = ck.open_store("s3://ckpts/last", print)
+    up = ck.Uploader(store, str(src), 0, said.append)
+    write(src / "ckpt-1", 1)
+    up.final()  # no second look: the job has ended, nothing changes any more
+    assert said == ["checkpoints: step 1 uploaded to s3://ckpts/last"]
+    (src / "ckpt-2").mkdir()  # a directory the job never filled
+    up.final(sleep=lambda s: pytest.fail("the last pass waited"))
+    assert ck.read_manifest(store).step == 1
+
+
 def test_a_torn_object_is_refused_and_the_disk_untouched(s3, tmp_path):
     src = tmp_path / "src"
     store = ck.open_store("s3://ckpts/p", print)
