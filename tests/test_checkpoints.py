@@ -356,3 +356,35 @@ def test_cancel_reaches_the_uploader_and_its_last_pass_runs(s3, tmp_path):
     assert tagged_pids("ck2.0.1.") == []
     r = ctl("follow", str(jd))
     assert r.returncode == 143 and r.stdout.count("uploaded") == 1
+
+
+def test_the_uploader_never_outlives_a_killed_waiter(s3, tmp_path):
+    import os
+    import signal
+
+    jd, _ = node_job(tmp_path, "ck3.0.1.", steps=1, linger=300)
+    ctl("start", str(jd))
+    deadline = time.time() + 30
+    while len(tagged_pids("ck3.0.1.")) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(tagged_pids("ck3.0.1.")) >= 3  # waiter, job, uploader
+    os.kill(int((jd / "waiter.pid").read_text()), signal.SIGKILL)
+    deadline = time.time() + 30  # the reaper's grace is 5 s
+    while tagged_pids("ck3.0.1.") and time.time() < deadline:
+        time.sleep(0.1)
+    assert tagged_pids("ck3.0.1.") == []
+
+
+def test_a_last_upload_that_hangs_does_not_hold_the_jobs_end(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("node_ctl_t", CTL)
+    node_ctl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node_ctl)
+    monkeypatch.setattr(node_ctl, "FINAL_UPLOAD_S", 0.5)
+    hung = subprocess.Popen(["sleep", "300"], stdin=subprocess.PIPE)
+    with open(tmp_path / "output.log", "wb") as log:
+        started = time.monotonic()
+        node_ctl._last_upload(hung, log)
+    assert time.monotonic() - started < 10 and hung.returncode == -9
+    assert (tmp_path / "output.log").read_text() == (
+        "checkpoints: the last upload did not end in 0.5 s\n"
+    )
