@@ -1,6 +1,6 @@
 """Copy a job's newest complete checkpoint between two bucket locations (s3:// <-> gs://), on
 the launching machine with the user's own credentials, when a managed job moves to a cloud
-whose nodes keep checkpoints elsewhere (docs/architecture.md, "Checkpoints in a bucket").
+whose nodes keep checkpoints elsewhere (docs/architecture.md, "The job's environment").
 
 The layout is the node side's (templates/ddp/checkpoint_store.py): objects under the prefix,
 and `latest.json` naming the newest complete one (step, key, size, sha256, previous). The copy
