@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import typer
 from mlcloud.cli import options, output
+
+if TYPE_CHECKING:
+    from mlcloud.spec.task import GpuSpec
 
 catalog_app = typer.Typer(help="The GPU price catalog shipped with mlcloud.", no_args_is_help=True)
 
@@ -70,6 +74,12 @@ def offers(
     max_price: float | None = options.number(
         None, "--max-price", min=0, max=1e6, above=True, help="At most this $/h."
     ),
+    live: bool = typer.Option(
+        False,
+        "--live",
+        help="Today's prices per zone or region from the clouds' own APIs (EC2 Spot price "
+        "history, the GCE billing catalog), cached with when they were read.",
+    ),
     json: bool = options.JSON,
 ) -> None:
     """Machines that carry the GPUs asked for, cheapest first."""
@@ -84,6 +94,9 @@ def offers(
             f"--provider: unknown provider {provider!r}; the catalog has offers on "
             + ", ".join(sorted({o.provider for o in known}))
         )
+    if live:
+        _live_offers(known, parse_gpus(spec, "SPEC"), spot, provider, region, max_price, json)
+        return
     found = catalog.find(
         known,
         parse_gpus(spec, "SPEC"),
@@ -136,6 +149,75 @@ def offers(
                 f"{o.ram_gib:g} GiB",
                 f"{o.price(spot):.2f}",
                 o.note,
+            ]
+            for o in found
+        ],
+    )
+
+
+def _live_offers(
+    known: list,
+    gpus: GpuSpec,
+    spot: bool,
+    provider: str | None,
+    region: str | None,
+    max_price: float | None,
+    json: bool,
+) -> None:
+    """`offers --live`: the clouds with credentials here (or the one named), in the region
+    named or everywhere they offer the GPUs."""
+    from mlcloud.errors import UsageError
+    from mlcloud.spec import offers as live
+    from mlcloud.spec.plan import clouds
+    from mlcloud.spec.task import Resources, TaskSpec
+
+    names = [provider] if provider else clouds(known)
+    if region is not None:
+        names = [n for n in names if any((o.provider, o.region) == (n, region) for o in known)]
+        if not names:
+            raise UsageError(f"--region: no offer in {region!r} (`mlcloud offers SPEC` lists them)")
+    task = TaskSpec(spot=spot, resources=Resources(gpus=gpus))
+    now = time.time()
+    places = [f"{n}:{region}" if region else n for n in names]
+    found = live.offers(task, places, now=now, max_age=live.MAX_AGE_S)
+    if max_price is not None:
+        found = [o for o in found if o.price is not None and o.price <= max_price]
+
+    def price_from(o) -> str:
+        if o.source == live.CATALOG:
+            return "catalog (no live price)"
+        age = f"{(now - o.at) / 60:.0f} min ago" if now - o.at >= 60 else "now"
+        return f"{o.source}, read {age}" + ("" if o.fresh(now, live.MAX_AGE_S) else " (stale)")
+
+    if json:
+        output.print_json(
+            {
+                "offers": [
+                    {
+                        "provider": o.provider,
+                        "region": o.region,
+                        "zone": o.zone,
+                        "instance_type": o.instance_type,
+                        "spot": o.spot,
+                        "usd_per_hour": o.price,
+                        "source": o.source,
+                        "read_at": o.at,
+                        "fresh": o.fresh(now, live.MAX_AGE_S),
+                    }
+                    for o in found
+                ]
+            }
+        )
+        return
+    output.table(
+        ["provider", "where", "type", "$/h" + (" spot" if spot else ""), "price"],
+        [
+            [
+                o.provider,
+                o.zone or o.region,
+                o.instance_type,
+                "-" if o.price is None else f"{o.price:.2f}",
+                price_from(o),
             ]
             for o in found
         ],

@@ -131,6 +131,17 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Quote:
+    """A price the cloud's own API gives now: USD per node-hour of an instance type, for one
+    zone where the cloud prices its zones apart (EC2 Spot), else the region (zone None)."""
+
+    instance_type: str
+    region: str
+    zone: str | None
+    price: float
+
+
+@dataclass(frozen=True)
 class Resource:
     """Something a provider holds for a cluster, found by tag (for `mlcloud gc`)."""
 
@@ -243,6 +254,11 @@ class Provider(Protocol):
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         """On-demand USD per hour of (instance type, region) pairs, where the provider's own
         API tells; {} for a provider without prices (the catalog's figures serve)."""
+
+    def quotes(self, pairs: list[tuple[str, str]], spot: bool) -> list[Quote]:
+        """Today's prices of (instance type, region) pairs, Spot or on demand, read from the
+        cloud's API now (for moves for price: mlcloud/spec/offers.py); [] for a provider
+        without live prices. A cloud that cannot be asked raises a ProviderError."""
 
 
 class MachinesAtHand:

@@ -19,6 +19,7 @@ from mlcloud.providers.base import (
     Node,
     Prepared,
     ProvisionRequest,
+    Quote,
     Resource,
     SshOptions,
 )
@@ -144,6 +145,9 @@ class LocalProvider(MachinesAtHand):
 
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         return {}  # this machine is already paid for
+
+    def quotes(self, pairs: list[tuple[str, str]], spot: bool) -> list[Quote]:
+        return []
 
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions

@@ -28,6 +28,7 @@ from mlcloud.providers.base import (
     Prepared,
     ProviderError,
     ProvisionRequest,
+    Quote,
     Resource,
     SshOptions,
 )
@@ -407,6 +408,9 @@ class SshProvider(MachinesAtHand):
 
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         return {}  # the user's own machines: nothing to price
+
+    def quotes(self, pairs: list[tuple[str, str]], spot: bool) -> list[Quote]:
+        return []
 
     def transport(
         self, cluster: ClusterRef, node: Node, label: str, ssh: SshOptions

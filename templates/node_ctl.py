@@ -8,6 +8,11 @@ even after torchrun put its workers in sessions of their own or the launcher die
 
 A job directory holds job.json (what to run), waiter.pid, output.log, and once the job ended
 exit_code; failure.json names the first failing rank; `cancelled` marks a job stopped on request.
+
+With MLCLOUD_CHECKPOINT_URI in the job's environment the waiter also runs checkpoints.py
+(beside this file): its restore before the job's processes start, its uploader beside them,
+tagged like them, told the job's end by its stdin closing and given FINAL_UPLOAD_S for its
+last pass before the job's end is recorded.
 """
 
 import json
@@ -19,7 +24,9 @@ import sys
 import time
 
 TAG = "MLCLOUD_PROC_TAG"
+CKPT = "checkpoints.py"  # beside this file: the node side of durable checkpoints
 KILLED_CODE = 137
+FINAL_UPLOAD_S = 300.0  # the uploader's last pass after the job's processes ended, at most
 END_MARK = "mlcloud-end "  # follow's last stderr line: the job's end on this node, as JSON
 
 
@@ -107,31 +114,56 @@ def _wait(jobdir):
             env["GLOO_SOCKET_IFNAME"] = ifname
             env.setdefault("NCCL_SOCKET_IFNAME", ifname)
     _atomic_write(os.path.join(jobdir, "waiter.pid"), str(os.getpid()))
+    running = []  # what a signal to the waiter goes on to
+
+    def forward(signum, _frame):
+        for p in running:
+            try:
+                p.send_signal(signum)
+            except OSError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    sync = None
+    if env.get("MLCLOUD_CHECKPOINT_URI") and env.get("MLCLOUD_CHECKPOINT_DIR"):
+        sync = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), CKPT)]
     with open(os.path.join(jobdir, "output.log"), "ab", buffering=0) as log:
+
+        def run(argv, cwd, stdin=subprocess.DEVNULL):
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=log, stderr=log)
+            running.append(proc)
+            return proc
+
+        if sync:
+            restored = run([*sync, "restore"], jobdir).wait()
+            if restored < 0 or os.path.exists(os.path.join(jobdir, "cancelled")):
+                # stopped while it restored: the job's processes never start
+                _atomic_write(os.path.join(jobdir, "exit_code"), str(shell_code(restored) or 143))
+                return
         try:
-            child = subprocess.Popen(
-                job["argv"],
-                cwd=job["cwd"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
+            child = run(job["argv"], job["cwd"])
         except OSError as e:
             log.write(("mlcloud: cannot start {}: {}\n".format(job["argv"][0], e)).encode())
             _atomic_write(os.path.join(jobdir, "exit_code"), "127")
             return
-
-        def forward(signum, _frame):
-            try:
-                child.send_signal(signum)
-            except OSError:
-                pass
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, forward)
+        uploader = run([*sync, "upload"], jobdir, subprocess.PIPE) if sync else None
         code = child.wait()
+        if uploader is not None:
+            _last_upload(uploader, log)
     _atomic_write(os.path.join(jobdir, "exit_code"), str(shell_code(code)))
+
+
+def _last_upload(uploader, log):
+    """Tell the uploader the job ended (its stdin closes) and give its last pass a bounded
+    time: the job's end waits for the newest checkpoint, never for a bucket that hangs."""
+    uploader.stdin.close()
+    try:
+        uploader.wait(timeout=FINAL_UPLOAD_S)
+    except subprocess.TimeoutExpired:
+        uploader.kill()
+        uploader.wait()
+        log.write(f"checkpoints: the last upload did not end in {FINAL_UPLOAD_S:.0f} s\n".encode())
 
 
 def _alive(pid):

@@ -70,20 +70,32 @@ def walk(root, prefix, out, skipped):
             skipped.append(rel)
 
 
+def in_progress(name):
+    """Whether a checkpoint's name says it is still being written (hidden, .tmp, .partial)."""
+    return bool(TEMP_NAME.search(name))
+
+
+def step_of(name):
+    """The step a checkpoint's name carries (its last number), or None."""
+    steps = re.findall(r"\d+", name)
+    return int(steps[-1]) if steps else None
+
+
 def newest_checkpoint(ckpt_dir):
     """The entry with the highest step number in its name (ckpt-00000300.pt, step_300/), or,
     where no name has one (a job that overwrites model.pt), the newest; hidden and temporary
-    names are checkpoints still being written, and are passed over."""
+    names are checkpoints still being written, and are passed over. The one definition of the
+    convention: pull uses it, and so does the node's checkpoint uploader (checkpoints.py)."""
     best = None
     try:
         entries = list(os.scandir(ckpt_dir))
     except (FileNotFoundError, NotADirectoryError):
         return None
     for e in entries:
-        if TEMP_NAME.search(e.name) or e.is_symlink():
+        if in_progress(e.name) or e.is_symlink():
             continue
-        steps = re.findall(r"\d+", e.name)
-        numbered = (1, int(steps[-1])) if steps else (0, 0)
+        step = step_of(e.name)
+        numbered = (0, 0) if step is None else (1, step)
         key = (numbered, e.stat(follow_symlinks=False).st_mtime_ns, e.name)
         if best is None or key > best:
             best = key

@@ -357,7 +357,7 @@ def test_init_then_up_with_its_spec_parses(cli, tmp_path):
     proj = tmp_path / "proj"
     r = cli("init", str(proj))
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in proj.iterdir()} == {"train.py", "checkpoint_store.py", "mlcloud.yaml"}
+    assert {p.name for p in proj.iterdir()} == {"train.py", "mlcloud.yaml"}
     line = assert_one_error_line(cli("up", "Bad_Name", "-f", str(proj / "mlcloud.yaml")), 2, "")
     assert "invalid cluster name 'Bad_Name'" in line
 

@@ -41,7 +41,7 @@ def test_wheel_is_self_contained(tmp_path):
     for needed in (
         "mlcloud/templates/ddp/train.py",
         "mlcloud/templates/ddp/mlcloud.yaml",
-        "mlcloud/templates/ddp/checkpoint_store.py",
+        "mlcloud/templates/checkpoints.py",
         "mlcloud/templates/node_ctl.py",
         "mlcloud/templates/receive.py",
         "mlcloud/templates/send.py",

@@ -53,6 +53,7 @@ def test_capabilities_as_declared():
     gce = type(providers.get("gce")).capabilities
     assert gce.owns_machines and gce.spot and gce.self_deadline
     assert providers.get("local").prices([("x", "y")]) == {}
+    assert providers.get("ssh").quotes([("x", "y")], True) == []
     assert providers.get("local").pythons == (sys.executable,)  # the nodes are this machine
 
 

@@ -100,6 +100,9 @@ class ToyProvider:
 
     def prices(self, pairs):
         return {}
+
+    def quotes(self, pairs, spot):
+        return []
 '''
 
 

@@ -71,7 +71,7 @@ def test_checkpoints_go_to_the_bucket_and_a_wiped_node_resumes_from_it(
     shutil.rmtree(root / "checkpoints")  # a replacement node: nothing on its disk
     r = run_cli("train", "st", "-f", str(spec), "--", "--steps", "6", "--ckpt-every", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
-    assert "checkpoints: fetched step 4 from s3://ckpts/runs/st" in r.stdout, r.stdout[-3000:]
+    assert "checkpoints: restored step 4 from s3://ckpts/runs/st" in r.stdout, r.stdout[-3000:]
     assert re.search(r"resumed from step 4\b", r.stdout) and "done steps=6" in r.stdout
 
     # the node has only its own keys: nothing of the launching machine's

@@ -1,5 +1,6 @@
-"""Bootstrap: make a new node ready in one round trip (directories, node_ctl.py, the node
-agent and its config, the Python that has torch, GPUs), and the agent's budget deadline."""
+"""Bootstrap: make a new node ready in one round trip (directories, node_ctl.py and the
+node-side programs beside it, the node agent and its config, the Python that has torch, GPUs),
+and the agent's budget deadline."""
 
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ def bootstrap(
     cluster is going down) no node is bootstrapped or waited for any more: RemoteError."""
     from mlcloud import templates
 
-    ctl_source = templates.path("node_ctl.py").read_bytes()
-    agent_source = templates.path("agent.py").read_bytes()
+    # node_ctl.py runs checkpoints.py, which imports send.py: all three in bin/
+    programs = [(shell.CTL, "node_ctl.py"), (shell.AGENT, "agent.py")] + [
+        (f"bin/{name}", name) for name in ("checkpoints.py", "send.py")
+    ]
+    sources = [(dest, templates.path(name).read_bytes()) for dest, name in programs]
     auto = autoscale or AutoscaleSpec()
 
     def one(i: int) -> state.NodeRecord:
@@ -73,7 +77,7 @@ def bootstrap(
             due,
             provider.capabilities.owns_machines,
         )
-        cmd = _bootstrap_script(node.root, pythons, (len(ctl_source), len(agent_source)))
+        cmd = _bootstrap_script(node.root, pythons, [(d, len(b)) for d, b in sources])
         deadline = time.monotonic() + provider.boot_timeout
         refused_since: float | None = None
         try:
@@ -81,7 +85,7 @@ def bootstrap(
                 if cancelled is not None and cancelled():
                     raise RemoteError(f"node{number} ({node.ip}): not bootstrapped, cancelled")
                 try:
-                    stdin = ctl_source + agent_source + json.dumps(conf).encode()
+                    stdin = b"".join(b for _, b in sources) + json.dumps(conf).encode()
                     result = t.run(cmd, stdin=stdin, timeout=120)
                     break
                 except RemoteError as e:
@@ -137,9 +141,11 @@ def bootstrap(
     return fan_out(one, list(range(len(nodes))))
 
 
-def _bootstrap_script(root_path: str, pythons: tuple[str, ...], sizes: tuple[int, int]) -> str:
-    """The one command bootstrap runs; stdin holds node_ctl.py, agent.py (of the given sizes)
-    and the agent's config. It reports in MARK lines."""
+def _bootstrap_script(
+    root_path: str, pythons: tuple[str, ...], files: list[tuple[str, int]]
+) -> str:
+    """The one command bootstrap runs; stdin holds the files (path under the root, size), in
+    order, then the agent's config. It reports in MARK lines."""
     root = path_arg(root_path)
     agent_dir = f"{root}/{shell.DIR}"
     # torch is looked up, not imported: an import takes seconds, and on a fresh cloud volume
@@ -147,9 +153,9 @@ def _bootstrap_script(root_path: str, pythons: tuple[str, ...], sizes: tuple[int
     has_torch = quote("import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)")
     return (
         f"umask 077 && mkdir -p {root}/bin {root}/jobs {root}/workdir {agent_dir} "
-        f"&& chmod 700 {root} && head -c {sizes[0]} > {root}/{CTL} "
-        f"&& head -c {sizes[1]} > {root}/{shell.AGENT} "
-        f"&& cat > {agent_dir}/config.json && cd {root} || exit 1\n"
+        f"&& chmod 700 {root} "
+        + "".join(f"&& head -c {size} > {root}/{quote(dest)} " for dest, size in files)
+        + f"&& cat > {agent_dir}/config.json && cd {root} || exit 1\n"
         f'echo "{MARK}ssh=${{SSH_CONNECTION:-}}"\n'
         f'echo "{MARK}root=$(pwd -P)"\n'
         f"for c in {' '.join(quote(p) for p in pythons)}; do\n"

@@ -1,5 +1,5 @@
-"""EC2 prices for `mlcloud catalog refresh`: on demand from the Price List API, spot from the
-spot price history of each region."""
+"""EC2 prices for `mlcloud catalog refresh` and live offers: on demand from the Price List
+API, Spot per zone from the spot price history."""
 
 from __future__ import annotations
 
@@ -53,14 +53,13 @@ def on_demand(api: Api, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], f
     return found
 
 
-def spot(api: Api, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-    """(instance type, region) -> the median of the latest spot price per zone, from
-    DescribeSpotPriceHistory, where AWS has one."""
-    import statistics
+def spot_by_zone(api: Api, pairs: list[tuple[str, str]]) -> dict[tuple[str, str, str], float]:
+    """(instance type, region, zone) -> the zone's latest spot price, from
+    DescribeSpotPriceHistory (EC2 prices Spot per zone), where AWS has one."""
     from datetime import datetime, timezone
 
     wanted = set(pairs)
-    found: dict[tuple[str, str], float] = {}
+    found: dict[tuple[str, str, str], float] = {}
     for region in sorted({r for _, r in wanted}):
         types = sorted({t for t, r in wanted if r == region})
         latest: dict[tuple[str, str], tuple[datetime, float]] = {}
@@ -75,10 +74,9 @@ def spot(api: Api, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]
             key = (h["InstanceType"], h["AvailabilityZone"])
             if key not in latest or h["Timestamp"] > latest[key][0]:
                 latest[key] = (h["Timestamp"], float(h["SpotPrice"]))
-        for itype in types:
-            samples = [p for (t, _), (_, p) in latest.items() if t == itype]
-            if samples:
-                found[(itype, region)] = statistics.median(samples)
+        for (itype, zone), (_, price) in latest.items():
+            if itype in types:
+                found[(itype, region, zone)] = price
     return found
 
 

@@ -35,6 +35,7 @@ from mlcloud.providers.base import (
     NodeStatus,
     Prepared,
     ProvisionRequest,
+    Quote,
     SshOptions,
 )
 
@@ -256,9 +257,10 @@ class AwsProvider:
     def prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         return prices.on_demand(self.api, pairs)
 
-    def spot_prices(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        """For `catalog refresh`: the median of each region's latest spot prices."""
-        return prices.spot(self.api, pairs)
+    def quotes(self, pairs: list[tuple[str, str]], spot: bool) -> list[Quote]:
+        if spot:
+            return [Quote(*key, usd) for key, usd in prices.spot_by_zone(self.api, pairs).items()]
+        return [Quote(t, r, None, usd) for (t, r), usd in prices.on_demand(self.api, pairs).items()]
 
     # garbage collection
 

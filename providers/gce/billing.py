@@ -1,5 +1,6 @@
-"""On-demand prices of GCE GPU machines from the Cloud Billing Catalog API, for
-`mlcloud catalog refresh --provider gce`.
+"""Prices of GCE GPU machines from the Cloud Billing Catalog API: on demand for
+`mlcloud catalog refresh --provider gce`, on demand or Spot for live offers
+(mlcloud/spec/offers.py).
 
 GCE prices a machine by its parts: vCPUs and memory at its family's rate (A2, A3, G2, N1) and
 each GPU at its model's, per region. A machine's figure is their sum (a3's bundled local SSD is
@@ -33,10 +34,19 @@ GPU_SKUS = {
 
 def on_demand(credentials: Any, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
     """(machine type, region) -> USD/h, for those whose parts all have a price."""
+    return machines(credentials, pairs, spot=False)
+
+
+def machines(
+    credentials: Any, pairs: list[tuple[str, str]], *, spot: bool
+) -> dict[tuple[str, str], float]:
+    """(machine type, region) -> USD/h on demand or Spot (GCE prices Spot per region, the
+    same in each of its zones), for those whose parts all have a price."""
     from mlcloud.spec import catalog
 
     shapes = {(o.instance_type, o.region): o for o in catalog.load() if o.provider == "gce"}
     skus = list(_skus(credentials))
+    usage = "Preemptible" if spot else "OnDemand"
     out = {}
     for itype, region in pairs:
         o = shapes.get((itype, region))
@@ -44,21 +54,25 @@ def on_demand(credentials: Any, pairs: list[tuple[str, str]]) -> dict[tuple[str,
         gpu = GPU_SKUS.get(o.gpu_model) if o else None
         if o is None or gpu is None:
             continue
-        core = _rate(skus, rf"{family} (Predefined )?Instance Core", region)
-        ram = _rate(skus, rf"{family} (Predefined )?Instance Ram", region)
-        card = _rate(skus, rf"Nvidia (Tesla )?{re.escape(gpu)} GPU", region)
+        core = _rate(skus, rf"{family} (Predefined )?Instance Core", region, usage)
+        ram = _rate(skus, rf"{family} (Predefined )?Instance Ram", region, usage)
+        card = _rate(skus, rf"Nvidia (Tesla )?{re.escape(gpu)} GPU", region, usage)
         if None not in (core, ram, card):
             out[(itype, region)] = o.vcpus * core + o.ram_gib * ram + o.gpu_count * card
     return out
 
 
-def _rate(skus: list[dict], what: str, region: str) -> float | None:
-    """The on-demand unit price of the SKU described as `what running in ...` in region."""
-    pattern = re.compile(rf"{what} running in ")
+def _rate(skus: list[dict], what: str, region: str, usage: str) -> float | None:
+    """The unit price of the SKU described as `what running in ...` in region, of the usage
+    type (OnDemand, or Preemptible: Spot, whose descriptions add "Spot Preemptible" before
+    the part, or "attached to Spot Preemptible VMs" after a GPU's)."""
+    pattern = re.compile(
+        rf"(Spot Preemptible )?{what}( attached to Spot Preemptible VMs)? running in "
+    )
     for s in skus:
         if (
             pattern.match(s.get("description", ""))
-            and s.get("category", {}).get("usageType") == "OnDemand"
+            and s.get("category", {}).get("usageType") == usage
             and region in s.get("serviceRegions", [])
         ):
             rates = s["pricingInfo"][0]["pricingExpression"]["tieredRates"]

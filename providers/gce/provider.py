@@ -32,6 +32,7 @@ from mlcloud.providers.base import (
     ProviderError,
     ProvisionRequest,
     QuotaError,
+    Quote,
     Resource,
     SshOptions,
 )
@@ -463,6 +464,12 @@ class GceProvider:
         from mlcloud.providers.gce.billing import on_demand
 
         return on_demand(self._credentials()[0], pairs)
+
+    def quotes(self, pairs: list[tuple[str, str]], spot: bool) -> list[Quote]:
+        from mlcloud.providers.gce.billing import machines
+
+        found = machines(self._credentials()[0], pairs, spot=spot)
+        return [Quote(t, r, None, usd) for (t, r), usd in found.items()]
 
     # helpers
 

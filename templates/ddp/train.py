@@ -11,10 +11,9 @@ Why it is built the way it is:
   resume the rank holding the newest complete one broadcasts it to all.
 - Checkpoints are written atomically (temp file, fsync, rename, fsync dir); on resume a
   truncated newest file is skipped in favour of the previous one.
-- With MLCLOUD_CHECKPOINT_URI (the spec's storage.checkpoints), global rank 0 also uploads
-  each complete checkpoint to the bucket in the background, and on start fetches the bucket's
-  newest when it is newer than its disk's: a new node or cluster resumes from it
-  (checkpoint_store.py).
+- Nothing here knows of buckets: with the spec's storage.checkpoints the node uploads each
+  complete checkpoint this writes, and restores the bucket's newest before the job starts on
+  a node whose disk lacks it (mlcloud's templates/checkpoints.py).
 - progress.json (step of total, loss, time) lets an outside watcher tell a stuck job from a
   slow one; the same steps go to MLCLOUD_PROGRESS_FILE as {"done": step, "total": steps}, the
   convention any script may follow, from which the controller estimates the time left.
@@ -118,34 +117,15 @@ def load_latest(ckpt_dir):
     return None
 
 
-def save_checkpoint(ckpt_dir, step, model, optim, keep, uploader=None):
+def save_checkpoint(ckpt_dir, step, model, optim, keep):
     path = os.path.join(ckpt_dir, f"ckpt-{step:08d}.pt")
     state = {"model": model.module.state_dict(), "optim": optim.state_dict(), "step": step}
     atomic_write(path, lambda f: torch.save(state, f))
-    if uploader is not None:  # complete on disk: only now may the bucket have it
-        uploader.submit(step, path)
     for _, old in list_checkpoints(ckpt_dir)[max(keep, 1) :]:
         try:
             os.unlink(old)
         except FileNotFoundError:  # another node's writer pruned it (shared directory)
             pass
-
-
-def open_bucket(rank, ckpt_dir):
-    """Rank 0's uploader for MLCLOUD_CHECKPOINT_URI, after fetching the bucket's newest
-    checkpoint if it is newer than this disk's; None without a bucket."""
-    uri = os.environ.get("MLCLOUD_CHECKPOINT_URI")
-    if rank != 0 or not uri:
-        return None
-    import checkpoint_store
-
-    store = checkpoint_store.open_store(uri, say)
-    if store is None:
-        return None
-    on_disk = max((step for step, _ in list_checkpoints(ckpt_dir)), default=-1)
-    if checkpoint_store.remote_step(store, say) > on_disk:
-        checkpoint_store.fetch_newest(store, ckpt_dir, say)
-    return checkpoint_store.Uploader(store, say)
 
 
 def write_progress(ckpt_dir, step, total, loss, world):
@@ -183,10 +163,8 @@ def save_outputs(model, step, loss, world):
     )
 
 
-def finish(code, uploader=None):
+def finish(code):
     """Barrier, tear down and leave without interpreter teardown (see module docstring)."""
-    if uploader is not None:  # after a signal the node may be going away: a short wait
-        uploader.close(timeout=600.0 if code == 0 else 45.0)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -230,10 +208,9 @@ def main():
 
     # Each node's writer looks at its own disk; the rank with the newest checkpoint shares it.
     writer = local_rank == 0
-    local = uploader = None
+    local = None
     if writer:
         os.makedirs(ckpt_dir, exist_ok=True)
-        uploader = open_bucket(rank, ckpt_dir)
         local = load_latest(ckpt_dir)
     newest = torch.tensor([int(local["step"]) if local else -1, -rank], device=device)
     gathered = [torch.zeros_like(newest) for _ in range(world)]
@@ -275,12 +252,12 @@ def main():
                 write_progress(ckpt_dir, step, args.steps, mean, world)
         if flag.item():
             if writer:
-                save_checkpoint(ckpt_dir, step, model, optim, args.keep, uploader)
+                save_checkpoint(ckpt_dir, step, model, optim, args.keep)
             if rank == 0:
                 say(f"stopped by signal at step {step}")
-            finish(143, uploader)
+            finish(143)
         if writer and step % args.ckpt_every == 0:
-            save_checkpoint(ckpt_dir, step, model, optim, args.keep, uploader)
+            save_checkpoint(ckpt_dir, step, model, optim, args.keep)
 
     # Final loss: the last step's mean over ranks, or an evaluation if nothing was left to run.
     if loss is None:
@@ -290,12 +267,12 @@ def main():
     final = loss.detach().clone()
     dist.all_reduce(final)
     if writer and not os.path.exists(os.path.join(ckpt_dir, f"ckpt-{step:08d}.pt")):
-        save_checkpoint(ckpt_dir, step, model, optim, args.keep, uploader)
+        save_checkpoint(ckpt_dir, step, model, optim, args.keep)
     if writer:
         save_outputs(model, step, final.item() / world, world)
     if rank == 0:
         say(f"done steps={step} world_size={world} final_loss={final.item() / world:.4f}")
-    finish(0, uploader)
+    finish(0)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ adds that rule and forwards everything else, byte for byte, to moto:
     os.environ["AWS_ENDPOINT_URL"] = stand_in.url
     stand_in.launches          # RunInstances that reached moto (each one launched)
     stand_in.replays           # RunInstances answered from the table: nothing launched
+    stand_in.set_spot_price("us-east-1a", "p4d.24xlarge", 9.5)   # a Spot price spike
     stand_in.close()
 
-`POST /moto-api/reset` empties the token table too, then resets moto.
+moto's Spot price history is one fixed price everywhere; `set_spot_price(zone, type, usd)`
+makes DescribeSpotPriceHistory answer that zone's latest price for the type as `usd` (stamped
+now), as the live prices of a move for price need. `POST /moto-api/reset` empties the token
+table and the prices set too, then resets moto.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import urllib.parse
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "trailer"}
 REGION = re.compile(rb"Credential=[^/]+/\d{8}/([a-z0-9-]+)/ec2/")
+SPOT_ITEM = re.compile(
+    rb"<item><availabilityZone>([^<]+)</availabilityZone><instanceType>([^<]+)</instanceType>"
+    rb"(.*?)<spotPrice>[^<]+</spotPrice><timestamp>[^<]+</timestamp></item>"
+)
 
 MISMATCH = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
@@ -45,6 +53,7 @@ class Ec2Tokens:
         self.seen: dict[tuple[str, str], tuple[list, int, list, bytes]] = {}
         self.launches = 0
         self.replays = 0
+        self.spot: dict[tuple[bytes, bytes], float] = {}  # (zone, type) -> USD/h
         owner = self
 
         class Handler(_Forward):
@@ -59,7 +68,30 @@ class Ec2Tokens:
     def reset(self) -> None:
         with self.lock:
             self.seen.clear()
+            self.spot.clear()
             self.launches = self.replays = 0
+
+    def set_spot_price(self, zone: str, instance_type: str, usd: float) -> None:
+        with self.lock:
+            self.spot[(zone.encode(), instance_type.encode())] = usd
+
+    def spot_history(self, data: bytes) -> bytes:
+        """moto's DescribeSpotPriceHistory answer with the prices set in place of its own."""
+        import time
+
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()).encode()
+
+        def price(m: re.Match) -> bytes:
+            usd = self.spot.get((m.group(1), m.group(2)))
+            if usd is None:
+                return m.group(0)
+            return (
+                b"<item><availabilityZone>%s</availabilityZone><instanceType>%s</instanceType>"
+                b"%s<spotPrice>%s</spotPrice><timestamp>%s</timestamp></item>"
+            ) % (m.group(1), m.group(2), m.group(3), repr(usd).encode(), now)
+
+        with self.lock:
+            return SPOT_ITEM.sub(price, data)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -131,6 +163,8 @@ class _Forward(http.server.BaseHTTPRequestHandler):
                 region.group(1).decode() if region else "", params, headers, body, self.path
             )
         status, out, data = answer or s.forward(self.command, self.path, headers, body)
+        if status == 200 and body.startswith(b"Action=DescribeSpotPriceHistory&"):
+            data = s.spot_history(data)
         self.send_response_only(status)
         for k, v in out:
             if k.lower() != "content-length" or self.command == "HEAD":

@@ -134,6 +134,21 @@ def compute_skus() -> list[dict]:
     return [_sku(d, g, u, region, usd, unit) for (d, g, u, region, unit), usd in parts.items()]
 
 
+def set_unit_price(skus: list[dict], region: str, part: str, usd: float, usage: str) -> int:
+    """Give the matching SKUs (see GceFake.set_price) a new unit price; how many matched."""
+    changed = 0
+    for s in skus:
+        if (
+            part in s["description"]
+            and s["category"]["usageType"] == usage
+            and region in s["serviceRegions"]
+        ):
+            for rate in s["pricingInfo"][0]["pricingExpression"]["tieredRates"]:
+                rate["unitPrice"] = _price(usd)
+            changed += 1
+    return changed
+
+
 def page_of_skus(skus: list[dict], service: str, query: dict) -> dict:
     """One page (pageSize up to 5000, default 5000), as services.skus.list answers."""
     if service != COMPUTE_SERVICE:

@@ -60,7 +60,9 @@ service accounts (create/get/list/delete; gce_iam.py):
 
 The same address also serves the Cloud Billing Catalog API's Compute Engine SKUs
 (`GET /v1/services/6F81-5844-456A/skus`, paged): core, RAM and GPU prices per region, made
-from the shipped catalog (see gce_billing.py), for `catalog refresh --provider gce`.
+from the shipped catalog (see gce_billing.py), for `catalog refresh --provider gce` and live
+offers; `fake.set_price("us-central1", "Nvidia Tesla T4 GPU", 0.9, usage="Preemptible")` changes
+the unit price of the SKUs of that part there (a price spike).
 
 GCE behaviours the fake keeps, worth knowing when writing the provider: an insert's call
 succeeds and its operation fails (capacity, quota); a repeated requestId returns the first
@@ -109,6 +111,7 @@ CONTROL = (
     "slow",
     "advance_clock",
     "preempt",
+    "set_price",
     "add_image",
     "reset",
     "instances",
@@ -190,6 +193,7 @@ class GceFake(Compute):
         super().reset()
         self.storage = Storage()
         self.iam = Iam()
+        self._skus = None  # prices as made from the catalog again
 
     # -- VMs run as a service account that exists (GCE refuses the insert otherwise) ------
     def _check_accounts(self, accounts: list | None, field: str) -> None:
@@ -258,6 +262,19 @@ class GceFake(Compute):
     def write_credentials(self, path: str, project: str = DEFAULT_PROJECT) -> str:
         """A service-account key file this fake trusts (token_uri: its /token); the email."""
         return self.authority.write_key_file(path, project, f"{self.url}/token")
+
+    def set_price(self, region: str, part: str, usd: float, usage: str = "OnDemand") -> int:
+        """The Billing Catalog's unit price of every SKU in region whose description has part
+        ("N1 Predefined Instance Core", "Nvidia Tesla T4 GPU") and of that usage type
+        (OnDemand, Preemptible: Spot) becomes usd; how many SKUs changed (none: ValueError)."""
+        from .gce_billing import set_unit_price
+
+        if self._skus is None:
+            self._skus = compute_skus()
+        changed = set_unit_price(self._skus, region, part, usd, usage)
+        if not changed:
+            raise ValueError(f"no {usage} SKU of {part!r} in {region}")
+        return changed
 
     def start(self) -> GceFake:
         self._thread = threading.Thread(

@@ -12,16 +12,21 @@ from typing import TYPE_CHECKING
 from mlcloud.spec.catalog import COLUMNS, SHIPPED, Offer, built, read, refreshed_path
 
 if TYPE_CHECKING:
-    from mlcloud.providers.aws.provider import AwsProvider
     from mlcloud.providers.base import Provider
 
 
-def refresh_aws(provider: AwsProvider, now: datetime | None = None) -> tuple[int, int]:
+def refresh_aws(provider: Provider, now: datetime | None = None) -> tuple[int, int]:
     """(rows refreshed, rows kept as shipped); writes the refreshed AWS catalog."""
+    import statistics
+
     now = now or datetime.now(timezone.utc)
     rows = [o for o in read(SHIPPED) if o.provider == "aws"]
     pairs = sorted({(o.instance_type, o.region) for o in rows})
-    prices, spots = provider.prices(pairs), provider.spot_prices(pairs)
+    prices, zones = provider.prices(pairs), provider.quotes(pairs, True)
+    spots = {  # a region's figure: the median of its zones' latest
+        pair: statistics.median(q.price for q in zones if (q.instance_type, q.region) == pair)
+        for pair in {(q.instance_type, q.region) for q in zones}
+    }
     fresh: list[Offer] = []
     refreshed = 0
     for o in rows:
