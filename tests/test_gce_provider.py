@@ -178,6 +178,25 @@ def test_a_resumed_up_finds_the_account_and_grants_once(gce_env, mlcloud_home):
     assert all(vm["serviceAccounts"][0]["email"] == address for vm in fake.instances())
 
 
+def test_policy_races_and_a_fresh_account_unknown_to_buckets_are_waited_out(
+    gce_env, mlcloud_home, monkeypatch
+):
+    """Another writer's change between our read and write (412: read again), and IAM's
+    eventual consistency (a fresh account that setIamPolicy does not know yet: asked again)."""
+    fake = gce_env.fake
+    fake.create_bucket("ckpt-b")
+    monkeypatch.setattr(accounts, "FRESH_SLEEP_S", 0.1)
+    fake.iam_lag(0.5)
+    fake.fail_calls(1, 412, "conditionNotMet", method="PUT", path=r"/b/ckpt-b/iam$")
+    start = time.monotonic()
+    warned = GceProvider().prepare(REF, request(storage=StorageAccess(write=("gs://ckpt-b/r",))))
+    assert warned.warnings == () and time.monotonic() - start >= 0.5
+    address = accounts.email(REF.uid, gce_env.project)
+    assert len(_ours(fake, "ckpt-b", address)) == 1
+    puts = [c.status for c in fake.calls("PUT", r"/iam$")]
+    assert puts[0] == 412 and 400 in puts and puts[-1] == 200
+
+
 def test_no_gs_storage_no_account(gce_env, mlcloud_home):
     fake = gce_env.fake
     made(GceProvider(), request(count=1, storage=StorageAccess(write=("s3://ckpt/run",))))

@@ -33,6 +33,7 @@ RETRIES = 4  # a 429 or 5xx is tried this many times in all, backing off
 BACKOFF_S = 1.0
 # IAM is eventually consistent: a bucket's setIamPolicy may not know a fresh account yet
 FRESH_ACCOUNT_WAIT_S = 60.0
+FRESH_SLEEP_S = 2.0  # between its tries
 _DESCRIPTION = re.compile(r"mlcloud cluster=(\S+) owner=(\S+): buckets=(\S*)$")
 
 
@@ -208,7 +209,7 @@ class Accounts:
                     if e.status in (403, 404):
                         return f"HTTP {e.status}: {e.message}"
                     _raise(e)
-            time.sleep(2.0)
+            time.sleep(FRESH_SLEEP_S)
 
     def _revoke(self, bucket: str, uid: str, member: str) -> None:
         try:
