@@ -217,6 +217,17 @@ def test_a_bucket_not_the_users_is_a_warning_naming_what_to_grant(gce_env, mlclo
     assert "gs://nobody-b" in warned[1] and "does not exist" in warned[1]
 
 
+def test_credentials_that_may_not_read_iam_still_go_down_and_gc(gce_env, mlcloud_home):
+    """They made no account: `down` and `gc` of a cluster without gs:// storage go on."""
+    fake, p = gce_env.fake, GceProvider()
+    _, nodes = made(p, request(count=1))
+    fake.fail_calls(2, 403, "forbidden", path=r"/serviceAccounts")
+    assert [r.kind for r in p.discover("us-central1")] == ["firewall", "firewall", "instance"]
+    p.terminate(REF, nodes)
+    p.cleanup(REF)
+    assert fake.is_empty()
+
+
 def test_no_right_to_make_accounts_is_one_line(gce_env, mlcloud_home):
     gce_env.fake.fail_calls(1, 403, "forbidden", path=r"/serviceAccounts$")
     with pytest.raises(AuthError) as info:

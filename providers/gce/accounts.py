@@ -167,7 +167,7 @@ class Accounts:
         idempotent (a repeated `down`, a racing `gc`)."""
         address = email(uid, self.project)
         r = self._call("GET", self._account_url(address))
-        if r.status_code == 404:
+        if r.status_code in (403, 404):  # credentials that may not read IAM made no account
             return
         self._check(r, "read the cluster's service account", "iam.serviceAccounts.get")
         found = parse_description(r.json().get("description", ""))
@@ -185,6 +185,8 @@ class Accounts:
             r = self._call(
                 "GET", f"{self.iam}/v1/projects/{self.project}/serviceAccounts", params=params
             )
+            if r.status_code == 403:  # credentials that may not read IAM made no account
+                return []
             self._check(r, "list service accounts", "iam.serviceAccounts.list")
             page = r.json()
             for a in page.get("accounts", []):
