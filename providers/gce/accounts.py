@@ -135,9 +135,10 @@ class Accounts:
         self.storage = storage_api.base()
 
     # -- the cluster's account ----------------------------------------------------------
-    def ensure(self, uid: str, name: str, owner: str, storage: StorageAccess) -> tuple[str, list]:
-        """Make (or find, on a resumed `up`) the cluster's account and grant it the spec's
-        gs:// locations; (its email, warnings for buckets whose policy it may not change)."""
+    def ensure(self, uid: str, name: str, owner: str, storage: StorageAccess) -> list[str]:
+        """Make (or find, on a resumed `up`) the cluster's account (`email(uid, project)`) and
+        grant it the spec's gs:// locations; warnings for buckets whose policy it may not
+        change."""
         address = email(uid, self.project)
         member = f"serviceAccount:{address}"
         grants = bindings(uid, member, storage)
@@ -160,7 +161,7 @@ class Accounts:
                     f"storage gs://{bucket}: the cluster's service account could not be granted "
                     f"access ({why}); grant {address} {add[0]['role']} on it yourself"
                 )
-        return address, warnings
+        return warnings
 
     def delete(self, uid: str) -> None:
         """Remove the cluster's grants from the buckets its account names, then the account;
