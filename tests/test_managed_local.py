@@ -78,6 +78,13 @@ def test_a_job_that_succeeds_is_pulled_and_its_cluster_downed(project, tmp_path)
     assert [(c["cluster"], c["where"], c["why"]) for c in j["clusters"]] == [
         ("ok-1", "local", "job ended")
     ]
+    r = run_cli("jobs")
+    assert r.returncode == 0 and "ok: SUCCEEDED (exit 0), 0 restart(s)" in r.stdout, r.stdout
+    assert "ok-1" in r.stdout and "job ended" in r.stdout
+    r = run_cli("status", "ok")  # an ended managed job: its story
+    assert r.returncode == 0 and "ok-1" in r.stdout, r.stdout + r.stderr
+    r = run_cli("logs", "ok")  # its last cluster's job, though the cluster is gone
+    assert r.returncode == 0 and "step 2" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_failing_script_is_not_restarted(project, monkeypatch):
@@ -226,3 +233,19 @@ def test_detach_hands_the_watch_to_autoscale_all(project, tmp_path, pg_url):
         service.wait(60)
     assert (tmp_path / "mlcloud-results" / "dt" / "dt-1" / "node0" / "result.txt").exists()
     assert not leftovers("dt")
+
+
+def test_on_failure_restart_runs_it_again_up_to_max_restarts(project, monkeypatch):
+    monkeypatch.setenv("CODE", "7")
+    spec = project / "mlcloud.yaml"
+    spec.write_text("recover: {on_failure: restart, max_restarts: 2}\n")
+    r = run_cli(
+        "launch", "rs", "-f", str(spec), "-w", str(project), "job.py", "--yes", "-e", "CODE",
+        cwd=project.parent,
+    )  # fmt: skip
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.stdout.count("step 2") == 3  # the first run and two restarts
+    j = jobs()["rs"]
+    assert (j["status"], j["restarts"], len(j["clusters"])) == ("FAILED", 2, 1)
+    said = run_cli("events", "rs").stdout
+    assert said.count("on_failure: restart") == 2, said
