@@ -249,3 +249,33 @@ def test_on_failure_restart_runs_it_again_up_to_max_restarts(project, monkeypatc
     assert (j["status"], j["restarts"], len(j["clusters"])) == ("FAILED", 2, 1)
     said = run_cli("events", "rs").stdout
     assert said.count("on_failure: restart") == 2, said
+
+
+@pytest.mark.real_torchrun  # an elastic size: the stand-in has no elastic rendezvous
+def test_restarts_in_place_past_the_limit_move_the_job(project, tmp_path):
+    spec = project / "mlcloud.yaml"
+    spec.write_text(
+        "nodes: '1:1'\nautoscale: {poll_seconds: 1}\nrecover: {max_restarts_in_place: 0}\n"
+    )
+    gate = tmp_path / "gate"
+    p = _launch(project, "ip", gate, "-f", str(spec))
+    try:
+        wait_for(lambda: _running("ip-1"), what="the job on ip-1")
+        uid = _cluster("ip-1")["uid"]
+        for pid in tagged_pids(f"{uid}."):  # its job's processes gone: the controller restarts
+            os.kill(pid, signal.SIGKILL)  # it in place, one more than the limit allows
+        wait_for(lambda: _running("ip-2") or p.poll() is not None, 120, "the job on ip-2")
+        assert p.poll() is None, p.communicate()[0]
+        gate.touch()
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out
+    j = jobs()["ip"]
+    assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [
+        ("ip-1", "restarts in place spent"),
+        ("ip-2", "job ended"),
+    ]
+    assert j["restarts"] >= 2  # in place (each the controller's event), and the new cluster
+    assert "recover.max_restarts_in_place (0) spent" in run_cli("events", "ip").stdout
+    assert clusters() == [] and not leftovers("ip")
