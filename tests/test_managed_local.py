@@ -154,7 +154,9 @@ def test_launch_killed_and_run_again_adopts_the_job(project, tmp_path):
     gate = tmp_path / "gate"
     p = _launch(project, "re", gate)
     wait_for(lambda: _running("re-1"), what="the job on re-1")
-    p.kill()  # -9: the watcher is gone, the job runs on
+    r = run_cli("launch", "re", "job.py", "--yes")  # a second watcher is refused
+    assert r.returncode == 1 and f"watched by {p.pid}@" in r.stderr, r.stderr
+    p.kill()  # -9: the watcher is gone (its lead with it), the job runs on
     p.wait()
     again = _launch(project, "re", gate)
     try:

@@ -98,17 +98,9 @@ def me() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def watched_elsewhere(job: state.ManagedJob) -> str | None:
-    """Who else watches the job now (a live launch, the controller service), or None."""
-    if job.watcher == DETACHED:
-        return "`mlcloud autoscale --all` (launched with --detach)"
-    pid, _, host = job.watcher.partition("@")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
-        if state.pid_alive(int(pid)):
-            return f"launch (pid {pid})"
-    if host and host != socket.gethostname():
-        return f"launch on {host} (pid {pid})"
-    return None
+def lead_key(name: str) -> str:
+    """The lead (`state.lead`) a managed job's watcher holds: `launch` or `autoscale --all`."""
+    return f"managed.{name}"
 
 
 def request_dict(req: launch.JobRequest, pull: str | None, near: str | None) -> dict:
