@@ -209,6 +209,13 @@ def test_bad_inputs_are_one_line(project, tmp_path):
     spec.write_text("recover:\n  on_failure: retry\n")
     r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")
     assert r.returncode == 2 and "recover.on_failure" in r.stderr, r.stderr
+    spec.write_text(  # a region the catalog has no offer in: refused before any cloud call
+        "provider: aws\nresources: {instance_type: g5.xlarge}\n"
+        "recover: {placements: ['aws:mars-1']}\n"
+    )
+    r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")
+    assert r.returncode == 2 and "recover.placements: 'aws:mars-1'" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
     assert jobs() == {} and clusters() == []
 
 
