@@ -98,17 +98,9 @@ def me() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def watched_elsewhere(job: state.ManagedJob) -> str | None:
-    """Who else watches the job now (a live launch, the controller service), or None."""
-    if job.watcher == DETACHED:
-        return "`mlcloud autoscale --all` (launched with --detach)"
-    pid, _, host = job.watcher.partition("@")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
-        if state.pid_alive(int(pid)):
-            return f"launch (pid {pid})"
-    if host and host != socket.gethostname():
-        return f"launch on {host} (pid {pid})"
-    return None
+def lead_key(name: str) -> str:
+    """The lead (`state.lead`) a managed job's watcher holds: `launch` or `autoscale --all`."""
+    return f"managed.{name}"
 
 
 def request_dict(req: launch.JobRequest, pull: str | None, near: str | None) -> dict:
@@ -372,7 +364,9 @@ class Watcher:
             spent_in_place = threading.Event()
             stop = threading.Event()
             watch = threading.Thread(
-                target=self._in_place, args=(h, job, spent_in_place, stop), daemon=True
+                target=self._in_place,
+                args=(h, job, driver, spent_in_place, stop),
+                daemon=True,
             )
             watch.start()
             try:
@@ -382,7 +376,7 @@ class Watcher:
                 watch.join(timeout=10)
             result = driver.outcome
             assert result is not None
-            in_place = self._restarts_in_place(cur.cluster, h.record.uid, job.submitted)
+            in_place = self._count(self.store, cur.cluster, h.record.uid, job.submitted)
             if spent_in_place.is_set():
                 return (result, SPENT), in_place
             own = [
@@ -438,17 +432,16 @@ class Watcher:
         if self.sink is not None:
             self.sink(text)
 
-    def _restarts_in_place(self, cluster: str, uid: str, since: float) -> int:
-        return sum(
-            1
-            for t, kind, _, _ in self.store.event_log(cluster, uid)
-            if kind in IN_PLACE and t >= since
-        )
-
     def _in_place(
-        self, h: handle.Handle, job: state.JobRecord, spent_: threading.Event, stop: threading.Event
+        self,
+        h: handle.Handle,
+        job: state.JobRecord,
+        driver: Driver,
+        spent_: threading.Event,
+        stop: threading.Event,
     ) -> None:
-        """Stop the job once its cluster's restarts in place pass the limit: rung 2 follows."""
+        """Stop the job once its cluster's restarts in place pass the limit (through the
+        driver, so its controller no longer brings it back): rung 2 follows."""
         limit = self.spec.recover.max_restarts_in_place
         if limit is None:
             return
@@ -462,11 +455,7 @@ class Watcher:
                         "recover",
                         f"recover.max_restarts_in_place ({limit}) spent: stopping the job here",
                     )
-                    for i in range(len(h.nodes)):
-                        try:
-                            launch.kill(h, i, job.job_id, 5.0)
-                        except MlcloudError:
-                            pass  # a lost node: nothing to stop there
+                    driver._stop(list(driver.following), grace=5.0)
                     return
         finally:
             store.close()

@@ -94,6 +94,7 @@ class StorageSpec:
 
 ON_FAILURE = ("stop", "restart")
 MOVE_SAVINGS = 0.3
+_PLACEMENT_RE = re.compile(r"[a-z][a-z0-9-]*(:[a-z0-9][a-z0-9-]*)?")
 
 
 @dataclass(frozen=True)
@@ -642,10 +643,12 @@ def _recover(rec: dict, where: _Where) -> RecoverSpec:
             f"{where('recover.placements')}: must be a list of CLOUD[:REGION|:ZONE], e.g. "
             "['aws:us-east-1', 'gce:europe-west4']"
         )
-    if placements:  # each a cloud the catalog prices, one of its regions or zones there
-        from mlcloud.spec.offers import check_placements
-
-        placements = check_placements(placements, where("recover.placements"))
+    for p in placements:  # the form here; the catalog's clouds, regions and zones at launch
+        if not isinstance(p, str) or not _PLACEMENT_RE.fullmatch(p.strip()):  # (spec/offers.py)
+            raise UsageError(
+                f"{where('recover.placements')}: {numbers.short(p)} is not CLOUD, CLOUD:REGION "
+                "or CLOUD:ZONE (e.g. aws, aws:us-east-1, aws:us-east-1a, gce:europe-west4)"
+            )
     savings = rec.get("move_savings")
     if savings is None:
         move_savings: float | None = default.move_savings
@@ -664,7 +667,7 @@ def _recover(rec: dict, where: _Where) -> RecoverSpec:
     return RecoverSpec(
         max_restarts=max_restarts,
         max_restarts_in_place=in_place,
-        placements=tuple(placements),
+        placements=tuple(dict.fromkeys(p.strip() for p in placements)),
         move_savings=move_savings,
         on_failure=on_failure,
     )
