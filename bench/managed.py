@@ -29,10 +29,11 @@ Measured per reclaim:
   dollars    the new cluster's $/h x back, plus the lost steps' time (lost x the measured
              seconds per step) x that $/h (they are done again there)
 
-Prints a table per mode and the ratios bucket/scratch (median over the reclaims), then the
-goal: back within 60 s of every reclaim plus the cloud's boot time (0 s on the fakes: moto's
-instances run at once and their sshd already listens), at most one checkpoint interval lost.
-Exits 1 if a run failed or the goal was missed. `--json`: one JSON object instead.
+Prints a table per mode, then bucket beside scratch with their ratio (back: the median over
+the reclaims; steps lost and dollars: the totals), then the goal: back within 60 s of every
+reclaim plus the cloud's boot time (0 s on the fakes: moto's instances run at once and their
+sshd already listens), at most one checkpoint interval lost, nothing left running. Exits 1
+if a run failed or the goal was missed. `--json`: one JSON object instead.
 """
 
 from __future__ import annotations
