@@ -278,7 +278,7 @@ def one_mode(bucket: bool, reclaims: int, endpoint: str, work: Path) -> dict:
     times = [t for t, x in out.lines if STEP.search(x)]
     step_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
     for r in rows:
-        r["usd"] = r["usd_per_hour"] * (r["back_s"] + r["steps_lost"] * step_s) / 3600
+        r["usd"] = round(r["usd_per_hour"] * (r["back_s"] + r["steps_lost"] * step_s) / 3600, 6)
     return {
         "rows": rows,
         "step_s": round(step_s, 3),
@@ -348,7 +348,7 @@ def summary(result: dict) -> list[dict]:
         fold = statistics.median if how == "median" else sum
         b, s = (fold(r[key] for r in result[m]["rows"]) for m in ("bucket", "scratch"))
         out.append(
-            {"what": f"{what} ({how})", "unit": unit, "bucket": b, "scratch": s,
+            {"what": f"{what} ({how})", "unit": unit, "bucket": round(b, 6), "scratch": round(s, 6),
              "ratio": round(b / s, 3) if s else None}
         )  # fmt: skip
     return out
