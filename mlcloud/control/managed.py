@@ -256,6 +256,16 @@ class Watcher:
             self._start(h)
         self.store.update_managed(self.name, watcher=DETACHED)
 
+    def _cancelled(self) -> bool:
+        """Whether the job was cancelled (or is gone); any thread may ask: it opens its own
+        connection."""
+        store = self.store.reopen()
+        try:
+            job = store.get_managed(self.name)
+        finally:
+            store.close()
+        return job is None or job.status in state.JOB_DONE
+
     def _ready(self, cur: state.ManagedCluster) -> bool:
         """Whether the job's current cluster is up (a killed watcher may have left it half
         made: `up` resumes it)."""
@@ -311,12 +321,18 @@ class Watcher:
             try:
                 rec = lifecycle.up(
                     self.store, cur.cluster, spec, self.report, price=price,
-                    fallback_regions=fallback,
+                    fallback_regions=fallback, cancelled=self._cancelled,
                 )  # fmt: skip
             except (CapacityError, QuotaError) as e:
+                if self._cancelled():
+                    return None
                 refused.append(f"{provider}: {e}")
                 self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=str(e))
                 continue
+            except MlcloudError:
+                if self._cancelled():  # `cancel NAME` came while it was made: rolled back
+                    return None
+                raise
             if self._job().status in state.JOB_DONE:  # cancelled while it was made
                 self._down(cur.cluster)
                 return None
