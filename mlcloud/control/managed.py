@@ -483,6 +483,7 @@ class Watcher:
                         "recover",
                         f"recover.max_restarts_in_place ({limit}) spent: stopping the job here",
                     )
+                    driver.stand_down()  # a restart in place under way would undo the stop
                     driver._stop(list(driver.following), grace=5.0)
                     return
         finally:

@@ -69,6 +69,8 @@ class Driver:
         self.elastic = launch.elastic_range(h) is not None
         self.following: dict[int, threading.Thread] = {}
         self.controller = None  # the autoscale controller running beside, if any
+        self._control_stop: threading.Event | None = None
+        self._control_thread: threading.Thread | None = None
         self.outcome: outcome.Outcome | None = None  # how the job ended, once it has
         self.stopping = False  # this driver stopped nodes: what ends now is its doing
         self.in_noise: set[int] = set()  # nodes in the middle of a trace of torch's noise
@@ -179,8 +181,8 @@ class Driver:
         """Follow to the end; returns the job's exit code (first failure wins, else 0).
         On Ctrl-C, stop the job (train's follower) or only stop following (logs --follow)."""
         self.follow_all()
-        stop = threading.Event()
-        control = self._control(stop) if controlled(self.h) else None
+        stop = self._control_stop = threading.Event()
+        control = self._control_thread = self._control(stop) if controlled(self.h) else None
         try:
             self._wait_recovered()
         except KeyboardInterrupt:
@@ -256,6 +258,18 @@ class Driver:
         th = threading.Thread(target=loop, daemon=True)
         th.start()
         return th
+
+    def stand_down(self, timeout: float = 120.0) -> None:
+        """End the controller beside the job, after the pass it may be applying (a restart
+        under way finishes first), so that what stops the job next stays stopped, and the
+        end is not held for a recovery that will not come."""
+        if self._control_stop is not None:
+            self._control_stop.set()
+        if self._control_thread is not None:
+            self._control_thread.join(timeout=timeout)
+        with self.cond:
+            self.controller = None
+            self.cond.notify_all()
 
     def _recovering(self) -> bool:
         ctl = self.controller
