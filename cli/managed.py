@@ -73,9 +73,9 @@ def launch(
     from mlcloud.control import managed
     from mlcloud.errors import BusyError, UsageError
     from mlcloud.jobs import launch as job_launch
-    from mlcloud.spec.task import check_cluster_name, parse_env
+    from mlcloud.spec.task import check_managed_name, parse_env
 
-    check_cluster_name(name)
+    check_managed_name(name)
     store = state.open_store()
     if detach and store.path is not None:
         raise UsageError(

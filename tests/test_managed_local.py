@@ -224,6 +224,8 @@ def test_bad_inputs_are_one_line(project, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     r = run_cli("launch", "dt", "-w", str(project), "--detach", "job.py", "--yes")
     assert r.returncode == 2 and "shared store" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("launch", "a" * 35, "-w", str(project), "job.py", "--yes")  # no room for -K
+    assert r.returncode == 2 and "at most 34" in r.stderr and r.stderr.count("\n") == 1
     spec = tmp_path / "s.yaml"
     spec.write_text("recover:\n  on_failure: retry\n")
     r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")

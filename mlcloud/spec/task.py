@@ -839,6 +839,21 @@ NAME_RULE = "a letter first, then lowercase letters, digits and hyphens, at most
 _NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
 
 
+MANAGED_NAME_MAX = 34  # a managed job's clusters are NAME-1 ... NAME-10001 (recover.max_restarts)
+
+
+def check_managed_name(name: str) -> str:
+    """A managed job's name: a cluster name with room for its clusters' `-K` suffix."""
+    check_cluster_name(name)
+    if len(name) > MANAGED_NAME_MAX:
+        raise UsageError(
+            f"managed job name {name!r} is {len(name)} characters: at most "
+            f"{MANAGED_NAME_MAX}, so that its clusters' names ({name[:8]}...-1, -2, ...) stay "
+            "within 40"
+        )
+    return name
+
+
 def check_cluster_name(name: str) -> str:
     """Return the name if valid, else raise a UsageError that states the rule."""
     if not _NAME_RE.fullmatch(name) or name.endswith("-"):
