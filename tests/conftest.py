@@ -502,6 +502,8 @@ for _var in (
     "GCLOUD_PROJECT",
     "CLOUDSDK_CORE_PROJECT",
     "MLCLOUD_GCE_API_ENDPOINT",
+    "MLCLOUD_GCE_IAM_ENDPOINT",
+    "STORAGE_EMULATOR_HOST",
 ):
     os.environ.pop(_var, None)
 os.environ["NO_GCE_CHECK"] = "true"

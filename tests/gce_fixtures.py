@@ -1,6 +1,8 @@
 """Fixtures for GCE tests: the fake Compute API (tests/fakes/gce_server.py) and credentials
 the way a user's come (a service-account key file in GOOGLE_APPLICATION_CREDENTIALS, the
-project in GOOGLE_CLOUD_PROJECT), plus the endpoint override MLCLOUD_GCE_API_ENDPOINT."""
+project in GOOGLE_CLOUD_PROJECT), plus the endpoint overrides MLCLOUD_GCE_API_ENDPOINT,
+MLCLOUD_GCE_IAM_ENDPOINT and STORAGE_EMULATOR_HOST (the fake serves Compute, IAM and Cloud
+Storage at one address)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def _configure(monkeypatch, tmp_path: Path, url: str, key: Path, project: str) -
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", project)
     monkeypatch.setenv("MLCLOUD_GCE_API_ENDPOINT", url)
+    # the same fake serves IAM and Cloud Storage (the latter as emulators are reached)
+    monkeypatch.setenv("MLCLOUD_GCE_IAM_ENDPOINT", url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
 
 

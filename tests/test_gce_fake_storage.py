@@ -11,10 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import pytest
 from fakes.gce_storage import crc32c
-
-pytestmark = pytest.mark.xdist_group("gce_fake_storage")
 
 
 def _req(url, method="GET", data=None, headers=None):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -17,7 +18,7 @@ from mlcloud.providers.base import (
     SshOptions,
     StorageAccess,
 )
-from mlcloud.providers.gce import api, rules
+from mlcloud.providers.gce import accounts, api, rules
 from mlcloud.providers.gce.provider import GceProvider
 
 from mlcloud import state
@@ -100,12 +101,108 @@ def test_image_family_of_the_users_and_disk_size(gce_env, mlcloud_home):
     assert disk["licenses"] == [f"https://www.googleapis.com/compute/v1/{req.image}"]
 
 
-def test_bucket_access_is_the_users_said_once(gce_env, mlcloud_home):
-    p = GceProvider()
-    req = request(storage=StorageAccess(write=("gs://ckpt/run1",), read=("s3://data/x",)))
-    warned = p.prepare(REF, req).warnings
-    assert len(warned) == 2 and "gs://ckpt/run1" in warned[0] and "no bucket" in warned[0]
-    assert p.prepare(REF, replace(req, zone="us-central1-b")).warnings == ()
+def _ours(fake, bucket: str, member: str) -> list[dict]:
+    return [b for b in fake.bucket_policy(bucket)["bindings"] if member in str(b["members"])]
+
+
+def test_gs_storage_makes_a_cluster_account_granted_only_its_prefixes(gce_env, mlcloud_home):
+    """The VMs run as the cluster's own service account; a token for it (what the metadata
+    server gives the VM) reaches the checkpoint prefix read-write and the data prefix
+    read-only, nothing else; `down` removes grants and account, and the user's credentials
+    are nowhere in the VM."""
+    fake, p = gce_env.fake, GceProvider()
+    for b in ("ckpt-b", "data-b"):
+        fake.create_bucket(b)
+    fake.put_object("data-b", "shards/0", "input")
+    fake.put_object("ckpt-b", "runs-other/x", "someone else's")
+    storage = StorageAccess(
+        write=("gs://ckpt-b/runs",), read=("gs://data-b/shards", "s3://data-s3/x")
+    )
+    prepared = p.prepare(REF, request(storage=storage))
+    assert len(prepared.warnings) == 1 and "s3://data-s3/x" in prepared.warnings[0]
+    assert p.prepare(REF, replace(request(storage=storage), zone="us-central1-b")).warnings == ()
+    nodes = p.create(REF, prepared.request, 2)
+    address = accounts.email(REF.uid, gce_env.project)
+    for vm in fake.instances():
+        assert vm["serviceAccounts"] == [{"email": address, "scopes": [rules.STORAGE_SCOPE]}]
+    key = gce_env.credentials.read_text()
+    assert json.loads(key)["private_key_id"] not in json.dumps(fake.instances())
+    assert json.loads(key)["client_email"] not in json.dumps(fake.instances())
+    assert len(fake.calls("POST", r"/serviceAccounts$")) == 1  # once, not per zone tried
+
+    token = {"Authorization": f"Bearer {fake.token_for(address)}"}
+    assert _gcs(gce_env, "POST", "ckpt-b", "runs/job/latest.json", token) == 200
+    assert _gcs(gce_env, "GET", "ckpt-b", "runs/job/latest.json", token) == 200
+    assert _gcs(gce_env, "DELETE", "ckpt-b", "runs/job/latest.json", token) == 204
+    assert _gcs(gce_env, "GET", "ckpt-b", "runs-other/x", token) == 403  # a sibling prefix
+    assert _gcs(gce_env, "POST", "ckpt-b", "elsewhere", token) == 403
+    assert _gcs(gce_env, "GET", "data-b", "shards/0", token) == 200
+    assert _gcs(gce_env, "POST", "data-b", "shards/1", token) == 403  # data is read-only
+    assert _gcs(gce_env, "LIST", "data-b", "shards/", token) == 200
+    assert _gcs(gce_env, "LIST", "data-b", "", token) == 403
+
+    p.terminate(REF, nodes)
+    p.cleanup(REF)
+    assert fake.is_empty() and fake.service_accounts() == []
+    assert not _ours(fake, "ckpt-b", address) and not _ours(fake, "data-b", address)
+    p.cleanup(REF)  # again: nothing left, no error
+
+
+def _gcs(env, method: str, bucket: str, name: str, headers: dict) -> int:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    q = urllib.parse.quote(name, safe="")
+    url, data = f"{env.url}/storage/v1/b/{bucket}/o/{q}?alt=media", None
+    if method == "POST":
+        url, data = f"{env.url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={q}", b"x"
+    if method == "LIST":
+        method, url = "GET", f"{env.url}/storage/v1/b/{bucket}/o?prefix={q}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_resumed_up_finds_the_account_and_grants_once(gce_env, mlcloud_home):
+    fake = gce_env.fake
+    fake.create_bucket("ckpt-b")
+    storage = StorageAccess(write=("gs://ckpt-b/runs",))
+    made(GceProvider(), request(count=1, storage=storage))
+    made(GceProvider(), request(count=1, storage=storage))  # a new process: 409, then on
+    address = accounts.email(REF.uid, gce_env.project)
+    assert len(fake.service_accounts()) == 1 and len(_ours(fake, "ckpt-b", address)) == 1
+    assert all(vm["serviceAccounts"][0]["email"] == address for vm in fake.instances())
+
+
+def test_no_gs_storage_no_account(gce_env, mlcloud_home):
+    fake = gce_env.fake
+    made(GceProvider(), request(count=1, storage=StorageAccess(write=("s3://ckpt/run",))))
+    assert fake.instances()[0]["serviceAccounts"] == [] and fake.service_accounts() == []
+    assert fake.calls(path="serviceAccounts|/storage/") == []
+
+
+def test_a_bucket_not_the_users_is_a_warning_naming_what_to_grant(gce_env, mlcloud_home):
+    fake, p = gce_env.fake, GceProvider()
+    fake.create_bucket("ckpt-b")
+    fake.fail_calls(1, 403, "forbidden", method="GET", path=r"/b/ckpt-b/iam$")
+    storage = StorageAccess(write=("gs://ckpt-b/runs",), read=("gs://nobody-b/x",))
+    warned = p.prepare(REF, request(storage=storage)).warnings
+    address = accounts.email(REF.uid, gce_env.project)
+    assert len(warned) == 2 and all("\n" not in w and address in w for w in warned)
+    assert "gs://ckpt-b" in warned[0] and "HTTP 403" in warned[0]
+    assert "roles/storage.objectAdmin" in warned[0]
+    assert "gs://nobody-b" in warned[1] and "does not exist" in warned[1]
+
+
+def test_no_right_to_make_accounts_is_one_line(gce_env, mlcloud_home):
+    gce_env.fake.fail_calls(1, 403, "forbidden", path=r"/serviceAccounts$")
+    with pytest.raises(AuthError) as info:
+        GceProvider().prepare(REF, request(storage=StorageAccess(write=("gs://ckpt-b/r",))))
+    assert "\n" not in str(info.value) and "iam.serviceAccounts.create" in str(info.value)
 
 
 def test_the_specs_project_is_kept_for_later_commands(gce_env, mlcloud_home):
@@ -217,13 +314,16 @@ def test_spot_deletes_on_termination_and_budget_sets_max_run_duration(gce_env, m
 def test_gc_finds_and_deletes_this_homes_orphans(gce_env, mlcloud_home):
     fake, p = gce_env.fake, GceProvider()
     ref = replace(REF, owner=state_owner())
-    made(p, request(), ref)
+    fake.create_bucket("ckpt-b")
+    made(p, request(storage=StorageAccess(write=("gs://ckpt-b/r",))), ref)
     store = state.open_store()
     found = gc.find(store, "gce", ["us-central1"]).found
-    assert sorted(r.kind for r in found) == ["firewall", "firewall", "instance", "instance"]
+    kinds = ["firewall", "firewall", "instance", "instance", "service-account"]
+    assert sorted(r.kind for r in found) == kinds
     assert {r.cluster_uid for r in found} == {REF.uid} and all(r.owner == ref.owner for r in found)
     orphans = gc.decide(found, ref.owner, set(), 0, time.time())
     assert gc.delete(orphans) and fake.is_empty()
+    assert fake.bucket_policy("ckpt-b")["bindings"][-1]["role"] == "roles/storage.legacyBucketOwner"
 
 
 def test_doctor_rebuild_recovers_a_cluster_from_its_labels(gce_env, mlcloud_home):

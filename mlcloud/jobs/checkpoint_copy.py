@@ -1,13 +1,15 @@
 """Copy a job's newest complete checkpoint between two bucket locations (s3:// <-> gs://), on
 the launching machine with the user's own credentials, when a managed job moves to a cloud
-whose nodes keep checkpoints elsewhere (docs/architecture.md, "Checkpoints in a bucket").
+whose nodes keep checkpoints elsewhere (docs/architecture.md, "The job's environment").
 
-The layout is the node side's (templates/ddp/checkpoint_store.py): objects under the prefix,
-and `latest.json` naming the newest complete one (step, key, size, sha256, previous). The copy
-reads the source manifest first, streams the object it names to a local spool while hashing
-it, refuses unless size and sha256 match the manifest, uploads it under the same key, checks
-the size (and, on GCS, the MD5) the destination reports, and only then writes the destination
-manifest, last: a reader at the destination sees the old checkpoint or the whole new one.
+The layout is the node side's (templates/checkpoints.py): a checkpoint's files as objects under
+the prefix (KEY/NAME, KEY/NAME/PATH for a directory's), and `latest.json` naming the newest
+complete one (step, name, key, files: [object, path, size, sha256], previous). The copy reads
+the source manifest first; each file is streamed to a local spool while hashed, refused unless
+size and sha256 match the manifest, uploaded under the same object name, and checked by the
+size (and, on GCS, the MD5) the destination reports. Only then is the destination manifest
+written, last: a reader there sees the old checkpoint or the whole new one. A failed copy
+removes what it uploaded and writes no manifest.
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ class CheckpointCopyError(MlcloudError):
 @dataclass(frozen=True)
 class Copied:
     step: int
-    key: str  # the object's name under both prefixes
-    size: int
+    name: str  # the checkpoint's name (a file's, or a directory's)
+    size: int  # bytes, all its files
     source: str
     destination: str
     already: bool  # the destination's manifest named this checkpoint already: nothing sent
+
+
+@dataclass(frozen=True)
+class _File:
+    obj: str  # the object's name under the prefix
+    path: str  # inside the checkpoint ("" for a file)
+    size: int
+    sha256: str
 
 
 def copy_newest(source: str, destination: str) -> Copied | None:
@@ -49,64 +59,108 @@ def copy_newest(source: str, destination: str) -> Copied | None:
     manifest = _manifest(src)
     if manifest is None:
         return None
-    step, key, size, sha256 = _fields(manifest, src.uri)
+    step, name, files = _fields(manifest, src.uri)
+    total = sum(f.size for f in files)
     old = _manifest(dst) or {}
-    if (old.get("key"), old.get("sha256"), old.get("size")) == (key, sha256, size):
-        return Copied(step, key, size, source, destination, already=True)
+    if old.get("files") == manifest.get("files") and old.get("step") == manifest.get("step"):
+        return Copied(step, name, total, source, destination, already=True)
+    sent: list[str] = []
+    try:
+        for f in files:
+            _copy_file(src, dst, f)
+            sent.append(f.obj)
+    except CheckpointCopyError:
+        _forget(dst, sent)
+        raise
+    previous = _record(old) if old else None
+    new = dict(manifest, previous=previous, copied_from=src.uri, copied_at=time.time())
+    try:
+        dst.put_bytes(MANIFEST, json.dumps(new).encode())  # now it is visible
+    except Exception as e:
+        _forget(dst, sent)
+        raise CheckpointCopyError(
+            f"checkpoint copy: cannot write {dst.uri}/{MANIFEST}: {_short(e)}"
+        ) from e
+    stale = (old.get("previous") or {}) if isinstance(old.get("previous"), dict) else {}
+    keep = {f.obj for f in files} | {o for o, *_ in _pairs(old.get("files"))}
+    _forget(dst, [o for o, *_ in _pairs(stale.get("files")) if o not in keep])
+    return Copied(step, name, total, source, destination, already=False)
+
+
+def _copy_file(src, dst, f: _File) -> None:
+    """One file through a local spool: read and hashed, checked, written, checked again."""
+    nothing = f"nothing written to {dst.uri}/{MANIFEST}"
     with tempfile.TemporaryFile(prefix="mlcloud-ckpt-") as spool:
-        digest, md5, got = hashlib.sha256(), hashlib.md5(), 0  # noqa: S324 - GCS's checksum
+        digest, md5 = hashlib.sha256(), hashlib.md5()  # noqa: S324 - GCS's own checksum
         try:
-            if not src.get(key, _Tee(spool, digest, md5)):
-                raise CheckpointCopyError(
-                    f"checkpoint copy: {src.uri}/{MANIFEST} names {key}, which is not there "
-                    "(the source moved on while copying: try again)"
-                )
-            got = spool.tell()
-        except CheckpointCopyError:
-            raise
+            found = src.get(f.obj, _Tee(spool, digest, md5))
         except Exception as e:
-            raise CheckpointCopyError(f"checkpoint copy: cannot read {src.uri}/{key}: {e}") from e
-        if (got, digest.hexdigest()) != (size, sha256):
             raise CheckpointCopyError(
-                f"checkpoint copy: {src.uri}/{key} does not match its manifest (size {got} of "
-                f"{size}, sha256 {digest.hexdigest()[:12]} not {sha256[:12]}); nothing written "
-                f"to {dst.uri}/{MANIFEST}"
+                f"checkpoint copy: cannot read {src.uri}/{f.obj}: {_short(e)}; {nothing}"
+            ) from e
+        if not found:
+            raise CheckpointCopyError(
+                f"checkpoint copy: {src.uri}/{MANIFEST} names {f.obj}, which is not there "
+                f"(the source moved on while copying: try again); {nothing}"
+            )
+        got = spool.tell()
+        if (got, digest.hexdigest()) != (f.size, f.sha256):
+            raise CheckpointCopyError(
+                f"checkpoint copy: {src.uri}/{f.obj} does not match its manifest (size {got} "
+                f"of {f.size}, sha256 {digest.hexdigest()[:12]} not {f.sha256[:12]}); {nothing}"
             )
         spool.seek(0)
         try:
-            stored = dst.put(key, spool, size, md5.digest())
+            stored = dst.put(f.obj, spool, f.size, md5.digest())
         except Exception as e:
             raise CheckpointCopyError(
-                f"checkpoint copy: cannot write {dst.uri}/{key}: {e}; nothing written to "
-                f"{dst.uri}/{MANIFEST}"
+                f"checkpoint copy: cannot write {dst.uri}/{f.obj}: {_short(e)}; {nothing}"
             ) from e
-    if stored != size:
+    if stored != f.size:
         raise CheckpointCopyError(
-            f"checkpoint copy: {dst.uri}/{key} holds {stored} bytes, not {size}; nothing "
-            f"written to {dst.uri}/{MANIFEST}"
+            f"checkpoint copy: {dst.uri}/{f.obj} holds {stored} bytes, not {f.size}; {nothing}"
         )
-    new = dict(manifest, previous=old.get("key"), copied_from=src.uri, copied_at=time.time())
-    try:
-        dst.put_bytes(MANIFEST, json.dumps(new).encode())  # now it is visible
-        for stale in {old.get("previous")} - {None, key, old.get("key")}:
-            dst.delete(stale)
-    except Exception as e:
-        raise CheckpointCopyError(f"checkpoint copy: cannot write {dst.uri}/{MANIFEST}: {e}") from e
-    return Copied(step, key, size, source, destination, already=False)
 
 
-def _fields(manifest: dict, uri: str) -> tuple[int, str, int, str]:
+def _pairs(files) -> list:
+    return [f for f in files or [] if isinstance(f, list | tuple) and f]
+
+
+def _record(manifest: dict) -> dict | None:
+    """What the destination's next manifest keeps of its current one as `previous`."""
     try:
-        step, key = int(manifest["step"]), str(manifest["key"])
-        size, sha256 = int(manifest["size"]), str(manifest["sha256"])
+        _, _, files = _fields(manifest, "")
+    except CheckpointCopyError:
+        return None  # not one a node wrote: nothing of it is kept or removed
+    return {"key": manifest.get("key"), "files": [[f.obj, f.path, f.size, f.sha256] for f in files]}
+
+
+def _fields(manifest: dict, uri: str) -> tuple[int, str, list[_File]]:
+    """(step, name, files) of a manifest, also one the DDP template wrote before the node side
+    did (one object `key` with its size and sha256); every name checked."""
+    bad = CheckpointCopyError(
+        f"checkpoint copy: {uri}/{MANIFEST} is not a checkpoint manifest (step, name, files)"
+    )
+    try:
+        step = int(manifest["step"])
+        if "files" in manifest:
+            name = str(manifest["name"])
+            files = [_File(str(o), str(p), int(n), str(h)) for o, p, n, h in manifest["files"]]
+        else:
+            name = f"ckpt-{step:08d}.pt"
+            key = str(manifest["key"])
+            files = [_File(key, "", int(manifest["size"]), str(manifest["sha256"]))]
     except (KeyError, TypeError, ValueError):
-        raise CheckpointCopyError(
-            f"checkpoint copy: {uri}/{MANIFEST} is not a checkpoint manifest (step, key, size, "
-            "sha256)"
-        ) from None
-    if not key or "/" in key or key in (".", "..", MANIFEST):
-        raise CheckpointCopyError(f"checkpoint copy: {uri}/{MANIFEST} names a bad key {key!r}")
-    return step, key, size, sha256
+        raise bad from None
+    if not files or not name or "/" in name or name in (".", ".."):
+        raise bad
+    for f in files:
+        parts = f.obj.split("/")
+        if f.obj == MANIFEST or f.obj.startswith("/") or {"", ".", ".."} & set(parts):
+            raise CheckpointCopyError(
+                f"checkpoint copy: {uri}/{MANIFEST} names a bad object {f.obj!r}"
+            )
+    return step, name, files
 
 
 def _manifest(store) -> dict | None:
@@ -114,7 +168,7 @@ def _manifest(store) -> dict | None:
         data = store.get_bytes(MANIFEST)
     except Exception as e:
         raise CheckpointCopyError(
-            f"checkpoint copy: cannot read {store.uri}/{MANIFEST}: {e}"
+            f"checkpoint copy: cannot read {store.uri}/{MANIFEST}: {_short(e)}"
         ) from e
     if data is None:
         return None
@@ -125,6 +179,20 @@ def _manifest(store) -> dict | None:
     if not isinstance(manifest, dict):
         raise CheckpointCopyError(f"checkpoint copy: {store.uri}/{MANIFEST} is not JSON")
     return manifest
+
+
+def _forget(store, objects: list[str]) -> None:
+    """Remove objects; one left behind costs a little storage, never a wrong checkpoint."""
+    for obj in objects:
+        try:
+            store.delete(obj)
+        except Exception:  # noqa: S110 - best effort, as the node side does
+            pass
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class _Tee:

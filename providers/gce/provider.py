@@ -36,7 +36,7 @@ from mlcloud.providers.base import (
     Resource,
     SshOptions,
 )
-from mlcloud.providers.gce import rules
+from mlcloud.providers.gce import accounts, rules
 
 from mlcloud.errors import UsageError
 from mlcloud.remote.ssh import SshTarget, SshTransport
@@ -91,6 +91,7 @@ class GceProvider:
         self._creds: tuple[Any, str | None] | None = None
         self._zones: dict[str, str] = {}  # VM name -> zone, as last listed
         self._storage_warned = False
+        self._accounts: dict[str, str] = {}  # cluster uid -> its service account, made
 
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
@@ -216,10 +217,20 @@ class GceProvider:
         cidrs = list(request.ssh.allowed_cidrs) or [caller.cidr(endpoint)]
         for body in rules.firewalls(cluster.uid, cluster.owner, cidrs):
             self._firewall(api, body)
+        warnings: tuple[str, ...] = ()
+        if accounts.wanted(request.storage) and cluster.uid not in self._accounts:
+            address, said = self._account_api(api).ensure(
+                cluster.uid, cluster.name, cluster.owner, request.storage
+            )
+            self._accounts[cluster.uid] = address  # once, not again for each zone tried
+            warnings += tuple(said)
         uris = () if self._storage_warned else (*request.storage.write, *request.storage.read)
-        warnings = rules.storage_warnings(uris)
-        self._storage_warned |= bool(warnings)  # once, not again for each zone tried
-        return Prepared(request, warnings)
+        other = rules.storage_warnings(uris)
+        self._storage_warned |= bool(other)
+        return Prepared(request, warnings + other)
+
+    def _account_api(self, api: Api) -> accounts.Accounts:
+        return accounts.Accounts(self._credentials()[0], api.project)
 
     def create(self, cluster: ClusterRef, request: ProvisionRequest, count: int) -> list[Node]:
         api = self._api_of(cluster)
@@ -252,6 +263,11 @@ class GceProvider:
             public_key=public,
             spot=request.spot,
             max_run_s=rules.max_run_seconds(request.deadline, time.time()),
+            account=(
+                accounts.email(cluster.uid, api.project)
+                if accounts.wanted(request.storage)
+                else None
+            ),
         )
         body = {
             "count": count,
@@ -347,6 +363,8 @@ class GceProvider:
             pending.unlink()
         for name in rules.firewall_names(cluster.uid):
             self._delete_firewall(api, name)
+        self._account_api(api).delete(cluster.uid)  # after the VMs that ran as it are gone
+        self._accounts.pop(cluster.uid, None)
         _settings_path(cluster.uid).unlink(missing_ok=True)  # prepare writes it again
 
     def transport(
@@ -370,10 +388,14 @@ class GceProvider:
     # garbage collection
 
     def discover(self, region: str | None) -> list[Resource]:
-        """Every firewall rule mlcloud made (global: listed whatever the region), then every
-        labelled VM (in the region's zones, if one is named); a VM's id is zone/name."""
+        """Every firewall rule and service account mlcloud made (global: listed whatever the
+        region), then every labelled VM (in the region's zones, if one is named); a VM's id
+        is zone/name."""
         api = self.api(Settings())
-        found = []
+        found = [
+            Resource("gce", "service-account", address, uid, uid.rpartition("-")[0], home, "global")
+            for address, uid, home in self._account_api(api).discover()
+        ]
         for f in api.paged("firewalls", "list", project=api.project):
             owner = rules.firewall_owner(f.description)
             if owner and f.name.startswith("mlcloud-"):
@@ -431,6 +453,9 @@ class GceProvider:
         for r in resources:
             if r.kind == "firewall":
                 self._delete_firewall(api, r.id)
+        for r in resources:
+            if r.kind == "service-account":  # its grants first, then the account
+                self._account_api(api).delete(r.cluster_uid)
 
     def recorded(self, cluster: ClusterRef) -> ProvisionRequest | None:
         return None  # its project and endpoint it reads again itself

@@ -17,6 +17,8 @@ DISK_GB = 200
 DLVM_PROJECT = "deeplearning-platform-release"
 DLVM_FAMILY = "pytorch-latest-gpu"
 NETWORK = "global/networks/default"
+# what a VM running as the cluster's service account may ask its metadata server a token for
+STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 # The catalog's n1 rows name their GPUs by model; GCE by accelerator type.
 ACCELERATORS = {
     "T4": "nvidia-tesla-t4",
@@ -180,9 +182,12 @@ def instance_properties(
     public_key: str,
     spot: bool,
     max_run_s: int | None,
+    account: str | None = None,
 ) -> dict:
-    """The body every VM of one bulkInsert shares (snake_case, as the client takes it)."""
+    """The body every VM of one bulkInsert shares (snake_case, as the client takes it). VMs
+    run as `account` (the cluster's own, for its buckets) or, without one, as no account."""
     machine, accelerators = split_type(instance_type)
+    service = [{"email": account, "scopes": [STORAGE_SCOPE]}] if account else []
     return {
         "machine_type": machine,
         "guest_accelerators": [
@@ -216,6 +221,7 @@ def instance_properties(
             ]
         },
         "scheduling": scheduling(instance_type, spot, max_run_s),
+        "service_accounts": service,
     }
 
 
@@ -247,10 +253,12 @@ def firewalls(uid: str, owner: str, cidrs: list[str]) -> list[dict]:
 
 
 def storage_warnings(uris: tuple[str, ...]) -> tuple[str, ...]:
+    """The URIs a GCE cluster's service account cannot cover (s3://): said once at `up`."""
     return tuple(
-        f"storage {uri}: a GCE cluster's nodes run without a service account, so mlcloud "
-        "gives them no bucket credentials; grant them access yourself"
+        f"storage {uri}: a GCE cluster's nodes get credentials for gs:// buckets only, so "
+        "mlcloud gives them none for this one; grant them access yourself"
         for uri in uris
+        if not uri.startswith("gs://")
     )
 
 

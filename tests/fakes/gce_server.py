@@ -195,6 +195,37 @@ class GceFake(Compute):
         self.iam = Iam()
         self._skus = None  # prices as made from the catalog again
 
+    # -- VMs run as a service account that exists (GCE refuses the insert otherwise) ------
+    def _check_accounts(self, accounts: list | None, field: str) -> None:
+        for i, sa in enumerate(accounts or []):
+            address = sa.get("email", "")
+            default = address == "default" or address.endswith(
+                "-compute@developer.gserviceaccount.com"
+            )
+            if not default and not self.iam.exists(address):
+                raise ApiError(
+                    400,
+                    "invalid",
+                    f"Invalid value for field '{field}.serviceAccounts[{i}].email': "
+                    f"'{address}'. The service account does not exist.",
+                )
+            if not sa.get("scopes"):
+                raise ApiError(
+                    400,
+                    "invalid",
+                    f"Invalid value for field '{field}.serviceAccounts[{i}].scopes': ''. "
+                    "A service account needs at least one scope.",
+                )
+
+    def insert_instance(self, project, zone, body, rid, caller):
+        self._check_accounts(body.get("serviceAccounts"), "resource")
+        return super().insert_instance(project, zone, body, rid, caller)
+
+    def bulk_insert(self, project, zone, body, rid, caller):
+        props = body.get("instanceProperties") or {}
+        self._check_accounts(props.get("serviceAccounts"), "resource.instanceProperties")
+        return super().bulk_insert(project, zone, body, rid, caller)
+
     # -- Cloud Storage and IAM: the Python API (see gce_storage.py, gce_iam.py) -------------
     def create_bucket(self, name: str, project: str = DEFAULT_PROJECT) -> dict:
         return self.storage.create_bucket(name, project)
@@ -212,6 +243,10 @@ class GceFake(Compute):
 
     def service_accounts(self, project: str | None = None) -> list[dict]:
         return self.iam.service_accounts(project)
+
+    def is_empty(self) -> bool:
+        """No instance, firewall rule or service account left (what `down` must achieve)."""
+        return super().is_empty() and not self.iam.service_accounts()
 
     def token_for(self, email: str) -> str:
         """An access token for a service account the fake's IAM made: what a VM running as
