@@ -3,7 +3,8 @@ docs/architecture.md "Managed jobs").
 
 While the job runs on its cluster, a Mover thread (started by the watcher beside the driver)
 asks every MOVE_CHECK_EVERY seconds for the live offers among the allowed placements
-(spec/offers.py) and the pure rule (control/moves.py) for a verdict, with: the cluster's own
+(spec/offers.py; a price older than MOVE_PRICE_MAX_AGE never moves the job) and the pure rule
+(control/moves.py) for a verdict, with: the cluster's own
 offer, the time the job takes to resume (the newest `training` event of the job: a cluster's
 time from being asked for to the job's first progress there; RESUME_DEFAULT_S until one is
 measured), the work since the newest checkpoint in the bucket (its manifest's time; without a
@@ -164,15 +165,15 @@ class Mover(threading.Thread):
             return None
         rec = self.h.record
         itype = (rec.spec.get("resources") or {}).get("instance_type")
-        now = time.time()
-        found = live.offers(spec, spec.recover.placements, now=now, max_age=live.MAX_AGE_S)
+        now, max_age = time.time(), timeouts.seconds("MOVE_PRICE_MAX_AGE")
+        found = live.offers(spec, spec.recover.placements, now=now, max_age=max_age)
         here = live.offer_at(found, rec.provider, cur.region, cur.zone or None, itype or "")
         if here is None:
             return None
         # a cloud with no checkpoint location of its own would start the job from scratch
         keeps = self._uri(rec.provider) is None
         allowed = [o for o in found if keeps or self._uri(o.provider) is not None]
-        fresh = [o for o in allowed if o.fresh(now, live.MAX_AGE_S)]
+        fresh = [o for o in allowed if o.fresh(now, max_age)]
         best = (fresh or allowed or [here])[0]
         ckpt = self._checkpoint()
         since = now - (ckpt[1] if ckpt else self.job.submitted)
@@ -185,7 +186,7 @@ class Mover(threading.Thread):
             remaining_s=self._remaining(),
             nodes=len(self.h.nodes),
             now=now,
-            max_age=live.MAX_AGE_S,
+            max_age=max_age,
         )
         return move, best, ckpt
 

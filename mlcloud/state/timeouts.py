@@ -27,6 +27,10 @@ DEFAULTS = {
         300.0,
         "how often a managed job's watcher asks for live offers to decide a move for price",
     ),
+    "MOVE_PRICE_MAX_AGE": (
+        900.0,
+        "how old a live price may be and still drive a move for price (asked again at half)",
+    ),
     "MOVE_CHECKPOINT_WAIT": (
         600.0,
         "how long a move for price waits for a fresh checkpoint before deciding again",
