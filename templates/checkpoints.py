@@ -210,7 +210,9 @@ class Uploader:
         sig = _signature(path)
         settled = self.seen == (name, sig)
         self.seen = (name, sig)
-        if sig is None or not (settled or final):
+        if sig is None:  # gone meanwhile, or a directory with no file in it yet
+            return "idle" if final else "waiting"
+        if not (settled or final):
             return "waiting"
         try:
             m = read_manifest(self.store)
@@ -369,8 +371,14 @@ class S3Store:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def get_bytes(self, name):
-        buf = io.BytesIO()
-        return buf.getvalue() if self.get(name, buf) else None
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
 
     def get(self, name, f):
         from botocore.exceptions import ClientError

@@ -163,7 +163,7 @@ def _last_upload(uploader, log):
     except subprocess.TimeoutExpired:
         uploader.kill()
         uploader.wait()
-        log.write(f"checkpoints: the last upload did not end in {FINAL_UPLOAD_S:.0f} s\n".encode())
+        log.write(f"checkpoints: the last upload did not end in {FINAL_UPLOAD_S:g} s\n".encode())
 
 
 def _alive(pid):

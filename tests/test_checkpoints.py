@@ -1,5 +1,5 @@
 """The node side of durable checkpoints (templates/checkpoints.py): S3 on the run's moto server,
-Cloud Storage on a small handler of its JSON API, and node_ctl running it beside a plain job.
+Cloud Storage on the fake Compute API's, and node_ctl running it beside a plain job.
 A reader only ever sees a complete checkpoint, restored under its own name whether a file or a
 directory; uploads are newest only, by `pull --checkpoints`' convention; a bucket out of reach
 is said once and costs the job nothing."""
@@ -11,10 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -115,6 +112,18 @@ def test_a_directory_checkpoint_travels_whole_and_in_progress_names_never(s3, tm
         "step_500/b",
     ]
     assert (dest / "step_500" / "b").read_bytes() == (src / "step_500" / "b").read_bytes()
+
+
+def test_the_last_pass_takes_the_newest_at_once_and_ends_on_an_empty_one(s3, tmp_path):
+    src, said = tmp_path / "src", []
+    store = ck.open_store("s3://ckpts/last", print)
+    up = ck.Uploader(store, str(src), 0, said.append)
+    write(src / "ckpt-1", 1)
+    up.final()  # no second look: the job has ended, nothing changes any more
+    assert said == ["checkpoints: step 1 uploaded to s3://ckpts/last"]
+    (src / "ckpt-2").mkdir()  # a directory the job never filled
+    up.final(sleep=lambda s: pytest.fail("the last pass waited"))
+    assert ck.read_manifest(store).step == 1
 
 
 def test_a_torn_object_is_refused_and_the_disk_untouched(s3, tmp_path):
@@ -254,53 +263,12 @@ def test_without_boto3_one_clear_line_and_no_store(monkeypatch):
     assert len(said) == 1 and "boto3 is not installed" in said[0] and "s3://ckpts/p" in said[0]
 
 
-class FakeGcs(BaseHTTPRequestHandler):
-    """The JSON API calls the node makes: media upload, media download, delete."""
-
-    objects: dict[tuple[str, str], bytes] = {}
-
-    def log_message(self, *args):
-        pass
-
-    def _target(self):
-        url = urllib.parse.urlsplit(self.path)
-        return url, url.path.split("/")
-
-    def do_POST(self):
-        url, parts = self._target()
-        query = urllib.parse.parse_qs(url.query)
-        assert parts[1:5] == ["upload", "storage", "v1", "b"] and query["uploadType"] == ["media"]
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.objects[(parts[5], query["name"][0])] = body
-        self._answer(200, json.dumps({"name": query["name"][0]}).encode())
-
-    def do_GET(self):
-        url, parts = self._target()
-        key = (parts[4], urllib.parse.unquote(parts[6]))
-        if key not in self.objects:
-            return self._answer(404, b"{}")
-        self._answer(200, self.objects[key])
-
-    def do_DELETE(self):
-        url, parts = self._target()
-        found = self.objects.pop((parts[4], urllib.parse.unquote(parts[6])), None)
-        self._answer(204 if found is not None else 404, b"")
-
-    def _answer(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 @pytest.fixture
-def gcs(monkeypatch):
-    FakeGcs.objects = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeGcs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{server.server_port}")
-    yield FakeGcs.objects
-    server.shutdown()
+def gcs(gce_fake, monkeypatch):
+    """The fake Compute API's Cloud Storage, reached as a node reaches an emulator."""
+    gce_fake.create_bucket("ckpt-eu")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gce_fake.url)
+    return gce_fake
 
 
 def test_gcs_through_the_json_api(gcs, tmp_path):
@@ -310,8 +278,8 @@ def test_gcs_through_the_json_api(gcs, tmp_path):
     for step in (7, 8, 9):
         write(src / f"ckpt-{step}.pt", step)
         assert settle_and_poll(up) == "uploaded"
-    names = sorted(k for _, k in gcs)
-    assert "runs/lab/latest.json" in names and len(names) == 3  # manifest + newest two
+    names = sorted(gcs.objects("ckpt-eu"))
+    assert "ckpt-eu/runs/lab/latest.json" in names and len(names) == 3  # manifest + newest two
     dest = tmp_path / "dest"
     assert ck.restore(store, str(dest), print) == 9
     assert (dest / "ckpt-9.pt").read_bytes() == (src / "ckpt-9.pt").read_bytes()
@@ -388,3 +356,35 @@ def test_cancel_reaches_the_uploader_and_its_last_pass_runs(s3, tmp_path):
     assert tagged_pids("ck2.0.1.") == []
     r = ctl("follow", str(jd))
     assert r.returncode == 143 and r.stdout.count("uploaded") == 1
+
+
+def test_the_uploader_never_outlives_a_killed_waiter(s3, tmp_path):
+    import os
+    import signal
+
+    jd, _ = node_job(tmp_path, "ck3.0.1.", steps=1, linger=300)
+    ctl("start", str(jd))
+    deadline = time.time() + 30
+    while len(tagged_pids("ck3.0.1.")) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(tagged_pids("ck3.0.1.")) >= 3  # waiter, job, uploader
+    os.kill(int((jd / "waiter.pid").read_text()), signal.SIGKILL)
+    deadline = time.time() + 30  # the reaper's grace is 5 s
+    while tagged_pids("ck3.0.1.") and time.time() < deadline:
+        time.sleep(0.1)
+    assert tagged_pids("ck3.0.1.") == []
+
+
+def test_a_last_upload_that_hangs_does_not_hold_the_jobs_end(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("node_ctl_t", CTL)
+    node_ctl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node_ctl)
+    monkeypatch.setattr(node_ctl, "FINAL_UPLOAD_S", 0.5)
+    hung = subprocess.Popen(["sleep", "300"], stdin=subprocess.PIPE)
+    with open(tmp_path / "output.log", "wb") as log:
+        started = time.monotonic()
+        node_ctl._last_upload(hung, log)
+    assert time.monotonic() - started < 10 and hung.returncode == -9
+    assert (tmp_path / "output.log").read_text() == (
+        "checkpoints: the last upload did not end in 0.5 s\n"
+    )

@@ -53,12 +53,22 @@ def test_up_fails_over_trains_ddp_across_two_vms_and_down_leaves_nothing(
     _, proxy = relay_pool(tmp_path, [n.host for n in nodes.nodes])
     assert run_cli("init", str(tmp_path / "proj")).returncode == 0
     spec = tmp_path / "budget.yaml"
-    spec.write_text("autoscale:\n  max_cost: 10\n")
+    fake.create_bucket("ckpt-eu")
+    spec.write_text(
+        "autoscale:\n  max_cost: 10\n"
+        "storage:\n  checkpoints: {aws: s3://ckpt-us/runs, gce: gs://ckpt-eu/runs}\n"
+    )
     r = run_cli(*up_args("ddp", nodes, proxy, 2, "-f", str(spec), "--region", "us-central1"))
     assert r.returncode == 0, r.stderr
     assert "us-central1-a" in r.stderr and "trying elsewhere" in r.stderr
     vms = fake.instances()
     assert {vm["zone"].rpartition("/")[2] for vm in vms} == {"us-central1-b"}
+    # the VMs run as the cluster's own service account, granted its gce location only
+    (account,) = fake.service_accounts()
+    assert {vm["serviceAccounts"][0]["email"] for vm in vms} == {account["email"]}
+    granted = [b for b in fake.bucket_policy("ckpt-eu")["bindings"] if "condition" in b]
+    assert [b["role"] for b in granted] == ["roles/storage.objectAdmin"]
+    assert '"projects/_/buckets/ckpt-eu/objects/runs/"' in granted[0]["condition"]["expression"]
     # GCE itself deletes the VMs when the budget is spent at the cluster's $/h
     price = catalog.lookup(catalog.load(), "gce", T4, "us-central1").on_demand
     expect = 10 / (2 * price) * 3600
@@ -75,6 +85,8 @@ def test_up_fails_over_trains_ddp_across_two_vms_and_down_leaves_nothing(
         str(tmp_path / "proj"),
         "--nproc-per-node",
         "2",
+        "--env",
+        f"STORAGE_EMULATOR_HOST={gce_env.url}",  # the nodes reach the fake's Cloud Storage
         "--down",
         "train.py",
         "--",
@@ -84,7 +96,10 @@ def test_up_fails_over_trains_ddp_across_two_vms_and_down_leaves_nothing(
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     assert sorted(int(m) for m in re.findall(r"\] rank (\d)/4 ", r.stdout)) == [0, 1, 2, 3]
     assert "done steps=30 world_size=4" in r.stdout
-    assert fake.is_empty()  # --down: VMs and firewall rules
+    assert "uploaded to gs://ckpt-eu/runs/ddp" in r.stdout  # the node side, its cloud's bucket
+    assert "runs/ddp/latest.json" in {k.split("/", 1)[1] for k in fake.objects("ckpt-eu")}
+    assert fake.is_empty()  # --down: VMs, firewall rules and the service account
+    assert not [b for b in fake.bucket_policy("ckpt-eu")["bindings"] if "condition" in b]
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
 
 

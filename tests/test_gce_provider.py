@@ -178,6 +178,25 @@ def test_a_resumed_up_finds_the_account_and_grants_once(gce_env, mlcloud_home):
     assert all(vm["serviceAccounts"][0]["email"] == address for vm in fake.instances())
 
 
+def test_policy_races_and_a_fresh_account_unknown_to_buckets_are_waited_out(
+    gce_env, mlcloud_home, monkeypatch
+):
+    """Another writer's change between our read and write (412: read again), and IAM's
+    eventual consistency (a fresh account that setIamPolicy does not know yet: asked again)."""
+    fake = gce_env.fake
+    fake.create_bucket("ckpt-b")
+    monkeypatch.setattr(accounts, "FRESH_SLEEP_S", 0.1)
+    fake.iam_lag(0.5)
+    fake.fail_calls(1, 412, "conditionNotMet", method="PUT", path=r"/b/ckpt-b/iam$")
+    start = time.monotonic()
+    warned = GceProvider().prepare(REF, request(storage=StorageAccess(write=("gs://ckpt-b/r",))))
+    assert warned.warnings == () and time.monotonic() - start >= 0.5
+    address = accounts.email(REF.uid, gce_env.project)
+    assert len(_ours(fake, "ckpt-b", address)) == 1
+    puts = [c.status for c in fake.calls("PUT", r"/iam$")]
+    assert puts[0] == 412 and 400 in puts and puts[-1] == 200
+
+
 def test_no_gs_storage_no_account(gce_env, mlcloud_home):
     fake = gce_env.fake
     made(GceProvider(), request(count=1, storage=StorageAccess(write=("s3://ckpt/run",))))
@@ -196,6 +215,17 @@ def test_a_bucket_not_the_users_is_a_warning_naming_what_to_grant(gce_env, mlclo
     assert "gs://ckpt-b" in warned[0] and "HTTP 403" in warned[0]
     assert "roles/storage.objectAdmin" in warned[0]
     assert "gs://nobody-b" in warned[1] and "does not exist" in warned[1]
+
+
+def test_credentials_that_may_not_read_iam_still_go_down_and_gc(gce_env, mlcloud_home):
+    """They made no account: `down` and `gc` of a cluster without gs:// storage go on."""
+    fake, p = gce_env.fake, GceProvider()
+    _, nodes = made(p, request(count=1))
+    fake.fail_calls(2, 403, "forbidden", path=r"/serviceAccounts")
+    assert [r.kind for r in p.discover("us-central1")] == ["firewall", "firewall", "instance"]
+    p.terminate(REF, nodes)
+    p.cleanup(REF)
+    assert fake.is_empty()
 
 
 def test_no_right_to_make_accounts_is_one_line(gce_env, mlcloud_home):

@@ -84,7 +84,8 @@ def test_down_after_up_was_killed_mid_bulk_insert_waits_for_its_vms(
     while it waited lists none, yet they come. It waits for the operation, then deletes."""
     fake, p = gce_env.fake, GceProvider()
     req = p.prepare(REF, request()).request
-    fake.late_bulk_instances, fake.op_seconds = True, 0.5
+    # long enough that a loaded machine still lists nothing before the VMs come
+    fake.late_bulk_instances, fake.op_seconds = True, 3.0
 
     def killed(self, op, zone, region):
         if zone:  # the bulkInsert's wait: the process dies here (no finally runs on SIGKILL)
@@ -96,7 +97,7 @@ def test_down_after_up_was_killed_mid_bulk_insert_waits_for_its_vms(
     with pytest.raises(SystemExit):
         p.create(REF, req, 2)
     monkeypatch.setattr(api.Api, "wait", real_wait)
-    fake.op_seconds = 0.1  # the bulkInsert still takes its 0.5 s
+    fake.op_seconds = 0.1  # the bulkInsert still takes its 3 s
     later = GceProvider()  # `down` in a new process
     assert later.list(REF) == []  # nothing listed yet
     later.cleanup(REF)

@@ -175,3 +175,19 @@ def test_the_job_gets_its_clouds_checkpoint_location():
     spec = TaskSpec(storage=StorageSpec(checkpoints=both)).to_dict()
     job = launch.node_job(_handle(spec), req, 1, 0, 29500, 1)  # an aws cluster
     assert job["env"]["MLCLOUD_CHECKPOINT_URI"] == "s3://ck-us/runs/lab"
+
+
+def test_a_cluster_is_granted_its_own_clouds_checkpoint_location():
+    """`up` asks the provider for credentials to the location its nodes use, not the other's."""
+    from mlcloud.provision.lifecycle import request_for
+
+    both = {"aws": "s3://ck-us/runs", "gce": "gs://ck-eu/runs"}
+    storage = StorageSpec(checkpoints=both, data=("gs://corpus-eu/x",))
+    gce = request_for(TaskSpec(provider="gce", storage=storage), 1).storage
+    assert (gce.write, gce.read) == (("gs://ck-eu/runs",), ("gs://corpus-eu/x",))
+    aws = request_for(TaskSpec(provider="aws", storage=storage), 1).storage
+    assert aws.write == ("s3://ck-us/runs",)
+    one = request_for(TaskSpec(provider="gce", storage=StorageSpec(checkpoints="gs://ck/r")), 1)
+    assert one.storage.write == ("gs://ck/r",)
+    ssh = request_for(TaskSpec(provider="ssh", storage=StorageSpec(checkpoints=both)), 1)
+    assert ssh.storage.write == ()

@@ -67,8 +67,8 @@ def copy_newest(source: str, destination: str) -> Copied | None:
     sent: list[str] = []
     try:
         for f in files:
+            sent.append(f.obj)  # removed again if anything fails, this one included
             _copy_file(src, dst, f)
-            sent.append(f.obj)
     except CheckpointCopyError:
         _forget(dst, sent)
         raise

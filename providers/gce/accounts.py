@@ -33,6 +33,7 @@ RETRIES = 4  # a 429 or 5xx is tried this many times in all, backing off
 BACKOFF_S = 1.0
 # IAM is eventually consistent: a bucket's setIamPolicy may not know a fresh account yet
 FRESH_ACCOUNT_WAIT_S = 60.0
+FRESH_SLEEP_S = 2.0  # between its tries
 _DESCRIPTION = re.compile(r"mlcloud cluster=(\S+) owner=(\S+): buckets=(\S*)$")
 
 
@@ -134,9 +135,10 @@ class Accounts:
         self.storage = storage_api.base()
 
     # -- the cluster's account ----------------------------------------------------------
-    def ensure(self, uid: str, name: str, owner: str, storage: StorageAccess) -> tuple[str, list]:
-        """Make (or find, on a resumed `up`) the cluster's account and grant it the spec's
-        gs:// locations; (its email, warnings for buckets whose policy it may not change)."""
+    def ensure(self, uid: str, name: str, owner: str, storage: StorageAccess) -> list[str]:
+        """Make (or find, on a resumed `up`) the cluster's account (`email(uid, project)`) and
+        grant it the spec's gs:// locations; warnings for buckets whose policy it may not
+        change."""
         address = email(uid, self.project)
         member = f"serviceAccount:{address}"
         grants = bindings(uid, member, storage)
@@ -159,14 +161,14 @@ class Accounts:
                     f"storage gs://{bucket}: the cluster's service account could not be granted "
                     f"access ({why}); grant {address} {add[0]['role']} on it yourself"
                 )
-        return address, warnings
+        return warnings
 
     def delete(self, uid: str) -> None:
         """Remove the cluster's grants from the buckets its account names, then the account;
         idempotent (a repeated `down`, a racing `gc`)."""
         address = email(uid, self.project)
         r = self._call("GET", self._account_url(address))
-        if r.status_code == 404:
+        if r.status_code in (403, 404):  # credentials that may not read IAM made no account
             return
         self._check(r, "read the cluster's service account", "iam.serviceAccounts.get")
         found = parse_description(r.json().get("description", ""))
@@ -184,6 +186,8 @@ class Accounts:
             r = self._call(
                 "GET", f"{self.iam}/v1/projects/{self.project}/serviceAccounts", params=params
             )
+            if r.status_code == 403:  # credentials that may not read IAM made no account
+                return []
             self._check(r, "list service accounts", "iam.serviceAccounts.list")
             page = r.json()
             for a in page.get("accounts", []):
@@ -208,7 +212,7 @@ class Accounts:
                     if e.status in (403, 404):
                         return f"HTTP {e.status}: {e.message}"
                     _raise(e)
-            time.sleep(2.0)
+            time.sleep(FRESH_SLEEP_S)
 
     def _revoke(self, bucket: str, uid: str, member: str) -> None:
         try:

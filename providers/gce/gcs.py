@@ -31,7 +31,7 @@ def session(creds: Any = None) -> Any:
 
         try:
             creds, _ = google.auth.default(
-                scopes=["https://www.googleapis.com/auth/devstorage.full_control"]
+                scopes=["https://www.googleapis.com/auth/devstorage.read_write"]
             )
         except DefaultCredentialsError:
             if os.environ.get("STORAGE_EMULATOR_HOST"):

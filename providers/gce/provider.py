@@ -91,7 +91,7 @@ class GceProvider:
         self._creds: tuple[Any, str | None] | None = None
         self._zones: dict[str, str] = {}  # VM name -> zone, as last listed
         self._storage_warned = False
-        self._accounts: dict[str, str] = {}  # cluster uid -> its service account, made
+        self._accounts: set[str] = set()  # uids whose service account this process made
 
     def default_region(self) -> str | None:
         return next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
@@ -219,10 +219,10 @@ class GceProvider:
             self._firewall(api, body)
         warnings: tuple[str, ...] = ()
         if accounts.wanted(request.storage) and cluster.uid not in self._accounts:
-            address, said = self._account_api(api).ensure(
+            said = self._account_api(api).ensure(
                 cluster.uid, cluster.name, cluster.owner, request.storage
             )
-            self._accounts[cluster.uid] = address  # once, not again for each zone tried
+            self._accounts.add(cluster.uid)  # once, not again for each zone tried
             warnings += tuple(said)
         uris = () if self._storage_warned else (*request.storage.write, *request.storage.read)
         other = rules.storage_warnings(uris)
@@ -364,7 +364,7 @@ class GceProvider:
         for name in rules.firewall_names(cluster.uid):
             self._delete_firewall(api, name)
         self._account_api(api).delete(cluster.uid)  # after the VMs that ran as it are gone
-        self._accounts.pop(cluster.uid, None)
+        self._accounts.discard(cluster.uid)
         _settings_path(cluster.uid).unlink(missing_ok=True)  # prepare writes it again
 
     def transport(

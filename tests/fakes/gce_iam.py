@@ -17,6 +17,7 @@ import base64
 import re
 import secrets
 import threading
+import time
 
 from .gce_model import ApiError
 
@@ -34,6 +35,14 @@ class Iam:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._accounts: dict[str, dict] = {}  # email -> ServiceAccount
+        self._made: dict[str, float] = {}  # email -> when it was made
+        self.lag = 0.0  # seconds a new account stays unknown to other services (iam_lag)
+
+    def fresh(self, email: str) -> bool:
+        """Made less than `lag` seconds ago: IAM is eventually consistent, so a bucket's
+        setIamPolicy does not know the account yet."""
+        with self._lock:
+            return time.monotonic() - self._made.get(email, -1e9) < self.lag
 
     def service_accounts(self, project: str | None = None) -> list[dict]:
         with self._lock:
@@ -77,6 +86,7 @@ class Iam:
                     f"projects/{project}.",
                 )
             self._accounts[email] = account
+            self._made[email] = time.monotonic()
         return dict(account)
 
     def _find(self, project: str, ref: str) -> dict:

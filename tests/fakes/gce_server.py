@@ -55,6 +55,7 @@ service accounts (create/get/list/delete; gce_iam.py):
         fake.create_bucket("ckpts"); fake.put_object("ckpts", "run/x", "bytes")
         fake.objects("ckpts")                  # {"ckpts/run/x": 5}
         fake.bucket_policy("ckpts"), fake.service_accounts()
+        fake.iam_lag(2)                        # new accounts unknown to bucket IAM for 2 s
         fake.token_for(email)                  # a token as a VM running as `email` gets from
                                                # its metadata server (grants enforced)
 
@@ -126,6 +127,7 @@ CONTROL = (
     "bucket_policy",
     "service_accounts",
     "token_for",
+    "iam_lag",
 )
 
 _P = r"/compute/v1/projects/(?P<project>[^/]+)"
@@ -247,6 +249,11 @@ class GceFake(Compute):
     def is_empty(self) -> bool:
         """No instance, firewall rule or service account left (what `down` must achieve)."""
         return super().is_empty() and not self.iam.service_accounts()
+
+    def iam_lag(self, seconds: float) -> None:
+        """A new service account is unknown to bucket IAM for `seconds` (400 "does not
+        exist" from setIamPolicy), as IAM's eventual consistency has it."""
+        self.iam.lag = seconds
 
     def token_for(self, email: str) -> str:
         """An access token for a service account the fake's IAM made: what a VM running as
@@ -371,7 +378,15 @@ class GceFake(Compute):
                 return st.get_policy(bucket, query), None
             if m.group("iam") and method == "PUT":
                 need("storage.buckets.setIamPolicy", bucket)
-                return st.set_policy(bucket, json.loads(raw or b"{}")), None
+                body = json.loads(raw or b"{}")
+                for b in body.get("bindings") or []:
+                    for member in b.get("members") or []:
+                        kind, _, address = member.partition(":")
+                        if kind == "serviceAccount" and self.iam.fresh(address):
+                            raise ApiError(
+                                400, "invalid", f"Service account {address} does not exist."
+                            )
+                return st.set_policy(bucket, body), None
             if method == "GET" and not m.group("iam"):
                 need("storage.buckets.get", bucket)
                 return st.get_bucket(bucket), None
