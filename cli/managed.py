@@ -82,115 +82,127 @@ def launch(
             "--detach hands the job to `mlcloud autoscale --all`, which needs a shared store: "
             "set MLCLOUD_STATE_URL (or state_url: in config.yaml)"
         )
-    dest = jobs._pull_dest(pull_to)
-    job = store.get_managed(name)
-    if job is not None and job.status not in state.JOB_DONE:
-        other = managed.watched_elsewhere(job)
-        if other:
-            raise BusyError(
-                f"managed job {name} is watched by {other}; `mlcloud logs {name} --follow` to "
-                f"watch it, `mlcloud cancel {name}` to stop it"
-            )
-        if not store.claim_managed(name, job.watcher, managed.me()):
-            raise BusyError(f"managed job {name} was just taken by another launch")
-        from mlcloud.spec.task import TaskSpec
+    # one watcher a job: held while this launch watches, freed with it (a kill -9 included)
+    release = state.lead(managed.lead_key(name))
+    if release is None:
+        job = store.get_managed(name)
+        raise BusyError(
+            f"managed job {name} is watched by {job.watcher if job else 'another launch'}; "
+            f"`mlcloud logs {name} --follow` to watch it, `mlcloud cancel {name}` to stop it"
+        )
+    try:
+        dest = jobs._pull_dest(pull_to)
+        job = store.get_managed(name)
+        if job is not None and job.status not in state.JOB_DONE:
+            if not store.claim_managed(name, job.watcher, managed.me()):
+                raise BusyError(f"managed job {name} was just taken by another launch")
+            from mlcloud.spec.task import TaskSpec
 
-        spec = TaskSpec.from_dict({**job.spec, "envs": {}})  # the request has them
-        req = managed.request_of(job, parse_env(env or []))
-        dest = dest or (Path(job.request["pull"]) if job.request.get("pull") else None)
-        print(f"resuming managed job {name} ({len(job.clusters)} cluster(s) so far)")
-    else:
-        if store.get_cluster(name) is not None:
-            raise UsageError(f"{name!r} is a cluster's name; name the managed job otherwise")
-        spec = cluster.flagged_spec(
-            file,
-            provider=provider,
-            nodes=nodes,
-            hosts=hosts,
-            identity=identity,
-            ssh_user=ssh_user,
-            ssh_port=ssh_port,
-            proxy_command=proxy_command,
-            allow_proxy_command=allow_proxy_command,
-            allow_ssh_from=allow_ssh_from,
-            instance_type=instance_type,
-            region=region,
-            zone=zone,
-            project=project,
-            spot=spot,
-            image=image,
-            gpus=gpus,
-            workdir=str(workdir.resolve()) if workdir else None,
-        )
-        from dataclasses import replace
-
-        req = replace(
-            jobs.job_request(spec, script, script_args, nproc_per_node, env), checkpoint_name=name
-        )
-        job_launch.validate(req)
-        places = managed.places(spec)
-        _show_places(name, spec.node_count, places, near, max_hours, json_out)
-        first = places[0]
-        if first.price:
-            output.confirm(
-                f"launch managed job {name} on {first} at ${first.price * spec.node_count:.2f}/h?",
-                yes,
+            spec = TaskSpec.from_dict({**job.spec, "envs": {}})  # the request has them
+            req = managed.request_of(job, parse_env(env or []))
+            dest = dest or (Path(job.request["pull"]) if job.request.get("pull") else None)
+            print(f"resuming managed job {name} ({len(job.clusters)} cluster(s) so far)")
+        else:
+            if store.get_cluster(name) is not None:
+                raise UsageError(f"{name!r} is a cluster's name; name the managed job otherwise")
+            spec = cluster.flagged_spec(
+                file,
+                provider=provider,
+                nodes=nodes,
+                hosts=hosts,
+                identity=identity,
+                ssh_user=ssh_user,
+                ssh_port=ssh_port,
+                proxy_command=proxy_command,
+                allow_proxy_command=allow_proxy_command,
+                allow_ssh_from=allow_ssh_from,
+                instance_type=instance_type,
+                region=region,
+                zone=zone,
+                project=project,
+                spot=spot,
+                image=image,
+                gpus=gpus,
+                workdir=str(workdir.resolve()) if workdir else None,
             )
-        on_demand = None if first.on_demand is None else first.on_demand * spec.node_count
-        job = store.create_managed(
-            name,
-            managed.stored_spec(spec),
-            managed.request_dict(req, str(dest) if dest else None),
-            on_demand,
-            managed.me(),
-        )
-    rep = output.reporter(quiet=json_out)
-    sink = jobs._printer(sys.stderr if json_out else sys.stdout)
-    watcher = managed.Watcher(store, name, spec, req, rep, sink)
-    if detach:
+            from dataclasses import replace
+
+            req = replace(
+                jobs.job_request(spec, script, script_args, nproc_per_node, env),
+                checkpoint_name=name,
+            )
+            job_launch.validate(req)
+            data = None
+            if near:
+                from mlcloud.spec.locality import locate
+
+                data = locate(near).region
+            places = managed.places(spec, near=data)
+            _show_places(name, spec.node_count, places, max_hours, json_out)
+            first = places[0]
+            if first.price:
+                output.confirm(
+                    f"launch managed job {name} on {first} at "
+                    f"${first.price * spec.node_count:.2f}/h?",
+                    yes,
+                )
+            on_demand = None if first.on_demand is None else first.on_demand * spec.node_count
+            job = store.create_managed(
+                name,
+                managed.stored_spec(spec),
+                managed.request_dict(req, str(dest) if dest else None, data),
+                on_demand,
+                managed.me(),
+            )
+        rep = output.reporter(quiet=json_out)
+        sink = jobs._printer(sys.stderr if json_out else sys.stdout)
+        watcher = managed.Watcher(store, name, spec, req, rep, sink)
+        if detach:
+            try:
+                if job.clusters:  # a resumed job runs: only the watch is handed over
+                    store.update_managed(name, watcher=managed.DETACHED)
+                else:
+                    watcher.start()
+            except BaseException:
+                managed.cancel(store, name, rep)  # nothing half-started is left billing
+                raise
+            finally:
+                output.close(rep)
+            print(
+                f"managed job {name} runs on {name}-1, watched by `mlcloud autoscale --all`: "
+                f"`mlcloud jobs` to see it, `mlcloud cancel {name}` to stop it"
+            )
+            return
+        code = 1
+        keep = None
         try:
-            if job.clusters:  # a resumed job runs: only the watch is handed over
-                store.update_managed(name, watcher=managed.DETACHED)
-            else:
-                watcher.start()
-        except BaseException:
-            managed.cancel(store, name, rep)  # nothing half-started is left billing
+            code = watcher.run()
+        except KeyboardInterrupt:
+            code = 130
             raise
         finally:
             output.close(rep)
-        print(
-            f"managed job {name} runs on {name}-1, watched by `mlcloud autoscale --all`: "
-            f"`mlcloud jobs` to see it, `mlcloud cancel {name}` to stop it"
-        )
-        return
-    code = 1
-    keep = None
-    try:
-        code = watcher.run()
-    except KeyboardInterrupt:
-        code = 130
-        raise
+            last = managed.last_job(store, name)
+            if last is not None and not watcher.interrupted:
+                where = dest or Path("mlcloud-results") / name / last[0]
+                pulled = jobs._pull_after(store, last[0], last[1], where, True)
+                keep = last[0] if pulled else None
+                code = code or pulled
+            rep = output.reporter(quiet=json_out)
+            try:
+                managed.down_all(store, name, rep, keep=keep)
+            finally:
+                output.close(rep)
+        if json_out:
+            from mlcloud.cli import views
+
+            output.print_json(views.managed_json(store, store.get_managed(name)))
+        raise typer.Exit(code)
     finally:
-        output.close(rep)
-        last = managed.last_job(store, name)
-        if last is not None and not watcher.interrupted:
-            where = dest or Path("mlcloud-results") / name / last[0]
-            pulled = jobs._pull_after(store, last[0], last[1], where, True)
-            keep = last[0] if pulled else None
-            code = code or pulled
-        rep = output.reporter(quiet=json_out)
-        try:
-            managed.down_all(store, name, rep, keep=keep)
-        finally:
-            output.close(rep)
-    if json_out:
-        from mlcloud.cli import views
-
-        output.print_json(views.managed_json(store, store.get_managed(name)))
-    raise typer.Exit(code)
+        release()
 
 
-def _show_places(name, nodes, places, near, max_hours, json_out) -> None:
+def _show_places(name, nodes, places, max_hours, json_out) -> None:
     if json_out or not places[0].price:
         return
 

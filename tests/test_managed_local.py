@@ -78,6 +78,13 @@ def test_a_job_that_succeeds_is_pulled_and_its_cluster_downed(project, tmp_path)
     assert [(c["cluster"], c["where"], c["why"]) for c in j["clusters"]] == [
         ("ok-1", "local", "job ended")
     ]
+    r = run_cli("jobs")
+    assert r.returncode == 0 and "ok: SUCCEEDED (exit 0), 0 restart(s)" in r.stdout, r.stdout
+    assert "ok-1" in r.stdout and "job ended" in r.stdout
+    r = run_cli("status", "ok")  # an ended managed job: its story
+    assert r.returncode == 0 and "ok-1" in r.stdout, r.stdout + r.stderr
+    r = run_cli("logs", "ok")  # its last cluster's job, though the cluster is gone
+    assert r.returncode == 0 and "step 2" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_failing_script_is_not_restarted(project, monkeypatch):
@@ -147,7 +154,9 @@ def test_launch_killed_and_run_again_adopts_the_job(project, tmp_path):
     gate = tmp_path / "gate"
     p = _launch(project, "re", gate)
     wait_for(lambda: _running("re-1"), what="the job on re-1")
-    p.kill()  # -9: the watcher is gone, the job runs on
+    r = run_cli("launch", "re", "job.py", "--yes")  # a second watcher is refused
+    assert r.returncode == 1 and f"watched by {p.pid}@" in r.stderr, r.stderr
+    p.kill()  # -9: the watcher is gone (its lead with it), the job runs on
     p.wait()
     again = _launch(project, "re", gate)
     try:
@@ -200,6 +209,13 @@ def test_bad_inputs_are_one_line(project, tmp_path):
     spec.write_text("recover:\n  on_failure: retry\n")
     r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")
     assert r.returncode == 2 and "recover.on_failure" in r.stderr, r.stderr
+    spec.write_text(  # a region the catalog has no offer in: refused before any cloud call
+        "provider: aws\nresources: {instance_type: g5.xlarge}\n"
+        "recover: {placements: ['aws:mars-1']}\n"
+    )
+    r = run_cli("launch", "sp", "-f", str(spec), "-w", str(project), "job.py", "--yes")
+    assert r.returncode == 2 and "recover.placements: 'aws:mars-1'" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
     assert jobs() == {} and clusters() == []
 
 
@@ -226,3 +242,49 @@ def test_detach_hands_the_watch_to_autoscale_all(project, tmp_path, pg_url):
         service.wait(60)
     assert (tmp_path / "mlcloud-results" / "dt" / "dt-1" / "node0" / "result.txt").exists()
     assert not leftovers("dt")
+
+
+def test_on_failure_restart_runs_it_again_up_to_max_restarts(project, monkeypatch):
+    monkeypatch.setenv("CODE", "7")
+    spec = project / "mlcloud.yaml"
+    spec.write_text("recover: {on_failure: restart, max_restarts: 2}\n")
+    r = run_cli(
+        "launch", "rs", "-f", str(spec), "-w", str(project), "job.py", "--yes", "-e", "CODE",
+        cwd=project.parent,
+    )  # fmt: skip
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.stdout.count("step 2") == 3  # the first run and two restarts
+    j = jobs()["rs"]
+    assert (j["status"], j["restarts"], len(j["clusters"])) == ("FAILED", 2, 1)
+    said = run_cli("events", "rs").stdout
+    assert said.count("on_failure: restart") == 2, said
+
+
+@pytest.mark.real_torchrun  # an elastic size: the stand-in has no elastic rendezvous
+def test_restarts_in_place_past_the_limit_move_the_job(project, tmp_path):
+    spec = project / "mlcloud.yaml"
+    spec.write_text(
+        "nodes: '1:1'\nautoscale: {poll_seconds: 1}\nrecover: {max_restarts_in_place: 0}\n"
+    )
+    gate = tmp_path / "gate"
+    p = _launch(project, "ip", gate, "-f", str(spec))
+    try:
+        wait_for(lambda: _running("ip-1"), what="the job on ip-1")
+        uid = _cluster("ip-1")["uid"]
+        for pid in tagged_pids(f"{uid}."):  # its job's processes gone: the controller restarts
+            os.kill(pid, signal.SIGKILL)  # it in place, one more than the limit allows
+        wait_for(lambda: _running("ip-2") or p.poll() is not None, 120, "the job on ip-2")
+        assert p.poll() is None, p.communicate()[0]
+        gate.touch()
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out
+    j = jobs()["ip"]
+    assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [
+        ("ip-1", "restarts in place spent"),
+        ("ip-2", "job ended"),
+    ]
+    assert j["restarts"] >= 2  # in place (each the controller's event), and the new cluster
+    assert "recover.max_restarts_in_place (0) spent" in run_cli("events", "ip").stdout
+    assert clusters() == [] and not leftovers("ip")

@@ -88,7 +88,7 @@ class Fleet:
 
         taken = []
         for job in self.store.list_managed():
-            key = f"managed.{job.name}"
+            key = managed.lead_key(job.name)
             if job.status in state.JOB_DONE or job.watcher != managed.DETACHED or key in self.led:
                 continue
             release = state.lead(key)

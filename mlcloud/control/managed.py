@@ -61,10 +61,11 @@ class Place:
         return ":".join(p for p in (self.provider, self.region, self.zone) if p)
 
 
-def places(spec: TaskSpec, now: float | None = None) -> list[Place]:
+def places(spec: TaskSpec, now: float | None = None, near: str | None = None) -> list[Place]:
     """The allowed placements (recover.placements, default: the spec's provider in every
     region the catalog has an offer in) as offers, cheapest first: live prices where the
-    cloud has them (mlcloud/spec/offers.py)."""
+    cloud has them (mlcloud/spec/offers.py); those in region `near` (where the data is,
+    `--near`) before the others."""
     from mlcloud.spec import catalog, plan
     from mlcloud.spec import offers as live
 
@@ -85,7 +86,13 @@ def places(spec: TaskSpec, now: float | None = None) -> list[Place]:
         out.append(
             Place(o.provider, o.region, o.zone, o.instance_type, o.price, row and row.on_demand)
         )
-    return list(dict.fromkeys(out))
+    return sorted(dict.fromkeys(out), key=lambda p: p.region != near)  # stable: by price
+
+
+def req_near(store: state.Store, name: str) -> str | None:
+    """The region `launch --near` found the data in, kept with the job."""
+    job = store.get_managed(name)
+    return job.request.get("near") if job else None
 
 
 def me() -> str:
@@ -93,22 +100,16 @@ def me() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def watched_elsewhere(job: state.ManagedJob) -> str | None:
-    """Who else watches the job now (a live launch, the controller service), or None."""
-    if job.watcher == DETACHED:
-        return "`mlcloud autoscale --all` (launched with --detach)"
-    pid, _, host = job.watcher.partition("@")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
-        if state.pid_alive(int(pid)):
-            return f"launch (pid {pid})"
-    if host and host != socket.gethostname():
-        return f"launch on {host} (pid {pid})"
-    return None
+def lead_key(name: str) -> str:
+    """The lead (`state.lead`) a managed job's watcher holds: `launch` or `autoscale --all`."""
+    return f"managed.{name}"
 
 
-def request_dict(req: launch.JobRequest, pull: str | None) -> dict:
-    """What to run, as the managed job keeps it: the environment's names only."""
+def request_dict(req: launch.JobRequest, pull: str | None, near: str | None) -> dict:
+    """What to run, as the managed job keeps it: the environment's names only; near: the
+    region the data is in (`--near`), whose placements go first."""
     return {
+        "near": near,
         "workdir": str(req.workdir),
         "script": req.script,
         "args": list(req.args),
@@ -170,7 +171,8 @@ class Watcher:
     ):
         self.store, self.name, self.spec, self.req = store, name, spec, req
         self.report, self.sink = report, sink
-        self.places = places(spec)
+        self.near = req_near(store, name)
+        self.places = places(spec, near=self.near)
         self.last_step = 0  # the newest `step N` the job printed on this cluster
         self.interrupted = False
 
@@ -195,7 +197,7 @@ class Watcher:
                 return job.exit_code if job.exit_code is not None else 130
             cur = job.current
             if cur is None or not self._ready(cur):
-                cur = self._make(job, None)
+                cur = self.make(job, None)
             if cur is None:
                 job = self._job()
                 return job.exit_code if job.exit_code is not None else 1
@@ -244,7 +246,7 @@ class Watcher:
                 f"{self.spec.recover.max_restarts}; ${spent(self.store, job):.2f} so far)",
             )
             self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=why)
-            if self._make(self._job(), replace(cur, why=why)) is None:
+            if self.make(self._job(), replace(cur, why=why)) is None:
                 job = self._job()
                 return job.exit_code if job.exit_code is not None else 1
             self._down(cur.cluster)
@@ -252,7 +254,7 @@ class Watcher:
     def start(self) -> None:
         """Make the first cluster and start the job there, for `autoscale --all` to watch
         (launch --detach): the job's environment reaches the nodes from here."""
-        cur = self._make(self._job(), None)
+        cur = self.make(self._job(), None)
         if cur is None:
             why = [c.why for c in self._job().clusters] or ["the budget is spent"]
             raise MlcloudError(f"managed job {self.name} did not start: {why[-1]}")
@@ -270,11 +272,15 @@ class Watcher:
         rec = self.store.get_cluster(cur.cluster)
         return rec is not None and rec.status == state.UP
 
-    def _make(
-        self, job: state.ManagedJob, old: state.ManagedCluster | None
+    def make(
+        self,
+        job: state.ManagedJob,
+        old: state.ManagedCluster | None,
+        at: list[Place] | None = None,
     ) -> state.ManagedCluster | None:
         """The job's next cluster at the cheapest place that has capacity (rung 2, or the
-        first); None when the budget is spent or no place has capacity (the job ended)."""
+        first), among `at` when given (a move to a chosen place), else among today's offers;
+        None when the budget is spent or no place has capacity (the job ended)."""
         from mlcloud.providers.base import CapacityError, QuotaError
 
         max_cost = self.spec.autoscale.max_cost
@@ -285,7 +291,7 @@ class Watcher:
             self._end(state.JOB_FAILED, 1, BUDGET)
             return None
         refused: list[str] = []
-        self.places = places(self.spec)  # today's prices
+        self.places = at or places(self.spec, near=self.near)  # today's prices
         for provider in dict.fromkeys(p.provider for p in self.places):
             mine = [p for p in self.places if p.provider == provider]
             first = mine[0]
@@ -395,7 +401,9 @@ class Watcher:
             spent_in_place = threading.Event()
             stop = threading.Event()
             watch = threading.Thread(
-                target=self._in_place, args=(h, job, spent_in_place, stop), daemon=True
+                target=self._in_place,
+                args=(h, job, driver, spent_in_place, stop),
+                daemon=True,
             )
             watch.start()
             move = mover.Mover(self, h, job, adopt, stop)  # rung 3 (control/mover.py)
@@ -408,7 +416,7 @@ class Watcher:
                 move.join()
             result = driver.outcome
             assert result is not None
-            in_place = self._restarts_in_place(cur.cluster, h.record.uid, job.submitted)
+            in_place = self._count(self.store, cur.cluster, h.record.uid, job.submitted)
             if spent_in_place.is_set():
                 return (result, SPENT), in_place
             if move.moved:
@@ -466,17 +474,16 @@ class Watcher:
         if self.sink is not None:
             self.sink(text)
 
-    def _restarts_in_place(self, cluster: str, uid: str, since: float) -> int:
-        return sum(
-            1
-            for t, kind, _, _ in self.store.event_log(cluster, uid)
-            if kind in IN_PLACE and t >= since
-        )
-
     def _in_place(
-        self, h: handle.Handle, job: state.JobRecord, spent_: threading.Event, stop: threading.Event
+        self,
+        h: handle.Handle,
+        job: state.JobRecord,
+        driver: Driver,
+        spent_: threading.Event,
+        stop: threading.Event,
     ) -> None:
-        """Stop the job once its cluster's restarts in place pass the limit: rung 2 follows."""
+        """Stop the job once its cluster's restarts in place pass the limit (through the
+        driver, so its controller no longer brings it back): rung 2 follows."""
         limit = self.spec.recover.max_restarts_in_place
         if limit is None:
             return
@@ -490,11 +497,7 @@ class Watcher:
                         "recover",
                         f"recover.max_restarts_in_place ({limit}) spent: stopping the job here",
                     )
-                    for i in range(len(h.nodes)):
-                        try:
-                            launch.kill(h, i, job.job_id, 5.0)
-                        except MlcloudError:
-                            pass  # a lost node: nothing to stop there
+                    driver._stop(list(driver.following), grace=5.0)
                     return
         finally:
             store.close()

@@ -94,7 +94,7 @@ class StorageSpec:
 
 ON_FAILURE = ("stop", "restart")
 MOVE_SAVINGS = 0.3
-_PLACEMENT_RE = re.compile(r"[a-z][a-z0-9_-]*(:[a-z0-9][a-z0-9-]*)?")
+_PLACEMENT_RE = re.compile(r"[a-z][a-z0-9-]*(:[a-z0-9][a-z0-9-]*)?")
 
 
 @dataclass(frozen=True)
@@ -643,11 +643,11 @@ def _recover(rec: dict, where: _Where) -> RecoverSpec:
             f"{where('recover.placements')}: must be a list of CLOUD[:REGION|:ZONE], e.g. "
             "['aws:us-east-1', 'gce:europe-west4']"
         )
-    for p in placements:
-        if not isinstance(p, str) or not _PLACEMENT_RE.fullmatch(p.strip()):
+    for p in placements:  # the form here; the catalog's clouds, regions and zones at launch
+        if not isinstance(p, str) or not _PLACEMENT_RE.fullmatch(p.strip()):  # (spec/offers.py)
             raise UsageError(
-                f"{where('recover.placements')}: {numbers.short(p)} is not CLOUD[:REGION|:ZONE] "
-                "(e.g. aws, aws:us-east-1, aws:us-east-1a, gce:europe-west4)"
+                f"{where('recover.placements')}: {numbers.short(p)} is not CLOUD, CLOUD:REGION "
+                "or CLOUD:ZONE (e.g. aws, aws:us-east-1, aws:us-east-1a, gce:europe-west4)"
             )
     savings = rec.get("move_savings")
     if savings is None:
