@@ -28,7 +28,8 @@ NAME = "xc"
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d", "us-east-1e", "us-east-1f")
 
 # resumes after its newest ckpt-<step>.json, writes one every 4 steps (2 s: the node side
-# uploads a checkpoint once two looks a second apart saw it unchanged), ends once $GATE exists
+# uploads a checkpoint once two looks a second apart saw it unchanged) up to $LAST_CKPT, ends
+# once $GATE exists
 JOB = """\
 import json, os, time
 d = os.environ["MLCLOUD_CHECKPOINT_DIR"]
@@ -38,7 +39,7 @@ step = max(have) + 1 if have else 0
 first = step
 while not os.path.exists(os.environ["GATE"]):
     print(f"step {step}", flush=True)
-    if step % 4 == 0:
+    if step % 4 == 0 and step <= int(os.environ.get("LAST_CKPT", "1000000")):
         tmp = os.path.join(d, f".ckpt-{step}.tmp")
         with open(tmp, "w") as f:
             json.dump({"step": step}, f)
@@ -79,7 +80,10 @@ class Launch:
         return "".join(self.lines)
 
     def wait(self, timeout: float = 180) -> int:
-        code = self.p.wait(timeout=timeout)
+        try:
+            code = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"launch did not end in {timeout} s: {self.out}") from None
         self.reader.join(timeout=10)
         return code
 
@@ -100,7 +104,7 @@ def clouds(moto_server, ec2_stand_in, gce_env, monkeypatch):
 
 def project(tmp_path: Path, moto_url: str, gce_url: str) -> Path:
     p = tmp_path / "proj"
-    p.mkdir()
+    p.mkdir(exist_ok=True)
     (p / "job.py").write_text(JOB)
     (p / "mlcloud.yaml").write_text(
         "workdir: .\nprovider: aws\nspot: true\n"
@@ -116,16 +120,19 @@ def project(tmp_path: Path, moto_url: str, gce_url: str) -> Path:
     return p
 
 
-def launch(tmp_path: Path, nodes, gate: Path, moto_url: str, gce_url: str) -> Launch:
+def launch(
+    tmp_path: Path, nodes, gate: Path, moto_url: str, gce_url: str, last_ckpt: int = 1000000
+) -> Launch:
     proj = project(tmp_path, moto_url, gce_url)
     _, proxy = relay_pool(tmp_path, [n.host for n in nodes.nodes])
     argv = [
         MLCLOUD, "launch", NAME, "-f", str(proj / "mlcloud.yaml"), "--yes", "-e", "GATE",
+        "-e", "LAST_CKPT",
         "--identity", str(nodes.client_key), "--ssh-user", nodes.user,
         "--ssh-port", str(nodes.port), "--proxy-command", proxy,
         "--allow-ssh-from", "127.0.0.1/32",
     ]  # fmt: skip
-    return Launch(argv, dict(os.environ, GATE=str(gate)), tmp_path)
+    return Launch(argv, dict(os.environ, GATE=str(gate), LAST_CKPT=str(last_ckpt)), tmp_path)
 
 
 def status() -> dict[str, dict]:
@@ -206,4 +213,94 @@ def test_an_ec2_spot_spike_moves_the_job_to_gce_with_its_checkpoint_copied(
     assert f"ckpts-gce/runs/{NAME}/latest.json" in gce_env.fake.objects("ckpts-gce")
     first = tmp_path / "mlcloud-results" / NAME / f"{NAME}-2" / "node0" / "first_step.txt"
     assert int(first.read_text()) == step + 1  # resumed after the copied checkpoint
+    nothing_left(gce_env.fake)
+
+
+def test_a_checkpoint_that_fails_verification_keeps_the_job_where_it_was(
+    clouds, make_ssh_nodes, tmp_path
+):
+    ec2_stand_in, gce_env = clouds
+    nodes = make_ssh_nodes(2)
+    gate = tmp_path / "gate"
+    p = launch(tmp_path, nodes, gate, os.environ["AWS_ENDPOINT_URL"], gce_env.url, last_ckpt=4)
+    try:
+        wait_for(lambda: s3_step() == 4, what="the last checkpoint in S3", out=lambda: p.out)
+        s3 = boto3.client("s3")
+        manifest = json.loads(
+            s3.get_object(Bucket="ckpts", Key=f"runs/{NAME}/latest.json")["Body"].read()
+        )
+        ((obj, *_),) = manifest["files"]
+        s3.put_object(Bucket="ckpts", Key=f"runs/{NAME}/{obj}", Body=b"changed under its manifest")
+        spike(ec2_stand_in)
+        wait_for(lambda: "move aborted" in events() or p.p.poll() is not None,
+                 timeout=180, what="the copy refused", out=lambda: p.out)  # fmt: skip
+        wait_for(lambda: f"{NAME}-2" not in status(), what=f"{NAME}-2 torn down")
+        assert running(f"{NAME}-1"), p.out
+        gate.touch()
+        assert p.wait() == 0, p.out
+    finally:
+        p.p.kill()
+    said = events()
+    assert "does not match its manifest" in said and f"the job stays on {NAME}-1" in said, said
+    j = job()
+    assert (j["status"], j["restarts"]) == ("SUCCEEDED", 0), j
+    assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [
+        (f"{NAME}-1", "job ended"),
+        (f"{NAME}-2", "move: the copy failed"),
+    ], j
+    assert not any(o.endswith("latest.json") for o in gce_env.fake.objects("ckpts-gce"))
+    nothing_left(gce_env.fake)
+
+
+def test_cancel_during_a_move_leaves_neither_cluster(clouds, make_ssh_nodes, tmp_path):
+    ec2_stand_in, gce_env = clouds
+    nodes = make_ssh_nodes(2)
+    gate = tmp_path / "gate"
+    p = launch(tmp_path, nodes, gate, os.environ["AWS_ENDPOINT_URL"], gce_env.url)
+    try:
+        wait_for(lambda: (s3_step() or 0) >= 4, what="checkpoints in S3", out=lambda: p.out)
+        spike(ec2_stand_in)
+        wait_for(lambda: f"{NAME}-2" in status() or p.p.poll() is not None,
+                 timeout=180, what=f"{NAME}-2 being made", out=lambda: p.out)  # fmt: skip
+        r = run_cli("cancel", NAME, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        code = p.wait()
+    finally:
+        p.p.kill()
+    assert code == 130, p.out
+    j = job()
+    assert j["status"] == "CANCELLED", j
+    assert all(c["to"] for c in j["clusters"]), j  # every cluster it made has ended
+    nothing_left(gce_env.fake)
+
+
+def test_a_price_that_is_not_live_never_moves_the_job(
+    clouds, make_ssh_nodes, tmp_path, monkeypatch
+):
+    from mlcloud.spec import offers
+    from mlcloud.spec.task import load_spec
+
+    ec2_stand_in, gce_env = clouds
+    proj = project(tmp_path, os.environ["AWS_ENDPOINT_URL"], gce_env.url)
+    spec = load_spec(proj / "mlcloud.yaml")
+    hour_ago = time.time() - 3600  # GCE's price read an hour ago, then its API out of reach
+    offers.offers(spec, ["gce:us-central1"], now=hour_ago, max_age=60)
+    monkeypatch.setenv("MLCLOUD_GCE_BILLING_ENDPOINT", "http://127.0.0.1:9")
+    nodes = make_ssh_nodes(1)
+    gate = tmp_path / "gate"
+    p = launch(tmp_path, nodes, gate, os.environ["AWS_ENDPOINT_URL"], gce_env.url)
+    try:
+        wait_for(lambda: running(f"{NAME}-1") or p.p.poll() is not None, what="the job on EC2")
+        spike(ec2_stand_in)
+        wait_for(lambda: "is stale" in events() or p.p.poll() is not None,
+                 what="the stale price seen", out=lambda: p.out)  # fmt: skip
+        assert running(f"{NAME}-1") and f"{NAME}-2" not in status(), p.out
+        gate.touch()
+        assert p.wait() == 0, p.out
+    finally:
+        p.p.kill()
+    said = events()
+    assert "no move: the best price (gce:us-central1) is stale" in said, said
+    j = job()
+    assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [(f"{NAME}-1", "job ended")]
     nothing_left(gce_env.fake)

@@ -611,14 +611,11 @@ def cancel(store: state.Store, name: str, report: Reporter) -> state.ManagedJob:
         cur = job.current
         if cur is not None:
             store.event(cur.cluster, "managed", f"managed job {name} cancelled")
-            rec = store.get_cluster(cur.cluster)
-            if (
-                rec is not None
-                and rec.status == state.UP
-                and store.get_job(cur.cluster, uid=rec.uid)
-            ):
+        for c in job.clusters:  # during a move the job runs on the cluster before the current
+            rec = store.get_cluster(c.cluster) if c.ended is None else None
+            if rec is not None and rec.status == state.UP and store.get_job(c.cluster, uid=rec.uid):
                 try:
-                    job_cancel.cancel(store, cur.cluster, None)
+                    job_cancel.cancel(store, c.cluster, None)
                 except MlcloudError as e:
                     report.warn(str(e))
     failed = down_all(store, name, report)

@@ -75,7 +75,7 @@ class Mover(threading.Thread):
         movable = spec.recover.move_savings is not None and plan.priced(self.h.record.provider)
         first_step = self.watcher.last_step
         measured = self.adopted  # a job this watcher adopted started before it looked
-        last, said = time.monotonic(), ""
+        last, said = time.monotonic(), None
         while not self.stop.wait(POLL_S):
             if not measured and self.watcher.last_step != first_step:
                 measured = True
@@ -94,11 +94,16 @@ class Mover(threading.Thread):
                     said = str(e)
                     store.event(self.h.record.name, "move", f"no move decided: {e}")
                 continue
-            if verdict is None or not verdict[0].go:
+            if verdict is None:
                 continue
-            if self._move(twin, store, *verdict):
-                return
-            last = time.monotonic()
+            if not verdict[0].go:
+                key = (verdict[1].place, verdict[1].fresh(time.time(), self._max_age()))
+                if key != said:  # once per best place and freshness, not every check
+                    said = key
+                    store.event(self.h.record.name, "move", verdict[0].reason)
+                continue
+            self._move(twin, store, *verdict)
+            return  # moved, or failed and said why: not tried again from this cluster
 
     def _training(self, store: state.Store) -> None:
         """The job makes progress on this cluster: how long it took since the cluster was
@@ -165,7 +170,7 @@ class Mover(threading.Thread):
             return None
         rec = self.h.record
         itype = (rec.spec.get("resources") or {}).get("instance_type")
-        now, max_age = time.time(), timeouts.seconds("MOVE_PRICE_MAX_AGE")
+        now, max_age = time.time(), self._max_age()
         found = live.offers(spec, spec.recover.placements, now=now, max_age=max_age)
         here = live.offer_at(found, rec.provider, cur.region, cur.zone or None, itype or "")
         if here is None:
@@ -175,11 +180,10 @@ class Mover(threading.Thread):
         allowed = [o for o in found if keeps or self._uri(o.provider) is not None]
         fresh = [o for o in allowed if o.fresh(now, max_age)]
         best = (fresh or allowed or [here])[0]
+        cheapest = (allowed or [here])[0]
         ckpt = self._checkpoint()
         since = now - (ckpt[1] if ckpt else self.job.submitted)
-        move = decide_move(
-            here,
-            best,
+        figures = dict(
             savings=spec.recover.move_savings,
             resume_s=self._resume_s(store),
             since_checkpoint_s=since,
@@ -188,7 +192,14 @@ class Mover(threading.Thread):
             now=now,
             max_age=max_age,
         )
+        move = decide_move(here, best, **figures)
+        if not move.go and cheapest != best:  # say why the cheapest place is no option
+            return decide_move(here, cheapest, **figures), cheapest, ckpt
         return move, best, ckpt
+
+    @staticmethod
+    def _max_age() -> float:
+        return timeouts.seconds("MOVE_PRICE_MAX_AGE")
 
     def _move(self, twin, store: state.Store, move, best: live.Offer, ckpt) -> bool:
         """Make the move; whether the job was stopped here for its new cluster."""
