@@ -17,7 +17,8 @@ verified, manifest last), and only then stops the job on the old cluster. The wa
 the job on the new cluster (the node restores the checkpoint first) and tears the old one down
 (why it ended: `moved`). A move is a restart (recover.max_restarts) and is paid from the
 budget. Anything that fails before the old job is stopped leaves the job where it was, the new
-cluster torn down, and an event saying why.
+cluster torn down, and an event saying why; a failed move is not tried again from this cluster
+(a cloud that refused or a copy that did not verify would fail the same way on the next check).
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ class Mover(threading.Thread):
         except (CapacityError, QuotaError, MlcloudError) as e:
             store.update_managed_cluster(name, row.seq, ended=time.time(), why=f"move: {e}")
             store.event(here, "move", f"move to {best.place} abandoned: {e}; the job stays")
-            twin._down(row.cluster)
+            if store.get_cluster(row.cluster) is not None:  # a failed first `up` left none
+                twin._down(row.cluster)
             return False
         if made is None:  # cancelled meanwhile: make_at tore it down
             return False
