@@ -168,18 +168,20 @@ def launch(
                 raise
             finally:
                 output.close(rep)
-            print(
-                f"managed job {name} runs on {name}-1, watched by `mlcloud autoscale --all`: "
-                f"`mlcloud jobs` to see it, `mlcloud cancel {name}` to stop it"
-            )
+            if json_out:
+                from mlcloud.cli import views
+
+                output.print_json({"managed": views.managed_json(store, store.get_managed(name))})
+            else:
+                print(
+                    f"managed job {name} runs on {name}-1, watched by `mlcloud autoscale "
+                    f"--all`: `mlcloud jobs` to see it, `mlcloud cancel {name}` to stop it"
+                )
             return
         code = 1
         keep = None
         try:
             code = watcher.run()
-        except KeyboardInterrupt:
-            code = 130
-            raise
         finally:
             output.close(rep)
             last = managed.last_job(store, name)
@@ -193,10 +195,16 @@ def launch(
                 managed.down_all(store, name, rep, keep=keep)
             finally:
                 output.close(rep)
-        if json_out:
+        if json_out:  # train's shape for the job's last run, and the managed job's own
             from mlcloud.cli import views
 
-            output.print_json(views.managed_json(store, store.get_managed(name)))
+            ran = store.get_job(last[0], last[1]) if last else None
+            output.print_json(
+                {
+                    **(views.job_result_json(ran) if ran else {}),
+                    "managed": views.managed_json(store, store.get_managed(name)),
+                }
+            )
         raise typer.Exit(code)
     finally:
         release()

@@ -15,7 +15,7 @@ import time
 import boto3
 import pytest
 from conftest import MLCLOUD, relay_pool, run_cli
-from test_aws_cli import mlcloud_resources
+from test_aws_cli import live_instances, mlcloud_resources
 from test_aws_elastic import lose
 
 pytestmark = pytest.mark.e2e
@@ -118,3 +118,54 @@ def test_a_reclaimed_node_comes_back_on_a_new_cluster_from_the_bucket(
     ]
     assert mlcloud_resources() == {"instances": 0, "security_groups": 0, "key_pairs": 0}
     assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
+
+
+def test_cancel_while_the_new_cluster_is_made_leaves_nothing(
+    moto_server, ec2_stand_in, make_ssh_nodes, tmp_path
+):
+    nodes = make_ssh_nodes(1)  # rc-1's only: the instance of the new cluster never answers
+    _, proxy = relay_pool(tmp_path, [nodes.nodes[0].host])
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "job.py").write_text(JOB)
+    spec = project / "mlcloud.yaml"
+    spec.write_text("workdir: .\nprovider: aws\nresources: {instance_type: g5.xlarge}\n")
+    launch = subprocess.Popen(
+        [
+            MLCLOUD, "launch", "cx", "-f", str(spec), "--identity", str(nodes.client_key),
+            "--ssh-user", nodes.user, "--ssh-port", str(nodes.port), "--proxy-command", proxy,
+            "--allow-ssh-from", "127.0.0.1/32", "-e", f"GATE={tmp_path / 'never'}", "--yes",
+            "job.py",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )  # fmt: skip
+    from mlcloud import state
+
+    try:
+        deadline = time.monotonic() + 180
+        while not any(j.status == "RUNNING" for j in state.open_store().jobs("cx-1")):
+            assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()[0]
+            time.sleep(0.2)
+        (node,) = state.open_store().get_cluster("cx-1").nodes
+        lose(node.node_id)
+        nodes.kill(0)
+        while len(live := live_instances()) == 0:  # cx-2's instance: bootstrapping
+            assert launch.poll() is None and time.monotonic() < deadline, launch.communicate()[0]
+            time.sleep(0.2)
+        r = run_cli("cancel", "cx", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out, _ = launch.communicate(timeout=120)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+    assert launch.returncode == 130, out[-4000:]
+    assert live and mlcloud_resources() == {"instances": 0, "security_groups": 0, "key_pairs": 0}
+    assert json.loads(run_cli("status", "--json").stdout)["clusters"] == []
+    (job,) = json.loads(run_cli("jobs", "--json").stdout)["jobs"]
+    assert job["status"] == "CANCELLED"

@@ -68,9 +68,15 @@ def clusters() -> list[str]:
 
 def test_a_job_that_succeeds_is_pulled_and_its_cluster_downed(project, tmp_path):
     dest = tmp_path / "results"
-    r = run_cli("launch", "ok", "-w", str(project), f"--pull={dest}", "job.py", "--yes")
+    r = run_cli("launch", "ok", "-w", str(project), f"--pull={dest}", "job.py", "--yes", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "step 2" in r.stdout
+    assert "step 2" in r.stderr  # the job's output: stdout holds the JSON document
+    said = json.loads(r.stdout)
+    assert (said["cluster"], said["status"], said["managed"]["status"]) == (
+        "ok-1",
+        "SUCCEEDED",
+        "SUCCEEDED",
+    )
     assert (dest / "node0" / "result.txt").read_text() == "ok"
     assert clusters() == []
     j = jobs()["ok"]

@@ -266,6 +266,16 @@ class Watcher:
         """USD the job has cost so far (the move weighs a restart against the budget)."""
         return spent(self.store, self._job())
 
+    def _cancelled(self) -> bool:
+        """Whether the job was cancelled (or is gone); any thread may ask: it opens its own
+        connection."""
+        store = self.store.reopen()
+        try:
+            job = store.get_managed(self.name)
+        finally:
+            store.close()
+        return job is None or job.status in state.JOB_DONE
+
     def _ready(self, cur: state.ManagedCluster) -> bool:
         """Whether the job's current cluster is up (a killed watcher may have left it half
         made: `up` resumes it)."""
@@ -345,10 +355,17 @@ class Watcher:
         )
         try:
             rec = lifecycle.up(
-                self.store, cur.cluster, spec, self.report, price=price, fallback_regions=fallback
-            )
+                self.store, cur.cluster, spec, self.report, price=price,
+                fallback_regions=fallback, cancelled=self._cancelled,
+            )  # fmt: skip
         except (CapacityError, QuotaError) as e:
+            if self._cancelled():
+                return None
             self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=str(e))
+            raise
+        except MlcloudError:
+            if self._cancelled():  # `cancel NAME` came while it was made: rolled back
+                return None
             raise
         if self._job().status in state.JOB_DONE:  # cancelled while it was made
             self._down(cur.cluster)

@@ -64,8 +64,11 @@ def up(
     report: Reporter,
     price: float = 0.0,
     fallback_regions: tuple[str, ...] = (),
+    cancelled: Callable[[], bool] | None = None,
 ) -> state.ClusterRecord:
-    """Bring a cluster to UP; re-running after a crash reuses what the provider already has."""
+    """Bring a cluster to UP; re-running after a crash reuses what the provider already has.
+    Once `cancelled()` is true (a managed job cancelled while its cluster is made) it stops
+    placing and bootstrapping and raises Cancelled, rolled back like any failure."""
     check_cluster_name(name)
     provider = providers.get(spec.provider)
     if spec.spot and not provider.capabilities.spot:
@@ -113,6 +116,7 @@ def up(
                 fallback_regions,
                 attempt,
                 resumed=existing is not None,
+                cancelled=cancelled,
             )
         except BaseException as e:
             if existing is None:
@@ -139,6 +143,7 @@ def _provision(
     fallback_regions: tuple[str, ...] = (),
     attempt: Attempt | None = None,
     resumed: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> state.ClusterRecord:
     """Create what is missing through the placement path (`_place`), bootstrap, record."""
     want = spec.node_count
@@ -165,7 +170,9 @@ def _provision(
         store.set_spec(ref.name, _recorded(spec, prepared.request))  # for later commands
         return prepared.request, provider.list(here)  # a resumed `up` finds what it made
 
-    placed = _place(store, provider, ref, request, places, report, ready, attempt=attempt)
+    placed = _place(
+        store, provider, ref, request, places, report, ready, attempt=attempt, cancelled=cancelled
+    )
     here, req = placed.ref, placed.request
     nodes = placed.there + placed.made
     try:
@@ -174,8 +181,9 @@ def _provision(
             nodes = nodes[:want]
         report.step(f"waiting for {len(nodes)} node(s) to answer, then bootstrapping")
         records = bootstrap.bootstrap(
-            provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot
+            provider, here, nodes, req.ssh, spec.autoscale, due, spec.spot, cancelled=cancelled
         )
+        _check(cancelled, ref.name)
     except (Exception, KeyboardInterrupt):
         if resumed:  # a first `up` is rolled back whole (`_rollback`)
             # only what this attempt made: what an earlier one made waits for the next run
