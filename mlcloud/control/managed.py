@@ -42,6 +42,7 @@ LOST, SPENT, FAILED, DONE, CANCELLED, BUDGET = (
 )
 DETACHED = "autoscale"  # the watcher of a job handed to `autoscale --all` (launch --detach)
 IN_PLACE = ("node_replaced", "restart")  # the controller's events that are a rung-1 restart
+RESTART_MARK = "(restart "  # in the watcher's `recover` events that restart the job
 _STEP = re.compile(r"\bstep[ =:]+(\d+)")
 _RESTORED = re.compile(r"checkpoints: restored step (\d+)")
 
@@ -98,6 +99,18 @@ def req_near(store: state.Store, name: str) -> str | None:
 def me() -> str:
     """This process as a watcher: `pid@host`."""
     return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def restarts_of(store: state.Store, job: state.ManagedJob) -> int:
+    """The job's restarts, from its clusters' events: each in place (the controller's) and
+    each the watcher made (a new cluster, on_failure: restart)."""
+    return sum(
+        1
+        for c in job.clusters
+        if c.uid
+        for _, kind, _, message in store.event_log(c.cluster, c.uid)
+        if kind in IN_PLACE or (kind == "recover" and RESTART_MARK in message)
+    )
 
 
 def lead_key(name: str) -> str:
@@ -201,11 +214,11 @@ class Watcher:
             if cur is None:
                 job = self._job()
                 return job.exit_code if job.exit_code is not None else 1
-            ended, in_place = self._follow(cur)
+            ended = self._follow(cur)
             job = self._job()
             if job.status in state.JOB_DONE:  # cancelled meanwhile
                 return job.exit_code if job.exit_code is not None else 130
-            restarts = job.restarts + in_place
+            restarts = restarts_of(self.store, job)  # from the events: a resumed watch too
             self.store.update_managed(self.name, restarts=restarts)
             result, why = ended
             if result.status == state.JOB_SUCCEEDED:
@@ -396,9 +409,9 @@ class Watcher:
             )
         return next(c for c in self._job().clusters if c.seq == cur.seq)
 
-    def _follow(self, cur: state.ManagedCluster) -> tuple[tuple[outcome.Outcome, str | None], int]:
+    def _follow(self, cur: state.ManagedCluster) -> tuple[outcome.Outcome, str | None]:
         """Start the job on cur (or adopt the one running there) and follow it to its end:
-        ((how it ended, why the cluster cannot be kept or None), restarts made in place)."""
+        (how it ended, why the cluster cannot be kept or None)."""
         h = handle.open_cluster(self.store, cur.cluster)
         try:
             running = [
@@ -433,11 +446,10 @@ class Watcher:
                 move.join()
             result = driver.outcome
             assert result is not None
-            in_place = self._count(self.store, cur.cluster, h.record.uid, job.submitted)
             if spent_in_place.is_set():
-                return (result, SPENT), in_place
+                return result, SPENT
             if move.moved:
-                return (result, mover.MOVED), in_place
+                return result, mover.MOVED
             own = [
                 e
                 for e in driver.ends.values()
@@ -445,7 +457,7 @@ class Watcher:
                 and (e.failure is not None or e.code not in (outcome.LOST, outcome.KILLED))
             ]
             lost = result.status == state.JOB_FAILED and not own and result.stopped_by is None
-            return (result, LOST if lost else None), in_place
+            return result, LOST if lost else None
         finally:
             h.close()
 

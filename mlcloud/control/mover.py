@@ -252,7 +252,12 @@ class Mover(threading.Thread):
             store.update_managed_cluster(name, made.seq, ended=time.time(), why=f"move: {why}")
             twin._down(made.cluster)
             return False
-        store.update_managed(name, restarts=job.restarts + 1)
+        store.event(  # a `recover` event with "(restart N of M)": the watcher counts it
+            here,
+            "recover",
+            f"moved for price to {made.cluster} (restart {job.restarts + 1} of "
+            f"{spec.recover.max_restarts}; ${cost:.2f} so far)",
+        )
         self.moved = True  # before the stop: the driver's end is the move's
         for i in range(len(self.h.nodes)):
             try:
