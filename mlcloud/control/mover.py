@@ -204,8 +204,6 @@ class Mover(threading.Thread):
 
     def _move(self, twin, store: state.Store, move, best: live.Offer, ckpt) -> bool:
         """Make the move; whether the job was stopped here for its new cluster."""
-        from mlcloud.providers.base import CapacityError, QuotaError
-
         name, here = self.watcher.name, self.h.record.name
         spec = self.watcher.spec
         job = store.get_managed(name)
@@ -238,7 +236,7 @@ class Mover(threading.Thread):
         old = replace(self._row(store), why=MOVED)
         try:
             made = twin.make_at(row, best, old, pin_zone=True)
-        except (CapacityError, QuotaError, MlcloudError) as e:
+        except MlcloudError as e:  # no capacity there among them
             store.update_managed_cluster(name, row.seq, ended=time.time(), why=f"move: {e}")
             store.event(here, "move", f"move to {best.place} abandoned: {e}; the job stays")
             if store.get_cluster(row.cluster) is not None:  # a failed first `up` left none
