@@ -68,6 +68,7 @@ bench: $(STAMP) sysdeps
 	-$(PY) bench/recovery.py --silent
 	-$(PY) bench/recovery.py --provider aws
 	-$(PY) bench/recovery.py --provider gce
+	-$(PY) bench/managed.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
