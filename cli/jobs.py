@@ -360,17 +360,52 @@ def logs(
 ) -> None:
     """Print a job's node-prefixed output; with --follow, exit with the job's exit code.
 
-    A job no mlcloud process follows any more is read from its nodes (output and end)."""
+    A job no mlcloud process follows any more is read from its nodes (output and end). A
+    managed job's NAME: each of its clusters' job in turn (--follow: on to the next cluster
+    until the managed job ends, then its exit code)."""
     from mlcloud.cli import managed
 
     from mlcloud import state
-    from mlcloud.errors import NotFoundError
-    from mlcloud.jobs import reconcile
     from mlcloud.spec.task import check_cluster_name
 
     check_cluster_name(name)
     store = state.open_store()
-    name = managed.resolve(store, name)
+    mj = managed.managed_job(store, name) if job is None else None
+    if mj is None:
+        _logs(store, managed.resolve(store, name), job, follow)
+        return
+    if not follow:
+        for c in mj.clusters:
+            ran = [j for j in store.jobs(c.cluster, c.uid or None) if c.uid]
+            for j in ran:
+                print(f"[mlcloud] {c.cluster} job {j.job_id}", flush=True)
+                _Tail(Path(j.log_path)).show(final=True)
+        return
+    last, code = None, 1
+    while True:
+        cur = store.get_managed(name)
+        cluster = managed.resolve(store, name)
+        rec = store.get_cluster(cluster)
+        newest = store.get_job(cluster, None, rec.uid) if rec else None
+        if newest is not None and (cluster, newest.job_id, newest.uid) != last:
+            last = (cluster, newest.job_id, newest.uid)
+            print(f"[mlcloud] {cluster} job {newest.job_id}", flush=True)
+            try:
+                _logs(store, cluster, newest.job_id, True)
+            except typer.Exit as e:
+                code = e.exit_code
+            continue
+        if cur is None or cur.status in state.JOB_DONE:
+            raise typer.Exit(cur.exit_code if cur and cur.exit_code is not None else code)
+        time.sleep(0.5)
+
+
+def _logs(store, name: str, job: int | None, follow: bool) -> None:
+    """One cluster's job (default: its newest): printed, or followed to its end (Exit)."""
+    from mlcloud import state
+    from mlcloud.errors import NotFoundError
+    from mlcloud.jobs import reconcile
+
     rec = store.get_cluster(name)
     uid = rec.uid if rec else None  # a live cluster shows its own jobs; a gone one, its last
     j = store.get_job(name, job, uid)

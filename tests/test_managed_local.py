@@ -131,8 +131,13 @@ def _launch(project: Path, name: str, gate: Path, *args: str) -> subprocess.Pope
 def test_every_node_lost_moves_the_job_to_a_new_cluster(project, tmp_path):
     gate = tmp_path / "gate"
     p = _launch(project, "mv", gate)
+    follow = None
     try:
         wait_for(lambda: _running("mv-1"), what="the job on mv-1")
+        follow = subprocess.Popen(  # across the move, to the managed job's end
+            [MLCLOUD, "logs", "mv", "--follow"], stdout=subprocess.PIPE, text=True
+        )
+        assert follow.stdout.readline() == "[mlcloud] mv-1 job 1\n"  # it follows mv-1 now
         uid = _cluster("mv-1")["uid"]
         for pid in tagged_pids(f"{uid}."):  # a local node has no machine to lose: its job's
             os.kill(pid, signal.SIGKILL)  # processes go, and it reads as a lost node
@@ -141,9 +146,17 @@ def test_every_node_lost_moves_the_job_to_a_new_cluster(project, tmp_path):
         wait_for(lambda: _cluster("mv-1") is None, what="mv-1 torn down")
         gate.touch()
         out, _ = p.communicate(timeout=60)
+        followed, _ = follow.communicate(timeout=60)
     finally:
         p.kill()
+        if follow is not None:
+            follow.kill()
     assert p.returncode == 0, out
+    assert follow.returncode == 0, followed
+    assert "[mlcloud] mv-2 job 1" in followed and "succeeded" in followed, followed
+    logged = run_cli("logs", "mv").stdout  # every cluster's job, in order
+    assert logged.startswith("[mlcloud] mv-1 job 1\n") and logged.count("step 2") == 2, logged
+    assert logged.index("mv-2 job 1") > logged.index("step 2"), logged
     j = jobs()["mv"]
     assert (j["status"], j["restarts"]) == ("SUCCEEDED", 1)
     assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [
