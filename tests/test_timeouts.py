@@ -36,3 +36,13 @@ def test_the_cli_refuses_a_bad_value_in_one_line(monkeypatch):
         "(default 8); "
         "fix or unset it"
     )
+
+
+def test_launch_refuses_a_bad_move_wait_before_anything_is_made(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLCLOUD_MOVE_CHECK_EVERY", "-5")
+    (tmp_path / "job.py").write_text("print('never')\n")
+    r = run_cli("launch", "mv", "-w", str(tmp_path), "job.py", "--yes")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: MLCLOUD_MOVE_CHECK_EVERY=")
+    assert "how often a managed job's watcher asks for live offers" in r.stderr
+    assert run_cli("jobs", "--json").stdout.count('"name"') == 0  # no managed job recorded

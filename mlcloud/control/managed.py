@@ -22,11 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mlcloud import state
+from mlcloud.control import mover
 from mlcloud.errors import BusyError, MlcloudError, NotFoundError, UsageError
 from mlcloud.jobs import launch, outcome
 from mlcloud.jobs.driver import Driver, Sink
 from mlcloud.provision import handle, lifecycle
 from mlcloud.report import Reporter
+from mlcloud.spec.offers import Offer
 from mlcloud.spec.task import TaskSpec
 
 # why a cluster of the job ended (ManagedCluster.why)
@@ -223,6 +225,10 @@ class Watcher:
                 return self._end(state.JOB_SUCCEEDED, 0, DONE)
             if result.status == state.JOB_CANCELLED:
                 return self._end(state.JOB_CANCELLED, result.exit_code or 130, CANCELLED)
+            if why == mover.MOVED:  # the job's next cluster is up: start it there
+                self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=why)
+                self._down(cur.cluster)
+                continue
             if why is None:  # the job failed by itself (or a rule stopped it)
                 if (
                     self.spec.recover.on_failure == "restart"
@@ -269,6 +275,10 @@ class Watcher:
             self._start(h)
         self.store.update_managed(self.name, watcher=DETACHED)
 
+    def spent(self) -> float:
+        """USD the job has cost so far (the move weighs a restart against the budget)."""
+        return spent(self.store, self._job())
+
     def _cancelled(self) -> bool:
         """Whether the job was cancelled (or is gone); any thread may ask: it opens its own
         connection."""
@@ -311,65 +321,93 @@ class Watcher:
             cur = self._job().current or self.store.add_managed_cluster(
                 self.name, first.provider, first.region or "", first.zone or "", None
             )
-            spec = replace(
-                self.spec,
-                name=cur.cluster,
-                provider=first.provider,
-                region=first.region,
-                zone=None,  # the provider walks the region's zones (capacity), then fallback
-                resources=replace(self.spec.resources, instance_type=first.instance_type),
-                autoscale=replace(
-                    self.spec.autoscale,
-                    max_cost=None if max_cost is None else max(max_cost - cost, 0.01),
-                ),
-            )
             fallback = tuple(
                 dict.fromkeys(p.region for p in mine[1:] if p.region and p.region != first.region)
             )
-            price = first.price or 0.0
-            self.report.step(
-                f"making {cur.cluster} on {first}"
-                + (f" at ${price * spec.node_count:.2f}/h" if first.price else "")
-            )
             try:
-                rec = lifecycle.up(
-                    self.store, cur.cluster, spec, self.report, price=price,
-                    fallback_regions=fallback, cancelled=self._cancelled,
-                )  # fmt: skip
+                return self.make_at(cur, first, old, fallback=fallback)
             except (CapacityError, QuotaError) as e:
-                if self._cancelled():
-                    return None
                 refused.append(f"{provider}: {e}")
-                self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=str(e))
-                continue
-            except MlcloudError:
-                if self._cancelled():  # `cancel NAME` came while it was made: rolled back
-                    return None
-                raise
-            if self._job().status in state.JOB_DONE:  # cancelled while it was made
-                self._down(cur.cluster)
-                return None
-            region = rec.spec.get("region") or ""
-            zone = rec.spec.get("zone") or ""
-            placed = next((p for p in mine if p.region == region), first)
-            per_hour = None if placed.price is None else placed.price * len(rec.nodes)
-            self.store.update_managed_cluster(
-                self.name, cur.seq, uid=rec.uid, region=region, zone=zone, price=per_hour
-            )
-            said = f"${per_hour:.2f}/h" if per_hour is not None else "unpriced"
-            if old is None:
-                self.store.event(cur.cluster, "launch", f"managed job {self.name} on {cur.cluster}")
-            else:
-                self.store.event(
-                    cur.cluster,
-                    "moved",
-                    f"managed job {self.name} moved from {old.cluster} ({old.why}) to "
-                    f"{cur.cluster} in {':'.join(x for x in (rec.provider, region, zone) if x)}"
-                    f" at {said}",
-                )
-            return self._job().current
         self._end(state.JOB_FAILED, 3, "no capacity: " + "; ".join(refused))
         return None
+
+    def make_at(
+        self,
+        cur: state.ManagedCluster,
+        place: Place | Offer,
+        old: state.ManagedCluster | None,
+        *,
+        fallback: tuple[str, ...] = (),
+        pin_zone: bool = False,
+    ) -> state.ManagedCluster | None:
+        """Make the job's cluster `cur` (its row recorded) at `place`: the region's zones (only
+        place.zone with pin_zone), then the fallback regions. Rung 2's path, and the move's
+        (control/mover.py). CapacityError or QuotaError when none has room (the row ended with
+        why); None when the job was cancelled meanwhile (the cluster torn down)."""
+        from mlcloud.providers.base import CapacityError, QuotaError
+
+        max_cost = self.spec.autoscale.max_cost
+        cost = spent(self.store, self._job())
+        spec = replace(
+            self.spec,
+            name=cur.cluster,
+            provider=place.provider,
+            region=place.region,
+            zone=place.zone if pin_zone else None,  # else the provider walks the region's zones
+            resources=replace(self.spec.resources, instance_type=place.instance_type),
+            autoscale=replace(
+                self.spec.autoscale,
+                max_cost=None if max_cost is None else max(max_cost - cost, 0.01),
+            ),
+        )
+        price = place.price or 0.0
+        where = ":".join(x for x in (place.provider, place.region, place.zone) if x)
+        self.report.step(
+            f"making {cur.cluster} on {where}"
+            + (f" at ${price * spec.node_count:.2f}/h" if place.price else "")
+        )
+        try:
+            rec = lifecycle.up(
+                self.store, cur.cluster, spec, self.report, price=price,
+                fallback_regions=fallback, cancelled=self._cancelled,
+            )  # fmt: skip
+        except (CapacityError, QuotaError) as e:
+            if self._cancelled():
+                return None
+            self.store.update_managed_cluster(self.name, cur.seq, ended=time.time(), why=str(e))
+            raise
+        except MlcloudError:
+            if self._cancelled():  # `cancel NAME` came while it was made: rolled back
+                return None
+            raise
+        if self._job().status in state.JOB_DONE:  # cancelled while it was made
+            self._down(cur.cluster)
+            return None
+        region = rec.spec.get("region") or ""
+        zone = rec.spec.get("zone") or ""
+        placed = (
+            place
+            if place.region == region
+            else next(
+                (p for p in self.places if (p.provider, p.region) == (rec.provider, region)), place
+            )
+        )
+        per_hour = None if placed.price is None else placed.price * len(rec.nodes)
+        self.store.update_managed_cluster(
+            self.name, cur.seq, uid=rec.uid, region=region, zone=zone, price=per_hour
+        )
+        said = f"${per_hour:.2f}/h" if per_hour is not None else "unpriced"
+        if old is None:
+            self.store.event(cur.cluster, "launch", f"managed job {self.name} on {cur.cluster}")
+        else:
+            self.store.event(
+                cur.cluster,
+                "moved",
+                f"managed job {self.name} moved from {old.cluster} ({old.why}) to "
+                f"{cur.cluster} in {':'.join(x for x in (rec.provider, region, zone) if x)}"
+                f" at {said}",
+            )
+        return next(c for c in self._job().clusters if c.seq == cur.seq)
 
     def _follow(self, cur: state.ManagedCluster) -> tuple[outcome.Outcome, str | None]:
         """Start the job on cur (or adopt the one running there) and follow it to its end:
@@ -398,15 +436,20 @@ class Watcher:
                 daemon=True,
             )
             watch.start()
+            move = mover.Mover(self, h, job, adopt, stop)  # rung 3 (control/mover.py)
+            move.start()
             try:
                 driver.run()
             finally:
                 stop.set()
                 watch.join(timeout=10)
+                move.join()
             result = driver.outcome
             assert result is not None
             if spent_in_place.is_set():
                 return result, SPENT
+            if move.moved:
+                return result, mover.MOVED
             own = [
                 e
                 for e in driver.ends.values()
@@ -598,14 +641,11 @@ def cancel(store: state.Store, name: str, report: Reporter) -> state.ManagedJob:
         cur = job.current
         if cur is not None:
             store.event(cur.cluster, "managed", f"managed job {name} cancelled")
-            rec = store.get_cluster(cur.cluster)
-            if (
-                rec is not None
-                and rec.status == state.UP
-                and store.get_job(cur.cluster, uid=rec.uid)
-            ):
+        for c in job.clusters:  # during a move the job runs on the cluster before the current
+            rec = store.get_cluster(c.cluster) if c.ended is None else None
+            if rec is not None and rec.status == state.UP and store.get_job(c.cluster, uid=rec.uid):
                 try:
-                    job_cancel.cancel(store, cur.cluster, None)
+                    job_cancel.cancel(store, c.cluster, None)
                 except MlcloudError as e:
                     report.warn(str(e))
     failed = down_all(store, name, report)

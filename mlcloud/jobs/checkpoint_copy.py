@@ -342,3 +342,9 @@ class _Gcs:
         r = self.session.delete(self._url(name), timeout=60)
         if r.status_code != 404:
             self._check(r)
+
+
+def manifest(uri: str) -> dict | None:
+    """The manifest of the newest complete checkpoint at `uri` (its step and `time`), None
+    when there is none yet: how old the job's newest checkpoint is (control/mover.py)."""
+    return _manifest(_open(uri))

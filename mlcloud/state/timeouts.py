@@ -23,6 +23,18 @@ DEFAULTS = {
     ),
     "FAIL_GRACE": (15.0, "how long the other nodes may run on once one node's job failed"),
     "DB_BUSY_TIMEOUT": (10.0, "how long to wait for a state database another process holds"),
+    "MOVE_CHECK_EVERY": (
+        300.0,
+        "how often a managed job's watcher asks for live offers to decide a move for price",
+    ),
+    "MOVE_PRICE_MAX_AGE": (
+        900.0,
+        "how old a live price may be and still drive a move for price (asked again at half)",
+    ),
+    "MOVE_CHECKPOINT_WAIT": (
+        600.0,
+        "how long a move for price waits for a fresh checkpoint before deciding again",
+    ),
     "DB_CONNECT_TIMEOUT": (5.0, "how long to wait for a shared state database to answer a connect"),
 }
 
