@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -159,6 +160,9 @@ def test_every_node_lost_moves_the_job_to_a_new_cluster(project, tmp_path):
     assert "\n[mlcloud] mv-2 job 1\n[node0] step 0\n" in logged, logged
     j = jobs()["mv"]
     assert (j["status"], j["restarts"]) == ("SUCCEEDED", 1)
+    # no bucket: mv-2 began again at "step 0", whatever step mv-1 had reached
+    on_mv1 = logged.split("[mlcloud] mv-2 job 1\n")[0]
+    assert j["steps_lost"] == max(int(n) for n in re.findall(r"\] step (\d+)", on_mv1))
     assert [(c["cluster"], c["why"]) for c in j["clusters"]] == [
         ("mv-1", "every node lost"),
         ("mv-2", "job ended"),

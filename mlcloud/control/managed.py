@@ -186,7 +186,9 @@ class Watcher:
         self.report, self.sink = report, sink
         self.near = req_near(store, name)
         self.places = places(spec, near=self.near)
-        self.last_step = 0  # the newest `step N` the job printed on this cluster
+        self.last_step = 0  # the newest `step N` the job printed, on any of its clusters
+        self.resuming = False  # a start whose resume point is not seen yet
+        self.steps_seen = 0  # `step N` lines read: one more after a start is training again
         self.interrupted = False
 
     def _job(self) -> state.ManagedJob:
@@ -485,23 +487,36 @@ class Watcher:
                 self.report,
                 lambda i, line: self._sink(f"[node{i}] {line}"),
             )
-        self.last_step = 0
+        self.resuming = True  # the job starts again: what it resumes from is yet to be seen
         return job
 
     def _sink(self, text: str) -> None:
-        """The job's lines, read for the steps it reached and restored (steps lost)."""
+        """The job's lines, read for the steps it reached and the step it resumed from after
+        a start (the node's restore, else its first step): the difference is steps lost."""
         m = _RESTORED.search(text)
         if m:
-            lost = max(0, self.last_step - int(m.group(1)))
-            if lost:
-                job = self._job()
-                self.store.update_managed(self.name, steps_lost=job.steps_lost + lost)
-            self.last_step = int(m.group(1))
+            self._resumed(int(m.group(1)))
         else:
             for m in _STEP.finditer(text):
+                if self.resuming:  # no restore: it went on from what its disk had, or step 0
+                    self._resumed(max(0, int(m.group(1)) - 1))
                 self.last_step = max(self.last_step, int(m.group(1)))
+                self.steps_seen += 1
         if self.sink is not None:
             self.sink(text)
+
+    def _resumed(self, step: int) -> None:
+        self.resuming = False
+        lost = max(0, self.last_step - step)
+        if lost:  # read on a follower's thread: a connection of its own
+            store = self.store.reopen()
+            try:
+                job = store.get_managed(self.name)
+                if job is not None:
+                    store.update_managed(self.name, steps_lost=job.steps_lost + lost)
+            finally:
+                store.close()
+        self.last_step = step
 
     def _in_place(
         self,

@@ -74,11 +74,11 @@ class Mover(threading.Thread):
 
         spec = self.watcher.spec
         movable = spec.recover.move_savings is not None and plan.priced(self.h.record.provider)
-        first_step = self.watcher.last_step
+        first_step = self.watcher.steps_seen
         measured = self.adopted  # a job this watcher adopted started before it looked
         last, said = time.monotonic(), None
         while not self.stop.wait(POLL_S):
-            if not measured and self.watcher.last_step != first_step:
+            if not measured and self.watcher.steps_seen != first_step:
                 measured = True
                 self._training(store)
             if not movable:
