@@ -54,6 +54,20 @@ STANDIN_VAR = "MLCLOUD_TEST_TORCHRUN"
 E2E_FIXTURES = {"make_ssh_nodes", "moto_server", "pg_server", "pg_url"}
 
 
+def pytest_sessionstart(session):
+    """mlcloud's own modules compiled once, before the run: the suite starts hundreds of
+    `mlcloud` processes, and an editable install under PYTHONDONTWRITEBYTECODE (set on many CI
+    runners) would have each compile them again (~0.1 s of CPU a process). Where the sources
+    change later, Python sees the stale bytecode and compiles as before."""
+    if hasattr(session.config, "workerinput"):  # xdist's controller did it
+        return
+    import compileall
+
+    root = Path(__file__).parent.parent
+    for package in ("mlcloud", "cli", "providers"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         # a test of both stores asks for the server in its postgresql case (`kind` fixtures)
