@@ -273,7 +273,7 @@ def run_cli_in_process(
             raise ended[0]
         code = ended[0]
     finally:
-        gc.collect()  # what the command left for its exit to close (a database connection)
+        gc.collect(1)  # what the command left for its exit to close (a database connection)
         sys.stdin, sys.stdout, sys.stderr = saved_streams
         root.handlers = saved_handlers
         os.chdir(saved_cwd)
