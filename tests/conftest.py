@@ -54,6 +54,20 @@ STANDIN_VAR = "MLCLOUD_TEST_TORCHRUN"
 E2E_FIXTURES = {"make_ssh_nodes", "moto_server", "pg_server", "pg_url"}
 
 
+def pytest_sessionstart(session):
+    """mlcloud's own modules compiled once, before the run: the suite starts hundreds of
+    `mlcloud` processes, and an editable install under PYTHONDONTWRITEBYTECODE (set on many CI
+    runners) would have each compile them again (~0.1 s of CPU a process). Where the sources
+    change later, Python sees the stale bytecode and compiles as before."""
+    if hasattr(session.config, "workerinput"):  # xdist's controller did it
+        return
+    import compileall
+
+    root = Path(__file__).parent.parent
+    for package in ("mlcloud", "cli", "providers"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         # a test of both stores asks for the server in its postgresql case (`kind` fixtures)
@@ -120,18 +134,44 @@ def mlcloud_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-# Read-only commands the suite runs hundreds of times to look at state: run through the
-# console script's own function in this process (run_cli_in_process), ~0.2 s of CPU each saved.
-# On a shared store (MLCLOUD_STATE_URL) they stay processes: tests stop that server under them.
-IN_PROCESS = {"status"}
+# Commands the suite runs hundreds of times whose process is not what the test looks at (it
+# looks at state, nodes, output): run through the console script's own function in this
+# process (run_cli_in_process), ~0.2-0.4 s of CPU each saved. They stay processes where this
+# process is not the CLI's any more: on a shared store (MLCLOUD_STATE_URL; tests stop that
+# server under them), from a thread of the test, in a test that monkeypatched an attribute
+# or changed PATH or PYTHONPATH.
+IN_PROCESS = {"status", "up", "down", "gc", "init"}
 _in_process_turn = threading.Lock()  # one at a time: they swap this process's stdout
+_test_patches: list = [None]  # the running test's monkeypatch
+# what a process reads when it starts (the commands it finds, the modules and plugins it
+# imports): a test that changed them gets a process
+_AT_START = {k: os.environ.get(k) for k in ("PATH", "PYTHONPATH")}
+
+
+@pytest.fixture(autouse=True)
+def _record_patches(monkeypatch):
+    _test_patches[0] = monkeypatch
+
+
+def _runs_in_process(args: tuple[str, ...], kw: dict) -> bool:
+    patch = _test_patches[0]
+    return (
+        bool(args)
+        and args[0] in IN_PROCESS
+        and set(kw) <= {"cwd", "input"}
+        and "MLCLOUD_STATE_URL" not in os.environ
+        and threading.current_thread() is threading.main_thread()
+        and not (patch is not None and patch._setattr)  # pytest keeps them there to undo
+        and all(os.environ.get(k) == v for k, v in _AT_START.items())
+    )
 
 
 def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    """The real `mlcloud` process, no terminal, environment of the test (MLCLOUD_HOME)."""
-    if args and args[0] in IN_PROCESS and not kw and "MLCLOUD_STATE_URL" not in os.environ:
+    """The real `mlcloud` process, no terminal, environment of the test (MLCLOUD_HOME); in
+    this process for the commands in IN_PROCESS."""
+    if _runs_in_process(args, kw):
         with _in_process_turn:
-            return run_cli_in_process(*args)
+            return run_cli_in_process(*args, timeout=timeout, **kw)
     return subprocess.run(
         [MLCLOUD, *args],
         capture_output=True,
@@ -186,13 +226,16 @@ def on_a_terminal(args: list[str], answer: str) -> subprocess.CompletedProcess:
 
 
 def run_cli_in_process(
-    *args: str, cwd: Path | None = None, input: str | None = None
+    *args: str, cwd: Path | None = None, input: str | None = None, timeout: float | None = None
 ) -> subprocess.CompletedProcess:
     """The console script's own function (mlcloud.cli.app.run: every way a command ends becomes
     its exit code and one error line) in this process, for tests whose subject is a command's
     message and exit code, not its process: the same argv and environment (os.environ), stdin
     not a terminal (`input` or nothing), stdout and stderr captured. ~100x cheaper than
-    starting `mlcloud`; what a command changes of this process is put back."""
+    starting `mlcloud`; what a command changes of this process is put back. It runs in a
+    thread of its own, so a command that hangs fails the test after `timeout` as a process
+    would (subprocess.TimeoutExpired)."""
+    import gc
     import io
     import logging
 
@@ -213,8 +256,24 @@ def run_cli_in_process(
     try:
         if cwd is not None:
             os.chdir(cwd)
-        code = app.run(list(args))
+        ended: list = []
+
+        def command() -> None:
+            try:
+                ended.append(app.run(list(args)))
+            except BaseException as e:  # noqa: BLE001 (raised again below, in the test)
+                ended.append(e)
+
+        th = threading.Thread(target=command, name="mlcloud " + " ".join(args[:1]), daemon=True)
+        th.start()
+        th.join(timeout)
+        if not ended:
+            raise subprocess.TimeoutExpired(["mlcloud", *args], timeout or 0)
+        if isinstance(ended[0], BaseException):
+            raise ended[0]
+        code = ended[0]
     finally:
+        gc.collect(1)  # what the command left for its exit to close (a database connection)
         sys.stdin, sys.stdout, sys.stderr = saved_streams
         root.handlers = saved_handlers
         os.chdir(saved_cwd)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+# one worker runs them all, so the module's first run (below) is made once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("template_ddp")]
 
 SCRIPT = Path(__file__).parent.parent / "templates" / "ddp" / "train.py"
 TIMEOUT = 120
@@ -98,37 +100,51 @@ def _ckpt_steps(ckpt_dir):
     return sorted(int(p.name[5:13]) for p in Path(ckpt_dir).glob("ckpt-*.pt"))
 
 
-def test_trains_checkpoints_and_reports(tmp_path):
-    out = _run(tmp_path, "--steps", 60, "--ckpt-every", 20, "--log-every", 10, "--keep", 2)
+@pytest.fixture(scope="module")
+def first(tmp_path_factory) -> tuple[Path, str]:
+    """One run of 40 steps, a checkpoint every 10 and the newest 2 kept: its directory and
+    output, which the tests read and go on from (each in a copy). Torch's start in torchrun
+    and in each rank is most of a run's cost."""
+    ckpt_dir = tmp_path_factory.mktemp("first")
+    out = _run(ckpt_dir, "--steps", 40, "--ckpt-every", 10, "--log-every", 10, "--keep", 2)
+    return ckpt_dir, out
+
+
+def _copy(first, to: Path) -> Path:
+    shutil.copytree(first[0], to)
+    return to
+
+
+def test_trains_checkpoints_and_reports(first):
+    ckpt_dir, out = first
     ranks = re.findall(r"^rank (\d+)/2 local_rank (\d+) node 0 backend gloo$", out, re.M)
     assert sorted(ranks) == [("0", "0"), ("1", "1")], out
     assert "starting from step 0" in out
     losses = _losses(out)
-    assert len(losses) == 6, out
-    final = float(re.search(r"^done steps=60 world_size=2 final_loss=(\S+)$", out, re.M)[1])
+    assert len(losses) == 4, out
+    final = float(re.search(r"^done steps=40 world_size=2 final_loss=(\S+)$", out, re.M)[1])
     assert final < losses[0] * 0.7, out
-    assert _ckpt_steps(tmp_path) == [40, 60]
-    assert not list(tmp_path.glob(".*tmp")), "temp files left behind"
-    progress = json.loads((tmp_path / "progress.json").read_text())
-    assert progress["step"] == 60 and progress["total"] == 60 and progress["world_size"] == 2
+    assert _ckpt_steps(ckpt_dir) == [30, 40]
+    assert not list(ckpt_dir.glob(".*tmp")), "temp files left behind"
+    progress = json.loads((ckpt_dir / "progress.json").read_text())
+    assert progress["step"] == 40 and progress["total"] == 40 and progress["world_size"] == 2
     # mlcloud's progress convention, the one the node agent reads: steps done out of total
-    assert json.loads((tmp_path / "progress").read_text()) == {"done": 60, "total": 60}
+    assert json.loads((ckpt_dir / "progress").read_text()) == {"done": 40, "total": 40}
     assert progress["loss"] == pytest.approx(final, abs=1e-4)
     assert abs(progress["time"] - time.time()) < TIMEOUT and isinstance(progress["pid"], int)
     import torch  # here, not at collection: every xdist worker collects this module
 
-    state = torch.load(tmp_path / "ckpt-00000060.pt", weights_only=True)
-    assert state["step"] == 60 and {"model", "optim"} <= state.keys()
-    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
-    assert metrics == {"steps": 60, "final_loss": pytest.approx(final, abs=1e-4), "world_size": 2}
-    model = torch.load(tmp_path / "outputs" / "model.pt", weights_only=True)
+    state = torch.load(ckpt_dir / "ckpt-00000040.pt", weights_only=True)
+    assert state["step"] == 40 and {"model", "optim"} <= state.keys()
+    metrics = json.loads((ckpt_dir / "outputs" / "metrics.json").read_text())
+    assert metrics == {"steps": 40, "final_loss": pytest.approx(final, abs=1e-4), "world_size": 2}
+    model = torch.load(ckpt_dir / "outputs" / "model.pt", weights_only=True)
     assert model.keys() == state["model"].keys()
 
 
-def test_resume_continues_the_same_run(tmp_path):
-    first = _run(tmp_path / "a", "--steps", 40, "--ckpt-every", 20)
-    assert "done steps=40" in first
-    out = _run(tmp_path / "a", "--steps", 80, "--ckpt-every", 20)
+def test_resume_continues_the_same_run(first, tmp_path):
+    assert "done steps=40" in first[1]
+    out = _run(_copy(first, tmp_path / "a"), "--steps", 80, "--ckpt-every", 20)
     assert "resumed from step 40" in out
     assert re.findall(r"^step (\d+) loss", out, re.M)[0] == "50", out
     assert "done steps=80 world_size=2" in out
@@ -138,15 +154,15 @@ def test_resume_continues_the_same_run(tmp_path):
     assert final.search(out)[1] == final.search(straight)[1]
 
 
-def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
-    _run(tmp_path, "--steps", 30, "--ckpt-every", 10)
-    newest = tmp_path / "ckpt-00000030.pt"
+def test_corrupt_newest_checkpoint_is_skipped(first, tmp_path):
+    ckpt_dir = _copy(first, tmp_path / "c")
+    newest = ckpt_dir / "ckpt-00000040.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    out = _run(tmp_path, "--steps", 40, "--ckpt-every", 10)
-    assert "warning: skipping unreadable checkpoint" in out and "ckpt-00000030.pt" in out
-    assert "resumed from step 20" in out
-    assert "done steps=40" in out
-    assert 40 in _ckpt_steps(tmp_path)
+    out = _run(ckpt_dir, "--steps", 50, "--ckpt-every", 10)
+    assert "warning: skipping unreadable checkpoint" in out and "ckpt-00000040.pt" in out
+    assert "resumed from step 30" in out
+    assert "done steps=50" in out
+    assert 50 in _ckpt_steps(ckpt_dir)
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
