@@ -162,7 +162,7 @@ def engine_uses(aws: AwsProvider, monkeypatch) -> None:
     monkeypatch.setattr("mlcloud.providers.get", lambda name: aws)
     monkeypatch.setattr(
         "mlcloud.provision.bootstrap.bootstrap",
-        lambda p, ref, nodes, ssh, *agent: [
+        lambda p, ref, nodes, ssh, *agent, **kw: [
             state.NodeRecord(i, n.node_id, n.ip, n.private_ip, n.root, 0, None, n.status)
             for i, n in enumerate(nodes)
         ],

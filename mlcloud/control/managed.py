@@ -464,8 +464,7 @@ class Watcher:
             h.close()
 
     def _start(self, h: handle.Handle) -> state.JobRecord:
-        import shlex
-
+        from mlcloud.remote import shell
         from mlcloud.state import cluster_lock, paths
 
         req = self.req
@@ -473,7 +472,7 @@ class Watcher:
             job = self.store.new_job(
                 h.record.name,
                 h.record.uid,
-                shlex.join([req.script, *req.args]),
+                shell.join([req.script, *req.args]),
                 len(h.nodes),
                 launch.nproc_for(h, req.nproc_per_node),
                 paths.logs_dir(h.record.name),
