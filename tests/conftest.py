@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -400,6 +401,31 @@ def make_ssh_nodes(ssh_fleets, mlcloud_home, request):
 
     for uid in uids - {""}:
         shutil.rmtree(Path.home() / ".mlcloud" / uid, ignore_errors=True)
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "", out=lambda: "", every=0.1) -> None:
+    """Poll `cond` until it holds; past `timeout` fail, naming `what` and `out()`."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}: {out()}"
+        time.sleep(every)
+
+
+def relayed_node_args(nodes, proxy: str) -> list[str]:
+    """The flags that reach a fake cloud's instances: loopback sshd nodes through the relay."""
+    return [
+        "--identity", str(nodes.client_key), "--ssh-user", nodes.user,
+        "--ssh-port", str(nodes.port), "--proxy-command", proxy,
+        "--allow-ssh-from", "127.0.0.1/32",
+    ]  # fmt: skip
+
+
+def cli_process(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`mlcloud ARGV` as a process of its own, stdout and stderr together, no stdin."""
+    return subprocess.Popen(
+        [MLCLOUD, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, text=True, cwd=cwd, env=env or dict(os.environ),
+    )  # fmt: skip
 
 
 def ssh_up_args(nodes, name: str) -> list[str]:

@@ -11,11 +11,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli, tagged_pids
+from conftest import MLCLOUD, run_cli, tagged_pids, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +34,6 @@ while os.environ.get("GATE") and not os.path.exists(os.environ["GATE"]):
     time.sleep(0.05)
 print("done", flush=True)
 """
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli, tagged_pids
+from conftest import MLCLOUD, run_cli, tagged_pids, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -76,13 +76,6 @@ def log_has(name: str, text: str) -> bool:
 def running(name: str) -> bool:
     found = jobs(name)
     return bool(found) and found[0]["status"] == "RUNNING"
-
-
-def wait_for(cond, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_the_first_failing_ranks_own_code_and_signal(project, mlcloud_home):

@@ -8,13 +8,11 @@ most one checkpoint interval, finishes, and leaves nothing running."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import boto3
 import pytest
-from conftest import MLCLOUD, relay_pool, run_cli
+from conftest import cli_process, relay_pool, relayed_node_args, run_cli
 from test_aws_cli import live_instances, mlcloud_resources
 from test_aws_elastic import lose
 
@@ -71,18 +69,10 @@ def test_a_reclaimed_node_comes_back_on_a_new_cluster_from_the_bucket(
         "  AWS_SECRET_ACCESS_KEY: node-secret\n  AWS_DEFAULT_REGION: us-east-1\n"
         "  AWS_EC2_METADATA_DISABLED: 'true'\n"
     )
-    launch = subprocess.Popen(
-        [
-            MLCLOUD, "launch", "rc", "-f", str(spec), "--identity", str(nodes.client_key),
-            "--ssh-user", nodes.user, "--ssh-port", str(nodes.port), "--proxy-command", proxy,
-            "--allow-ssh-from", "127.0.0.1/32", "-e", f"GATE={gate}", "--yes", "job.py",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-        env=dict(os.environ),
+    launch = cli_process(
+        ["launch", "rc", "-f", str(spec), *relayed_node_args(nodes, proxy),
+         "-e", f"GATE={gate}", "--yes", "job.py"],
+        tmp_path,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -130,19 +120,10 @@ def test_cancel_while_the_new_cluster_is_made_leaves_nothing(
     (project / "job.py").write_text(JOB)
     spec = project / "mlcloud.yaml"
     spec.write_text("workdir: .\nprovider: aws\nresources: {instance_type: g5.xlarge}\n")
-    launch = subprocess.Popen(
-        [
-            MLCLOUD, "launch", "cx", "-f", str(spec), "--identity", str(nodes.client_key),
-            "--ssh-user", nodes.user, "--ssh-port", str(nodes.port), "--proxy-command", proxy,
-            "--allow-ssh-from", "127.0.0.1/32", "-e", f"GATE={tmp_path / 'never'}", "--yes",
-            "job.py",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-        env=dict(os.environ),
+    launch = cli_process(
+        ["launch", "cx", "-f", str(spec), *relayed_node_args(nodes, proxy),
+         "-e", f"GATE={tmp_path / 'never'}", "--yes", "job.py"],
+        tmp_path,
     )  # fmt: skip
     from mlcloud import state
 

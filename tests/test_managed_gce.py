@@ -6,12 +6,10 @@ leaves nothing running."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
-from conftest import MLCLOUD, relay_pool, run_cli
+from conftest import cli_process, relay_pool, relayed_node_args, run_cli
 from test_gce_cli import T4
 from test_managed_aws import JOB
 
@@ -38,18 +36,10 @@ def test_every_zone_exhausted_after_a_reclaim_moves_the_job_to_another_region(
         f"workdir: .\nprovider: gce\nspot: true\nresources: {{instance_type: '{T4}'}}\n"
         f"recover: {{placements: [{', '.join(PLACEMENTS)}]}}\n"
     )
-    launch = subprocess.Popen(
-        [
-            MLCLOUD, "launch", "gm", "-f", str(spec), "--identity", str(nodes.client_key),
-            "--ssh-user", nodes.user, "--ssh-port", str(nodes.port), "--proxy-command", proxy,
-            "--allow-ssh-from", "127.0.0.1/32", "-e", f"GATE={gate}", "--yes", "job.py",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-        env=dict(os.environ),
+    launch = cli_process(
+        ["launch", "gm", "-f", str(spec), *relayed_node_args(nodes, proxy),
+         "-e", f"GATE={gate}", "--yes", "job.py"],
+        tmp_path,
     )  # fmt: skip
 
     def wait(cond, what: str) -> None:

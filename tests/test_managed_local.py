@@ -12,11 +12,10 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli, tagged_pids
+from conftest import MLCLOUD, run_cli, tagged_pids, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -33,13 +32,6 @@ os.makedirs(out, exist_ok=True)
 open(os.path.join(out, "result.txt"), "w").write("ok")
 sys.exit(int(os.environ.get("CODE", "0")))
 """
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ moves a job."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import MLCLOUD, relay_pool, run_cli
+from conftest import MLCLOUD, relay_pool, relayed_node_args, run_cli
+from conftest import wait_for as _wait_for
 from test_aws_cli import live_instances
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +32,9 @@ ZONES = ("us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d", "us-east-1e", "
 # resumes after its newest ckpt-<step>.json, writes one every 4 steps (2 s: the node side
 # uploads a checkpoint once two looks a second apart saw it unchanged) up to $LAST_CKPT, ends
 # once $GATE exists
+
+wait_for = functools.partial(_wait_for, timeout=120.0, every=0.2)
+
 JOB = """\
 import json, os, time
 d = os.environ["MLCLOUD_CHECKPOINT_DIR"]
@@ -50,13 +55,6 @@ out = os.environ["MLCLOUD_OUTPUT_DIR"]
 os.makedirs(out, exist_ok=True)
 open(os.path.join(out, "first_step.txt"), "w").write(str(first))
 """
-
-
-def wait_for(cond, timeout: float = 120.0, what: str = "", out=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}: {out()}"
-        time.sleep(0.2)
 
 
 class Launch:
@@ -127,10 +125,7 @@ def launch(
     _, proxy = relay_pool(tmp_path, [n.host for n in nodes.nodes])
     argv = [
         MLCLOUD, "launch", NAME, "-f", str(proj / "mlcloud.yaml"), "--yes", "-e", "GATE",
-        "-e", "LAST_CKPT",
-        "--identity", str(nodes.client_key), "--ssh-user", nodes.user,
-        "--ssh-port", str(nodes.port), "--proxy-command", proxy,
-        "--allow-ssh-from", "127.0.0.1/32",
+        "-e", "LAST_CKPT", *relayed_node_args(nodes, proxy),
     ]  # fmt: skip
     return Launch(argv, dict(os.environ, GATE=str(gate), LAST_CKPT=str(last_ckpt)), tmp_path)
 
