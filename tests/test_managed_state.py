@@ -6,20 +6,12 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+import test_state
 
 from mlcloud import state
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def kind(request):
-    if request.param == "postgresql":
-        request.getfixturevalue("pg_url")
-    return request.param
-
-
-def _open(home):
-    home.mkdir(parents=True, exist_ok=True)
-    return state.open_store()
+kind = test_state.kind  # each test on both stores, as state's contract tests
+_open = test_state._open
 
 
 def test_a_job_and_its_clusters_in_order(mlcloud_home, kind):
