@@ -49,7 +49,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -57,6 +56,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+import test_recovery_e2e  # noqa: E402  (its Lines: a process's output as it comes)
+
 MLCLOUD = str(REPO / ".venv" / "bin" / "mlcloud")
 CKPT_EVERY, PAUSE_S = 10, 0.4
 RECLAIM_AFTER = CKPT_EVERY + 8  # steps after the resume: 8 steps (3.2 s) past a checkpoint
@@ -84,25 +85,17 @@ print("done", flush=True)
 """
 
 
-class Lines:
-    """A process's output, read as it comes, each line with the time it arrived."""
-
-    def __init__(self, stream):
-        self.lines: list[tuple[float, str]] = []
-        self.cond = threading.Condition()
-        self.th = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.th.start()
+class Lines(test_recovery_e2e.Lines):
+    """A process's output, read as it comes, each line with the time it arrived; its end
+    marked, so a wait on a process that ended says so at once."""
 
     def _read(self, stream) -> None:
-        for line in stream:
-            with self.cond:
-                self.lines.append((time.monotonic(), line.rstrip("\n")))
-                self.cond.notify_all()
+        super()._read(stream)
         with self.cond:
             self.lines.append((time.monotonic(), "\0"))  # the end
             self.cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float, since: int = 0) -> tuple[int, float, str]:
+    def wait_since(self, pattern: str, timeout: float, since: int = 0) -> tuple[int, float, str]:
         """(index, time, line) of the first line from index `since` on matching pattern."""
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -297,7 +290,7 @@ def reclaim_all(out: Lines, nodes, pool: Path, ec2, reclaims: int, uids: set[str
     """Reclaim the job's node `reclaims` times, each RECLAIM_AFTER steps after it resumed;
     one row of measures per reclaim."""
     rows = []
-    at, _, line = out.wait_for(RESUMED, 180)
+    at, _, line = out.wait_since(RESUMED, 180)
     for k in range(1, reclaims + 1):
         resumed = int(re.search(RESUMED, line).group(1))
         (rec,) = [
@@ -308,16 +301,16 @@ def reclaim_all(out: Lines, nodes, pool: Path, ec2, reclaims: int, uids: set[str
         (node,) = rec["nodes"]
         uids.add(rec["uid"])
         daemon = nodes.hosts.index(json.loads(pool.read_text())["routes"][node["ip"]])
-        out.wait_for(rf"\] step {resumed + RECLAIM_AFTER}$", 120, at)
+        out.wait_since(rf"\] step {resumed + RECLAIM_AFTER}$", 120, at)
         # a Spot reclaim: the instance and its machine go at once
         ec2.terminate_instances(InstanceIds=[node["id"]])
         nodes.kill(daemon)
         reclaimed = time.monotonic()
         with out.cond:
             seen = len(out.lines)
-        _, found, _ = out.wait_for(rf"making {NAME}-{k + 1} ", 120, seen)
-        nxt, _, line = out.wait_for(RESUMED, 180, seen)
-        _, back, _ = out.wait_for(STEP.pattern, 60, nxt)
+        _, found, _ = out.wait_since(rf"making {NAME}-{k + 1} ", 120, seen)
+        nxt, _, line = out.wait_since(RESUMED, 180, seen)
+        _, back, _ = out.wait_since(STEP.pattern, 60, nxt)
         with out.cond:  # every step the old node logged, some arriving after the reclaim
             before = max(int(m.group(1)) for _, x in out.lines[at:nxt] if (m := STEP.search(x)))
         rows.append(
