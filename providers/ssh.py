@@ -35,7 +35,7 @@ from mlcloud.providers.base import (
 
 from mlcloud.errors import UsageError
 from mlcloud.parallel import fan_out
-from mlcloud.remote.shell import path_arg, quote, stop_input, stop_line
+from mlcloud.remote.shell import STDLIB_PY, path_arg, quote, stop_input, stop_line
 from mlcloud.remote.ssh import SshTarget, SshTransport
 from mlcloud.remote.transport import RemoteError, check
 
@@ -250,7 +250,8 @@ class SshProvider(MachinesAtHand):
             line = f"umask 077 && mkdir -p {root}/bin"
             for name, source in programs:
                 line += f" && head -c {len(source)} > {root}/bin/{name}"
-            line += f" && {quote(t.python)} -I -S {root}/bin/fanout.py login {root} {quote(public)}"
+            fanout = f"{quote(t.python)} {STDLIB_PY} {root}/bin/fanout.py"
+            line += f" && {fanout} login {root} {quote(public)}"
             try:
                 stdin = b"".join(source for _, source in programs)
                 check(t.run(line, stdin=stdin, timeout=60), t, "letting the cluster's key in")
@@ -312,7 +313,7 @@ class SshProvider(MachinesAtHand):
             t = self.transport(cluster, node, f"node{index}", ssh)
             try:
                 t.run(
-                    f"{quote(t.python)} -I -S {path_arg(node.root)}/bin/fanout.py logout "
+                    f"{quote(t.python)} {STDLIB_PY} {path_arg(node.root)}/bin/fanout.py logout "
                     f"{path_arg(node.root)} 2>/dev/null; "
                     f"rm -rf {path_arg(node.root)}; "
                     f"rmdir {path_arg(node.root.rsplit('/', 1)[0])} 2>/dev/null; true",

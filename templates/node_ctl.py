@@ -57,10 +57,11 @@ def _interface_for(ip):
 
 
 def _spawn(script, args, env, cwd=None):
-    """Start `python script args` detached (the agent's too): a session of its own, no
-    terminal, no inherited descriptors, so it outlives whoever started it."""
+    """Start `python -I -S script args` (standard library only, as mlcloud runs this file)
+    detached (the agent's too): a session of its own, no terminal, no inherited descriptors,
+    so it outlives whoever started it."""
     return subprocess.Popen(
-        [sys.executable, os.path.abspath(script), *args],
+        [sys.executable, "-I", "-S", os.path.abspath(script), *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -487,7 +488,7 @@ def _signal(pid, sig):
 def stop_agent(root):
     """End the node agent (agent.py), found by its pid file: it carries no tag, so that
     stopping a job never reaches it. With the pid file gone (the node's directory removed),
-    by its command line, which names its root: `python ROOT/bin/agent.py run ROOT`."""
+    by its command line, which names its root: `python [FLAGS] ROOT/bin/agent.py run ROOT`."""
     try:
         with open(os.path.join(root, "agent", "agent.pid")) as f:
             pid = int(f.read().strip())
@@ -513,7 +514,7 @@ def _agents_of(root):
                 args = f.read().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
-        if args[1:] == want:
+        if args[-3:] == want:
             found.append(int(entry))
     return found
 

@@ -141,7 +141,20 @@ def mlcloud_home(tmp_path, monkeypatch) -> Path:
 # process is not the CLI's any more: on a shared store (MLCLOUD_STATE_URL; tests stop that
 # server under them), from a thread of the test, in a test that monkeypatched an attribute
 # or changed PATH or PYTHONPATH.
-IN_PROCESS = {"status", "up", "down", "gc", "init"}
+IN_PROCESS = {
+    "status",
+    "up",
+    "down",
+    "gc",
+    "init",
+    "events",
+    "logs",
+    "jobs",
+    "doctor",
+    "pull",
+    "exec",
+    "cancel",
+}
 _in_process_turn = threading.Lock()  # one at a time: they swap this process's stdout
 _test_patches: list = [None]  # the running test's monkeypatch
 # what a process reads when it starts (the commands it finds, the modules and plugins it
@@ -186,7 +199,9 @@ def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProce
 
 # The DDP template with a pause per step until the file SLOW_UNTIL names exists (the nodes
 # share this machine's disk): a job long enough to lose a node mid-run, whose steps left after
-# the loss was seen run at full speed. Tests write it beside train.py as slow.py.
+# the loss was seen run at full speed; with no SLOW_UNTIL, a job that runs until it is stopped
+# without taking a core of this 2-core machine meanwhile. Tests write it beside train.py as
+# slow.py.
 SLOW_TRAIN = """\
 import os
 import time
@@ -459,7 +474,11 @@ def moto_session_server():
 
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.setLevel(logging.ERROR)  # one line per request otherwise
+    # the server's own records (an action moto lacks) reach pytest's capture, never stderr
+    # through logging's last resort: stderr is a command's while it runs in this process
+    werkzeug.addHandler(logging.NullHandler())
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

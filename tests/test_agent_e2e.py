@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MLCLOUD, run_cli, ssh_up_args, tagged_pids
+from conftest import MLCLOUD, SLOW_TRAIN, run_cli, ssh_up_args, tagged_pids
 
 from mlcloud.provision import lifecycle
 
@@ -128,6 +128,7 @@ def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
 
     r = run_cli("init", str(tmp_path / "proj"))
     assert r.returncode == 0, r.stderr
+    (tmp_path / "proj" / "slow.py").write_text(SLOW_TRAIN)  # paced: it runs until stopped
     # the machine that launched the job goes away (its driver, and with it the controller
     # `train` runs, is killed): the node's agent alone enforces the budget
     r = run_cli(
@@ -136,7 +137,7 @@ def test_budget_stop_checkpoints_then_stops(tmp_path, mlcloud_home):
         "--detach",
         "-w",
         str(tmp_path / "proj"),
-        "train.py",
+        "slow.py",
         "--",
         "--steps",
         "100000000",

@@ -162,9 +162,10 @@ def test_train_reports_a_node_cut_off_mid_job_lost(ns_node, quick, tmp_path):
     import subprocess
     from pathlib import Path
 
-    from conftest import MLCLOUD, run_cli
+    from conftest import MLCLOUD, SLOW_TRAIN, run_cli
 
     assert run_cli("init", str(tmp_path / "proj")).returncode == 0
+    (tmp_path / "proj" / "slow.py").write_text(SLOW_TRAIN)  # paced: it runs until cut off
     spec = tmp_path / "proj" / "mlcloud.yaml"
     host = ns_node.targets[0]
     r = run_cli("up", "solo", "--hosts", host, "--identity", str(ns_node.client_key))
@@ -172,7 +173,7 @@ def test_train_reports_a_node_cut_off_mid_job_lost(ns_node, quick, tmp_path):
     uid = json.loads(run_cli("status", "--json").stdout)["clusters"][0]["uid"]
     try:
         proc = subprocess.Popen(
-            [MLCLOUD, "train", "solo", "-f", str(spec), "--", "--steps", "1000000"],
+            [MLCLOUD, "train", "solo", "-f", str(spec), "slow.py", "--", "--steps", "1000000"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

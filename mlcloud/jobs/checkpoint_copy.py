@@ -219,10 +219,10 @@ class _S3:
     """S3 with boto3's default credentials (AWS_ENDPOINT_URL honoured by boto3 itself)."""
 
     def __init__(self, loc: buckets.BucketUri) -> None:
-        import boto3
+        from mlcloud import botosession
 
         self.uri, self.loc = str(loc), loc
-        self.client = boto3.client("s3")
+        self.client = botosession.session().client("s3")
 
     def _key(self, name: str) -> str:
         return f"{self.loc.prefix}/{name}" if self.loc.prefix else name

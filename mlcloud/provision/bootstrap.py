@@ -162,9 +162,9 @@ def _bootstrap_script(
         f'  p=$(command -v "$c") || continue\n'
         f'  "$p" -c {has_torch} </dev/null >/dev/null 2>&1 || continue\n'
         f'  echo "{MARK}python=$p"\n'
-        f'  g=$("$p" {CTL} gpus) || exit 1\n'
+        f'  g=$("$p" {shell.STDLIB_PY} {CTL} gpus) || exit 1\n'
         f'  echo "{MARK}gpus=$g"\n'
-        f'  echo "{MARK}agent=$("$p" {shell.AGENT} start "$(pwd -P)")"\n'
+        f'  echo "{MARK}agent=$("$p" {shell.STDLIB_PY} {shell.AGENT} start "$(pwd -P)")"\n'
         f"  exit 0\n"
         f"done\n"
         f'echo "{MARK}python="\n'

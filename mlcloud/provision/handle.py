@@ -15,7 +15,7 @@ from mlcloud.providers.base import (
     Provider,
     SshOptions,
 )
-from mlcloud.remote.shell import CTL, quote
+from mlcloud.remote.shell import CTL, STDLIB_PY, quote
 from mlcloud.remote.transport import (
     Transport,
 )
@@ -36,9 +36,9 @@ class Handle:
         return self.record.nodes
 
     def ctl(self, i: int) -> str:
-        """The shell prefix that runs node_ctl.py on node i."""
+        """The shell prefix that runs node_ctl.py on node i (not its torchrun: launch.py)."""
         t = self.transports[i]
-        return f"{quote(t.python)} {quote(self.nodes[i].root + '/' + CTL)}"
+        return f"{quote(t.python)} {STDLIB_PY} {quote(self.nodes[i].root + '/' + CTL)}"
 
     def close(self) -> None:
         for t in self.transports:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlcloud.parallel import fan_out
 from mlcloud.remote import keys, sync
-from mlcloud.remote.shell import quote
+from mlcloud.remote.shell import STDLIB_PY, quote
 from mlcloud.remote.ssh import SshTransport
 from mlcloud.remote.transport import RemoteError, SyncStats, Transport, check
 
@@ -221,7 +221,7 @@ def _install(
             f"&& head -c {len(receiver)} > {root}/bin/receive.py "
             f"&& head -c {len(sender)} > {root}/bin/fanout.py "
             + (f"&& head -c {len(private)} > {root}/peer/id_ed25519 " if give_key else "")
-            + f"&& {quote(t.transport.python)} -I -S {root}/bin/fanout.py authorize {root} "
+            + f"&& {quote(t.transport.python)} {STDLIB_PY} {root}/bin/fanout.py authorize {root} "
             f"{quote(public)} {stamp}"
         )
         stdin = receiver + sender + (private if give_key else b"")
@@ -262,7 +262,7 @@ def _relay(
         "known_hosts": "".join(known[i] or "" for i in peers),
     }
     root = quote(t.root)
-    cmd = f"{quote(t.transport.python)} -I -S {root}/bin/fanout.py relay {root}"
+    cmd = f"{quote(t.transport.python)} {STDLIB_PY} {root}/bin/fanout.py relay {root}"
     # sent as it is packed: the client compresses while the nodes receive
     stdin = itertools.chain(
         [json.dumps(config).encode() + b"\n"], sync.frames(src, send, delete, local, codec)

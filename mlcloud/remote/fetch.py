@@ -35,7 +35,7 @@ from typing import Protocol
 
 from mlcloud.errors import LocalWriteError, MlcloudError, UsageError
 from mlcloud.parallel import Cancelled, cancelled
-from mlcloud.remote.shell import quote
+from mlcloud.remote.shell import STDLIB_PY, quote
 from mlcloud.remote.sync import MANIFEST, Entry, Manifest, dump, human, load
 from mlcloud.remote.transport import RemoteError, Transport
 from mlcloud.templates.receive import Failed, Tree, is_tmp
@@ -239,8 +239,7 @@ def _command(transport: Transport) -> str:
     from mlcloud import templates
 
     sender = templates.path("send.py").read_text()
-    # -I -S: the sender needs only the standard library; skipping site saves ~40 ms a node
-    return f"{quote(transport.python)} -I -S -c {quote(sender)}"
+    return f"{quote(transport.python)} {STDLIB_PY} -c {quote(sender)}"
 
 
 class _Reader:

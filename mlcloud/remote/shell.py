@@ -20,6 +20,12 @@ join = shlex.join  # an argv as one shell line, every word quoted
 
 
 CTL = "bin/node_ctl.py"  # the node controller, relative to a node's root
+# How the node's own programs (node_ctl.py, agent.py, fanout.py, send/receive), standard
+# library only, are run: isolated (-I: no PYTHON* variables, no user site, not the working
+# directory on sys.path) and without site-packages (-S). A node's site-packages and its .pth
+# files (conda's, a Deep Learning image's) can neither break them nor slow every call: Python
+# starts in a third of the time. torchrun (node_ctl.py torchrun) and the job get the full one.
+STDLIB_PY = "-I -S"
 
 
 def tag(uid: str, node: int, job_id: int | None = None) -> str:
@@ -46,7 +52,8 @@ def stop_line(python: str, root: str, uid: str) -> str:
         raise ValueError(f"not a node root: {root}")
     ctl = f"{path_arg(root)}/{CTL}"
     args = f"cleanup {path_arg(root)} {quote(tag(uid, number))}"
-    return f"if [ -f {ctl} ]; then {quote(python)} {ctl} {args}; else {quote(python)} - {args}; fi"
+    py = f"{quote(python)} {STDLIB_PY}"
+    return f"if [ -f {ctl} ]; then {py} {ctl} {args}; else {py} - {args}; fi"
 
 
 def stop_input() -> bytes:

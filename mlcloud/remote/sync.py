@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mlcloud import numbers
 from mlcloud.errors import MlcloudError, UsageError
-from mlcloud.remote.shell import quote
+from mlcloud.remote.shell import STDLIB_PY, quote
 from mlcloud.remote.transport import SyncStats
 
 MANIFEST = ".mlcloud-manifest.json"
@@ -458,8 +458,7 @@ def push(
     if payload is None:
         return stats
     receiver = templates.path("receive.py").read_text()
-    # -I -S: the receiver needs only the standard library; skipping site saves ~40 ms a node
-    cmd = f"{quote(transport.python)} -I -S -c {quote(receiver)} {quote(remote_dir)}"
+    cmd = f"{quote(transport.python)} {STDLIB_PY} -c {quote(receiver)} {quote(remote_dir)}"
     check(transport.run(cmd, stdin=payload), transport, "syncing the workdir")
     return stats
 

@@ -77,9 +77,9 @@ def _s3_region(bucket: str, session, where: str) -> str:
     from botocore.exceptions import BotoCoreError, ClientError
 
     if session is None:
-        import boto3
+        from mlcloud import botosession
 
-        session = boto3.session.Session()
+        session = botosession.session()
     try:
         s3 = session.client("s3")
         try:

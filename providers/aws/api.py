@@ -85,10 +85,10 @@ class Api:
     @property
     def session(self):
         if self._session is None:
-            import boto3
+            from mlcloud import botosession
 
             with sdk_errors("session", None):
-                self._session = boto3.session.Session()
+                self._session = botosession.session()
         return self._session
 
     def region(self, request_region: str | None = None) -> str:
