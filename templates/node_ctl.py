@@ -25,6 +25,8 @@ import time
 
 TAG = "MLCLOUD_PROC_TAG"
 CKPT = "checkpoints.py"  # beside this file: the node side of durable checkpoints
+# how mlcloud runs this file (remote/shell.py STDLIB_PY), and so its own waiter and reaper
+STDLIB_PY = ("-I", "-S")
 KILLED_CODE = 137
 FINAL_UPLOAD_S = 300.0  # the uploader's last pass after the job's processes ended, at most
 END_MARK = "mlcloud-end "  # follow's last stderr line: the job's end on this node, as JSON
@@ -56,12 +58,11 @@ def _interface_for(ip):
     return None
 
 
-def _spawn(script, args, env, cwd=None):
-    """Start `python -I -S script args` (standard library only, as mlcloud runs this file)
-    detached (the agent's too): a session of its own, no terminal, no inherited descriptors,
-    so it outlives whoever started it."""
+def _spawn(script, args, env, cwd=None, flags=()):
+    """Start `python FLAGS script args` detached (the agent's too): a session of its own, no
+    terminal, no inherited descriptors, so it outlives whoever started it."""
     return subprocess.Popen(
-        [sys.executable, "-I", "-S", os.path.abspath(script), *args],
+        [sys.executable, *flags, os.path.abspath(script), *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -81,12 +82,12 @@ def start(jobdir):
         job = json.load(f)
     env = dict(os.environ)
     env[TAG] = job["tag"]
-    proc = _spawn(__file__, ["_wait", jobdir], env)
+    proc = _spawn(__file__, ["_wait", jobdir], env, flags=STDLIB_PY)
     # written here too, so the job is never seen started without a waiter to check
     _atomic_write(os.path.join(jobdir, "waiter.pid"), str(proc.pid))
     # the reaper carries no tag: killing the job's processes must not kill it
     untagged = {k: v for k, v in os.environ.items() if k != TAG}
-    _spawn(__file__, ["_reap", jobdir, job["tag"]], untagged)
+    _spawn(__file__, ["_reap", jobdir, job["tag"]], untagged, flags=STDLIB_PY)
     print(proc.pid)
 
 

@@ -644,7 +644,7 @@ def stop_by_rule(store: state.Store, h: Handle, kind: str, reason: str, report: 
         t = h.transports[i]
         try:
             r = t.run(
-                f"cd {path_arg(h.nodes[i].root)} && {quote(t.python)} {shell.STDLIB_PY} {line}",
+                f"cd {path_arg(h.nodes[i].root)} && {quote(t.python)} {line}",
                 timeout=STOP_GRACE + 60,
             )
             check(r, t, "stopping the node")

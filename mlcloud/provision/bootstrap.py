@@ -164,7 +164,7 @@ def _bootstrap_script(
         f'  echo "{MARK}python=$p"\n'
         f'  g=$("$p" {shell.STDLIB_PY} {CTL} gpus) || exit 1\n'
         f'  echo "{MARK}gpus=$g"\n'
-        f'  echo "{MARK}agent=$("$p" {shell.STDLIB_PY} {shell.AGENT} start "$(pwd -P)")"\n'
+        f'  echo "{MARK}agent=$("$p" {shell.AGENT} start "$(pwd -P)")"\n'
         f"  exit 0\n"
         f"done\n"
         f'echo "{MARK}python="\n'

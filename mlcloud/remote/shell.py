@@ -20,11 +20,12 @@ join = shlex.join  # an argv as one shell line, every word quoted
 
 
 CTL = "bin/node_ctl.py"  # the node controller, relative to a node's root
-# How the node's own programs (node_ctl.py, agent.py, fanout.py, send/receive), standard
+# How the node's own short-lived programs (node_ctl.py, fanout.py, send/receive), standard
 # library only, are run: isolated (-I: no PYTHON* variables, no user site, not the working
 # directory on sys.path) and without site-packages (-S). A node's site-packages and its .pth
 # files (conda's, a Deep Learning image's) can neither break them nor slow every call: Python
-# starts in a third of the time. torchrun (node_ctl.py torchrun) and the job get the full one.
+# starts in a third of the time. torchrun (node_ctl.py torchrun), the job, the checkpoint
+# uploader and the agent (the one that speaks to the cloud's metadata) get the full one.
 STDLIB_PY = "-I -S"
 
 
