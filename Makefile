@@ -12,9 +12,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check --no-compile "torch==2.13.0"
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -e ".[torch,test,postgresql]"
-	@# bytecode on every core (pip compiles one file at a time); a file some package ships
-	@# that does not compile only stays uncompiled, as pip would leave it
+	@# bytecode on every core (pip compiles one file at a time; a file some package ships
+	@# that does not compile only stays uncompiled, as pip would leave it): torch's while pip,
+	@# on one core, installs the rest; then the rest (what is compiled already is skipped)
+	$(PY) -m compileall -q -j 0 $(VENV)/lib/python3*/site-packages/torch >/dev/null & compiling=$$!; \
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -e ".[torch,test,postgresql]"; \
+	installed=$$?; wait $$compiling; exit $$installed
 	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
