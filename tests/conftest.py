@@ -140,7 +140,8 @@ def mlcloud_home(tmp_path, monkeypatch) -> Path:
 # process (run_cli_in_process), ~0.2-0.4 s of CPU each saved. They stay processes where this
 # process is not the CLI's any more: on a shared store (MLCLOUD_STATE_URL; tests stop that
 # server under them), from a thread of the test, in a test that monkeypatched an attribute
-# or changed PATH or PYTHONPATH.
+# or changed PATH or PYTHONPATH, and with --detach (the driver it starts is reaped when the
+# CLI's process ends: here it would stay a zombie, "still following").
 IN_PROCESS = {
     "status",
     "up",
@@ -154,6 +155,7 @@ IN_PROCESS = {
     "pull",
     "exec",
     "cancel",
+    "train",
 }
 _in_process_turn = threading.Lock()  # one at a time: they swap this process's stdout
 _test_patches: list = [None]  # the running test's monkeypatch
@@ -172,6 +174,7 @@ def _runs_in_process(args: tuple[str, ...], kw: dict) -> bool:
     return (
         bool(args)
         and args[0] in IN_PROCESS
+        and "--detach" not in args  # its driver is reaped when the CLI's process ends
         and set(kw) <= {"cwd", "input"}
         and "MLCLOUD_STATE_URL" not in os.environ
         and threading.current_thread() is threading.main_thread()

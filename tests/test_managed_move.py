@@ -212,9 +212,11 @@ def test_an_ec2_spot_spike_moves_the_job_to_gce_with_its_checkpoint_copied(
 
 
 def test_a_checkpoint_that_fails_verification_keeps_the_job_where_it_was(
-    clouds, make_ssh_nodes, tmp_path
+    clouds, make_ssh_nodes, tmp_path, monkeypatch
 ):
     ec2_stand_in, gce_env = clouds
+    # no checkpoint comes after step 4: the move goes with that one once this wait is out
+    monkeypatch.setenv("MLCLOUD_MOVE_CHECKPOINT_WAIT", "8")
     nodes = make_ssh_nodes(2)
     gate = tmp_path / "gate"
     p = launch(tmp_path, nodes, gate, os.environ["AWS_ENDPOINT_URL"], gce_env.url, last_ckpt=4)
