@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mlcloud.providers.base import Capabilities
 from mlcloud.providers.local import LocalProvider
+from mlcloud.templates import node_ctl
 
 from mlcloud import state
 from mlcloud.control import agentview, nodeevents
@@ -27,7 +28,10 @@ def test_a_silent_node_its_cloud_lists_as_gone_is_terminated(monkeypatch):
     store = state.open_store()
     lifecycle.up(store, "ec2", TaskSpec(provider="local", nodes=2), QUIET, price=1.0)
     h = handle.open_cluster(store, "ec2")
-    owned.terminate(h.ref, [handle.provider_node(h.nodes[0])])  # shutdown -h now: gone
+    # shutdown -h now: the machine is gone, its agent with it (an agent left running could
+    # write into the directory while it is removed, and keep it listed)
+    node_ctl.stop_agent(h.nodes[0].root)
+    owned.terminate(h.ref, [handle.provider_node(h.nodes[0])])
     h.close()
 
     def silent(t, root, node, samples=0, timeout=10.0):
@@ -45,8 +49,6 @@ def test_a_silent_node_its_cloud_lists_as_gone_is_terminated(monkeypatch):
     assert nodeevents.refresh(store, rec) == {}  # asked once: no second event
     assert sum(e.kind == "terminated" for e in nodeevents.log(store, rec)) == 1
     # down leaves an owned machine's processes to its cloud: end node1's agent as one would
-    from mlcloud.templates import node_ctl
-
     node_ctl.stop_agent(rec.nodes[1].root)
     lifecycle.down(store, "ec2", QUIET)
     assert owned.list(h.ref) == []
