@@ -25,7 +25,8 @@ import time
 
 TAG = "MLCLOUD_PROC_TAG"
 CKPT = "checkpoints.py"  # beside this file: the node side of durable checkpoints
-# how mlcloud runs this file (remote/shell.py STDLIB_PY), and so its own waiter and reaper
+# how mlcloud runs this file (remote/shell.py STDLIB_PY: this file cannot import it), and so
+# its own waiter, reaper and the fan-out's forget
 STDLIB_PY = ("-I", "-S")
 KILLED_CODE = 137
 FINAL_UPLOAD_S = 300.0  # the uploader's last pass after the job's processes ended, at most
@@ -489,7 +490,7 @@ def _signal(pid, sig):
 def stop_agent(root):
     """End the node agent (agent.py), found by its pid file: it carries no tag, so that
     stopping a job never reaches it. With the pid file gone (the node's directory removed),
-    by its command line, which names its root: `python [FLAGS] ROOT/bin/agent.py run ROOT`."""
+    by its command line, which names its root: `python ROOT/bin/agent.py run ROOT`."""
     try:
         with open(os.path.join(root, "agent", "agent.pid")) as f:
             pid = int(f.read().strip())
@@ -515,7 +516,7 @@ def _agents_of(root):
                 args = f.read().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
-        if args[-3:] == want:
+        if args[1:] == want:
             found.append(int(entry))
     return found
 
@@ -532,7 +533,7 @@ def _forget_peer_key(root):
     """Take back the line the workdir fan-out added to sshd's authorized keys (fanout.py)."""
     fanout = os.path.join(root, "bin", "fanout.py")
     if os.path.isfile(fanout):
-        subprocess.run([sys.executable, "-I", "-S", fanout, "forget", root], check=False)
+        subprocess.run([sys.executable, *STDLIB_PY, fanout, "forget", root], check=False)
 
 
 def freeport():
